@@ -1,0 +1,123 @@
+"""Hypercall-safe request memory, pooled: the Xen buffer allocator.
+
+Pages come from ``/dev/xen/hypercall`` (kernel pages that page migration cannot
+move, so Xen never faults on them: Linux ``drivers/xen/privcmd-buf.c``); where that
+device is missing, from locked anonymous memory with ``MADV_DONTFORK``, as
+libxencall's ``osdep_alloc_pages`` does (``tools/libs/call/linux.c``).  A call takes
+one arena from the pool and gives it back afterwards; no mmap per call.
+
+Arena layout (offsets in bytes):
+
+    0     struct privcmd_dm_op                 (IOCTL_PRIVCMD_DM_OP argument)
+    16    privcmd_dm_op_buf / xen_dm_op_buf[16] (same 16-byte layout)
+    272   struct privcmd_hypercall             (fallback path)
+    320   struct xen_dm_op                     (bufs[0], 32 bytes)
+    PAGE  slot data                            (bufs[1], up to max_buf_size)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import threading
+
+from ..abi.privcmd import privcmd_dm_op, privcmd_dm_op_buf, privcmd_hypercall
+from .device import HYPERCALL_PATH, NOT_XEN, PAGE_SIZE, Device, Opener
+
+log = logging.getLogger(__name__)
+
+MAX_BUFS = 16
+_BUFS_AT = 16
+_HYPERCALL_AT = _BUFS_AT + MAX_BUFS * ctypes.sizeof(privcmd_dm_op_buf)
+_OP_AT = _HYPERCALL_AT + ctypes.sizeof(privcmd_hypercall)
+_MAP_LOCKED = getattr(mmap, "MAP_LOCKED", 0x2000)  # x86 value from <asm-generic/mman.h>
+
+
+class Arena:
+    """One call's worth of hypercall-safe memory with precomputed views."""
+
+    def __init__(self, memory: mmap.mmap, slot_room: int) -> None:
+        self._memory = memory
+        self.view = memoryview(memory)
+        self._anchor = ctypes.c_char.from_buffer(memory)  # pins the mapping while views exist
+        self.base = ctypes.addressof(self._anchor)
+        self.dm_op = privcmd_dm_op.from_address(self.base)
+        self.bufs_addr = self.base + _BUFS_AT
+        self.bufs = (privcmd_dm_op_buf * MAX_BUFS).from_address(self.bufs_addr)
+        self.hypercall = privcmd_hypercall.from_address(self.base + _HYPERCALL_AT)
+        self.op_addr = self.base + _OP_AT
+        self.slot_room = slot_room
+
+    def slot_offset(self, index: int, nbytes: int) -> int:
+        if index != 0 or nbytes > self.slot_room:
+            raise ValueError(f"slot {index} of {nbytes} bytes does not fit the arena ({self.slot_room})")
+        return PAGE_SIZE
+
+    def set_bufs(self, bufs: list[tuple[int, int]]) -> None:
+        for entry, (addr, size) in zip(self.bufs, bufs):
+            entry.uptr = addr
+            entry.size = size
+
+    def close(self) -> None:
+        del self.dm_op, self.bufs, self.hypercall, self._anchor
+        self.view.release()
+        self._memory.close()
+
+
+class HypercallBuffers:
+    """A pool of arenas from the hypercall device or locked anonymous memory."""
+
+    def __init__(self, opener: Opener, max_buf_size: int) -> None:
+        self.slot_room = -(-max_buf_size // PAGE_SIZE) * PAGE_SIZE
+        self._size = PAGE_SIZE + self.slot_room
+        self._free: list[Arena] = []
+        self._all: list[Arena] = []
+        self._lock = threading.Lock()
+        self._device: Device | None
+        try:
+            self._device = opener(HYPERCALL_PATH)
+            self.source = HYPERCALL_PATH
+        except OSError as e:
+            if e.errno not in NOT_XEN:
+                raise
+            self._device = None
+            self.source = "locked anonymous memory"
+            log.debug("%s missing: using %s", HYPERCALL_PATH, self.source)
+
+    def _new_arena(self) -> Arena:
+        if self._device is not None:
+            memory = self._device.mmap(self._size)
+        else:
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            try:
+                memory = mmap.mmap(-1, self._size, flags | _MAP_LOCKED)
+            except OSError as e:  # RLIMIT_MEMLOCK without CAP_IPC_LOCK
+                if e.errno not in (errno.EAGAIN, errno.EPERM, errno.ENOMEM):
+                    raise
+                log.warning("cannot lock hypercall buffers (%s); Xen may return EFAULT", e.strerror)
+                memory = mmap.mmap(-1, self._size, flags)
+            memory.madvise(mmap.MADV_DONTFORK)
+            memory[:] = bytes(self._size)  # touch every page, as libxencall does
+        arena = Arena(memory, self.slot_room)
+        self._all.append(arena)
+        return arena
+
+    def acquire(self) -> Arena:
+        with self._lock:
+            return self._free.pop() if self._free else self._new_arena()
+
+    def release(self, arena: Arena) -> None:
+        with self._lock:
+            self._free.append(arena)
+
+    def close(self) -> None:
+        with self._lock:
+            for arena in self._all:
+                arena.close()
+            self._all.clear()
+            self._free.clear()
+            if self._device is not None:
+                self._device.close()
+                self._device = None

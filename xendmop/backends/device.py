@@ -1,0 +1,85 @@
+"""The device interface every backend stands on: open / ioctl / mmap / close.
+
+A device is what ``open("/dev/xen/…")`` gives: the real one wraps a file
+descriptor and calls ``fcntl.ioctl``/``mmap``; the mock host's devices
+(``xendmop.mock``) have the same methods and decode the same bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..errors import ClosedHandleError, NotXenHostError
+
+PAGE_SIZE = mmap.PAGESIZE
+
+PRIVCMD_PATH = "/dev/xen/privcmd"
+HYPERCALL_PATH = "/dev/xen/hypercall"
+EVTCHN_PATH = "/dev/xen/evtchn"
+
+#: errno of ``open()`` that means "this kernel is not running under Xen"
+NOT_XEN = {errno.ENOENT, errno.ENXIO, errno.ENODEV}
+
+
+class Device(Protocol):
+    """One open Xen device file."""
+
+    path: str
+
+    def fileno(self) -> int: ...
+
+    def ioctl(self, request: int, arg: Any) -> int:
+        """``ioctl(fd, request, arg)``; ``arg`` is a mutable ctypes object, as for ``fcntl.ioctl``."""
+        ...
+
+    def mmap(self, length: int, offset: int = 0) -> mmap.mmap:
+        """``mmap(NULL, length, PROT_READ|PROT_WRITE, MAP_SHARED, fd, offset)``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+Opener = Callable[[str], Device]
+
+
+class OsDevice:
+    """A real device file: an owned fd, ``fcntl.ioctl`` and ``mmap``."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ClosedHandleError(f"{self.path} is closed")
+        return self._fd
+
+    def ioctl(self, request: int, arg: Any) -> int:
+        return int(fcntl.ioctl(self.fileno(), request, arg, True))
+
+    def mmap(self, length: int, offset: int = 0) -> mmap.mmap:
+        return mmap.mmap(self.fileno(), length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"OsDevice({self.path!r}, fd={self._fd})"
+
+
+def open_device(path: str) -> Device:
+    """Open a Xen device read-write, close-on-exec, as libxencall and libxendevicemodel do."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in NOT_XEN:
+            raise NotXenHostError(e.errno, f"{path}: not a Xen host ({os.strerror(e.errno)})", path) from None
+        raise
+    return OsDevice(path, fd)

@@ -1,0 +1,369 @@
+"""``DeviceModel``: libxendevicemodel's surface in Python, one method per function.
+
+Each method is named as in C without the ``xendevicemodel_`` prefix, takes the
+domid first and the other arguments in C order with C's names, validates them
+against the ABI before any syscall (``ArgumentError``), and funnels into one
+``_call`` that hands the op's declaration to the backend.  Xen's and the kernel's
+refusals come back as ``XenError`` subclasses carrying the op and the domid.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from .abi.dm_op import (
+    XEN_DMOP_IO_RANGE_MEMORY,
+    XEN_DMOP_IO_RANGE_PCI,
+    XEN_DMOP_IO_RANGE_PORT,
+    XEN_DMOP_PCI_SBDF,
+    XEN_DMOP_no_gfns,
+    xen_dm_op_modified_memory_extent,
+)
+from .abi.xen import DOMID_FIRST_RESERVED
+from .backends.base import Backend, Limits
+from .errors import ArgumentError, ClosedHandleError, NotXenHostError
+from .ops import BY_NAME, OpDecl
+from .types import BufIoreq, HvmMemType, IoreqServerInfo, MemAccess
+
+log = logging.getLogger("xendmop")
+
+BACKENDS = ("auto", "privcmd", "libxen", "mock")
+_EXTENT = xen_dm_op_modified_memory_extent
+_EXTENT_SIZE = ctypes.sizeof(_EXTENT)
+_OP = BY_NAME  # short alias for the declarations used below
+
+
+def _check_domid(op: str, domid: int) -> None:
+    if isinstance(domid, bool) or not isinstance(domid, int):
+        raise TypeError(f"{op}: domid must be an int, not {type(domid).__name__}")
+    if not 0 <= domid <= 0xFFFF:
+        raise ArgumentError(op, "domid", domid, "does not fit domid_t (uint16)")
+
+
+def _bool(op: str, name: str, value: object) -> int:
+    if not isinstance(value, (bool, int)) or value not in (0, 1):
+        raise ArgumentError(op, name, value, "must be a bool (0 or 1)")
+    return int(value)
+
+
+class DeviceModel:
+    """A handle for issuing DMOPs; context-managed, closes its backend on exit."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend: Backend | None = backend
+
+    # --- opening ---------------------------------------------------------------
+
+    @classmethod
+    def open(cls, backend: str = "auto", *, xen: Any = None, limits: Limits = Limits()) -> DeviceModel:
+        """Open a handle.
+
+        ``backend``: ``"privcmd"`` (``/dev/xen/privcmd`` ioctls), ``"libxen"`` (Xen's C
+        libraries through ctypes), ``"mock"`` (the simulated host ``xen``, by default
+        ``xendmop.mock.default_host()``), or ``"auto"``: ``$XENDMOP_BACKEND`` if set,
+        else privcmd, then libxen, then the mock, logging at INFO what it chose and why.
+        """
+        if backend not in BACKENDS:
+            raise ArgumentError("open", "backend", backend, f"must be one of {', '.join(BACKENDS)}")
+        if backend == "auto":
+            return cls(_auto_backend(xen, limits))
+        return cls(make_backend(backend, xen=xen, limits=limits))
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            raise ClosedHandleError("DeviceModel is closed")
+        return self._backend
+
+    def close(self) -> None:
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.close()
+
+    def __enter__(self) -> DeviceModel:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<DeviceModel backend={self._backend.name if self._backend else 'closed'}>"
+
+    # --- the funnel --------------------------------------------------------------
+
+    def _call(self, decl: OpDecl, domid: int, fields: Mapping[str, int], slots: Sequence[Any] = ()) -> Any:
+        _check_domid(decl.name, domid)
+        decl.check(fields)
+        return self.backend.dm_op(decl, domid, fields, slots)
+
+    # --- ioreq servers -----------------------------------------------------------
+
+    def create_ioreq_server(self, domid: int, handle_bufioreq: BufIoreq | int = BufIoreq.OFF) -> int:
+        """XEN_DMOP_create_ioreq_server: a new, disabled server; returns its id."""
+        out, _ = self._call(_OP["create_ioreq_server"], domid, {"handle_bufioreq": int(handle_bufioreq)})
+        return int(out.id)
+
+    def get_ioreq_server_info(self, domid: int, id: int, *, gfns: bool = False) -> IoreqServerInfo:
+        """XEN_DMOP_get_ioreq_server_info.  Without ``gfns`` it sets ``XEN_DMOP_no_gfns``
+        (pages are then reached by resource mapping), as libxendevicemodel does when
+        both gfn pointers are NULL; ``gfns=True`` asks Xen for legacy gfns."""
+        flags = 0 if gfns else XEN_DMOP_no_gfns
+        out, _ = self._call(_OP["get_ioreq_server_info"], domid, {"id": id, "flags": flags})
+        if gfns:
+            return IoreqServerInfo(int(out.ioreq_gfn), int(out.bufioreq_gfn), int(out.bufioreq_port))
+        return IoreqServerInfo(None, None, int(out.bufioreq_port))
+
+    def _range(self, op: str, domid: int, id: int, type: int, start: int, end: int) -> None:
+        self._call(_OP[op], domid, {"id": id, "type": type, "start": start, "end": end})
+
+    def map_io_range_to_ioreq_server(self, domid: int, id: int, is_mmio: bool, start: int, end: int) -> None:
+        """XEN_DMOP_map_io_range_to_ioreq_server: route ports or MMIO [start, end] to the server."""
+        kind = (
+            XEN_DMOP_IO_RANGE_MEMORY
+            if _bool("map_io_range_to_ioreq_server", "is_mmio", is_mmio)
+            else XEN_DMOP_IO_RANGE_PORT
+        )
+        self._range("map_io_range_to_ioreq_server", domid, id, kind, start, end)
+
+    def unmap_io_range_from_ioreq_server(self, domid: int, id: int, is_mmio: bool, start: int, end: int) -> None:
+        """XEN_DMOP_unmap_io_range_from_ioreq_server: stop routing a fully mapped range."""
+        kind = (
+            XEN_DMOP_IO_RANGE_MEMORY
+            if _bool("unmap_io_range_from_ioreq_server", "is_mmio", is_mmio)
+            else XEN_DMOP_IO_RANGE_PORT
+        )
+        self._range("unmap_io_range_from_ioreq_server", domid, id, kind, start, end)
+
+    def _sbdf(self, op: str, segment: int, bus: int, device: int, function: int) -> int:
+        # XEN_DMOP_PCI_SBDF masks; refuse what it would silently truncate (as
+        # libxendevicemodel does for device and function).
+        for name, value, top in (
+            ("segment", segment, 0xFFFF),
+            ("bus", bus, 0xFF),
+            ("device", device, 0x1F),
+            ("function", function, 7),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{op}: {name} must be an int")
+            if not 0 <= value <= top:
+                raise ArgumentError(op, name, value, f"must be 0..{top:#x}")
+        return XEN_DMOP_PCI_SBDF(segment, bus, device, function)
+
+    def map_pcidev_to_ioreq_server(
+        self, domid: int, id: int, segment: int, bus: int, device: int, function: int
+    ) -> None:
+        """XEN_DMOP_map_io_range_to_ioreq_server with one PCI function (config space)."""
+        sbdf = self._sbdf("map_pcidev_to_ioreq_server", segment, bus, device, function)
+        self._range("map_io_range_to_ioreq_server", domid, id, XEN_DMOP_IO_RANGE_PCI, sbdf, sbdf)
+
+    def unmap_pcidev_from_ioreq_server(
+        self, domid: int, id: int, segment: int, bus: int, device: int, function: int
+    ) -> None:
+        """XEN_DMOP_unmap_io_range_from_ioreq_server with one PCI function."""
+        sbdf = self._sbdf("unmap_pcidev_from_ioreq_server", segment, bus, device, function)
+        self._range("unmap_io_range_from_ioreq_server", domid, id, XEN_DMOP_IO_RANGE_PCI, sbdf, sbdf)
+
+    def map_mem_type_to_ioreq_server(self, domid: int, id: int, type: HvmMemType | int, flags: MemAccess | int) -> None:
+        """XEN_DMOP_map_mem_type_to_ioreq_server: claim HVMMEM_ioreq_server pages
+        (``flags=MemAccess.WRITE``) or release them (``flags=0``)."""
+        op = "map_mem_type_to_ioreq_server"
+        if type != HvmMemType.ioreq_server:
+            raise ArgumentError(op, "type", type, "must be HVMMEM_ioreq_server")
+        if flags & ~MemAccess.WRITE:
+            raise ArgumentError(op, "flags", flags, "only XEN_DMOP_IOREQ_MEM_ACCESS_WRITE is supported")
+        self._call(_OP[op], domid, {"id": id, "type": int(type), "flags": int(flags)})
+
+    def set_ioreq_server_state(self, domid: int, id: int, enabled: bool) -> None:
+        """XEN_DMOP_set_ioreq_server_state: enable or disable the server."""
+        on = _bool("set_ioreq_server_state", "enabled", enabled)
+        self._call(_OP["set_ioreq_server_state"], domid, {"id": id, "enabled": on})
+
+    def destroy_ioreq_server(self, domid: int, id: int) -> None:
+        """XEN_DMOP_destroy_ioreq_server."""
+        self._call(_OP["destroy_ioreq_server"], domid, {"id": id})
+
+    # --- interrupts ----------------------------------------------------------------
+
+    def set_pci_intx_level(self, domid: int, segment: int, bus: int, device: int, intx: int, level: int) -> None:
+        """XEN_DMOP_set_pci_intx_level: assert (1) or deassert (0) INTx (0-3 = A-D)."""
+        self._call(
+            _OP["set_pci_intx_level"],
+            domid,
+            {"domain": segment, "bus": bus, "device": device, "intx": intx, "level": int(level)},
+        )
+
+    def set_isa_irq_level(self, domid: int, irq: int, level: int) -> None:
+        """XEN_DMOP_set_isa_irq_level: assert (1) or deassert (0) ISA IRQ ``irq``."""
+        self._call(_OP["set_isa_irq_level"], domid, {"isa_irq": irq, "level": int(level)})
+
+    def set_irq_level(self, domid: int, irq: int, level: int) -> None:
+        """XEN_DMOP_set_irq_level (Arm): set the level of SPI ``irq``; x86 Xen says EOPNOTSUPP."""
+        self._call(_OP["set_irq_level"], domid, {"irq": irq, "level": int(level)})
+
+    def set_pci_link_route(self, domid: int, link: int, irq: int) -> None:
+        """XEN_DMOP_set_pci_link_route: route PCI link 0-3 to ISA IRQ ``irq`` (0 disables)."""
+        self._call(_OP["set_pci_link_route"], domid, {"link": link, "isa_irq": irq})
+
+    def inject_msi(self, domid: int, msi_addr: int, msi_data: int) -> None:
+        """XEN_DMOP_inject_msi."""
+        self._call(_OP["inject_msi"], domid, {"addr": msi_addr, "data": msi_data})
+
+    def inject_event(
+        self, domid: int, vcpu: int, vector: int, type: int, error_code: int, insn_len: int, extra: int
+    ) -> None:
+        """XEN_DMOP_inject_event: latch an event for ``vcpu`` (``extra`` is %cr2 for #PF)."""
+        self._call(
+            _OP["inject_event"],
+            domid,
+            {
+                "vcpuid": vcpu,
+                "vector": vector,
+                "type": int(type),
+                "error_code": error_code,
+                "insn_len": insn_len,
+                "cr2": extra,
+            },
+        )
+
+    # --- memory --------------------------------------------------------------------
+
+    def track_dirty_vram(self, domid: int, first_pfn: int, nr: int) -> bytes:
+        """XEN_DMOP_track_dirty_vram: the dirty bitmap of ``nr`` pages from ``first_pfn``
+        (bit ``i & 7`` of byte ``i >> 3`` is pfn ``first_pfn + i``).
+
+        More pages than one privcmd buffer holds (``8 * max_buf_size``) are split into
+        several calls and the bitmap reassembled.  Xen tracks one range per domain, so a
+        split call re-arms tracking per chunk and reports every page dirty: keep ``nr``
+        within one buffer for incremental tracking.  ``nr == 0`` stops tracking.
+        """
+        decl = _OP["track_dirty_vram"]
+        per_call = 8 * self.backend.limits.max_buf_size
+        if nr <= per_call:
+            _, (bitmap,) = self._call(decl, domid, {"first_pfn": first_pfn, "nr": nr}, (None,))
+            return bytes(bitmap)
+        decl.check({"first_pfn": first_pfn, "nr": nr})
+        out = bytearray((nr + 7) // 8)
+        for done in range(0, nr, per_call):
+            n = min(per_call, nr - done)
+            _, (bitmap,) = self._call(decl, domid, {"first_pfn": first_pfn + done, "nr": n}, (None,))
+            out[done // 8 : done // 8 + len(bitmap)] = bitmap  # per_call is a multiple of 8
+        return bytes(out)
+
+    def modified_memory(self, domid: int, first_pfn: int, nr: int) -> None:
+        """XEN_DMOP_modified_memory with one extent."""
+        self.modified_memory_bulk(domid, [(first_pfn, nr)])
+
+    def modified_memory_bulk(self, domid: int, extents: Iterable[tuple[int, int]] | Any) -> None:
+        """XEN_DMOP_modified_memory: mark extents dirty for log-dirty.
+
+        ``extents``: ``(first_pfn, nr)`` pairs, or a ctypes array / bytes-like of
+        ``struct xen_dm_op_modified_memory_extent`` (no Python object per extent).
+        Split into calls of at most ``max_buf_size / 16`` extents.
+        """
+        decl = _OP["modified_memory"]
+        raw = self._extents(decl, extents)
+        count = raw.nbytes // _EXTENT_SIZE
+        per_call = self.backend.limits.max_buf_size // _EXTENT_SIZE
+        _check_domid(decl.name, domid)
+        for start in range(0, count, per_call) if count else ():
+            n = min(per_call, count - start)
+            self._call(decl, domid, {"nr_extents": n}, (raw[start * _EXTENT_SIZE : (start + n) * _EXTENT_SIZE],))
+
+    @staticmethod
+    def _extents(decl: OpDecl, extents: Any) -> memoryview:
+        try:
+            raw = memoryview(extents).cast("B")
+        except TypeError:
+            return DeviceModel._pack_extents(decl, list(extents))  # pairs, not a buffer
+        if raw.nbytes % _EXTENT_SIZE:
+            raise ArgumentError(decl.name, "extents", raw.nbytes, f"byte length must be a multiple of {_EXTENT_SIZE}")
+        return raw
+
+    @staticmethod
+    def _pack_extents(decl: OpDecl, items: list[Any]) -> memoryview:
+        array = (_EXTENT * len(items))()
+        for i, (first_pfn, nr) in enumerate(items):
+            for name, value, top in (("first_pfn", first_pfn, 2**64 - 1), ("nr", nr, 2**32 - 1)):
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+                    raise ArgumentError(decl.name, f"extents[{i}].{name}", value, "out of range")
+            array[i].first_pfn, array[i].nr = first_pfn, nr
+        return memoryview(array).cast("B")
+
+    def set_mem_type(self, domid: int, mem_type: HvmMemType | int, first_pfn: int, nr: int) -> None:
+        """XEN_DMOP_set_mem_type: change the p2m type of ``nr`` pages from ``first_pfn``."""
+        self._call(_OP["set_mem_type"], domid, {"mem_type": int(mem_type), "first_pfn": first_pfn, "nr": nr})
+
+    def relocate_memory(self, domid: int, size: int, src_gfn: int, dst_gfn: int) -> None:
+        """XEN_DMOP_relocate_memory: move ``size`` pages from ``src_gfn`` to ``dst_gfn``."""
+        self._call(_OP["relocate_memory"], domid, {"size": size, "src_gfn": src_gfn, "dst_gfn": dst_gfn})
+
+    def pin_memory_cacheattr(self, domid: int, start: int, end: int, type: int) -> None:
+        """XEN_DMOP_pin_memory_cacheattr: pin gfns [start, end] to a cache type (CacheAttr)."""
+        self._call(_OP["pin_memory_cacheattr"], domid, {"start": start, "end": end, "type": int(type)})
+
+    # --- domain --------------------------------------------------------------------
+
+    def shutdown(self, domid: int, reason: int) -> None:
+        """XEN_DMOP_remote_shutdown with a ShutdownReason."""
+        self._call(_OP["remote_shutdown"], domid, {"reason": int(reason)})
+
+    def nr_vcpus(self, domid: int) -> int:
+        """XEN_DMOP_nr_vcpus: the domain's maximum vCPU count."""
+        out, _ = self._call(_OP["nr_vcpus"], domid, {})
+        return int(out.vcpus)
+
+    def restrict(self, domid: int) -> None:
+        """IOCTL_PRIVCMD_RESTRICT: from now on this handle may only target ``domid``;
+        calls for other domains raise ``PermissionError`` before reaching the kernel."""
+        _check_domid("restrict", domid)
+        if domid >= DOMID_FIRST_RESERVED:
+            raise ArgumentError("restrict", "domid", domid, "must be a guest domid (< 0x7ff0)")
+        self.backend.restrict(domid)
+
+    def describe(self) -> dict[str, Any]:
+        """What the backend found: device, ioctl path, buffers, restriction, limits."""
+        return self.backend.describe()
+
+
+def make_backend(name: str, *, xen: Any = None, limits: Limits = Limits()) -> Backend:
+    """Construct one named backend (no fallback)."""
+    if name == "privcmd":
+        from .backends.privcmd import PrivcmdBackend
+
+        return PrivcmdBackend(limits=limits)
+    if name == "libxen":
+        from .backends.libxen import LibxenBackend
+
+        return LibxenBackend()
+    if name == "mock":
+        from .backends.privcmd import PrivcmdBackend
+        from .mock import default_host
+
+        host = xen if xen is not None else default_host()
+        backend = PrivcmdBackend(host.open_device, limits=limits)
+        backend.name = "mock"
+        return backend
+    raise ArgumentError("open", "backend", name, f"must be one of {', '.join(BACKENDS)}")
+
+
+def _auto_backend(xen: Any, limits: Limits) -> Backend:
+    forced = os.environ.get("XENDMOP_BACKEND")
+    if forced:
+        log.info("xendmop: backend %s (from XENDMOP_BACKEND)", forced)
+        return make_backend(forced, xen=xen, limits=limits)
+    reasons = []
+    for name in ("privcmd", "libxen"):
+        try:
+            backend = make_backend(name, xen=xen, limits=limits)
+        except (NotXenHostError, OSError, ImportError) as e:
+            reasons.append(f"{name}: {e}")
+            continue
+        log.info("xendmop: backend %s", name)
+        return backend
+    log.info("xendmop: not a Xen host (%s); using the mock Xen", "; ".join(reasons))
+    return make_backend("mock", xen=xen, limits=limits)

@@ -1,0 +1,38 @@
+"""Typed DMOP declarations: one per sub-op, and the slot machinery both sides use."""
+
+from .decl import (
+    DM_OP_HEADER,
+    DM_OP_SIZE,
+    MANY,
+    ONE,
+    CopyBack,
+    Dir,
+    GuestArgs,
+    GuestFault,
+    GuestMemory,
+    OpDecl,
+    Scratch,
+    Slot,
+    SlotAccess,
+)
+from .table import BY_NAME, DECLARATIONS, NR_OPS, OPS
+
+__all__ = [
+    "BY_NAME",
+    "DECLARATIONS",
+    "DM_OP_HEADER",
+    "DM_OP_SIZE",
+    "MANY",
+    "NR_OPS",
+    "ONE",
+    "OPS",
+    "CopyBack",
+    "Dir",
+    "GuestArgs",
+    "GuestFault",
+    "GuestMemory",
+    "OpDecl",
+    "Scratch",
+    "Slot",
+    "SlotAccess",
+]

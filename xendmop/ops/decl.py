@@ -1,0 +1,278 @@
+"""How a DMOP is declared, and the two sides derived from one declaration.
+
+A declaration names the op's number, its argument struct (the member of
+``xen_dm_op.u``), which fields Xen writes back and when, and its extra guest
+buffers as typed slots: ``ONE(direction, Struct, name)`` or
+``MANY(direction, Element, name, count=...)``.
+
+From it come:
+
+- the caller's side (``marshal``/``unmarshal``): ``bufs[0]`` is a zeroed 32-byte
+  ``xen_dm_op`` as libxendevicemodel sends, one buffer per slot sized from its type;
+- the hypervisor's side (``GuestArgs``): the only way the mock reads or writes a
+  guest buffer, with Xen's size checks (``copy_buf_{from,to}_guest`` in
+  ``xen/common/dm.c``) built in, so a missing range check cannot be written.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..abi.dm_op import xen_dm_op
+from ..errors import ArgumentError
+
+#: bytes before ``u`` in ``struct xen_dm_op`` (``op`` and ``pad``)
+DM_OP_HEADER = ctypes.sizeof(ctypes.c_uint32) * 2
+DM_OP_SIZE = ctypes.sizeof(xen_dm_op)
+
+
+class Dir(enum.Flag):
+    """Direction of a field or slot, seen from the caller."""
+
+    IN = 1
+    OUT = 2
+    INOUT = IN | OUT
+
+
+class CopyBack(enum.Enum):
+    """When Xen writes ``op.u`` back to ``bufs[0]`` (``const_op`` in ``dm_op()``).
+
+    Xen copies back only if ``(rc == 0 || rc == -ERESTART) && !const_op``
+    (``do_dm_op`` in ``xen/common/dm.c``); each op decides ``const_op``.
+    """
+
+    NEVER = "never"  # const_op stays true
+    ALWAYS = "always"  # const_op = false: on success and on -ERESTART
+    ON_RESTART = "on_restart"  # only with a continuation (modified_memory, relocate_memory)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """An extra guest buffer ``bufs[index]`` of an op."""
+
+    direction: Dir
+    ctype: type[ctypes._CData]
+    name: str
+    many: bool
+    #: elements the request implies, from the op struct (MANY only)
+    count: Callable[[Any], int] | None = None
+
+    @property
+    def itemsize(self) -> int:
+        return ctypes.sizeof(self.ctype)
+
+    def nbytes(self, args: Any, given: int | None = None) -> int:
+        """Bytes of the buffer a caller passes for these op arguments."""
+        if not self.many:
+            return self.itemsize
+        n = self.count(args) if self.count is not None else given
+        if n is None:
+            raise TypeError(f"slot {self.name}: element count unknown")
+        return n * self.itemsize
+
+
+def ONE(direction: Dir, ctype: type[ctypes._CData], name: str) -> Slot:
+    """A slot holding exactly one ``ctype``."""
+    return Slot(direction, ctype, name, many=False)
+
+
+def MANY(
+    direction: Dir,
+    ctype: type[ctypes._CData],
+    name: str,
+    count: Callable[[Any], int] | None = None,
+) -> Slot:
+    """A slot holding an array of ``ctype``; ``count`` derives its length from the op."""
+    return Slot(direction, ctype, name, many=True, count=count)
+
+
+_FIELD_LIMITS = {
+    ctypes.c_uint8: 0xFF,
+    ctypes.c_uint16: 0xFFFF,
+    ctypes.c_uint32: 0xFFFFFFFF,
+    ctypes.c_uint64: 0xFFFFFFFFFFFFFFFF,
+}
+
+
+class Scratch(Protocol):
+    """Memory a backend lends for one call: where ``bufs[0]`` and the slots go."""
+
+    op_addr: int
+    view: memoryview
+
+    def slot_offset(self, index: int, nbytes: int) -> int:
+        """Offset in ``view`` of room for slot ``index`` (``bufs[index + 1]``)."""
+        ...
+
+    @property
+    def base(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class OpDecl:
+    """One DMOP sub-op, declared once."""
+
+    number: int
+    name: str  # member of xen_dm_op.u, and the libxendevicemodel name
+    struct: type[ctypes.Structure]
+    out: tuple[str, ...] = ()  # fields Xen writes
+    copy_back: CopyBack = CopyBack.NEVER
+    since: tuple[int, int] = (4, 9)
+    arch: frozenset[str] = frozenset({"x86"})
+    slots: tuple[Slot, ...] = ()
+    continuation: bool = False  # Xen may preempt and rewrite the request
+    #: API-side limits narrower than the field type (name -> max inclusive)
+    limits: Mapping[str, int] = field(default_factory=dict)
+    doc: str = ""
+
+    @property
+    def size(self) -> int:
+        """``op_size[op]`` in Xen: bytes of ``u`` copied in (and out)."""
+        return ctypes.sizeof(self.struct)
+
+    @property
+    def field_types(self) -> dict[str, Any]:
+        return {f[0]: f[1] for f in self.struct._fields_}
+
+    # --- caller side ---------------------------------------------------------
+
+    def check(self, fields: Mapping[str, int]) -> None:
+        """Refuse a value the struct cannot carry, naming the field, before any syscall."""
+        types = self.field_types
+        for name, value in fields.items():
+            ctype = types.get(name)
+            if ctype is None:
+                raise TypeError(f"{self.name}: no field {name!r} in {self.struct.__name__}")
+            if not isinstance(value, int):
+                raise TypeError(f"{self.name}: {name} must be an int, not {type(value).__name__}")
+            top = self.limits.get(name, _FIELD_LIMITS.get(ctype))
+            if top is not None and not 0 <= value <= top:
+                width = ctypes.sizeof(ctype) * 8
+                why = f"must be 0..{top:#x}" if name in self.limits else f"does not fit uint{width}_t"
+                raise ArgumentError(self.name, name, value, why)
+
+    def marshal(
+        self,
+        scratch: Scratch,
+        fields: Mapping[str, int],
+        slot_data: Sequence[Any] = (),
+    ) -> list[tuple[int, int]]:
+        """Write the request into ``scratch``; return ``bufs`` as ``(address, size)``.
+
+        ``slot_data[i]`` is a bytes-like object for an IN slot, or the element
+        count (``int``) for an OUT MANY slot without a ``count`` rule.
+        """
+        ctypes.memset(scratch.op_addr, 0, DM_OP_SIZE)
+        op = xen_dm_op.from_address(scratch.op_addr)
+        op.op = self.number
+        member = getattr(op.u, self.name)
+        for name, value in fields.items():
+            setattr(member, name, value)
+        bufs = [(scratch.op_addr, DM_OP_SIZE)]
+        if len(slot_data) != len(self.slots):
+            raise TypeError(f"{self.name}: {len(self.slots)} slot(s) expected, got {len(slot_data)}")
+        for index, (slot, data) in enumerate(zip(self.slots, slot_data)):
+            if slot.direction & Dir.IN:
+                raw = memoryview(data).cast("B")
+                nbytes = slot.nbytes(member, raw.nbytes // slot.itemsize)
+                if raw.nbytes != nbytes:
+                    raise ArgumentError(self.name, slot.name, raw.nbytes, f"must be {nbytes} bytes")
+                offset = scratch.slot_offset(index, nbytes)
+                scratch.view[offset : offset + nbytes] = raw
+            else:
+                nbytes = slot.nbytes(member, data if isinstance(data, int) else None)
+                offset = scratch.slot_offset(index, nbytes)
+                scratch.view[offset : offset + nbytes] = bytes(nbytes)
+            bufs.append((scratch.base + offset, nbytes))
+        return bufs
+
+    def unmarshal(self, scratch: Scratch, bufs: Sequence[tuple[int, int]]) -> tuple[Any, list[bytes]]:
+        """Read back the op struct and every OUT slot after a successful call."""
+        op = xen_dm_op.from_address(scratch.op_addr)
+        result = self.struct.from_buffer_copy(getattr(op.u, self.name))
+        outs: list[bytes] = []
+        for slot, (addr, nbytes) in zip(self.slots, bufs[1:]):
+            if slot.direction & Dir.OUT:
+                offset = addr - scratch.base
+                outs.append(bytes(scratch.view[offset : offset + nbytes]))
+        return result, outs
+
+    # --- hypervisor side -----------------------------------------------------
+
+    def guest_args(self, op_struct: Any, bufs: Sequence[tuple[int, int]], memory: GuestMemory) -> GuestArgs:
+        """The hypervisor's view of one call: the op struct and checked slot accessors."""
+        return GuestArgs(self, op_struct, bufs, memory)
+
+
+class GuestMemory(Protocol):
+    """copy_{from,to}_guest on the caller's memory; raise ``OSError(EFAULT)`` on a bad address."""
+
+    def read(self, addr: int, nbytes: int) -> bytes: ...
+
+    def write(self, addr: int, data: bytes) -> None: ...
+
+
+class GuestFault(OSError):
+    """A guest-buffer access Xen refuses (``-EFAULT``)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(errno.EFAULT, why)
+
+
+class SlotAccess:
+    """Checked access to one extra buffer, as ``copy_buf_{from,to}_guest_offset`` does.
+
+    Xen's ``_raw_copy_{from,to}_guest_buf_offset`` (``xen/common/dm.c``): a buffer
+    index beyond ``nr_bufs`` or a range past the buffer's size is ``-EFAULT``.
+    """
+
+    def __init__(self, slot: Slot, index: int, bufs: Sequence[tuple[int, int]], memory: GuestMemory) -> None:
+        self.slot = slot
+        self.index = index  # index in bufs[]
+        self._memory = memory
+        self.present = index < len(bufs)
+        self.addr, self.size = bufs[index] if self.present else (0, 0)
+
+    @property
+    def count(self) -> int:
+        """Whole elements the buffer holds (``buf.size / sizeof(element)``)."""
+        return self.size // self.slot.itemsize
+
+    def _range(self, offset: int, nbytes: int) -> int:
+        if not self.present:
+            raise GuestFault(f"{self.slot.name}: bufs[{self.index}] not passed")
+        if offset + nbytes > self.size:
+            raise GuestFault(f"{self.slot.name}: {offset}+{nbytes} beyond buffer of {self.size}")
+        return self.addr + offset
+
+    def read(self, index: int = 0) -> Any:
+        """copy_buf_from_guest: element ``index``."""
+        if not self.slot.direction & Dir.IN:
+            raise TypeError(f"{self.slot.name} is an OUT slot")
+        n = self.slot.itemsize
+        data = self._memory.read(self._range(index * n, n), n)
+        return self.slot.ctype.from_buffer_copy(data)  # type: ignore[attr-defined]
+
+    def write(self, data: bytes, offset: int = 0) -> None:
+        """copy_buf_to_guest at byte ``offset``."""
+        if not self.slot.direction & Dir.OUT:
+            raise TypeError(f"{self.slot.name} is an IN slot")
+        self._memory.write(self._range(offset, len(data)), data)
+
+
+class GuestArgs:
+    """One DMOP call as the hypervisor sees it: ``op`` and its slots by name."""
+
+    def __init__(self, decl: OpDecl, op: Any, bufs: Sequence[tuple[int, int]], memory: GuestMemory) -> None:
+        self.decl = decl
+        self.op = op
+        self.nr_bufs = len(bufs)
+        self.slots = {slot.name: SlotAccess(slot, i + 1, bufs, memory) for i, slot in enumerate(decl.slots)}
+
+    def __getitem__(self, name: str) -> SlotAccess:
+        return self.slots[name]

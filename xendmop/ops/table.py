@@ -1,0 +1,185 @@
+"""Every DMOP sub-op (1-20), declared once.
+
+The source of each fact: ``xen/include/public/hvm/dm_op.h`` (structs, directions),
+``xen/arch/x86/hvm/dm.c`` and ``xen/common/ioreq.c`` (``const_op``, continuations),
+and ``git tag --contains`` for ``since`` (see the project's DMOP reference, §1.3, §2).
+The mock's rule for each op is in ``xendmop/mock/hypervisor.py``, keyed by the same name.
+"""
+
+from __future__ import annotations
+
+from ctypes import c_uint8
+
+from ..abi import dm_op as d
+from .decl import MANY, CopyBack, Dir, OpDecl
+
+X86 = frozenset({"x86"})
+BOTH = frozenset({"x86", "arm"})
+ARM = frozenset({"arm"})
+
+DECLARATIONS: tuple[OpDecl, ...] = (
+    OpDecl(
+        d.XEN_DMOP_create_ioreq_server,
+        "create_ioreq_server",
+        d.xen_dm_op_create_ioreq_server,
+        out=("id",),
+        copy_back=CopyBack.ALWAYS,
+        arch=BOTH,
+        limits={"handle_bufioreq": 2},
+        doc="Create an ioreq server for the domain; it starts disabled.",
+    ),
+    OpDecl(
+        d.XEN_DMOP_get_ioreq_server_info,
+        "get_ioreq_server_info",
+        d.xen_dm_op_get_ioreq_server_info,
+        out=("bufioreq_port", "ioreq_gfn", "bufioreq_gfn"),
+        copy_back=CopyBack.ALWAYS,
+        arch=BOTH,
+        doc="Event channel and (legacy) gfns of an ioreq server's pages.",
+    ),
+    OpDecl(
+        d.XEN_DMOP_map_io_range_to_ioreq_server,
+        "map_io_range_to_ioreq_server",
+        d.xen_dm_op_ioreq_server_range,
+        arch=BOTH,
+        doc="Route a port, MMIO or PCI range (inclusive) to the server.",
+    ),
+    OpDecl(
+        d.XEN_DMOP_unmap_io_range_from_ioreq_server,
+        "unmap_io_range_from_ioreq_server",
+        d.xen_dm_op_ioreq_server_range,
+        arch=BOTH,
+        doc="Stop routing a range that is fully mapped to the server.",
+    ),
+    OpDecl(
+        d.XEN_DMOP_set_ioreq_server_state,
+        "set_ioreq_server_state",
+        d.xen_dm_op_set_ioreq_server_state,
+        arch=BOTH,
+        limits={"enabled": 1},
+        doc="Enable or disable a server; Xen writes each vCPU's vp_eport on enable.",
+    ),
+    OpDecl(
+        d.XEN_DMOP_destroy_ioreq_server,
+        "destroy_ioreq_server",
+        d.xen_dm_op_destroy_ioreq_server,
+        arch=BOTH,
+        doc="Destroy a server, its ranges, pages and event channels.",
+    ),
+    OpDecl(
+        d.XEN_DMOP_track_dirty_vram,
+        "track_dirty_vram",
+        d.xen_dm_op_track_dirty_vram,
+        slots=(MANY(Dir.OUT, c_uint8, "dirty_bitmap", count=lambda a: (a.nr + 7) // 8),),
+        doc="Dirty bitmap of a VRAM range (bit i of byte i>>3 is pfn first_pfn+i).",
+    ),
+    OpDecl(
+        d.XEN_DMOP_set_pci_intx_level,
+        "set_pci_intx_level",
+        d.xen_dm_op_set_pci_intx_level,
+        limits={"device": 0x1F, "intx": 3, "level": 1},
+        doc="Assert or deassert a PCI device's INTx line.",
+    ),
+    OpDecl(
+        d.XEN_DMOP_set_isa_irq_level,
+        "set_isa_irq_level",
+        d.xen_dm_op_set_isa_irq_level,
+        limits={"level": 1},
+        doc="Assert or deassert an ISA IRQ line (0-15).",
+    ),
+    OpDecl(
+        d.XEN_DMOP_set_pci_link_route,
+        "set_pci_link_route",
+        d.xen_dm_op_set_pci_link_route,
+        limits={"link": 3},
+        doc="Route PCI link 0-3 to an ISA IRQ (0 disables).",
+    ),
+    OpDecl(
+        d.XEN_DMOP_modified_memory,
+        "modified_memory",
+        d.xen_dm_op_modified_memory,
+        out=("nr_extents", "opaque"),
+        copy_back=CopyBack.ON_RESTART,
+        continuation=True,
+        slots=(MANY(Dir.IN, d.xen_dm_op_modified_memory_extent, "extents", count=lambda a: a.nr_extents),),
+        doc="Mark guest pages dirty for log-dirty (migration).",
+    ),
+    OpDecl(
+        d.XEN_DMOP_set_mem_type,
+        "set_mem_type",
+        d.xen_dm_op_set_mem_type,
+        out=("nr", "first_pfn"),
+        copy_back=CopyBack.ALWAYS,
+        continuation=True,
+        doc="Change the p2m type of a range of guest pages.",
+    ),
+    OpDecl(
+        d.XEN_DMOP_inject_event,
+        "inject_event",
+        d.xen_dm_op_inject_event,
+        doc="Latch an event (interrupt, exception) for a vCPU's next entry.",
+    ),
+    OpDecl(
+        d.XEN_DMOP_inject_msi,
+        "inject_msi",
+        d.xen_dm_op_inject_msi,
+        doc="Deliver an MSI (address/data) to the guest.",
+    ),
+    OpDecl(
+        d.XEN_DMOP_map_mem_type_to_ioreq_server,
+        "map_mem_type_to_ioreq_server",
+        d.xen_dm_op_map_mem_type_to_ioreq_server,
+        out=("opaque",),
+        copy_back=CopyBack.ALWAYS,
+        continuation=True,
+        doc="Claim (or release) p2m_ioreq_server pages for a server.",
+    ),
+    OpDecl(
+        d.XEN_DMOP_remote_shutdown,
+        "remote_shutdown",
+        d.xen_dm_op_remote_shutdown,
+        since=(4, 10),
+        doc="Shut the domain down with a SHUTDOWN_* reason.",
+    ),
+    OpDecl(
+        d.XEN_DMOP_relocate_memory,
+        "relocate_memory",
+        d.xen_dm_op_relocate_memory,
+        out=("size", "src_gfn", "dst_gfn"),
+        copy_back=CopyBack.ON_RESTART,
+        continuation=True,
+        since=(4, 11),
+        doc="Move guest pages to other gfns (add_to_physmap gmfn_range).",
+    ),
+    OpDecl(
+        d.XEN_DMOP_pin_memory_cacheattr,
+        "pin_memory_cacheattr",
+        d.xen_dm_op_pin_memory_cacheattr,
+        since=(4, 11),
+        doc="Pin the cache attribute of a gfn range (or delete a pin).",
+    ),
+    OpDecl(
+        d.XEN_DMOP_set_irq_level,
+        "set_irq_level",
+        d.xen_dm_op_set_irq_level,
+        since=(4, 15),
+        arch=ARM,
+        limits={"level": 1},
+        doc="Arm: set the level of an SPI (irq >= 32).",
+    ),
+    OpDecl(
+        d.XEN_DMOP_nr_vcpus,
+        "nr_vcpus",
+        d.xen_dm_op_nr_vcpus,
+        out=("vcpus",),
+        copy_back=CopyBack.ALWAYS,
+        since=(4, 15),
+        arch=BOTH,
+        doc="The domain's maximum number of vCPUs.",
+    ),
+)
+
+OPS: dict[int, OpDecl] = {decl.number: decl for decl in DECLARATIONS}
+BY_NAME: dict[str, OpDecl] = {decl.name: decl for decl in DECLARATIONS}
+#: ``ARRAY_SIZE(op_size)`` in x86 ``dm_op()``: op numbers at or above it are -EOPNOTSUPP
+NR_OPS = 21
