@@ -1,7 +1,7 @@
 """Mirror of Linux ``include/uapi/xen/evtchn.h`` (``/dev/xen/evtchn``).
 
 Provenance: Linux 6.1 UAPI (Debian 12 ``linux-libc-dev``, ``/usr/include/xen/evtchn.h``);
-``ioctl_evtchn_bind_static``/``IOCTL_EVTCHN_BIND_STATIC`` are newer (see ``PROVENANCE``).
+``ioctl_evtchn_bind``/``IOCTL_EVTCHN_BIND_STATIC`` are newer (see ``PROVENANCE``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ HEADERS = ("xen/evtchn.h",)
 COMPLETE = True
 
 PROVENANCE = {
-    "ioctl_evtchn_bind_static": "Linux 6.2 include/uapi/xen/evtchn.h",
+    "ioctl_evtchn_bind": "Linux 6.2 include/uapi/xen/evtchn.h",
     "IOCTL_EVTCHN_BIND_STATIC": "Linux 6.2 include/uapi/xen/evtchn.h",
 }
 
@@ -45,7 +45,7 @@ class ioctl_evtchn_restrict_domid(ctypes.Structure):
     _fields_ = [("domid", domid_t)]
 
 
-class ioctl_evtchn_bind_static(ctypes.Structure):
+class ioctl_evtchn_bind(ctypes.Structure):
     _fields_ = [("port", c_uint)]
 
 
@@ -57,4 +57,4 @@ IOCTL_EVTCHN_UNBIND = _IOC(_IOC_NONE, _E, 3, ctypes.sizeof(ioctl_evtchn_unbind))
 IOCTL_EVTCHN_NOTIFY = _IOC(_IOC_NONE, _E, 4, ctypes.sizeof(ioctl_evtchn_notify))
 IOCTL_EVTCHN_RESET = _IOC(_IOC_NONE, _E, 5, 0)
 IOCTL_EVTCHN_RESTRICT_DOMID = _IOC(_IOC_NONE, _E, 6, ctypes.sizeof(ioctl_evtchn_restrict_domid))
-IOCTL_EVTCHN_BIND_STATIC = _IOC(_IOC_NONE, _E, 7, ctypes.sizeof(ioctl_evtchn_bind_static))
+IOCTL_EVTCHN_BIND_STATIC = _IOC(_IOC_NONE, _E, 7, ctypes.sizeof(ioctl_evtchn_bind))
