@@ -339,7 +339,7 @@ def make_backend(name: str, *, xen: Any = None, limits: Limits = Limits()) -> Ba
     if name == "libxen":
         from .backends.libxen import LibxenBackend
 
-        return LibxenBackend()
+        return LibxenBackend.from_env(limits=limits)
     if name == "mock":
         from .backends.privcmd import PrivcmdBackend
         from .mock import default_host

@@ -6,6 +6,7 @@ The device is injected: a real ``OsDevice`` on a dom0, or the mock host's device
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 from collections.abc import Mapping, Sequence
@@ -38,7 +39,8 @@ class PrivcmdBackend:
             self.restricted_to: int | None = None
             self.uses_hypercall = not self._probe()
         except BaseException:
-            self._device.close()
+            with contextlib.suppress(OSError):  # never mask the original error
+                self._device.close()
             raise
 
     @classmethod
@@ -63,7 +65,7 @@ class PrivcmdBackend:
                 log.info("privcmd lacks IOCTL_PRIVCMD_DM_OP: using IOCTL_PRIVCMD_HYPERCALL")
                 return False
             if e.errno != errno.EPERM:  # EPERM: a pre-restricted fd still has the ioctl
-                raise
+                raise xen_error(e.errno or errno.EIO, "probe", DOMID_INVALID, layer="privcmd") from None
         return True
 
     def dm_op(
