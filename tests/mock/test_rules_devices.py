@@ -1,0 +1,217 @@
+"""Rule cases for MMAP_RESOURCE (§4.2) and /dev/xen/evtchn (§4.4), raw ioctls, errno + no state change."""
+
+from __future__ import annotations
+
+import ctypes
+import errno as E
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from xendmop.abi.evtchn import (
+    IOCTL_EVTCHN_BIND_INTERDOMAIN,
+    IOCTL_EVTCHN_BIND_UNBOUND_PORT,
+    IOCTL_EVTCHN_NOTIFY,
+    IOCTL_EVTCHN_RESET,
+    IOCTL_EVTCHN_RESTRICT_DOMID,
+    IOCTL_EVTCHN_UNBIND,
+    ioctl_evtchn_bind_interdomain,
+    ioctl_evtchn_bind_unbound_port,
+    ioctl_evtchn_notify,
+    ioctl_evtchn_restrict_domid,
+    ioctl_evtchn_unbind,
+)
+from xendmop.abi.privcmd import IOCTL_PRIVCMD_MMAP_RESOURCE, IOCTL_PRIVCMD_RESTRICT, privcmd_mmap_resource
+from xendmop.abi.xen import domid_t
+from xendmop.mock import MockXen
+
+from .conftest import HVM, PV, make_host
+from .raw import Raw, errno_of, snapshot
+
+
+def res(
+    raw: Raw, dom: int = HVM, idx: int = 1, num: int = 1, addr: int | None = None, sid: int = 0, rtype: int = 0
+) -> int:
+    if addr is None:
+        raw.mapping = raw.dev.mmap(4096 * max(1, num))  # type: ignore[attr-defined]
+        anchor = ctypes.c_char.from_buffer(raw.mapping)  # type: ignore[attr-defined]
+        addr = ctypes.addressof(anchor)
+        del anchor
+    arg = privcmd_mmap_resource(dom=dom, type=rtype, id=sid, idx=idx, num=num, addr=addr)
+    return errno_of(raw.dev.ioctl, IOCTL_PRIVCMD_MMAP_RESOURCE, arg)
+
+
+def create(raw: Raw, handle: int = 0) -> None:
+    assert raw.call(HVM, "create_ioreq_server", handle_bufioreq=handle) == 0
+
+
+_plain = ctypes.create_string_buffer(4096)
+
+RESOURCE: list[tuple[str, Callable[[Raw], Any] | None, Callable[[Raw], int], int]] = [
+    ("addr without num: EINVAL", None, lambda r: res(r, num=0, addr=0x1000), E.EINVAL),
+    ("num without addr: EINVAL", None, lambda r: res(r, num=1, addr=0), E.EINVAL),
+    (
+        "restricted to another domain: EPERM",
+        lambda r: r.dev.ioctl(IOCTL_PRIVCMD_RESTRICT, domid_t(PV)),
+        lambda r: res(r, num=0, addr=0),
+        E.EPERM,
+    ),
+    ("size query of a PV domain: EINVAL", None, lambda r: res(r, dom=PV, num=0, addr=0), E.EINVAL),
+    ("size query of an unknown type: EINVAL", None, lambda r: res(r, num=0, addr=0, rtype=7), E.EINVAL),
+    ("size query of dom0 itself: EPERM", None, lambda r: res(r, dom=0, num=0, addr=0), E.EPERM),
+    ("no such server: ENOENT", None, lambda r: res(r), E.ENOENT),
+    ("frame 0 without bufioreq: ENOENT", create, lambda r: res(r, idx=0), E.ENOENT),
+    ("frame 2: EINVAL", create, lambda r: res(r, idx=2), E.EINVAL),
+    ("id beyond ioservid_t: EINVAL", create, lambda r: res(r, sid=0x10000), E.EINVAL),
+    ("not a privcmd VMA: EINVAL", create, lambda r: res(r, addr=ctypes.addressof(_plain)), E.EINVAL),
+    (
+        "after legacy gfns: EPERM",
+        lambda r: (create(r), r.call(HVM, "get_ioreq_server_info")),
+        lambda r: res(r),
+        E.EPERM,
+    ),
+    (
+        "other emulator: EPERM",
+        lambda r: (create(r), setattr(r.host.hypervisor.domains[HVM].ioreq_servers[0], "emulator", 5)),
+        lambda r: res(r),
+        E.EPERM,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", RESOURCE, ids=[c[0] for c in RESOURCE])
+def test_mmap_resource_rule(case: tuple[str, Any, Callable[[Raw], int], int]) -> None:
+    _, setup, action, expected = case
+    host = make_host()
+    raw = Raw(host)
+    if setup:
+        setup(raw)
+    before = snapshot(host)
+    assert action(raw) == expected
+    after = snapshot(host)
+    if case[0] in ALLOCATES:
+        # ioreq_server_get_frame calls ioreq_server_alloc_pages before looking at the
+        # frame index: Xen keeps the pages even when the frame is refused.
+        assert after[HVM]["servers"][0]["pages"] == (True, False)
+        after[HVM]["servers"] = before[HVM]["servers"]
+    assert after == before
+
+
+ALLOCATES = {"frame 0 without bufioreq: ENOENT", "frame 2: EINVAL"}
+
+
+def ev_ioctl(dev: Any, request: int, arg: Any) -> int:
+    try:
+        return int(dev.ioctl(request, arg))
+    except OSError as e:
+        return -(e.errno or 0)
+
+
+def bound(host: MockXen, dev: Any) -> int:
+    """Create a server and bind vCPU0's port; return the local port."""
+    raw = Raw(host)
+    create(raw)
+    port = host.hypervisor.domains[HVM].servers[0].vcpu_ports[0]
+    return ev_ioctl(dev, IOCTL_EVTCHN_BIND_INTERDOMAIN, ioctl_evtchn_bind_interdomain(HVM, port))
+
+
+EVTCHN: list[tuple[str, Callable[[MockXen, Any], Any] | None, Callable[[MockXen, Any], int], int]] = [
+    (
+        "RESTRICT twice: EACCES",
+        lambda h, d: d.ioctl(IOCTL_EVTCHN_RESTRICT_DOMID, ioctl_evtchn_restrict_domid(HVM)),
+        lambda h, d: ev_ioctl(d, IOCTL_EVTCHN_RESTRICT_DOMID, ioctl_evtchn_restrict_domid(HVM)),
+        -E.EACCES,
+    ),
+    (
+        "RESTRICT to 0: EINVAL",
+        None,
+        lambda h, d: ev_ioctl(d, IOCTL_EVTCHN_RESTRICT_DOMID, ioctl_evtchn_restrict_domid(0)),
+        -E.EINVAL,
+    ),
+    (
+        "RESTRICT to DOMID_SELF: EINVAL",
+        None,
+        lambda h, d: ev_ioctl(d, IOCTL_EVTCHN_RESTRICT_DOMID, ioctl_evtchn_restrict_domid(0x7FF0)),
+        -E.EINVAL,
+    ),
+    (
+        "BIND_UNBOUND_PORT restricted: EACCES",
+        lambda h, d: d.ioctl(IOCTL_EVTCHN_RESTRICT_DOMID, ioctl_evtchn_restrict_domid(HVM)),
+        lambda h, d: ev_ioctl(d, IOCTL_EVTCHN_BIND_UNBOUND_PORT, ioctl_evtchn_bind_unbound_port(HVM)),
+        -E.EACCES,
+    ),
+    (
+        "BIND_INTERDOMAIN restricted elsewhere: EACCES",
+        lambda h, d: d.ioctl(IOCTL_EVTCHN_RESTRICT_DOMID, ioctl_evtchn_restrict_domid(PV)),
+        lambda h, d: ev_ioctl(d, IOCTL_EVTCHN_BIND_INTERDOMAIN, ioctl_evtchn_bind_interdomain(HVM, 1)),
+        -E.EACCES,
+    ),
+    (
+        "BIND_INTERDOMAIN to a port not awaiting dom0: EINVAL",
+        None,
+        lambda h, d: ev_ioctl(d, IOCTL_EVTCHN_BIND_INTERDOMAIN, ioctl_evtchn_bind_interdomain(HVM, 9)),
+        -E.EINVAL,
+    ),
+    (
+        "BIND_INTERDOMAIN to an unknown domain: ESRCH",
+        None,
+        lambda h, d: ev_ioctl(d, IOCTL_EVTCHN_BIND_INTERDOMAIN, ioctl_evtchn_bind_interdomain(77, 1)),
+        -E.ESRCH,
+    ),
+    (
+        "BIND_INTERDOMAIN twice to the same port: EINVAL",
+        bound,
+        lambda h, d: ev_ioctl(
+            d,
+            IOCTL_EVTCHN_BIND_INTERDOMAIN,
+            ioctl_evtchn_bind_interdomain(HVM, h.hypervisor.domains[HVM].servers[0].vcpu_ports[0]),
+        ),
+        -E.EINVAL,
+    ),
+    (
+        "UNBIND beyond nr_channels: EINVAL",
+        None,
+        lambda h, d: ev_ioctl(d, IOCTL_EVTCHN_UNBIND, ioctl_evtchn_unbind(5000)),
+        -E.EINVAL,
+    ),
+    (
+        "UNBIND of a port not bound here: ENOTCONN",
+        bound,
+        lambda h, d: ev_ioctl(h.open_device("/dev/xen/evtchn"), IOCTL_EVTCHN_UNBIND, ioctl_evtchn_unbind(1)),
+        -E.ENOTCONN,
+    ),
+    (
+        "NOTIFY of a port not bound here: ENOTCONN",
+        None,
+        lambda h, d: ev_ioctl(d, IOCTL_EVTCHN_NOTIFY, ioctl_evtchn_notify(1)),
+        -E.ENOTCONN,
+    ),
+    ("unknown ioctl: ENOSYS", None, lambda h, d: ev_ioctl(d, 0x4599, 0), -E.ENOSYS),
+    ("RESET: 0", None, lambda h, d: ev_ioctl(d, IOCTL_EVTCHN_RESET, 0), 0),
+]
+
+
+@pytest.mark.parametrize("case", EVTCHN, ids=[c[0] for c in EVTCHN])
+def test_evtchn_rule(case: tuple[str, Any, Callable[[MockXen, Any], int], int]) -> None:
+    _, setup, action, expected = case
+    host = make_host()
+    dev = host.open_device("/dev/xen/evtchn")
+    if setup:
+        setup(host, dev)
+    before = snapshot(host)
+    assert action(host, dev) == expected
+    assert snapshot(host) == before
+
+
+def test_evtchn_nonblocking_read_and_close() -> None:
+    host = make_host()
+    dev = host.open_device("/dev/xen/evtchn")
+    dev.nonblocking = True
+    with pytest.raises(BlockingIOError):
+        dev.read(4)
+    assert dev.read(3) == b""
+    local = bound(host, dev)
+    dev.close()  # evtchn_release unbinds: the server's port awaits dom0 again
+    assert host.hypervisor.domains[HVM].ports[host.hypervisor.domains[HVM].servers[0].vcpu_ports[0]].state == "unbound"
+    assert local not in host.dom0.ports

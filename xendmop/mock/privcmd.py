@@ -1,0 +1,344 @@
+"""The mock ``/dev/xen/privcmd`` and ``/dev/xen/hypercall``: Linux ``drivers/xen/privcmd.c``
+and ``privcmd-buf.c`` in front of the mock hypervisor.
+
+The ioctl argument is what ``fcntl.ioctl(fd, request, arg, True)`` would take: a
+mutable ctypes object (or buffer), or an int used as a user address.  Pointers
+inside it (``ubufs``, ``uptr``, ``arr``, ``err``, ``addr``) are user addresses,
+read and written with ``usermem.UserMemory``: the kernel's copy_{from,to}_user.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+from ..abi.privcmd import (
+    IOCTL_PRIVCMD_DM_OP,
+    IOCTL_PRIVCMD_HYPERCALL,
+    IOCTL_PRIVCMD_MMAP_RESOURCE,
+    IOCTL_PRIVCMD_MMAPBATCH_V2,
+    IOCTL_PRIVCMD_RESTRICT,
+    privcmd_dm_op,
+    privcmd_dm_op_buf,
+    privcmd_hypercall,
+    privcmd_mmap_resource,
+    privcmd_mmapbatch_v2,
+)
+from ..abi.xen import DOMID_INVALID, domid_t
+from ..abi.xen import __HYPERVISOR_dm_op as HYPERVISOR_DM_OP
+from .usermem import PAGE_SIZE, access_ok, remap
+
+if TYPE_CHECKING:
+    from . import MockXen
+
+PRIVCMD_PATH = "/dev/xen/privcmd"
+HYPERCALL_PATH = "/dev/xen/hypercall"
+
+S = TypeVar("S", bound=ctypes.Structure)
+
+
+def raise_errno(err: int) -> NoReturn:
+    """Deliver ``-err`` from a syscall as Python does: ``OSError(err, strerror)``."""
+    raise OSError(err, os.strerror(err))
+
+
+def _arg_view(arg: Any) -> memoryview:
+    return memoryview(arg).cast("B")
+
+
+def read_arg(arg: Any, struct: type[S], memory: Any = None) -> S:
+    """copy_from_user of the ioctl argument (an int is a user address)."""
+    size = ctypes.sizeof(struct)
+    if isinstance(arg, int):
+        if memory is None:
+            from .usermem import UserMemory
+
+            memory = UserMemory()
+        return struct.from_buffer_copy(memory.read(arg, size))
+    try:
+        raw = bytes(_arg_view(arg)[:size])
+    except TypeError:
+        raise_errno(errno.EFAULT)
+    if len(raw) < size:
+        raise_errno(errno.EFAULT)
+    return struct.from_buffer_copy(raw)
+
+
+def write_arg(arg: Any, offset: int, data: bytes, memory: Any) -> None:
+    """copy_to_user into the ioctl argument at ``offset``."""
+    if isinstance(arg, int):
+        memory.write(arg + offset, data)
+        return
+    view = _arg_view(arg)
+    if view.readonly or offset + len(data) > view.nbytes:
+        raise_errno(errno.EFAULT)
+    view[offset : offset + len(data)] = data
+
+
+@dataclass
+class Vma:
+    """A privcmd VMA: an mmap of the device, and whether a mapping ioctl claimed it."""
+
+    mapping: mmap.mmap
+    start: int
+    length: int
+    locked: bool = False  # vm_private_data = PRIV_VMA_LOCKED
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    @property
+    def alive(self) -> bool:
+        return not self.mapping.closed
+
+
+def _address_of(mapping: mmap.mmap) -> int:
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor  # release the buffer export so the caller can still close the mmap
+
+
+class _DeviceBase:
+    path: str
+
+    def __init__(self, host: MockXen) -> None:
+        self._host = host
+        self._fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)  # a real fd to hand out
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise_errno(errno.EBADF)
+        return self._fd
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class HypercallDevice(_DeviceBase):
+    """``/dev/xen/hypercall`` (privcmd-buf.c): zeroed shared pages, no ioctls."""
+
+    path = HYPERCALL_PATH
+
+    def ioctl(self, request: int, arg: Any = 0) -> int:
+        raise_errno(errno.ENOTTY)
+
+    def mmap(self, length: int, offset: int = 0) -> mmap.mmap:
+        """``privcmd_buf_mmap``: anonymous shared zeroed pages (MAP_SHARED is the only mode offered)."""
+        if length <= 0 or offset:
+            raise_errno(errno.EINVAL)
+        return mmap.mmap(-1, length, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+
+
+class PrivcmdDevice(_DeviceBase):
+    """One open of ``/dev/xen/privcmd`` (``privcmd_open``: unrestricted, ``DOMID_INVALID``)."""
+
+    path = PRIVCMD_PATH
+
+    def __init__(self, host: MockXen) -> None:
+        super().__init__(host)
+        self.restrict_domid = DOMID_INVALID
+        self._vmas: list[Vma] = []
+
+    # --- mmap ------------------------------------------------------------------------
+
+    def mmap(self, length: int, offset: int = 0) -> mmap.mmap:
+        """``privcmd_mmap``: an empty VMA that MMAPBATCH_V2 / MMAP_RESOURCE later fill.
+
+        The mock backs it with anonymous shared memory; filling it remaps a memfd's
+        pages over the same addresses (``usermem.remap``), so the returned object then
+        reads and writes the guest's or the ioreq server's frames themselves.
+        """
+        if length <= 0:
+            raise_errno(errno.EINVAL)
+        mapping = mmap.mmap(-1, length, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        with self._host.lock:
+            self._vmas = [v for v in self._vmas if v.alive]
+            self._vmas.append(Vma(mapping, _address_of(mapping), length))
+        return mapping
+
+    def find_vma(self, addr: int) -> Vma | None:
+        """``find_vma`` restricted to this device's live VMAs containing ``addr``."""
+        for vma in self._vmas:
+            if vma.alive and vma.start <= addr < vma.end:
+                return vma
+        return None
+
+    # --- ioctl -----------------------------------------------------------------------
+
+    def ioctl(self, request: int, arg: Any = 0) -> int:
+        """``privcmd_ioctl``: dispatch, log, and raise ``OSError`` for a negative result."""
+        with self._host.lock:
+            call = self._decode(request)
+            detail: dict[str, Any] = {}
+            rc = call(arg, detail) if call is not None else -errno.ENOTTY
+            self._host.log("privcmd", request, detail, rc)
+        if rc < 0:
+            raise_errno(-rc)
+        return rc
+
+    def _decode(self, request: int) -> Any:
+        if request == IOCTL_PRIVCMD_DM_OP and not self._host.dm_op_ioctl:
+            return None  # a pre-4.11 kernel: the ioctl does not exist
+        return {
+            IOCTL_PRIVCMD_HYPERCALL: self._hypercall,
+            IOCTL_PRIVCMD_DM_OP: self._dm_op,
+            IOCTL_PRIVCMD_RESTRICT: self._restrict,
+            IOCTL_PRIVCMD_MMAP_RESOURCE: self._mmap_resource,
+            IOCTL_PRIVCMD_MMAPBATCH_V2: self._mmapbatch_v2,
+        }.get(request)
+
+    @property
+    def _restricted(self) -> bool:
+        return self.restrict_domid != DOMID_INVALID
+
+    def _hypercall(self, arg: Any, detail: dict[str, Any]) -> int:
+        """``privcmd_ioctl_hypercall``: never on a restricted fd; only dm_op reaches the mock Xen."""
+        if self._restricted:
+            return -errno.EPERM
+        try:
+            call = read_arg(arg, privcmd_hypercall, self._host.memory)
+        except OSError:
+            return -errno.EFAULT
+        detail.update(op=int(call.op), args=[int(a) for a in call.arg])
+        if call.op != HYPERVISOR_DM_OP:
+            return -errno.ENOSYS  # the mock implements no other hypercall
+        domid, nr_bufs, bufs = int(call.arg[0]), int(call.arg[1]), int(call.arg[2])
+        detail.update(dm_op=self._host.peek_op(bufs, nr_bufs))
+        return self._host.hypervisor.do_dm_op(0, domid, nr_bufs, bufs, self._host.memory)
+
+    def _dm_op(self, arg: Any, detail: dict[str, Any]) -> int:
+        """``privcmd_ioctl_dm_op``, step by step in the kernel's order."""
+        memory = self._host.memory
+        try:
+            kdata = read_arg(arg, privcmd_dm_op, memory)
+        except OSError:
+            return -errno.EFAULT
+        detail.update(dom=int(kdata.dom), num=int(kdata.num))
+        if self._restricted and kdata.dom != self.restrict_domid:  # before the num == 0 shortcut
+            return -errno.EPERM
+        if kdata.num == 0:
+            return 0
+        if kdata.num > self._host.dm_op_max_nr_bufs:
+            return -errno.E2BIG
+        try:
+            raw = memory.read(kdata.ubufs or 0, ctypes.sizeof(privcmd_dm_op_buf) * kdata.num)
+        except OSError:
+            return -errno.EFAULT
+        kbufs = [(int(b.uptr or 0), int(b.size)) for b in (privcmd_dm_op_buf * kdata.num).from_buffer_copy(raw)]
+        detail.update(bufs=kbufs)
+        for uptr, size in kbufs:
+            if size > self._host.dm_op_buf_max_size:
+                return -errno.E2BIG
+            if not access_ok(uptr, size):
+                return -errno.EFAULT
+        for uptr, size in kbufs:  # lock_pages: pin_user_pages_fast(FOLL_WRITE)
+            try:
+                memory.check_writable(uptr, size)
+            except OSError:
+                return -errno.EFAULT
+        detail.update(dm_op=self._host.peek_op(kbufs, len(kbufs)))
+        return self._host.hypervisor.do_dm_op(0, int(kdata.dom), len(kbufs), kbufs, memory)
+
+    def _restrict(self, arg: Any, detail: dict[str, Any]) -> int:
+        """``privcmd_ioctl_restrict``: set once; the same domid again is fine, another is -EINVAL."""
+        try:
+            dom = int(read_arg(arg, _domid_box, self._host.memory).domid)
+        except OSError:
+            return -errno.EFAULT
+        detail.update(dom=dom)
+        if self._restricted and self.restrict_domid != dom:
+            return -errno.EINVAL
+        self.restrict_domid = dom
+        return 0
+
+    def _mmap_resource(self, arg: Any, detail: dict[str, Any]) -> int:
+        """``privcmd_ioctl_mmap_resource`` → ``XENMEM_acquire_resource`` → remap the frames."""
+        memory = self._host.memory
+        try:
+            kdata = read_arg(arg, privcmd_mmap_resource, memory)
+        except OSError:
+            return -errno.EFAULT
+        detail.update(
+            dom=int(kdata.dom),
+            type=int(kdata.type),
+            id=int(kdata.id),
+            idx=int(kdata.idx),
+            num=int(kdata.num),
+            addr=int(kdata.addr),
+        )
+        if self._restricted and kdata.dom != self.restrict_domid:
+            return -errno.EPERM
+        if bool(kdata.addr) != bool(kdata.num):
+            return -errno.EINVAL
+        hv = self._host.hypervisor
+        rtype = kdata.type & 0xFFFF  # xen_mem_acquire_resource.type is a uint16_t
+        if not kdata.addr:  # size query: Xen writes nr_frames, privcmd put_user()s it into num
+            got = hv.acquire_resource(0, kdata.dom, rtype, kdata.id, 0, 0, query=True)
+            if not isinstance(got, int) or got < 0:
+                return got if isinstance(got, int) else -errno.EINVAL
+            try:
+                write_arg(arg, privcmd_mmap_resource.num.offset, got.to_bytes(8, "little"), memory)
+            except OSError:
+                return -errno.EFAULT
+            return 0
+        vma = self.find_vma(kdata.addr)
+        if vma is None or kdata.addr + kdata.num * PAGE_SIZE > vma.end:
+            return -errno.EINVAL
+        if kdata.num > 0xFFFFFFFF:  # kcalloc(kdata.num) of pfns
+            return -errno.ENOMEM
+        frames = hv.acquire_resource(0, kdata.dom, rtype, kdata.id, kdata.idx, int(kdata.num), query=False)
+        if isinstance(frames, int):
+            return frames
+        vma.locked = True
+        for i, ref in enumerate(frames):
+            remap(kdata.addr + i * PAGE_SIZE, PAGE_SIZE, ref.store.fd, ref.offset)
+        return 0
+
+    def _mmapbatch_v2(self, arg: Any, detail: dict[str, Any]) -> int:
+        """``privcmd_ioctl_mmap_batch`` (version 2): guest frames with per-frame errors."""
+        memory = self._host.memory
+        try:
+            m = read_arg(arg, privcmd_mmapbatch_v2, memory)
+        except OSError:
+            return -errno.EFAULT
+        num, addr = int(m.num), int(m.addr)
+        detail.update(dom=int(m.dom), num=num, addr=addr)
+        if not access_ok(m.err or 0, 4 * num):
+            return -errno.EFAULT
+        if self._restricted and m.dom != self.restrict_domid:
+            return -errno.EPERM
+        if num <= 0 or num > (1 << 31):  # (m.num <= 0) || nr_pages > (LONG_MAX >> PAGE_SHIFT)
+            return -errno.EINVAL
+        try:  # gather_array, then clear_user(m.err)
+            gfns = list((ctypes.c_uint64 * num).from_buffer_copy(memory.read(m.arr or 0, 8 * num)))
+            memory.clear(m.err or 0, 4 * num)
+        except OSError:
+            return -errno.EFAULT
+        vma = self.find_vma(addr)
+        if vma is None:
+            return -errno.EINVAL
+        end = addr + num * PAGE_SIZE
+        if not vma.locked and (addr != vma.start or end != vma.end):  # a virgin VMA is mapped whole
+            return -errno.EINVAL
+        if end > vma.end:
+            return -errno.EINVAL
+        vma.locked = True
+        errs = self._host.foreign_map(int(m.dom), gfns, addr)
+        if any(errs):
+            memory.write(m.err or 0, b"".join(ctypes.c_int32(e).value.to_bytes(4, "little", signed=True) for e in errs))
+            if -errno.ENOENT in errs:
+                return -errno.ENOENT
+        return 0
+
+
+class _domid_box(ctypes.Structure):
+    _fields_ = [("domid", domid_t)]

@@ -1,0 +1,260 @@
+"""The mock hypervisor's state: domains, vCPUs, ioreq servers, rangesets, event channels.
+
+Plain data, mutated only by ``hypervisor.Hypervisor`` (and the evtchn device) under
+the host lock.  ``snapshot()`` methods give a comparable picture of everything a
+DMOP can change, for tests that assert a refused call changed nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..abi.hvm import HVMMEM_ioreq_server
+from .pages import PageRef, PageStore
+
+#: ``MAX_NR_IOREQ_SERVERS`` (xen/include/xen/sched.h)
+MAX_NR_IOREQ_SERVERS = 8
+#: ``MAX_NR_IO_RANGES`` (xen/include/xen/ioreq.h): rangeset_limit of each server's sets
+MAX_NR_IO_RANGES = 256
+#: ``NR_IO_RANGE_TYPES``: port, memory, pci
+NR_IO_RANGE_TYPES = 3
+#: ``NR_ISA_IRQS`` and the vIOAPIC's GSI count (``VIOAPIC_NUM_PINS``, 48)
+NR_ISA_IRQS = 16
+NR_GSIS = 48
+NR_LINKS = 4
+#: pinned cache-attribute ranges per domain (``hvm_set_mem_pinned_cacheattr``: "arbitrary")
+MAX_PINNED_CACHEATTR = 64
+#: Linux/Xen 2-level event channel ABI: ports per domain (``EVTCHN_2L_NR_CHANNELS`` on 64-bit)
+NR_EVTCHN_PORTS = 4096
+
+
+class RangeSet:
+    """``xen/common/rangeset.c``: sorted, merged inclusive ranges with a count limit."""
+
+    def __init__(self, limit: int = MAX_NR_IO_RANGES) -> None:
+        self.limit = limit
+        self.ranges: list[tuple[int, int]] = []
+
+    def overlaps(self, start: int, end: int) -> bool:
+        """``rangeset_overlaps_range``."""
+        return any(s <= end and start <= e for s, e in self.ranges)
+
+    def contains(self, start: int, end: int) -> bool:
+        """``rangeset_contains_range``: one stored range covers all of [start, end]."""
+        return any(s <= start and end <= e for s, e in self.ranges)
+
+    def add(self, start: int, end: int) -> int:
+        """``rangeset_add_range``: merge with overlapping or adjacent ranges; -ENOMEM past the limit."""
+        keep, lo, hi = [], start, end
+        for s, e in self.ranges:
+            if s <= hi + 1 and lo <= e + 1:  # overlapping or adjacent: absorbed
+                lo, hi = min(lo, s), max(hi, e)
+            else:
+                keep.append((s, e))
+        if len(keep) + 1 > self.limit:
+            return -errno.ENOMEM  # alloc_range refused by rangeset_limit
+        self.ranges = sorted([*keep, (lo, hi)])
+        return 0
+
+    def remove(self, start: int, end: int) -> int:
+        """``rangeset_remove_range``: may split a range, which needs a new one (-ENOMEM)."""
+        out: list[tuple[int, int]] = []
+        for s, e in self.ranges:
+            if e < start or end < s:
+                out.append((s, e))
+                continue
+            if s < start:
+                out.append((s, start - 1))
+            if end < e:
+                out.append((end + 1, e))
+        if len(out) > self.limit:
+            return -errno.ENOMEM
+        self.ranges = out
+        return 0
+
+    def covers(self, start: int, end: int) -> bool:
+        return self.contains(start, end)
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+
+@dataclass
+class EvtchnPort:
+    """One event channel port of a domain (``struct evtchn``)."""
+
+    port: int
+    state: str  # "unbound" | "interdomain" | "virq"
+    remote_domid: int = 0
+    remote_port: int = 0
+    vcpu: int = 0
+    pending: bool = False
+    #: Xen-attached consumer (``alloc_unbound_xen_event_channel``): called when the remote end sends
+    xen_consumer: Callable[[], None] | None = None
+    #: Linux side, dom0 only: the evtchn device instance that bound this port
+    user: Any = None
+
+    def snapshot(self) -> tuple[Any, ...]:
+        return (self.port, self.state, self.remote_domid, self.remote_port, self.vcpu, self.xen_consumer is not None)
+
+
+@dataclass
+class P2mEntry:
+    """A gfn's p2m entry: its type (``HVMMEM_*`` numbering) and the frame behind it (None for mmio_dm)."""
+
+    type: int
+    page: PageRef | None
+
+
+@dataclass
+class Vcpu:
+    vcpu_id: int
+    #: ``v->arch.hvm.inject_event``: latched by inject_event until the vCPU's next entry
+    pending_event: dict[str, int] | None = None
+
+
+class IoreqServer:
+    """``struct ioreq_server`` (xen/include/xen/ioreq.h), as the runtime engineer may read it.
+
+    Pages: ``ioreq_page`` (one ``ioreq_t`` per vCPU, indexed by vcpu id) and
+    ``bufioreq_page`` (the buffered ring) are ``PageRef``\\ s once allocated, either
+    in the server's own memfd (resource acquisition) or in guest RAM at a legacy gfn.
+    """
+
+    def __init__(self, sid: int, emulator: int, bufioreq_handling: int, nr_vcpus: int) -> None:
+        self.id = sid
+        self.emulator = emulator
+        self.bufioreq_handling = bufioreq_handling
+        self.enabled = False
+        self.ranges = [RangeSet() for _ in range(NR_IO_RANGE_TYPES)]
+        self.vcpu_ports: list[int] = []
+        self.bufioreq_port: int | None = None
+        self.ioreq_page: PageRef | None = None
+        self.bufioreq_page: PageRef | None = None
+        self.ioreq_gfn: int | None = None  # None = INVALID_GFN
+        self.bufioreq_gfn: int | None = None
+        self.store: PageStore | None = None  # own frames (resource path)
+        #: set when the DM notifies the port of vCPU i (index nr_vcpus: the buffered port)
+        self.dm_notified = [threading.Event() for _ in range(nr_vcpus + 1)]
+        self.dm_notify_count = [0] * (nr_vcpus + 1)
+
+    @property
+    def handles_bufioreq(self) -> bool:
+        """``HANDLE_BUFIOREQ(s)``."""
+        return self.bufioreq_handling != 0
+
+    @property
+    def page(self) -> memoryview | None:
+        """The synchronous ioreq page (live shared bytes), or None before allocation."""
+        return self.ioreq_page.view() if self.ioreq_page else None
+
+    @property
+    def bufpage(self) -> memoryview | None:
+        return self.bufioreq_page.view() if self.bufioreq_page else None
+
+    def wait_dm_notify(self, vcpu: int, timeout: float | None = None) -> bool:
+        """Block until the DM notifies vCPU ``vcpu``'s port (or the buffered port for
+        ``vcpu == nr_vcpus``); clear and return True, or False on timeout."""
+        event = self.dm_notified[vcpu]
+        if not event.wait(timeout):
+            return False
+        event.clear()
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "emulator": self.emulator,
+            "bufioreq_handling": self.bufioreq_handling,
+            "enabled": self.enabled,
+            "ranges": tuple(tuple(r.ranges) for r in self.ranges),
+            "vcpu_ports": tuple(self.vcpu_ports),
+            "bufioreq_port": self.bufioreq_port,
+            "pages": (self.ioreq_page is not None, self.bufioreq_page is not None),
+            "gfns": (self.ioreq_gfn, self.bufioreq_gfn),
+        }
+
+
+@dataclass
+class Domain:
+    """``struct domain`` as far as the DMOPs reach."""
+
+    domid: int
+    hvm: bool
+    max_vcpus: int
+    nr_pages: int
+    ram: PageStore | None
+    hap: bool = True
+    iommu: bool = False
+    log_dirty: bool = False
+    dying: bool = False
+    shutdown_reason: int | None = None
+    #: the domain this one is device model for (``XEN_DOMCTL_set_target``), None for none
+    target: int | None = None
+    vcpus: list[Vcpu] = field(default_factory=list)
+    p2m: dict[int, P2mEntry] = field(default_factory=dict)
+    max_mapped_pfn: int = 0
+    dirty: set[int] = field(default_factory=set)  # log-dirty bitmap
+    vram: tuple[int, int] | None = None  # (first_pfn, nr) tracked by track_dirty_vram
+    vram_dirty: set[int] = field(default_factory=set)
+    ioreq_servers: list[IoreqServer | None] = field(default_factory=lambda: [None] * MAX_NR_IOREQ_SERVERS)
+    ioreq_gfn_free: list[int] = field(default_factory=list)  # d->arch.hvm.ioreq_gfn.mask
+    ioreq_gfn_legacy_free: list[int] = field(default_factory=list)  # HVM_PARAM_{,BUF}IOREQ_PFN
+    legacy_gfns: tuple[int, ...] = ()  # the values of those two params
+    # vPIC / vIOAPIC inputs (struct hvm_irq)
+    isa_irq: int = 0  # bitmap of asserted ISA lines
+    pci_intx: int = 0  # bitmap, bit device*4+intx
+    gsi_assert_count: list[int] = field(default_factory=lambda: [0] * NR_GSIS)
+    pci_link_route: list[int] = field(default_factory=lambda: [0] * NR_LINKS)
+    pci_link_assert_count: list[int] = field(default_factory=lambda: [0] * NR_LINKS)
+    msis: list[tuple[int, int]] = field(default_factory=list)  # delivered (addr, data)
+    emu_pirqs: set[int] = field(default_factory=set)
+    p2m_ioreq_server: int | None = None  # id of the server holding p2m_ioreq_server
+    p2m_ioreq_flags: int = 0
+    cacheattr: list[tuple[int, int, int]] = field(default_factory=list)
+    irq_levels: dict[int, int] = field(default_factory=dict)  # Arm SPIs
+    ports: dict[int, EvtchnPort] = field(default_factory=dict)
+
+    def server(self, sid: int) -> IoreqServer | None:
+        """``get_ioreq_server``: None for an id out of range or an empty slot."""
+        return self.ioreq_servers[sid] if 0 <= sid < MAX_NR_IOREQ_SERVERS else None
+
+    @property
+    def servers(self) -> dict[int, IoreqServer]:
+        return {s.id: s for s in self.ioreq_servers if s is not None}
+
+    def p2m_type(self, gfn: int) -> int | None:
+        entry = self.p2m.get(gfn)
+        return None if entry is None else entry.type
+
+    @property
+    def p2m_ioreq_entry_count(self) -> int:
+        """``p2m->ioreq.entry_count``: gfns still typed p2m_ioreq_server."""
+        return sum(1 for e in self.p2m.values() if e.type == HVMMEM_ioreq_server)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a DMOP or privcmd call can change (page contents excepted)."""
+        return {
+            "domid": self.domid,
+            "dying": self.dying,
+            "shutdown_reason": self.shutdown_reason,
+            "servers": tuple(s.snapshot() if s else None for s in self.ioreq_servers),
+            "ioreq_gfn_free": tuple(self.ioreq_gfn_free + self.ioreq_gfn_legacy_free),
+            "p2m": tuple(sorted((g, e.type, e.page.index if e.page else None) for g, e in self.p2m.items())),
+            "dirty": frozenset(self.dirty),
+            "vram": self.vram,
+            "vram_dirty": frozenset(self.vram_dirty),
+            "irq": (self.isa_irq, self.pci_intx, tuple(self.gsi_assert_count)),
+            "links": (tuple(self.pci_link_route), tuple(self.pci_link_assert_count)),
+            "msis": tuple(self.msis),
+            "emu_pirqs": frozenset(self.emu_pirqs),
+            "events": tuple(tuple(sorted(v.pending_event.items())) if v.pending_event else None for v in self.vcpus),
+            "p2m_ioreq": (self.p2m_ioreq_server, self.p2m_ioreq_flags),
+            "cacheattr": tuple(self.cacheattr),
+            "irq_levels": tuple(sorted(self.irq_levels.items())),
+            "ports": tuple(p.snapshot() for _, p in sorted(self.ports.items())),
+        }
