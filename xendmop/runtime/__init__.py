@@ -1,0 +1,26 @@
+"""Run a device model: ioreq servers, event channels, foreign memory and the dispatch loop."""
+
+from .dispatch import Dispatcher, GuestMemory, GuestMemoryError, IoDevice, Ioreq, RateLimitedLog
+from .evtchn import EventChannel
+from .foreignmemory import ForeignMemory, GuestRam, Mapping
+from .pci import Bar, PciFunction
+from .server import IoreqServer, ServeLoop, serve_forever, serve_forever_async
+
+__all__ = [
+    "Bar",
+    "IoreqServer",
+    "PciFunction",
+    "ServeLoop",
+    "serve_forever",
+    "serve_forever_async",
+    "Dispatcher",
+    "EventChannel",
+    "ForeignMemory",
+    "GuestMemory",
+    "GuestMemoryError",
+    "GuestRam",
+    "IoDevice",
+    "Ioreq",
+    "Mapping",
+    "RateLimitedLog",
+]

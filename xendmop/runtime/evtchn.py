@@ -1,0 +1,226 @@
+"""``EventChannel``: one open of ``/dev/xen/evtchn`` (libxenevtchn's ``xenevtchn_handle``).
+
+Linux ``drivers/xen/evtchn.c``: the BIND ioctls return the local port; ``read()``
+returns pending ports as ``uint32_t``\\ s, each masked until it is written back
+(``write()`` = unmask); ``poll()`` says POLLIN while ports are pending, so
+``fileno()`` goes into selectors and asyncio.  Errors are ``XenError`` with layer
+``"evtchn"``, the ioctl's name and the remote domain where there is one.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Protocol
+
+from ..abi.evtchn import (
+    IOCTL_EVTCHN_BIND_INTERDOMAIN,
+    IOCTL_EVTCHN_BIND_UNBOUND_PORT,
+    IOCTL_EVTCHN_NOTIFY,
+    IOCTL_EVTCHN_RESET,
+    IOCTL_EVTCHN_RESTRICT_DOMID,
+    IOCTL_EVTCHN_UNBIND,
+    ioctl_evtchn_bind_interdomain,
+    ioctl_evtchn_bind_unbound_port,
+    ioctl_evtchn_notify,
+    ioctl_evtchn_restrict_domid,
+    ioctl_evtchn_unbind,
+)
+from ..abi.xen import DOMID_FIRST_RESERVED
+from ..backends.device import EVTCHN_PATH, NOT_XEN, OsDevice
+from ..errors import ArgumentError, ClosedHandleError, NotXenHostError, XenError, xen_error
+
+__all__ = ["EVTCHN_PATH", "EventChannel", "EvtchnDevice", "EvtchnDeviceFile", "open_evtchn_device"]
+
+_PORT_MAX = 0xFFFFFFFF
+
+
+class EvtchnDevice(Protocol):
+    """What ``EventChannel`` needs of the device: the ``Device`` interface plus read/write."""
+
+    path: str
+
+    def fileno(self) -> int: ...
+
+    def ioctl(self, request: int, arg: Any) -> int: ...
+
+    def read(self, nbytes: int) -> bytes: ...
+
+    def write(self, data: bytes) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class EvtchnDeviceFile(OsDevice):
+    """The real ``/dev/xen/evtchn``: ``OsDevice`` plus ``os.read``/``os.write`` on its fd.
+
+    Opened ``O_NONBLOCK`` so ``read`` answers ``EAGAIN`` instead of blocking when no
+    port is pending (the loop polls the fd first, as QEMU does).
+    """
+
+    def read(self, nbytes: int) -> bytes:
+        return os.read(self.fileno(), nbytes)
+
+    def write(self, data: bytes) -> int:
+        return os.write(self.fileno(), data)
+
+
+def open_evtchn_device(path: str = EVTCHN_PATH) -> EvtchnDevice:
+    """Open the real evtchn device read-write, close-on-exec, non-blocking."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno in NOT_XEN:
+            raise NotXenHostError(e.errno, f"{path}: not a Xen host ({os.strerror(e.errno)})", path) from None
+        raise
+    return EvtchnDeviceFile(path, fd)
+
+
+def _set_nonblocking(device: EvtchnDevice) -> None:
+    if hasattr(device, "nonblocking"):  # the mock's device models the O_NONBLOCK file flag
+        device.nonblocking = True
+        return
+    fd = device.fileno()
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+
+
+def _check_port(op: str, port: int) -> int:
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"{op}: port must be an int, not {type(port).__name__}")
+    if not 0 < port <= _PORT_MAX:
+        raise ArgumentError(op, "port", port, "must be a port number (1..2**32-1)")
+    return port
+
+
+def _check_domid(op: str, domid: int, *, guest_only: bool = False) -> int:
+    if isinstance(domid, bool) or not isinstance(domid, int):
+        raise TypeError(f"{op}: domid must be an int, not {type(domid).__name__}")
+    top = DOMID_FIRST_RESERVED - 1 if guest_only else 0xFFFF
+    if not 0 <= domid <= top:
+        raise ArgumentError(op, "domid", domid, f"must be 0..{top:#x}")
+    return domid
+
+
+class EventChannel:
+    """An open ``/dev/xen/evtchn``; owns its fd; a context manager.
+
+    ``opener(path)`` gives the device (``open_evtchn_device`` for the real one, the
+    mock host's ``open_device``); the fd is switched to non-blocking so ``pending``
+    never blocks.  Every call raises ``ClosedHandleError`` after ``close``.
+    """
+
+    def __init__(self, opener: Callable[[str], Any] = open_evtchn_device, path: str = EVTCHN_PATH) -> None:
+        self._dev: EvtchnDevice | None = opener(path)
+        self.restricted_to: int | None = None
+        try:
+            _set_nonblocking(self._dev)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    @property
+    def device(self) -> EvtchnDevice:
+        if self._dev is None:
+            raise ClosedHandleError("EventChannel is closed")
+        return self._dev
+
+    def _ioctl(self, name: str, request: int, arg: Any, domid: int | None = None, **shown: int) -> int:
+        try:
+            return self.device.ioctl(request, arg)
+        except OSError as e:
+            if isinstance(e, XenError) or e.errno is None:
+                raise
+            raise xen_error(e.errno, name, domid, shown, layer="evtchn") from None
+
+    def fileno(self) -> int:
+        """The fd to poll: readable while a bound port is pending."""
+        return self.device.fileno()
+
+    def close(self) -> None:
+        """Close the fd; the kernel unbinds every port this handle bound."""
+        dev, self._dev = self._dev, None
+        if dev is not None:
+            dev.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._dev is None
+
+    def __enter__(self) -> EventChannel:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<EventChannel {'closed' if self._dev is None else f'fd={self._dev.fileno()}'}>"
+
+    # --- ioctls -------------------------------------------------------------------------
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> int:
+        """IOCTL_EVTCHN_BIND_INTERDOMAIN: connect to ``domid``'s unbound ``remote_port``;
+        returns the local port.  EACCES on a handle restricted to another domain."""
+        _check_domid("bind_interdomain", domid)
+        _check_port("bind_interdomain", remote_port)
+        arg = ioctl_evtchn_bind_interdomain(remote_domain=domid, remote_port=remote_port)
+        return self._ioctl("bind_interdomain", IOCTL_EVTCHN_BIND_INTERDOMAIN, arg, domid, remote_port=remote_port)
+
+    def bind_unbound_port(self, domid: int) -> int:
+        """IOCTL_EVTCHN_BIND_UNBOUND_PORT: a new local port ``domid`` may bind; returns it.
+        EACCES on a restricted handle."""
+        _check_domid("bind_unbound_port", domid)
+        arg = ioctl_evtchn_bind_unbound_port(remote_domain=domid)
+        return self._ioctl("bind_unbound_port", IOCTL_EVTCHN_BIND_UNBOUND_PORT, arg, domid)
+
+    def unbind(self, port: int) -> None:
+        """IOCTL_EVTCHN_UNBIND: ENOTCONN for a port this handle did not bind."""
+        _check_port("unbind", port)
+        self._ioctl("unbind", IOCTL_EVTCHN_UNBIND, ioctl_evtchn_unbind(port=port), port=port)
+
+    def notify(self, port: int) -> None:
+        """IOCTL_EVTCHN_NOTIFY: raise the remote end of local ``port`` (ENOTCONN if not ours)."""
+        _check_port("notify", port)
+        self._ioctl("notify", IOCTL_EVTCHN_NOTIFY, ioctl_evtchn_notify(port=port), port=port)
+
+    def reset(self) -> None:
+        """IOCTL_EVTCHN_RESET: empty the pending ring (after an EFBIG overflow)."""
+        self._ioctl("reset", IOCTL_EVTCHN_RESET, 0)
+
+    def restrict(self, domid: int) -> None:
+        """IOCTL_EVTCHN_RESTRICT_DOMID: from now on only interdomain binds to ``domid``
+        (once per handle: EACCES the second time; ports bound before stay usable)."""
+        _check_domid("restrict", domid, guest_only=True)
+        if domid == 0:
+            raise ArgumentError("restrict", "domid", domid, "must be a guest domid, not dom0")
+        self._ioctl("restrict", IOCTL_EVTCHN_RESTRICT_DOMID, ioctl_evtchn_restrict_domid(domid=domid), domid)
+        self.restricted_to = domid
+
+    # --- read / write ------------------------------------------------------------------
+
+    def pending(self) -> int | None:
+        """One pending port (``read`` of 4 bytes), or None when none is pending.
+        The port stays masked until ``unmask``; EFBIG means the ring overflowed."""
+        try:
+            raw = self.device.read(4)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return None
+            raise xen_error(e.errno or errno.EIO, "pending", layer="evtchn") from None
+        if len(raw) != 4:
+            return None
+        return int.from_bytes(raw, "little")
+
+    def unmask(self, port: int) -> None:
+        """Write ``port`` back so it can fire again (libxenevtchn's ``xenevtchn_unmask``)."""
+        _check_port("unmask", port)
+        try:
+            self.device.write(port.to_bytes(4, "little"))
+        except OSError as e:
+            raise xen_error(e.errno or errno.EIO, "unmask", args={"port": port}, layer="evtchn") from None

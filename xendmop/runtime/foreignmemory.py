@@ -1,0 +1,294 @@
+"""``ForeignMemory``: another domain's frames mapped through ``/dev/xen/privcmd``
+(libxenforeignmemory), and ``GuestRam``, the dispatch core's view of guest RAM.
+
+Linux privcmd maps foreign frames into a VMA that an ``mmap`` of the device made:
+first the ``mmap``, then an ioctl naming that VMA's address
+(``IOCTL_PRIVCMD_MMAP_RESOURCE`` or ``IOCTL_PRIVCMD_MMAPBATCH_V2``), as
+``xenforeignmemory_map_resource``/``xenforeignmemory_map`` do in
+``tools/libs/foreignmemory/linux.c``.  Mappings are returned as ``Mapping``
+objects that expose the bytes as a ``memoryview`` without copying.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from ..abi.memory import XENMEM_resource_ioreq_server
+from ..abi.privcmd import (
+    IOCTL_PRIVCMD_MMAP_RESOURCE,
+    IOCTL_PRIVCMD_MMAPBATCH_V2,
+    IOCTL_PRIVCMD_RESTRICT,
+    privcmd_mmap_resource,
+    privcmd_mmapbatch_v2,
+)
+from ..abi.xen import DOMID_FIRST_RESERVED, domid_t
+from ..backends.device import PAGE_SIZE, PRIVCMD_PATH, Device, open_device
+from ..errors import ArgumentError, ClosedHandleError, XenError, xen_error
+from .dispatch import GuestMemoryError
+
+__all__ = ["ForeignMemory", "GuestRam", "Mapping"]
+
+_PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+#: frames per MMAPBATCH_V2 call (the kernel's ``num`` is an unsigned int; keep calls small)
+MAX_BATCH = 1 << 20
+
+
+def _address_of(mapping: mmap.mmap) -> int:
+    """The user address of an ``mmap`` (what the kernel knows the VMA by)."""
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor  # drop the buffer export so the mapping can still be closed
+
+
+@dataclass(eq=False)
+class Mapping:
+    """Foreign frames mapped in this process.  ``view`` is the live memory (no copy);
+    ``errors[i]`` is 0 or the ``-errno`` for frame ``i`` (``map`` only)."""
+
+    domid: int
+    nr_frames: int
+    mm: mmap.mmap
+    errors: tuple[int, ...] = ()
+    view: memoryview = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.view = memoryview(self.mm)
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.errors)
+
+    def page(self, index: int) -> memoryview:
+        if not 0 <= index < self.nr_frames:
+            raise IndexError(f"frame {index} of {self.nr_frames}")
+        return self.view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
+
+    @property
+    def closed(self) -> bool:
+        return self.mm.closed
+
+    def close(self) -> None:
+        """munmap.  Views taken from ``view`` must have been released first."""
+        if self.mm.closed:
+            return
+        self.view.release()
+        self.mm.close()
+
+
+class ForeignMemory:
+    """An open ``/dev/xen/privcmd`` used for mapping; owns its device; a context manager.
+
+    ``opener(path)`` gives the device (``backends.device.open_device`` on a dom0, the
+    mock host's ``open_device`` on the mock).  Errors are ``XenError`` with layer
+    ``"privcmd"``; misuse is ``ArgumentError``/``ClosedHandleError``.
+    """
+
+    def __init__(self, opener: Callable[[str], Any] = open_device, path: str = PRIVCMD_PATH) -> None:
+        self._dev: Device | None = opener(path)
+        self._maps: list[Mapping] = []
+        self.restricted_to: int | None = None
+
+    @property
+    def device(self) -> Device:
+        if self._dev is None:
+            raise ClosedHandleError("ForeignMemory is closed")
+        return self._dev
+
+    def _ioctl(self, name: str, request: int, arg: Any, domid: int, **shown: int) -> int:
+        try:
+            return self.device.ioctl(request, arg)
+        except OSError as e:
+            if isinstance(e, XenError) or e.errno is None:
+                raise
+            raise xen_error(e.errno, name, domid, shown, layer="privcmd") from None
+
+    def _mmap(self, nr_frames: int) -> mmap.mmap:
+        try:
+            return self.device.mmap(nr_frames * PAGE_SIZE)
+        except OSError as e:
+            if isinstance(e, XenError) or e.errno is None:
+                raise
+            raise xen_error(e.errno, "mmap", None, {"nr_frames": nr_frames}, layer="privcmd") from None
+
+    # --- mapping ------------------------------------------------------------------------
+
+    def map_resource(
+        self, domid: int, type: int = XENMEM_resource_ioreq_server, id: int = 0, frame: int = 0, nr_frames: int = 1
+    ) -> Mapping:
+        """IOCTL_PRIVCMD_MMAP_RESOURCE (XENMEM_acquire_resource): map ``nr_frames`` frames
+        of resource ``type``/``id`` from ``frame`` (ioreq server: frame 0 is the
+        buffered page, 1 the synchronous page).  EOPNOTSUPP/ENOTTY: no resource
+        mapping here (old Xen or kernel); ENOENT: no such frame (e.g. bufioreq off)."""
+        _domid("map_resource", domid)
+        for name, value, top in (("type", type, 0xFFFF), ("id", id, 0xFFFFFFFF), ("frame", frame, 0xFFFFFFFF)):
+            _int("map_resource", name, value, 0, top)
+        _int("map_resource", "nr_frames", nr_frames, 1, 0xFFFFFFFF)
+        mm = self._mmap(nr_frames)  # the VMA first: the ioctl fills it (privcmd_ioctl_mmap_resource)
+        arg = privcmd_mmap_resource(dom=domid, type=type, id=id, idx=frame, num=nr_frames, addr=_address_of(mm))
+        try:
+            self._ioctl(
+                "map_resource", IOCTL_PRIVCMD_MMAP_RESOURCE, arg, domid, type=type, id=id, frame=frame, nr=nr_frames
+            )
+        except BaseException:
+            mm.close()
+            raise
+        return self._track(Mapping(domid, nr_frames, mm))
+
+    def map(self, domid: int, gfns: Sequence[int]) -> Mapping:
+        """IOCTL_PRIVCMD_MMAPBATCH_V2: map guest frames ``gfns`` contiguously.
+
+        Per-frame failures do not raise: they are in ``Mapping.errors`` (``-errno``
+        per frame; touching such a page faults).  Raises when the whole call fails
+        (``ENOENT`` too: a frame is paged out, retry later)."""
+        _domid("map", domid)
+        n = len(gfns)
+        _int("map", "len(gfns)", n, 1, MAX_BATCH)
+        arr = (ctypes.c_uint64 * n)()
+        for i, gfn in enumerate(gfns):
+            arr[i] = _int("map", f"gfns[{i}]", gfn, 0, (1 << 64) - 1)
+        err = (ctypes.c_int * n)()
+        mm = self._mmap(n)
+        arg = privcmd_mmapbatch_v2(
+            num=n, dom=domid, addr=_address_of(mm), arr=ctypes.addressof(arr), err=ctypes.addressof(err)
+        )
+        try:
+            self._ioctl("map", IOCTL_PRIVCMD_MMAPBATCH_V2, arg, domid, nr=n)
+        except BaseException:
+            mm.close()
+            raise
+        return self._track(Mapping(domid, n, mm, tuple(int(e) for e in err)))
+
+    def unmap(self, mapping: Mapping) -> None:
+        """munmap a mapping made by this handle."""
+        if mapping in self._maps:
+            self._maps.remove(mapping)
+        mapping.close()
+
+    def _track(self, m: Mapping) -> Mapping:
+        self._maps = [x for x in self._maps if not x.closed]
+        self._maps.append(m)
+        return m
+
+    def restrict(self, domid: int) -> None:
+        """IOCTL_PRIVCMD_RESTRICT: this handle may map only ``domid`` from now on."""
+        _domid("restrict", domid)
+        if domid >= DOMID_FIRST_RESERVED:
+            raise ArgumentError("restrict", "domid", domid, "must be a guest domid (< 0x7ff0)")
+        self._ioctl("restrict", IOCTL_PRIVCMD_RESTRICT, domid_t(domid), domid)
+        self.restricted_to = domid
+
+    # --- lifetime -----------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self.device.fileno()
+
+    def close(self) -> None:
+        """Unmap what this handle mapped, then close the device."""
+        dev, self._dev = self._dev, None
+        if dev is None:
+            return
+        maps, self._maps = self._maps, []
+        try:
+            for m in maps:
+                try:
+                    m.close()
+                except BufferError:  # someone still holds a view: the GC unmaps it later
+                    pass
+        finally:
+            dev.close()
+
+    def __enter__(self) -> ForeignMemory:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _int(op: str, name: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ArgumentError(op, name, value, f"must be {lo}..{hi:#x}")
+    return value
+
+
+def _domid(op: str, domid: object) -> int:
+    return _int(op, "domid", domid, 0, 0xFFFF)
+
+
+class GuestRam:
+    """Guest-physical memory for the dispatch core, one foreign-mapped page at a time.
+
+    Pages are mapped on first use and kept in a small LRU (``max_pages``), so the
+    memory held never depends on what the guest asks for.  A frame Xen refuses
+    (not RAM, not the guest's) raises ``GuestMemoryError``; so does an address
+    above ``limit`` (when given) before any mapping is tried.
+    """
+
+    def __init__(self, fmem: ForeignMemory, domid: int, *, max_pages: int = 64, limit: int | None = None) -> None:
+        self.fmem = fmem
+        self.domid = domid
+        self.max_pages = max_pages
+        self.limit = limit
+        self._pages: OrderedDict[int, Mapping] = OrderedDict()
+
+    def _page(self, gfn: int) -> memoryview:
+        m = self._pages.get(gfn)
+        if m is not None:
+            self._pages.move_to_end(gfn)
+            return m.view
+        try:
+            m = self.fmem.map(self.domid, [gfn])
+        except (XenError, ArgumentError) as e:
+            raise GuestMemoryError(f"dom{self.domid} gfn {gfn:#x}: {e}") from None
+        if not m.ok:
+            self.fmem.unmap(m)
+            err = -m.errors[0]
+            raise GuestMemoryError(
+                f"dom{self.domid} gfn {gfn:#x}: {os.strerror(err)} [{errno.errorcode.get(err, err)}]"
+            )
+        self._pages[gfn] = m
+        while len(self._pages) > self.max_pages:
+            _, old = self._pages.popitem(last=False)
+            self.fmem.unmap(old)
+        return m.view
+
+    def _chunks(self, gpa: int, size: int) -> list[tuple[int, int, int]]:
+        if gpa < 0 or size < 0 or (self.limit is not None and gpa + size > self.limit):
+            raise GuestMemoryError(f"gpa {gpa:#x}+{size} outside guest RAM")
+        out = []
+        while size:
+            gfn, off = gpa >> _PAGE_SHIFT, gpa & (PAGE_SIZE - 1)
+            n = min(size, PAGE_SIZE - off)
+            out.append((gfn, off, n))
+            gpa, size = gpa + n, size - n
+        return out
+
+    def read(self, gpa: int, size: int) -> bytes:
+        return b"".join(bytes(self._page(gfn)[off : off + n]) for gfn, off, n in self._chunks(gpa, size))
+
+    def write(self, gpa: int, data: bytes) -> None:
+        chunks = self._chunks(gpa, len(data))
+        views = [self._page(gfn) for gfn, _, _ in chunks]  # map every page first: all or nothing
+        done = 0
+        for view, (_, off, n) in zip(views, chunks):
+            view[off : off + n] = data[done : done + n]
+            done += n
+
+    def invalidate(self) -> None:
+        """Unmap every cached page (IOREQ_TYPE_INVALIDATE)."""
+        while self._pages:
+            _, m = self._pages.popitem()
+            self.fmem.unmap(m)
+
+    close = invalidate

@@ -1,0 +1,534 @@
+"""``IoreqServer``: one ioreq server of one domain, brought up and torn down as Xen
+requires, and the loops (selectors and asyncio) that serve one or several of them.
+
+Bring-up (the order of QEMU's ``xen_register_ioreq``/``xen_map_ioreq_server`` and of
+varstored; reference §6): ``create_ioreq_server`` → map the pages by resource
+(``IOCTL_PRIVCMD_MMAP_RESOURCE``), falling back to legacy gfns +
+``IOCTL_PRIVCMD_MMAPBATCH_V2`` only when resource mapping is missing (EOPNOTSUPP or
+ENOTTY) and never mixing the two → ``set_ioreq_server_state(enabled)`` → read each
+vCPU's ``vp_eport`` and bind one event channel per vCPU (plus the buffered port) →
+register the device ranges.  Teardown runs in reverse — unbind → disable → unmap →
+destroy — on ``close()``, on leaving ``with``/``async with``, on an exception, and
+when the loop stops for SIGTERM/SIGINT: Xen does not free a server when its device
+model dies, and a leaked one holds one of the domain's 8 slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import platform
+import selectors
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import Any
+
+from ..abi.memory import XENMEM_resource_ioreq_server
+from ..backends.device import PAGE_SIZE, open_device
+from ..devicemodel import DeviceModel
+from ..errors import XenError
+from ..types import BufIoreq
+from .dispatch import (
+    IOREQ_SIZE,
+    MAX_REP,
+    AtomicAddReadPointer,
+    Dispatcher,
+    IoDevice,
+    ReadPointer,
+    Region,
+    StoreReadPointer,
+)
+from .evtchn import EventChannel, open_evtchn_device
+from .foreignmemory import ForeignMemory, GuestRam, Mapping
+from .pci import PciFunction
+
+log = logging.getLogger("xendmop.runtime")
+
+__all__ = ["IoreqServer", "ServeLoop", "serve_forever", "serve_forever_async"]
+
+#: errno of MMAP_RESOURCE meaning "no resource mapping here" (QEMU falls back on EOPNOTSUPP;
+#: a kernel without the ioctl says ENOTTY, libxenforeignmemory turns that into EOPNOTSUPP).
+_NO_RESOURCE = {errno.EOPNOTSUPP, errno.ENOTTY}
+_X86 = {"x86_64", "amd64", "i386", "i686"}
+_warned_arch = False
+
+
+def _warn_arch() -> None:
+    global _warned_arch
+    if not _warned_arch and platform.machine().lower() not in _X86:
+        log.warning(
+            "xendmop runtime on %s: the ioreq protocol needs memory barriers pure Python cannot "
+            "issue on weakly ordered CPUs (see xendmop.runtime.dispatch)",
+            platform.machine(),
+        )
+        _warned_arch = True
+
+
+def _sbdf(segment: int, bus: int, device: int, function: int) -> int:
+    return (segment << 16) | (bus << 8) | (device << 3) | function
+
+
+class IoreqServer:
+    """An ioreq server for ``domid`` with the devices registered on it.
+
+    ``dm``: the ``DeviceModel`` handle that issues the DMOPs (not closed here).
+    ``opener``: opens ``/dev/xen/privcmd`` and ``/dev/xen/evtchn`` (the mock host's
+    ``open_device``); by default the real devices.  ``bufioreq``: OFF by default;
+    LEGACY drains the ring with plain stores; ATOMIC needs libatomic (see
+    ``dispatch.StoreReadPointer``).  ``restrict``: restrict this server's privcmd and
+    evtchn handles to ``domid`` before creating anything.
+
+    Register devices with ``add_port_range``/``add_mmio_range``/``add_pci`` before
+    or after ``start()``; then ``serve_forever()`` or ``async with``.
+    """
+
+    def __init__(
+        self,
+        dm: DeviceModel,
+        domid: int,
+        *,
+        bufioreq: BufIoreq = BufIoreq.OFF,
+        opener: Callable[[str], Any] | None = None,
+        nr_vcpus: int | None = None,
+        restrict: bool = False,
+        max_rep: int = MAX_REP,
+        on_timeoffset: Callable[[int], None] | None = None,
+    ) -> None:
+        self.dm = dm
+        self.domid = domid
+        self.bufioreq = BufIoreq(bufioreq)
+        self._opener = opener
+        self._nr_vcpus = nr_vcpus
+        self._restrict = restrict
+        self.dispatcher = Dispatcher(None, max_rep=max_rep, on_timeoffset=on_timeoffset)
+        self._pointer: ReadPointer = AtomicAddReadPointer() if self.bufioreq == BufIoreq.ATOMIC else StoreReadPointer()
+        self.id: int | None = None
+        self.page: memoryview | None = None
+        self.bufpage: memoryview | None = None
+        self.legacy_gfns = False
+        self.enabled = False
+        self._fmem: ForeignMemory | None = None
+        self._evtchn: EventChannel | None = None
+        self._ram: GuestRam | None = None
+        self._maps: list[Mapping] = []
+        self._vcpu_by_port: dict[int, int] = {}
+        self.vcpu_ports: list[int] = []
+        self.buf_port: int | None = None
+        self._xen_ranges: list[tuple[str, tuple[int, ...]]] = []  # (kind, args) registered in Xen
+        self._pci: dict[int, IoDevice] = {}
+        self._lock = threading.RLock()  # one thread serves; close() may come from another
+
+    # --- bring-up ----------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.id is not None and self._evtchn is not None
+
+    def start(self) -> IoreqServer:
+        """Bring the server up (see the module docstring); on failure undo what was done and raise."""
+        if self.id is not None:
+            return self
+        _warn_arch()
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        opener = self._opener
+        self._fmem = ForeignMemory(opener or open_device)
+        self._evtchn = EventChannel(opener or open_evtchn_device)
+        if self._restrict:
+            self._fmem.restrict(self.domid)
+            self._evtchn.restrict(self.domid)
+        nr_vcpus = self._nr_vcpus if self._nr_vcpus is not None else self.dm.nr_vcpus(self.domid)
+        if not 0 < nr_vcpus <= PAGE_SIZE // IOREQ_SIZE:
+            raise ValueError(f"dom{self.domid}: {nr_vcpus} vCPUs do not fit one ioreq page")
+        self.id = self.dm.create_ioreq_server(self.domid, self.bufioreq)
+        buf_port = self._map_pages()
+        self.dm.set_ioreq_server_state(self.domid, self.id, True)
+        self.enabled = True
+        assert self.page is not None
+        # vp_eport is Xen's end of each vCPU's channel, written by ioreq_server_update_evtchn on enable.
+        for vcpu in range(nr_vcpus):
+            remote = int.from_bytes(self.page[vcpu * IOREQ_SIZE + 24 : vcpu * IOREQ_SIZE + 28], "little")
+            local = self._evtchn.bind_interdomain(self.domid, remote)
+            self.vcpu_ports.append(local)
+            self._vcpu_by_port[local] = vcpu
+        if buf_port is not None and self.bufpage is not None:
+            self.buf_port = self._evtchn.bind_interdomain(self.domid, buf_port)
+        self._ram = GuestRam(self._fmem, self.domid)
+        self.dispatcher.memory = self._ram
+        for kind, region in self._regions():
+            self._xen_map(kind, region.start, region.end)
+        for sbdf in self._pci:
+            self._xen_map_pci(sbdf)
+        for device in self._pci.values():
+            if isinstance(device, PciFunction):
+                device.update_mappings()
+        log.info(
+            "dom%d: ioreq server %d up (%s pages, %d vCPUs, bufioreq %s)",
+            self.domid,
+            self.id,
+            "legacy gfn" if self.legacy_gfns else "resource",
+            nr_vcpus,
+            self.bufioreq.name,
+        )
+
+    def _map_pages(self) -> int | None:
+        """Map the ioreq (and buffered) page; return Xen's buffered port or None."""
+        assert self._fmem is not None and self.id is not None
+        buf = self.bufioreq != BufIoreq.OFF
+        try:
+            # Frame 0 is the buffered page, frame 1 the synchronous one (XENMEM_resource_ioreq_server_frame_*).
+            m = self._fmem.map_resource(
+                self.domid, XENMEM_resource_ioreq_server, self.id, 0 if buf else 1, 2 if buf else 1
+            )
+        except XenError as e:
+            if e.errno not in _NO_RESOURCE:
+                raise
+            log.info("dom%d: no resource mapping (%s); using legacy gfns", self.domid, e)
+            return self._map_legacy(buf)
+        self._maps.append(m)
+        self.page = m.view[PAGE_SIZE : 2 * PAGE_SIZE] if buf else m.view[:PAGE_SIZE]
+        self.bufpage = m.view[:PAGE_SIZE] if buf else None
+        return self.dm.get_ioreq_server_info(self.domid, self.id).bufioreq_port if buf else None
+
+    def _map_legacy(self, buf: bool) -> int | None:
+        assert self._fmem is not None and self.id is not None
+        info = self.dm.get_ioreq_server_info(self.domid, self.id, gfns=True)
+        gfns = [info.ioreq_gfn] + ([info.bufioreq_gfn] if buf else [])
+        if any(g is None for g in gfns):
+            raise XenError(errno.EINVAL, "get_ioreq_server_info", self.domid, {"gfns": str(gfns)}, layer="runtime")
+        m = self._fmem.map(self.domid, [g for g in gfns if g is not None])
+        self._maps.append(m)
+        if not m.ok:
+            raise XenError(-min(m.errors), "map", self.domid, {"gfns": str(gfns)}, layer="privcmd")
+        self.legacy_gfns = True
+        self.page = m.view[:PAGE_SIZE]
+        self.bufpage = m.view[PAGE_SIZE : 2 * PAGE_SIZE] if buf else None
+        return info.bufioreq_port if buf else None
+
+    # --- teardown ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Tear down in reverse; idempotent; logs failures instead of raising over the
+        error that may have brought us here."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        def step(what: str, fn: Callable[[], object]) -> None:
+            try:
+                fn()
+            except Exception as e:
+                log.error("dom%d: ioreq server %s: %s failed: %s", self.domid, self.id, what, e)
+
+        evtchn, self._evtchn = self._evtchn, None
+        if evtchn is not None:
+            for port in [*self.vcpu_ports, *([self.buf_port] if self.buf_port is not None else [])]:
+                step(f"unbind {port}", lambda p=port: evtchn.unbind(p))  # type: ignore[misc]
+            step("close evtchn", evtchn.close)
+        self.vcpu_ports, self.buf_port, self._vcpu_by_port = [], None, {}
+        sid = self.id
+        if sid is not None and self.enabled:
+            step("disable", lambda: self.dm.set_ioreq_server_state(self.domid, sid, False))
+        self.enabled = False
+        for view in (self.page, self.bufpage):
+            if view is not None:
+                view.release()
+        self.page = self.bufpage = None
+        self.dispatcher.memory = None
+        if self._ram is not None:
+            step("drop guest mappings", self._ram.close)
+            self._ram = None
+        fmem, self._fmem = self._fmem, None
+        for m in self._maps:
+            if fmem is not None:
+                step("unmap pages", lambda m=m: fmem.unmap(m))  # type: ignore[misc]
+        self._maps = []
+        if sid is not None:
+            step("destroy", lambda: self.dm.destroy_ioreq_server(self.domid, sid))  # also frees its ranges
+            log.info("dom%d: ioreq server %d destroyed", self.domid, sid)
+        self.id = None
+        self._xen_ranges = []
+        if fmem is not None:
+            step("close privcmd", fmem.close)
+
+    def __enter__(self) -> IoreqServer:
+        return self.start()
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # --- asyncio ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> IoreqServer:
+        self.start()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.fileno(), self.handle_events)
+        self._aloop: asyncio.AbstractEventLoop | None = loop
+        self._tick: asyncio.TimerHandle | None = loop.call_later(0.1, self._atick) if self.bufpage else None
+        return self
+
+    def _atick(self) -> None:  # QEMU's 100 ms buffered-io timer
+        if self.bufpage is not None and self._aloop is not None:
+            self.drain_buffered()
+            self._tick = self._aloop.call_later(0.1, self._atick)
+
+    async def __aexit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        loop, self._aloop = getattr(self, "_aloop", None), None
+        if getattr(self, "_tick", None) is not None:
+            self._tick.cancel()  # type: ignore[union-attr]
+        if loop is not None and self._evtchn is not None:
+            loop.remove_reader(self._evtchn.fileno())
+        self.close()
+
+    # --- the loop core (shared by selectors and asyncio) ----------------------------------------
+
+    def fileno(self) -> int:
+        """The evtchn fd: readable when a vCPU or the buffered ring needs us."""
+        if self._evtchn is None:
+            raise ValueError("ioreq server is not running")
+        return self._evtchn.fileno()
+
+    def handle_events(self) -> int:
+        """Handle the pending event channels (bounded per call); return how many."""
+        with self._lock:
+            evtchn, page = self._evtchn, self.page
+            if evtchn is None or page is None:
+                return 0
+            handled = 0
+            for _ in range(4 * (len(self.vcpu_ports) + 1)):  # bounded: other servers get their turn
+                try:
+                    port = evtchn.pending()
+                except XenError as e:
+                    if e.errno != errno.EFBIG:
+                        raise
+                    # The kernel's ring overflowed and lost ports: reset and look at every slot.
+                    log.warning("dom%d: event ring overflow; rescanning all vCPUs", self.domid)
+                    evtchn.reset()
+                    self._rescan(evtchn, page)
+                    continue
+                if port is None:
+                    break
+                evtchn.unmask(port)  # before handling, as QEMU's cpu_get_ioreq, so no event is lost
+                self.drain_buffered()
+                vcpu = self._vcpu_by_port.get(port)
+                if vcpu is not None and self.dispatcher.handle_slot(page, vcpu):
+                    evtchn.notify(port)
+                handled += 1
+            return handled
+
+    def _rescan(self, evtchn: EventChannel, page: memoryview) -> None:
+        for vcpu, port in enumerate(self.vcpu_ports):
+            evtchn.unmask(port)
+            if self.dispatcher.handle_slot(page, vcpu):
+                evtchn.notify(port)
+
+    def drain_buffered(self) -> int:
+        """Drain the buffered ring (on every event and on a 100 ms tick)."""
+        with self._lock:
+            if self.bufpage is None:
+                return 0
+            return self.dispatcher.drain_buffered(self.bufpage, self._pointer)
+
+    def serve_forever(self, *, handle_signals: bool = True) -> int | None:
+        """Serve until SIGTERM/SIGINT or ``stop``; then tear down.  Returns the signal, if any."""
+        return serve_forever(self, handle_signals=handle_signals)
+
+    # --- registering devices -------------------------------------------------------------
+
+    def _regions(self) -> list[tuple[str, Region]]:
+        return [("port", r) for r in self.dispatcher.ports] + [("mmio", r) for r in self.dispatcher.mmio]
+
+    def _xen_map(self, kind: str, start: int, end: int) -> None:
+        if self.id is None:
+            return
+        self.dm.map_io_range_to_ioreq_server(self.domid, self.id, kind == "mmio", start, end)
+        self._xen_ranges.append((kind, (start, end)))
+
+    def _xen_unmap(self, kind: str, start: int, end: int) -> None:
+        if self.id is None or (kind, (start, end)) not in self._xen_ranges:
+            return
+        self._xen_ranges.remove((kind, (start, end)))
+        self.dm.unmap_io_range_from_ioreq_server(self.domid, self.id, kind == "mmio", start, end)
+
+    def _xen_map_pci(self, sbdf: int) -> None:
+        if self.id is None:
+            return
+        seg, bus, dev, fn = sbdf >> 16, (sbdf >> 8) & 0xFF, (sbdf >> 3) & 0x1F, sbdf & 7
+        self.dm.map_pcidev_to_ioreq_server(self.domid, self.id, seg, bus, dev, fn)
+        self._xen_ranges.append(("pci", (sbdf,)))
+
+    def _add(self, kind: str, start: int, end: int, device: IoDevice, name: str) -> None:
+        table = self.dispatcher.mmio if kind == "mmio" else self.dispatcher.ports
+        with self._lock:
+            table.add(start, end, device, name)
+            try:
+                self._xen_map(kind, start, end)
+            except BaseException:
+                table.remove(start, end)
+                raise
+
+    def add_port_range(self, start: int, end: int, device: IoDevice, name: str = "") -> None:
+        """Route guest ports ``[start, end]`` to ``device`` (offsets from ``start``)."""
+        if not 0 <= start <= end <= 0xFFFF:
+            raise ValueError(f"port range [{start:#x}, {end:#x}] outside 0..0xffff")
+        self._add("port", start, end, device, name)
+
+    def add_mmio_range(self, start: int, end: int, device: IoDevice, name: str = "") -> None:
+        """Route guest-physical ``[start, end]`` to ``device`` (offsets from ``start``)."""
+        self._add("mmio", start, end, device, name)
+
+    def remove_range(self, is_mmio: bool, start: int, end: int) -> None:
+        kind = "mmio" if is_mmio else "port"
+        with self._lock:
+            (self.dispatcher.mmio if is_mmio else self.dispatcher.ports).remove(start, end)
+            self._xen_unmap(kind, start, end)
+
+    def add_pci(
+        self, device: IoDevice, *, bus: int = 0, slot: int, function: int = 0, segment: int = 0, name: str = ""
+    ) -> int:
+        """Route config space of ``segment:bus:slot.function`` to ``device``; a
+        ``PciFunction`` also gets its BARs mapped and its interrupts wired.  Returns the SBDF."""
+        sbdf = _sbdf(segment, bus, slot, function)
+        with self._lock:
+            self.dispatcher.add_pci(sbdf, device, name)
+            self._pci[sbdf] = device
+            try:
+                self._xen_map_pci(sbdf)
+            except BaseException:
+                self.dispatcher.remove_pci(sbdf)
+                del self._pci[sbdf]
+                raise
+            if isinstance(device, PciFunction):
+                device.host, device.sbdf = self, sbdf
+                if self.running:
+                    device.update_mappings()
+        return sbdf
+
+    # --- PciHost: what PciFunction calls ---------------------------------------------------------
+
+    def map_bar(self, fn: PciFunction, index: int, start: int) -> None:
+        bar = fn.bars[index]
+        assert bar is not None
+        name = f"{type(fn).__name__} {fn.sbdf or 0:#x} BAR{index}"
+        self._add("port" if bar.io else "mmio", start, start + bar.size - 1, bar.device, name)
+
+    def unmap_bar(self, fn: PciFunction, index: int, start: int) -> None:
+        bar = fn.bars[index]
+        assert bar is not None
+        self.remove_range(not bar.io, start, start + bar.size - 1)
+
+    def set_intx(self, fn: PciFunction, level: bool) -> None:
+        sbdf = fn.sbdf or 0
+        pin = fn.read(0x3D, 1)
+        self.dm.set_pci_intx_level(self.domid, sbdf >> 16, (sbdf >> 8) & 0xFF, (sbdf >> 3) & 0x1F, pin - 1, int(level))
+
+    def inject_msi(self, fn: PciFunction, addr: int, data: int) -> None:
+        self.dm.inject_msi(self.domid, addr, data)
+
+    def __repr__(self) -> str:
+        return f"<IoreqServer dom{self.domid} id={self.id} {'running' if self.running else 'stopped'}>"
+
+
+class ServeLoop:
+    """A selectors loop over several servers (one process, several domains).
+
+    ``stop()`` is safe from any thread and from signal handlers.  When ``run``
+    returns — stopped, signalled or by an exception — every server is closed.
+    """
+
+    def __init__(self, *servers: IoreqServer, tick: float = 0.1) -> None:
+        self.servers = servers
+        self.tick = tick
+        self.signal: int | None = None
+        self._stop = False
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def stop(self) -> None:
+        self._stop = True
+        os.eventfd_write(self._wake, 1)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Only a flag and a wake-up: the access in progress completes before teardown.
+        self.signal = signum
+        self.stop()
+
+    def run(self, *, handle_signals: bool = True) -> int | None:
+        previous: dict[signal.Signals, Any] = {}
+        sel = selectors.DefaultSelector()
+        try:
+            if handle_signals and threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    previous[sig] = signal.signal(sig, self._on_signal)
+            for s in self.servers:
+                s.start()
+                sel.register(s.fileno(), selectors.EVENT_READ, s)
+            sel.register(self._wake, selectors.EVENT_READ, None)
+            while not self._stop:
+                ready = sel.select(self.tick)
+                for key, _ in ready:
+                    if key.data is None:
+                        try:
+                            os.eventfd_read(self._wake)
+                        except BlockingIOError:
+                            pass
+                    else:
+                        key.data.handle_events()
+                if not ready:
+                    for s in self.servers:
+                        s.drain_buffered()
+            return self.signal
+        finally:
+            sel.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            for s in reversed(self.servers):
+                s.close()
+            os.close(self._wake)
+
+
+def serve_forever(*servers: IoreqServer, handle_signals: bool = True) -> int | None:
+    """Serve ``servers`` until SIGTERM/SIGINT; tear them all down; return the signal."""
+    return ServeLoop(*servers).run(handle_signals=handle_signals)
+
+
+def _finish(done: asyncio.Future[int | None], signum: int) -> None:
+    if not done.done():
+        done.set_result(signum)
+
+
+async def serve_forever_async(*servers: IoreqServer, handle_signals: bool = True) -> int | None:
+    """The asyncio form: readers on each server's fd; returns on SIGTERM/SIGINT (the
+    signal) or raises ``CancelledError`` when cancelled; servers are closed either way."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[int | None] = loop.create_future()
+    installed: list[signal.Signals] = []
+    entered: list[IoreqServer] = []
+    try:
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    loop.add_signal_handler(sig, _finish, done, int(sig))
+                    installed.append(sig)
+                except (NotImplementedError, RuntimeError):  # not the main thread
+                    pass
+        for s in servers:
+            await s.__aenter__()
+            entered.append(s)
+        return await done
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        for s in reversed(entered):
+            await s.__aexit__(None, None, None)
+        for s in servers:
+            s.close()
