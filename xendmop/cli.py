@@ -3,6 +3,7 @@
     xendmop info                      what each backend finds on this host
     xendmop ops                       every DMOP, from the declarations
     xendmop nr-vcpus DOMID            one subcommand per read-only or simple op
+    xendmop depriv-check PID          is a device-model process deprivileged? (see xendmop.depriv.check)
     xendmop --json …                  machine-readable output
 
 ``--backend`` (or ``$XENDMOP_BACKEND``) chooses privcmd, libxen or mock; the default
@@ -130,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what each backend finds on this host")
     sub.add_parser("ops", help="the DMOP catalogue")
+    sub.add_parser("depriv-check", help="inspect a device-model process's deprivileging (own --help)")
     for command, (method, params) in SIMPLE_OPS.items():
         doc = (getattr(DeviceModel, method).__doc__ or "").strip().splitlines()[0]
         sp = sub.add_parser(command, help=doc, description=doc)
@@ -139,6 +141,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["depriv-check"]:  # its own parser: options of its own, exit codes 0/1/2
+        from .depriv.check import main as depriv_check
+
+        return depriv_check(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     out: Callable[[Any], None]
