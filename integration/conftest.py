@@ -1,0 +1,65 @@
+"""Live tests against a real Xen: run in a dom0, e.g. through integration/lab/run.py.
+
+Everything here is skipped, with the reason, on a host without /dev/xen/privcmd, so
+`pytest integration/` is harmless anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+import xenlab
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if xenlab.have_xen():
+        return
+    skip = pytest.mark.skip(reason=xenlab.skip_reason())
+    for item in items:
+        item.add_marker(skip)
+
+
+@pytest.fixture
+def privcmd_fd() -> Iterator[int]:
+    fd = os.open(xenlab.PRIVCMD, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def libxdm() -> Iterator[xenlab.LibXDM]:
+    with xenlab.LibXDM() as lib:
+        yield lib
+
+
+@pytest.fixture
+def make_guest() -> Iterator[Callable[..., xenlab.Guest]]:
+    """Factory: make_guest(script=None, vcpus=1) creates a paused tiny PVH guest running
+    `script` once unpaused; every guest made is destroyed after the test."""
+    made: list[xenlab.Guest] = []
+
+    def make(script: xenlab.Script | None = None, vcpus: int = 1, memory_mb: int = 16) -> xenlab.Guest:
+        guest = xenlab.create_guest(script, vcpus=vcpus, memory_mb=memory_mb)
+        made.append(guest)
+        return guest
+
+    yield make
+    for guest in made:
+        guest.destroy()
+
+
+@pytest.fixture
+def guest(make_guest: Callable[..., xenlab.Guest]) -> xenlab.Guest:
+    """A paused 2-vCPU PVH guest with an empty script (it powers off when unpaused)."""
+    return make_guest(vcpus=2)
+
+
+@pytest.fixture
+def missing_domid() -> int:
+    """A guest domid that no domain has now."""
+    used = {int(line.split()[1]) for line in xenlab.xl("list").splitlines()[1:]}
+    return next(d for d in range(30000, 0x7FF0) if d not in used)

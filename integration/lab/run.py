@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""Boot real Xen + a Debian dom0 under QEMU (TCG) and run ONE command in dom0.
+
+    python3 integration/lab/run.py [--timeout S] [--results DIR] -- COMMAND...
+
+The repository checkout is shared read-only (cwd and PYTHONPATH of the command), a results
+folder writable.  The command's stdout/stderr are streamed while it runs.  Exit status:
+
+    N    the command's own exit status (0 = success)
+    77   lab unavailable here (no QEMU/mmdebstrap and cannot install, no Debian mirror)
+    123  Xen panicked or the dom0 kernel oopsed (even if the command finished)
+    124  timed out (QEMU killed)
+    125  boot failed: the machine stopped before the command's exit status was recorded,
+         or the dom0 image did not build although the mirror answered
+
+The results folder keeps console.log (Xen + dom0 serial console), stdout, stderr, status,
+timings, xl-dmesg.txt, dom0-dmesg.txt and out/ (files the command wrote to
+$XENDMOP_LAB_RESULTS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import image
+
+LAB = Path(__file__).resolve().parent
+REPO = LAB.parent.parent
+
+EXIT_UNAVAILABLE = image.EXIT_UNAVAILABLE
+EXIT_CRASH = 123
+EXIT_TIMEOUT = 124
+EXIT_BOOT_FAILED = 125
+
+XEN_ARGS = (
+    "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 "
+    # a big console ring so `xl dmesg` still holds every guest line a test looks for
+    "loglvl=all guest_loglvl=all conring_size=4M"
+)
+DOM0_ARGS = "root=/dev/vda rw console=hvc0 earlyprintk=xen init=/sbin/xendmop-lab-init quiet"
+
+# What a crash looks like on the serial console or in dom0's kernel log.
+CRASH = re.compile(
+    r"Panic on CPU|Hardware Dom0 crashed|Kernel panic|\bOops\b|\bBUG: |general protection fault"
+    r"|Unable to handle kernel|FATAL TRAP|Xen BUG at"
+)
+
+
+@dataclass
+class Outcome:
+    code: int
+    message: str
+    crash_lines: list[str] = field(default_factory=list)
+
+
+def _virtfs_path(path: Path) -> str:
+    return str(path).replace(",", ",,")  # a literal comma in a QEMU option value
+
+
+def qemu_command(art: image.Artifacts, results: Path) -> list[str]:
+    dom0 = f"{_virtfs_path(art.vmlinuz)} {DOM0_ARGS},{_virtfs_path(art.initrd)}"
+    return [
+        "qemu-system-x86_64",
+        "-accel", "tcg,thread=multi",
+        # -cpu max crashes dom0 under TCG; this model gives Xen SVM + HAP (nested paging).
+        "-cpu", "qemu64,+svm,+npt,+nrip-save",
+        "-m", "2048", "-smp", "2",
+        "-no-reboot",  # a Xen panic or dom0 crash reboots: end the run instead
+        "-nodefaults", "-display", "none", "-monitor", "none",
+        "-serial", f"file:{results / 'console.log'}",
+        "-kernel", str(art.xen), "-append", XEN_ARGS, "-initrd", dom0,
+        "-drive", f"file={_virtfs_path(art.image)},format=raw,if=virtio,snapshot=on",
+        "-virtfs", f"local,path={_virtfs_path(REPO)},mount_tag=repo,security_model=none,readonly=on",
+        "-virtfs", f"local,path={_virtfs_path(results)},mount_tag=results,security_model=none",
+        "-device", "virtio-rng-pci",
+    ]  # fmt: skip
+
+
+class Tail:
+    """Copies what appears in a growing file to a stream (the command's live output)."""
+
+    def __init__(self, path: Path, out: IO[str]) -> None:
+        self.path, self.out, self.pos = path, out, 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # chunks may split a character
+
+    def pump(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        if data:
+            self.pos += len(data)
+            self.out.write(self.decoder.decode(data))
+            self.out.flush()
+
+
+def crash_lines(results: Path) -> list[str]:
+    lines = []
+    for name in ("console.log", "dom0-dmesg.txt"):
+        path = results / name
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            lines += [f"{name}: {ln.strip()}" for ln in text.splitlines() if CRASH.search(ln)]
+    return lines
+
+
+def timings(results: Path) -> dict[str, float]:
+    path = results / "timings"
+    marks: dict[str, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            try:
+                marks[name] = float(value)
+            except ValueError:
+                pass
+    return marks
+
+
+def boot(command: list[str], results: Path, timeout: float, show_console: bool) -> Outcome:
+    art = image.ensure_image()
+    results.mkdir(parents=True, exist_ok=True)
+    for stale in ("status", "stdout", "stderr", "timings", "console.log"):
+        (results / stale).unlink(missing_ok=True)
+    shutil.copy(LAB / "dom0-init.sh", results / "init.sh")
+    (results / "command").write_text("exec " + shlex.join(command) + "\n")
+    tails = [Tail(results / "stdout", sys.stdout), Tail(results / "stderr", sys.stderr)]
+    if show_console:
+        tails.append(Tail(results / "console.log", sys.stderr))
+    t0 = time.monotonic()
+    with open(results / "qemu.log", "w") as qlog:
+        qemu = subprocess.Popen(qemu_command(art, results), stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog)
+        timed_out = False
+        try:
+            while qemu.poll() is None:
+                if time.monotonic() - t0 > timeout:
+                    timed_out = True
+                    qemu.kill()
+                    qemu.wait()
+                    break
+                for t in tails:
+                    t.pump()
+                time.sleep(0.5)
+        finally:
+            if qemu.poll() is None:
+                qemu.kill()
+                qemu.wait()
+    for t in tails:
+        t.pump()
+    wall = time.monotonic() - t0
+    marks = timings(results)
+    status = results / "status"
+    crashes = crash_lines(results)
+    times = f"{wall:.0f} s wall"
+    if "boot_done" in marks:
+        times += f"; dom0 init at {marks['boot_done']:.0f} s, toolstack at {marks.get('toolstack_done', 0):.0f} s"
+    if "command_done" in marks and "toolstack_done" in marks:
+        times += f", command took {marks['command_done'] - marks['toolstack_done']:.0f} s"
+    (results / "wall").write_text(f"{wall:.1f}\n")
+    if crashes:
+        return Outcome(EXIT_CRASH, f"Xen panicked or dom0 crashed ({times})", crashes)
+    if timed_out:
+        return Outcome(EXIT_TIMEOUT, f"timed out after {timeout:.0f} s ({times})")
+    if not status.is_file():
+        # TCG warns about CPU flags it only pretends to have; anything else QEMU said matters.
+        qlog_lines = (results / "qemu.log").read_text(errors="replace").splitlines()
+        said = [ln for ln in qlog_lines if "TCG doesn't support" not in ln]
+        why = f"; QEMU said: {' / '.join(said)}" if said else ""
+        return Outcome(EXIT_BOOT_FAILED, f"boot failed: no exit status recorded ({times}){why}")
+    code = int(status.read_text().strip() or 255)
+    what = "command succeeded" if code == 0 else f"command failed with exit status {code}"
+    return Outcome(code, f"{what} ({times})")
+
+
+def default_results() -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    return image.cache_root() / "runs" / f"{stamp}-{os.getpid()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds before QEMU is killed (default 1800)")
+    ap.add_argument("--results", type=Path, help="results folder (default: a new one under the lab cache)")
+    ap.add_argument("--console", action="store_true", help="also stream the serial console to stderr")
+    ap.add_argument("command", nargs="+", help="the command to run in dom0 (after --)")
+    args = ap.parse_args(argv)
+    results = (args.results or default_results()).resolve()
+    try:
+        image.ensure_tools({"qemu-system-x86_64": "qemu-system-x86"})
+        outcome = boot(args.command, results, args.timeout, args.console)
+    except image.Unavailable as e:
+        image.log(f"lab unavailable: {e}")
+        return EXIT_UNAVAILABLE
+    except (image.BuildError, subprocess.CalledProcessError) as e:
+        image.log(f"dom0 image build failed: {e} [exit {EXIT_BOOT_FAILED}]")
+        return EXIT_BOOT_FAILED
+    for line in outcome.crash_lines[:20]:
+        image.log(f"crash: {line}")
+    if outcome.code in (EXIT_BOOT_FAILED, EXIT_TIMEOUT):
+        tail = (results / "console.log").read_text(errors="replace").splitlines()[-25:] if (
+            results / "console.log"
+        ).is_file() else []
+        for line in tail:
+            image.log(f"console: {line}")
+    image.log(f"{outcome.message} [exit {outcome.code}]")
+    image.log(f"results: {results}")
+    return outcome.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
