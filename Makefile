@@ -17,10 +17,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 sysdeps:
 	@./tools/sysdeps.sh
 
-## demo: the main job on the mock Xen (no Xen needed)
+## demo: the main job on the mock Xen (no Xen needed): a device model serving a guest
 demo: $(VENV)/.installed
-	$(PY) -m xendmop -v info
-	$(PY) -m xendmop ops
+	$(PY) -m xendmop info
+	$(PY) examples/debugcon.py
 
 ## test: the whole test suite (what .ci/run runs)
 test: $(VENV)/.installed
