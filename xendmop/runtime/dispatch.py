@@ -535,12 +535,15 @@ class Dispatcher:
         if count:
             self._span(req.data, req, count)  # refuse a wrapping buffer before any side effect
         for i in range(count):
-            gpa = self._element(req.data, req, i)
-            if req.dir == IOREQ_READ:
-                self._mem_write(gpa, req.size, self._dev_read(region, offset, req.size))
-            else:
-                self._dev_write(region, offset, req.size, self._mem_read(gpa, req.size))
+            self._move(region, offset, self._element(req.data, req, i), req)
         return data
+
+    def _move(self, region: Region, offset: int, gpa: int, req: Ioreq) -> None:
+        """One element of a ``data_is_ptr`` transfer between the device and guest RAM."""
+        if req.dir == IOREQ_READ:
+            self._mem_write(gpa, req.size, self._dev_read(region, offset, req.size))
+        else:
+            self._dev_write(region, offset, req.size, self._mem_read(gpa, req.size))
 
     def _copy(self, req: Ioreq, data: int) -> int:
         if req.size not in (1, 2, 4, 8):  # cpu_ioreq_move: at most sizeof(data)
@@ -564,11 +567,7 @@ class Dispatcher:
                 else:
                     self._dev_write(region, offset, req.size, data)
                 continue
-            gpa = self._element(req.data, req, i)
-            if req.dir == IOREQ_READ:
-                self._mem_write(gpa, req.size, self._dev_read(region, offset, req.size))
-            else:
-                self._dev_write(region, offset, req.size, self._mem_read(gpa, req.size))
+            self._move(region, offset, self._element(req.data, req, i), req)
         return data
 
     def _pci_config(self, req: Ioreq, data: int) -> int:
