@@ -105,12 +105,15 @@ class HypercallBuffers:
         return arena
 
     def acquire(self) -> Arena:
-        with self._lock:
-            return self._free.pop() if self._free else self._new_arena()
+        # list.pop/append are atomic under the GIL: no lock on the per-call path
+        try:
+            return self._free.pop()
+        except IndexError:
+            with self._lock:
+                return self._new_arena()
 
     def release(self, arena: Arena) -> None:
-        with self._lock:
-            self._free.append(arena)
+        self._free.append(arena)
 
     def close(self) -> None:
         with self._lock:

@@ -61,10 +61,15 @@ class Slot:
     many: bool
     #: elements the request implies, from the op struct (MANY only)
     count: Callable[[Any], int] | None = None
+    # precomputed once: Flag arithmetic costs more than the rest of a slot's work
+    is_in: bool = field(init=False, repr=False, compare=False)
+    is_out: bool = field(init=False, repr=False, compare=False)
+    itemsize: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def itemsize(self) -> int:
-        return ctypes.sizeof(self.ctype)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_in", bool(self.direction & Dir.IN))
+        object.__setattr__(self, "is_out", bool(self.direction & Dir.OUT))
+        object.__setattr__(self, "itemsize", ctypes.sizeof(self.ctype))
 
     def nbytes(self, args: Any, given: int | None = None) -> int:
         """Bytes of the buffer a caller passes for these op arguments."""
@@ -91,7 +96,7 @@ def MANY(
     return Slot(direction, ctype, name, many=True, count=count)
 
 
-_FIELD_LIMITS = {
+_FIELD_LIMITS: dict[Any, int] = {
     ctypes.c_uint8: 0xFF,
     ctypes.c_uint16: 0xFFFF,
     ctypes.c_uint32: 0xFFFFFFFF,
@@ -129,6 +134,9 @@ class OpDecl:
     #: API-side limits narrower than the field type (name -> max inclusive)
     limits: Mapping[str, int] = field(default_factory=dict)
     doc: str = ""
+    _types: dict[str, Any] = field(init=False, repr=False, compare=False)
+    _tops: dict[str, int | None] = field(init=False, repr=False, compare=False)
+    _reads_back: bool = field(init=False, repr=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -137,21 +145,29 @@ class OpDecl:
 
     @property
     def field_types(self) -> dict[str, Any]:
-        return {f[0]: f[1] for f in self.struct._fields_}
+        return self._types
 
-    # --- caller side ---------------------------------------------------------
+    def __post_init__(self) -> None:
+        # Per-call work is done here once: field types, range limits, whether
+        # anything is read back after the call.
+        types = {f[0]: f[1] for f in self.struct._fields_}
+        tops = {name: self.limits.get(name, _FIELD_LIMITS.get(ctype)) for name, ctype in types.items()}
+        reads_back = self.copy_back is not CopyBack.NEVER or any(slot.is_out for slot in self.slots)
+        object.__setattr__(self, "_types", types)
+        object.__setattr__(self, "_tops", tops)
+        object.__setattr__(self, "_reads_back", reads_back)
 
     def check(self, fields: Mapping[str, int]) -> None:
         """Refuse a value the struct cannot carry, naming the field, before any syscall."""
-        types = self.field_types
+        tops = self._tops
         for name, value in fields.items():
-            ctype = types.get(name)
-            if ctype is None:
+            if name not in tops:
                 raise TypeError(f"{self.name}: no field {name!r} in {self.struct.__name__}")
             if not isinstance(value, int):
                 raise TypeError(f"{self.name}: {name} must be an int, not {type(value).__name__}")
-            top = self.limits.get(name, _FIELD_LIMITS.get(ctype))
+            top = tops[name]
             if top is not None and not 0 <= value <= top:
+                ctype = self._types[name]
                 width = ctypes.sizeof(ctype) * 8
                 why = f"must be 0..{top:#x}" if name in self.limits else f"does not fit uint{width}_t"
                 raise ArgumentError(self.name, name, value, why)
@@ -177,7 +193,7 @@ class OpDecl:
         if len(slot_data) != len(self.slots):
             raise TypeError(f"{self.name}: {len(self.slots)} slot(s) expected, got {len(slot_data)}")
         for index, (slot, data) in enumerate(zip(self.slots, slot_data)):
-            if slot.direction & Dir.IN:
+            if slot.is_in:
                 raw = memoryview(data).cast("B")
                 nbytes = slot.nbytes(member, raw.nbytes // slot.itemsize)
                 if raw.nbytes != nbytes:
@@ -192,12 +208,15 @@ class OpDecl:
         return bufs
 
     def unmarshal(self, scratch: Scratch, bufs: Sequence[tuple[int, int]]) -> tuple[Any, list[bytes]]:
-        """Read back the op struct and every OUT slot after a successful call."""
+        """Read back the op struct and every OUT slot after a successful call
+        (``None`` and no slots for an op Xen never writes back to)."""
+        if not self._reads_back:
+            return None, []
         op = xen_dm_op.from_address(scratch.op_addr)
         result = self.struct.from_buffer_copy(getattr(op.u, self.name))
         outs: list[bytes] = []
         for slot, (addr, nbytes) in zip(self.slots, bufs[1:]):
-            if slot.direction & Dir.OUT:
+            if slot.is_out:
                 offset = addr - scratch.base
                 outs.append(bytes(scratch.view[offset : offset + nbytes]))
         return result, outs
@@ -252,7 +271,7 @@ class SlotAccess:
 
     def read(self, index: int = 0) -> Any:
         """copy_buf_from_guest: element ``index``."""
-        if not self.slot.direction & Dir.IN:
+        if not self.slot.is_in:
             raise TypeError(f"{self.slot.name} is an OUT slot")
         n = self.slot.itemsize
         data = self._memory.read(self._range(index * n, n), n)
@@ -260,7 +279,7 @@ class SlotAccess:
 
     def write(self, data: bytes, offset: int = 0) -> None:
         """copy_buf_to_guest at byte ``offset``."""
-        if not self.slot.direction & Dir.OUT:
+        if not self.slot.is_out:
             raise TypeError(f"{self.slot.name} is an IN slot")
         self._memory.write(self._range(offset, len(data)), data)
 
