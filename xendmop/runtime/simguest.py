@@ -123,12 +123,10 @@ class SimGuest:
         prev, woken = STATE_IOREQ_READY, True
         while True:
             with self.xen.lock:
-                if self._domain().servers.get(server.id) is not server:
-                    # The emulator died under us: wait_for_io sees STATE_IOREQ_NONE and
-                    # completes the access with ~0 ("emulator is dying" in xen/common/ioreq.c).
-                    return all_ones(req.size) if req.dir == IOREQ_READ else req.data
                 # Like wait_on_xen_event_channel, the state is looked at only on entry
                 # and when the DM's notify wakes us: an answer without a notify is lost.
+                # An answer notified before the server went away is still taken: the
+                # notify made the vCPU runnable before the destroy paused the domain.
                 state = page[off + STATE_BYTE] & 0xF if woken else prev
                 if state < prev or state > STATE_IORESP_READY:
                     raise GuestCrash(f"dom{self.domid} vCPU{vcpu}: weird ioreq state transition {prev} -> {state}")
@@ -136,6 +134,10 @@ class SimGuest:
                 if state == STATE_IORESP_READY:
                     page[off + STATE_BYTE] = (page[off + STATE_BYTE] & 0xF0) | STATE_IOREQ_NONE
                     return int.from_bytes(page[off + 8 : off + 16], "little")
+                if self._domain().servers.get(server.id) is not server:
+                    # The emulator died under us: wait_for_io sees STATE_IOREQ_NONE and
+                    # completes the access with ~0 ("emulator is dying" in xen/common/ioreq.c).
+                    return all_ones(req.size) if req.dir == IOREQ_READ else req.data
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise GuestTimeout(self.domid, vcpu, req, timeout, state)
