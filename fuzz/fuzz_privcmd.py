@@ -44,6 +44,8 @@ def host() -> MockXen:
     global _host, _calls
     _calls += 1
     if _host is None or _calls % 500 == 0:
+        if _host is not None:
+            _host.close()  # its memfds and device fds
         _host = MockXen()
         _host.create_domain(vcpus=2, hvm=True, memory_mb=2)
         _host.create_domain(vcpus=1, hvm=False, memory_mb=1)

@@ -162,3 +162,10 @@ def test_modified_memory_bulk_takes_a_ctypes_array_without_copying_per_extent() 
         with pytest.raises(ArgumentError):
             dm.modified_memory_bulk(2, b"\0" * 17)
     assert device.calls == [(2, [32, 48], 11)]
+
+
+def test_mock_backend_closes_the_host_it_made() -> None:
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(10):
+        DeviceModel.open("mock").close()
+    assert len(os.listdir("/proc/self/fd")) == fds

@@ -344,8 +344,11 @@ def make_backend(name: str, *, xen: Any = None, limits: Limits = Limits()) -> Ba
         from .backends.privcmd import PrivcmdBackend
         from .mock import default_host
 
-        host = xen if xen is not None else default_host()
-        backend = PrivcmdBackend(host.open_device, limits=limits)
+        if xen is not None:
+            backend = PrivcmdBackend(xen.open_device, limits=limits)
+        else:  # a host of our own: closed with the backend
+            host = default_host()
+            backend = PrivcmdBackend(host.open_device, limits=limits, on_close=host.close)
         backend.name = "mock"
         return backend
     raise ArgumentError("open", "backend", name, f"must be one of {', '.join(BACKENDS)}")

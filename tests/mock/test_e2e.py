@@ -37,11 +37,11 @@ def open_dm(host: MockXen) -> DeviceModel:
 
 
 def test_default_host_documented_domains() -> None:
-    host = default_host()
-    assert host.domain(1).hvm and host.domain(1).max_vcpus == 2 and host.domain(1).nr_pages == 128 * 256
-    assert not host.domain(2).hvm
-    with open_dm(host) as dm:
-        assert dm.nr_vcpus(1) == 2
+    with default_host() as host:
+        assert host.domain(1).hvm and host.domain(1).max_vcpus == 2 and host.domain(1).nr_pages == 128 * 256
+        assert not host.domain(2).hvm
+        with open_dm(host) as dm:
+            assert dm.nr_vcpus(1) == 2
 
 
 def test_ioreq_server_lifecycle(host: MockXen) -> None:

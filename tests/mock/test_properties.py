@@ -88,8 +88,7 @@ def check_invariants(d: Domain) -> None:
 @SETTINGS
 @given(st.lists(calls, max_size=40))
 def test_random_valid_sequences_keep_invariants(seq: list[tuple[object, ...]]) -> None:
-    host = make_host()
-    with DeviceModel.open("mock", xen=host) as dm:
+    with make_host() as host, DeviceModel.open("mock", xen=host) as dm:
         for call in seq:
             apply(dm, call)
             check_invariants(host.hypervisor.domains[HVM])
@@ -110,7 +109,11 @@ PARTIAL = {"set_mem_type", "modified_memory", "relocate_memory", "track_dirty_vr
     st.integers(0, 4),
 )
 def test_random_bytes_only_raise_oserror(op: int, body: bytes, extra: list[bytes], domid: int) -> None:
-    host = make_host()
+    with make_host() as host:
+        _random_bytes(host, op, body, extra, domid)
+
+
+def _random_bytes(host: MockXen, op: int, body: bytes, extra: list[bytes], domid: int) -> None:
     host.set_log_dirty(HVM)
     raw = Raw(host)
     raw.build(op)
@@ -142,13 +145,13 @@ def _req(raw: Raw, domid: int, size0: int, extra: list[bytes]) -> object:
 @given(st.binary(min_size=0, max_size=64), st.sampled_from([0x105005, 0x305000, 0x25006, 0x205007, 0x205004, 0x99]))
 def test_random_ioctl_argument_bytes(blob: bytes, request: int) -> None:
     """Garbage as the ioctl argument itself (pointers included) is refused with an errno."""
-    host = make_host()
-    dev = host.open_device("/dev/xen/privcmd")
-    arg = ctypes.create_string_buffer(blob.ljust(48, b"\0"), 48)
-    try:
-        dev.ioctl(request, arg)
-    except OSError as e:
-        assert e.errno in errno.errorcode
-    for d in host.hypervisor.domains.values():
-        check_invariants(d)
-    assert isinstance(host, MockXen)
+    with make_host() as host:
+        dev = host.open_device("/dev/xen/privcmd")
+        arg = ctypes.create_string_buffer(blob.ljust(48, b"\0"), 48)
+        try:
+            dev.ioctl(request, arg)
+        except OSError as e:
+            assert e.errno in errno.errorcode
+        for d in host.hypervisor.domains.values():
+            check_invariants(d)
+        assert isinstance(host, MockXen)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno as E
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +88,39 @@ CASES = [
     Case("1.2#4 unknown domain: ESRCH", lambda r: r.call(77, "nr_vcpus"), E.ESRCH),
     Case("1.2#4b own domain: EPERM", lambda r: r.call(0, "nr_vcpus"), E.EPERM),
     Case("1.2#5 PV target: EINVAL", lambda r: r.call(PV, "nr_vcpus"), E.EINVAL),
+    # §1.2#6 xsm_dm_op(XSM_DM_PRIV, d): dummy XSM's xsm_default_action (xen/include/xsm/dummy.h)
+    # lets src through if src->target == d or is_control_domain(src); the process here runs in
+    # dom4 (MockXen.set_caller), made by setup.
+    Case(
+        "1.2#6 caller neither control domain nor a DM domain: EPERM",
+        lambda r: r.call(HVM, "nr_vcpus"),
+        E.EPERM,
+        lambda h, r: _run_in(h, target=None),
+    ),
+    Case(
+        "1.2#6 stub domain of another guest: EPERM",
+        lambda r: r.call(HVM, "create_ioreq_server"),
+        E.EPERM,
+        lambda h, r: _run_in(h, target=NOHAP),
+    ),
+    Case(
+        "1.2#6 stub domain of the target (src->target == d): 0",
+        lambda r: r.call(NOHAP, "nr_vcpus"),
+        0,
+        lambda h, r: _run_in(h, target=NOHAP),
+    ),
+    Case(
+        "1.2#6 after #4: unknown domain from an unprivileged caller: ESRCH",
+        lambda r: r.call(77, "nr_vcpus"),
+        E.ESRCH,
+        lambda h, r: _run_in(h, target=None),
+    ),
+    Case(
+        "1.2#6 after #5: PV target from an unprivileged caller: EINVAL",
+        lambda r: r.call(PV, "nr_vcpus"),
+        E.EINVAL,
+        lambda h, r: _run_in(h, target=None),
+    ),
     Case("1.2#7 buf[0] shorter than the header: EFAULT", lambda r: r.call(HVM, "nr_vcpus", size0=7), E.EFAULT),
     Case(
         "1.2#8 header unreadable (hypercall path): EFAULT",
@@ -489,6 +522,13 @@ CASES = [
 _bad_bufs = (ctypes.c_uint64 * 2)(BAD, 32)
 
 
+def _run_in(host: MockXen, target: int | None) -> None:
+    """The process now runs in a new PV domain (dom4), the device model of ``target`` if given."""
+    stub = host.create_domain(hvm=False, memory_mb=1, target=target)
+    assert stub == 4
+    host.set_caller(stub)
+
+
 def _with_pad(r: Raw) -> int:
     r.build("nr_vcpus").pad = 1
     return r.ioctl_dm_op(HVM, r.bufs())
@@ -522,7 +562,11 @@ def _ro_addr() -> int:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_rule(case: Case) -> None:
-    host = make_host(**(case.host_options or {}))
+    with make_host(**(case.host_options or {})) as host:
+        _check_case(case, host)
+
+
+def _check_case(case: Case, host: MockXen) -> None:
     raw = Raw(host)
     if case.setup is not None:
         case.setup(host, raw)
@@ -569,3 +613,119 @@ def test_every_op_has_a_case() -> None:
 
 def test_server_type_is_exported() -> None:
     assert IoreqServer.__name__ == "IoreqServer"
+
+
+# --- §1.2#11 and #14: faults inside buf[0], after the header ------------------------------------
+#
+# Through IOCTL_PRIVCMD_DM_OP the kernel pins every buffer whole with FOLL_WRITE before Xen runs
+# (privcmd_ioctl_dm_op → lock_pages → pin_user_pages_fast), so a buffer that is partly unmapped or
+# read-only is refused there with EFAULT and Xen is never reached.  Xen's own steps #11 and #14
+# are reached through IOCTL_PRIVCMD_HYPERCALL, whose pointers Xen dereferences unpinned.  The event
+# log tells the layers apart: privcmd records ``dm_op`` only once the buffers are pinned.
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_PAGE = 4096
+_PROT_NONE, _PROT_READ, _PROT_RW = 0, 1, 3
+
+
+@pytest.fixture
+def two_pages() -> Iterator[int]:
+    """Two fresh read-write anonymous pages; the test changes their protection."""
+    addr = _libc.mmap(None, 2 * _PAGE, _PROT_RW, 0x22, -1, 0)  # MAP_PRIVATE | MAP_ANONYMOUS
+    assert addr not in (None, 2**64 - 1)
+    yield int(addr)
+    assert _libc.munmap(addr, 2 * _PAGE) == 0
+
+
+def _protect(addr: int, prot: int) -> None:
+    assert _libc.mprotect(addr, _PAGE, prot) == 0
+
+
+def _place(raw: Raw, addr: int) -> None:
+    """Copy the op built in ``raw.op`` (32 bytes) to ``addr``."""
+    ctypes.memmove(addr, ctypes.addressof(raw.op), ctypes.sizeof(raw.op))
+
+
+def _xen_bufs(addr: int, size: int = 32) -> int:
+    """A one-entry xen_dm_op_buf_t array for the HYPERCALL path (kept alive by the module)."""
+    global _keep_bufs
+    _keep_bufs = (ctypes.c_uint64 * 2)(addr, size)
+    return ctypes.addressof(_keep_bufs)
+
+
+_keep_bufs: Any = None
+
+
+def _reached_xen(host: MockXen) -> bool:
+    return "dm_op" in host.events[-1].args
+
+
+def test_1_2_11_union_copy_faults_partway(host: MockXen, raw: Raw, two_pages: int) -> None:
+    """#11: header readable, the 24-byte map_io_range payload crosses into a PROT_NONE page."""
+    assert raw.call(HVM, "create_ioreq_server") == 0
+    addr = two_pages + _PAGE - 16  # header + 8 payload bytes on page 0, 16 bytes on page 1
+    raw.build("map_io_range_to_ioreq_server", type=1, start=0x1000, end=0x1FFF)
+    _place(raw, addr)
+    _protect(two_pages + _PAGE, _PROT_NONE)
+    before = snapshot(host)
+
+    # Xen: copy_from_guest_offset(&op.u, buf[0].h, 8, op_size[op]) fails → -EFAULT (dm_op, x86/hvm/dm.c)
+    assert raw.hypercall(HVM, 1, _xen_bufs(addr)) == E.EFAULT
+    assert snapshot(host) == before
+
+    # #11 comes before #12: a nonzero pad behind a faulting payload is never looked at
+    raw.op.pad = 1
+    _protect(two_pages + _PAGE, _PROT_RW)
+    _place(raw, addr)
+    _protect(two_pages + _PAGE, _PROT_NONE)
+    assert raw.hypercall(HVM, 1, _xen_bufs(addr)) == E.EFAULT
+    # ...and the header itself was read: an unknown op number there gives #9's EOPNOTSUPP
+    ctypes.c_uint32.from_address(addr).value = 21
+    assert raw.hypercall(HVM, 1, _xen_bufs(addr)) == E.EOPNOTSUPP
+    assert snapshot(host) == before
+
+    # through DM_OP the same buffer is refused by privcmd's pin, before Xen
+    assert raw.ioctl_dm_op(HVM, [(addr, 32)]) == E.EFAULT
+    assert not _reached_xen(host)
+    assert snapshot(host) == before
+
+
+def test_1_2_14_copy_back_fault_keeps_the_server(host: MockXen, raw: Raw, two_pages: int) -> None:
+    """#14: create_ioreq_server copies ``id`` back; buf[0] on a read-only page.
+
+    dm_op (xen/common/ioreq.c ioreq_server_dm_op, then xen/arch/x86/hvm/dm.c dm_op) runs the
+    handler first and only then ``if ((!rc || rc == -ERESTART) && !const_op &&
+    copy_to_guest_offset(buf[0].h, 8, &op.u, op_size[op])) rc = -EFAULT;`` — nothing is undone:
+    the server exists, owned by the caller, and the caller never learns its id.
+    """
+    assert raw.call(HVM, "create_ioreq_server") == 0  # takes id 0
+    raw.build("create_ioreq_server", handle_bufioreq=1, id=0x5555)  # id is output only
+    _place(raw, two_pages)
+    _protect(two_pages, _PROT_READ)
+
+    # DM_OP: pin_user_pages_fast(FOLL_WRITE) refuses the read-only page; Xen never runs
+    before = snapshot(host)
+    assert raw.ioctl_dm_op(HVM, [(two_pages, 32)]) == E.EFAULT
+    assert not _reached_xen(host)
+    assert snapshot(host) == before
+
+    # HYPERCALL: Xen reads the op, creates server 1, then the copy-back faults
+    assert raw.hypercall(HVM, 1, _xen_bufs(two_pages)) == E.EFAULT
+    d = host.hypervisor.domains[HVM]
+    created = d.ioreq_servers[1]
+    assert created is not None and created.emulator == 0 and created.handles_bufioreq
+    assert [s is not None for s in d.ioreq_servers] == [True, True] + [False] * 6
+    assert ctypes.c_uint16.from_address(two_pages + 12).value == 0x5555  # nothing written back
+
+    # an op that copies back but changes nothing (nr_vcpus) faults the same way, state untouched
+    _protect(two_pages, _PROT_RW)
+    raw.build("nr_vcpus")
+    _place(raw, two_pages)
+    _protect(two_pages, _PROT_READ)
+    before = snapshot(host)
+    assert raw.hypercall(HVM, 1, _xen_bufs(two_pages)) == E.EFAULT
+    assert snapshot(host) == before

@@ -215,3 +215,57 @@ def test_evtchn_nonblocking_read_and_close() -> None:
     dev.close()  # evtchn_release unbinds: the server's port awaits dom0 again
     assert host.hypervisor.domains[HVM].ports[host.hypervisor.domains[HVM].servers[0].vcpu_ports[0]].state == "unbound"
     assert local not in host.dom0.ports
+
+
+def test_evtchn_ring_overflow_until_reset() -> None:
+    """§4.4: ring overflow → read gives EFBIG (poll: POLLERR) until IOCTL_EVTCHN_RESET.
+
+    Linux ``evtchn_interrupt`` queues a port only while ``prod - cons < ring_size`` and else
+    sets ``ring_overflow`` (the event is lost); ``evtchn_read`` checks ``ring_overflow`` before
+    the ring; ``evtchn_poll`` answers only EPOLLERR; RESET empties the ring and clears it.  The
+    ring (64 entries for up to 64 bound ports, ``evtchn_resize_ring``) fills when a port is
+    unmasked by a write and fires again without the queued entries being read.
+    """
+    import select
+
+    host = make_host()
+    dev = host.open_device("/dev/xen/evtchn")
+    dev.nonblocking = True
+    local = bound(host, dev)
+    xen_port = host.hypervisor.domains[HVM].servers[0].vcpu_ports[0]
+    unmask = local.to_bytes(4, "little")
+    assert dev.ring_size == 64
+    for _ in range(64):
+        host.evtchn_notify_from_xen(HVM, xen_port)
+        assert dev.write(unmask) == 4
+    assert not dev.ring_overflow and dev.poll() & select.POLLIN
+    host.evtchn_notify_from_xen(HVM, xen_port)  # the 65th: no room
+    assert dev.ring_overflow and dev.poll() == select.POLLERR
+    for nbytes in (4, 4096):
+        with pytest.raises(OSError) as e:
+            dev.read(nbytes)
+        assert e.value.errno == E.EFBIG
+    assert dev.read(3) == b""  # a count under 4 returns before the overflow check
+    assert ev_ioctl(dev, IOCTL_EVTCHN_RESET, 0) == 0
+    assert not dev.ring_overflow and dev.poll() == select.POLLOUT | select.POLLWRNORM
+    with pytest.raises(BlockingIOError):  # empty: the 64 queued entries went with the reset
+        dev.read(4)
+    assert not dev.readable()
+    # the lost event left the port masked: a new one stays pending in Xen until the port is
+    # written back, and is delivered then (xen_irq_lateeoi)
+    host.evtchn_notify_from_xen(HVM, xen_port)
+    with pytest.raises(BlockingIOError):
+        dev.read(4)
+    dev.write(unmask)
+    assert dev.read(8) == unmask
+
+
+def test_evtchn_ring_grows_with_bound_ports() -> None:
+    """``evtchn_resize_ring``: 64 entries at the first bind, doubled when the 65th port is bound."""
+    host = make_host()
+    dev = host.open_device("/dev/xen/evtchn")
+    assert dev.ring_size == 0
+    for i in range(65):
+        port = ev_ioctl(dev, IOCTL_EVTCHN_BIND_UNBOUND_PORT, ioctl_evtchn_bind_unbound_port(HVM))
+        assert port > 0, port
+        assert dev.ring_size == (64 if i < 64 else 128)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..abi import CONSTANTS
@@ -31,8 +31,11 @@ class PrivcmdBackend:
 
     name = "privcmd"
 
-    def __init__(self, opener: Opener = open_device, limits: Limits = Limits()) -> None:
+    def __init__(
+        self, opener: Opener = open_device, limits: Limits = Limits(), *, on_close: Callable[[], None] | None = None
+    ) -> None:
         self.limits = limits
+        self._on_close = on_close  # e.g. closing a mock host this backend owns
         self._device: Device | None = opener(PRIVCMD_PATH)
         try:
             self._buffers = HypercallBuffers(opener, limits.max_buf_size)
@@ -119,3 +122,5 @@ class PrivcmdBackend:
         if device is not None:
             self._buffers.close()
             device.close()
+            if self._on_close is not None:
+                self._on_close()

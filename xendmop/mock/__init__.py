@@ -29,6 +29,7 @@ Internal API for a simulated guest (thread-safe; hold ``xen.lock`` for compound 
 
 from __future__ import annotations
 
+import collections
 import errno
 import threading
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ from .state import Domain, IoreqServer, P2mEntry, Vcpu
 from .usermem import PAGE_SIZE, UserMemory, remap
 
 __all__ = ["DomainView", "Event", "IoreqServer", "MockXen", "default_host"]
+
+#: how many ioctls ``MockXen.events`` keeps (the newest)
+EVENT_LOG_SIZE = 10_000
 
 _NAMES = {
     v: k
@@ -104,6 +108,10 @@ class MockXen:
     without IOCTL_PRIVCMD_DM_OP (callers fall back to IOCTL_PRIVCMD_HYPERCALL),
     ``hypercall_device=False`` for a kernel without ``/dev/xen/hypercall``,
     ``paddr_bits``, ``vgic_num_irqs`` (Arm), ``ioreq_server_pages``.
+
+    The host owns real resources (a memfd and a mapping per guest's RAM and per
+    ioreq server's pages, an fd per opened device, an eventfd per evtchn open):
+    ``close()`` (or ``with MockXen() as host:``) releases all of them.
     """
 
     def __init__(
@@ -129,9 +137,48 @@ class MockXen:
         self.ioreq_server_pages = ioreq_server_pages
         self.hypervisor = Hypervisor(arch, paddr_bits, vgic_num_irqs)
         self.memory = UserMemory()
-        self.events: list[Event] = []
+        # the newest events only: a long-running mock must not grow without bound
+        self.events: collections.deque[Event] = collections.deque(maxlen=EVENT_LOG_SIZE)
         self.dom0 = Domain(0, hvm=False, max_vcpus=1, nr_pages=0, ram=None, vcpus=[Vcpu(0)])
         self.hypervisor.domains[0] = self.dom0
+        #: the domain the calling process runs in (``current->domain`` of its hypercalls)
+        self.caller = 0
+        self._devices: set[Any] = set()  # opened and not yet closed
+        self.closed = False
+
+    # --- lifetime -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release every fd and mapping the host owns (idempotent).
+
+        Open devices are closed (evtchn opens unbind their ports), every domain but
+        dom0 is destroyed (its ioreq servers' pages and its RAM memfd freed).  The
+        host refuses to open devices or create domains afterwards.
+        """
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            for dev in list(self._devices):
+                dev.close()
+            self._devices.clear()
+            for domid in sorted(self.hypervisor.domains, reverse=True):
+                if domid != 0:
+                    self.destroy_domain(domid)
+
+    def __enter__(self) -> MockXen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("mock Xen host is closed")
+
+    def _forget(self, device: Any) -> None:
+        """A device was closed: the host no longer needs to close it."""
+        self._devices.discard(device)
 
     # --- domains ----------------------------------------------------------------------
 
@@ -149,6 +196,7 @@ class MockXen:
     ) -> int:
         """Create a running domain; return its domid (the lowest free one unless given)."""
         with self.lock:
+            self._check_open()
             domains = self.hypervisor.domains
             if domid is None:
                 domid = next(i for i in range(1, 0x7FF0) if i not in domains)
@@ -177,6 +225,19 @@ class MockXen:
                 d.ioreq_gfn_free = list(range(nr_pages + 2, nr_pages + special))
             domains[domid] = d
             return domid
+
+    def set_caller(self, domid: int) -> None:
+        """Make the calling process run in ``domid`` instead of dom0 (privcmd's hypercalls only).
+
+        Dummy XSM (``xsm_default_action(XSM_DM_PRIV)``, xen/include/xsm/dummy.h) lets a
+        DMOP or resource mapping through when ``current->domain->target == d`` (a stub
+        domain made with ``create_domain(..., target=guest)``, as
+        ``XEN_DOMCTL_set_target`` does) or when the caller is the control domain
+        (dom0 here); any other caller gets EPERM.  ``/dev/xen/evtchn`` stays dom0's.
+        """
+        with self.lock:
+            self._dom(domid)
+            self.caller = domid
 
     def set_dying(self, domid: int) -> None:
         """``domain_kill`` first stage: the domain still exists but ``is_dying``."""
@@ -275,13 +336,19 @@ class MockXen:
 
     def open_device(self, path: str) -> Any:
         """Open a mock device file, as ``os.open(path, O_RDWR)`` would on a dom0."""
-        if path == PRIVCMD_PATH:
-            return PrivcmdDevice(self)
-        if path == HYPERCALL_PATH and self.hypercall_device:
-            return HypercallDevice(self)
-        if path == EVTCHN_PATH:
-            return EvtchnDevice(self)
-        raise FileNotFoundError(errno.ENOENT, f"mock Xen host has no {path}", path)
+        with self.lock:
+            self._check_open()
+            dev: PrivcmdDevice | HypercallDevice | EvtchnDevice
+            if path == PRIVCMD_PATH:
+                dev = PrivcmdDevice(self)
+            elif path == HYPERCALL_PATH and self.hypercall_device:
+                dev = HypercallDevice(self)
+            elif path == EVTCHN_PATH:
+                dev = EvtchnDevice(self)
+            else:
+                raise FileNotFoundError(errno.ENOENT, f"mock Xen host has no {path}", path)
+            self._devices.add(dev)
+            return dev
 
     def foreign_map(self, domid: int, gfns: list[int], addr: int) -> list[int]:
         """Map guest frames at ``addr`` page by page; per-frame ``-errno`` (0 for mapped)."""

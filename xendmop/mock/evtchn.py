@@ -4,7 +4,10 @@ Each open is one ``struct per_user_data``: the ports it bound, a ring of pending
 ports, an optional domid restriction.  ``fileno()`` is a real eventfd that is
 readable while the ring is non-empty, so ``select``/``poll``/asyncio work on it.
 A delivered port stays masked (``enabled = False``) until user space writes it
-back, as Linux does with its lateeoi handling.
+back, as Linux does with its lateeoi handling.  The ring holds ``ring_size`` ports
+(64, doubled whenever more ports are bound than it holds: ``evtchn_resize_ring``);
+a port arriving at a full ring is lost and the ring is marked overflowed: ``read``
+fails with EFBIG (and ``poll`` reports POLLERR) until ``IOCTL_EVTCHN_RESET``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ EVTCHN_PATH = "/dev/xen/evtchn"
 #: ``NR_VIRQS`` (xen/include/public/xen.h)
 NR_VIRQS = 24
 UNRESTRICTED_DOMID = DOMID_FIRST_RESERVED
+#: ``evtchn_resize_ring``: the first ring holds 64 ports
+FIRST_RING_SIZE = 64
 
 
 class EvtchnDevice:
@@ -54,6 +59,8 @@ class EvtchnDevice:
         self._host = host
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ring: list[int] = []
+        self.ring_size = 0  # u->ring_size: no ring until the first bind
+        self.ring_overflow = False  # u->ring_overflow
         self._ports: dict[int, bool] = {}  # bound port -> enabled (unmasked)
         self.restrict_domid = UNRESTRICTED_DOMID
         self.nonblocking = False
@@ -77,6 +84,9 @@ class EvtchnDevice:
             return  # masked: stays pending in Xen until unmasked
         self._ports[port] = False
         self._host.dom0.ports[port].pending = False
+        if len(self._ring) >= self.ring_size:  # the event is consumed and lost
+            self.ring_overflow = True
+            return
         self._ring.append(port)
         os.eventfd_write(self._efd, 1)
         self._cond.notify_all()
@@ -87,7 +97,11 @@ class EvtchnDevice:
         if nbytes == 0:
             return b""
         with self._cond:
-            while not self._ring:
+            while True:
+                if self.ring_overflow:  # checked before the ring, every round
+                    raise_errno(errno.EFBIG)
+                if self._ring:
+                    break
                 if self.nonblocking:
                     raise_errno(errno.EAGAIN)
                 self._cond.wait()
@@ -118,9 +132,20 @@ class EvtchnDevice:
     def readable(self) -> bool:
         return bool(select.select([self._efd], [], [], 0)[0])
 
+    def poll(self) -> int:
+        """``evtchn_poll``: POLLOUT always, POLLIN while ports are queued, only POLLERR after an overflow."""
+        if self.ring_overflow:
+            return select.POLLERR
+        mask = select.POLLOUT | select.POLLWRNORM
+        if self._ring:
+            mask |= select.POLLIN | select.POLLRDNORM
+        return mask
+
     # --- ioctl ------------------------------------------------------------------------
 
     def ioctl(self, request: int, arg: Any = 0) -> int:
+        if self._closed:
+            raise_errno(errno.EBADF)
         with self._host.lock:
             rc = self._ioctl(request, arg)
             self._host.log("evtchn", request, {"arg": _show(arg)}, rc)
@@ -143,7 +168,9 @@ class EvtchnDevice:
         return int(fn(self, data))
 
     def _bind(self, port: int) -> None:
-        """``evtchn_bind_to_user``."""
+        """``evtchn_bind_to_user``: ``evtchn_resize_ring`` first, so the ring holds every bound port."""
+        if len(self._ports) + 1 > self.ring_size:
+            self.ring_size = self.ring_size * 2 if self.ring_size else FIRST_RING_SIZE
         self._ports[port] = True
         self._host.dom0.ports[port].user = self
         if self._host.dom0.ports[port].pending:
@@ -203,7 +230,9 @@ class EvtchnDevice:
         return self._host.hypervisor.evtchn_send(self._host.dom0, data.port)
 
     def _reset(self, _: Any) -> int:
+        """``IOCTL_EVTCHN_RESET``: empty the ring and clear the overflow (queued ports stay masked)."""
         self._ring = []
+        self.ring_overflow = False
         self._drain_efd()
         return 0
 
@@ -227,6 +256,7 @@ class EvtchnDevice:
                 self._unbind_port(port)
             self._closed = True
             self._cond.notify_all()
+            self._host._forget(self)
         os.close(self._efd)
 
 

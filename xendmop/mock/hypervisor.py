@@ -127,9 +127,17 @@ class Hypervisor:
         return d
 
     def xsm_dm_priv(self, caller: int, d: Domain) -> int:
-        """Dummy XSM ``xsm_default_action(XSM_DM_PRIV)`` (xen/include/xsm/dummy.h)."""
-        caller_dom = self.domains.get(caller)
-        if d.target == caller or (caller_dom is not None and caller == 0):
+        """Dummy XSM ``xsm_default_action(XSM_DM_PRIV, src, d)`` (xen/include/xsm/dummy.h).
+
+        ``if ( target && src->target == target ) return 0;`` then
+        ``if ( is_control_domain(src) ) return 0; return -EPERM;``: the caller is
+        ``d``'s device-model domain (its ``target``, set by XEN_DOMCTL_set_target,
+        is ``d``) or the control domain (dom0 in the mock).
+        """
+        src = self.domains.get(caller)
+        if src is not None and src.target == d.domid:
+            return 0
+        if src is not None and caller == 0:  # is_control_domain(src)
             return 0
         return -errno.EPERM
 

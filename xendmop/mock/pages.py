@@ -9,6 +9,7 @@ with real shared frames.
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 from dataclasses import dataclass
@@ -37,13 +38,31 @@ class PageStore:
         """``clear_page``."""
         self.page(index)[:] = bytes(PAGE_SIZE)
 
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
     def close(self) -> None:
+        """Free the memfd and the mock's mapping (idempotent).
+
+        ``mmap.mmap`` holds its own dup of the fd until the mapping is closed, which
+        it refuses while a page view (``page()``) is alive.  Views that are merely
+        unreachable are collected first; if one is still really held, that mapping
+        (and its fd) goes when the holder drops it.
+        """
+        if self.fd < 0:
+            return
         self.view.release()
         try:
             self._map.close()
-        except BufferError:  # a page view is still held somewhere: leave it to the GC
-            pass
-        os.close(self.fd)
+        except BufferError:
+            gc.collect()  # page views in reference cycles (dead domains, servers)
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # still exported: closed with the mmap object
+        fd, self.fd = self.fd, -1
+        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,7 @@ class _DeviceBase:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+            self._host._forget(self)
 
 
 class HypercallDevice(_DeviceBase):
@@ -176,6 +177,8 @@ class PrivcmdDevice(_DeviceBase):
 
     def ioctl(self, request: int, arg: Any = 0) -> int:
         """``privcmd_ioctl``: dispatch, log, and raise ``OSError`` for a negative result."""
+        if self._fd < 0:  # the fd is closed
+            raise_errno(errno.EBADF)
         with self._host.lock:
             call = self._decode(request)
             detail: dict[str, Any] = {}
@@ -213,7 +216,7 @@ class PrivcmdDevice(_DeviceBase):
             return -errno.ENOSYS  # the mock implements no other hypercall
         domid, nr_bufs, bufs = int(call.arg[0]), int(call.arg[1]), int(call.arg[2])
         detail.update(dm_op=self._host.peek_op(bufs, nr_bufs))
-        return self._host.hypervisor.do_dm_op(0, domid, nr_bufs, bufs, self._host.memory)
+        return self._host.hypervisor.do_dm_op(self._host.caller, domid, nr_bufs, bufs, self._host.memory)
 
     def _dm_op(self, arg: Any, detail: dict[str, Any]) -> int:
         """``privcmd_ioctl_dm_op``, step by step in the kernel's order."""
@@ -246,7 +249,7 @@ class PrivcmdDevice(_DeviceBase):
             except OSError:
                 return -errno.EFAULT
         detail.update(dm_op=self._host.peek_op(kbufs, len(kbufs)))
-        return self._host.hypervisor.do_dm_op(0, int(kdata.dom), len(kbufs), kbufs, memory)
+        return self._host.hypervisor.do_dm_op(self._host.caller, int(kdata.dom), len(kbufs), kbufs, memory)
 
     def _restrict(self, arg: Any, detail: dict[str, Any]) -> int:
         """``privcmd_ioctl_restrict``: set once; the same domid again is fine, another is -EINVAL."""
@@ -282,7 +285,7 @@ class PrivcmdDevice(_DeviceBase):
         hv = self._host.hypervisor
         rtype = kdata.type & 0xFFFF  # xen_mem_acquire_resource.type is a uint16_t
         if not kdata.addr:  # size query: Xen writes nr_frames, privcmd put_user()s it into num
-            got = hv.acquire_resource(0, kdata.dom, rtype, kdata.id, 0, 0, query=True)
+            got = hv.acquire_resource(self._host.caller, kdata.dom, rtype, kdata.id, 0, 0, query=True)
             if not isinstance(got, int) or got < 0:
                 return got if isinstance(got, int) else -errno.EINVAL
             try:
@@ -295,7 +298,9 @@ class PrivcmdDevice(_DeviceBase):
             return -errno.EINVAL
         if kdata.num > 0xFFFFFFFF:  # kcalloc(kdata.num) of pfns
             return -errno.ENOMEM
-        frames = hv.acquire_resource(0, kdata.dom, rtype, kdata.id, kdata.idx, int(kdata.num), query=False)
+        frames = hv.acquire_resource(
+            self._host.caller, kdata.dom, rtype, kdata.id, kdata.idx, int(kdata.num), query=False
+        )
         if isinstance(frames, int):
             return frames
         vma.locked = True
