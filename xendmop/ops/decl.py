@@ -21,6 +21,7 @@ import enum
 import errno
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from struct import Struct
 from typing import Any, Protocol
 
 from ..abi.dm_op import xen_dm_op
@@ -104,6 +105,30 @@ _FIELD_LIMITS: dict[Any, int] = {
 }
 
 
+_FORMAT = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I", ctypes.c_uint64: "Q"}
+
+
+def _packer_for(op_struct: type[ctypes.Structure]) -> tuple[tuple[str, ...], Struct]:
+    """A ``Struct`` writing a whole 32-byte ``xen_dm_op`` for this op: ``op``,
+    ``pad`` = 0, the scalar fields at their ctypes offsets, zeros in every gap and pad
+    array.  Built from the ctypes layout, so it cannot disagree with the mirror."""
+    fmt, at, order = "<I4x", DM_OP_HEADER, []
+    for name, ctype, *_ in op_struct._fields_:
+        offset = DM_OP_HEADER + getattr(op_struct, name).offset
+        fmt += f"{offset - at}x" if offset > at else ""
+        size = ctypes.sizeof(ctype)
+        if ctype in _FORMAT:
+            fmt += _FORMAT[ctype]
+            order.append(name)
+        else:  # a pad array: never set by a caller, always zero
+            fmt += f"{size}x"
+        at = offset + size
+    fmt += f"{DM_OP_SIZE - at}x" if at < DM_OP_SIZE else ""
+    packer = Struct(fmt)
+    assert packer.size == DM_OP_SIZE, (op_struct.__name__, fmt)
+    return tuple(order), packer
+
+
 class Scratch(Protocol):
     """Memory a backend lends for one call: where ``bufs[0]`` and the slots go."""
 
@@ -137,6 +162,8 @@ class OpDecl:
     _types: dict[str, Any] = field(init=False, repr=False, compare=False)
     _tops: dict[str, int | None] = field(init=False, repr=False, compare=False)
     _reads_back: bool = field(init=False, repr=False, compare=False)
+    _order: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _packer: Struct = field(init=False, repr=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -156,6 +183,9 @@ class OpDecl:
         object.__setattr__(self, "_types", types)
         object.__setattr__(self, "_tops", tops)
         object.__setattr__(self, "_reads_back", reads_back)
+        order, packer = _packer_for(self.struct)
+        object.__setattr__(self, "_order", order)
+        object.__setattr__(self, "_packer", packer)
 
     def check(self, fields: Mapping[str, int]) -> None:
         """Refuse a value the struct cannot carry, naming the field, before any syscall."""
@@ -183,15 +213,13 @@ class OpDecl:
         ``slot_data[i]`` is a bytes-like object for an IN slot, or the element
         count (``int``) for an OUT MANY slot without a ``count`` rule.
         """
-        ctypes.memset(scratch.op_addr, 0, DM_OP_SIZE)
-        op = xen_dm_op.from_address(scratch.op_addr)
-        op.op = self.number
-        member = getattr(op.u, self.name)
-        for name, value in fields.items():
-            setattr(member, name, value)
+        op_offset = scratch.op_addr - scratch.base
+        # one pack_into writes all 32 bytes: op, pad 0, the fields, zeros elsewhere
+        self._packer.pack_into(scratch.view, op_offset, self.number, *[fields.get(n, 0) for n in self._order])
         bufs = [(scratch.op_addr, DM_OP_SIZE)]
         if len(slot_data) != len(self.slots):
             raise TypeError(f"{self.name}: {len(self.slots)} slot(s) expected, got {len(slot_data)}")
+        member = self.struct.from_buffer(scratch.view, op_offset + DM_OP_HEADER) if self.slots else None
         for index, (slot, data) in enumerate(zip(self.slots, slot_data)):
             if slot.is_in:
                 raw = memoryview(data).cast("B")
@@ -212,8 +240,7 @@ class OpDecl:
         (``None`` and no slots for an op Xen never writes back to)."""
         if not self._reads_back:
             return None, []
-        op = xen_dm_op.from_address(scratch.op_addr)
-        result = self.struct.from_buffer_copy(getattr(op.u, self.name))
+        result = self.struct.from_buffer_copy(scratch.view, scratch.op_addr - scratch.base + DM_OP_HEADER)
         outs: list[bytes] = []
         for slot, (addr, nbytes) in zip(self.slots, bufs[1:]):
             if slot.is_out:
