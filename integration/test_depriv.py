@@ -12,6 +12,7 @@ import os
 
 import pytest
 
+from tests.depriv.helpers import Child  # the same child-process harness as tests/depriv
 from xendmop.depriv import check
 
 pytestmark = [
@@ -23,6 +24,19 @@ pytestmark = [
 ]
 
 DOMID = 3
+
+
+@pytest.fixture
+def spawn():
+    children = []
+
+    def make(code, *args):
+        children.append(Child(code, *args))
+        return children[-1]
+
+    yield make
+    for child in children:
+        child.kill()
 
 # Opens privcmd through the library and evtchn raw; restricts both (or not); blocks.
 CHILD = r"""
