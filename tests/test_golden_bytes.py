@@ -29,25 +29,13 @@ def test_every_devicemodel_method_has_a_case() -> None:
 
 
 @pytest.fixture(scope="module")
-def fakexen(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    fake.need_libxendevicemodel()
-    return fake.build(tmp_path_factory.mktemp("fakexen"))
-
-
-@pytest.fixture(scope="module")
 def dm_op(fakexen: Path) -> tuple[fake.Run, fake.Run]:
-    tmp = fakexen.parent
-    return fake.run(fakexen, tmp, "privcmd"), fake.run(fakexen, tmp, "libxendevicemodel")
+    return fake.pair(fakexen, "privcmd", "libxendevicemodel")
 
 
 @pytest.fixture(scope="module")
 def hypercall(fakexen: Path) -> tuple[fake.Run, fake.Run]:
-    tmp = fakexen.parent
-    no_dm_op = {"FAKEXEN_NO_DM_OP": "1"}
-    return fake.run(fakexen, tmp, "privcmd", **no_dm_op), fake.run(fakexen, tmp, "libxendevicemodel", **no_dm_op)
-
-
-# --- IOCTL_PRIVCMD_DM_OP ------------------------------------------------------------
+    return fake.pair(fakexen, "privcmd", "libxendevicemodel", dm_op_ioctl=False)
 
 
 @pytest.mark.parametrize(("index", "call"), CASES)

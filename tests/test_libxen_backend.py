@@ -38,22 +38,13 @@ CASES = [pytest.param(i, call, id=f"{i:02}-{call.label}") for i, call in enumera
 
 
 @pytest.fixture(scope="module")
-def fakexen(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    fake.need_libxendevicemodel()
-    return fake.build(tmp_path_factory.mktemp("fakexen"))
-
-
-@pytest.fixture(scope="module")
 def dm_op(fakexen: Path) -> tuple[fake.Run, fake.Run]:
-    tmp = fakexen.parent
-    return fake.run(fakexen, tmp, "libxen"), fake.run(fakexen, tmp, "privcmd")
+    return fake.pair(fakexen, "libxen", "privcmd")
 
 
 @pytest.fixture(scope="module")
 def hypercall(fakexen: Path) -> tuple[fake.Run, fake.Run]:
-    tmp = fakexen.parent
-    no_dm_op = {"FAKEXEN_NO_DM_OP": "1"}
-    return fake.run(fakexen, tmp, "libxen", **no_dm_op), fake.run(fakexen, tmp, "privcmd", **no_dm_op)
+    return fake.pair(fakexen, "libxen", "privcmd", dm_op_ioctl=False)
 
 
 @pytest.mark.parametrize(("index", "call"), CASES)

@@ -123,3 +123,10 @@ def parse(log: Path) -> Run:
         else:
             current.append(event)
     return result
+
+
+def pair(fake: Path, first: str, second: str, *, dm_op_ioctl: bool = True) -> tuple[Run, Run]:
+    """Run two drivers under the same fake: the DM_OP path, or (``dm_op_ioctl=False``)
+    a kernel answering ENOTTY to DM_OP, so both take the HYPERCALL fallback."""
+    extra = {} if dm_op_ioctl else {"FAKEXEN_NO_DM_OP": "1"}
+    return run(fake, fake.parent, first, **extra), run(fake, fake.parent, second, **extra)
