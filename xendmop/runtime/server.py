@@ -29,6 +29,7 @@ from typing import Any
 
 from ..abi.memory import XENMEM_resource_ioreq_server
 from ..backends.device import PAGE_SIZE, open_device
+from ..depriv import DeprivReport, DropConfig, deprivilege, fail_closed
 from ..devicemodel import DeviceModel
 from ..errors import XenError
 from ..types import BufIoreq
@@ -97,8 +98,13 @@ class IoreqServer:
         restrict: bool = False,
         max_rep: int = MAX_REP,
         on_timeoffset: Callable[[int], None] | None = None,
+        deprivilege: DropConfig | None = None,
     ) -> None:
+        if deprivilege is not None:
+            deprivilege.validate()  # DeprivConfigError now, before anything exists in Xen
         self.dm = dm
+        self._drop = deprivilege
+        self.depriv_report: DeprivReport | None = None
         self.domid = domid
         self.bufioreq = BufIoreq(bufioreq)
         self._opener = opener
@@ -138,7 +144,16 @@ class IoreqServer:
         except BaseException:
             self.close()
             raise
+        if self._drop is not None:
+            self._deprivilege(self._drop)
         return self
+
+    def _deprivilege(self, config: DropConfig) -> None:
+        """Restrict every handle this server uses to its domain, then drop privileges."""
+        with fail_closed():
+            handles = {"devicemodel": self.dm, "foreignmemory": self._fmem, "evtchn": self._evtchn}
+            self.depriv_report = deprivilege(self.domid, handles, config)  # type: ignore[arg-type]
+        log.info("dom%d: deprivileged to uid %s gid %s", self.domid, config.uid, config.gid)
 
     def _start(self) -> None:
         opener = self._opener
@@ -452,6 +467,15 @@ class ServeLoop:
         self.signal: int | None = None
         self._stop = False
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._readers: dict[int, Callable[[], object]] = {}
+
+    def add_reader(self, fd: int, callback: Callable[[], object]) -> None:
+        """Also watch ``fd`` (a device's backend: a tap, a pty, a socket): ``callback()``
+        runs in the loop's thread when it is readable, between ioreqs, never during one.
+        Call before ``run``."""
+        if fd in self._readers or fd == self._wake:
+            raise ValueError(f"fd {fd} is already watched by this loop")
+        self._readers[fd] = callback
 
     def stop(self) -> None:
         self._stop = True
@@ -473,6 +497,8 @@ class ServeLoop:
                 s.start()
                 sel.register(s.fileno(), selectors.EVENT_READ, s)
             sel.register(self._wake, selectors.EVENT_READ, None)
+            for fd, callback in self._readers.items():
+                sel.register(fd, selectors.EVENT_READ, callback)
             while not self._stop:
                 ready = sel.select(self.tick)
                 for key, _ in ready:
@@ -481,8 +507,10 @@ class ServeLoop:
                             os.eventfd_read(self._wake)
                         except BlockingIOError:
                             pass
-                    else:
+                    elif isinstance(key.data, IoreqServer):
                         key.data.handle_events()
+                    else:
+                        key.data()
                 if not ready:
                     for s in self.servers:
                         s.drain_buffered()

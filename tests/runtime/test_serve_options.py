@@ -1,0 +1,154 @@
+"""IoreqServer's ``deprivilege=`` option and ServeLoop's ``add_reader``.
+
+The deprivileging test runs in a real child process (it drops that process's root for
+good); the mock host lives in the child too, and since ``no_new_privs`` refuses a
+process with several threads, the guest's access is made in line: the ioreq is written
+into the shared page, the port raised, and the server handles it in the same thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from depriv.helpers import Child, needs_root
+
+from xendmop import DeviceModel
+from xendmop.depriv import DeprivConfigError, DropConfig
+from xendmop.mock import MockXen
+from xendmop.runtime.server import IoreqServer, ServeLoop
+from xendmop.runtime.simguest import SimGuest
+
+from .helpers import Recorder
+
+CHILD = r"""
+import json, os, sys
+from xendmop import DeviceModel
+from xendmop.abi.ioreq import IOREQ_READ, IOREQ_TYPE_PIO, STATE_IOREQ_READY, STATE_IORESP_READY
+from xendmop.depriv import DropConfig
+from xendmop.errors import XenError
+from xendmop.mock import MockXen
+from xendmop.runtime.dispatch import IOREQ_SIZE, STATE_BYTE, Ioreq
+from xendmop.runtime.server import IoreqServer
+
+class Answer:
+    def read(self, addr, size): return 0x5A
+    def write(self, addr, size, value): pass
+
+uid, gid, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+xen = MockXen()
+target = xen.create_domain(vcpus=1, hvm=True, memory_mb=4)
+other = xen.create_domain(vcpus=1, hvm=True, memory_mb=4)
+dm = DeviceModel.open("mock", xen=xen)
+server = IoreqServer(dm, target, opener=xen.open_device, deprivilege=DropConfig(uid=uid, gid=gid, chroot=root))
+server.add_port_range(0x3F8, 0x3FF, Answer())
+server.start()  # sets up, then restricts and drops privileges
+
+# The guest's access, in line: ioreq into vCPU 0's slot, READY, Xen raises the port.
+mock = xen.hypervisor.domains[target].servers[server.id]
+req = Ioreq(addr=0x3F8, data=0, count=1, size=1, vp_eport=0, state=STATE_IOREQ_READY, data_is_ptr=False,
+            dir=IOREQ_READ, df=False, type=IOREQ_TYPE_PIO)
+raw = bytearray(req.to_bytes())
+raw[24:28] = mock.page[24:28]  # keep Xen's vp_eport
+with xen.lock:
+    mock.page[:IOREQ_SIZE] = raw
+xen.evtchn_notify_from_xen(target, mock.vcpu_ports[0])
+server.handle_events()
+answered = Ioreq.from_bytes(bytes(mock.page[:IOREQ_SIZE]))
+
+def errno_of(fn):
+    try:
+        fn()
+    except OSError as e:
+        return e.errno
+    return 0
+
+evtchn = server._evtchn
+print(json.dumps({
+    "resuid": list(os.getresuid()), "resgid": list(os.getresgid()), "cwd_root": os.listdir("/"),
+    "state": answered.state, "data": answered.data, "expected_state": STATE_IORESP_READY,
+    "own_domain": dm.nr_vcpus(target),
+    "dmop_other": errno_of(lambda: dm.nr_vcpus(other)),
+    "evtchn_other": errno_of(lambda: evtchn.bind_unbound_port(other)),
+    "restricted": server.depriv_report.restrict.restricted,
+}), flush=True)
+sys.stdin.read()
+server.close()
+"""
+
+
+@needs_root
+def test_deprivileged_server_still_serves_and_is_confined(empty_root: Path) -> None:
+    uid, gid = 64123, 64123
+    child = Child(CHILD, str(uid), str(gid), str(empty_root))
+    try:
+        got = child.ready()
+        assert got["resuid"] == [uid] * 3 and got["resgid"] == [gid] * 3
+        assert got["cwd_root"] == []  # chrooted into the empty directory
+        assert got["state"] == got["expected_state"] and got["data"] == 0x5A
+        assert got["own_domain"] == 1
+        assert got["dmop_other"] == errno.EPERM
+        # drivers/xen/evtchn.c evtchn_ioctl: a restricted handle binds nothing but its domain (EACCES)
+        assert got["evtchn_other"] == errno.EACCES
+        assert len(got["restricted"]) == 3
+        rc, err = child.finish()
+        assert rc == 0, err
+    finally:
+        child.kill()
+
+
+@pytest.fixture
+def empty_root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    root.mkdir()
+    root.chmod(0o755)
+    return root
+
+
+def test_bad_drop_config_refused_before_anything_exists_in_xen() -> None:
+    with MockXen() as xen:
+        domid = xen.create_domain(vcpus=1, hvm=True, memory_mb=4)
+        with DeviceModel.open("mock", xen=xen) as dm:
+            with pytest.raises(DeprivConfigError, match="uid=0"):
+                IoreqServer(dm, domid, opener=xen.open_device, deprivilege=DropConfig(uid=0, gid=0))
+            assert xen.domain(domid).snapshot()["servers"] == (None,) * 8
+
+
+def test_add_reader_runs_callbacks_in_the_loop_between_ioreqs() -> None:
+    with MockXen() as xen:
+        domid = xen.create_domain(vcpus=1, hvm=True, memory_mb=4)
+        with DeviceModel.open("mock", xen=xen) as dm:
+            server = IoreqServer(dm, domid, opener=xen.open_device)
+            server.add_port_range(0x3F8, 0x3F8, Recorder({0: 0x11}))
+            server.start()
+            loop = ServeLoop(server)
+            rfd, wfd = os.pipe()
+            seen: list[tuple[bytes, str]] = []
+
+            def on_readable() -> None:
+                seen.append((os.read(rfd, 16), threading.current_thread().name))
+
+            loop.add_reader(rfd, on_readable)
+            with pytest.raises(ValueError, match=f"fd {rfd} is already watched"):
+                loop.add_reader(rfd, on_readable)
+            thread = threading.Thread(target=loop.run, kwargs={"handle_signals": False}, name="serve")
+            thread.start()
+            try:
+                guest = SimGuest(xen, domid)
+                assert guest.inb(0x3F8) == 0x11  # the loop is up and serving
+                os.write(wfd, b"frame")
+                for _ in range(100):
+                    if seen:
+                        break
+                    threading.Event().wait(0.01)
+                assert seen == [(b"frame", "serve")]
+                assert guest.inb(0x3F8) == 0x11  # and still serving after the callback
+            finally:
+                loop.stop()
+                thread.join(5)
+                os.close(rfd)
+                os.close(wfd)
+            assert xen.domain(domid).snapshot()["servers"] == (None,) * 8
