@@ -9,7 +9,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,6 +20,7 @@ from xendmop.mock import MockXen
 from xendmop.runtime.pci import Bar, PciFunction
 from xendmop.runtime.server import IoreqServer, ServeLoop
 from xendmop.runtime.simguest import GuestTimeout, SimGuest
+from xendmop.testing import ServeThread
 from xendmop.types import BufIoreq, IoRangeType
 
 from .helpers import Exploding, Recorder
@@ -28,39 +28,23 @@ from .helpers import Exploding, Recorder
 UART = 0x3F8
 
 
-@pytest.fixture
-def host() -> MockXen:
-    return MockXen()
+# The plugin's fixtures (xendmop.testing): xen_host, hvm_domain, device_model; ServeThread serves.
+pytestmark = pytest.mark.xen_domain(vcpus=2, memory_mb=4)
 
 
 @pytest.fixture
-def domid(host: MockXen) -> int:
-    return host.create_domain(vcpus=2, hvm=True, memory_mb=4)
+def host(xen_host: MockXen) -> MockXen:
+    return xen_host
 
 
 @pytest.fixture
-def dm(host: MockXen) -> Iterator[DeviceModel]:
-    with DeviceModel.open("mock", xen=host) as dm:
-        yield dm
+def domid(hvm_domain: int) -> int:
+    return hvm_domain
 
 
-class Serving:
-    """Run a ServeLoop over ``servers`` in a thread for the duration of a ``with``."""
-
-    def __init__(self, *servers: IoreqServer) -> None:
-        for s in servers:
-            s.start()
-        self.loop = ServeLoop(*servers)
-        self.thread = threading.Thread(target=self.loop.run, kwargs={"handle_signals": False}, daemon=True)
-
-    def __enter__(self) -> ServeLoop:
-        self.thread.start()
-        return self.loop
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.stop()
-        self.thread.join(5)
-        assert not self.thread.is_alive()
+@pytest.fixture
+def dm(device_model: DeviceModel) -> DeviceModel:
+    return device_model
 
 
 def server(dm: DeviceModel, host: MockXen, domid: int, **kw: Any) -> IoreqServer:
@@ -72,7 +56,7 @@ def test_port_io_round_trip_on_both_vcpus(dm: DeviceModel, host: MockXen, domid:
     s = server(dm, host, domid)
     s.add_port_range(UART, UART + 7, uart, "uart")
     guest = SimGuest(host, domid, timeout=5)
-    with Serving(s):
+    with ServeThread(s):
         guest.outb(UART, 0x41)
         assert guest.inb(UART + 5, vcpu=1) == 0x60
         assert guest.inl(UART + 4) == 0x55  # the Recorder default for offset 4
@@ -85,7 +69,7 @@ def test_mmio_and_unclaimed(dm: DeviceModel, host: MockXen, domid: int) -> None:
     s = server(dm, host, domid)
     s.add_mmio_range(0xFEB00000, 0xFEB00FFF, dev)
     guest = SimGuest(host, domid)
-    with Serving(s):
+    with ServeThread(s):
         guest.mmio_write(0xFEB00010, 8, 0x1122334455667788)
         assert guest.mmio_read(0xFEB00010, 8) == 0x1122334455667788
         assert guest.mmio_read(0xFEB01000, 4) == 0xFFFFFFFF  # no server claims it
@@ -98,7 +82,7 @@ def test_rep_outsb_with_df_reads_guest_ram(dm: DeviceModel, host: MockXen, domid
     s.add_port_range(UART, UART, dev)
     guest = SimGuest(host, domid)
     guest.write_ram(0x5000, b"hello")
-    with Serving(s):
+    with ServeThread(s):
         guest.rep_outsb(UART, 0x5004, 5, df=True)
         guest.rep_outsb(UART, 0x5000, 5)
         guest.rep_insb(UART, 0x6000, 3)
@@ -112,7 +96,7 @@ def test_pci_config_bars_and_interrupts(dm: DeviceModel, host: MockXen, domid: i
     s = server(dm, host, domid)
     guest = SimGuest(host, domid)
     sbdf = s.add_pci(fn, slot=3)
-    with Serving(s):
+    with ServeThread(s):
         assert guest.pci_config_read(sbdf, 0, 4) == 0x10001AF4
         assert guest.pci_config_read(sbdf + 1, 0, 4) == 0xFFFFFFFF  # function 1: nobody
         guest.pci_config_write(sbdf, 0x10, 4, 0xFFFFFFFF)  # size the BAR
@@ -144,7 +128,7 @@ def test_buffered_writes_past_wraparound(dm: DeviceModel, host: MockXen, domid: 
     s.add_mmio_range(0xA0000, 0xBFFFF, vga)
     guest = SimGuest(host, domid)
     sent = 0
-    with Serving(s):
+    with ServeThread(s):
         while sent < 1200:
             if guest.send_buffered(IOREQ_TYPE_COPY, 0xA0000 + (sent & 0xFF), 8 if sent % 5 == 0 else 2, sent):
                 sent += 1
@@ -158,7 +142,7 @@ def test_two_servers_overlapping_ranges_newest_wins(dm: DeviceModel, host: MockX
     a.add_port_range(0x60, 0x6F, old)
     b.add_port_range(0x60, 0x63, new)
     guest = SimGuest(host, domid)
-    with Serving(a, b):
+    with ServeThread(a, b):
         assert guest.inb(0x60) == 2
         assert guest.inb(0x64) == 0x55  # only the older server covers 0x64
     assert host.domain(domid).snapshot()["servers"] == (None,) * 8
@@ -169,7 +153,7 @@ def test_device_that_raises(dm: DeviceModel, host: MockXen, domid: int) -> None:
     s.add_port_range(0x70, 0x71, Exploding())
     s.add_port_range(UART, UART, Recorder({0: 9}))
     guest = SimGuest(host, domid)
-    with Serving(s):
+    with ServeThread(s):
         assert guest.inb(0x71) == 0xFF
         guest.outb(0x70, 1)
         assert guest.inb(UART) == 9
@@ -195,7 +179,7 @@ def test_exception_in_with_block_destroys_server(dm: DeviceModel, host: MockXen,
 def test_restricted_handles(dm: DeviceModel, host: MockXen, domid: int) -> None:
     s = server(dm, host, domid, restrict=True)
     s.add_port_range(UART, UART, Recorder({0: 3}))
-    with Serving(s):
+    with ServeThread(s):
         assert s._evtchn is not None and s._evtchn.restricted_to == domid
         assert SimGuest(host, domid).inb(UART) == 3
 
@@ -223,7 +207,7 @@ def test_legacy_gfn_fallback(dm: DeviceModel, host: MockXen, domid: int) -> None
     s = IoreqServer(dm, domid, opener=NoResource(host), bufioreq=BufIoreq.LEGACY)
     s.add_port_range(UART, UART, Recorder({0: 4}))
     guest = SimGuest(host, domid)
-    with Serving(s):
+    with ServeThread(s):
         assert s.legacy_gfns
         assert guest.inb(UART) == 4
     assert host.domain(domid).snapshot()["servers"] == (None,) * 8
@@ -300,7 +284,7 @@ def test_hostile_slot_through_shared_page_then_honest_access(dm: DeviceModel, ho
     s.add_mmio_range(0xFEB00000, 0xFEB00FFF, Recorder())
     guest = SimGuest(host, domid)
 
-    with Serving(s):
+    with ServeThread(s):
         assert s.id is not None
         mock_server = host.hypervisor.domains[domid].servers[s.id]
         page = mock_server.page
@@ -341,7 +325,7 @@ def test_buffered_atomic_mode_with_xens_pointer_canonicalisation(dm: DeviceModel
     s.add_mmio_range(0xA0000, 0xBFFFF, vga)
     guest = SimGuest(host, domid)
     sent = 0
-    with Serving(s):
+    with ServeThread(s):
         while sent < 1500:
             if guest.send_buffered(IOREQ_TYPE_COPY, 0xA0000, 4 if sent % 7 else 8, sent):
                 sent += 1
