@@ -44,7 +44,7 @@ from .hypervisor import Hypervisor, destroy_server
 from .pages import PageRef, PageStore
 from .privcmd import HYPERCALL_PATH, PRIVCMD_PATH, HypercallDevice, PrivcmdDevice
 from .state import Domain, IoreqServer, P2mEntry, Vcpu
-from .usermem import PAGE_SIZE, UserMemory, remap
+from .usermem import PAGE_SIZE, UserMemory
 
 __all__ = ["DomainView", "Event", "IoreqServer", "MockXen", "default_host"]
 
@@ -334,26 +334,33 @@ class MockXen:
 
     # --- dom0 kernel ------------------------------------------------------------------------
 
-    def open_device(self, path: str) -> Any:
-        """Open a mock device file, as ``os.open(path, O_RDWR)`` would on a dom0."""
+    def open_device(self, path: str, *, memory: Any = None) -> Any:
+        """Open a mock device file, as ``os.open(path, O_RDWR)`` would on a dom0.
+
+        ``memory``: how the device reaches its opener's memory (``read``/``write``/
+        ``clear``/``check_writable``/``remap_pages``, as ``usermem.UserMemory``); by
+        default this process's.  ``xendmop.mock.remote`` passes a client process's.
+        """
         with self.lock:
             self._check_open()
             dev: PrivcmdDevice | HypercallDevice | EvtchnDevice
             if path == PRIVCMD_PATH:
-                dev = PrivcmdDevice(self)
+                dev = PrivcmdDevice(self, memory)
             elif path == HYPERCALL_PATH and self.hypercall_device:
-                dev = HypercallDevice(self)
+                dev = HypercallDevice(self, memory)
             elif path == EVTCHN_PATH:
-                dev = EvtchnDevice(self)
+                dev = EvtchnDevice(self, memory)
             else:
                 raise FileNotFoundError(errno.ENOENT, f"mock Xen host has no {path}", path)
             self._devices.add(dev)
             return dev
 
-    def foreign_map(self, domid: int, gfns: list[int], addr: int) -> list[int]:
-        """Map guest frames at ``addr`` page by page; per-frame ``-errno`` (0 for mapped)."""
+    def foreign_map(self, domid: int, gfns: list[int], addr: int, memory: Any = None) -> list[int]:
+        """Map guest frames at ``addr`` page by page into ``memory``'s process (by default
+        this one); per-frame ``-errno`` (0 for mapped)."""
         d = self.hypervisor.domains.get(domid)
         errs = []
+        pages = []
         for i, gfn in enumerate(gfns):
             entry = d.p2m.get(gfn) if d is not None else None
             if d is None:
@@ -361,19 +368,21 @@ class MockXen:
             elif entry is None or entry.page is None:  # get_page_from_gfn: no page
                 errs.append(-errno.EINVAL)
             else:
-                remap(addr + i * PAGE_SIZE, PAGE_SIZE, entry.page.store.fd, entry.page.offset)
+                pages.append((addr + i * PAGE_SIZE, entry.page.store.fd, entry.page.offset))
                 errs.append(0)
+        (self.memory if memory is None else memory).remap_pages(pages)
         return errs
 
-    def peek_op(self, bufs: Any, nr_bufs: int) -> str | None:
-        """For the event log: the op named in bufs[0], if readable."""
+    def peek_op(self, bufs: Any, nr_bufs: int, memory: Any = None) -> str | None:
+        """For the event log: the op named in bufs[0], if readable (in ``memory``, by default ours)."""
+        memory = self.memory if memory is None else memory
         try:
             if isinstance(bufs, int):
-                raw = self.memory.read(bufs, 16)
+                raw = memory.read(bufs, 16)
                 addr, size = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
             else:
                 addr, size = bufs[0]
-            op = int.from_bytes(self.memory.read(addr, 4), "little") if nr_bufs and size >= 4 else None
+            op = int.from_bytes(memory.read(addr, 4), "little") if nr_bufs and size >= 4 else None
         except (OSError, IndexError):
             return None
         decl = OPS.get(op) if op is not None else None

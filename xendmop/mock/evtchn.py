@@ -55,8 +55,10 @@ class EvtchnDevice:
 
     path = EVTCHN_PATH
 
-    def __init__(self, host: MockXen) -> None:
+    def __init__(self, host: MockXen, memory: Any = None) -> None:
         self._host = host
+        #: the opener's memory, for an ioctl argument given as a user address
+        self.memory = host.memory if memory is None else memory
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ring: list[int] = []
         self.ring_size = 0  # u->ring_size: no ring until the first bind
@@ -162,7 +164,7 @@ class EvtchnDevice:
         if struct is None:
             return int(fn(self, None))
         try:
-            data = read_arg(arg, struct)
+            data = read_arg(arg, struct, self.memory)
         except OSError:
             return -errno.EFAULT
         return int(fn(self, data))

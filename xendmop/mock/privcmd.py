@@ -30,7 +30,7 @@ from ..abi.privcmd import (
 )
 from ..abi.xen import DOMID_INVALID, domid_t
 from ..abi.xen import __HYPERVISOR_dm_op as HYPERVISOR_DM_OP
-from .usermem import PAGE_SIZE, access_ok, remap
+from .usermem import PAGE_SIZE, access_ok
 
 if TYPE_CHECKING:
     from . import MockXen
@@ -81,12 +81,17 @@ def write_arg(arg: Any, offset: int, data: bytes, memory: Any) -> None:
 
 @dataclass
 class Vma:
-    """A privcmd VMA: an mmap of the device, and whether a mapping ioctl claimed it."""
+    """A privcmd VMA: an mmap of the device, and whether a mapping ioctl claimed it.
 
-    mapping: mmap.mmap
+    ``mapping`` is None for a VMA that lives in another process (``xendmop.mock.remote``):
+    that process reports its unmapping, which sets ``released``.
+    """
+
+    mapping: mmap.mmap | None
     start: int
     length: int
     locked: bool = False  # vm_private_data = PRIV_VMA_LOCKED
+    released: bool = False
 
     @property
     def end(self) -> int:
@@ -94,7 +99,7 @@ class Vma:
 
     @property
     def alive(self) -> bool:
-        return not self.mapping.closed
+        return not self.released and (self.mapping is None or not self.mapping.closed)
 
 
 def _address_of(mapping: mmap.mmap) -> int:
@@ -108,8 +113,11 @@ def _address_of(mapping: mmap.mmap) -> int:
 class _DeviceBase:
     path: str
 
-    def __init__(self, host: MockXen) -> None:
+    def __init__(self, host: MockXen, memory: Any = None) -> None:
         self._host = host
+        #: the opener's memory, reached as the kernel reaches it (copy_{from,to}_user, remap):
+        #: the host's own ``UserMemory``, or a client process's over ``xendmop.mock.remote``
+        self.memory = host.memory if memory is None else memory
         self._fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)  # a real fd to hand out
 
     def fileno(self) -> int:
@@ -144,8 +152,8 @@ class PrivcmdDevice(_DeviceBase):
 
     path = PRIVCMD_PATH
 
-    def __init__(self, host: MockXen) -> None:
-        super().__init__(host)
+    def __init__(self, host: MockXen, memory: Any = None) -> None:
+        super().__init__(host, memory)
         self.restrict_domid = DOMID_INVALID
         self._vmas: list[Vma] = []
 
@@ -165,6 +173,22 @@ class PrivcmdDevice(_DeviceBase):
             self._vmas = [v for v in self._vmas if v.alive]
             self._vmas.append(Vma(mapping, _address_of(mapping), length))
         return mapping
+
+    def adopt_vma(self, start: int, length: int) -> None:
+        """``privcmd_mmap`` done by another process: its anonymous VMA at ``start`` is ours to fill."""
+        if length <= 0 or start % PAGE_SIZE or length % PAGE_SIZE or not access_ok(start, length):
+            raise_errno(errno.EINVAL)
+        with self._host.lock:
+            self._vmas = [v for v in self._vmas if v.alive and (v.end <= start or v.start >= start + length)]
+            self._vmas.append(Vma(None, start, length))
+
+    def release_vma(self, start: int) -> None:
+        """That process unmapped the VMA starting at ``start`` (``munmap``)."""
+        with self._host.lock:
+            for vma in self._vmas:
+                if vma.start == start:
+                    vma.released = True
+            self._vmas = [v for v in self._vmas if v.alive]
 
     def find_vma(self, addr: int) -> Vma | None:
         """``find_vma`` restricted to this device's live VMAs containing ``addr``."""
@@ -208,19 +232,19 @@ class PrivcmdDevice(_DeviceBase):
         if self._restricted:
             return -errno.EPERM
         try:
-            call = read_arg(arg, privcmd_hypercall, self._host.memory)
+            call = read_arg(arg, privcmd_hypercall, self.memory)
         except OSError:
             return -errno.EFAULT
         detail.update(op=int(call.op), args=[int(a) for a in call.arg])
         if call.op != HYPERVISOR_DM_OP:
             return -errno.ENOSYS  # the mock implements no other hypercall
         domid, nr_bufs, bufs = int(call.arg[0]), int(call.arg[1]), int(call.arg[2])
-        detail.update(dm_op=self._host.peek_op(bufs, nr_bufs))
-        return self._host.hypervisor.do_dm_op(self._host.caller, domid, nr_bufs, bufs, self._host.memory)
+        detail.update(dm_op=self._host.peek_op(bufs, nr_bufs, self.memory))
+        return self._host.hypervisor.do_dm_op(self._host.caller, domid, nr_bufs, bufs, self.memory)
 
     def _dm_op(self, arg: Any, detail: dict[str, Any]) -> int:
         """``privcmd_ioctl_dm_op``, step by step in the kernel's order."""
-        memory = self._host.memory
+        memory = self.memory
         try:
             kdata = read_arg(arg, privcmd_dm_op, memory)
         except OSError:
@@ -248,13 +272,13 @@ class PrivcmdDevice(_DeviceBase):
                 memory.check_writable(uptr, size)
             except OSError:
                 return -errno.EFAULT
-        detail.update(dm_op=self._host.peek_op(kbufs, len(kbufs)))
+        detail.update(dm_op=self._host.peek_op(kbufs, len(kbufs), memory))
         return self._host.hypervisor.do_dm_op(self._host.caller, int(kdata.dom), len(kbufs), kbufs, memory)
 
     def _restrict(self, arg: Any, detail: dict[str, Any]) -> int:
         """``privcmd_ioctl_restrict``: set once; the same domid again is fine, another is -EINVAL."""
         try:
-            dom = int(read_arg(arg, _domid_box, self._host.memory).domid)
+            dom = int(read_arg(arg, _domid_box, self.memory).domid)
         except OSError:
             return -errno.EFAULT
         detail.update(dom=dom)
@@ -265,7 +289,7 @@ class PrivcmdDevice(_DeviceBase):
 
     def _mmap_resource(self, arg: Any, detail: dict[str, Any]) -> int:
         """``privcmd_ioctl_mmap_resource`` → ``XENMEM_acquire_resource`` → remap the frames."""
-        memory = self._host.memory
+        memory = self.memory
         try:
             kdata = read_arg(arg, privcmd_mmap_resource, memory)
         except OSError:
@@ -304,13 +328,12 @@ class PrivcmdDevice(_DeviceBase):
         if isinstance(frames, int):
             return frames
         vma.locked = True
-        for i, ref in enumerate(frames):
-            remap(kdata.addr + i * PAGE_SIZE, PAGE_SIZE, ref.store.fd, ref.offset)
+        memory.remap_pages([(kdata.addr + i * PAGE_SIZE, ref.store.fd, ref.offset) for i, ref in enumerate(frames)])
         return 0
 
     def _mmapbatch_v2(self, arg: Any, detail: dict[str, Any]) -> int:
         """``privcmd_ioctl_mmap_batch`` (version 2): guest frames with per-frame errors."""
-        memory = self._host.memory
+        memory = self.memory
         try:
             m = read_arg(arg, privcmd_mmapbatch_v2, memory)
         except OSError:
@@ -337,7 +360,7 @@ class PrivcmdDevice(_DeviceBase):
         if end > vma.end:
             return -errno.EINVAL
         vma.locked = True
-        errs = self._host.foreign_map(int(m.dom), gfns, addr)
+        errs = self._host.foreign_map(int(m.dom), gfns, addr, memory)
         if any(errs):
             memory.write(m.err or 0, b"".join(ctypes.c_int32(e).value.to_bytes(4, "little", signed=True) for e in errs))
             if -errno.ENOENT in errs:

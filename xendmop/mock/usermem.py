@@ -18,6 +18,7 @@ import ctypes.util
 import errno
 import mmap
 import os
+from collections.abc import Sequence
 
 PAGE_SIZE = mmap.PAGESIZE
 #: x86_64 ``TASK_SIZE_MAX`` (4-level paging): ``access_ok`` refuses anything above it
@@ -113,6 +114,11 @@ class UserMemory:
         observe: the values stored are the ones already there.
         """
         self.write(addr, self.read(addr, nbytes))
+
+    def remap_pages(self, pages: Sequence[tuple[int, int, int]]) -> None:
+        """``remap_pfn_range`` of each ``(addr, fd, offset)``: one page of ``fd`` over ``addr``."""
+        for addr, fd, offset in pages:
+            remap(addr, PAGE_SIZE, fd, offset)
 
 
 def remap(addr: int, length: int, fd: int, offset: int) -> None:
