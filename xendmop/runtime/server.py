@@ -82,6 +82,8 @@ class IoreqServer:
     LEGACY drains the ring with plain stores; ATOMIC needs libatomic (see
     ``dispatch.StoreReadPointer``).  ``restrict``: restrict this server's privcmd and
     evtchn handles to ``domid`` before creating anything.
+    ``handles``: ``"device"`` opens the devices itself (through ``opener``);
+    ``"libxen"`` uses libxenforeignmemory and libxenevtchn (``backends.libxen_handles``).
 
     Register devices with ``add_port_range``/``add_mmio_range``/``add_pci`` before
     or after ``start()``; then ``serve_forever()`` or ``async with``.
@@ -99,7 +101,11 @@ class IoreqServer:
         max_rep: int = MAX_REP,
         on_timeoffset: Callable[[int], None] | None = None,
         deprivilege: DropConfig | None = None,
+        handles: str = "device",
     ) -> None:
+        if handles not in ("device", "libxen"):
+            raise ValueError(f"handles={handles!r}: must be 'device' or 'libxen'")
+        self._handles = handles
         if deprivilege is not None:
             deprivilege.validate()  # DeprivConfigError now, before anything exists in Xen
         self.dm = dm
@@ -157,8 +163,18 @@ class IoreqServer:
 
     def _start(self) -> None:
         opener = self._opener
-        self._fmem = ForeignMemory(opener or open_device)
-        self._evtchn = EventChannel(opener or open_evtchn_device)
+        if self._handles == "libxen":
+            from typing import cast
+
+            from ..backends.libxen_handles import LibxenEventChannel, LibxenForeignMemory
+
+            # Same methods and errors as ForeignMemory/EventChannel; duck-typed, as backends/ cannot import runtime/.
+            libdir = getattr(self.dm.backend, "libdir", None)  # the DeviceModel's library directory, if libxen
+            self._fmem = cast(ForeignMemory, LibxenForeignMemory(libdir))
+            self._evtchn = cast(EventChannel, LibxenEventChannel(libdir))
+        else:
+            self._fmem = ForeignMemory(opener or open_device)
+            self._evtchn = EventChannel(opener or open_evtchn_device)
         if self._restrict:
             self._fmem.restrict(self.domid)
             self._evtchn.restrict(self.domid)
