@@ -66,7 +66,8 @@ class PciHost(Protocol):
 
 class PciFunction:
     """Config space of one function.  Writable bits follow the PCI spec for a type-0
-    header; everything else is read-only.  ``bars`` indexes BAR0.. (``None`` for unused)."""
+    header; everything else is read-only.  ``bars`` indexes BAR0.. (``None`` for unused).
+    An id, class or pin that does not fit its register raises ``ValueError`` naming it."""
 
     def __init__(
         self,
@@ -81,6 +82,18 @@ class PciFunction:
         interrupt_pin: int = 1,
         msi: bool = False,
     ) -> None:
+        for field_name, value, bits in (
+            ("vendor_id", vendor_id, 16),
+            ("device_id", device_id, 16),
+            ("class_code", class_code, 24),
+            ("revision", revision, 8),
+            ("subsystem_vendor_id", subsystem_vendor_id, 16),
+            ("subsystem_id", subsystem_id, 16),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << bits:
+                raise ValueError(f"{field_name}={value!r}: must be an integer in 0..{(1 << bits) - 1:#x}")
+        if isinstance(interrupt_pin, bool) or interrupt_pin not in range(5):
+            raise ValueError(f"interrupt_pin={interrupt_pin!r}: must be 0 (none) or 1..4 (INTA#..INTD#)")
         given = list(bars or [])
         if len(given) > 6:
             raise ValueError("a type-0 header has six BARs")
