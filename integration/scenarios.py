@@ -1,0 +1,585 @@
+"""DMOP scenarios: declarative call sequences, valid and invalid, run the same way on a
+real Xen and on the mock, with what Xen 4.17.7 does at each step.
+
+A scenario is a list of `Step`s: a ``DeviceModel`` method, its arguments after the domid
+(``Ref("name")`` stands for a value an earlier step saved), which domain it targets
+(the scenario's guest, dom0, a missing domid, a PV guest), and the outcome Xen gives:
+``OK``, a returned value, or an errno.  `run_scenario` executes one against any object
+with DeviceModel's method names (xendmop's ``DeviceModel`` on any backend, or
+``xenlab.LibXDM``) and records each step's outcome, normalised so that two runs compare
+with ``==``.
+
+Self-check on the mock alone (no Xen needed)::
+
+    python -m integration.scenarios --mock        # or: python integration/scenarios.py --mock
+
+runs every scenario on a MockXen guest shaped like the lab's (HVM, 2 vCPUs, 16 MiB) and
+fails when the mock departs from Xen's outcome at a step not listed in
+`KNOWN_DIFFERENCES`.  On a real dom0, integration/test_mock_vs_xen.py runs them on real
+PVH guests and on the mock in the same process and compares step by step.
+
+HAZARD: never add an ACCEPTED ``set_isa_irq_level`` (irq < 16, level 0/1) here: against
+a PVH guest, which has no emulated PIC/IOAPIC, it crashed Xen 4.17.7 (#GP in
+hvm_isa_irq_assert/deassert).  The same code is reached by ``set_pci_intx_level``
+asserting while a PCI link is routed to an ISA IRQ, and by ``set_pci_link_route`` moving
+an asserted link: assert INTx only while every link route is 0.  Calls Xen rejects
+before the vIOAPIC (irq >= 16, level > 1, missing domid) are fine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+OK = "ok"
+GUEST, DOM0, MISSING, PV = "guest", "dom0", "missing", "pv"
+#: The lab guest's shape, mirrored by the mock's guest.
+GUEST_VCPUS, GUEST_MEMORY_MB = 2, 16
+PORT, MMIO = 0x5600, 0xFE000000
+PCI = (0, 0, 3, 0)  # segment, bus, device, function
+RAM_PFN = 0x800  # 8 MiB into the 16 MiB guest: RAM, clear of the tiny kernel at 1 MiB
+BEYOND_PFN = 1 << 52  # above any guest's highest gfn, and gfn >> paddr_bits is nonzero for any paddr_bits
+INVALID_GFN = 2**64 - 1
+HVMMEM_ram_rw, HVMMEM_ram_ro, HVMMEM_unused, HVMMEM_ioreq_server = 0, 1, 3, 4
+MEM_ACCESS_WRITE = 2
+CACHE_UC, CACHE_WT, CACHE_WB, CACHE_DELETE = 0, 4, 6, 0xFFFFFFFF
+EVENT_HW_EXC, PAGE_FAULT = 3, 14
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An argument filled in from the value an earlier step saved under `name`."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Step:
+    label: str
+    call: str  # a DeviceModel method
+    args: tuple[Any, ...] = ()  # after the domid
+    expect: object = OK  # Xen 4.17.7: OK, a value (normalised, see `normalise`), or an errno
+    dom: str = GUEST  # which domain the call targets
+    save: str | None = None  # keep the (raw) return value for later Refs
+    field: str | None = None  # record only this attribute of the return value
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    steps: tuple[Step, ...]
+    #: False when the scenario leaves the guest changed for good (an event latched until the
+    #: guest runs, log-dirty mode left on, the guest shut down): it then needs its own guest.
+    reuses_guest: bool = True
+    #: domains the scenario needs besides its guest (a run without one skips those steps)
+    needs: tuple[str, ...] = ()
+
+
+def _s(label: str, call: str, *args: Any, expect: object = OK, **kw: Any) -> Step:
+    return Step(label, call, args, expect, **kw)
+
+
+ID = Ref("id")
+
+# fmt: off
+# The 25 steps integration/test_devicemodel.py checks against libxendevicemodel: only
+# methods xenlab.LibXDM also has, with C's argument order.
+DEVICEMODEL = Scenario(
+    "devicemodel",
+    (
+        _s("nr_vcpus", "nr_vcpus", expect=GUEST_VCPUS),
+        _s("create_ioreq_server (bufioreq off)", "create_ioreq_server", 0, expect=0, save="id"),
+        _s("get_ioreq_server_info (no gfns)", "get_ioreq_server_info", ID, expect=0, field="bufioreq_port"),
+        _s("map ports", "map_io_range_to_ioreq_server", ID, False, PORT, PORT + 7),
+        _s("map mmio", "map_io_range_to_ioreq_server", ID, True, MMIO, MMIO + 0xFFF),
+        _s("map overlapping ports", "map_io_range_to_ioreq_server", ID, False, PORT + 4, PORT + 11,
+           expect="EEXIST"),
+        _s("map pcidev", "map_pcidev_to_ioreq_server", ID, *PCI),
+        _s("enable", "set_ioreq_server_state", ID, True),
+        _s("unmap pcidev", "unmap_pcidev_from_ioreq_server", ID, *PCI),
+        _s("unmap sub-range", "unmap_io_range_from_ioreq_server", ID, False, PORT, PORT + 3),
+        _s("unmap no longer whole range", "unmap_io_range_from_ioreq_server", ID, False, PORT, PORT + 7,
+           expect="ENOENT"),
+        _s("disable", "set_ioreq_server_state", ID, False),
+        # INTx only while every PCI link route is 0 (see HAZARD above).
+        _s("intx assert", "set_pci_intx_level", 0, 0, 3, 0, 1),
+        _s("intx deassert", "set_pci_intx_level", 0, 0, 3, 0, 0),
+        _s("intx device 32", "set_pci_intx_level", 0, 0, 32, 0, 1, expect="EINVAL"),
+        _s("link route", "set_pci_link_route", 0, 5),
+        _s("link route off", "set_pci_link_route", 0, 0),
+        # HAZARD: rejected ISA IRQ levels only (see the module docstring).
+        _s("isa irq 16 (rejected)", "set_isa_irq_level", 16, 0, expect="EINVAL"),
+        _s("isa level 2 (rejected)", "set_isa_irq_level", 3, 2, expect="EINVAL"),
+        _s("set_irq_level is Arm-only", "set_irq_level", 32, 1, expect="EOPNOTSUPP"),
+        _s("inject msi", "inject_msi", 0xFEE00000, 0x30),
+        _s("destroy", "destroy_ioreq_server", ID),
+        _s("destroy again", "destroy_ioreq_server", ID, expect="ENOENT"),
+        _s("dom0 as target", "nr_vcpus", expect="EPERM", dom=DOM0),
+        _s("remote shutdown", "shutdown", 0),
+    ),
+    reuses_guest=False,
+)
+
+SLOTS = 8  # MAX_NR_IOREQ_SERVERS (xen/include/xen/sched.h), the same on 4.17
+
+SCENARIOS: tuple[Scenario, ...] = (
+    DEVICEMODEL,
+    Scenario(
+        "server lifecycle",
+        (
+            _s("create", "create_ioreq_server", 0, expect=0, save="id"),
+            _s("info", "get_ioreq_server_info", ID, expect=0, field="bufioreq_port"),
+            # PVH: libxl sets no ioreq gfn pool (HVM_PARAM_IOREQ_SERVER_PFN), so the legacy path has no gfn
+            _s("info with gfns", "get_ioreq_server_info", ID, expect="ENOMEM", field="bufioreq_port"),
+            _s("enable", "set_ioreq_server_state", ID, True),
+            _s("enable again (idempotent)", "set_ioreq_server_state", ID, True),
+            _s("disable", "set_ioreq_server_state", ID, False),
+            _s("destroy", "destroy_ioreq_server", ID),
+            _s("destroy again", "destroy_ioreq_server", ID, expect="ENOENT"),
+            _s("info after destroy", "get_ioreq_server_info", ID, expect="ENOENT", field="bufioreq_port"),
+            _s("enable after destroy", "set_ioreq_server_state", ID, True, expect="ENOENT"),
+            _s("map after destroy", "map_io_range_to_ioreq_server", ID, False, PORT, PORT, expect="ENOENT"),
+            _s("destroy id 8 (past the last slot)", "destroy_ioreq_server", 8, expect="ENOENT"),
+            _s("destroy id 0xffff", "destroy_ioreq_server", 0xFFFF, expect="ENOENT"),
+        ),
+    ),
+    Scenario(
+        "server slots",
+        (
+            *(_s(f"create #{i}", "create_ioreq_server", 0, expect=i, save=f"s{i}") for i in range(SLOTS)),
+            _s("create a ninth", "create_ioreq_server", 0, expect="ENOSPC"),
+            _s("destroy #3", "destroy_ioreq_server", Ref("s3")),
+            _s("create takes the lowest free slot", "create_ioreq_server", 0, expect=3, save="s3"),
+            *(_s(f"destroy #{i}", "destroy_ioreq_server", Ref(f"s{i}")) for i in range(SLOTS)),
+            _s("create after all destroyed", "create_ioreq_server", 0, expect=0, save="again"),
+            _s("destroy it", "destroy_ioreq_server", Ref("again")),
+        ),
+    ),
+    Scenario(
+        "io ranges",
+        (
+            _s("create", "create_ioreq_server", 0, expect=0, save="id"),
+            _s("map ports", "map_io_range_to_ioreq_server", ID, False, PORT, PORT + 7),
+            _s("map overlapping ports", "map_io_range_to_ioreq_server", ID, False, PORT + 7, PORT + 8,
+               expect="EEXIST"),
+            _s("same numbers as MMIO (another rangeset)", "map_io_range_to_ioreq_server", ID, True, PORT, PORT + 7),
+            _s("start > end", "map_io_range_to_ioreq_server", ID, False, PORT + 0x20, PORT + 0x10,
+               expect="EINVAL"),
+            _s("unmap sub-range", "unmap_io_range_from_ioreq_server", ID, False, PORT, PORT + 3),
+            _s("unmap the whole range now", "unmap_io_range_from_ioreq_server", ID, False, PORT, PORT + 7,
+               expect="ENOENT"),
+            _s("unmap the rest", "unmap_io_range_from_ioreq_server", ID, False, PORT + 4, PORT + 7),
+            _s("unmap the rest again", "unmap_io_range_from_ioreq_server", ID, False, PORT + 4, PORT + 7,
+               expect="ENOENT"),
+            _s("unmap never mapped mmio", "unmap_io_range_from_ioreq_server", ID, True, MMIO, MMIO + 1,
+               expect="ENOENT"),
+            _s("map pcidev", "map_pcidev_to_ioreq_server", ID, *PCI),
+            _s("map pcidev again", "map_pcidev_to_ioreq_server", ID, *PCI, expect="EEXIST"),
+            _s("unmap pcidev", "unmap_pcidev_from_ioreq_server", ID, *PCI),
+            _s("unmap pcidev again", "unmap_pcidev_from_ioreq_server", ID, *PCI, expect="ENOENT"),
+            _s("map on an empty slot", "map_io_range_to_ioreq_server", 5, False, PORT, PORT, expect="ENOENT"),
+            _s("second server", "create_ioreq_server", 0, expect=1, save="id2"),
+            _s("servers may overlap", "map_io_range_to_ioreq_server", Ref("id2"), True, PORT, PORT + 7),
+            _s("destroy", "destroy_ioreq_server", ID),
+            _s("destroy the second", "destroy_ioreq_server", Ref("id2")),
+        ),
+    ),
+    Scenario(
+        "domains",
+        (
+            _s("nr_vcpus", "nr_vcpus", expect=GUEST_VCPUS),
+            _s("dom0: the caller's own domain", "nr_vcpus", expect="EPERM", dom=DOM0),
+            _s("missing domid", "nr_vcpus", expect="ESRCH", dom=MISSING),
+            _s("create on a missing domid", "create_ioreq_server", 0, expect="ESRCH", dom=MISSING),
+            _s("PV guest: DMOPs are HVM-only", "nr_vcpus", expect="EINVAL", dom=PV),
+            _s("create on a PV guest", "create_ioreq_server", 0, expect="EINVAL", dom=PV),
+        ),
+        needs=(PV,),
+    ),
+    Scenario(
+        "restricted handle",
+        (
+            _s("restrict to the guest", "restrict"),
+            _s("the guest still works", "nr_vcpus", expect=GUEST_VCPUS),
+            _s("restrict again, same domid", "restrict"),
+            _s("another domid: refused by privcmd", "nr_vcpus", expect="EPERM", dom=MISSING),
+            _s("dom0: refused by privcmd", "nr_vcpus", expect="EPERM", dom=DOM0),
+            _s("restrict to another domid", "restrict", expect="EINVAL", dom=MISSING),
+            _s("create under restriction", "create_ioreq_server", 0, expect=0, save="id"),
+            _s("destroy under restriction", "destroy_ioreq_server", ID),
+        ),
+    ),
+    Scenario(
+        "interrupts",
+        (
+            # INTx only while every PCI link route is 0 (see HAZARD above).
+            _s("intx A assert", "set_pci_intx_level", 0, 0, 3, 0, 1),
+            _s("intx A deassert", "set_pci_intx_level", 0, 0, 3, 0, 0),
+            _s("intx on segment 1", "set_pci_intx_level", 1, 0, 3, 0, 1, expect="EINVAL"),
+            _s("intx on bus 1", "set_pci_intx_level", 0, 1, 3, 0, 1, expect="EINVAL"),
+            _s("intx pin 4", "set_pci_intx_level", 0, 0, 3, 4, 1, expect="EINVAL"),
+            _s("intx level 2", "set_pci_intx_level", 0, 0, 3, 0, 2, expect="EINVAL"),
+            _s("link 4", "set_pci_link_route", 4, 5, expect="EINVAL"),
+            _s("link to irq 16", "set_pci_link_route", 0, 16, expect="EINVAL"),
+            _s("link 3 to irq 10, then off", "set_pci_link_route", 3, 10),
+            _s("link 3 off", "set_pci_link_route", 3, 0),
+            # HAZARD: rejected ISA IRQ levels only (see the module docstring).
+            _s("isa irq 255 (rejected)", "set_isa_irq_level", 255, 1, expect="EINVAL"),
+            _s("isa level 255 (rejected)", "set_isa_irq_level", 1, 255, expect="EINVAL"),
+            _s("set_irq_level (Arm only)", "set_irq_level", 40, 0, expect="EOPNOTSUPP"),
+            _s("msi vector 0x31", "inject_msi", 0xFEE00000, 0x31),
+            _s("msi vector 0: a PIRQ, here 0", "inject_msi", 0xFEE00000, 0x0, expect="ERANGE"),
+        ),
+    ),
+    Scenario(
+        "modified memory without log-dirty",
+        (
+            # hvm/dm.c modified_memory: a domain not in log-dirty mode returns 0 before reading extents.
+            _s("one page", "modified_memory", RAM_PFN, 1),
+            _s("beyond the highest gfn", "modified_memory", BEYOND_PFN, 1),
+            _s("zero pages", "modified_memory", RAM_PFN, 0),
+        ),
+    ),
+    Scenario(
+        "dirty vram, then modified memory",
+        (
+            _s("track 64 pages: all dirty at first", "track_dirty_vram", RAM_PFN, 64, expect="ff" * 8),
+            _s("again: nothing written since", "track_dirty_vram", RAM_PFN, 64, expect="00" * 8),
+            _s("a different range: all dirty again", "track_dirty_vram", RAM_PFN + 64, 8, expect="ff"),
+            # More than one privcmd buffer's bitmap (32768 pages): xendmop splits the call, and each
+            # part is a new range for Xen (hap_track_dirty_vram), so all of it reads dirty.
+            _s("32769 pages: two calls", "track_dirty_vram", RAM_PFN, 32769, expect="4097 x ff"),
+            _s("stop tracking", "track_dirty_vram", RAM_PFN, 0, expect=""),
+            # Tracking turned log-dirty on (hap_track_dirty_vram -> paging_log_dirty_enable), and
+            # stopping leaves it on: modified_memory now checks its extents.
+            _s("modified one page", "modified_memory", RAM_PFN, 1),
+            _s("modified beyond the highest gfn", "modified_memory", BEYOND_PFN, 1, expect="EINVAL"),
+            _s("modified zero pages", "modified_memory", RAM_PFN, 0, expect="EINVAL"),
+            _s("modified, bulk of two", "modified_memory_bulk", ((RAM_PFN, 2), (RAM_PFN + 8, 1))),
+        ),
+        reuses_guest=False,
+    ),
+    Scenario(
+        "memory types",
+        (
+            _s("ram_ro", "set_mem_type", HVMMEM_ram_ro, RAM_PFN, 4),
+            _s("back to ram_rw", "set_mem_type", HVMMEM_ram_rw, RAM_PFN, 4),
+            _s("zero pages", "set_mem_type", HVMMEM_ram_ro, RAM_PFN, 0, expect="EINVAL"),
+            _s("beyond the highest gfn", "set_mem_type", HVMMEM_ram_ro, BEYOND_PFN, 1, expect="EINVAL"),
+            _s("HVMMEM_unused", "set_mem_type", HVMMEM_unused, RAM_PFN, 1, expect="EINVAL"),
+            _s("type 5", "set_mem_type", 5, RAM_PFN, 1, expect="EINVAL"),
+            _s("ioreq_server type, unclaimed", "set_mem_type", HVMMEM_ioreq_server, RAM_PFN, 1, expect="EINVAL"),
+            _s("create", "create_ioreq_server", 0, expect=0, save="id"),
+            _s("claim ioreq_server pages", "map_mem_type_to_ioreq_server", ID, HVMMEM_ioreq_server, MEM_ACCESS_WRITE),
+            _s("ioreq_server type, claimed", "set_mem_type", HVMMEM_ioreq_server, RAM_PFN, 1),
+            _s("ioreq_server to ram_ro", "set_mem_type", HVMMEM_ram_ro, RAM_PFN, 1, expect="EINVAL"),
+            _s("back to ram_rw", "set_mem_type", HVMMEM_ram_rw, RAM_PFN, 1),
+            _s("release the claim", "map_mem_type_to_ioreq_server", ID, HVMMEM_ioreq_server, 0),
+            _s("destroy", "destroy_ioreq_server", ID),
+        ),
+    ),
+    Scenario(
+        "inject event",
+        (
+            _s("#PF on vCPU 0", "inject_event", 0, PAGE_FAULT, EVENT_HW_EXC, 2, 0, 0x1000),
+            _s("a second, not yet delivered", "inject_event", 0, PAGE_FAULT, EVENT_HW_EXC, 2, 0, 0x2000,
+               expect="EBUSY"),
+            _s("#PF on vCPU 1", "inject_event", 1, PAGE_FAULT, EVENT_HW_EXC, 2, 0, 0x1000),
+            _s("vCPU 2 of 2", "inject_event", 2, PAGE_FAULT, EVENT_HW_EXC, 2, 0, 0x1000, expect="EINVAL"),
+        ),
+        reuses_guest=False,  # the latched events stay until the guest runs
+    ),
+    Scenario(
+        "cache attributes",
+        (
+            _s("pin WB", "pin_memory_cacheattr", RAM_PFN, RAM_PFN + 15, CACHE_WB),
+            _s("same range, now WT", "pin_memory_cacheattr", RAM_PFN, RAM_PFN + 15, CACHE_WT),
+            _s("overlapping range", "pin_memory_cacheattr", RAM_PFN + 8, RAM_PFN + 23, CACHE_WB, expect="EBUSY"),
+            _s("end < start", "pin_memory_cacheattr", RAM_PFN + 1, RAM_PFN, CACHE_WB, expect="EINVAL"),
+            _s("beyond paddr_bits", "pin_memory_cacheattr", BEYOND_PFN, BEYOND_PFN, CACHE_WB, expect="EINVAL"),
+            _s("type 2 (undefined)", "pin_memory_cacheattr", RAM_PFN + 32, RAM_PFN + 32, 2, expect="EINVAL"),
+            _s("UC without an IOMMU", "pin_memory_cacheattr", RAM_PFN + 32, RAM_PFN + 32, CACHE_UC,
+               expect="EPERM"),
+            _s("delete", "pin_memory_cacheattr", RAM_PFN, RAM_PFN + 15, CACHE_DELETE),
+            _s("delete again", "pin_memory_cacheattr", RAM_PFN, RAM_PFN + 15, CACHE_DELETE, expect="ENOENT"),
+        ),
+    ),
+    Scenario(
+        "relocate memory (refusals)",
+        (
+            _s("no pages", "relocate_memory", 0, RAM_PFN, RAM_PFN + 16),
+            _s("to INVALID_GFN", "relocate_memory", 1, RAM_PFN, INVALID_GFN, expect="EINVAL"),
+            _s("source wraps around", "relocate_memory", 2, INVALID_GFN, RAM_PFN, expect="EOVERFLOW"),
+        ),
+    ),
+)
+
+# fmt: on
+
+BY_NAME = {s.name: s for s in SCENARIOS}
+
+# (scenario, step label) -> why the mock knowingly differs from Xen there, with the Xen source.
+KNOWN_DIFFERENCES: dict[tuple[str, str], str] = {
+    ("server lifecycle", "info with gfns"): (
+        "the mock models an HVM guest, whose toolstack sets the ioreq gfn pool; libxl gives a PVH guest none, "
+        "so hvm_alloc_ioreq_gfn and hvm_alloc_legacy_ioreq_gfn (xen/arch/x86/hvm/ioreq.c) find no gfn: ENOMEM"
+    ),
+}
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One step's result: `value` (normalised) when it returned, else `error`: an errno name,
+    ``refused:<field>`` for xendmop's own argument check, or ``skipped:<why>``."""
+
+    label: str
+    value: object = None
+    error: str | None = None
+
+    @property
+    def key(self) -> object:
+        return self.error if self.error is not None else self.value
+
+    def as_json(self) -> dict[str, object]:
+        return {"step": self.label, "value": self.value, "error": self.error}
+
+
+def normalise(value: Any, attribute: str | None = None) -> object:
+    """A comparable, JSON-friendly form: OK for None, ints as ints, bytes as hex (a long
+    run of one byte as ``"N x hh"``, other long bytes as length and SHA-256)."""
+    if attribute is not None and not isinstance(value, int):
+        value = getattr(value, attribute)
+    if value is None:
+        return OK
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        if len(data) <= 32:
+            return data.hex()
+        if data == data[:1] * len(data):
+            return f"{len(data)} x {data[:1].hex()}"
+        return f"{len(data)} bytes sha256 {hashlib.sha256(data).hexdigest()[:16]}"
+    return repr(value)
+
+
+def _errno_name(code: int) -> str:
+    if code == errno.EOPNOTSUPP:  # errorcode prefers the alias ENOTSUP for 95
+        return "EOPNOTSUPP"
+    return errno.errorcode.get(code, str(code))
+
+
+def equivalent(x: object, y: object) -> bool:
+    """Same outcome, or xendmop refusing an argument (``refused:<field>``) that Xen or the C
+    library refuses with EINVAL."""
+    if x == y:
+        return True
+    refused = {str(k).startswith("refused:") for k in (x, y)}
+    return refused == {True, False} and "EINVAL" in (x, y)
+
+
+def run_step(api: Any, step: Step, domids: Mapping[str, int], saved: dict[str, Any]) -> Outcome:
+    """Call one step; its outcome.  Only OSError (errno) and ValueError (xendmop's
+    ArgumentError) are outcomes: anything else is a bug and propagates."""
+    if step.dom not in domids:
+        return Outcome(step.label, error=f"skipped:no {step.dom} domain here")
+    missing = [a.name for a in step.args if isinstance(a, Ref) and a.name not in saved]
+    if missing:
+        return Outcome(step.label, error=f"skipped:no {missing[0]} saved")
+    args = [saved[a.name] if isinstance(a, Ref) else a for a in step.args]
+    try:
+        value = getattr(api, step.call)(domids[step.dom], *args)
+    except OSError as e:
+        return Outcome(step.label, error=_errno_name(e.errno or 0))
+    except ValueError as e:  # xendmop.ArgumentError: refused before any syscall
+        return Outcome(step.label, error=f"refused:{getattr(e, 'name', type(e).__name__)}")
+    if step.save is not None:
+        saved[step.save] = value
+    return Outcome(step.label, normalise(value, step.field))
+
+
+def run_scenario(scenario: Scenario, api: Any, domids: Mapping[str, int]) -> list[Outcome]:
+    """Run every step (the guest is ``domids["guest"]``); then destroy any server the
+    scenario created and left, so the guest can be reused when `reuses_guest`."""
+    saved: dict[str, Any] = {}
+    outcomes = [run_step(api, step, domids, saved) for step in scenario.steps]
+    for step in scenario.steps:
+        if step.call == "create_ioreq_server" and step.save in saved and step.dom in domids:
+            try:
+                api.destroy_ioreq_server(domids[step.dom], saved[step.save])
+            except (OSError, ValueError):
+                pass  # destroyed by the scenario itself (ENOENT), or the guest is gone
+    return outcomes
+
+
+Runs = dict[str, list[Outcome]]
+
+
+def run_all(
+    open_api: Callable[[], Any],
+    new_guest: Callable[[Scenario], int],
+    domids: Mapping[str, int],
+    scenarios: tuple[Scenario, ...] = SCENARIOS,
+) -> Runs:
+    """Each scenario on a fresh guest (``new_guest``) through a fresh handle (``open_api``:
+    restriction is per handle); ``domids`` gives dom0, the missing and the PV domid."""
+    runs: Runs = {}
+    for scenario in scenarios:
+        guest = new_guest(scenario)
+        api = open_api()
+        try:
+            runs[scenario.name] = run_scenario(scenario, api, {**domids, GUEST: guest})
+        finally:
+            api.close()
+    return runs
+
+
+# --- comparing ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    scenario: str
+    step: str
+    expected: object
+    got: dict[str, object]  # side name -> Outcome.key
+    status: str  # "identical", "known", "skipped" or "DIFFERENT"
+    reason: str = ""
+
+
+@dataclass
+class Report:
+    sides: tuple[str, str]
+    rows: list[Row] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.rows)
+
+    @property
+    def differences(self) -> list[Row]:
+        return [r for r in self.rows if r.status == "DIFFERENT"]
+
+    def summary(self) -> str:
+        scenarios = len({r.scenario for r in self.rows})
+        line = (
+            f"{scenarios} scenarios, {len(self.rows)} steps, {self.count('identical')} identical, "
+            f"{self.count('known')} known differences"
+        )
+        extra = [f"{self.count(s)} {s.lower()}" for s in ("skipped", "DIFFERENT") if self.count(s)]
+        return line + (", " + ", ".join(extra) if extra else "")
+
+    def lines(self) -> Iterator[str]:
+        a, b = self.sides
+        for r in self.rows:
+            mark = {"identical": "ok  ", "known": "KNWN", "skipped": "skip", "DIFFERENT": "DIFF"}[r.status]
+            why = f"  ({r.reason})" if r.reason else ""
+            yield (f"{mark} {r.scenario} / {r.step}: {a}={r.got[a]!r} {b}={r.got[b]!r} expected={r.expected!r}{why}")
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "sides": list(self.sides),
+            "summary": self.summary(),
+            "counts": {s: self.count(s) for s in ("identical", "known", "skipped", "DIFFERENT")},
+            "rows": [vars(r) for r in self.rows],
+        }
+
+
+def compare(
+    sides: tuple[str, str],
+    a: Runs,
+    b: Runs,
+    known: Mapping[tuple[str, str], str] = KNOWN_DIFFERENCES,
+    scenarios: tuple[Scenario, ...] = SCENARIOS,
+) -> Report:
+    """Step-by-step comparison of two runs; a difference is "known" only if listed in `known`."""
+    report = Report(sides)
+    for scenario in scenarios:
+        if scenario.name not in a or scenario.name not in b:
+            continue
+        for step, x, y in zip(scenario.steps, a[scenario.name], b[scenario.name], strict=True):
+            got = {sides[0]: x.key, sides[1]: y.key}
+            why = known.get((scenario.name, step.label), "")
+            if any(str(k).startswith("skipped:") for k in got.values()):
+                status = "skipped"
+            elif equivalent(x.key, y.key):
+                status, why = "identical", ""
+            else:
+                status = "known" if why else "DIFFERENT"
+            report.rows.append(Row(scenario.name, step.label, step.expect, got, status, why))
+    return report
+
+
+def expected_runs(scenarios: tuple[Scenario, ...] = SCENARIOS) -> Runs:
+    """What Xen 4.17.7 does, as runs: the steps' `expect`."""
+    return {s.name: [Outcome(st.label, st.expect) for st in s.steps] for s in scenarios}
+
+
+# --- the mock --------------------------------------------------------------------------------------
+
+
+class MockLab:
+    """A MockXen host shaped like the lab: a PV guest, and one HVM guest per scenario with
+    the lab guest's vCPUs and memory (the mock has no PVH flavour; see KNOWN_DIFFERENCES)."""
+
+    def __init__(self) -> None:
+        from xendmop.mock import MockXen
+
+        self.host = MockXen()
+        self.pv = self.host.create_domain(vcpus=1, hvm=False, memory_mb=GUEST_MEMORY_MB)
+        self.domids = {DOM0: 0, PV: self.pv, MISSING: 30000}
+
+    def new_guest(self, scenario: Scenario) -> int:
+        return self.host.create_domain(vcpus=GUEST_VCPUS, hvm=True, memory_mb=GUEST_MEMORY_MB)
+
+    def open(self) -> Any:
+        from xendmop import DeviceModel
+
+        return DeviceModel.open("mock", xen=self.host)
+
+    def run(self, scenarios: tuple[Scenario, ...] = SCENARIOS) -> Runs:
+        return run_all(self.open, self.new_guest, self.domids, scenarios)
+
+    def close(self) -> None:
+        self.host.close()
+
+    def __enter__(self) -> MockLab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def self_check() -> Report:
+    """Every scenario on the mock, compared with Xen's outcomes (`Step.expect`)."""
+    with MockLab() as lab:
+        return compare(("xen-4.17.7", "mock"), expected_runs(), lab.run())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mock", action="store_true", required=True, help="run every scenario on the mock Xen")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = ap.parse_args(argv)
+    report = self_check()
+    if args.json:
+        print(json.dumps(report.as_json(), indent=1))
+    else:
+        for line in report.lines():
+            print(line)
+        print(report.summary())
+    return 1 if report.differences else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
