@@ -4,8 +4,9 @@
 prototypes of ``tools/include/xendevicemodel.h``, Xen 4.17); ``libxentoollog.so.1``
 gives it a logger that keeps quiet (failures come back as exceptions instead), and
 ``libxentoolcore.so.1`` offers ``xentoolcore_restrict_all``.  Handles of
-``libxenforeignmemory`` and ``libxenevtchn`` are not used yet: they belong to the
-runtime's ForeignMemory and EventChannel, which still open their devices directly.
+``libxenforeignmemory`` and ``libxenevtchn`` are in ``libxen_handles`` (the runtime's
+``IoreqServer(handles="libxen")``); ``libxenctrl``'s read-only domain query is in
+``libxenctrl``.
 
 Each DMOP declaration is mapped to its C function (``_DISPATCH``), the C arguments
 rebuilt from the op struct's fields: the io-range ``type`` becomes ``is_mmio`` or a
@@ -57,6 +58,8 @@ SONAMES = {
     "devicemodel": "libxendevicemodel.so.1",
     "toolcore": "libxentoolcore.so.1",
     "toollog": "libxentoollog.so.1",
+    "evtchn": "libxenevtchn.so.1",
+    "foreignmemory": "libxenforeignmemory.so.1",
 }
 #: Environment variable naming a directory holding the libraries (read by ``from_env``).
 LIBDIR_ENV = "XENDMOP_LIBXEN_DIR"
@@ -107,6 +110,15 @@ SINCE = {
     "nr_vcpus": "4.15",
 }
 
+#: Functions of the other libraries added after their first version (symbol version
+#: in the library's ``libxen*.map``), with the Xen release that exports them.
+SYMBOL_SINCE = {
+    "xenevtchn_restrict": "4.8",
+    "xenforeignmemory_restrict": "4.8",
+    "xenforeignmemory_map_resource": "4.11",
+    "xenforeignmemory_unmap_resource": "4.11",
+}
+
 _XTL_CRITICAL = 9  # xentoollog_level: only CRITICAL messages reach stderr
 
 
@@ -120,8 +132,55 @@ class MissingFunctionError(UnsupportedError):
 
     def __str__(self) -> str:
         name = self.function.removeprefix("xendevicemodel_")
-        since = f" (exported since Xen {SINCE[name]})" if name in SINCE else ""
+        release = SINCE.get(name) if name != self.function else SYMBOL_SINCE.get(self.function)
+        since = f" (exported since Xen {release})" if release else ""
         return f"libxen {self.op}: {self.library} has no {self.function}{since} [EOPNOTSUPP]"
+
+
+def library_path(soname: str, libdir: str | None) -> str:
+    """What to hand ``dlopen``: the soname (the loader's search), or a file in ``libdir``."""
+    return soname if libdir is None else os.path.join(libdir, soname)
+
+
+def load_library(soname: str, libdir: str | None) -> ctypes.CDLL:
+    """Load a library with ``use_errno``; ``FileNotFoundError`` naming it if it cannot be."""
+    path = library_path(soname, libdir)
+    try:
+        return ctypes.CDLL(path, use_errno=True)
+    except OSError as e:
+        raise FileNotFoundError(errno.ENOENT, f"cannot load {soname}: {e}", path) from None
+
+
+def declare(lib: ctypes.CDLL, symbol: str, restype: Any, argtypes: list[Any]) -> Any:
+    """The C function ``symbol`` with its prototype applied, or None if the library lacks it."""
+    if not hasattr(lib, symbol):
+        return None
+    function = getattr(lib, symbol)
+    function.restype, function.argtypes = restype, argtypes
+    return function
+
+
+class QuietLogger:
+    """A xentoollog logger on stderr letting only CRITICAL through, for a library's
+    ``*_open(logger, flags)``: failures come back as exceptions, not as stderr noise.
+    ``pointer`` is None when libxentoollog is missing (the library then logs itself)."""
+
+    def __init__(self, libdir: str | None) -> None:
+        self.pointer: int | None = None
+        self._toollog: ctypes.CDLL | None = None
+        try:
+            self._toollog = ctypes.CDLL(library_path(SONAMES["toollog"], libdir), use_errno=True)
+            stderr = c_void_p.in_dll(ctypes.CDLL(None), "stderr").value
+        except (OSError, ValueError):
+            return
+        create = declare(self._toollog, "xtl_createlogger_stdiostream", c_void_p, [c_void_p, c_int, c_uint])
+        if create is not None and declare(self._toollog, "xtl_logger_destroy", None, [c_void_p]) is not None:
+            self.pointer = create(stderr, _XTL_CRITICAL, 0)
+
+    def destroy(self) -> None:
+        pointer, self.pointer = self.pointer, None
+        if pointer is not None and self._toollog is not None:
+            self._toollog.xtl_logger_destroy(pointer)
 
 
 class _DlInfo(ctypes.Structure):
