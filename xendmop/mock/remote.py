@@ -1,0 +1,1186 @@
+"""The mock Xen as a separate host process, and the clients that reach it over a socket.
+
+``MockHostServer(xen, path)`` serves one ``MockXen`` on a unix ``SOCK_SEQPACKET``
+socket (``xendmop mock-host --socket PATH``); ``RemoteXen(path)`` (or
+``connect_from_env()``, which reads ``XENDMOP_MOCK_SOCKET``) opens its devices from
+another process, so a device model and a guest can live in different processes:
+
+- ``RemoteXen.open_device(path)`` gives ``Device``-protocol objects
+  (``ioctl``/``mmap``/``fileno``/``read``/``write``/``close``), usable as
+  ``DeviceModel.open("mock", xen=remote)`` and ``IoreqServer(dm, domid, opener=remote.open_device)``.
+- Requests are carried as the kernel would copy them: an ioctl sends its argument
+  bytes (or the user address it was given); while it is in flight the host's device
+  reaches the caller's memory (the dm_op buffer array, the buffers, MMAPBATCH arrays)
+  through ``copy_from_user``/``copy_to_user`` requests that the client answers from
+  its own memory with ``usermem.UserMemory`` (a bad pointer is EFAULT, never a
+  crash), then the client gets ``(result, updated argument bytes)`` or the errno.
+  No ``process_vm_readv`` of another pid: that would need ptrace rights over a
+  deprivileged device model.
+- Pages and event channels are real file descriptors: MMAP_RESOURCE/MMAPBATCH send
+  ``(addr, fd, offset)`` remap instructions with the memfds (``SCM_RIGHTS``) and the
+  client remaps them over its privcmd VMA before the ioctl returns, so its mmap and
+  the host's view of the ioreq page or guest RAM are the same physical memory; an
+  evtchn open passes the device's eventfd, so the client's ``fileno()`` is a real fd
+  for ``select``/``add_reader``.
+- A connection that closes (client exit, crash, SIGKILL) closes its devices as the
+  kernel does at process exit (``privcmd_release``/``evtchn_release``): event channels
+  are unbound, ioreq servers stay registered, as on Xen.
+- Admin requests (create/destroy a domain, server list, domain snapshot, GSI level,
+  the event log) and a guest's accesses (``RemoteGuest``: a ``SimGuest`` run by the host
+  thread serving that connection) are a small JSON RPC with a fixed table of requests.
+
+The socket is a trust boundary: every message is parsed with ``struct``/``json``,
+sizes are bounded (``MAX_MESSAGE``), unknown requests are refused with an error naming
+them, fds a client sends are dropped, and a client that stops answering a memory request
+within ``MEMORY_TIMEOUT`` gets EFAULT and is disconnected.  Opening a device needs the
+sender's uid to be root or the host's own (``SCM_CREDENTIALS``, checked at every open):
+the device nodes are root's, so a device model that dropped privileges keeps its
+handles but cannot open new ones.  Admin and guest requests that change state need the
+same uid.
+
+Wire format: one datagram per message, ``<H`` kind then a payload per kind (``Msg``).
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import dataclasses
+import errno
+import json
+import logging
+import mmap
+import os
+import re
+import select
+import selectors
+import socket
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from enum import IntEnum
+from typing import Any
+
+from .evtchn import EVTCHN_PATH, EvtchnDevice
+from .privcmd import HYPERCALL_PATH, PRIVCMD_PATH, PrivcmdDevice
+from .usermem import PAGE_SIZE, UserMemory, access_ok, remap
+
+__all__ = [
+    "ENV_SOCKET",
+    "MAX_MESSAGE",
+    "MEMORY_TIMEOUT",
+    "MockHostError",
+    "MockHostServer",
+    "Msg",
+    "RemoteGuest",
+    "RemoteXen",
+    "connect_from_env",
+]
+
+log = logging.getLogger("xendmop.mock.remote")
+
+#: the environment variable clients read to find the host
+ENV_SOCKET = "XENDMOP_MOCK_SOCKET"
+#: the largest datagram either side accepts (a longer one is refused, never truncated silently)
+MAX_MESSAGE = 64 * 1024
+#: bytes per copy_{from,to}_user request (fits one datagram with its header)
+_CHUNK = 32 * 1024
+#: pages per remap instruction message
+_REMAP_BATCH = 2048
+#: fds one message may carry (remap memfds, an eventfd)
+_MAX_FDS = 16
+#: seconds the host waits for a client to answer a memory request during its ioctl
+MEMORY_TIMEOUT = 5.0
+#: open devices per connection
+MAX_HANDLES = 256
+#: the longest ioctl argument carried by value (the largest privcmd/evtchn struct is far smaller)
+MAX_ARG = 4096
+
+_KIND = struct.Struct("<H")
+_IOCTL = struct.Struct("<IIBQ")  # handle, request, arg is an address (1) or bytes (0), address
+_MMAP = struct.Struct("<IQQQ")  # handle, addr, length, offset
+_HANDLE_ADDR = struct.Struct("<IQ")  # handle, addr (MUNMAP)
+_HANDLE_N = struct.Struct("<II")  # handle, nbytes (READ)
+_HANDLE = struct.Struct("<I")  # CLOSE, WRITE (data follows)
+_OK = struct.Struct("<q")  # value, data follows
+_ERROR = struct.Struct("<i")  # errno, message follows
+_ADDR_N = struct.Struct("<QQ")  # MEM_READ, MEM_CHECK
+_ADDR = struct.Struct("<Q")  # MEM_WRITE, data follows
+_REMAP_HEAD = struct.Struct("<I")
+_REMAP_PAGE = struct.Struct("<QIQ")  # addr, index into the fds, offset
+_UCRED = struct.Struct("<iII")  # pid, uid, gid
+
+
+class Msg(IntEnum):
+    """Message kinds (client → host below 100, host → client from 100)."""
+
+    OPEN = 1  # path
+    IOCTL = 2  # _IOCTL + argument bytes
+    MMAP = 3  # _MMAP: the client made an anonymous shared VMA for this device
+    MUNMAP = 4  # _HANDLE_ADDR: the client unmapped it
+    READ = 5  # _HANDLE_N
+    WRITE = 6  # _HANDLE + data
+    CLOSE = 7  # _HANDLE
+    CALL = 8  # JSON {"op": name, "args": {...}}
+    MEM_REPLY = 9  # _ERROR (0 = done) + data read
+    OK = 100  # _OK + data (+ fds)
+    ERROR = 101  # _ERROR + utf-8 message
+    MEM_READ = 102  # copy_from_user
+    MEM_WRITE = 103  # copy_to_user
+    MEM_CHECK = 104  # pin_user_pages(FOLL_WRITE)
+    MEM_REMAP = 105  # remap_pfn_range, fds attached
+
+
+class MockHostError(RuntimeError):
+    """The host refused or failed a request in a way that has no errno (protocol, admin)."""
+
+
+class _Broken(OSError):
+    """The peer broke the protocol or went away mid-transaction."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(errno.EFAULT, f"{os.strerror(errno.EFAULT)}: {why}")
+
+
+class _TooLong(_Broken):
+    """A datagram longer than ``MAX_MESSAGE`` (already consumed: the connection can go on)."""
+
+
+def _pack(kind: Msg, *parts: bytes) -> bytes:
+    return _KIND.pack(kind) + b"".join(parts)
+
+
+def _error(err: int, message: str = "") -> bytes:
+    return _pack(Msg.ERROR, _ERROR.pack(err), message.encode()[:1024])
+
+
+def _close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _recv(sock: socket.socket, *, want_fds: bool = False) -> tuple[bytes, list[int], tuple[int, int, int] | None]:
+    """One datagram: ``(data, fds, (pid, uid, gid) of the sender if the socket passes credentials)``.
+
+    Raises ``_Broken`` for end of file or a datagram longer than ``MAX_MESSAGE``.
+    Fds are kept only when ``want_fds`` (the host never takes a client's fds).
+    """
+    anc = socket.CMSG_SPACE(_UCRED.size) + (socket.CMSG_SPACE(_MAX_FDS * 4) if want_fds else 0)
+    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, anc)
+    fds: list[int] = []
+    cred = None
+    for level, ctype, cdata in ancdata:
+        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(cdata[: len(cdata) - len(cdata) % 4])
+            fds.extend(got)
+        elif level == socket.SOL_SOCKET and ctype == socket.SCM_CREDENTIALS and len(cdata) >= _UCRED.size:
+            cred = _UCRED.unpack_from(cdata)
+    if not want_fds:
+        _close_fds(fds)
+        fds = []
+    if not data:
+        _close_fds(fds)
+        raise _Broken("connection closed")
+    if len(data) > MAX_MESSAGE:
+        _close_fds(fds)
+        raise _TooLong(f"message longer than {MAX_MESSAGE} bytes")
+    if want_fds and flags & socket.MSG_CTRUNC:
+        _close_fds(fds)
+        raise _Broken(f"message with more than {_MAX_FDS} fds")
+    return data, fds, cred
+
+
+def _send(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+    else:
+        sock.sendall(data)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+# --- the host side ------------------------------------------------------------------------------
+
+
+class _ClientMemory:
+    """A client process's memory as the host's devices reach it: each access is a
+    request to the client, answered from its own memory while its ioctl is in flight."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    def read(self, addr: int, nbytes: int) -> bytes:
+        """copy_from_user, chunked: an absurd length faults at its first bad chunk."""
+        if not access_ok(addr, nbytes):
+            raise OSError(errno.EFAULT, f"{addr:#x}+{nbytes} outside user space")
+        parts = []
+        for off in range(0, nbytes, _CHUNK):
+            n = min(_CHUNK, nbytes - off)
+            got = self._conn.rpc(_pack(Msg.MEM_READ, _ADDR_N.pack(addr + off, n)))
+            if len(got) != n:
+                raise _Broken(f"client answered {len(got)} bytes for {n}")
+            parts.append(got)
+        return b"".join(parts)
+
+    def write(self, addr: int, data: bytes) -> None:
+        """copy_to_user."""
+        if not access_ok(addr, len(data)):
+            raise OSError(errno.EFAULT, f"{addr:#x}+{len(data)} outside user space")
+        for off in range(0, len(data), _CHUNK):
+            self._conn.rpc(_pack(Msg.MEM_WRITE, _ADDR.pack(addr + off), bytes(data[off : off + _CHUNK])))
+
+    def clear(self, addr: int, nbytes: int) -> None:
+        """clear_user."""
+        if not access_ok(addr, nbytes):
+            raise OSError(errno.EFAULT, f"{addr:#x}+{nbytes} outside user space")
+        for off in range(0, nbytes, _CHUNK):
+            self.write(addr + off, bytes(min(_CHUNK, nbytes - off)))
+
+    def check_writable(self, addr: int, nbytes: int) -> None:
+        """pin_user_pages_fast(FOLL_WRITE), probed by the client on its own memory."""
+        for off in range(0, max(nbytes, 1), _CHUNK):
+            self._conn.rpc(_pack(Msg.MEM_CHECK, _ADDR_N.pack(addr + off, min(_CHUNK, nbytes - off))))
+
+    def remap_pages(self, pages: Sequence[tuple[int, int, int]]) -> None:
+        """remap_pfn_range into the client: it maps each memfd page over its VMA itself."""
+        for start in range(0, len(pages), _REMAP_BATCH):
+            batch = pages[start : start + _REMAP_BATCH]
+            fds: list[int] = []
+            body = [_REMAP_HEAD.pack(len(batch))]
+            for addr, fd, offset in batch:
+                if fd not in fds:
+                    if len(fds) == _MAX_FDS:  # flush: one message carries at most _MAX_FDS fds
+                        raise OSError(errno.ENOMEM, "too many distinct page stores in one remap")
+                    fds.append(fd)
+                body.append(_REMAP_PAGE.pack(addr, fds.index(fd), offset))
+            self._conn.rpc(_pack(Msg.MEM_REMAP, *body), fds)
+
+
+@dataclasses.dataclass
+class ClientInfo:
+    """One connected client as the host knows it (``SO_PEERCRED`` at connect time)."""
+
+    pid: int
+    uid: int
+    gid: int
+    devices: dict[int, str]
+
+
+class _Connection:
+    """One client: its devices, its memory, and the thread that serves it."""
+
+    def __init__(self, server: MockHostServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        self.info = ClientInfo(pid, uid, gid, {})
+        self.memory = _ClientMemory(self)
+        self.devices: dict[int, Any] = {}
+        self._next_handle = 1
+        self._guests: dict[tuple[int, float], Any] = {}
+        self.broken = False
+        self.thread = threading.Thread(target=self.run, name=f"mock-host client pid {pid}", daemon=True)
+
+    # --- memory requests while an ioctl is in flight ------------------------------------
+
+    def rpc(self, request: bytes, fds: Sequence[int] = ()) -> bytes:
+        """Send a memory request and wait for the client's MEM_REPLY: its data, or OSError."""
+        if self.broken:
+            raise _Broken("client gone")
+        try:
+            _send(self.sock, request, fds)
+            ready, _, _ = select.select([self.sock], [], [], MEMORY_TIMEOUT)
+            if not ready:
+                raise _Broken(f"client did not answer a memory request in {MEMORY_TIMEOUT}s")
+            data, _, _ = _recv(self.sock)
+            if len(data) < _KIND.size + _ERROR.size or _KIND.unpack_from(data)[0] != Msg.MEM_REPLY:
+                raise _Broken("client sent something else than a memory reply")
+        except OSError as e:
+            self.broken = True
+            if isinstance(e, _Broken):
+                raise
+            raise _Broken(str(e)) from None
+        (err,) = _ERROR.unpack_from(data, _KIND.size)
+        if err:
+            raise OSError(err, os.strerror(err) if 0 < err < 4096 else "error")
+        return data[_KIND.size + _ERROR.size :]
+
+    # --- the request loop ------------------------------------------------------------
+
+    def run(self) -> None:
+        reply: bytes
+        fds: list[int]
+        try:
+            while not self.broken and not self.server.closing:
+                try:
+                    data, _, cred = _recv(self.sock)
+                except _TooLong as e:  # refused; the client may go on
+                    reply, fds = _error(errno.EMSGSIZE, e.strerror or ""), []
+                except OSError:
+                    break
+                else:
+                    try:
+                        reply, fds = self._handle(data, cred)
+                    except _Broken:
+                        break
+                try:
+                    _send(self.sock, reply, fds)
+                except OSError:
+                    break
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """The client's exit: close its devices as the kernel's release handlers would."""
+        self.broken = True
+        for handle in list(self.devices):
+            dev = self.devices.pop(handle)
+            try:
+                dev.close()
+            except Exception:
+                log.exception("closing %s of pid %d", dev.path, self.info.pid)
+        self.info.devices.clear()
+        try:
+            self.sock.close()
+        finally:
+            self.server._forget(self)
+
+    def _handle(self, data: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
+        if len(data) < _KIND.size:
+            return _error(errno.EPROTO, f"message of {len(data)} bytes has no kind"), []
+        (kind,) = _KIND.unpack_from(data)
+        body = data[_KIND.size :]
+        handler = _HANDLERS.get(kind)
+        if handler is None:
+            return _error(errno.EPROTO, f"unknown request kind {kind}"), []
+        try:
+            return handler(self, body, cred)
+        except _Broken:
+            raise
+        except struct.error as e:
+            return _error(errno.EPROTO, f"{Msg(kind).name}: malformed ({e})"), []
+        except OSError as e:
+            return _error(e.errno or errno.EIO, str(e)), []
+        except Exception as e:  # a bug or bad input must not take the host down
+            log.exception("request %s from pid %d", Msg(kind).name, self.info.pid)
+            return _error(errno.EIO, f"{Msg(kind).name}: {type(e).__name__}: {e}"), []
+
+    def _device(self, handle: int) -> Any:
+        dev = self.devices.get(handle)
+        if dev is None:
+            raise OSError(errno.EBADF, f"no open device with handle {handle}")
+        return dev
+
+    def _ok(self, value: int = 0, data: bytes = b"") -> tuple[bytes, list[int]]:
+        return _pack(Msg.OK, _OK.pack(value), data), []
+
+    def _privileged(self, cred: tuple[int, int, int] | None) -> bool:
+        uid = cred[1] if cred is not None else self.info.uid
+        return uid in (0, os.geteuid())
+
+    def _open(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
+        try:
+            path = body.decode()
+        except UnicodeDecodeError:
+            return _error(errno.EINVAL, "OPEN: path is not UTF-8"), []
+        if len(body) > 4096:
+            return _error(errno.ENAMETOOLONG, f"OPEN: path of {len(body)} bytes"), []
+        if not self._privileged(cred):  # the device nodes are root's, mode 0600
+            uid = cred[1] if cred else self.info.uid
+            return _error(errno.EACCES, f"OPEN {path}: uid {uid} may not open it (root's device)"), []
+        if len(self.devices) >= MAX_HANDLES:
+            return _error(errno.EMFILE, f"OPEN {path}: {MAX_HANDLES} devices already open"), []
+        dev = self.server.xen.open_device(path, memory=self.memory)
+        fds: list[int] = []
+        if isinstance(dev, EvtchnDevice):
+            dev.nonblocking = True  # the host thread never sleeps for a client: it polls its eventfd
+            fds = [dev.fileno()]
+        handle, self._next_handle = self._next_handle, self._next_handle + 1
+        self.devices[handle] = dev
+        self.info.devices[handle] = path
+        return _pack(Msg.OK, _OK.pack(handle)), fds
+
+    def _ioctl(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
+        handle, request, by_address, address = _IOCTL.unpack_from(body)
+        arg_bytes = body[_IOCTL.size :]
+        if len(arg_bytes) > MAX_ARG:
+            return _error(errno.EINVAL, f"IOCTL: argument of {len(arg_bytes)} bytes (limit {MAX_ARG})"), []
+        dev = self._device(handle)
+        arg: Any = address if by_address else bytearray(arg_bytes)
+        rc = dev.ioctl(request, arg)
+        return self._ok(rc, b"" if by_address else bytes(arg))
+
+    def _mmap(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
+        handle, addr, length, offset = _MMAP.unpack_from(body)
+        dev = self._device(handle)
+        if isinstance(dev, PrivcmdDevice):
+            if offset:  # privcmd_mmap: the VMA is filled by ioctls, there is nothing at an offset
+                raise OSError(errno.EINVAL, f"MMAP: offset {offset:#x} on privcmd")
+            dev.adopt_vma(addr, length)
+        elif dev.path == HYPERCALL_PATH:
+            if length <= 0 or offset:  # privcmd_buf_mmap: the client's own zeroed shared pages
+                raise OSError(errno.EINVAL, f"MMAP: length {length} offset {offset} on {dev.path}")
+        else:
+            dev.mmap(length, offset)  # evtchn: ENODEV
+        return self._ok()
+
+    def _munmap(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
+        handle, addr = _HANDLE_ADDR.unpack_from(body)
+        dev = self._device(handle)
+        if isinstance(dev, PrivcmdDevice):
+            dev.release_vma(addr)
+        return self._ok()
+
+    def _read(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
+        handle, nbytes = _HANDLE_N.unpack_from(body)
+        dev = self._device(handle)
+        if not isinstance(dev, EvtchnDevice):
+            raise OSError(errno.EINVAL, f"READ: {dev.path} is not readable")
+        return self._ok(0, dev.read(min(nbytes, PAGE_SIZE)))
+
+    def _write(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
+        (handle,) = _HANDLE.unpack_from(body)
+        dev = self._device(handle)
+        if not isinstance(dev, EvtchnDevice):
+            raise OSError(errno.EINVAL, f"WRITE: {dev.path} is not writable")
+        return self._ok(dev.write(body[_HANDLE.size :]))
+
+    def _close(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
+        (handle,) = _HANDLE.unpack_from(body)
+        dev = self._device(handle)
+        del self.devices[handle]
+        self.info.devices.pop(handle, None)
+        dev.close()
+        return self._ok()
+
+    def _call(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
+        try:
+            request = json.loads(body)
+        except (ValueError, RecursionError) as e:
+            return _error(errno.EINVAL, f"CALL: not JSON ({e})"), []
+        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+            return _error(errno.EINVAL, "CALL: want an object with a string 'op'"), []
+        op, args = request["op"], request.get("args", {})
+        entry = _CALLS.get(op)
+        if entry is None:
+            return _error(errno.EINVAL, f"CALL: unknown request {op!r}"[:200]), []
+        if not isinstance(args, dict):
+            return _error(errno.EINVAL, f"CALL {op}: 'args' must be an object"), []
+        fn, mutates = entry
+        if mutates and not self._privileged(cred):
+            return _error(errno.EPERM, f"CALL {op}: only root or the host's user may do this"), []
+        try:
+            result: Any = {"ok": _jsonable(fn(self, **args))}
+        except (TypeError, ValueError) as e:
+            return _error(errno.EINVAL, f"CALL {op}: bad arguments ({e})"), []
+        except LookupError as e:
+            return _error(errno.ESRCH, f"CALL {op}: {e}"), []
+        except _GuestRaised as e:
+            result = e.reply
+        return self._ok(0, json.dumps(result).encode())
+
+    # --- admin and guest requests -------------------------------------------------------
+
+    def _guest(self, domid: int, timeout: float) -> Any:
+        from ..runtime.simguest import SimGuest
+
+        key = (domid, timeout)
+        guest = self._guests.get(key)
+        if guest is None:
+            self.server.xen.domain(domid)  # LookupError for a domain that does not exist
+            guest = self._guests[key] = SimGuest(self.server.xen, domid, timeout=timeout)
+        return guest
+
+
+class _GuestRaised(Exception):
+    def __init__(self, reply: dict[str, Any]) -> None:
+        super().__init__(reply.get("message"))
+        self.reply = reply
+
+
+def _int(name: str, value: Any, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise TypeError(f"{name}={value!r}: want an integer in {lo}..{hi}")
+    return value
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r}: want true or false")
+    return value
+
+
+def _ping(conn: _Connection) -> dict[str, Any]:
+    return {"pid": os.getpid(), "clients": len(conn.server.clients())}
+
+
+def _create_domain(
+    conn: _Connection,
+    vcpus: int = 1,
+    hvm: bool = True,
+    memory_mb: int = 64,
+    hap: bool = True,
+    log_dirty: bool = False,
+    domid: int | None = None,
+) -> int:
+    xen = conn.server.xen
+    return int(
+        xen.create_domain(
+            _int("vcpus", vcpus, 1, 128),
+            _bool("hvm", hvm),
+            _int("memory_mb", memory_mb, 1, 1024),
+            hap=_bool("hap", hap),
+            log_dirty=_bool("log_dirty", log_dirty),
+            domid=None if domid is None else _int("domid", domid, 1, 0x7FEF),
+        )
+    )
+
+
+def _destroy_domain(conn: _Connection, domid: int) -> None:
+    conn.server.xen.destroy_domain(_int("domid", domid, 1, 0x7FEF))
+
+
+def _domains(conn: _Connection) -> list[int]:
+    with conn.server.xen.lock:
+        return sorted(conn.server.xen.hypervisor.domains)
+
+
+def _servers(conn: _Connection, domid: int) -> dict[str, Any]:
+    """Registered ioreq servers by id (Xen's view, whatever their device model became)."""
+    snap = conn.server.xen.domain(_int("domid", domid, 0, 0x7FEF)).snapshot()
+    return {str(s["id"]): s for s in snap["servers"] if s is not None}
+
+
+def _snapshot(conn: _Connection, domid: int) -> dict[str, Any]:
+    """The domain's state without its p2m (one entry per page: too big to ship)."""
+    snap = conn.server.xen.domain(_int("domid", domid, 0, 0x7FEF)).snapshot()
+    snap.pop("p2m", None)
+    return dict(snap)
+
+
+def _gsi_level(conn: _Connection, domid: int, gsi: int) -> bool:
+    return bool(conn.server.xen.domain(_int("domid", domid, 0, 0x7FEF)).gsi_level(_int("gsi", gsi, 0, 47)))
+
+
+def _events(conn: _Connection, last: int = 100) -> list[dict[str, Any]]:
+    n = _int("last", last, 0, 1000)
+    with conn.server.xen.lock:
+        events = list(conn.server.xen.events)[-n:] if n else []
+    return [dataclasses.asdict(e) for e in events]
+
+
+def _clients(conn: _Connection) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(c.info) for c in conn.server.clients()]
+
+
+#: guest methods: name -> (integer positional arguments, keyword arguments allowed)
+_GUEST_METHODS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "outb": (2, ("vcpu",)),
+    "outw": (2, ("vcpu",)),
+    "outl": (2, ("vcpu",)),
+    "inb": (1, ("vcpu",)),
+    "inw": (1, ("vcpu",)),
+    "inl": (1, ("vcpu",)),
+    "mmio_read": (2, ("vcpu",)),
+    "mmio_write": (3, ("vcpu",)),
+    "pci_config_read": (3, ("vcpu",)),
+    "pci_config_write": (4, ("vcpu",)),
+    "rep_outsb": (3, ("df", "vcpu")),
+    "rep_insb": (3, ("df", "vcpu")),
+    "rep_movs_to_mmio": (4, ("df", "vcpu")),
+    "send_buffered": (4, ()),
+    "read_ram": (2, ()),
+    "write_ram": (1, ()),  # plus "data": hex
+}
+
+
+def _guest_call(
+    conn: _Connection,
+    domid: int,
+    method: str,
+    args: list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    timeout: float = 5.0,
+    data: str | None = None,
+) -> Any:
+    """Run one ``SimGuest`` method in this thread (the guest's vCPU); its exceptions travel back typed."""
+    from ..runtime.simguest import GuestCrash, GuestTimeout
+
+    shape = _GUEST_METHODS.get(method) if isinstance(method, str) else None
+    if shape is None:
+        raise TypeError(f"method={method!r}: not a guest method")
+    nargs, allowed = shape
+    args, kwargs = list(args or []), dict(kwargs or {})
+    if len(args) != nargs:
+        raise TypeError(f"{method}: want {nargs} arguments, got {len(args)}")
+    ints = [_int(f"{method} argument {i}", a) for i, a in enumerate(args)]
+    kw: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key not in allowed:
+            raise TypeError(f"{method}: unexpected keyword {key!r}")
+        kw[key] = _bool(key, value) if key == "df" else _int(key, value, 0, 127)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 60:
+        raise TypeError(f"timeout={timeout!r}: want seconds in (0, 60]")
+    guest = conn._guest(_int("domid", domid, 1, 0x7FEF), float(timeout))
+    if method == "write_ram":
+        if not isinstance(data, str) or len(data) > 2 * _CHUNK:
+            raise TypeError(f"write_ram: data must be a hex string of at most {_CHUNK} bytes")
+        payload = bytes.fromhex(data)
+        _raising(lambda: guest.write_ram(ints[0], payload))
+        return None
+    if method == "read_ram" and ints[1] > _CHUNK:
+        raise TypeError(f"read_ram: at most {_CHUNK} bytes, not {ints[1]}")
+    try:
+        result = _raising(lambda: getattr(guest, method)(*ints, **kw))
+    except GuestTimeout as e:
+        raise _GuestRaised(
+            {
+                "raise": "GuestTimeout",
+                "message": str(e),
+                "domid": guest.domid,
+                "vcpu": e.vcpu,
+                "req": list(dataclasses.astuple(e.req)),
+                "timeout": timeout,
+                "state": _slot_state(str(e)),
+            }
+        ) from None
+    except GuestCrash as e:
+        raise _GuestRaised({"raise": "GuestCrash", "message": str(e)}) from None
+    return result.hex() if isinstance(result, bytes) else result
+
+
+def _slot_state(message: str) -> int:
+    """The slot state a ``GuestTimeout`` message names (it keeps no attribute for it)."""
+    found = re.search(r"slot state (\d+)\)$", message)
+    return int(found.group(1)) if found else -1
+
+
+def _raising(fn: Callable[[], Any]) -> Any:
+    """A guest's ValueError/LookupError (bad gpa, vanished domain) travel back by name."""
+    try:
+        return fn()
+    except (ValueError, LookupError) as e:
+        name = "ValueError" if isinstance(e, ValueError) else "LookupError"
+        raise _GuestRaised({"raise": name, "message": str(e)}) from None
+
+
+#: request name -> (function, changes state: needs root or the host's uid)
+_CALLS: dict[str, tuple[Callable[..., Any], bool]] = {
+    "ping": (_ping, False),
+    "domains": (_domains, False),
+    "servers": (_servers, False),
+    "snapshot": (_snapshot, False),
+    "gsi_level": (_gsi_level, False),
+    "events": (_events, False),
+    "clients": (_clients, False),
+    "create_domain": (_create_domain, True),
+    "destroy_domain": (_destroy_domain, True),
+    "guest": (_guest_call, True),
+}
+
+_HANDLERS: dict[int, Callable[[_Connection, bytes, Any], tuple[bytes, list[int]]]] = {
+    Msg.OPEN: _Connection._open,
+    Msg.IOCTL: _Connection._ioctl,
+    Msg.MMAP: _Connection._mmap,
+    Msg.MUNMAP: _Connection._munmap,
+    Msg.READ: _Connection._read,
+    Msg.WRITE: _Connection._write,
+    Msg.CLOSE: _Connection._close,
+    Msg.CALL: _Connection._call,
+}
+
+
+class MockHostServer:
+    """Serve ``xen`` (a ``MockXen``) on a unix seqpacket socket at ``socket_path``.
+
+    The socket is created with ``mode`` (0600: only its owner may connect; a
+    deprivileged device model running as another uid needs a wider mode or a chown).
+    ``start()`` accepts in a background thread; ``serve_forever()`` in the calling
+    one until ``stop()`` (safe from a signal handler).  ``close()`` disconnects every
+    client (closing its devices), removes the socket and leaves ``xen`` to its owner.
+    """
+
+    def __init__(self, xen: Any, socket_path: str, *, mode: int = 0o600, backlog: int = 16) -> None:
+        self.xen = xen
+        self.path = os.fspath(socket_path)
+        self.closing = False
+        self._lock = threading.Lock()
+        self._conns: list[_Connection] = []
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._thread: threading.Thread | None = None
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            old = os.umask(0o777 & ~mode)  # no window in which the socket is wider than asked
+            try:
+                self._listener.bind(self.path)
+            finally:
+                os.umask(old)
+            os.chmod(self.path, mode)
+            self._listener.listen(backlog)
+        except BaseException:
+            self._listener.close()
+            os.close(self._wake)
+            raise
+
+    def start(self) -> MockHostServer:
+        """Accept clients in a background thread."""
+        self._thread = threading.Thread(target=self.serve_forever, name="mock-host accept", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Accept clients (one thread each) until ``stop()``."""
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ)
+        sel.register(self._wake, selectors.EVENT_READ)
+        try:
+            while not self.closing:
+                for key, _ in sel.select():
+                    if key.fileobj is self._listener and not self.closing:
+                        self._accept()
+        finally:
+            sel.close()
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except OSError:
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the sender's ids on every message
+        conn = _Connection(self, sock)
+        with self._lock:
+            self._conns.append(conn)
+        log.info("mock-host: client pid %d uid %d connected", conn.info.pid, conn.info.uid)
+        conn.thread.start()
+
+    def _forget(self, conn: _Connection) -> None:
+        with self._lock:
+            if conn in self._conns:
+                self._conns.remove(conn)
+
+    def clients(self) -> list[_Connection]:
+        with self._lock:
+            return list(self._conns)
+
+    def stop(self) -> None:
+        """Stop accepting (async-signal-safe: a flag and an eventfd write)."""
+        self.closing = True
+        try:
+            os.eventfd_write(self._wake, 1)
+        except OSError:
+            pass  # already closed: nothing left to wake
+
+    def close(self) -> None:
+        """Stop, disconnect every client (their devices close), remove the socket."""
+        if self._listener.fileno() < 0:
+            return
+        self.stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        self._listener.close()
+        for conn in self.clients():
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)  # its thread sees EOF and releases its devices
+            except OSError:
+                pass
+            conn.thread.join(MEMORY_TIMEOUT + 1)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self._wake)
+
+    def __enter__(self) -> MockHostServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- the client side --------------------------------------------------------------------------
+
+
+class RemoteXen:
+    """A connection to a mock host process: ``open_device`` and admin requests.
+
+    One request at a time per connection (a lock); the process's own memory answers
+    the host's copy requests.  No thread of its own, so a device model may drop
+    privileges (``no_new_privs`` wants a single thread) while connected.
+    """
+
+    def __init__(self, socket_path: str) -> None:
+        self.path = os.fspath(socket_path)
+        self.memory = UserMemory()
+        self._lock = threading.Lock()
+        self._vmas: list[tuple[mmap.mmap, int, int, int]] = []  # (mapping, start, length, handle)
+        self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self._sock.connect(self.path)
+        except OSError:
+            self._sock.close()
+            raise
+
+    # --- transactions -----------------------------------------------------------------
+
+    @property
+    def sock(self) -> socket.socket:
+        if self._sock is None:
+            raise MockHostError(f"connection to {self.path} is closed")
+        return self._sock
+
+    def transact(self, request: bytes) -> tuple[int, bytes, list[int]]:
+        """Send one request; answer the host's memory requests until its reply.
+        Returns ``(value, data, fds)`` or raises ``OSError`` with the host's errno."""
+        with self._lock:
+            sock = self.sock
+            _send(sock, request)
+            while True:
+                try:
+                    data, fds, _ = _recv(sock, want_fds=True)
+                except _Broken as e:
+                    raise MockHostError(f"mock host at {self.path}: {e.strerror}") from None
+                kind = _KIND.unpack_from(data)[0] if len(data) >= _KIND.size else -1
+                body = data[_KIND.size :]
+                if kind == Msg.OK:
+                    (value,) = _OK.unpack_from(body)
+                    return value, body[_OK.size :], fds
+                if kind != Msg.MEM_REMAP:
+                    _close_fds(fds)
+                    fds = []
+                if kind == Msg.ERROR:
+                    (err,) = _ERROR.unpack_from(body)
+                    raise OSError(err, body[_ERROR.size :].decode(errors="replace") or os.strerror(err))
+                _send(sock, self._serve_memory(kind, body, fds))
+
+    def _serve_memory(self, kind: int, body: bytes, fds: list[int]) -> bytes:
+        """The host's copy_{from,to}_user or remap during our ioctl, done on our own memory."""
+        try:
+            if kind == Msg.MEM_READ:
+                addr, n = _ADDR_N.unpack_from(body)
+                if n > _CHUNK:
+                    raise OSError(errno.EINVAL, "read too long")
+                return _pack(Msg.MEM_REPLY, _ERROR.pack(0), self.memory.read(addr, n))
+            if kind == Msg.MEM_WRITE:
+                (addr,) = _ADDR.unpack_from(body)
+                self.memory.write(addr, body[_ADDR.size :])
+            elif kind == Msg.MEM_CHECK:
+                addr, n = _ADDR_N.unpack_from(body)
+                self.memory.check_writable(addr, min(n, _CHUNK))
+            elif kind == Msg.MEM_REMAP:
+                self._remap(body, fds)
+            else:
+                raise OSError(errno.EPROTO, f"unexpected message kind {kind}")
+        except (OSError, struct.error) as e:
+            err = e.errno if isinstance(e, OSError) and e.errno else errno.EFAULT
+            return _pack(Msg.MEM_REPLY, _ERROR.pack(err))
+        finally:
+            if kind == Msg.MEM_REMAP:
+                _close_fds(fds)  # the mappings hold their own references
+        return _pack(Msg.MEM_REPLY, _ERROR.pack(0))
+
+    def _remap(self, body: bytes, fds: list[int]) -> None:
+        (count,) = _REMAP_HEAD.unpack_from(body)
+        pages = [_REMAP_PAGE.unpack_from(body, _REMAP_HEAD.size + i * _REMAP_PAGE.size) for i in range(count)]
+        for addr, index, _ in pages:  # only over our own live privcmd VMAs
+            if index >= len(fds) or not any(
+                not m.closed and start <= addr and addr + PAGE_SIZE <= start + length
+                for m, start, length, _ in self._vmas
+            ):
+                raise OSError(errno.EFAULT, f"remap at {addr:#x}: not in a privcmd mapping")
+        for addr, index, offset in pages:
+            remap(addr, PAGE_SIZE, fds[index], offset)
+
+    def call(self, op: str, **args: Any) -> Any:
+        """One admin request (``ping``, ``domains``, ``servers``, ``snapshot``, ``gsi_level``,
+        ``events``, ``clients``, ``create_domain``, ``destroy_domain``); its JSON result."""
+        _, data, fds = self.transact(_pack(Msg.CALL, json.dumps({"op": op, "args": args}).encode()))
+        _close_fds(fds)
+        reply = json.loads(data)
+        if "raise" in reply:
+            raise _rebuild(reply)
+        return reply["ok"]
+
+    # --- admin helpers ----------------------------------------------------------------
+
+    def create_domain(self, vcpus: int = 1, hvm: bool = True, memory_mb: int = 64, **kw: Any) -> int:
+        return int(self.call("create_domain", vcpus=vcpus, hvm=hvm, memory_mb=memory_mb, **kw))
+
+    def destroy_domain(self, domid: int) -> None:
+        self.call("destroy_domain", domid=domid)
+
+    def servers(self, domid: int) -> dict[int, dict[str, Any]]:
+        """The domain's registered ioreq servers by id, as Xen sees them."""
+        return {int(k): v for k, v in self.call("servers", domid=domid).items()}
+
+    def snapshot(self, domid: int) -> dict[str, Any]:
+        return dict(self.call("snapshot", domid=domid))
+
+    def gsi_level(self, domid: int, gsi: int) -> bool:
+        return bool(self.call("gsi_level", domid=domid, gsi=gsi))
+
+    def events(self, last: int = 100) -> list[dict[str, Any]]:
+        return list(self.call("events", last=last))
+
+    # --- devices ----------------------------------------------------------------------
+
+    def open_device(self, path: str) -> Any:
+        """Open a device of the host (``/dev/xen/privcmd``, ``/dev/xen/hypercall``, ``/dev/xen/evtchn``)."""
+        handle, _, fds = self.transact(_pack(Msg.OPEN, path.encode()))
+        if path == EVTCHN_PATH:
+            if len(fds) != 1:
+                _close_fds(fds)
+                raise MockHostError(f"mock host sent {len(fds)} fds for {path}")
+            return RemoteEvtchn(self, path, handle, fds[0])
+        _close_fds(fds)
+        if path == PRIVCMD_PATH:
+            return RemotePrivcmd(self, path, handle)
+        return RemoteDevice(self, path, handle)
+
+    def _prune_vmas(self) -> None:
+        """Tell the host which privcmd VMAs we unmapped since the last ioctl."""
+        gone = [v for v in self._vmas if v[0].closed]
+        if not gone:
+            return
+        self._vmas = [v for v in self._vmas if not v[0].closed]
+        for _, start, _, handle in gone:
+            try:
+                self.transact(_pack(Msg.MUNMAP, _HANDLE_ADDR.pack(handle, start)))
+            except OSError:
+                pass  # the device was closed meanwhile: its VMAs went with it
+
+    def close(self) -> None:
+        """Disconnect: the host closes every device this connection opened."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def __enter__(self) -> RemoteXen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect_from_env() -> RemoteXen:
+    """Connect to the mock host named by ``$XENDMOP_MOCK_SOCKET``."""
+    path = os.environ.get(ENV_SOCKET)
+    if not path:
+        raise MockHostError(f"{ENV_SOCKET} is not set")
+    return RemoteXen(path)
+
+
+def _rebuild(reply: dict[str, Any]) -> Exception:
+    from ..runtime.dispatch import Ioreq
+    from ..runtime.simguest import GuestCrash, GuestTimeout
+
+    name, message = reply.get("raise"), str(reply.get("message", ""))
+    if name == "GuestTimeout":
+        req = Ioreq(*reply["req"])
+        return GuestTimeout(int(reply["domid"]), int(reply["vcpu"]), req, reply["timeout"], int(reply["state"]))
+    if name == "GuestCrash":
+        return GuestCrash(message)
+    if name == "ValueError":
+        return ValueError(message)
+    if name == "LookupError":
+        return LookupError(message)
+    return MockHostError(f"{name}: {message}")
+
+
+class RemoteDevice:
+    """A device of the mock host, opened over a ``RemoteXen`` connection."""
+
+    def __init__(self, xen: RemoteXen, path: str, handle: int) -> None:
+        self.path = path
+        self._xen = xen
+        self._handle = handle
+        self._fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)  # a real fd to hand out, as the mock does
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return self._fd
+
+    def ioctl(self, request: int, arg: Any = 0) -> int:
+        """``ioctl(fd, request, arg)``: ``arg`` a mutable buffer (updated in place) or a user address."""
+        self.fileno()
+        if isinstance(arg, int):
+            head = _IOCTL.pack(self._handle, request & 0xFFFFFFFF, 1, arg & ((1 << 64) - 1))
+            value, _, _ = self._xen.transact(_pack(Msg.IOCTL, head))
+            return value
+        view = memoryview(arg).cast("B")
+        if view.nbytes > MAX_ARG:
+            raise OSError(errno.EINVAL, f"ioctl argument of {view.nbytes} bytes (limit {MAX_ARG})")
+        head = _IOCTL.pack(self._handle, request & 0xFFFFFFFF, 0, 0)
+        value, data, _ = self._xen.transact(_pack(Msg.IOCTL, head, view.tobytes()))
+        if not view.readonly and len(data) == view.nbytes:
+            view[:] = data  # what the kernel copied back
+        return value
+
+    def mmap(self, length: int, offset: int = 0) -> mmap.mmap:
+        """Our own shared anonymous pages, announced to the host (privcmd fills them by ioctl)."""
+        self.fileno()
+        if length <= 0 or offset < 0:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        mapping = mmap.mmap(-1, length, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        start = _address_of(mapping)
+        try:
+            self._xen.transact(_pack(Msg.MMAP, _MMAP.pack(self._handle, start, length, offset)))
+        except BaseException:
+            mapping.close()
+            raise
+        if self.path == PRIVCMD_PATH:
+            self._xen._vmas.append((mapping, start, length, self._handle))
+        return mapping
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
+        os.close(fd)
+        self._xen._vmas = [v for v in self._xen._vmas if v[3] != self._handle]
+        try:
+            self._xen.transact(_pack(Msg.CLOSE, _HANDLE.pack(self._handle)))
+        except (OSError, MockHostError):
+            pass  # the host is gone: nothing is left open there
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path} handle={self._handle} fd={self._fd}>"
+
+
+class RemotePrivcmd(RemoteDevice):
+    """``/dev/xen/privcmd`` of the mock host."""
+
+    def ioctl(self, request: int, arg: Any = 0) -> int:
+        self._xen._prune_vmas()
+        return super().ioctl(request, arg)
+
+
+class RemoteEvtchn(RemoteDevice):
+    """``/dev/xen/evtchn`` of the mock host; ``fileno()`` is the host device's eventfd."""
+
+    def __init__(self, xen: RemoteXen, path: str, handle: int, eventfd: int) -> None:
+        super().__init__(xen, path, handle)
+        os.close(self._fd)
+        self._fd = eventfd
+        #: the O_NONBLOCK file flag, modelled here: a blocking read waits on the eventfd
+        self.nonblocking = False
+
+    def read(self, nbytes: int) -> bytes:
+        """``evtchn_read``: pending ports; EAGAIN when none and non-blocking.
+
+        The host keeps the eventfd readable exactly while ports are queued (or the ring
+        overflowed, which leaves it full), so an unreadable eventfd answers EAGAIN here
+        without a round trip.
+        """
+        if self.nonblocking and not select.select([self.fileno()], [], [], 0)[0]:
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        while True:
+            try:
+                _, data, _ = self._xen.transact(_pack(Msg.READ, _HANDLE_N.pack(self._handle, min(nbytes, PAGE_SIZE))))
+                return data
+            except OSError as e:
+                if e.errno != errno.EAGAIN:
+                    raise
+                if self.nonblocking:
+                    raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN)) from None
+            select.select([self.fileno()], [], [])
+
+    def write(self, data: bytes) -> int:
+        """``evtchn_write``: unmask the ports written."""
+        value, _, _ = self._xen.transact(_pack(Msg.WRITE, _HANDLE.pack(self._handle), bytes(data[:PAGE_SIZE])))
+        return value
+
+
+class RemoteGuest:
+    """A guest's vCPUs driven from this process, run by the host (``SimGuest`` there).
+
+    Same methods as ``xendmop.runtime.simguest.SimGuest``; ``GuestTimeout`` and
+    ``GuestCrash`` come back as themselves, naming the vCPU and the ioreq.
+    """
+
+    def __init__(self, socket_path: str | RemoteXen, domid: int, *, timeout: float = 5.0) -> None:
+        self.xen = socket_path if isinstance(socket_path, RemoteXen) else RemoteXen(socket_path)
+        self.domid = domid
+        self.timeout = timeout
+
+    def _do(self, method: str, *args: int, data: bytes | None = None, **kw: Any) -> Any:
+        extra: dict[str, Any] = {"data": data.hex()} if data is not None else {}
+        return self.xen.call(
+            "guest", domid=self.domid, method=method, args=list(args), kwargs=kw, timeout=self.timeout, **extra
+        )
+
+    def outb(self, port: int, value: int, vcpu: int = 0) -> None:
+        self._do("outb", port, value, vcpu=vcpu)
+
+    def outw(self, port: int, value: int, vcpu: int = 0) -> None:
+        self._do("outw", port, value, vcpu=vcpu)
+
+    def outl(self, port: int, value: int, vcpu: int = 0) -> None:
+        self._do("outl", port, value, vcpu=vcpu)
+
+    def inb(self, port: int, vcpu: int = 0) -> int:
+        return int(self._do("inb", port, vcpu=vcpu))
+
+    def inw(self, port: int, vcpu: int = 0) -> int:
+        return int(self._do("inw", port, vcpu=vcpu))
+
+    def inl(self, port: int, vcpu: int = 0) -> int:
+        return int(self._do("inl", port, vcpu=vcpu))
+
+    def mmio_read(self, addr: int, size: int, vcpu: int = 0) -> int:
+        return int(self._do("mmio_read", addr, size, vcpu=vcpu))
+
+    def mmio_write(self, addr: int, size: int, value: int, vcpu: int = 0) -> None:
+        self._do("mmio_write", addr, size, value, vcpu=vcpu)
+
+    def pci_config_read(self, sbdf: int, reg: int, size: int, vcpu: int = 0) -> int:
+        return int(self._do("pci_config_read", sbdf, reg, size, vcpu=vcpu))
+
+    def pci_config_write(self, sbdf: int, reg: int, size: int, value: int, vcpu: int = 0) -> None:
+        self._do("pci_config_write", sbdf, reg, size, value, vcpu=vcpu)
+
+    def rep_outsb(self, port: int, gpa: int, count: int, *, df: bool = False, vcpu: int = 0) -> None:
+        self._do("rep_outsb", port, gpa, count, df=df, vcpu=vcpu)
+
+    def rep_insb(self, port: int, gpa: int, count: int, *, df: bool = False, vcpu: int = 0) -> None:
+        self._do("rep_insb", port, gpa, count, df=df, vcpu=vcpu)
+
+    def rep_movs_to_mmio(self, addr: int, gpa: int, size: int, count: int, *, df: bool = False, vcpu: int = 0) -> None:
+        self._do("rep_movs_to_mmio", addr, gpa, size, count, df=df, vcpu=vcpu)
+
+    def send_buffered(self, type: int, addr: int, size: int, data: int) -> bool:
+        return bool(self._do("send_buffered", type, addr, size, data))
+
+    def write_ram(self, gpa: int, data: bytes) -> None:
+        self._do("write_ram", gpa, data=bytes(data))
+
+    def read_ram(self, gpa: int, n: int) -> bytes:
+        return bytes.fromhex(self._do("read_ram", gpa, n))
+
+    def close(self) -> None:
+        self.xen.close()
+
+    def __enter__(self) -> RemoteGuest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _address_of(mapping: mmap.mmap) -> int:
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor  # release the export so the mapping can still be closed
