@@ -4,6 +4,7 @@
     xendmop ops                       every DMOP, from the declarations
     xendmop nr-vcpus DOMID            one subcommand per read-only or simple op
     xendmop depriv-check PID          is a device-model process deprivileged? (see xendmop.depriv.check)
+    xendmop mock-host --socket PATH   serve the mock Xen to other processes (see xendmop.mock.remote)
     xendmop --json …                  machine-readable output
 
 ``--backend`` (or ``$XENDMOP_BACKEND``) chooses privcmd, libxen or mock; the default
@@ -122,6 +123,41 @@ def _print_ops(ops: list[dict[str, Any]]) -> None:
         )
 
 
+def _mode(text: str) -> int:
+    mode = int(text, 8)
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode {text!r}: want octal permission bits, e.g. 0600")
+    return mode
+
+
+def _mock_host(args: argparse.Namespace) -> int:
+    """Serve a mock Xen on a unix socket until SIGTERM/SIGINT; remove the socket on the way out."""
+    import os
+    import signal
+
+    from .mock import MockXen, default_host
+    from .mock.remote import ENV_SOCKET, MockHostServer
+
+    xen = default_host() if args.domains == "default" else MockXen()
+    try:
+        server = MockHostServer(xen, args.socket, mode=args.mode)
+    except OSError as e:
+        xen.close()
+        print(f"xendmop mock-host: cannot listen on {args.socket}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    previous = {sig: signal.signal(sig, lambda signum, frame: server.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    print(f"xendmop mock-host: listening on {args.socket} (pid {os.getpid()}; clients: {ENV_SOCKET}={args.socket})")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+        xen.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xendmop", description="Xen device-model operations from dom0.")
     p.add_argument("--version", action="version", version=f"xendmop {__version__}")
@@ -132,6 +168,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="what each backend finds on this host")
     sub.add_parser("ops", help="the DMOP catalogue")
     sub.add_parser("depriv-check", help="inspect a device-model process's deprivileging (own --help)")
+    mh = sub.add_parser("mock-host", help="serve the mock Xen to other processes on a unix socket")
+    mh.add_argument("--socket", required=True, help="where to listen (clients read $XENDMOP_MOCK_SOCKET)")
+    mh.add_argument("--domains", choices=("default", "none"), default="default", help="default: dom1 HVM, dom2 PV")
+    mh.add_argument("--mode", type=_mode, default=0o600, help="socket permissions, octal (default 0600)")
     for command, (method, params) in SIMPLE_OPS.items():
         doc = (getattr(DeviceModel, method).__doc__ or "").strip().splitlines()[0]
         sp = sub.add_parser(command, help=doc, description=doc)
@@ -148,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return depriv_check(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.command == "mock-host":
+        return _mock_host(args)
     out: Callable[[Any], None]
     try:
         if args.command == "info":
