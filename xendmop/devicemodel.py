@@ -344,7 +344,17 @@ def make_backend(name: str, *, xen: Any = None, limits: Limits = Limits()) -> Ba
         from .backends.privcmd import PrivcmdBackend
         from .mock import default_host
 
-        if xen is not None:
+        if xen is None and os.environ.get("XENDMOP_MOCK_SOCKET"):  # a mock host process (xendmop mock-host)
+            from .mock.remote import connect_from_env
+
+            remote = connect_from_env()
+            try:
+                backend = PrivcmdBackend(remote.open_device, limits=limits, on_close=remote.close)
+            except BaseException:
+                remote.close()
+                raise
+            log.info("xendmop: mock Xen host at %s (from XENDMOP_MOCK_SOCKET)", remote.path)
+        elif xen is not None:
             backend = PrivcmdBackend(xen.open_device, limits=limits)
         else:  # a host of our own: closed with the backend
             host = default_host()
