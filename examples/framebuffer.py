@@ -1,0 +1,531 @@
+"""framebuffer: a linear framebuffer in guest RAM, rendered to a PNG from its dirty pages.
+
+It emulates a minimal display in the style of Bochs' VBE "dispi" interface: an
+index/data register pair at I/O ports 0x1CE/0x1CF (16-bit accesses) sets the mode
+and says where in its own RAM the guest keeps the framebuffer:
+
+====== ========= ===========================================================
+index  name      meaning
+====== ========= ===========================================================
+0x00   ID        reads 0xB0C5 (Bochs' VBE_DISPI_ID5): "the display is here"
+0x01   XRES      width in pixels, 1..1024
+0x02   YRES      height in pixels, 1..768
+0x03   BPP       bits per pixel: 32 (XRGB, little-endian) only
+0x04   ENABLE    bit 0: display on (the mode registers are frozen while on)
+0x10   FB_GFN_LO guest frame number of the framebuffer, low 16 bits
+0x11   FB_GFN_HI ... and high 16 bits
+0x12   FLUSH     any write: render the dirty pages now (also done on a timer)
+====== ========= ===========================================================
+
+The device model maps the framebuffer's frames once (foreign mapping through
+privcmd, restricted to the domain), asks Xen which of them the guest wrote since the
+last look (``XEN_DMOP_track_dirty_vram``; Xen needs the domain in HAP or shadow mode
+and turns log-dirty on), converts only those pages into its own RGB pixel buffer and
+writes a PNG snapshot (its own small encoder: zlib + struct).  A mode that is out of
+range, or a framebuffer outside the guest's RAM, is refused (the display stays off)
+and the reason is kept in ``Framebuffer.error``.  At most 768 pages are tracked, well
+inside one DMOP buffer (the library would split a larger range itself).
+
+Run it:
+
+    python examples/framebuffer.py                    # on the mock Xen: a simulated guest draws
+    python examples/framebuffer.py --output shot.png  # ... and the snapshot goes here
+    python examples/framebuffer.py --hold             # the same, then serve until Ctrl-C
+    python examples/framebuffer.py --domid 5 --output /srv/dom5.png   # a real dom0, until Ctrl-C
+    python examples/framebuffer.py --domid 5 --depriv 990:990 --chroot /var/empty
+
+On a real dom0 the PNG is rewritten every ``--interval`` seconds when pages changed
+(and on every FLUSH); with ``--depriv`` the output directory, opened before the
+privileges drop, must be writable by that user.  Ctrl-C or SIGTERM destroys the
+ioreq server and stops dirty tracking.  ``--depriv`` needs a real dom0: the
+in-process mock shares this process, so it refuses the flag.  This example issues
+no interrupt DMOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import logging
+import os
+import struct
+import sys
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xendmop import DeviceModel
+from xendmop.errors import ArgumentError, XenError
+from xendmop.runtime import ForeignMemory, IoreqServer, Mapping, ServeLoop
+from xendmop.runtime.dispatch import RateLimitedLog
+
+log = logging.getLogger("framebuffer")
+
+INDEX_PORT, DATA_PORT = 0x1CE, 0x1CF
+#: a 16-bit access to the data port also covers 0x1D0 (QEMU's VBE ports include it)
+LAST_PORT = 0x1D0
+DISPI_ID = 0xB0C5
+REG_ID, REG_XRES, REG_YRES, REG_BPP, REG_ENABLE = 0x00, 0x01, 0x02, 0x03, 0x04
+REG_FB_GFN_LO, REG_FB_GFN_HI, REG_FLUSH = 0x10, 0x11, 0x12
+MAX_XRES, MAX_YRES, BPP = 1024, 768, 32
+PAGE_SIZE = 4096
+BYTES_PER_PIXEL = BPP // 8
+PIXELS_PER_PAGE = PAGE_SIZE // BYTES_PER_PIXEL  # a page always holds whole pixels
+
+
+# --- PNG ------------------------------------------------------------------------------------------
+
+
+def encode_png(width: int, height: int, rgb: bytes | bytearray | memoryview) -> bytes:
+    """An 8-bit RGB PNG of ``rgb`` (``width * height * 3`` bytes, rows top to bottom)."""
+    stride = width * 3
+    if width <= 0 or height <= 0 or len(rgb) != stride * height:
+        raise ValueError(f"png: {width}x{height} needs {stride * height} RGB bytes, got {len(rgb)}")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + bytes(rgb[y * stride : (y + 1) * stride]) for y in range(height))  # filter 0
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit, truecolour, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+class PngFile:
+    """Writes snapshots to ``path`` atomically (temporary file + rename) through a directory
+    fd opened now, so it keeps working after a chroot."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._dir = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def __call__(self, png: bytes) -> None:
+        tmp = f".{self.path.name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644, dir_fd=self._dir)
+        try:
+            os.write(fd, png)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path.name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+
+    def close(self) -> None:
+        if self._dir >= 0:
+            os.close(self._dir)
+            self._dir = -1
+
+
+# --- the timer the serve loop watches -------------------------------------------------------------
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+class PeriodicTimer:
+    """A Linux timerfd expiring every ``interval`` seconds: a real fd for ``ServeLoop.add_reader``,
+    so polling runs in the loop's thread, between ioreqs, with no second thread."""
+
+    CLOCK_MONOTONIC, TFD_NONBLOCK, TFD_CLOEXEC = 1, os.O_NONBLOCK, os.O_CLOEXEC
+
+    def __init__(self, interval: float) -> None:
+        if not 0.001 <= interval <= 3600:
+            raise ValueError(f"interval={interval!r}: must be 0.001..3600 seconds")
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd: int = libc.timerfd_create(self.CLOCK_MONOTONIC, self.TFD_NONBLOCK | self.TFD_CLOEXEC)
+        if self.fd < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"timerfd_create: {os.strerror(e)}")
+        sec, nsec = int(interval), int(interval % 1 * 1e9)
+        spec = _Itimerspec(_Timespec(sec, nsec), _Timespec(sec, nsec))
+        if libc.timerfd_settime(self.fd, 0, ctypes.byref(spec), None) < 0:
+            e = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(e, f"timerfd_settime: {os.strerror(e)}")
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def expirations(self) -> int:
+        """How many periods passed since the last call (0 if none)."""
+        try:
+            return int.from_bytes(os.read(self.fd, 8), sys.byteorder)
+        except BlockingIOError:
+            return 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# --- the device -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Poll:
+    """One look at the framebuffer: pages Xen reported dirty, pages re-read, PNG written."""
+
+    dirty_pages: int
+    pages_read: int
+    wrote_png: bool
+
+
+class Framebuffer:
+    """The register block (an ``IoDevice`` for ports 0x1CE..0x1D0: offset 0 index, else data) and the renderer.
+
+    ``fmem`` maps the framebuffer (restrict it to ``domid``); ``output`` receives each PNG.
+    ``polls`` keeps the newest 64 ``Poll`` records; ``pages_read`` counts every page re-read.
+    """
+
+    def __init__(
+        self, dm: DeviceModel, domid: int, fmem: ForeignMemory, output: Callable[[bytes], None] | None = None
+    ) -> None:
+        self.dm, self.domid, self.fmem, self.output = dm, domid, fmem, output
+        self.index = 0
+        self.regs = {REG_XRES: 640, REG_YRES: 480, REG_BPP: BPP, REG_FB_GFN_LO: 0, REG_FB_GFN_HI: 0}
+        self.enabled = False
+        self.error: str | None = None
+        self.width = self.height = self.gfn = self.nr_pages = 0
+        self.rgb = bytearray()
+        self.polls: collections.deque[Poll] = collections.deque(maxlen=64)
+        self.pages_read = 0
+        self._map: Mapping | None = None
+        self._lock = threading.Lock()  # the loop's thread polls; close() may come from another
+        self._warn = RateLimitedLog(log)
+
+    # --- IoDevice -------------------------------------------------------------------------
+
+    def read(self, addr: int, size: int) -> int:
+        if addr == 0:
+            return self.index
+        value = {REG_ID: DISPI_ID, REG_ENABLE: int(self.enabled)}.get(self.index, self.regs.get(self.index, 0))
+        return value & ((1 << (8 * size)) - 1)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        value &= 0xFFFF
+        if addr == 0:
+            self.index = value
+        elif self.index == REG_ENABLE:
+            if value & 1:
+                self.enable()
+            else:
+                self.disable()
+        elif self.index == REG_FLUSH:
+            self.poll()
+        elif self.index in self.regs and not self.enabled:  # frozen while the display is on
+            self.regs[self.index] = value
+
+    # --- mode -----------------------------------------------------------------------------
+
+    def _refuse(self, why: str) -> None:
+        self.error = why
+        self._warn(logging.WARNING, "mode refused", "framebuffer: display not enabled: %s", why)
+
+    def enable(self) -> bool:
+        """Check the programmed mode, map the framebuffer, start tracking; False (and ``error``) if refused."""
+        with self._lock:
+            if self.enabled:
+                return True
+            width, height, bpp = self.regs[REG_XRES], self.regs[REG_YRES], self.regs[REG_BPP]
+            gfn = self.regs[REG_FB_GFN_HI] << 16 | self.regs[REG_FB_GFN_LO]
+            for name, value, low, high in (("xres", width, 1, MAX_XRES), ("yres", height, 1, MAX_YRES)):
+                if not low <= value <= high:
+                    self._refuse(f"{name}={value}: must be {low}..{high}")
+                    return False
+            if bpp != BPP:
+                self._refuse(f"bpp={bpp}: only {BPP} is supported")
+                return False
+            nr_pages = -(-width * height * BYTES_PER_PIXEL // PAGE_SIZE)
+            try:
+                mapping = self.fmem.map(self.domid, range(gfn, gfn + nr_pages))
+            except (XenError, ArgumentError) as e:
+                self._refuse(f"fb_gfn={gfn:#x}+{nr_pages} pages: {e}")
+                return False
+            if not mapping.ok:
+                bad = next(i for i, err in enumerate(mapping.errors) if err)
+                self.fmem.unmap(mapping)
+                self._refuse(f"fb_gfn={gfn:#x}: frame {gfn + bad:#x} is not the guest's RAM")
+                return False
+            self._map, self.enabled, self.error = mapping, True, None
+            self.width, self.height, self.gfn, self.nr_pages = width, height, gfn, nr_pages
+            self.rgb = bytearray(width * height * 3)
+            log.info("framebuffer: %dx%dx%d at gfn %#x (%d pages)", width, height, bpp, gfn, nr_pages)
+            return True
+
+    def disable(self) -> None:
+        """Display off: stop Xen's dirty tracking and drop the mapping."""
+        with self._lock:
+            if not self.enabled:
+                return
+            self.enabled = False
+            try:
+                self.dm.track_dirty_vram(self.domid, 0, 0)  # nr == 0: stop tracking
+            except XenError as e:
+                log.warning("framebuffer: stopping dirty tracking failed: %s", e)
+            mapping, self._map = self._map, None
+            if mapping is not None:
+                self.fmem.unmap(mapping)
+
+    close = disable
+
+    # --- rendering ---------------------------------------------------------------------------
+
+    def poll(self) -> Poll:
+        """Ask Xen which framebuffer pages changed, re-read only those, write a PNG if any did."""
+        with self._lock:
+            if not self.enabled or self._map is None:
+                return Poll(0, 0, False)
+            try:
+                bitmap = self.dm.track_dirty_vram(self.domid, self.gfn, self.nr_pages)
+            except XenError as e:
+                self._warn(logging.WARNING, "track failed", "framebuffer: track_dirty_vram: %s", e)
+                return Poll(0, 0, False)
+            dirty = [i for i in range(self.nr_pages) if bitmap[i >> 3] >> (i & 7) & 1]
+            for page in dirty:
+                self._render_page(page)
+            self.pages_read += len(dirty)
+            wrote = bool(dirty) and self.output is not None
+            if wrote and self.output is not None:
+                self.output(encode_png(self.width, self.height, self.rgb))
+            result = Poll(len(dirty), len(dirty), wrote)
+            self.polls.append(result)
+            return result
+
+    def _render_page(self, page: int) -> None:
+        """XRGB (bytes B, G, R, X) of one page into the RGB buffer; the last page may be partial."""
+        assert self._map is not None
+        first = page * PIXELS_PER_PAGE
+        last = min(first + PIXELS_PER_PAGE, self.width * self.height)
+        src = self._map.view[first * BYTES_PER_PIXEL : last * BYTES_PER_PIXEL]
+        out = memoryview(self.rgb)[first * 3 : last * 3]
+        out[0::3], out[1::3], out[2::3] = src[2::4], src[1::4], src[0::4]
+
+
+# --- the guest's side, on the mock -------------------------------------------------------------------
+
+
+@dataclass
+class GuestReport:
+    """What the simulated guest did, and what each flush cost the device model."""
+
+    detected: bool = False
+    polls: list[Poll] = field(default_factory=list)
+    refused: str | None = None
+    tracking_after_disable: Any = None
+    lines: list[str] = field(default_factory=list)
+
+
+MODE = (320, 200)
+FB_GPA = 0x100000  # the guest keeps its framebuffer at 1 MiB
+BACKGROUND = (0x20, 0x40, 0x80)
+SQUARE, SQUARE_COLOUR = (100, 50, 16, 16), (0xFF, 0xC0, 0x00)
+DOT, DOT_COLOUR = (MODE[0] - 1, MODE[1] - 1), (0xFF, 0xFF, 0xFF)
+
+
+def xrgb(colour: tuple[int, int, int]) -> bytes:
+    r, g, b = colour
+    return bytes((b, g, r, 0))
+
+
+def guest_script(guest: Any, xen: Any, domid: int, fb: Framebuffer) -> GuestReport:
+    """A guest's display driver: detect, set the mode, draw, flush; the device model's cost per flush."""
+    r = GuestReport()
+
+    def reg(index: int, value: int | None = None) -> int:
+        guest.outw(INDEX_PORT, index)
+        if value is None:
+            return int(guest.inw(DATA_PORT))
+        guest.outw(DATA_PORT, value)
+        return value
+
+    def flush(what: str) -> None:
+        before = fb.pages_read
+        reg(REG_FLUSH, 1)
+        r.polls.append(fb.polls[-1])
+        r.lines.append(f"{what}: re-read {fb.pages_read - before} of {fb.nr_pages} pages")
+
+    r.detected = reg(REG_ID) == DISPI_ID
+    width, height = MODE
+    reg(REG_XRES, 5000)  # out of range: the display must stay off
+    reg(REG_ENABLE, 1)
+    r.refused = fb.error
+    reg(REG_XRES, width)
+    reg(REG_YRES, height)
+    reg(REG_BPP, BPP)
+    reg(REG_FB_GFN_LO, (FB_GPA >> 12) & 0xFFFF)
+    reg(REG_FB_GFN_HI, FB_GPA >> 28)
+    reg(REG_ENABLE, 1)
+    r.lines.append(f"mode {width}x{height}x{BPP} at {FB_GPA:#x}, enabled: {bool(reg(REG_ENABLE))}")
+
+    guest.write_ram(FB_GPA, xrgb(BACKGROUND) * (width * height))
+    flush("background")
+    x0, y0, w, h = SQUARE
+    for y in range(y0, y0 + h):
+        guest.write_ram(FB_GPA + (y * width + x0) * BYTES_PER_PIXEL, xrgb(SQUARE_COLOUR) * w)
+    flush(f"{w}x{h} square")
+    flush("nothing drawn")
+    guest.write_ram(FB_GPA + (DOT[1] * width + DOT[0]) * BYTES_PER_PIXEL, xrgb(DOT_COLOUR))
+    flush("one pixel")
+    reg(REG_ENABLE, 0)
+    r.tracking_after_disable = xen.domain(domid).snapshot()["vram"]
+    return r
+
+
+def expected_image() -> bytes:
+    """The RGB picture the guest script draws, computed independently of the device."""
+    width, height = MODE
+    rgb = bytearray(bytes(BACKGROUND) * (width * height))
+    x0, y0, w, h = SQUARE
+    for y in range(y0, y0 + h):
+        rgb[(y * width + x0) * 3 : (y * width + x0 + w) * 3] = bytes(SQUARE_COLOUR) * w
+    i = (DOT[1] * width + DOT[0]) * 3
+    rgb[i : i + 3] = bytes(DOT_COLOUR)
+    return bytes(rgb)
+
+
+def run_on_mock(
+    output: Callable[[bytes], None] | None, *, hold: bool = False, out: Callable[[str], None] = print
+) -> GuestReport | None:
+    """Serve a simulated guest on the mock Xen and run ``guest_script`` against the display.
+
+    The loop runs in this thread (Ctrl-C/SIGTERM reach it when this is the main thread),
+    the guest in another; with ``hold`` it keeps serving after the script until a signal.
+    Returns None when a signal ended the run first; raises what the script raised, or
+    ``RuntimeError`` if an ioreq server is left behind.
+    """
+    from xendmop.mock import MockXen
+    from xendmop.runtime.simguest import SimGuest
+
+    with MockXen() as xen:
+        domid = xen.create_domain(vcpus=1, hvm=True, memory_mb=4)
+        with DeviceModel.open("mock", xen=xen) as dm, ForeignMemory(xen.open_device) as fmem:
+            fmem.restrict(domid)
+            fb = Framebuffer(dm, domid, fmem, output)
+            server = IoreqServer(dm, domid, opener=xen.open_device)
+            server.add_port_range(INDEX_PORT, LAST_PORT, fb, "framebuffer")
+            loop = ServeLoop(server)
+            result: list[GuestReport | BaseException] = []
+
+            def guest_thread() -> None:
+                try:
+                    result.append(guest_script(SimGuest(xen, domid, timeout=5), xen, domid, fb))
+                except BaseException as e:  # handed to the main thread
+                    result.append(e)
+                if hold and not isinstance(result[-1], BaseException):
+                    for line in result[-1].lines:
+                        out(line)
+                    out("guest script done; serving until Ctrl-C")
+                else:
+                    loop.stop()
+
+            thread = threading.Thread(target=guest_thread, name="guest", daemon=True)
+            signum = None
+            try:
+                server.start()
+                thread.start()
+                signum = loop.run(handle_signals=threading.current_thread() is threading.main_thread())
+            finally:
+                server.close()
+                fb.close()
+            if signum is None:
+                thread.join(10)
+            if xen.domain(domid).snapshot()["servers"] != (None,) * 8:
+                raise RuntimeError("an ioreq server was left behind")
+    if signum is not None:
+        out(f"signal {signum}: ioreq server destroyed, none left in the domain")
+        finished = result[0] if result else None
+        return finished if isinstance(finished, GuestReport) else None
+    if not result:
+        raise RuntimeError("the guest script did not finish")
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    if not hold:
+        for line in result[0].lines:
+            out(line)
+    return result[0]
+
+
+# --- a real dom0 -----------------------------------------------------------------------------------
+
+
+def parse_ids(text: str) -> tuple[int, int]:
+    """``UID:GID`` (non-root numeric ids) for ``--depriv``; ``ArgumentTypeError`` names a bad value."""
+    uid, sep, gid = text.partition(":")
+    if not sep or not uid.isdigit() or not gid.isdigit() or int(uid) == 0 or int(gid) == 0:
+        raise argparse.ArgumentTypeError(f"--depriv {text!r}: expected UID:GID, two non-root numeric ids")
+    return int(uid), int(gid)
+
+
+def serve_domain(domid: int, png: PngFile, interval: float, depriv: tuple[int, int] | None, chroot: str | None) -> int:
+    """Serve the display to ``domid`` until SIGINT/SIGTERM; then destroy the server and stop tracking."""
+    from xendmop.depriv import DropConfig
+
+    drop = DropConfig(uid=depriv[0], gid=depriv[1], chroot=chroot) if depriv else None
+    timer = PeriodicTimer(interval)
+    try:
+        with DeviceModel.open("privcmd") as dm, ForeignMemory() as fmem:
+            fmem.restrict(domid)  # this handle maps the framebuffer only: restricted before any privilege drop
+            fb = Framebuffer(dm, domid, fmem, png)
+            server = IoreqServer(dm, domid, deprivilege=drop)
+            server.add_port_range(INDEX_PORT, LAST_PORT, fb, "framebuffer")
+            loop = ServeLoop(server)
+
+            def tick() -> None:
+                if timer.expirations():
+                    fb.poll()
+
+            loop.add_reader(timer.fileno(), tick)
+            log.info("framebuffer for dom%d on ports %#x/%#x; Ctrl-C to stop", domid, INDEX_PORT, DATA_PORT)
+            try:
+                loop.run()  # starts, serves, and tears the server down on a signal
+            finally:
+                fb.close()
+    finally:
+        timer.close()
+        png.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--domid", type=int, help="serve this HVM domain on a real dom0 (default: the mock)")
+    p.add_argument("--output", default="framebuffer.png", help="the PNG snapshot (default: %(default)s)")
+    p.add_argument("--interval", type=float, default=0.2, help="real dom0: seconds between polls")
+    p.add_argument("--hold", action="store_true", help="on the mock: keep serving after the guest script")
+    p.add_argument("--depriv", type=parse_ids, metavar="UID:GID", help="drop to these ids after bring-up")
+    p.add_argument("--chroot", help="with --depriv: an empty root-owned directory to chroot into")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.chroot and not args.depriv:
+        p.error("--chroot needs --depriv UID:GID")
+    if not 0.001 <= args.interval <= 3600:
+        p.error(f"--interval {args.interval}: must be 0.001..3600 seconds")
+    try:
+        png = PngFile(args.output)
+    except OSError as e:
+        p.error(f"--output {args.output!r}: {e.strerror}")
+    if args.domid is None:
+        try:
+            if args.depriv:
+                p.error(
+                    "--depriv needs a real dom0 (--domid N) or a mock host in another process "
+                    "(XENDMOP_MOCK_SOCKET): the in-process mock lives in this process, which must stay privileged"
+                )
+            report = run_on_mock(png, hold=args.hold)
+        finally:
+            png.close()
+        if report is not None:
+            print(f"snapshot: {args.output}")
+        return 0
+    return serve_domain(args.domid, png, args.interval, args.depriv, args.chroot)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""examples/framebuffer.py: the PNG encoder, dirty-page-only rendering on the mock, the command line."""
+
+from __future__ import annotations
+
+import os
+import random
+import runpy
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xendmop import DeviceModel
+from xendmop.mock import MockXen
+from xendmop.runtime import ForeignMemory
+from xendmop.runtime.simguest import SimGuest
+from xendmop.testing import ServeFactory
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "examples" / "framebuffer.py"
+fbmod: dict[str, Any] = runpy.run_path(str(SCRIPT))
+Framebuffer = fbmod["Framebuffer"]
+PAGE = 4096
+
+
+def decode_png(data: bytes) -> tuple[int, int, bytes]:
+    """(width, height, RGB bytes) of an 8-bit truecolour PNG with filter 0 rows; checks every CRC."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body), f"bad CRC in {kind!r}"
+        chunks.append((kind, body))
+        pos += 12 + length
+    assert chunks[0][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (depth, colour, compression, filtering, interlace) == (8, 2, 0, 0, 0)
+    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    stride = width * 3
+    assert len(raw) == height * (stride + 1)
+    rows = [raw[y * (stride + 1) : (y + 1) * (stride + 1)] for y in range(height)]
+    assert all(row[0] == 0 for row in rows)  # filter type None
+    return width, height, b"".join(row[1:] for row in rows)
+
+
+# --- PNG encoder -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("width", "height"), [(1, 1), (7, 3), (320, 200)])
+def test_png_round_trips(width: int, height: int) -> None:
+    rgb = random.Random(width * height).randbytes(width * height * 3)
+    assert decode_png(fbmod["encode_png"](width, height, rgb)) == (width, height, rgb)
+
+
+def test_png_refuses_a_buffer_of_the_wrong_size() -> None:
+    with pytest.raises(ValueError, match=r"png: 2x2 needs 12 RGB bytes, got 11"):
+        fbmod["encode_png"](2, 2, bytes(11))
+    with pytest.raises(ValueError, match=r"png: 0x2"):
+        fbmod["encode_png"](0, 2, b"")
+
+
+def test_png_file_replaces_atomically(tmp_path: Path) -> None:
+    sink = fbmod["PngFile"](tmp_path / "shot.png")
+    try:
+        sink(b"first")
+        sink(b"second")
+    finally:
+        sink.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shot.png"]
+    assert (tmp_path / "shot.png").read_bytes() == b"second"
+
+
+def test_periodic_timer_is_a_real_fd() -> None:
+    timer = fbmod["PeriodicTimer"](0.01)
+    try:
+        assert timer.expirations() == 0
+        time.sleep(0.05)
+        assert timer.expirations() >= 2
+    finally:
+        timer.close()
+    with pytest.raises(ValueError, match="interval=0"):
+        fbmod["PeriodicTimer"](0)
+
+
+# --- the guest script on the mock: only dirty pages are re-read --------------------------------
+
+
+def square_pages() -> int:
+    """Pages the script's square touches, from its geometry (not from the device)."""
+    width, _ = fbmod["MODE"]
+    x0, y0, w, h = fbmod["SQUARE"]
+    pages = {((y * width + x) * 4) // PAGE for y in range(y0, y0 + h) for x in (x0, x0 + w - 1)}
+    return len(pages)
+
+
+def test_guest_script_rerenders_only_dirty_pages() -> None:
+    pngs: list[bytes] = []
+    lines: list[str] = []
+    report = fbmod["run_on_mock"](pngs.append, out=lines.append)
+    assert report.detected and "xres=5000" in (report.refused or "")
+    width, height = fbmod["MODE"]
+    total = -(-width * height * 4 // PAGE)
+    assert [p.pages_read for p in report.polls] == [total, square_pages(), 0, 1]
+    assert [p.wrote_png for p in report.polls] == [True, True, False, True]
+    assert len(pngs) == 3
+    background = bytes(fbmod["BACKGROUND"]) * (width * height)
+    assert decode_png(pngs[0]) == (width, height, background)
+    assert decode_png(pngs[-1]) == (width, height, fbmod["expected_image"]())
+    assert report.tracking_after_disable is None  # display off: Xen tracks nothing any more
+    assert lines[1] == f"background: re-read {total} of {total} pages"
+
+
+def fb_on(serve: ServeFactory, xen: MockXen, domid: int, dm: DeviceModel) -> tuple[Any, ForeignMemory]:
+    fmem = ForeignMemory(xen.open_device)
+    fmem.restrict(domid)
+    fb = Framebuffer(dm, domid, fmem)
+    serve(ports={(0x1CE, 0x1D0): fb})
+    return fb, fmem
+
+
+def program(guest: SimGuest, **regs: int) -> None:
+    index = {"xres": 1, "yres": 2, "bpp": 3, "enable": 4, "gfn_lo": 0x10, "gfn_hi": 0x11, "flush": 0x12}
+    for name, value in regs.items():
+        guest.outw(0x1CE, index[name])
+        guest.outw(0x1CF, value)
+
+
+@pytest.mark.parametrize(
+    ("regs", "why"),
+    [
+        ({"xres": 0, "yres": 10, "bpp": 32}, "xres=0: must be 1..1024"),
+        ({"xres": 10, "yres": 769, "bpp": 32}, "yres=769: must be 1..768"),
+        ({"xres": 10, "yres": 10, "bpp": 24}, "bpp=24: only 32 is supported"),
+        ({"xres": 64, "yres": 64, "bpp": 32, "gfn_lo": 0xFFFF, "gfn_hi": 0xF}, "fb_gfn=0xfffff"),
+    ],
+)
+def test_bad_mode_is_refused_naming_the_field(
+    serve: ServeFactory, xen_host: MockXen, hvm_domain: int, device_model: DeviceModel, guest: SimGuest,
+    regs: dict[str, int], why: str,
+) -> None:  # fmt: skip
+    fb, fmem = fb_on(serve, xen_host, hvm_domain, device_model)
+    try:
+        program(guest, **regs, enable=1)
+        guest.outw(0x1CE, 4)
+        assert guest.inw(0x1CF) == 0 and why in fb.error
+        program(guest, flush=1)
+        assert fb.pages_read == 0 and xen_host.domain(hvm_domain).snapshot()["vram"] is None
+    finally:
+        fb.close()
+        fmem.close()
+
+
+def test_mode_is_frozen_while_on_and_unseen_writes_are_not_reread(
+    serve: ServeFactory, xen_host: MockXen, hvm_domain: int, device_model: DeviceModel, guest: SimGuest
+) -> None:
+    fb, fmem = fb_on(serve, xen_host, hvm_domain, device_model)
+    try:
+        program(guest, xres=64, yres=64, bpp=32, gfn_lo=0x200, gfn_hi=0, enable=1, flush=1)
+        assert fb.polls[-1].pages_read == 4 and (fb.width, fb.height, fb.gfn) == (64, 64, 0x200)
+        program(guest, xres=128)  # ignored while the display is on
+        guest.outw(0x1CE, 1)
+        assert guest.inw(0x1CF) == 64
+        # A store Xen does not see (dom0's own mapping, no modified_memory) is not re-read ...
+        sneaky = fmem.map(hvm_domain, [0x202])
+        sneaky.view[:4] = bytes((1, 2, 3, 0))
+        fmem.unmap(sneaky)
+        program(guest, flush=1)
+        assert fb.polls[-1].pages_read == 0 and fb.rgb[2 * 1024 * 3 : 2 * 1024 * 3 + 3] == b"\0\0\0"
+        # ... a guest store to the same page is, and then the page's current contents show.
+        guest.write_ram(0x202000 + 4, bytes((4, 5, 6, 0)))
+        program(guest, flush=1)
+        assert fb.polls[-1].pages_read == 1
+        assert fb.rgb[2 * 1024 * 3 : 2 * 1024 * 3 + 6] == bytes((3, 2, 1, 6, 5, 4))
+    finally:
+        fb.close()
+        fmem.close()
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+
+def run(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_command_line_writes_the_snapshot(tmp_path: Path) -> None:
+    done = run("--output", str(tmp_path / "out.png"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"square: re-read {square_pages()} of 63 pages" in done.stdout
+    assert "ioreq server 0 destroyed" in done.stderr
+    width, height = fbmod["MODE"]
+    assert decode_png((tmp_path / "out.png").read_bytes()) == (width, height, fbmod["expected_image"]())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+def test_command_line_refusals(tmp_path: Path) -> None:
+    done = run("--depriv", "990:990", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "real dom0" in done.stderr and "XENDMOP_MOCK_SOCKET" in done.stderr
+    missing = run("--output", str(tmp_path / "no" / "such.png"), cwd=tmp_path)
+    assert missing.returncode == 2 and "--output" in missing.stderr.splitlines()[-1]
+    bad = run("--interval", "0", cwd=tmp_path)
+    assert bad.returncode == 2 and "--interval 0.0" in bad.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_tears_the_server_down(tmp_path: Path, signum: int) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--hold", "--output", str(tmp_path / "fb.png")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("guest script done"):
+                break
+        assert seen and seen[-1].startswith("guest script done"), "".join(seen)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert f"signal {signum}: ioreq server destroyed, none left in the domain" in out
+    assert "ioreq server 0 destroyed" in err
