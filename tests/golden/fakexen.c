@@ -12,6 +12,18 @@
  *   IOCTL_PRIVCMD_HYPERCALL   op, arg[0..4], and for __HYPERVISOR_dm_op the
  *                             xen_dm_op_buf array behind arg[2]; same fill.
  *   IOCTL_PRIVCMD_RESTRICT    the domid.
+ *   IOCTL_PRIVCMD_MMAP_RESOURCE  dom, type, id, idx, num; the pages at addr get,
+ *                             in each 32-byte ioreq slot s of page p, vp_eport
+ *                             (offset 24) = 0x100 * (idx + p + 1) + s.
+ *   IOCTL_PRIVCMD_MMAPBATCH_V2   dom and the gfns; page i is filled with gfn i
+ *                             (as uint64s); a gfn >= 2^40 gets err[i] = -EINVAL.
+ *   evtchn BIND_INTERDOMAIN   returns local port 0x1000 + remote_port;
+ *          BIND_UNBOUND_PORT  returns 0x2000 + remote_domain;
+ *          UNBIND, RESET, RESTRICT_DOMID  recorded, 0;
+ *          NOTIFY             recorded, and the port becomes pending, as if the
+ *                             other end answered at once: read() returns it
+ *                             (EAGAIN when nothing is pending), write() logs
+ *                             the ports written back ("unmask").
  *   anything else             recorded, ENOTTY.
  *
  * Environment:
@@ -19,8 +31,12 @@
  *   FAKEXEN_NO_DM_OP   if set, DM_OP and RESTRICT fail with ENOTTY (a kernel
  *                      before Linux 4.11), so callers fall back to HYPERCALL
  *   FAKEXEN_ABSENT     if set, opening any /dev/xen device fails with ENOENT
+ *   FAKEXEN_NO_RESOURCE  if set, MMAP_RESOURCE fails with ENOTTY (a kernel
+ *                      without resource mapping)
+ *   FAKEXEN_EVTCHN_ERRNO  if set to n, every evtchn ioctl fails with errno n
  *
- * mmap() of a fake fd returns anonymous memory; everything else passes through
+ * mmap() of a fake fd returns anonymous memory (munmap of it is recorded);
+ * everything else passes through
  * to the next definition (dlsym RTLD_NEXT).  The structures below are written
  * from Linux's include/uapi/xen/privcmd.h and Xen's public/hvm/dm_op.h layouts
  * (x86_64), so that no Xen or kernel header is needed to build this file.
@@ -48,7 +64,19 @@ struct fx_xen_buf { uint64_t h; uint64_t size; };                /* xen_dm_op_bu
 #define FX_HYPERCALL FX_IOC(0, sizeof(struct fx_hypercall))
 #define FX_DM_OP FX_IOC(5, sizeof(struct fx_dm_op))
 #define FX_RESTRICT FX_IOC(6, sizeof(uint16_t))
+#define FX_MMAPBATCH_V2 FX_IOC(4, 32)
+#define FX_MMAP_RESOURCE FX_IOC(7, 32)
 #define FX_HYPERVISOR_dm_op 41
+#define FX_EVTCHN_IOC(nr, size) _IOC(_IOC_NONE, 'E', (nr), (size))
+#define FX_EVTCHN_BIND_INTERDOMAIN FX_EVTCHN_IOC(1, 8)
+#define FX_EVTCHN_BIND_UNBOUND_PORT FX_EVTCHN_IOC(2, 4)
+#define FX_EVTCHN_UNBIND FX_EVTCHN_IOC(3, 4)
+#define FX_EVTCHN_NOTIFY FX_EVTCHN_IOC(4, 4)
+#define FX_EVTCHN_RESET FX_EVTCHN_IOC(5, 0)
+#define FX_EVTCHN_RESTRICT_DOMID FX_EVTCHN_IOC(6, 2)
+
+struct fx_mmap_resource { uint16_t dom; uint32_t type; uint32_t id; uint32_t idx; uint64_t num; uint64_t addr; };
+struct fx_mmapbatch_v2 { uint32_t num; uint16_t dom; uint64_t addr; const uint64_t *arr; int *err; };
 
 enum fx_kind { FX_NONE, FX_PRIVCMD, FX_HYPERCALL_DEV, FX_EVTCHN };
 static const char *const fx_names[] = { "", "privcmd", "hypercall", "evtchn" };
@@ -62,6 +90,9 @@ static int (*real_dup2)(int, int);
 static int (*real_dup3)(int, int, int);
 static int (*real_ioctl)(int, unsigned long, ...);
 static void *(*real_mmap)(void *, size_t, int, int, int, off_t);
+static int (*real_munmap)(void *, size_t);
+static ssize_t (*real_read)(int, void *, size_t);
+static ssize_t (*real_write)(int, const void *, size_t);
 static int fx_log = -1;
 
 __attribute__((constructor)) static void fx_init(void)
@@ -73,6 +104,9 @@ __attribute__((constructor)) static void fx_init(void)
     real_dup3 = dlsym(RTLD_NEXT, "dup3");
     real_ioctl = dlsym(RTLD_NEXT, "ioctl");
     real_mmap = dlsym(RTLD_NEXT, "mmap");
+    real_munmap = dlsym(RTLD_NEXT, "munmap");
+    real_read = dlsym(RTLD_NEXT, "read");
+    real_write = dlsym(RTLD_NEXT, "write");
     const char *log = getenv("FAKEXEN_LOG");
     if (log)
         fx_log = real_open(log, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
@@ -116,14 +150,40 @@ static struct fx_line fx_begin(const char *event, int fd)
     struct fx_line l = { malloc(256), 0, 256 };
     if (!l.text)
         abort();
-    fx_put(&l, "{\"event\": \"%s\", \"dev\": \"%s\"", event, fx_names[fx_kind_of[fd]]);
+    fx_put(&l, "{\"event\": \"%s\", \"dev\": \"%s\"", event, fd >= 0 ? fx_names[fx_kind_of[fd]] : "");
     return l;
+}
+
+/* --- mappings of fake fds, so that their munmap can be recorded ------------ */
+
+#define FX_MAX_MAPS 256
+static struct { void *addr; size_t length; enum fx_kind kind; } fx_maps[FX_MAX_MAPS];
+
+static void fx_remember_map(void *addr, size_t length, enum fx_kind kind)
+{
+    for (int i = 0; i < FX_MAX_MAPS; i++)
+        if (!fx_maps[i].addr) {
+            fx_maps[i].addr = addr;
+            fx_maps[i].length = length;
+            fx_maps[i].kind = kind;
+            return;
+        }
+}
+
+static enum fx_kind fx_forget_map(void *addr, size_t length)
+{
+    for (int i = 0; i < FX_MAX_MAPS; i++)
+        if (fx_maps[i].addr == addr && fx_maps[i].length == length) {
+            fx_maps[i].addr = NULL;
+            return fx_maps[i].kind;
+        }
+    return FX_NONE;
 }
 
 static void fx_end(struct fx_line *l)
 {
     fx_put(l, "}\n");
-    if (fx_log >= 0 && write(fx_log, l->text, l->len) != (ssize_t)l->len)
+    if (fx_log >= 0 && real_write(fx_log, l->text, l->len) != (ssize_t)l->len)
         abort();
     free(l->text);
 }
@@ -248,7 +308,21 @@ void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
            (flags & MAP_SHARED) ? "true" : "false", (long long)offset);
     fx_end(&l);
     int anon = (flags & ~(MAP_SHARED | MAP_PRIVATE)) | MAP_PRIVATE | MAP_ANONYMOUS;
-    return real_mmap(addr, length, prot, anon, -1, 0);
+    void *p = real_mmap(addr, length, prot, anon, -1, 0);
+    if (p != MAP_FAILED)
+        fx_remember_map(p, length, fx_kind_of[fd]);
+    return p;
+}
+
+int munmap(void *addr, size_t length)
+{
+    enum fx_kind kind = fx_forget_map(addr, length);
+    if (kind != FX_NONE) {
+        struct fx_line l = fx_begin("munmap", -1);
+        fx_put(&l, ", \"mapped_from\": \"%s\", \"length\": %zu", fx_names[kind], length);
+        fx_end(&l);
+    }
+    return real_munmap(addr, length);
 }
 
 void *mmap64(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
@@ -358,6 +432,132 @@ static int fx_hypercall(int fd, struct fx_hypercall *call)
     return 0;
 }
 
+/* --- foreign mappings ------------------------------------------------------ */
+
+static int fx_mmap_resource(int fd, struct fx_mmap_resource *r)
+{
+    struct fx_line l = fx_begin("mmap_resource", fd);
+    fx_put(&l, ", \"dom\": %u, \"type\": %u, \"id\": %u, \"idx\": %u, \"num\": %llu, \"addr\": %s", r->dom,
+           r->type, r->id, r->idx, (unsigned long long)r->num, r->addr ? "true" : "false");
+    fx_end(&l);
+    if (getenv("FAKEXEN_NO_RESOURCE")) {
+        errno = ENOTTY;
+        return -1;
+    }
+    if (!r->addr) {
+        if (r->num) {
+            errno = EINVAL;
+            return -1;
+        }
+        r->num = 2; /* size query: an ioreq server has two frames */
+        return 0;
+    }
+    for (uint64_t p = 0; p < r->num; p++) {
+        unsigned char *page = (unsigned char *)(uintptr_t)r->addr + p * 4096;
+        memset(page, 0, 4096);
+        for (uint32_t slot = 0; slot < 4096 / 32; slot++) {
+            uint32_t port = 0x100 * (uint32_t)(r->idx + p + 1) + slot;
+            memcpy(page + slot * 32 + 24, &port, sizeof(port));
+        }
+    }
+    return 0;
+}
+
+static int fx_mmapbatch(int fd, struct fx_mmapbatch_v2 *b)
+{
+    struct fx_line l = fx_begin("mmapbatch_v2", fd);
+    fx_put(&l, ", \"dom\": %u, \"num\": %u, \"gfns\": [", b->dom, b->num);
+    for (uint32_t i = 0; i < b->num; i++)
+        fx_put(&l, "%s%llu", i ? ", " : "", (unsigned long long)b->arr[i]);
+    fx_put(&l, "]");
+    fx_end(&l);
+    for (uint32_t i = 0; i < b->num; i++) {
+        uint64_t *page = (uint64_t *)(uintptr_t)(b->addr + (uint64_t)i * 4096);
+        int bad = b->arr[i] >= (1ULL << 40);
+        b->err[i] = bad ? -EINVAL : 0;
+        for (int w = 0; w < 4096 / 8; w++)
+            page[w] = bad ? 0 : b->arr[i];
+    }
+    return 0;
+}
+
+/* --- event channels: the pending ring ------------------------------------- */
+
+#define FX_RING 64
+static uint32_t fx_pending[FX_RING];
+static unsigned fx_pending_head, fx_pending_tail;
+
+static int fx_evtchn(int fd, unsigned long request, void *arg)
+{
+    uint32_t word[2] = { 0, 0 };
+    const char *name;
+    switch (request) {
+    case FX_EVTCHN_BIND_INTERDOMAIN: name = "bind_interdomain"; memcpy(word, arg, 8); break;
+    case FX_EVTCHN_BIND_UNBOUND_PORT: name = "bind_unbound_port"; memcpy(word, arg, 4); break;
+    case FX_EVTCHN_UNBIND: name = "unbind"; memcpy(word, arg, 4); break;
+    case FX_EVTCHN_NOTIFY: name = "notify"; memcpy(word, arg, 4); break;
+    case FX_EVTCHN_RESET: name = "reset"; break;
+    case FX_EVTCHN_RESTRICT_DOMID: { uint16_t d; memcpy(&d, arg, 2); word[0] = d; name = "restrict_domid"; break; }
+    default: name = NULL;
+    }
+    struct fx_line l = fx_begin(name ? "evtchn" : "ioctl", fd);
+    if (!name) {
+        fx_put(&l, ", \"request\": %lu", request);
+        fx_end(&l);
+        errno = ENOTTY;
+        return -1;
+    }
+    const char *fail = getenv("FAKEXEN_EVTCHN_ERRNO");
+    fx_put(&l, ", \"op\": \"%s\", \"arg\": [%u, %u]", name, word[0], word[1]);
+    fx_end(&l);
+    if (fail) {
+        errno = atoi(fail);
+        return -1;
+    }
+    switch (request) {
+    case FX_EVTCHN_BIND_INTERDOMAIN: return (int)(0x1000 + word[1]);
+    case FX_EVTCHN_BIND_UNBOUND_PORT: return (int)(0x2000 + word[0]);
+    case FX_EVTCHN_NOTIFY:
+        if (fx_pending_tail - fx_pending_head < FX_RING)
+            fx_pending[fx_pending_tail++ % FX_RING] = word[0];
+        return 0;
+    case FX_EVTCHN_RESET: fx_pending_head = fx_pending_tail; return 0;
+    default: return 0;
+    }
+}
+
+ssize_t read(int fd, void *buf, size_t count)
+{
+    if (!fx_is_fake(fd) || fx_kind_of[fd] != FX_EVTCHN)
+        return real_read(fd, buf, count);
+    size_t n = 0;
+    while (n + 4 <= count && fx_pending_head != fx_pending_tail) {
+        memcpy((char *)buf + n, &fx_pending[fx_pending_head++ % FX_RING], 4);
+        n += 4;
+    }
+    if (n == 0) {
+        errno = EAGAIN;
+        return -1;
+    }
+    return (ssize_t)n;
+}
+
+ssize_t write(int fd, const void *buf, size_t count)
+{
+    if (!fx_is_fake(fd) || fx_kind_of[fd] != FX_EVTCHN)
+        return real_write(fd, buf, count);
+    struct fx_line l = fx_begin("unmask", fd);
+    fx_put(&l, ", \"ports\": [");
+    for (size_t i = 0; i + 4 <= count; i += 4) {
+        uint32_t port;
+        memcpy(&port, (const char *)buf + i, 4);
+        fx_put(&l, "%s%u", i ? ", " : "", port);
+    }
+    fx_put(&l, "]");
+    fx_end(&l);
+    return (ssize_t)count;
+}
+
 int ioctl(int fd, unsigned long request, ...)
 {
     va_list ap;
@@ -370,6 +570,12 @@ int ioctl(int fd, unsigned long request, ...)
         return fx_dm_op(fd, arg);
     if (fx_kind_of[fd] == FX_PRIVCMD && request == FX_HYPERCALL)
         return fx_hypercall(fd, arg);
+    if (fx_kind_of[fd] == FX_PRIVCMD && request == FX_MMAP_RESOURCE)
+        return fx_mmap_resource(fd, arg);
+    if (fx_kind_of[fd] == FX_PRIVCMD && request == FX_MMAPBATCH_V2)
+        return fx_mmapbatch(fd, arg);
+    if (fx_kind_of[fd] == FX_EVTCHN)
+        return fx_evtchn(fd, request, arg);
     if (fx_kind_of[fd] == FX_PRIVCMD && request == FX_RESTRICT) {
         uint16_t domid;
         memcpy(&domid, arg, sizeof(domid));

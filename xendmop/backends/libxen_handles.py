@@ -313,8 +313,16 @@ class LibxenMapping:
         self.address = address
         pages = _pages_type(nr_frames * PAGE_SIZE).from_address(address)
         self._pages = weakref.ref(pages)
-        self.view = memoryview(pages)  # the only strong reference to ``pages``
-        self._unmap: Callable[[], None] | None = unmap
+        self.view = memoryview(pages).cast("B")  # bytes, as an mmap's view; the only strong reference to ``pages``
+        self._unmap: Callable[[], None] | None = self._unmapping(unmap)
+        self._unmapped = False
+
+    def _unmapping(self, unmap: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            self._unmapped = True
+            unmap()
+
+        return run
 
     @property
     def ok(self) -> bool:
@@ -327,7 +335,8 @@ class LibxenMapping:
 
     @property
     def closed(self) -> bool:
-        return self._unmap is None
+        """Unmapped (not only asked to be)."""
+        return self._unmapped
 
     def _drop_view(self) -> Any:
         """Release ``view``; return the pages if some other view still holds them."""
@@ -341,7 +350,7 @@ class LibxenMapping:
             return
         pages = self._drop_view()
         if pages is not None:
-            self.view = memoryview(pages)
+            self.view = memoryview(pages).cast("B")
             raise BufferError(f"dom{self.domid} mapping of {self.nr_frames} frames: views are still alive")
         self._unmap = None
         unmap()
@@ -465,7 +474,7 @@ class LibxenForeignMemory:
             self._maps.remove(mapping)
 
     def _keep(self, m: LibxenMapping) -> LibxenMapping:
-        self._maps = [x for x in self._maps if not x.closed]
+        self._maps = [x for x in self._maps if not x.closed]  # closed by their own close()
         self._maps.append(m)
         return m
 
