@@ -733,6 +733,16 @@ def _isa_irq(text: str) -> int:
     return irq
 
 
+def _megabytes(text: str) -> int:
+    try:
+        mb = int(text, 0)
+    except ValueError:
+        mb = 0
+    if not 0 < mb < 1 << 32:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a size in MiB, 1..{(1 << 32) - 1}")
+    return mb
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--domid", type=int, help="serve this domain on a real dom0 (default: the mock)")
@@ -743,8 +753,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mac", default="02:58:44:00:00:01", help="the simulated guest's MAC (mock)")
     p.add_argument("--irq", type=_isa_irq, default=5, help="ISA IRQ of the card (HVM guests only)")
     p.add_argument("--no-irq", action="store_true", help="no interrupt: the guest polls ISR")
-    p.add_argument("--guest-type", choices=("hvm", "pvh", "pv"), help="real Xen: the domain type, if not in Xenstore")
-    p.add_argument("--guest-ram-mb", type=int, help="real Xen: guest RAM size; descriptors above it are refused")
+    p.add_argument(
+        "--guest-type", choices=("hvm", "pvh", "pv"), help="real Xen: the domain type, when Xenstore does not say"
+    )
+    p.add_argument("--guest-ram-mb", type=_megabytes, help="real Xen: guest RAM size; descriptors above it are refused")
     p.add_argument("--depriv", action="store_true", help="drop privileges after setup (libxl's uid range)")
     p.add_argument("--chroot", help="with --depriv: an empty root-owned directory to chroot into")
     return p
@@ -768,8 +780,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     irq = None if args.no_irq else args.irq
     if args.domid is not None and irq is not None:
+        known = xenstore_guest_type(args.domid)
+        if known and args.guest_type and known != args.guest_type:
+            p.exit(2, f"tapnet: dom{args.domid}: Xenstore says {known}, --guest-type says {args.guest_type}\n")
         try:
-            require_hvm(args.domid, args.guest_type or xenstore_guest_type(args.domid))
+            require_hvm(args.domid, known or args.guest_type)
         except GuestTypeError as e:
             p.exit(2, f"tapnet: {e}\n")
     if args.netns:
@@ -786,7 +801,13 @@ def main(argv: list[str] | None = None) -> int:
             host_ip = args.host_addr.split("/")[0]
             code = serve_mock(tap, sys.stdout, irq=irq, ip=args.guest_addr, host_ip=host_ip, mac=mac)
         else:
-            code = serve_xen(tap, args.domid, irq=irq, ram_mb=args.guest_ram_mb, depriv=args.depriv, chroot=args.chroot)
+            try:
+                code = serve_xen(
+                    tap, args.domid, irq=irq, ram_mb=args.guest_ram_mb, depriv=args.depriv, chroot=args.chroot
+                )
+            except (OSError, ValueError) as e:  # no Xen, Xen's refusal (XenError), a bad depriv setup
+                print(f"tapnet: dom{args.domid}: {e}", file=sys.stderr)
+                code = 1
     if tap.created:
         print(f"tapnet: tap {tap.name} {'still exists' if tap.exists else 'removed'}")
     return code

@@ -296,6 +296,7 @@ def test_interrupts_for_a_pvh_domain_are_refused_before_anything_is_opened() -> 
         (["--mac", "02:00"], "'02:00'"),
         (["--host-addr", "10.0.9.300/24"], "10.0.9.300/24"),
         (["--netns", "tapnet-no-such-ns"], "tapnet-no-such-ns"),
+        (["--domid", "7", "--no-irq", "--guest-ram-mb", "0"], "'0'"),
     ],
 )
 def test_bad_options_are_refused_naming_the_value(args: list[str], named: str) -> None:
@@ -456,3 +457,13 @@ def test_command_line_serves_in_a_netns_until_signalled(netns_name: str, signum:
     assert proc.returncode == 0, err
     assert "ioreq server destroyed" in out and f"tap {ifname} removed" in out
     assert not link_exists(ns, ifname)
+
+
+def test_without_xen_the_real_mode_fails_cleanly_and_removes_its_tap(netns_name: str) -> None:
+    if os.path.exists("/dev/xen/privcmd"):
+        pytest.skip("this is a Xen dom0: the real mode would serve dom7")
+    done = run_cli("--netns", netns_name, "--tap", "xdmt2", "--domid", "7", "--no-irq")
+    assert done.returncode == 1
+    assert "dom7" in done.stderr and "/dev/xen/privcmd" in done.stderr
+    assert "tap xdmt2 removed" in done.stdout
+    assert not link_exists(netns_name, "xdmt2")
