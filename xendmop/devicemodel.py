@@ -3,16 +3,19 @@
 Each method is named as in C without the ``xendevicemodel_`` prefix, takes the
 domid first and the other arguments in C order with C's names, validates them
 against the ABI before any syscall (``ArgumentError``), and funnels into one
-``_call`` that hands the op's declaration to the backend.  Xen's and the kernel's
-refusals come back as ``XenError`` subclasses carrying the op and the domid.
+call per op, made from the op's declaration by the backend (``compile_call``) the
+first time a handle uses it, or, for a backend that cannot, the generic ``_call``
+that hands the declaration to ``Backend.dm_op``.  Xen's and the kernel's refusals
+come back as ``XenError`` subclasses carrying the op and the domid.
 """
 
 from __future__ import annotations
 
 import ctypes
+import io
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -27,7 +30,7 @@ from .abi.dm_op import (
 from .abi.xen import DOMID_FIRST_RESERVED
 from .backends.base import Backend, Limits
 from .errors import ArgumentError, ClosedHandleError, NotXenHostError
-from .ops import BY_NAME, OpDecl
+from .ops import BY_NAME, OpDecl, check_domid
 from .types import BufIoreq, HvmMemType, IoreqServerInfo, MemAccess
 
 log = logging.getLogger("xendmop")
@@ -38,11 +41,53 @@ _EXTENT_SIZE = ctypes.sizeof(_EXTENT)
 _OP = BY_NAME  # short alias for the declarations used below
 
 
-def _check_domid(op: str, domid: int) -> None:
-    if isinstance(domid, bool) or not isinstance(domid, int):
-        raise TypeError(f"{op}: domid must be an int, not {type(domid).__name__}")
-    if not 0 <= domid <= 0xFFFF:
-        raise ArgumentError(op, "domid", domid, "does not fit domid_t (uint16)")
+_check_domid = check_domid
+_COMPILED: list[str] = []  # attributes an _Op caches on a handle (dropped on close)
+
+
+def _generic_call(backend: Backend, decl: OpDecl, params: Sequence[str]) -> Callable[..., Any]:
+    """The op's call through ``Backend.dm_op``, for a backend without ``compile_call``."""
+    n = len(params)
+
+    def call(domid: int, *args: Any) -> Any:
+        fields = dict(zip(params, args[:n]))
+        check_domid(decl.name, domid)
+        decl.check(fields)
+        return backend.dm_op(decl, domid, fields, args[n:])
+
+    return call
+
+
+class _Op:
+    """A ``DeviceModel`` attribute: one op's call ``(domid, *params, *slot_data)``.
+
+    Made for the handle's backend at first use and cached on the handle, so later
+    calls find it in the instance dict: the backend's ``compile_call`` (a call
+    generated from the declaration), else the generic ``Backend.dm_op`` path.
+    """
+
+    def __init__(self, op: str, *params: str) -> None:
+        self.decl = BY_NAME[op]
+        self.params = params
+        self.decl.guard_source(params)  # every name is a scalar field of the op, checked at import
+        self.attr = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = name
+        _COMPILED.append(name)
+
+    def __get__(self, dm: DeviceModel | None, owner: type | None = None) -> Callable[..., Any]:
+        if dm is None:
+            return self  # type: ignore[return-value]
+        backend = dm.backend  # ClosedHandleError on a closed handle
+        compile_call = getattr(backend, "compile_call", None)
+        call: Callable[..., Any] = (
+            compile_call(self.decl, self.params)
+            if compile_call is not None
+            else _generic_call(backend, self.decl, self.params)
+        )
+        dm.__dict__[self.attr] = call
+        return call
 
 
 def _bool(op: str, name: str, value: object) -> int:
@@ -56,6 +101,7 @@ class DeviceModel:
 
     def __init__(self, backend: Backend) -> None:
         self._backend: Backend | None = backend
+        self._max_buf_size = backend.limits.max_buf_size  # what one kernel-sized call carries
 
     # --- opening ---------------------------------------------------------------
 
@@ -81,6 +127,8 @@ class DeviceModel:
         return self._backend
 
     def close(self) -> None:
+        for attr in _COMPILED:  # the compiled calls hold the backend
+            self.__dict__.pop(attr, None)
         backend, self._backend = self._backend, None
         if backend is not None:
             backend.close()
@@ -97,15 +145,37 @@ class DeviceModel:
     # --- the funnel --------------------------------------------------------------
 
     def _call(self, decl: OpDecl, domid: int, fields: Mapping[str, int], slots: Sequence[Any] = ()) -> Any:
+        """Any op with any fields, through ``Backend.dm_op`` (the methods use the ``_Op`` calls below)."""
         _check_domid(decl.name, domid)
         decl.check(fields)
         return self.backend.dm_op(decl, domid, fields, slots)
+
+    _create_ioreq_server = _Op("create_ioreq_server", "handle_bufioreq")
+    _get_ioreq_server_info = _Op("get_ioreq_server_info", "id", "flags")
+    _map_io_range = _Op("map_io_range_to_ioreq_server", "id", "type", "start", "end")
+    _unmap_io_range = _Op("unmap_io_range_from_ioreq_server", "id", "type", "start", "end")
+    _map_mem_type = _Op("map_mem_type_to_ioreq_server", "id", "type", "flags")
+    _set_ioreq_server_state = _Op("set_ioreq_server_state", "id", "enabled")
+    _destroy_ioreq_server = _Op("destroy_ioreq_server", "id")
+    _set_pci_intx_level = _Op("set_pci_intx_level", "domain", "bus", "device", "intx", "level")
+    _set_isa_irq_level = _Op("set_isa_irq_level", "isa_irq", "level")
+    _set_irq_level = _Op("set_irq_level", "irq", "level")
+    _set_pci_link_route = _Op("set_pci_link_route", "link", "isa_irq")
+    _inject_msi = _Op("inject_msi", "addr", "data")
+    _inject_event = _Op("inject_event", "vcpuid", "vector", "type", "error_code", "insn_len", "cr2")
+    _track_dirty_vram = _Op("track_dirty_vram", "first_pfn", "nr")
+    _modified_memory = _Op("modified_memory", "nr_extents")
+    _set_mem_type = _Op("set_mem_type", "mem_type", "first_pfn", "nr")
+    _relocate_memory = _Op("relocate_memory", "size", "src_gfn", "dst_gfn")
+    _pin_memory_cacheattr = _Op("pin_memory_cacheattr", "start", "end", "type")
+    _remote_shutdown = _Op("remote_shutdown", "reason")
+    _nr_vcpus = _Op("nr_vcpus")
 
     # --- ioreq servers -----------------------------------------------------------
 
     def create_ioreq_server(self, domid: int, handle_bufioreq: BufIoreq | int = BufIoreq.OFF) -> int:
         """XEN_DMOP_create_ioreq_server: a new, disabled server; returns its id."""
-        out, _ = self._call(_OP["create_ioreq_server"], domid, {"handle_bufioreq": int(handle_bufioreq)})
+        out, _ = self._create_ioreq_server(domid, int(handle_bufioreq))
         return int(out.id)
 
     def get_ioreq_server_info(self, domid: int, id: int, *, gfns: bool = False) -> IoreqServerInfo:
@@ -113,13 +183,10 @@ class DeviceModel:
         (pages are then reached by resource mapping), as libxendevicemodel does when
         both gfn pointers are NULL; ``gfns=True`` asks Xen for legacy gfns."""
         flags = 0 if gfns else XEN_DMOP_no_gfns
-        out, _ = self._call(_OP["get_ioreq_server_info"], domid, {"id": id, "flags": flags})
+        out, _ = self._get_ioreq_server_info(domid, id, flags)
         if gfns:
             return IoreqServerInfo(int(out.ioreq_gfn), int(out.bufioreq_gfn), int(out.bufioreq_port))
         return IoreqServerInfo(None, None, int(out.bufioreq_port))
-
-    def _range(self, op: str, domid: int, id: int, type: int, start: int, end: int) -> None:
-        self._call(_OP[op], domid, {"id": id, "type": type, "start": start, "end": end})
 
     def map_io_range_to_ioreq_server(self, domid: int, id: int, is_mmio: bool, start: int, end: int) -> None:
         """XEN_DMOP_map_io_range_to_ioreq_server: route ports or MMIO [start, end] to the server."""
@@ -128,7 +195,7 @@ class DeviceModel:
             if _bool("map_io_range_to_ioreq_server", "is_mmio", is_mmio)
             else XEN_DMOP_IO_RANGE_PORT
         )
-        self._range("map_io_range_to_ioreq_server", domid, id, kind, start, end)
+        self._map_io_range(domid, id, kind, start, end)
 
     def unmap_io_range_from_ioreq_server(self, domid: int, id: int, is_mmio: bool, start: int, end: int) -> None:
         """XEN_DMOP_unmap_io_range_from_ioreq_server: stop routing a fully mapped range."""
@@ -137,7 +204,7 @@ class DeviceModel:
             if _bool("unmap_io_range_from_ioreq_server", "is_mmio", is_mmio)
             else XEN_DMOP_IO_RANGE_PORT
         )
-        self._range("unmap_io_range_from_ioreq_server", domid, id, kind, start, end)
+        self._unmap_io_range(domid, id, kind, start, end)
 
     def _sbdf(self, op: str, segment: int, bus: int, device: int, function: int) -> int:
         # XEN_DMOP_PCI_SBDF masks; refuse what it would silently truncate (as
@@ -159,14 +226,14 @@ class DeviceModel:
     ) -> None:
         """XEN_DMOP_map_io_range_to_ioreq_server with one PCI function (config space)."""
         sbdf = self._sbdf("map_pcidev_to_ioreq_server", segment, bus, device, function)
-        self._range("map_io_range_to_ioreq_server", domid, id, XEN_DMOP_IO_RANGE_PCI, sbdf, sbdf)
+        self._map_io_range(domid, id, XEN_DMOP_IO_RANGE_PCI, sbdf, sbdf)
 
     def unmap_pcidev_from_ioreq_server(
         self, domid: int, id: int, segment: int, bus: int, device: int, function: int
     ) -> None:
         """XEN_DMOP_unmap_io_range_from_ioreq_server with one PCI function."""
         sbdf = self._sbdf("unmap_pcidev_from_ioreq_server", segment, bus, device, function)
-        self._range("unmap_io_range_from_ioreq_server", domid, id, XEN_DMOP_IO_RANGE_PCI, sbdf, sbdf)
+        self._unmap_io_range(domid, id, XEN_DMOP_IO_RANGE_PCI, sbdf, sbdf)
 
     def map_mem_type_to_ioreq_server(self, domid: int, id: int, type: HvmMemType | int, flags: MemAccess | int) -> None:
         """XEN_DMOP_map_mem_type_to_ioreq_server: claim HVMMEM_ioreq_server pages
@@ -176,59 +243,44 @@ class DeviceModel:
             raise ArgumentError(op, "type", type, "must be HVMMEM_ioreq_server")
         if flags & ~MemAccess.WRITE:
             raise ArgumentError(op, "flags", flags, "only XEN_DMOP_IOREQ_MEM_ACCESS_WRITE is supported")
-        self._call(_OP[op], domid, {"id": id, "type": int(type), "flags": int(flags)})
+        self._map_mem_type(domid, id, int(type), int(flags))
 
     def set_ioreq_server_state(self, domid: int, id: int, enabled: bool) -> None:
         """XEN_DMOP_set_ioreq_server_state: enable or disable the server."""
         on = _bool("set_ioreq_server_state", "enabled", enabled)
-        self._call(_OP["set_ioreq_server_state"], domid, {"id": id, "enabled": on})
+        self._set_ioreq_server_state(domid, id, on)
 
     def destroy_ioreq_server(self, domid: int, id: int) -> None:
         """XEN_DMOP_destroy_ioreq_server."""
-        self._call(_OP["destroy_ioreq_server"], domid, {"id": id})
+        self._destroy_ioreq_server(domid, id)
 
     # --- interrupts ----------------------------------------------------------------
 
     def set_pci_intx_level(self, domid: int, segment: int, bus: int, device: int, intx: int, level: int) -> None:
         """XEN_DMOP_set_pci_intx_level: assert (1) or deassert (0) INTx (0-3 = A-D)."""
-        self._call(
-            _OP["set_pci_intx_level"],
-            domid,
-            {"domain": segment, "bus": bus, "device": device, "intx": intx, "level": int(level)},
-        )
+        self._set_pci_intx_level(domid, segment, bus, device, intx, level)
 
     def set_isa_irq_level(self, domid: int, irq: int, level: int) -> None:
         """XEN_DMOP_set_isa_irq_level: assert (1) or deassert (0) ISA IRQ ``irq``."""
-        self._call(_OP["set_isa_irq_level"], domid, {"isa_irq": irq, "level": int(level)})
+        self._set_isa_irq_level(domid, irq, level)
 
     def set_irq_level(self, domid: int, irq: int, level: int) -> None:
         """XEN_DMOP_set_irq_level (Arm): set the level of SPI ``irq``; x86 Xen says EOPNOTSUPP."""
-        self._call(_OP["set_irq_level"], domid, {"irq": irq, "level": int(level)})
+        self._set_irq_level(domid, irq, level)
 
     def set_pci_link_route(self, domid: int, link: int, irq: int) -> None:
         """XEN_DMOP_set_pci_link_route: route PCI link 0-3 to ISA IRQ ``irq`` (0 disables)."""
-        self._call(_OP["set_pci_link_route"], domid, {"link": link, "isa_irq": irq})
+        self._set_pci_link_route(domid, link, irq)
 
     def inject_msi(self, domid: int, msi_addr: int, msi_data: int) -> None:
         """XEN_DMOP_inject_msi."""
-        self._call(_OP["inject_msi"], domid, {"addr": msi_addr, "data": msi_data})
+        self._inject_msi(domid, msi_addr, msi_data)
 
     def inject_event(
         self, domid: int, vcpu: int, vector: int, type: int, error_code: int, insn_len: int, extra: int
     ) -> None:
         """XEN_DMOP_inject_event: latch an event for ``vcpu`` (``extra`` is %cr2 for #PF)."""
-        self._call(
-            _OP["inject_event"],
-            domid,
-            {
-                "vcpuid": vcpu,
-                "vector": vector,
-                "type": int(type),
-                "error_code": error_code,
-                "insn_len": insn_len,
-                "cr2": extra,
-            },
-        )
+        self._inject_event(domid, vcpu, vector, int(type), error_code, insn_len, extra)
 
     # --- memory --------------------------------------------------------------------
 
@@ -241,18 +293,23 @@ class DeviceModel:
         split call re-arms tracking per chunk and reports every page dirty: keep ``nr``
         within one buffer for incremental tracking.  ``nr == 0`` stops tracking.
         """
-        decl = _OP["track_dirty_vram"]
-        per_call = 8 * self.backend.limits.max_buf_size
+        call = self._track_dirty_vram  # ClosedHandleError on a closed handle
+        per_call = 8 * self._max_buf_size
         if nr <= per_call:
-            _, (bitmap,) = self._call(decl, domid, {"first_pfn": first_pfn, "nr": nr}, (None,))
-            return bytes(bitmap)
-        decl.check({"first_pfn": first_pfn, "nr": nr})
-        out = bytearray((nr + 7) // 8)
-        for done in range(0, nr, per_call):
-            n = min(per_call, nr - done)
-            _, (bitmap,) = self._call(decl, domid, {"first_pfn": first_pfn + done, "nr": n}, (None,))
-            out[done // 8 : done // 8 + len(bitmap)] = bitmap  # per_call is a multiple of 8
-        return bytes(out)
+            _, (bitmap,) = call(domid, first_pfn, nr, None)
+            return bytes(bitmap)  # already bytes from either path: no copy
+        _OP["track_dirty_vram"].check({"first_pfn": first_pfn, "nr": nr})
+        # Assembled in a BytesIO sized once, whose getvalue() hands over its own bytes
+        # object when it is exactly full: the bitmap exists once, not twice (a bytearray
+        # turned into bytes at the end would double the peak).
+        out = io.BytesIO()
+        out.seek((nr + 7) // 8 - 1)
+        out.write(b"\0")
+        out.seek(0)
+        for done in range(0, nr, per_call):  # per_call is a multiple of 8: chunks meet at byte edges
+            _, (bitmap,) = call(domid, first_pfn + done, min(per_call, nr - done), None)
+            out.write(bitmap)
+        return out.getvalue()
 
     def modified_memory(self, domid: int, first_pfn: int, nr: int) -> None:
         """XEN_DMOP_modified_memory with one extent."""
@@ -265,23 +322,28 @@ class DeviceModel:
         ``struct xen_dm_op_modified_memory_extent`` (no Python object per extent).
         Split into calls of at most ``max_buf_size / 16`` extents.
         """
-        decl = _OP["modified_memory"]
-        raw = self._extents(decl, extents)
-        count = raw.nbytes // _EXTENT_SIZE
-        per_call = self.backend.limits.max_buf_size // _EXTENT_SIZE
-        _check_domid(decl.name, domid)
-        for start in range(0, count, per_call) if count else ():
-            n = min(per_call, count - start)
-            self._call(decl, domid, {"nr_extents": n}, (raw[start * _EXTENT_SIZE : (start + n) * _EXTENT_SIZE],))
+        call = self._modified_memory  # ClosedHandleError on a closed handle
+        raw = self._extents(extents)
+        total = raw.nbytes
+        step = self._max_buf_size // _EXTENT_SIZE * _EXTENT_SIZE
+        if 0 < total <= step:  # one kernel-sized call: the view as it is
+            call(domid, total // _EXTENT_SIZE, raw)
+            return
+        _check_domid("modified_memory", domid)
+        for start in range(0, total, step):
+            chunk = raw[start : start + step]
+            call(domid, chunk.nbytes // _EXTENT_SIZE, chunk)
 
     @staticmethod
-    def _extents(decl: OpDecl, extents: Any) -> memoryview:
+    def _extents(extents: Any) -> memoryview:
         try:
             raw = memoryview(extents).cast("B")
         except TypeError:
-            return DeviceModel._pack_extents(decl, list(extents))  # pairs, not a buffer
+            return DeviceModel._pack_extents(_OP["modified_memory"], list(extents))  # pairs, not a buffer
         if raw.nbytes % _EXTENT_SIZE:
-            raise ArgumentError(decl.name, "extents", raw.nbytes, f"byte length must be a multiple of {_EXTENT_SIZE}")
+            raise ArgumentError(
+                "modified_memory", "extents", raw.nbytes, f"byte length must be a multiple of {_EXTENT_SIZE}"
+            )
         return raw
 
     @staticmethod
@@ -296,25 +358,25 @@ class DeviceModel:
 
     def set_mem_type(self, domid: int, mem_type: HvmMemType | int, first_pfn: int, nr: int) -> None:
         """XEN_DMOP_set_mem_type: change the p2m type of ``nr`` pages from ``first_pfn``."""
-        self._call(_OP["set_mem_type"], domid, {"mem_type": int(mem_type), "first_pfn": first_pfn, "nr": nr})
+        self._set_mem_type(domid, int(mem_type), first_pfn, nr)
 
     def relocate_memory(self, domid: int, size: int, src_gfn: int, dst_gfn: int) -> None:
         """XEN_DMOP_relocate_memory: move ``size`` pages from ``src_gfn`` to ``dst_gfn``."""
-        self._call(_OP["relocate_memory"], domid, {"size": size, "src_gfn": src_gfn, "dst_gfn": dst_gfn})
+        self._relocate_memory(domid, size, src_gfn, dst_gfn)
 
     def pin_memory_cacheattr(self, domid: int, start: int, end: int, type: int) -> None:
         """XEN_DMOP_pin_memory_cacheattr: pin gfns [start, end] to a cache type (CacheAttr)."""
-        self._call(_OP["pin_memory_cacheattr"], domid, {"start": start, "end": end, "type": int(type)})
+        self._pin_memory_cacheattr(domid, start, end, int(type))
 
     # --- domain --------------------------------------------------------------------
 
     def shutdown(self, domid: int, reason: int) -> None:
         """XEN_DMOP_remote_shutdown with a ShutdownReason."""
-        self._call(_OP["remote_shutdown"], domid, {"reason": int(reason)})
+        self._remote_shutdown(domid, int(reason))
 
     def nr_vcpus(self, domid: int) -> int:
         """XEN_DMOP_nr_vcpus: the domain's maximum vCPU count."""
-        out, _ = self._call(_OP["nr_vcpus"], domid, {})
+        out, _ = self._nr_vcpus(domid)
         return int(out.vcpus)
 
     def restrict(self, domid: int) -> None:

@@ -13,6 +13,13 @@ Arena layout (offsets in bytes):
     272   struct privcmd_hypercall             (fallback path)
     320   struct xen_dm_op                     (bufs[0], 32 bytes)
     PAGE  slot data                            (bufs[1], up to max_buf_size)
+
+Everything in it that no call changes is written once, when the arena is made:
+``ubufs``, ``bufs[0]`` (the op, 32 bytes), ``bufs[1].uptr`` (the slot data), and the
+hypercall's ``op`` and ``arg[2]``.  The kernel only reads these (``copy_from_user``
+in ``privcmd_ioctl_dm_op``), so a call writes just the domid, the buffer count,
+``bufs[1].size`` and the op itself.  The op (``bufs[0]``) is always written whole:
+Xen writes progress back into it on a continuation (``do_dm_op``, ``xen/common/dm.c``).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import logging
 import mmap
 import threading
 
+from ..abi import CONSTANTS
 from ..abi.privcmd import privcmd_dm_op, privcmd_dm_op_buf, privcmd_hypercall
 from .device import HYPERCALL_PATH, NOT_XEN, PAGE_SIZE, Device, Opener
 
@@ -32,6 +40,12 @@ MAX_BUFS = 16
 _BUFS_AT = 16
 _HYPERCALL_AT = _BUFS_AT + MAX_BUFS * ctypes.sizeof(privcmd_dm_op_buf)
 _OP_AT = _HYPERCALL_AT + ctypes.sizeof(privcmd_hypercall)
+_OP_SIZE = 32  # sizeof(struct xen_dm_op)
+#: offsets of what a call writes: (dom, num) of the DM_OP request, bufs[1].size, arg[0..1] of the hypercall
+HEAD_AT = 0
+SLOT_SIZE_AT = _BUFS_AT + ctypes.sizeof(privcmd_dm_op_buf) + privcmd_dm_op_buf.size.offset
+HYPERCALL_ARGS_AT = _HYPERCALL_AT + privcmd_hypercall.arg.offset
+OP_AT = _OP_AT
 _MAP_LOCKED = getattr(mmap, "MAP_LOCKED", 0x2000)  # x86 value from <asm-generic/mman.h>
 
 
@@ -49,6 +63,12 @@ class Arena:
         self.hypercall = privcmd_hypercall.from_address(self.base + _HYPERCALL_AT)
         self.op_addr = self.base + _OP_AT
         self.slot_room = slot_room
+        # the parts no call changes (see the module docstring)
+        self.dm_op.ubufs = self.bufs_addr
+        self.bufs[0].uptr, self.bufs[0].size = self.op_addr, _OP_SIZE
+        self.bufs[1].uptr = self.base + PAGE_SIZE
+        self.hypercall.op = CONSTANTS["__HYPERVISOR_dm_op"]
+        self.hypercall.arg[2] = self.bufs_addr
 
     def slot_offset(self, index: int, nbytes: int) -> int:
         if index != 0 or nbytes > self.slot_room:

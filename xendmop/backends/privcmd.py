@@ -8,22 +8,166 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from struct import Struct
+from types import CodeType, FunctionType
 from typing import Any
 
 from ..abi import CONSTANTS
 from ..abi.privcmd import IOCTL_PRIVCMD_DM_OP, IOCTL_PRIVCMD_HYPERCALL, IOCTL_PRIVCMD_RESTRICT, privcmd_dm_op
 from ..abi.xen import DOMID_FIRST_RESERVED, DOMID_INVALID, domid_t
 from ..errors import ArgumentError, ClosedHandleError, XenError, xen_error
-from ..ops import OpDecl
+from ..ops import DM_OP_HEADER, CopyBack, OpDecl, check_domid
 from .base import Limits
-from .buffers import HypercallBuffers
-from .device import PRIVCMD_PATH, Device, Opener, open_device
+from .buffers import HEAD_AT, HYPERCALL_ARGS_AT, OP_AT, SLOT_SIZE_AT, HypercallBuffers
+from .device import PAGE_SIZE, PRIVCMD_PATH, Device, Opener, OsDevice, open_device
 
 log = logging.getLogger(__name__)
 
 _HYPERVISOR_dm_op = CONSTANTS["__HYPERVISOR_dm_op"]
+_SLOT_AT = PAGE_SIZE  # Arena.slot_offset(0, n)
+_ZEROS = memoryview(bytes(1 << 16))  # read-only zeros to clear an OUT slot without allocating
+
+# The generated per-op call (``PrivcmdBackend.compile_call``).  Its steps are those of
+# ``dm_op`` below, in the same order, with the declaration's facts written in as
+# constants.  ``{...}`` holes are filled from the declaration; nothing per op is hand-written.
+_CALL_TEMPLATE = """
+def {name}(domid, {params}):
+    if not (domid.__class__ is int and 0 <= domid <= 0xffff and {guard}):
+        _check(domid, {fields})
+    _restricted = _backend.restricted_to
+    if _restricted is not None and domid != _restricted:
+        raise _xen_error(_EPERM, {op!r}, domid, {fields}, layer="privcmd")
+    _device = _backend._device
+    if _device is None:
+        raise _ClosedHandleError("the privcmd handle is closed")
+    try:
+        _arena = _pop()
+    except IndexError:
+        _arena = _acquire()
+    _view = _arena.view
+    try:
+        _pack_op(_view, {op_at}, {number}, {values})
+{slot}        _pack_head(_view, {head_at}, domid, {nbufs})
+        {ioctl}
+        {read_back}
+    except _XenError:
+        raise
+    except OSError as _e:
+        raise _xen_error(_e.errno or _EIO, {op!r}, domid, {fields}) from None
+    finally:
+        _push(_arena)
+"""
+
+
+_HEAD_DM_OP = Struct("<HH")  # privcmd_dm_op.dom, .num (ubufs is written once per arena)
+_HEAD_HYPERCALL = Struct("<QQ")  # privcmd_hypercall.arg[0] = domid, arg[1] = nr_bufs (arg[2] once per arena)
+_SIZE = Struct("<Q")  # bufs[1].size
+
+
+def _fields_class_source(decl: OpDecl, params: Sequence[str]) -> str:
+    """Source of a small record of the op's fields by name, for a slot's count rule
+    (``count=lambda a: ...`` reads them as attributes); made once per compiled op."""
+    names = decl._order
+    body = "; ".join(f"self.{n} = {n if n in params else 0}" for n in names) or "pass"
+    return f"class _Fields:\n    __slots__ = {names!r}\n    def __init__(self, {', '.join(params) or '*_'}): {body}\n"
+
+
+_MADE: dict[tuple[Any, ...], tuple[CodeType, dict[str, Any]]] = {}
+
+
+def _make_call(
+    decl: OpDecl, params: tuple[str, ...], hypercall: bool, slot_room: int, os_device: bool
+) -> tuple[CodeType, dict[str, Any]]:
+    """The code of one op's call (``_CALL_TEMPLATE`` filled from ``decl``) and the
+    globals it needs that do not depend on the backend.  On a real device file
+    (``os_device``) it calls ``fcntl.ioctl`` on the fd itself, as ``OsDevice.ioctl`` would."""
+    if len(decl.slots) > 1:
+        raise TypeError(f"{decl.name}: the arena holds one slot; use dm_op")  # no DMOP has two
+    slot = decl.slots[0] if decl.slots else None
+    request = IOCTL_PRIVCMD_HYPERCALL if hypercall else IOCTL_PRIVCMD_DM_OP
+    arg = "hypercall" if hypercall else "dm_op"
+    for name in (*params, *(s.name for s in decl.slots)):
+        if name.startswith("_") or name == "domid":  # the generated code's own names
+            raise TypeError(f"{decl.name}: {name!r} cannot be a parameter of a generated call")
+
+    def slow_check(domid: int, fields: Mapping[str, int]) -> None:  # the typed error, or a bool/IntEnum's go-ahead
+        check_domid(decl.name, domid)
+        decl.check(fields)
+
+    shared: dict[str, Any] = {
+        "_check": slow_check,
+        "_xen_error": xen_error,
+        "_XenError": XenError,
+        "_ClosedHandleError": ClosedHandleError,
+        "_ArgumentError": ArgumentError,
+        "_EPERM": errno.EPERM,
+        "_EIO": errno.EIO,
+        "_pack_op": decl._packer.pack_into,
+        "_pack_head": (_HEAD_HYPERCALL if hypercall else _HEAD_DM_OP).pack_into,
+        "_pack_size": _SIZE.pack_into,
+        "_from_copy": decl.struct.from_buffer_copy,
+        "_zeros": _ZEROS,
+        "_memoryview": memoryview,
+        "_fcntl_ioctl": fcntl.ioctl,
+    }
+    lines: list[str] = []
+    if slot is not None:
+        if slot.count_expr is not None:  # the count rule, inline: fields not passed are 0
+            names = compile(slot.count_expr, "<count>", "eval").co_names
+            if not set(names) <= set(decl._order):
+                raise TypeError(f"{decl.name}: count {slot.count_expr!r} names a field the op does not have")
+            lines += [f"{n} = 0" for n in names if n not in params]
+            lines.append(f"_nbytes = ({slot.count_expr}) * {slot.itemsize}")
+        elif slot.count is not None:  # the count rule reads the op's fields by name
+            shared["_count"] = slot.count
+            exec(_fields_class_source(decl, params), shared)
+            lines.append(f"_nbytes = _count(_Fields({', '.join(params)})) * {slot.itemsize}")
+        if slot.is_in:  # a byte view as is (the bulk path's slices), anything else cast to one
+            lines.append(f"_raw = {slot.name}")
+            lines.append("if _raw.__class__ is not _memoryview or _raw.format != 'B':")
+            lines.append(f"    _raw = _memoryview({slot.name}).cast('B')")
+            if slot.count is None:
+                lines.append(f"_nbytes = _raw.nbytes // {slot.itemsize} * {slot.itemsize}")
+            lines.append("if _raw.nbytes != _nbytes:")
+            why = "f'must be {_nbytes} bytes'"
+            lines.append(f"    raise _ArgumentError({decl.name!r}, {slot.name!r}, _raw.nbytes, {why})")
+        elif slot.count is None:  # an OUT slot sized by the caller: an element count
+            lines.append(f"_nbytes = {slot.name} * {slot.itemsize}")
+        lines.append(f"if _nbytes > {slot_room}:")
+        lines.append("    _arena.slot_offset(0, _nbytes)  # raises, naming the sizes")
+        if slot.is_in:
+            lines.append(f"_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _raw")
+        else:  # never hand Xen a buffer holding the last call's answer
+            lines.append(f"_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _zeros[:_nbytes]")
+        lines.append(f"_pack_size(_view, {SLOT_SIZE_AT}, _nbytes)")
+    # the struct is a result only for ops Xen always copies back; ON_RESTART ops get it
+    # back only as continuation progress, which privcmd finishes before returning
+    result = f"_from_copy(_view, {OP_AT + DM_OP_HEADER})" if decl.copy_back is CopyBack.ALWAYS else "None"
+    outs = f"[_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes].tobytes()]" if slot is not None and slot.is_out else "[]"
+    source = _CALL_TEMPLATE.format(
+        name=decl.name,
+        params=", ".join([*params, *([slot.name] if slot is not None else [])]),
+        guard=decl.guard_source(params),
+        fields="{" + ", ".join(f"{p!r}: {p}" for p in params) + "}",
+        op=decl.name,
+        op_at=OP_AT,
+        number=decl.number,
+        values=", ".join(p if p in params else "0" for p in decl._order),
+        slot="".join(f"        {line}\n" for line in lines),
+        head_at=HYPERCALL_ARGS_AT if hypercall else HEAD_AT,
+        nbufs=2 if slot is not None else 1,
+        ioctl=f"_fcntl_ioctl(_device._fd, {request}, _arena.{arg}, True)"
+        if os_device
+        else f"_device.ioctl({request}, _arena.{arg})",
+        read_back=f"return {result}, {outs}",
+    )
+    scratch: dict[str, Any] = {}
+    exec(compile(source, f"<xendmop dm_op {decl.name}>", "exec"), scratch)
+    code: CodeType = scratch[decl.name].__code__
+    return code, shared
 
 
 class PrivcmdBackend:
@@ -96,6 +240,30 @@ class PrivcmdBackend:
             raise xen_error(e.errno or errno.EIO, decl.name, domid, fields) from None
         finally:
             self._buffers.release(arena)
+
+    def compile_call(self, decl: OpDecl, params: Sequence[str]) -> Callable[..., tuple[Any, list[bytes]]]:
+        """``dm_op`` for one op, generated from its declaration: ``call(domid, *values, *slot_data)``.
+
+        ``params`` name the op's fields the caller passes, in the order it passes them
+        (the others are 0); the slot data (one value per slot, as for ``dm_op``) follows.
+        The same checks, typed errors and bytes as ``dm_op``, without the per-call dict,
+        the Mapping walk or ctypes attribute writes: one ``Struct.pack_into`` for the op,
+        one for the request header, the arena's fixed parts written once.  It returns
+        ``(op struct or None, OUT slot bytes)``: the struct only for an op Xen always copies
+        back (``CopyBack.ALWAYS``), whose fields are results.
+        The code is made once per op and shape and bound to this backend's buffers.
+        """
+        params = tuple(params)
+        os_device = type(self.device) is OsDevice
+        key = (decl.name, decl.number, params, self.uses_hypercall, self._buffers.slot_room, os_device)
+        made = _MADE.get(key)
+        if made is None:
+            made = _MADE[key] = _make_call(decl, params, self.uses_hypercall, self._buffers.slot_room, os_device)
+        code, shared = made
+        pool = self._buffers
+        names = {"_backend": self, "_pop": pool._free.pop, "_acquire": pool.acquire, "_push": pool._free.append}
+        call: Callable[..., tuple[Any, list[bytes]]] = FunctionType(code, {**shared, **names})
+        return call
 
     def restrict(self, domid: int) -> None:
         """``IOCTL_PRIVCMD_RESTRICT``: this fd may only target ``domid`` from now on."""

@@ -14,6 +14,7 @@ from .decl import (
     Scratch,
     Slot,
     SlotAccess,
+    check_domid,
 )
 from .table import BY_NAME, DECLARATIONS, NR_OPS, OPS
 
@@ -35,4 +36,5 @@ __all__ = [
     "Scratch",
     "Slot",
     "SlotAccess",
+    "check_domid",
 ]

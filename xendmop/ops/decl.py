@@ -32,6 +32,14 @@ DM_OP_HEADER = ctypes.sizeof(ctypes.c_uint32) * 2
 DM_OP_SIZE = ctypes.sizeof(xen_dm_op)
 
 
+def check_domid(op: str, domid: int) -> None:
+    """Refuse a domid that is not an int or does not fit ``domid_t`` (uint16), naming the op."""
+    if isinstance(domid, bool) or not isinstance(domid, int):
+        raise TypeError(f"{op}: domid must be an int, not {type(domid).__name__}")
+    if not 0 <= domid <= 0xFFFF:
+        raise ArgumentError(op, "domid", domid, "does not fit domid_t (uint16)")
+
+
 class Dir(enum.Flag):
     """Direction of a field or slot, seen from the caller."""
 
@@ -62,6 +70,9 @@ class Slot:
     many: bool
     #: elements the request implies, from the op struct (MANY only)
     count: Callable[[Any], int] | None = None
+    #: the same rule as an expression over the op's field names, when declared as one
+    #: (generated calls write it inline instead of building a struct to call ``count`` on)
+    count_expr: str | None = None
     # precomputed once: Flag arithmetic costs more than the rest of a slot's work
     is_in: bool = field(init=False, repr=False, compare=False)
     is_out: bool = field(init=False, repr=False, compare=False)
@@ -91,10 +102,24 @@ def MANY(
     direction: Dir,
     ctype: type[ctypes._CData],
     name: str,
-    count: Callable[[Any], int] | None = None,
+    count: Callable[[Any], int] | str | None = None,
 ) -> Slot:
-    """A slot holding an array of ``ctype``; ``count`` derives its length from the op."""
+    """A slot holding an array of ``ctype``; ``count`` derives its length from the op:
+    a function of the op struct, or an expression over its field names (``"nr_extents"``)."""
+    if isinstance(count, str):
+        return Slot(direction, ctype, name, many=True, count=_count_rule(count), count_expr=count)
     return Slot(direction, ctype, name, many=True, count=count)
+
+
+def _count_rule(expr: str) -> Callable[[Any], int]:
+    """``expr`` (field names, integer arithmetic) as a function of an op struct."""
+    code = compile(expr, f"<count {expr}>", "eval")
+    names = code.co_names
+
+    def count(args: Any) -> int:
+        return int(eval(code, {"__builtins__": {}}, {n: getattr(args, n) for n in names}))
+
+    return count
 
 
 _FIELD_LIMITS: dict[Any, int] = {
@@ -201,6 +226,22 @@ class OpDecl:
                 width = ctypes.sizeof(ctype) * 8
                 why = f"must be 0..{top:#x}" if name in self.limits else f"does not fit uint{width}_t"
                 raise ArgumentError(self.name, name, value, why)
+
+    def guard_source(self, params: Sequence[str]) -> str:
+        """A Python expression over variables named ``params`` (fields of this op) that is
+        true when each is a plain ``int`` within the field's range: a generated fast path's
+        whole argument check.  It accepts a strict subset of what ``check`` accepts, so a
+        caller that finds it false calls ``check`` for the typed error (or, for a bool or
+        an ``IntEnum``, for the go-ahead)."""
+        terms = []
+        for name in params:
+            if name not in self._types:
+                raise TypeError(f"{self.name}: no field {name!r} in {self.struct.__name__}")
+            top = self._tops[name]
+            if top is None or not name.isidentifier():
+                raise TypeError(f"{self.name}: {name} is not a scalar field")
+            terms.append(f"{name}.__class__ is int and 0 <= {name} <= {top:#x}")
+        return " and ".join(terms) or "True"
 
     def marshal(
         self,

@@ -70,7 +70,7 @@ DECLARATIONS: tuple[OpDecl, ...] = (
         d.XEN_DMOP_track_dirty_vram,
         "track_dirty_vram",
         d.xen_dm_op_track_dirty_vram,
-        slots=(MANY(Dir.OUT, c_uint8, "dirty_bitmap", count=lambda a: (a.nr + 7) // 8),),
+        slots=(MANY(Dir.OUT, c_uint8, "dirty_bitmap", count="(nr + 7) // 8"),),
         doc="Dirty bitmap of a VRAM range (bit i of byte i>>3 is pfn first_pfn+i).",
     ),
     OpDecl(
@@ -101,7 +101,7 @@ DECLARATIONS: tuple[OpDecl, ...] = (
         out=("nr_extents", "opaque"),
         copy_back=CopyBack.ON_RESTART,
         continuation=True,
-        slots=(MANY(Dir.IN, d.xen_dm_op_modified_memory_extent, "extents", count=lambda a: a.nr_extents),),
+        slots=(MANY(Dir.IN, d.xen_dm_op_modified_memory_extent, "extents", count="nr_extents"),),
         doc="Mark guest pages dirty for log-dirty (migration).",
     ),
     OpDecl(
