@@ -1,0 +1,845 @@
+"""uart16550: a 16550A serial port (COM1: ports 0x3F8-0x3FF, ISA IRQ 4), the main job.
+
+Every register of the National Semiconductor PC16550D: RBR/THR and the divisor latch
+(DLAB), IER, IIR/FCR with 16-byte receive and transmit FIFOs and the four receive
+trigger levels, LCR, MCR with loopback, LSR (DR, OE, THRE, TEMT), MSR with its delta
+bits, SCR.  Interrupts are prioritised as in the datasheet (line status > received
+data or character timeout > THR empty > modem status) and reach the guest as ISA
+IRQ 4 through ``set_isa_irq_level`` — only on an edge, and only while MCR.OUT2 is
+set, as on a PC where OUT2 gates the UART's interrupt line (Linux's 8250 driver sets
+it for this reason).
+
+Run it:
+
+    python examples/uart16550.py                 # on the mock Xen: a simulated guest firmware drives the UART
+    python examples/uart16550.py --line "hi"     # ... and types "hi" to it (default: asks on a terminal)
+    python examples/uart16550.py --domid 5       # on a real dom0: HVM domain 5's COM1 on this terminal
+    python examples/uart16550.py --domid 5 --pty # ... on a new pty instead (its path is printed)
+
+On the mock, the guest "firmware" does what a real driver does — probes the scratch
+register and loopback, sets 115200 8N1 through the divisor latch, enables the FIFOs,
+tests the THRE interrupt, writes a banner, then takes a line of input by interrupt
+and writes it back — and you see its console output and every edge of IRQ 4
+(``[irq4 ↑ RX data]``).  On a real dom0 the terminal is put in raw mode (restored on
+exit; Ctrl-C still stops the device model) and is the guest's serial console.
+Either way the ioreq server is destroyed on exit, also on Ctrl-C and SIGTERM.
+
+HAZARD: ``set_isa_irq_level`` must only reach an HVM guest: on Xen 4.17.7 an
+accepted ISA IRQ level change for a PVH guest crashed the hypervisor, and ``dm_op``
+cannot tell PVH from HVM.  Before serving, the guest type is read from libxl's
+record (``xenstore-read /libxl/<domid>/type``, or the mock's domain view) and any
+domain that is not "hvm" is refused; an unreadable type is refused too unless
+``--assume-hvm`` is given.
+
+``--depriv UID:GID`` drops privileges after bring-up (``IoreqServer(deprivilege=)``).
+It needs a real dom0: the in-process mock lives in this very process.
+
+A simplification: time passes between two guest accesses.  The transmitter sends
+what the TX FIFO holds before any access other than a THR write (and when the serve
+loop gets to it), and the 4-character-time receive timeout has always run out when
+the guest next looks.  The line itself is perfect: no parity, framing or break errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import termios
+import threading
+import time
+import tty
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
+
+from xendmop import DeviceModel
+from xendmop.runtime import IoreqServer, ServeLoop
+
+log = logging.getLogger("uart16550")
+
+COM1 = 0x3F8
+IRQ = 4
+FIFO_SIZE = 16
+#: the 1.8432 MHz crystal divided by 16: the baud rate with divisor 1
+BASE_BAUD = 115200
+
+# Register offsets (PC16550D Table II); DLL/DLM replace RBR/THR/IER while LCR.DLAB is set.
+RBR = THR = DLL = 0
+IER = DLM = 1
+IIR = FCR = 2
+LCR, MCR, LSR, MSR, SCR = 3, 4, 5, 6, 7
+
+IER_ERBFI, IER_ETBEI, IER_ELSI, IER_EDSSI = 0x01, 0x02, 0x04, 0x08
+IIR_NO_INT, IIR_FIFOS = 0x01, 0xC0
+IIR_LINE_STATUS, IIR_RX_DATA, IIR_RX_TIMEOUT, IIR_THRE, IIR_MODEM = 0x06, 0x04, 0x0C, 0x02, 0x00
+FCR_ENABLE, FCR_CLEAR_RX, FCR_CLEAR_TX = 0x01, 0x02, 0x04
+LCR_DLAB = 0x80
+MCR_DTR, MCR_RTS, MCR_OUT1, MCR_OUT2, MCR_LOOP = 0x01, 0x02, 0x04, 0x08, 0x10
+LSR_DR, LSR_OE, LSR_THRE, LSR_TEMT = 0x01, 0x02, 0x20, 0x40
+MSR_DCTS, MSR_DDSR, MSR_TERI, MSR_DDCD = 0x01, 0x02, 0x04, 0x08
+MSR_CTS, MSR_DSR, MSR_RI, MSR_DCD = 0x10, 0x20, 0x40, 0x80
+#: FCR bits 7:6 → receive FIFO trigger level
+RX_TRIGGER = (1, 4, 8, 14)
+
+SOURCE_NAMES = {
+    IIR_LINE_STATUS: "line status",
+    IIR_RX_DATA: "RX data",
+    IIR_RX_TIMEOUT: "RX timeout",
+    IIR_THRE: "THRE",
+    IIR_MODEM: "modem status",
+}
+
+
+class Uart16550:
+    """The register model of one 16550A.
+
+    ``output(data)``: bytes the UART puts on the line (not called in loopback).
+    ``set_irq(level, source)``: the PC's IRQ line changed — called on edges only;
+    ``source`` names the interrupt that raised it ("" when lowered).
+    ``wakeup()``: optional; asks the serve loop to call ``transmit()`` soon (the
+    line's time passing when the guest makes no further access).
+
+    Host side: ``receive(data)`` — characters arrive on the line now (they can
+    overrun the FIFO); ``queue_input(data)`` — characters arrive no faster than the
+    guest reads them, as typed on a terminal; ``set_modem_inputs``.  Every entry point
+    takes the UART's lock, so the serve loop and the host side may run in different
+    threads.
+    """
+
+    def __init__(
+        self,
+        output: Callable[[bytes], None],
+        set_irq: Callable[[bool, str], None] | None = None,
+        *,
+        wakeup: Callable[[], None] | None = None,
+    ) -> None:
+        self.output = output
+        self.set_irq = set_irq
+        self.wakeup = wakeup
+        self._lock = threading.RLock()
+        self.rx: deque[int] = deque()
+        self.tx: deque[int] = deque()
+        self.pending_input: deque[int] = deque()
+        self.ier = self.lcr = self.mcr = self.scr = 0
+        self.fcr = 0  # FIFO enable, DMA mode and trigger bits as last programmed
+        self.divisor = 12  # 9600 baud, as a PC BIOS leaves it
+        self.overrun = False
+        self.thr_ipending = False
+        self.modem_inputs = MSR_CTS | MSR_DSR | MSR_DCD  # a terminal is attached
+        self.msr_delta = 0
+        self.irq_level = False
+
+    # --- derived state ----------------------------------------------------------------------
+
+    @property
+    def fifo_enabled(self) -> bool:
+        return bool(self.fcr & FCR_ENABLE)
+
+    @property
+    def capacity(self) -> int:
+        """Characters a direction holds: the FIFO, or the single RBR/THR without it."""
+        return FIFO_SIZE if self.fifo_enabled else 1
+
+    @property
+    def trigger(self) -> int:
+        return RX_TRIGGER[self.fcr >> 6] if self.fifo_enabled else 1
+
+    @property
+    def loopback(self) -> bool:
+        return bool(self.mcr & MCR_LOOP)
+
+    @property
+    def baud(self) -> float | None:
+        return BASE_BAUD / self.divisor if self.divisor else None
+
+    def msr_inputs(self) -> int:
+        """CTS, DSR, RI, DCD; in loopback wired from RTS, DTR, OUT1, OUT2 (datasheet: MCR bit 4)."""
+        if not self.loopback:
+            return self.modem_inputs
+        m = self.mcr
+        return (
+            (MSR_CTS if m & MCR_RTS else 0)
+            | (MSR_DSR if m & MCR_DTR else 0)
+            | (MSR_RI if m & MCR_OUT1 else 0)
+            | (MSR_DCD if m & MCR_OUT2 else 0)
+        )
+
+    def pending_source(self) -> int | None:
+        """The highest-priority pending interrupt (the IIR identification), or None."""
+        ier = self.ier
+        if ier & IER_ELSI and self.overrun:
+            return IIR_LINE_STATUS
+        if ier & IER_ERBFI and len(self.rx) >= self.trigger:
+            return IIR_RX_DATA
+        if ier & IER_ERBFI and self.fifo_enabled and self.rx:
+            return IIR_RX_TIMEOUT  # below the trigger level and nothing arriving: the timer ran out
+        if ier & IER_ETBEI and self.thr_ipending:
+            return IIR_THRE
+        if ier & IER_EDSSI and self.msr_delta:
+            return IIR_MODEM
+        return None
+
+    def lsr(self) -> int:
+        empty = not self.tx
+        return (
+            (LSR_DR if self.rx else 0)
+            | (LSR_OE if self.overrun else 0)
+            | (LSR_THRE if empty else 0)
+            | (LSR_TEMT if empty else 0)  # the shift register sends whole characters at once
+        )
+
+    # --- the guest's accesses (IoDevice) ------------------------------------------------------
+
+    def read(self, addr: int, size: int) -> int:
+        """Port read at ``addr`` (0-7); a wider access reads consecutive registers, as the ISA bus splits it."""
+        with self._lock:
+            value = 0
+            for i in range(size):
+                value |= self._read_reg(addr + i) << (8 * i)
+            self._update_irq()
+            return value
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        with self._lock:
+            for i in range(size):
+                self._write_reg(addr + i, (value >> (8 * i)) & 0xFF)
+            self._update_irq()
+
+    def _read_reg(self, reg: int) -> int:
+        self._transmit()
+        dlab = self.lcr & LCR_DLAB
+        if reg == RBR:
+            return self.divisor & 0xFF if dlab else self._pop_rx()
+        if reg == IER:
+            return self.divisor >> 8 if dlab else self.ier
+        if reg == IIR:
+            source = self.pending_source()
+            if source == IIR_THRE:
+                self.thr_ipending = False  # reading IIR with THRE as the source clears it
+            return (IIR_FIFOS if self.fifo_enabled else 0) | (IIR_NO_INT if source is None else source)
+        if reg == LCR:
+            return self.lcr
+        if reg == MCR:
+            return self.mcr
+        if reg == LSR:
+            value = self.lsr()
+            self.overrun = False  # OE (and the line status interrupt) clear on read
+            return value
+        if reg == MSR:
+            value = self.msr_inputs() | self.msr_delta
+            self.msr_delta = 0
+            return value
+        if reg == SCR:
+            return self.scr
+        raise ValueError(f"uart16550: register offset {reg} is not 0..7")
+
+    def _write_reg(self, reg: int, value: int) -> None:
+        dlab = self.lcr & LCR_DLAB
+        if reg == THR and not dlab:
+            self._write_thr(value)
+            return
+        self._transmit()
+        if reg == DLL and dlab:
+            self.divisor = (self.divisor & 0xFF00) | value
+        elif reg == DLM and dlab:
+            self.divisor = (self.divisor & 0x00FF) | (value << 8)
+        elif reg == IER:
+            if value & IER_ETBEI and not self.ier & IER_ETBEI and not self.tx:
+                self.thr_ipending = True  # enabling ETBEI with THR empty interrupts at once
+            self.ier = value & 0x0F
+        elif reg == FCR:
+            self._write_fcr(value)
+        elif reg == LCR:
+            self.lcr = value
+        elif reg == MCR:
+            before = self.msr_inputs()
+            self.mcr = value & 0x1F
+            self._modem_changed(before)
+        elif reg == SCR:
+            self.scr = value
+        elif reg in (LSR, MSR):
+            pass  # read-only status (LSR writes are a factory test mode)
+        else:
+            raise ValueError(f"uart16550: register offset {reg} is not 0..7")
+
+    def _write_thr(self, value: int) -> None:
+        if len(self.tx) >= self.capacity:
+            self._send(bytes([self.tx.popleft()]))  # full: the shift register takes the oldest
+        self.tx.append(value)
+        self.thr_ipending = False  # a THR write clears the THRE interrupt
+        if self.wakeup is not None:
+            self.wakeup()
+
+    def _write_fcr(self, value: int) -> None:
+        if not value & FCR_ENABLE:
+            if self.fifo_enabled:
+                self.rx.clear()
+                self._clear_tx()
+            self.fcr = 0  # the other bits are only programmed together with FCR0
+            return
+        if not self.fifo_enabled:
+            self.rx.clear()  # changing FCR0 resets both FIFOs
+            self._clear_tx()
+        if value & FCR_CLEAR_RX:
+            self.rx.clear()
+        if value & FCR_CLEAR_TX:
+            self._clear_tx()
+        self.fcr = value & 0xC9  # enable, DMA mode, trigger (bits 1-2 clear themselves)
+        self._fill()
+
+    def _clear_tx(self) -> None:
+        if self.tx:
+            self.tx.clear()
+            self.thr_ipending = True  # THR became empty
+
+    def _pop_rx(self) -> int:
+        if not self.rx:
+            return 0
+        value = self.rx.popleft()
+        self._fill()  # the next typed character arrives
+        return value
+
+    # --- the line -------------------------------------------------------------------------------
+
+    def transmit(self) -> None:
+        """Send what the transmitter holds (the serve loop calls this after ``wakeup``)."""
+        with self._lock:
+            self._transmit()
+            self._update_irq()
+
+    def _transmit(self) -> None:
+        if not self.tx:
+            return
+        data = bytes(self.tx)
+        self.tx.clear()
+        self.thr_ipending = True  # THR (and TSR) now empty
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        if self.loopback:
+            for b in data:
+                self._arrive(b)  # TX wired to RX; nothing leaves the chip
+        else:
+            self.output(data)
+
+    def _arrive(self, byte: int) -> None:
+        if len(self.rx) < self.capacity:
+            self.rx.append(byte)
+        else:
+            # FIFO full: the new character is lost (without FIFOs it replaces the unread one).
+            if not self.fifo_enabled:
+                self.rx[-1] = byte
+            self.overrun = True
+
+    def receive(self, data: bytes) -> None:
+        """Characters arrive on the line now, however full the receiver is (overrun sets LSR.OE)."""
+        with self._lock:
+            for b in data:
+                self._arrive(b)
+            self._update_irq()
+
+    def queue_input(self, data: bytes) -> None:
+        """Characters arrive as fast as the guest takes them (a terminal at typing speed): never an overrun."""
+        with self._lock:
+            self.pending_input.extend(data)
+            self._fill()
+            self._update_irq()
+
+    def _fill(self) -> None:
+        while self.pending_input and len(self.rx) < self.capacity:
+            self.rx.append(self.pending_input.popleft())
+
+    def set_modem_inputs(self, *, cts: bool, dsr: bool, ri: bool, dcd: bool) -> None:
+        """The far end's modem lines (ignored by MSR while in loopback)."""
+        with self._lock:
+            before = self.msr_inputs()
+            self.modem_inputs = (
+                (MSR_CTS if cts else 0) | (MSR_DSR if dsr else 0) | (MSR_RI if ri else 0) | (MSR_DCD if dcd else 0)
+            )
+            self._modem_changed(before)
+            self._update_irq()
+
+    def _modem_changed(self, before: int) -> None:
+        after = self.msr_inputs()
+        changed = before ^ after
+        if changed & MSR_CTS:
+            self.msr_delta |= MSR_DCTS
+        if changed & MSR_DSR:
+            self.msr_delta |= MSR_DDSR
+        if before & MSR_RI and not after & MSR_RI:
+            self.msr_delta |= MSR_TERI  # trailing edge only
+        if changed & MSR_DCD:
+            self.msr_delta |= MSR_DDCD
+
+    # --- the IRQ line ---------------------------------------------------------------------------
+
+    def line_level(self) -> bool:
+        """The PC's IRQ line: an interrupt pending and OUT2 driving the gate.  In loopback
+        the OUT2 pin is forced inactive (the datasheet's MCR bit 4), so nothing reaches it."""
+        return self.pending_source() is not None and bool(self.mcr & MCR_OUT2) and not self.loopback
+
+    def _update_irq(self) -> None:
+        level = self.line_level()
+        if level != self.irq_level:
+            self.irq_level = level
+            if self.set_irq is not None:
+                source = self.pending_source()
+                self.set_irq(level, SOURCE_NAMES[source] if level and source is not None else "")
+
+    def release_irq(self) -> None:
+        """Lower the line if it is up (on exit, so the guest is not left with IRQ 4 asserted)."""
+        with self._lock:
+            if self.irq_level:
+                self.irq_level = False
+                if self.set_irq is not None:
+                    self.set_irq(False, "")
+
+
+# --- wiring a UART to Xen and to the host's terminal ---------------------------------------------
+
+
+def isa_irq_setter(
+    dm: DeviceModel, domid: int, report: Callable[[bool, str], None] | None = None
+) -> Callable[[bool, str], None]:
+    """``set_irq`` for a UART: XEN_DMOP_set_isa_irq_level on IRQ 4 (the UART calls it on edges only)."""
+
+    def set_irq(level: bool, source: str) -> None:
+        dm.set_isa_irq_level(domid, IRQ, int(level))
+        if report is not None:
+            report(level, source)
+
+    return set_irq
+
+
+def attach(loop: ServeLoop, uart: Uart16550, input_fd: int | None) -> Callable[[], None]:
+    """Watch a wake-up eventfd (the transmitter's ``wakeup``) and ``input_fd`` (the
+    keyboard) from ``loop``'s thread.  Returns the function that closes the eventfd."""
+    wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def on_wake() -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(wake)
+        uart.transmit()
+
+    uart.wakeup = lambda: os.eventfd_write(wake, 1)
+    loop.add_reader(wake, on_wake)
+    if input_fd is not None:
+        fd = input_fd
+
+        def on_input() -> None:
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                return
+            except OSError as e:  # a pty whose other side is gone, a closed terminal
+                log.warning("input: %s; no more input", e)
+                data = b""
+            if data:
+                uart.queue_input(data)
+                return
+            # End of input: point the fd at a pipe that never becomes readable, so the
+            # selector (which watches the old file) stops reporting it.
+            quiet_r, _quiet_w = os.pipe()
+            os.dup2(quiet_r, fd)
+            os.close(quiet_r)
+
+        loop.add_reader(fd, on_input)
+
+    def close() -> None:
+        uart.wakeup = None
+        os.close(wake)
+
+    return close
+
+
+class MockConsole:
+    """What the demo shows: the guest's console text and IRQ 4's edges, one per line."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.text = bytearray()
+        self.irq: list[tuple[bool, str]] = []
+        self._column = 0
+        try:
+            "↑↓".encode(getattr(out, "encoding", None) or "utf-8")
+            self._arrows = ("↑", "↓")
+        except (UnicodeEncodeError, LookupError):
+            self._arrows = ("up", "down")
+
+    def console(self, data: bytes) -> None:
+        self.text += data
+        shown = data.replace(b"\r", b"").decode("latin-1")  # as a terminal shows \r\n
+        if shown:
+            self.out.write(shown)
+            self._column = len(shown) - shown.rfind("\n") - 1 if "\n" in shown else self._column + len(shown)
+            self.out.flush()
+
+    def irq_edge(self, level: bool, source: str) -> None:
+        self.irq.append((level, source))
+        self.note(f"[irq{IRQ} {self._arrows[0 if level else 1]}{' ' + source if source else ''}]")
+
+    def note(self, line: str) -> None:
+        """A host-side line, kept apart from the guest's text."""
+        self.out.write(("\n" if self._column else "") + line + "\n")
+        self._column = 0
+        self.out.flush()
+
+
+# --- the simulated guest's firmware (mock only) -----------------------------------------------------
+
+
+class FirmwareError(RuntimeError):
+    """The simulated firmware found the UART misbehaving."""
+
+
+class Firmware:
+    """A guest driver for the 16550A at ``base``, running on ``guest``'s vCPU 0.
+
+    ``irq_asserted()`` tells whether the guest's IRQ 4 line is up; waiting for it is
+    the firmware's ``hlt``.  The steps are those of Linux's 8250 driver (autoconfig,
+    startup) and of a BIOS console.
+    """
+
+    def __init__(self, guest: Any, irq_asserted: Callable[[], bool], *, base: int = COM1, timeout: float = 5.0):
+        self.guest = guest
+        self.irq_asserted = irq_asserted
+        self.base = base
+        self.timeout = timeout
+
+    def inb(self, reg: int) -> int:
+        return int(self.guest.inb(self.base + reg))
+
+    def outb(self, reg: int, value: int) -> None:
+        self.guest.outb(self.base + reg, value)
+
+    def wait_irq(self, what: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not self.irq_asserted():
+            if time.monotonic() > deadline:
+                raise FirmwareError(f"no IRQ {IRQ} in {self.timeout}s while waiting for {what}")
+            time.sleep(0.001)
+
+    def probe(self) -> None:
+        """Is a 16550A there?  Scratch register, loopback wiring, FIFO bits in IIR."""
+        for pattern in (0xA5, 0x5A):
+            self.outb(SCR, pattern)
+            if self.inb(SCR) != pattern:
+                raise FirmwareError(f"scratch register does not hold {pattern:#x}")
+        self.outb(MCR, MCR_LOOP | MCR_OUT2 | MCR_RTS)  # Linux's autoconfig loopback test
+        if self.inb(MSR) & 0xF0 != MSR_DCD | MSR_CTS:
+            raise FirmwareError("loopback does not wire OUT2→DCD and RTS→CTS")
+        self.outb(MCR, 0)
+        self.outb(FCR, FCR_ENABLE)
+        if self.inb(IIR) & IIR_FIFOS != IIR_FIFOS:
+            raise FirmwareError("no working FIFOs: not a 16550A")
+
+    def init(self, baud: int = BASE_BAUD) -> None:
+        """115200 8N1, FIFOs on (RX trigger 8), OUT2 on, and the THRE interrupt checked."""
+        self.outb(IER, 0)
+        divisor = BASE_BAUD // baud
+        self.outb(LCR, LCR_DLAB)
+        self.outb(DLL, divisor & 0xFF)
+        self.outb(DLM, divisor >> 8)
+        self.outb(LCR, 0x03)  # 8 data bits, no parity, 1 stop bit; DLAB off
+        self.outb(FCR, 0x80 | FCR_CLEAR_TX | FCR_CLEAR_RX | FCR_ENABLE)
+        self.outb(MCR, MCR_OUT2 | MCR_RTS | MCR_DTR)
+        # As serial8250_do_startup: enabling the THRE interrupt with THR empty must interrupt.
+        self.outb(IER, IER_ETBEI)
+        self.wait_irq("THRE")
+        if self.inb(IIR) & 0x0F != IIR_THRE:
+            raise FirmwareError("IIR does not report THRE")
+        self.outb(IER, 0)
+
+    def puts(self, text: bytes) -> None:
+        """Polled output: wait for THRE, fill the FIFO; at the end wait until all is sent."""
+        for i in range(0, len(text), FIFO_SIZE):
+            self._wait_lsr(LSR_THRE)
+            for b in text[i : i + FIFO_SIZE]:
+                self.outb(THR, b)
+        self._wait_lsr(LSR_TEMT)
+
+    def _wait_lsr(self, bit: int) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not self.inb(LSR) & bit:
+            if time.monotonic() > deadline:
+                raise FirmwareError(f"LSR bit {bit:#x} never set")
+
+    def readline(self, limit: int = 256) -> bytes:
+        """Interrupt-driven input of one line (up to CR or LF)."""
+        line = bytearray()
+        self.outb(IER, IER_ERBFI | IER_ELSI)
+        try:
+            while len(line) < limit:
+                self.wait_irq("input")
+                iir = self.inb(IIR) & 0x0F
+                if iir == IIR_LINE_STATUS:
+                    self.inb(LSR)  # an overrun: characters were lost; carry on
+                elif iir in (IIR_RX_DATA, IIR_RX_TIMEOUT):
+                    while self.inb(LSR) & LSR_DR:
+                        c = self.inb(RBR)
+                        if c in b"\r\n":
+                            return bytes(line)
+                        line.append(c)
+            return bytes(line)
+        finally:
+            self.outb(IER, 0)
+
+
+# --- the demo on the mock -------------------------------------------------------------------------
+
+BANNER = b"Hello from the guest's 16550A at 0x3f8 (115200 8N1, FIFOs on)!\r\n"
+PROMPT = b"Type a line for the guest to read:\r\n"
+DEFAULT_LINE = b"hello from the host"
+
+
+class NotHvmError(RuntimeError):
+    """Refused: the domain is not HVM, and ISA IRQ level changes must not reach it."""
+
+
+def require_hvm(domid: int, kind: str | None, assume_hvm: bool = False) -> None:
+    """Refuse any domain whose type is not "hvm" (``kind`` None: unknown; allowed with ``assume_hvm``)."""
+    if kind == "hvm" or (kind is None and assume_hvm):
+        return
+    raise NotHvmError(
+        f"dom{domid} is {kind or 'of unknown type'}, not HVM: ISA IRQ level changes to a PVH guest "
+        "can crash Xen (4.17.7)" + ("; pass --assume-hvm if you know it is HVM" if kind is None else "")
+    )
+
+
+@dataclasses.dataclass
+class MockRun:
+    console: bytes  # everything the guest wrote to the UART
+    line: bytes  # what the guest read back
+    irq: list[tuple[bool, str]]  # IRQ 4's edges
+    servers_left: int
+
+
+def run_on_mock(
+    line: bytes | Callable[[], bytes], out: TextIO, *, xen: Any = None, domid: int | None = None
+) -> MockRun:
+    """Serve a simulated guest firmware on the mock Xen; the host types ``line`` (or
+    what calling it returns, once the guest asks) when the guest asks for input."""
+    from xendmop.mock import MockXen
+    from xendmop.runtime.simguest import SimGuest
+
+    own = xen is None
+    host = MockXen() if xen is None else xen
+    try:
+        if domid is None:
+            domid = host.create_domain(vcpus=1, hvm=True, memory_mb=4)
+        require_hvm(domid, "hvm" if host.domain(domid).hvm else "pv or pvh")
+        view = MockConsole(out)
+        with DeviceModel.open("mock", xen=host) as dm:
+            uart = Uart16550(view.console, isa_irq_setter(dm, domid, view.irq_edge))
+            server = IoreqServer(dm, domid, opener=host.open_device)
+            server.add_port_range(COM1, COM1 + 7, uart, "uart16550")
+            keyboard_r, keyboard_w = os.pipe()  # the host's terminal, as on real Xen
+            server.start()
+            loop = ServeLoop(server)
+            close_wake = attach(loop, uart, keyboard_r)
+            thread = threading.Thread(target=loop.run, kwargs={"handle_signals": False}, daemon=True)
+            thread.start()
+            try:
+                fw = Firmware(SimGuest(host, domid, timeout=5), lambda: host.domain(domid).gsi_level(IRQ))
+                fw.probe()
+                fw.init()
+                fw.puts(BANNER + PROMPT)
+                typed = (line() if callable(line) else line).rstrip(b"\r\n") + b"\r"
+                view.note(f"[host types {typed.decode('latin-1')!r}]")
+                os.write(keyboard_w, typed)
+                got = fw.readline()
+                fw.puts(b"The guest read: " + got + b"\r\n")
+            finally:
+                loop.stop()
+                thread.join(5)
+                uart.release_irq()
+                close_wake()
+                os.close(keyboard_r)
+                os.close(keyboard_w)
+            left = sum(s is not None for s in host.domain(domid).snapshot()["servers"])
+            return MockRun(bytes(view.text), got, view.irq, left)
+    finally:
+        if own:
+            host.close()
+
+
+# --- a real dom0 ------------------------------------------------------------------------------------
+
+
+def libxl_domain_type(domid: int) -> str | None:
+    """libxl's guest type of ``domid`` ("hvm", "pvh", "pv") from Xenstore, or None if unknown."""
+    try:
+        done = subprocess.run(
+            ["xenstore-read", f"/libxl/{domid}/type"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+@contextlib.contextmanager
+def raw_terminal(fd: int) -> Iterator[None]:
+    """Raw mode on terminal ``fd`` (every key goes to the guest) but with signals kept,
+    so Ctrl-C still stops the device model; restored on the way out."""
+    if not os.isatty(fd):
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd)
+        attrs = termios.tcgetattr(fd)
+        attrs[3] |= termios.ISIG
+        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def fd_writer(fd: int) -> Callable[[bytes], None]:
+    """Output to ``fd``; on a non-blocking fd (a pty nobody reads) what does not fit is dropped."""
+
+    def write(data: bytes) -> None:
+        while data:
+            try:
+                n = os.write(fd, data)
+            except BlockingIOError:
+                return
+            data = data[n:]
+
+    return write
+
+
+def serve_domain(
+    dm: DeviceModel,
+    domid: int,
+    *,
+    input_fd: int | None,
+    output_fd: int,
+    opener: Callable[[str], Any] | None = None,
+    deprivilege: Any = None,
+    on_ready: Callable[[], None] | None = None,
+) -> int | None:
+    """Serve COM1 of ``domid`` in this (main) thread until SIGINT/SIGTERM; the server is
+    destroyed and IRQ 4 lowered on the way out.  Returns the signal."""
+    uart = Uart16550(fd_writer(output_fd), isa_irq_setter(dm, domid))
+    server = IoreqServer(dm, domid, opener=opener, deprivilege=deprivilege)
+    server.add_port_range(COM1, COM1 + 7, uart, "uart16550")
+    loop = ServeLoop(server)
+    close_wake = attach(loop, uart, input_fd)
+    try:
+        server.start()  # up (and deprivileged) before the first access is served
+        if on_ready is not None:
+            on_ready()
+        return loop.run()  # serves; tears down on SIGINT/SIGTERM
+    finally:
+        server.close()
+        uart.release_irq()
+        close_wake()
+
+
+def parse_ids(text: str) -> tuple[int, int]:
+    """``UID:GID`` (non-root numeric ids) for ``--depriv``; ``ArgumentTypeError`` names a bad value."""
+    uid, sep, gid = text.partition(":")
+    if not sep or not uid.isdigit() or not gid.isdigit() or int(uid) == 0 or int(gid) == 0:
+        raise argparse.ArgumentTypeError(f"--depriv {text!r}: expected UID:GID, two non-root numeric ids")
+    return int(uid), int(gid)
+
+
+def _mock_line(args: argparse.Namespace) -> bytes | Callable[[], bytes]:
+    if args.line == "-" or (args.line is None and sys.stdin.isatty()):
+        return lambda: sys.stdin.buffer.readline()  # asked for only once the guest prompts
+    return DEFAULT_LINE if args.line is None else os.fsencode(args.line)
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--domid", type=int, help="serve this HVM domain on a real dom0 (default: the mock)")
+    p.add_argument("--line", help="on the mock: what the host types to the guest ('-': read it from stdin)")
+    p.add_argument("--pty", action="store_true", help="on a real dom0: a new pty instead of this terminal")
+    p.add_argument("--depriv", type=parse_ids, metavar="UID:GID", help="drop to these ids after bring-up")
+    p.add_argument("--chroot", help="with --depriv: an empty root-owned directory to chroot into")
+    p.add_argument("--assume-hvm", action="store_true", help="serve even if the guest type cannot be read")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    if args.chroot and not args.depriv:
+        p.error("--chroot needs --depriv UID:GID")
+    if args.domid is None:
+        if args.depriv:
+            p.error(
+                "--depriv needs a real dom0 (--domid N) or a mock host in another process "
+                "(XENDMOP_MOCK_SOCKET): the in-process mock lives in this process, which must stay privileged"
+            )
+        if args.pty:
+            p.error("--pty is for a real dom0 (--domid N); on the mock the host types --line")
+        return _main_mock(args)
+    try:
+        require_hvm(args.domid, libxl_domain_type(args.domid), args.assume_hvm)
+    except NotHvmError as e:
+        p.error(str(e))
+    return _main_real(args)
+
+
+def _main_mock(args: argparse.Namespace) -> int:
+    from xendmop.mock import MockXen
+
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    with MockXen() as host:
+        domid = host.create_domain(vcpus=1, hvm=True, memory_mb=4)
+        try:
+            run_on_mock(_mock_line(args), sys.stdout, xen=host, domid=domid)
+            stopped = ""
+        except (KeyboardInterrupt, _Terminated):
+            stopped = "stopped; "
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        left = [i for i, s in enumerate(host.domain(domid).snapshot()["servers"]) if s is not None]
+    if left:
+        print(f"uart16550: {stopped}ioreq server(s) {left} left in dom{domid}", file=sys.stderr)
+        return 1
+    if stopped:
+        print(f"uart16550: {stopped}the ioreq server was destroyed, none is left in dom{domid}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _main_real(args: argparse.Namespace) -> int:
+    from xendmop.depriv import DropConfig
+
+    drop = DropConfig(uid=args.depriv[0], gid=args.depriv[1], chroot=args.chroot) if args.depriv else None
+    with contextlib.ExitStack() as stack:
+        if args.pty:
+            master, slave = os.openpty()
+            tty.setraw(slave)
+            os.set_blocking(master, False)
+            stack.callback(os.close, master)
+            stack.callback(os.close, slave)  # held open: the master reads EIO while no slave is open
+            in_fd, out_fd = master, master
+            print(f"uart16550: dom{args.domid}'s COM1 is on {os.ttyname(slave)}", file=sys.stderr)
+        else:
+            in_fd, out_fd = sys.stdin.fileno(), sys.stdout.fileno()
+            stack.enter_context(raw_terminal(in_fd))
+        dm = stack.enter_context(DeviceModel.open("privcmd"))
+        signum = serve_domain(dm, args.domid, input_fd=in_fd, output_fd=out_fd, deprivilege=drop)
+    print(
+        f"\r\nuart16550: stopped ({signal.Signals(signum).name if signum else 'done'}); server destroyed",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
