@@ -17,10 +17,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 sysdeps:
 	@./tools/sysdeps.sh
 
-## demo: the main job on the mock Xen (no Xen needed): a device model serving a guest
+## demo: the main job on the mock Xen (no Xen needed): a 16550A UART serving a simulated guest firmware
 demo: $(VENV)/.installed
 	$(PY) -m xendmop info
-	$(PY) examples/debugcon.py
+	$(PY) examples/uart16550.py
 
 ## test: the whole test suite (what .ci/run runs)
 test: $(VENV)/.installed

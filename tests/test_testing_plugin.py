@@ -3,9 +3,11 @@ by ``pytester``, with the plugin found through its ``pytest11`` entry point."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +75,7 @@ def test_an_unanswered_access_times_out_naming_the_vcpu(pytester: pytest.Pyteste
     pytester.makepyfile(
         """
 import time
+from pathlib import Path
 import pytest
 
 class Stuck:
@@ -173,3 +176,13 @@ def test_the_plugin_imports_neither_the_mock_nor_the_runtime() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_readme_example_passes_as_a_test_file(pytester: pytest.Pytester) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Testing a device model", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S)
+    assert block is not None, "README lost its plugin example"
+    pytester.makepyfile(block.group(1))
+    result = pytester.runpytest("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
