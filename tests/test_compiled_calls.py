@@ -1,0 +1,191 @@
+"""The per-op calls generated from the declarations (``PrivcmdBackend.compile_call``) send
+exactly what the generic ``dm_op`` sends, and keep its checks, errors and guarantees."""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import os
+from typing import Any
+
+import pytest
+
+from xendmop import ArgumentError, ClosedHandleError, DeviceModel, Limits
+from xendmop.abi.privcmd import IOCTL_PRIVCMD_DM_OP, IOCTL_PRIVCMD_RESTRICT, privcmd_dm_op, privcmd_dm_op_buf
+from xendmop.backends import PrivcmdBackend
+from xendmop.ops import BY_NAME
+
+
+class CapturingPrivcmd:
+    """Answers every DM_OP with 0 and keeps the bytes of every buffer; can write an OUT slot."""
+
+    path = "/dev/xen/privcmd"
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[int, list[bytes]]] = []
+        self.answer: bytes | None = None  # written into bufs[1] when set
+
+    def fileno(self) -> int:
+        return -1
+
+    def ioctl(self, request: int, arg: Any) -> int:
+        if request == IOCTL_PRIVCMD_RESTRICT:
+            return 0
+        assert request == IOCTL_PRIVCMD_DM_OP
+        req = privcmd_dm_op.from_buffer_copy(arg)
+        if req.num == 0:
+            return 0
+        bufs = (privcmd_dm_op_buf * req.num).from_address(req.ubufs)
+        if self.answer is not None and req.num == 2:
+            ctypes.memmove(bufs[1].uptr, self.answer, min(len(self.answer), bufs[1].size))
+        self.requests.append((req.dom, [ctypes.string_at(b.uptr, b.size) for b in bufs]))
+        return 0
+
+    def mmap(self, length: int, offset: int = 0) -> Any:
+        raise OSError(errno.ENODEV, "no mmap")
+
+    def close(self) -> None:
+        pass
+
+
+def _open(device: CapturingPrivcmd) -> DeviceModel:
+    def opener(path: str) -> Any:
+        if path == device.path:
+            return device
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+
+    return DeviceModel(PrivcmdBackend(opener, Limits()))
+
+
+EXTENTS = (BY_NAME["modified_memory"].slots[0].ctype * 3)()
+for _i in range(3):
+    EXTENTS[_i].first_pfn, EXTENTS[_i].nr = 0x100 * (_i + 1), _i + 1
+
+# (method call, the same request through the generic funnel: op, fields, slot data)
+SAME_REQUESTS = [
+    (("create_ioreq_server", 3, 1), ("create_ioreq_server", {"handle_bufioreq": 1}, ())),
+    (("get_ioreq_server_info", 3, 2), ("get_ioreq_server_info", {"id": 2, "flags": 1}, ())),
+    (
+        ("map_io_range_to_ioreq_server", 3, 2, True, 0xFEB00000, 0xFEB00FFF),
+        ("map_io_range_to_ioreq_server", {"id": 2, "type": 1, "start": 0xFEB00000, "end": 0xFEB00FFF}, ()),
+    ),
+    (
+        ("unmap_pcidev_from_ioreq_server", 3, 2, 0, 1, 3, 5),
+        ("unmap_io_range_from_ioreq_server", {"id": 2, "type": 2, "start": 0x11D, "end": 0x11D}, ()),
+    ),
+    (("set_ioreq_server_state", 3, 2, True), ("set_ioreq_server_state", {"id": 2, "enabled": 1}, ())),
+    (("destroy_ioreq_server", 3, 2), ("destroy_ioreq_server", {"id": 2}, ())),
+    (
+        ("set_pci_intx_level", 3, 0, 1, 4, 2, 1),
+        ("set_pci_intx_level", {"domain": 0, "bus": 1, "device": 4, "intx": 2, "level": 1}, ()),
+    ),
+    (("set_isa_irq_level", 3, 11, 1), ("set_isa_irq_level", {"isa_irq": 11, "level": 1}, ())),
+    (("set_pci_link_route", 3, 2, 10), ("set_pci_link_route", {"link": 2, "isa_irq": 10}, ())),
+    (("inject_msi", 3, 0xFEE00000, 0x4041), ("inject_msi", {"addr": 0xFEE00000, "data": 0x4041}, ())),
+    (
+        ("inject_event", 3, 1, 14, 3, 2, 0, 0xDEAD000),
+        (
+            "inject_event",
+            {"vcpuid": 1, "vector": 14, "type": 3, "error_code": 2, "insn_len": 0, "cr2": 0xDEAD000},
+            (),
+        ),
+    ),
+    (("track_dirty_vram", 3, 0xF0000, 77), ("track_dirty_vram", {"first_pfn": 0xF0000, "nr": 77}, (None,))),
+    (("modified_memory_bulk", 3, EXTENTS), ("modified_memory", {"nr_extents": 3}, (memoryview(EXTENTS).cast("B"),))),
+    (("set_mem_type", 3, 1, 0x1000, 16), ("set_mem_type", {"mem_type": 1, "first_pfn": 0x1000, "nr": 16}, ())),
+    (("relocate_memory", 3, 4, 0x10, 0x20), ("relocate_memory", {"size": 4, "src_gfn": 0x10, "dst_gfn": 0x20}, ())),
+    (("pin_memory_cacheattr", 3, 0x10, 0x1F, 6), ("pin_memory_cacheattr", {"start": 0x10, "end": 0x1F, "type": 6}, ())),
+    (("shutdown", 3, 2), ("remote_shutdown", {"reason": 2}, ())),
+    (("nr_vcpus", 3), ("nr_vcpus", {}, ())),
+]
+
+
+@pytest.mark.parametrize("method, generic", SAME_REQUESTS, ids=[m[0] for m, _ in SAME_REQUESTS])
+def test_generated_call_sends_the_generic_bytes(method: tuple[Any, ...], generic: tuple[Any, ...]) -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    name, *args = method
+    op, fields, slots = generic
+    getattr(dm, name)(*args)  # compiled at first use
+    dm._call(BY_NAME[op], args[0], fields, slots)  # the generic funnel, same arena pool
+    getattr(dm, name)(*args)  # compiled, after the generic path has used the arena
+    assert len(device.requests) == 3
+    assert device.requests[0] == device.requests[1] == device.requests[2]
+
+
+def test_out_slot_is_cleared_before_each_call() -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    device.answer = b"\xa5" * 16
+    assert dm.track_dirty_vram(3, 0x100, 128) == b"\xa5" * 16
+    device.answer = None  # a call that writes nothing must not return the last answer
+    assert dm.track_dirty_vram(3, 0x100, 128) == bytes(16)
+
+
+def test_split_bitmap_is_reassembled_in_order() -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    per_call = 8 * 4096
+    device.answer = b"\x0f" * 4096
+    bitmap = dm.track_dirty_vram(3, 0x100000, 2 * per_call + 9)
+    assert len(bitmap) == (2 * per_call + 9 + 7) // 8
+    assert bitmap == b"\x0f" * (2 * 4096 + 2)
+    assert [len(bufs[1]) for _, bufs in device.requests] == [4096, 4096, 2]
+
+
+def test_restrict_after_first_use_still_applies() -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    dm.set_isa_irq_level(3, 4, 1)
+    dm.restrict(3)
+    with pytest.raises(PermissionError, match="domid=4"):
+        dm.set_isa_irq_level(4, 4, 1)
+    assert [dom for dom, _ in device.requests] == [3]
+
+
+def test_closed_handle_refuses_a_compiled_call() -> None:
+    dm = _open(CapturingPrivcmd())
+    dm.set_isa_irq_level(3, 4, 1)
+    dm.close()
+    with pytest.raises(ClosedHandleError):
+        dm.set_isa_irq_level(3, 4, 1)
+
+
+class Level(enum.IntEnum):
+    LOW = 0
+    HIGH = 1
+
+
+def test_bool_and_intenum_go_through_the_full_check() -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    dm.set_isa_irq_level(3, 4, True)
+    dm.set_isa_irq_level(3, 4, Level.HIGH)
+    dm.set_isa_irq_level(3, 4, 1)
+    assert device.requests[0] == device.requests[1] == device.requests[2]
+
+
+@pytest.mark.parametrize(
+    "args, exc, field",
+    [
+        ((3, 4, 1.0), TypeError, "level"),  # no silent int(): 1.7 would have become 1
+        ((3, 4.0, 1), TypeError, "isa_irq"),
+        ((True, 4, 1), TypeError, "domid"),
+        ((0x10000, 4, 1), ArgumentError, "domid"),
+        ((3, 256, 1), ArgumentError, "isa_irq"),
+        ((3, 4, 2), ArgumentError, "level"),
+    ],
+)
+def test_generated_call_raises_the_typed_errors(args: tuple[Any, ...], exc: type[Exception], field: str) -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    with pytest.raises(exc, match=field):
+        dm.set_isa_irq_level(*args)
+    assert device.requests == []
+
+
+def test_extents_of_the_wrong_size_are_refused_by_name() -> None:
+    dm = _open(CapturingPrivcmd())
+    with pytest.raises(ArgumentError, match="extents"):
+        dm._modified_memory(3, 2, memoryview(EXTENTS).cast("B"))  # three extents, two declared
