@@ -32,12 +32,16 @@ Run it:
     python examples/pci_edu.py --hold         # the same, then serve until Ctrl-C
     python examples/pci_edu.py --domid 5      # on a real dom0: serve HVM domain 5 until Ctrl-C
     python examples/pci_edu.py --domid 5 --depriv 990:990 --chroot /var/empty
+    XENDMOP_MOCK_SOCKET=/run/mock.sock python examples/pci_edu.py --domid 1 --depriv 990:990
+                                              # domain 1 of a mock host process (xendmop mock-host)
 
-On a real dom0 the device sits at 0000:00:<--slot>.0; start the device model while
+The device sits at 0000:00:<--slot>.0; on a real dom0 start the device model while
 the domain is still paused so the guest's firmware finds it.  Ctrl-C or SIGTERM tears
 the ioreq server down (no server is left in Xen).  ``--depriv UID:GID`` restricts
 every handle to the domain and drops to that user after bring-up; it needs a real
-dom0 (the in-process mock shares this process, so it refuses the flag).
+dom0 or a mock host in another process (the in-process mock shares this process, so
+it refuses the flag).  With ``XENDMOP_MOCK_SOCKET`` set, ``--domid`` serves that mock
+host's domain, and ``guest_script`` can drive it from a third process (``RemoteGuest``).
 
 HAZARD: never issue interrupt DMOPs to a PVH guest — on Xen 4.17.7 an accepted ISA
 IRQ level change crashed the hypervisor.  Xen's DMOP checks cannot tell PVH from
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -63,6 +68,9 @@ from xendmop.runtime import Bar, IoreqServer, PciFunction, ServeLoop
 from xendmop.runtime.dispatch import GuestMemory, GuestMemoryError, RateLimitedLog
 
 log = logging.getLogger("pci_edu")
+
+#: names a mock host process (``xendmop mock-host --socket PATH``) that ``--domid`` then serves
+ENV_SOCKET = "XENDMOP_MOCK_SOCKET"
 
 VENDOR_ID, DEVICE_ID = 0x1234, 0x11E8  # QEMU's edu
 CLASS_OTHER = 0xFF0000  # PCI_CLASS_OTHERS, as QEMU's edu
@@ -253,8 +261,12 @@ def _sbdf(slot: int) -> int:
     return slot << 3  # segment 0, bus 0, function 0
 
 
-def guest_script(guest: Any, xen: Any, domid: int) -> GuestReport:
-    """What a guest's PCI driver does, as config and MMIO accesses of one vCPU."""
+def guest_script(guest: Any, domain_state: Callable[[], dict[str, Any]]) -> GuestReport:
+    """What a guest's PCI driver does, as config and MMIO accesses of one vCPU.
+
+    ``guest``: a ``SimGuest`` (or a ``RemoteGuest`` of a mock host process);
+    ``domain_state()``: the mock's snapshot of the domain, where the interrupts show.
+    """
     r = GuestReport()
     for slot in range(32):  # absent functions read all-ones
         ids = guest.pci_config_read(_sbdf(slot), 0x00, 4)
@@ -287,10 +299,10 @@ def guest_script(guest: Any, xen: Any, domid: int) -> GuestReport:
         pass
     r.factorial_10 = guest.mmio_read(BAR0_FIRST + REG_FACTORIAL, 4)
     intx_bit = 1 << (r.edu_slot * 4)  # INTA# of this slot in the mock's PCI INTx bitmap
-    r.intx_asserted = bool(xen.domain(domid).irq[1] & intx_bit)
+    r.intx_asserted = bool(domain_state()["irq"][1] & intx_bit)
     r.irq_status = guest.mmio_read(BAR0_FIRST + REG_IRQ_STATUS, 4)
     guest.mmio_write(BAR0_FIRST + REG_IRQ_ACK, 4, r.irq_status)
-    r.intx_after_ack = bool(xen.domain(domid).irq[1] & intx_bit)
+    r.intx_after_ack = bool(domain_state()["irq"][1] & intx_bit)
     r.say(f"10! = {r.factorial_10}; INTx {'asserted' if r.intx_asserted else 'NOT asserted'}, then acknowledged")
 
     # MSI: walk the capability list to the MSI capability, program it, enable it.
@@ -303,10 +315,10 @@ def guest_script(guest: Any, xen: Any, domid: int) -> GuestReport:
             guest.pci_config_write(sbdf, cap + 8, 4, 0)
             guest.pci_config_write(sbdf, cap + 12, 2, MSI_VECTOR)
             guest.pci_config_write(sbdf, cap + 2, 2, guest.pci_config_read(sbdf, cap + 2, 2) | 1)
-            before = len(xen.domain(domid).msis)
+            before = len(domain_state()["msis"])
             guest.mmio_write(BAR0_FIRST + REG_IRQ_RAISE, 4, 0x42)
-            msis = xen.domain(domid).msis
-            r.msi = msis[-1] if len(msis) > before else None
+            msis = domain_state()["msis"]
+            r.msi = (int(msis[-1][0]), int(msis[-1][1])) if len(msis) > before else None
             guest.mmio_write(BAR0_FIRST + REG_IRQ_ACK, 4, 0x42)
     r.say(f"MSI: address {r.msi[0]:#x} data {r.msi[1]:#x}" if r.msi else "MSI: none delivered")
 
@@ -354,7 +366,7 @@ def run_on_mock(*, slot: int = 4, hold: bool = False, out: Callable[[str], None]
 
             def guest_thread() -> None:
                 try:
-                    result.append(guest_script(SimGuest(xen, domid, timeout=5), xen, domid))
+                    result.append(guest_script(SimGuest(xen, domid, timeout=5), xen.domain(domid).snapshot))
                 except BaseException as e:  # handed to the main thread
                     result.append(e)
                 if hold and not isinstance(result[-1], BaseException):
@@ -411,13 +423,16 @@ def parse_ids(text: str) -> tuple[int, int]:
     return int(uid), int(gid)
 
 
-def serve_domain(domid: int, slot: int, depriv: tuple[int, int] | None, chroot: str | None) -> int:
-    """Serve the edu device to ``domid`` until SIGINT/SIGTERM; the server is destroyed on the way out."""
+def serve_domain(domid: int, slot: int, depriv: tuple[int, int] | None, chroot: str | None, remote: Any = None) -> int:
+    """Serve the edu device to ``domid`` until SIGINT/SIGTERM; the server is destroyed on the way out.
+
+    On a real dom0 (privcmd), or on a mock host process when ``remote`` (a ``RemoteXen``) is given."""
     from xendmop.depriv import DropConfig
 
     drop = DropConfig(uid=depriv[0], gid=depriv[1], chroot=chroot) if depriv else None
-    with DeviceModel.open("privcmd") as dm:
-        server = IoreqServer(dm, domid, deprivilege=drop)
+    opener = remote.open_device if remote is not None else None
+    with DeviceModel.open("mock", xen=remote) if remote is not None else DeviceModel.open("privcmd") as dm:
+        server = IoreqServer(dm, domid, opener=opener, deprivilege=drop)
         edu = Edu(lambda: server.dispatcher.memory)
         server.add_pci(edu.pci, slot=slot, name="edu")
         log.info("edu at 0000:00:%02x.0 of dom%d; Ctrl-C to stop", slot, domid)
@@ -445,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         run_on_mock(slot=args.slot, hold=args.hold)
         return 0
+    if os.environ.get(ENV_SOCKET):  # a mock host process: it has no PVH guests to protect
+        from xendmop.mock.remote import connect_from_env
+
+        with connect_from_env() as remote:
+            return serve_domain(args.domid, args.slot, args.depriv, args.chroot, remote)
     kind = libxl_domain_type(args.domid)
     if kind != "hvm" and not (kind is None and args.assume_hvm):
         p.error(

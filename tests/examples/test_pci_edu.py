@@ -8,8 +8,9 @@ import runpy
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -351,3 +352,64 @@ def test_signal_tears_the_server_down(signum: int) -> None:
     assert proc.returncode == 0, err
     assert f"signal {signum}: ioreq server destroyed, none left in the domain" in out
     assert "ioreq server 0 destroyed" in err
+
+
+# --- a deprivileged device model in its own process, on a mock host process -------------------------
+
+
+@pytest.fixture
+def mock_host(tmp_path: Path) -> Iterator[Path]:
+    """``xendmop mock-host`` in its own process (dom1 HVM, dom2 PV); its socket path."""
+    sock = tmp_path / "mock.sock"
+    host = subprocess.Popen(
+        [sys.executable, "-m", "xendmop", "mock-host", "--socket", str(sock)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert host.stdout is not None and "listening" in host.stdout.readline()
+        yield sock
+    finally:
+        host.terminate()
+        host.wait(30)
+
+
+def wait_for_line(stream: IO[str], needle: str) -> list[str]:
+    seen = []
+    for line in stream:
+        seen.append(line)
+        if needle in line:
+            return seen
+    raise AssertionError(f"no {needle!r} in:\n{''.join(seen)}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
+def test_deprivileged_device_model_serves_a_mock_host_process(mock_host: Path) -> None:
+    from xendmop.mock.remote import RemoteGuest, RemoteXen
+
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--domid", "1", "--depriv", "65534:65534"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": str(mock_host)},
+    )
+    try:
+        assert proc.stderr is not None
+        wait_for_line(proc.stderr, "deprivileged to uid 65534")
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        assert "Uid:\t65534\t65534\t65534\t65534" in status and "Gid:\t65534\t65534\t65534\t65534" in status
+        with RemoteXen(str(mock_host)) as remote:
+            report = edu_mod["guest_script"](RemoteGuest(remote, 1), lambda: remote.snapshot(1))
+            assert report.found_slots == [4] and report.factorial_10 == 3628800
+            assert report.intx_asserted and not report.intx_after_ack and report.msi == (0xFEE00000, 0x41)
+            assert report.dma_roundtrip and report.new_bar_after_move == 0x010000ED
+            assert len(remote.servers(1)) == 1
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+            assert remote.servers(1) == {}  # the host process saw the server destroyed
+    finally:
+        proc.kill()
+        proc.wait()
