@@ -15,6 +15,7 @@ index  name      meaning
 0x10   FB_GFN_LO guest frame number of the framebuffer, low 16 bits
 0x11   FB_GFN_HI ... and high 16 bits
 0x12   FLUSH     any write: render the dirty pages now (also done on a timer)
+0x13   LAST_READ pages the last poll re-read (read-only; what "only dirty pages" costs)
 ====== ========= ===========================================================
 
 The device model maps the framebuffer's frames once (foreign mapping through
@@ -33,13 +34,18 @@ Run it:
     python examples/framebuffer.py --hold             # the same, then serve until Ctrl-C
     python examples/framebuffer.py --domid 5 --output /srv/dom5.png   # a real dom0, until Ctrl-C
     python examples/framebuffer.py --domid 5 --depriv 990:990 --chroot /var/empty
+    XENDMOP_MOCK_SOCKET=/run/mock.sock python examples/framebuffer.py --domid 1 --depriv 990:990
+                                                      # domain 1 of a mock host process
 
-On a real dom0 the PNG is rewritten every ``--interval`` seconds when pages changed
-(and on every FLUSH); with ``--depriv`` the output directory, opened before the
-privileges drop, must be writable by that user.  Ctrl-C or SIGTERM destroys the
-ioreq server and stops dirty tracking.  ``--depriv`` needs a real dom0: the
-in-process mock shares this process, so it refuses the flag.  This example issues
-no interrupt DMOPs.
+With ``--domid`` the PNG is rewritten every ``--interval`` seconds when pages changed
+(0: only on FLUSH) and on every FLUSH; with ``--depriv`` the output directory, opened
+before the privileges drop, must be writable by that user, and the snapshot must stay
+under the deprivileged file-size limit (256 KiB; a failed write is logged, the
+display keeps running).  Ctrl-C or SIGTERM destroys the ioreq server and stops dirty
+tracking.  ``--depriv`` needs a real dom0 or a mock host in another process
+(``XENDMOP_MOCK_SOCKET``, then ``--domid`` serves that host's domain): the in-process
+mock shares this process, so it refuses the flag.  This example issues no interrupt
+DMOPs.
 """
 
 from __future__ import annotations
@@ -65,12 +71,15 @@ from xendmop.runtime.dispatch import RateLimitedLog
 
 log = logging.getLogger("framebuffer")
 
+#: names a mock host process (``xendmop mock-host --socket PATH``) that ``--domid`` then serves
+ENV_SOCKET = "XENDMOP_MOCK_SOCKET"
+
 INDEX_PORT, DATA_PORT = 0x1CE, 0x1CF
 #: a 16-bit access to the data port also covers 0x1D0 (QEMU's VBE ports include it)
 LAST_PORT = 0x1D0
 DISPI_ID = 0xB0C5
 REG_ID, REG_XRES, REG_YRES, REG_BPP, REG_ENABLE = 0x00, 0x01, 0x02, 0x03, 0x04
-REG_FB_GFN_LO, REG_FB_GFN_HI, REG_FLUSH = 0x10, 0x11, 0x12
+REG_FB_GFN_LO, REG_FB_GFN_HI, REG_FLUSH, REG_LAST_READ = 0x10, 0x11, 0x12, 0x13
 MAX_XRES, MAX_YRES, BPP = 1024, 768, 32
 PAGE_SIZE = 4096
 BYTES_PER_PIXEL = BPP // 8
@@ -205,7 +214,9 @@ class Framebuffer:
     def read(self, addr: int, size: int) -> int:
         if addr == 0:
             return self.index
-        value = {REG_ID: DISPI_ID, REG_ENABLE: int(self.enabled)}.get(self.index, self.regs.get(self.index, 0))
+        last_read = self.polls[-1].pages_read if self.polls else 0
+        fixed = {REG_ID: DISPI_ID, REG_ENABLE: int(self.enabled), REG_LAST_READ: last_read}
+        value = fixed.get(self.index, self.regs.get(self.index, 0))
         return value & ((1 << (8 * size)) - 1)
 
     def write(self, addr: int, size: int, value: int) -> None:
@@ -291,9 +302,13 @@ class Framebuffer:
             for page in dirty:
                 self._render_page(page)
             self.pages_read += len(dirty)
-            wrote = bool(dirty) and self.output is not None
-            if wrote and self.output is not None:
-                self.output(encode_png(self.width, self.height, self.rgb))
+            wrote = False
+            if dirty and self.output is not None:
+                try:
+                    self.output(encode_png(self.width, self.height, self.rgb))
+                    wrote = True
+                except OSError as e:  # a full disk or the deprivileged file-size limit: keep serving
+                    self._warn(logging.WARNING, "png failed", "framebuffer: writing the snapshot: %s", e)
             result = Poll(len(dirty), len(dirty), wrote)
             self.polls.append(result)
             return result
@@ -316,8 +331,12 @@ class GuestReport:
     """What the simulated guest did, and what each flush cost the device model."""
 
     detected: bool = False
-    polls: list[Poll] = field(default_factory=list)
-    refused: str | None = None
+    #: ENABLE read back after a mode with xres out of range was enabled (0: refused)
+    enabled_with_bad_mode: int = -1
+    #: pages the device re-read at each flush (its LAST_READ register)
+    pages_read: list[int] = field(default_factory=list)
+    nr_pages: int = 0
+    #: the mock's VRAM tracking range after the display was turned off
     tracking_after_disable: Any = None
     lines: list[str] = field(default_factory=list)
 
@@ -327,6 +346,8 @@ FB_GPA = 0x100000  # the guest keeps its framebuffer at 1 MiB
 BACKGROUND = (0x20, 0x40, 0x80)
 SQUARE, SQUARE_COLOUR = (100, 50, 16, 16), (0xFF, 0xC0, 0x00)
 DOT, DOT_COLOUR = (MODE[0] - 1, MODE[1] - 1), (0xFF, 0xFF, 0xFF)
+#: bytes per guest store burst (a mock host process takes requests of up to 64 KiB)
+STORE_CHUNK = 16 * 1024
 
 
 def xrgb(colour: tuple[int, int, int]) -> bytes:
@@ -334,8 +355,12 @@ def xrgb(colour: tuple[int, int, int]) -> bytes:
     return bytes((b, g, r, 0))
 
 
-def guest_script(guest: Any, xen: Any, domid: int, fb: Framebuffer) -> GuestReport:
-    """A guest's display driver: detect, set the mode, draw, flush; the device model's cost per flush."""
+def guest_script(guest: Any, domain_state: Callable[[], dict[str, Any]]) -> GuestReport:
+    """A guest's display driver: detect, set the mode, draw, flush; the device model's cost per flush.
+
+    ``guest``: a ``SimGuest`` (or a ``RemoteGuest`` of a mock host process);
+    ``domain_state()``: the mock's snapshot of the domain (its VRAM tracking range).
+    """
     r = GuestReport()
 
     def reg(index: int, value: int | None = None) -> int:
@@ -345,17 +370,21 @@ def guest_script(guest: Any, xen: Any, domid: int, fb: Framebuffer) -> GuestRepo
         guest.outw(DATA_PORT, value)
         return value
 
+    def store(gpa: int, data: bytes) -> None:
+        for done in range(0, len(data), STORE_CHUNK):  # a CPU's stores, a few pages at a time
+            guest.write_ram(gpa + done, data[done : done + STORE_CHUNK])
+
     def flush(what: str) -> None:
-        before = fb.pages_read
         reg(REG_FLUSH, 1)
-        r.polls.append(fb.polls[-1])
-        r.lines.append(f"{what}: re-read {fb.pages_read - before} of {fb.nr_pages} pages")
+        r.pages_read.append(reg(REG_LAST_READ))
+        r.lines.append(f"{what}: re-read {r.pages_read[-1]} of {r.nr_pages} pages")
 
     r.detected = reg(REG_ID) == DISPI_ID
     width, height = MODE
+    r.nr_pages = -(-width * height * BYTES_PER_PIXEL // PAGE_SIZE)
     reg(REG_XRES, 5000)  # out of range: the display must stay off
     reg(REG_ENABLE, 1)
-    r.refused = fb.error
+    r.enabled_with_bad_mode = reg(REG_ENABLE)
     reg(REG_XRES, width)
     reg(REG_YRES, height)
     reg(REG_BPP, BPP)
@@ -364,17 +393,17 @@ def guest_script(guest: Any, xen: Any, domid: int, fb: Framebuffer) -> GuestRepo
     reg(REG_ENABLE, 1)
     r.lines.append(f"mode {width}x{height}x{BPP} at {FB_GPA:#x}, enabled: {bool(reg(REG_ENABLE))}")
 
-    guest.write_ram(FB_GPA, xrgb(BACKGROUND) * (width * height))
+    store(FB_GPA, xrgb(BACKGROUND) * (width * height))
     flush("background")
     x0, y0, w, h = SQUARE
     for y in range(y0, y0 + h):
-        guest.write_ram(FB_GPA + (y * width + x0) * BYTES_PER_PIXEL, xrgb(SQUARE_COLOUR) * w)
+        store(FB_GPA + (y * width + x0) * BYTES_PER_PIXEL, xrgb(SQUARE_COLOUR) * w)
     flush(f"{w}x{h} square")
     flush("nothing drawn")
-    guest.write_ram(FB_GPA + (DOT[1] * width + DOT[0]) * BYTES_PER_PIXEL, xrgb(DOT_COLOUR))
+    store(FB_GPA + (DOT[1] * width + DOT[0]) * BYTES_PER_PIXEL, xrgb(DOT_COLOUR))
     flush("one pixel")
     reg(REG_ENABLE, 0)
-    r.tracking_after_disable = xen.domain(domid).snapshot()["vram"]
+    r.tracking_after_disable = domain_state()["vram"]
     return r
 
 
@@ -415,7 +444,7 @@ def run_on_mock(
 
             def guest_thread() -> None:
                 try:
-                    result.append(guest_script(SimGuest(xen, domid, timeout=5), xen, domid, fb))
+                    result.append(guest_script(SimGuest(xen, domid, timeout=5), xen.domain(domid).snapshot))
                 except BaseException as e:  # handed to the main thread
                     result.append(e)
                 if hold and not isinstance(result[-1], BaseException):
@@ -463,32 +492,49 @@ def parse_ids(text: str) -> tuple[int, int]:
     return int(uid), int(gid)
 
 
-def serve_domain(domid: int, png: PngFile, interval: float, depriv: tuple[int, int] | None, chroot: str | None) -> int:
-    """Serve the display to ``domid`` until SIGINT/SIGTERM; then destroy the server and stop tracking."""
+def serve_domain(
+    domid: int,
+    png: PngFile,
+    interval: float,
+    depriv: tuple[int, int] | None,
+    chroot: str | None,
+    remote: Any = None,
+) -> int:
+    """Serve the display to ``domid`` until SIGINT/SIGTERM; then destroy the server and stop tracking.
+
+    On a real dom0 (privcmd), or on a mock host process when ``remote`` (a ``RemoteXen``)
+    is given.  ``interval`` 0: render on FLUSH only."""
     from xendmop.depriv import DropConfig
 
     drop = DropConfig(uid=depriv[0], gid=depriv[1], chroot=chroot) if depriv else None
-    timer = PeriodicTimer(interval)
+    opener = remote.open_device if remote is not None else None
+    timer = PeriodicTimer(interval) if interval else None
     try:
-        with DeviceModel.open("privcmd") as dm, ForeignMemory() as fmem:
+        with (
+            DeviceModel.open("mock", xen=remote) if remote is not None else DeviceModel.open("privcmd") as dm,
+            ForeignMemory(opener) if opener is not None else ForeignMemory() as fmem,
+        ):
             fmem.restrict(domid)  # this handle maps the framebuffer only: restricted before any privilege drop
             fb = Framebuffer(dm, domid, fmem, png)
-            server = IoreqServer(dm, domid, deprivilege=drop)
+            server = IoreqServer(dm, domid, opener=opener, deprivilege=drop)
             server.add_port_range(INDEX_PORT, LAST_PORT, fb, "framebuffer")
             loop = ServeLoop(server)
+            if timer is not None:
+                ticking = timer
 
-            def tick() -> None:
-                if timer.expirations():
-                    fb.poll()
+                def tick() -> None:
+                    if ticking.expirations():
+                        fb.poll()
 
-            loop.add_reader(timer.fileno(), tick)
+                loop.add_reader(timer.fileno(), tick)
             log.info("framebuffer for dom%d on ports %#x/%#x; Ctrl-C to stop", domid, INDEX_PORT, DATA_PORT)
             try:
                 loop.run()  # starts, serves, and tears the server down on a signal
             finally:
                 fb.close()
     finally:
-        timer.close()
+        if timer is not None:
+            timer.close()
         png.close()
     return 0
 
@@ -497,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--domid", type=int, help="serve this HVM domain on a real dom0 (default: the mock)")
     p.add_argument("--output", default="framebuffer.png", help="the PNG snapshot (default: %(default)s)")
-    p.add_argument("--interval", type=float, default=0.2, help="real dom0: seconds between polls")
+    p.add_argument("--interval", type=float, default=0.2, help="with --domid: seconds between polls (0: FLUSH only)")
     p.add_argument("--hold", action="store_true", help="on the mock: keep serving after the guest script")
     p.add_argument("--depriv", type=parse_ids, metavar="UID:GID", help="drop to these ids after bring-up")
     p.add_argument("--chroot", help="with --depriv: an empty root-owned directory to chroot into")
@@ -505,8 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if args.chroot and not args.depriv:
         p.error("--chroot needs --depriv UID:GID")
-    if not 0.001 <= args.interval <= 3600:
-        p.error(f"--interval {args.interval}: must be 0.001..3600 seconds")
+    if args.interval != 0 and not 0.001 <= args.interval <= 3600:
+        p.error(f"--interval {args.interval}: must be 0 (FLUSH only) or 0.001..3600 seconds")
     try:
         png = PngFile(args.output)
     except OSError as e:
@@ -524,6 +570,11 @@ def main(argv: list[str] | None = None) -> int:
         if report is not None:
             print(f"snapshot: {args.output}")
         return 0
+    if os.environ.get(ENV_SOCKET):  # a mock host process instead of a real dom0
+        from xendmop.mock.remote import connect_from_env
+
+        with connect_from_env() as remote:
+            return serve_domain(args.domid, png, args.interval, args.depriv, args.chroot, remote)
     return serve_domain(args.domid, png, args.interval, args.depriv, args.chroot)
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,12 @@ def test_guest_script_rerenders_only_dirty_pages() -> None:
     pngs: list[bytes] = []
     lines: list[str] = []
     report = fbmod["run_on_mock"](pngs.append, out=lines.append)
-    assert report.detected and "xres=5000" in (report.refused or "")
+    assert report.detected and report.enabled_with_bad_mode == 0
     width, height = fbmod["MODE"]
     total = -(-width * height * 4 // PAGE)
-    assert [p.pages_read for p in report.polls] == [total, square_pages(), 0, 1]
-    assert [p.wrote_png for p in report.polls] == [True, True, False, True]
-    assert len(pngs) == 3
+    assert report.nr_pages == total
+    assert report.pages_read == [total, square_pages(), 0, 1]
+    assert len(pngs) == 3  # nothing dirty, no new snapshot
     background = bytes(fbmod["BACKGROUND"]) * (width * height)
     assert decode_png(pngs[0]) == (width, height, background)
     assert decode_png(pngs[-1]) == (width, height, fbmod["expected_image"]())
@@ -214,8 +215,8 @@ def test_command_line_refusals(tmp_path: Path) -> None:
     assert "real dom0" in done.stderr and "XENDMOP_MOCK_SOCKET" in done.stderr
     missing = run("--output", str(tmp_path / "no" / "such.png"), cwd=tmp_path)
     assert missing.returncode == 2 and "--output" in missing.stderr.splitlines()[-1]
-    bad = run("--interval", "0", cwd=tmp_path)
-    assert bad.returncode == 2 and "--interval 0.0" in bad.stderr
+    bad = run("--interval", "-1", cwd=tmp_path)
+    assert bad.returncode == 2 and "--interval -1.0: must be 0 (FLUSH only) or 0.001..3600" in bad.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -244,3 +245,75 @@ def test_signal_tears_the_server_down(tmp_path: Path, signum: int) -> None:
     assert proc.returncode == 0, err
     assert f"signal {signum}: ioreq server destroyed, none left in the domain" in out
     assert "ioreq server 0 destroyed" in err
+
+
+# --- a deprivileged device model in its own process, on a mock host process -------------------------
+
+
+@pytest.fixture
+def mock_host(tmp_path: Path) -> Iterator[Path]:
+    """``xendmop mock-host`` in its own process (dom1 HVM, dom2 PV); its socket path."""
+    sock = tmp_path / "mock.sock"
+    host = subprocess.Popen(
+        [sys.executable, "-m", "xendmop", "mock-host", "--socket", str(sock)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert host.stdout is not None and "listening" in host.stdout.readline()
+        yield sock
+    finally:
+        host.terminate()
+        host.wait(30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
+def test_deprivileged_device_model_serves_a_mock_host_process(mock_host: Path, tmp_path: Path) -> None:
+    from xendmop.mock.remote import RemoteGuest, RemoteXen
+
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    shots.chmod(0o777)  # reached through a directory fd opened before the drop: no path lookups after it
+    png = shots / "fb.png"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--domid",
+            "1",
+            "--depriv",
+            "65534:65534",
+            "--interval",
+            "0",
+            "--output",
+            str(png),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": str(mock_host)},
+    )
+    try:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "deprivileged to uid 65534" in line:
+                break
+        assert "deprivileged to uid 65534" in seen[-1], "".join(seen)
+        assert "Uid:\t65534\t65534\t65534\t65534" in Path(f"/proc/{proc.pid}/status").read_text()
+        with RemoteXen(str(mock_host)) as remote:
+            report = fbmod["guest_script"](RemoteGuest(remote, 1), lambda: remote.snapshot(1))
+            assert report.pages_read == [report.nr_pages, square_pages(), 0, 1]
+            assert report.tracking_after_disable is None
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+            assert remote.servers(1) == {}
+    finally:
+        proc.kill()
+        proc.wait()
+    width, height = fbmod["MODE"]
+    assert decode_png(png.read_bytes()) == (width, height, fbmod["expected_image"]())
+    assert png.stat().st_uid == 65534  # written after the privileges dropped
