@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -26,7 +27,17 @@ from golden.compare import first_difference
 from xendmop import DeviceModel, NotXenHostError, UnsupportedError, XenError
 from xendmop.backends import OsDevice, PrivcmdBackend
 from xendmop.backends.device import PRIVCMD_PATH, Device
-from xendmop.backends.libxen import LIBDIR_ENV, PROTOTYPES, SONAMES, LibxenBackend, MissingFunctionError
+from xendmop.backends.libxen import (
+    LIBDIR_ENV,
+    PROTOTYPES,
+    SONAMES,
+    DomainKind,
+    GuestKindError,
+    LibxenBackend,
+    LibxenCtrl,
+    MissingFunctionError,
+    refuse_unless_hvm,
+)
 from xendmop.ops import BY_NAME
 
 NAMES = ("libxen", "privcmd")
@@ -302,3 +313,177 @@ def test_closed_handle(stub_dir: Path) -> None:
     backend.close()  # idempotent
     with pytest.raises(ClosedHandleError):
         backend.dm_op(BY_NAME["nr_vcpus"], 1, {})
+
+
+# --- libxenctrl: the read-only domain query, against a stub built on the real header ---------------
+
+_CTRL_STUB = """
+#define __XEN_TOOLS__ 1
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <xen/xen.h>
+#include <xen/domctl.h>
+/* the layout the header gives, for the mirror's check */
+const size_t stub_layout[] = {
+    sizeof(xen_domctl_getdomaininfo_t), offsetof(xen_domctl_getdomaininfo_t, flags),
+    offsetof(xen_domctl_getdomaininfo_t, nr_online_vcpus), offsetof(xen_domctl_getdomaininfo_t, max_vcpu_id),
+    offsetof(xen_domctl_getdomaininfo_t, arch_config),
+};
+static const struct { uint16_t domid; uint32_t flags, emu, max_vcpu_id, online; } domains[] = {
+    { 1, XEN_DOMINF_hvm_guest, XEN_X86_EMU_ALL & ~(XEN_X86_EMU_VPCI | XEN_X86_EMU_USE_PIRQ), 3, 4 },
+    { 2, XEN_DOMINF_hvm_guest, XEN_X86_EMU_LAPIC, 1, 2 },
+    { 3, 0, 0, 0, 1 },
+    { 4, XEN_DOMINF_hvm_guest | XEN_DOMINF_dying | XEN_DOMINF_paused, XEN_X86_EMU_ALL, 0, 0 },
+    { 5, XEN_DOMINF_hvm_guest | XEN_DOMINF_shutdown | (1u << XEN_DOMINF_shutdownshift), XEN_X86_EMU_ALL, 7, 0 },
+    { 20, XEN_DOMINF_hvm_guest, XEN_X86_EMU_ALL, 0, 1 },
+};
+static int handle;
+void *xc_interface_open(void *logger, void *dombuild_logger, unsigned flags)
+{ (void)logger; (void)dombuild_logger; (void)flags; return &handle; }
+int xc_interface_close(void *xch) { (void)xch; return 0; }
+int xc_domain_getinfolist(void *xch, uint32_t first, unsigned max, xen_domctl_getdomaininfo_t *info)
+{
+    (void)xch;
+    if (first == 30) { errno = EPERM; return -1; }
+    for (size_t i = 0; max && i < sizeof(domains) / sizeof(domains[0]); i++) {
+        if (domains[i].domid < first) continue;
+        memset(info, 0xa5, sizeof(*info));  /* whatever the mirror does not read */
+        info->domain = domains[i].domid;
+        info->flags = domains[i].flags;
+        info->max_vcpu_id = domains[i].max_vcpu_id;
+        info->nr_online_vcpus = domains[i].online;
+        info->arch_config.emulation_flags = domains[i].emu;
+        return 1;
+    }
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def ctrl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the libxenctrl mirror is x86 (emulation_flags)")
+    if not Path("/usr/include/xen/domctl.h").exists():
+        pytest.skip("no <xen/domctl.h> to build the libxenctrl stub: install Debian's libxen-dev")
+    libdir = tmp_path_factory.mktemp("ctrl")
+    fake.compile_library(libdir, "libxenctrl.so.4.17", _CTRL_STUB)
+    return libdir
+
+
+@pytest.fixture
+def ctrl(ctrl_dir: Path) -> Iterator[LibxenCtrl]:
+    with LibxenCtrl(ctrl_dir) as handle:
+        yield handle
+
+
+def test_domaininfo_mirror_matches_the_header(ctrl_dir: Path) -> None:
+    from xendmop.backends.libxen import xen_domctl_getdomaininfo as info
+
+    layout = (ctypes.c_size_t * 5).in_dll(ctypes.CDLL(str(ctrl_dir / "libxenctrl.so.4.17")), "stub_layout")
+    fields = ("flags", "nr_online_vcpus", "max_vcpu_id", "arch_config")
+    assert list(layout) == [ctypes.sizeof(info), *(getattr(info, f).offset for f in fields)]
+
+
+@pytest.mark.parametrize(
+    ("domid", "kind", "dying", "shutdown", "reason", "vcpus", "online"),
+    [
+        (1, DomainKind.HVM, False, False, None, 4, 4),
+        (2, DomainKind.PVH, False, False, None, 2, 2),
+        (3, DomainKind.PV, False, False, None, 1, 1),
+        (4, DomainKind.HVM, True, False, None, 1, 0),
+        (5, DomainKind.HVM, False, True, 1, 8, 0),
+    ],
+)
+def test_domain_info(
+    ctrl: LibxenCtrl, domid: int, kind: DomainKind, dying: bool, shutdown: bool, reason: int | None, vcpus: int,
+    online: int,
+) -> None:
+    info = ctrl.domain_info(domid)
+    assert (info.domid, info.kind, info.dying, info.shutdown, info.shutdown_reason, info.vcpus, info.online_vcpus) == (
+        domid, kind, dying, shutdown, reason, vcpus, online
+    )
+    assert info.paused == (domid == 4)
+    assert (info.emulation_flags == 0) == (kind is DomainKind.PV)
+
+
+def test_domain_info_errors(ctrl: LibxenCtrl) -> None:
+    with pytest.raises(ProcessLookupError) as caught:
+        ctrl.domain_info(9)  # the list's next domain is 20: not ours
+    assert (caught.value.errno, caught.value.op, caught.value.domid) == (errno.ESRCH, "domain_info", 9)
+    with pytest.raises(PermissionError) as refused:
+        ctrl.domain_info(30)
+    assert isinstance(refused.value, XenError) and refused.value.layer == "libxenctrl"
+    from xendmop import ArgumentError
+
+    with pytest.raises(ArgumentError):
+        ctrl.domain_info(0x7FF0)
+    ctrl.close()
+    from xendmop import ClosedHandleError
+
+    with pytest.raises(ClosedHandleError):
+        ctrl.domain_info(1)
+
+
+def test_domain_info_missing_function(tmp_path: Path) -> None:
+    source = _CTRL_STUB.replace("int xc_domain_getinfolist(", "int not_xc_domain_getinfolist(")
+    fake.compile_library(tmp_path, "libxenctrl.so.4.9", source)
+    with LibxenCtrl(tmp_path) as old, pytest.raises(MissingFunctionError) as caught:
+        old.domain_info(1)
+    assert caught.value.function == "xc_domain_getinfolist"
+
+
+def test_refuse_unless_hvm(ctrl: LibxenCtrl) -> None:
+    info = refuse_unless_hvm(1, "set_isa_irq_level", ctrl=ctrl)
+    assert info is not None and info.kind is DomainKind.HVM
+    for domid, kind in ((2, "PVH"), (3, "PV")):
+        with pytest.raises(GuestKindError) as caught:
+            refuse_unless_hvm(domid, "set_isa_irq_level", ctrl=ctrl)
+        e = caught.value
+        assert (e.errno, e.op, e.domid, e.info.kind.value) == (errno.EINVAL, "set_isa_irq_level", domid, kind)
+        assert f"dom{domid} is a {kind} guest, not HVM" in str(e)
+
+
+def test_refuse_unless_hvm_without_libxenctrl_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from xendmop.backends import libxen
+
+    monkeypatch.setattr(libxen, "_find_libxenctrl", lambda libdir: None)
+    with caplog.at_level("WARNING", logger="xendmop.libxen"):
+        assert refuse_unless_hvm(2, "set_isa_irq_level") is None
+    assert "libxenctrl is not installed" in caplog.text and "set_isa_irq_level not guarded" in caplog.text
+
+
+def _cli(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, **env}
+    full.pop("XENDMOP_BACKEND", None)
+    return subprocess.run(
+        [sys.executable, "-m", "xendmop", *argv], env=full, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_info_domid(ctrl_dir: Path) -> None:
+    proc = _cli(["--backend", "mock", "info", "2"], {LIBDIR_ENV: str(ctrl_dir)})
+    assert proc.returncode == 0, proc.stderr
+    assert "dom2: PVH, 2 vCPUs (2 online), emulation_flags=0x1" in proc.stdout
+    proc = _cli(["--backend", "mock", "--json", "info", "5"], {LIBDIR_ENV: str(ctrl_dir)})
+    domain = json.loads(proc.stdout)["domain"]
+    assert domain == {
+        "available": True, "domid": 5, "kind": "HVM", "dying": False, "shutdown": True, "shutdown_reason": 1,
+        "paused": False, "vcpus": 8, "online_vcpus": 0, "emulation_flags": 0x7FF,
+    }
+    libraries = json.loads(proc.stdout)["libraries"]
+    assert libraries["libxenctrl"] == {"found": True, "file": str(ctrl_dir / "libxenctrl.so.4.17")}
+    assert libraries[SONAMES["devicemodel"]]["found"] is False  # not in that directory
+
+
+def test_cli_info_without_libxenctrl(tmp_path: Path) -> None:
+    proc = _cli(["--backend", "mock", "info", "2"], {LIBDIR_ENV: str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "dom2: unknown (libxenctrl: " in proc.stdout and "libxenctrl is not installed" in proc.stdout
+    assert "libxenctrl                not found" in proc.stdout

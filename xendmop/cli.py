@@ -1,6 +1,7 @@
 """The ``xendmop`` command: backend info, the DMOP catalogue, and simple ops.
 
-    xendmop info                      what each backend finds on this host
+    xendmop info [DOMID]              what each backend finds on this host (and, with
+                                      libxenctrl, what kind of guest DOMID is)
     xendmop ops                       every DMOP, from the declarations
     xendmop nr-vcpus DOMID            one subcommand per read-only or simple op
     xendmop depriv-check PID          is a device-model process deprivileged? (see xendmop.depriv.check)
@@ -16,14 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
+from .backends.libxen import LIBDIR_ENV, LibxenCtrl, library_report
 from .devicemodel import BACKENDS, DeviceModel, make_backend
-from .errors import ArgumentError, XenError
+from .errors import ArgumentError, UnsupportedError, XenError
 from .ops import DECLARATIONS
 
 
@@ -101,7 +104,29 @@ def _info(args: argparse.Namespace) -> dict[str, Any]:
             backend.close()
     with DeviceModel.open(args.backend) as dm:
         chosen = dm.backend.name
-    return {"xendmop": __version__, "kernel": platform.release(), "chosen": chosen, "backends": found}
+    libdir = os.environ.get(LIBDIR_ENV) or None
+    info = {
+        "xendmop": __version__,
+        "kernel": platform.release(),
+        "chosen": chosen,
+        "backends": found,
+        "libraries": library_report(libdir),
+    }
+    if args.domid is not None:
+        info["domain"] = _domain(args.domid, libdir)
+    return info
+
+
+def _domain(domid: int, libdir: str | None) -> dict[str, Any]:
+    """libxenctrl's read-only view of the domain, or why there is none."""
+    try:
+        ctrl = LibxenCtrl(libdir)
+    except (OSError, UnsupportedError) as e:
+        return {"domid": domid, "available": False, "why": f"libxenctrl: {e}"}
+    try:
+        return {"available": True, **ctrl.domain_info(domid).as_dict()}
+    finally:
+        ctrl.close()
 
 
 def _print_info(info: dict[str, Any]) -> None:
@@ -112,6 +137,22 @@ def _print_info(info: dict[str, Any]) -> None:
             print(f"  {name:8} available  {detail}")
         else:
             print(f"  {name:8} unavailable: {found['why']}")
+    for soname, lib in info["libraries"].items():
+        missing = lib.get("missing") or []
+        found = lib["file"] + (f" (lacks {', '.join(missing)})" if missing else "") if lib["found"] else "not found"
+        print(f"  {soname:25} {found}")
+    domain = info.get("domain")
+    if domain is not None:
+        if not domain["available"]:
+            print(f"dom{domain['domid']}: unknown ({domain['why']})")
+            return
+        states = ["dying"] * domain["dying"] + ["paused"] * domain["paused"]
+        if domain["shutdown"]:
+            states.append(f"shut down (reason {domain['shutdown_reason']})")
+        print(
+            f"dom{domain['domid']}: {domain['kind']}, {domain['vcpus']} vCPUs ({domain['online_vcpus']} online), "
+            f"emulation_flags={domain['emulation_flags']:#x}" + "".join(f", {s}" for s in states)
+        )
 
 
 def _print_ops(ops: list[dict[str, Any]]) -> None:
@@ -165,7 +206,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="log backend selection")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="what each backend finds on this host")
+    info = sub.add_parser("info", help="what each backend finds on this host")
+    info.add_argument("domid", type=_int, nargs="?", help="also show this domain's kind and state (libxenctrl)")
     sub.add_parser("ops", help="the DMOP catalogue")
     sub.add_parser("depriv-check", help="inspect a device-model process's deprivileging (own --help)")
     mh = sub.add_parser("mock-host", help="serve the mock Xen to other processes on a unix socket")

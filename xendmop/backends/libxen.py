@@ -5,8 +5,9 @@ prototypes of ``tools/include/xendevicemodel.h``, Xen 4.17); ``libxentoollog.so.
 gives it a logger that keeps quiet (failures come back as exceptions instead), and
 ``libxentoolcore.so.1`` offers ``xentoolcore_restrict_all``.  Handles of
 ``libxenforeignmemory`` and ``libxenevtchn`` are in ``libxen_handles`` (the runtime's
-``IoreqServer(handles="libxen")``); ``libxenctrl``'s read-only domain query is in
-``libxenctrl``.
+``IoreqServer(handles="libxen")``).  ``LibxenCtrl`` (end of this module) is the one
+use of ``libxenctrl``: a read-only domain query (HVM, PVH or PV; dying; shut down;
+vCPUs) for ``xendmop info DOMID`` and ``refuse_unless_hvm``.
 
 Each DMOP declaration is mapped to its C function (``_DISPATCH``), the C arguments
 rebuilt from the op struct's fields: the io-range ``type`` becomes ``is_mmio`` or a
@@ -29,10 +30,15 @@ Differences from the privcmd backend that the library imposes:
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
+import enum
 import errno
+import logging
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from ctypes import POINTER, byref, c_char_p, c_int, c_uint, c_uint8, c_uint16, c_uint32, c_uint64, c_ulong, c_void_p
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..abi.dm_op import (
@@ -46,12 +52,24 @@ from ..abi.dm_op import (
 )
 from ..abi.hvm import hvmmem_type_t
 from ..abi.xen import DOMID_FIRST_RESERVED, domid_t, evtchn_port_t, xen_pfn_t
-from ..errors import ArgumentError, ClosedHandleError, NotXenHostError, UnsupportedError, xen_error
+from ..errors import ArgumentError, ClosedHandleError, NotXenHostError, UnsupportedError, XenError, xen_error
 from ..ops import OpDecl
 from .base import Limits
 from .device import NOT_XEN, PRIVCMD_PATH
 
-__all__ = ["SONAMES", "LibxenBackend", "MissingFunctionError"]
+__all__ = [
+    "SONAMES",
+    "DomainInfo",
+    "DomainKind",
+    "GuestKindError",
+    "LibxenBackend",
+    "LibxenCtrl",
+    "MissingFunctionError",
+    "library_report",
+    "refuse_unless_hvm",
+]
+
+log = logging.getLogger("xendmop.libxen")
 
 #: The libraries, by soname (the ABI major version is part of the name).
 SONAMES = {
@@ -370,7 +388,6 @@ class LibxenBackend:
             "missing": list(self.missing),
             "restricted_to": self.restricted_to,
             "limits": {"max_nr_bufs": self.limits.max_nr_bufs, "max_buf_size": self.limits.max_buf_size},
-            "not_yet_used": ["libxenforeignmemory", "libxenevtchn"],
         }
 
     def close(self) -> None:
@@ -521,3 +538,250 @@ _DISPATCH: dict[str, tuple[_Handler, frozenset[str]]] = {
         ("nr_vcpus", _nr_vcpus, ()),
     )
 }
+
+
+# --- libxenctrl: a read-only domain query ------------------------------------------------------
+
+#: ``xen/include/public/domctl.h`` (Xen 4.17, XEN_DOMCTL_INTERFACE_VERSION 0x15): XEN_DOMINF_* bits
+XEN_DOMINF_dying = 1 << 0
+XEN_DOMINF_hvm_guest = 1 << 1
+XEN_DOMINF_shutdown = 1 << 2
+XEN_DOMINF_paused = 1 << 3
+XEN_DOMINF_shutdownshift = 16
+XEN_DOMINF_shutdownmask = 0xFF
+XEN_INVALID_MAX_VCPU_ID = 0xFFFFFFFF
+#: ``xen/include/public/arch-x86/xen.h``: struct xen_arch_domainconfig's emulation_flags bits
+XEN_X86_EMU_LAPIC = 1 << 0
+XEN_X86_EMU_IOAPIC = 1 << 4
+XEN_X86_EMU_PIC = 1 << 5
+
+
+class xen_arch_domainconfig(ctypes.Structure):
+    _fields_ = [("emulation_flags", c_uint32), ("misc_flags", c_uint32)]
+
+
+class xen_domctl_getdomaininfo(ctypes.Structure):
+    _fields_ = [
+        ("domain", domid_t),
+        ("pad1", c_uint16),
+        ("flags", c_uint32),
+        ("tot_pages", c_uint64),
+        ("max_pages", c_uint64),
+        ("outstanding_pages", c_uint64),
+        ("shr_pages", c_uint64),
+        ("paged_pages", c_uint64),
+        ("shared_info_frame", c_uint64),
+        ("cpu_time", c_uint64),
+        ("nr_online_vcpus", c_uint32),
+        ("max_vcpu_id", c_uint32),
+        ("ssidref", c_uint32),
+        ("handle", c_uint8 * 16),
+        ("cpupool", c_uint32),
+        ("gpaddr_bits", c_uint8),
+        ("pad2", c_uint8 * 7),
+        ("arch_config", xen_arch_domainconfig),
+    ]
+
+
+#: Room for one record whatever the installed libxenctrl's own sizeof is: it copies
+#: its sizeof bytes into our buffer, and a later Xen may append fields.
+_DOMAININFO_ROOM = 1024
+
+
+class DomainKind(enum.Enum):
+    """What kind of guest a domain is, as far as device models care."""
+
+    HVM = "HVM"  # emulated platform: PIC, IOAPIC, PIT, ... (ISA IRQs, the ioreq devices of a PC)
+    PVH = "PVH"  # an HVM container without emulated devices: only the local APIC
+    PV = "PV"  # paravirtualised: DMOPs refused (EINVAL since Xen 4.15)
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """``xc_domain_getinfolist`` for one domain, read-only."""
+
+    domid: int
+    kind: DomainKind
+    dying: bool
+    shutdown: bool
+    shutdown_reason: int | None  # SHUTDOWN_* when ``shutdown``
+    paused: bool
+    vcpus: int  # max_vcpu_id + 1: the number of ioreq slots the domain uses
+    online_vcpus: int
+    emulation_flags: int  # XEN_X86_EMU_* (0 for PV)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "kind": self.kind.value}
+
+
+def domain_kind(flags: int, emulation_flags: int) -> DomainKind:
+    """PV without XEN_DOMINF_hvm_guest; PVH when HVM but without the emulated PIC.
+
+    Xen accepts only two emulation sets for an HVM domU (``emulation_flags_ok`` in
+    ``xen/arch/x86/domain.c``): everything (an HVM guest) or the local APIC alone (PVH,
+    as libxl's ``libxl__arch_domain_prepare_config`` asks, ``tools/libs/light/libxl_x86.c``).
+    A domain without the PIC has no ISA IRQs to drive (``has_vpic``)."""
+    if not flags & XEN_DOMINF_hvm_guest:
+        return DomainKind.PV
+    return DomainKind.HVM if emulation_flags & XEN_X86_EMU_PIC else DomainKind.PVH
+
+
+def _find_libxenctrl(libdir: str | None) -> str | None:
+    """libxenctrl's soname carries the Xen release (``libxenctrl.so.4.17``): find it."""
+    if libdir is not None:
+        listing = os.listdir(libdir) if os.path.isdir(libdir) else []
+        names = [n for n in listing if re.fullmatch(r"libxenctrl\.so(\.\d+)*", n)]
+        if not names:
+            return None
+        newest = max(names, key=lambda n: [int(part) for part in n.split(".so")[1].split(".") if part])
+        return os.path.join(libdir, newest)
+    return ctypes.util.find_library("xenctrl")
+
+
+class LibxenCtrl:
+    """An ``xc_interface`` used for one thing: ``domain_info`` (``XEN_SYSCTL_getdomaininfolist``).
+
+    Raises ``FileNotFoundError`` when libxenctrl is not installed, ``NotXenHostError``
+    off Xen, ``MissingFunctionError`` if the library lacks ``xc_domain_getinfolist``."""
+
+    def __init__(self, libdir: str | os.PathLike[str] | None = None) -> None:
+        self.libdir = None if libdir is None else os.fspath(libdir)
+        path = _find_libxenctrl(self.libdir)
+        if path is None:
+            raise FileNotFoundError(errno.ENOENT, "libxenctrl is not installed (libxenctrl.so.*)", self.libdir)
+        self.path = path
+        self._lib = load_library(path, None)
+        self._open = declare(self._lib, "xc_interface_open", c_void_p, [c_void_p, c_void_p, c_uint])
+        self._close = declare(self._lib, "xc_interface_close", c_int, [c_void_p])
+        self._getinfolist = declare(
+            self._lib, "xc_domain_getinfolist", c_int, [c_void_p, c_uint32, c_uint, c_void_p]
+        )
+        for name, function in (("xc_interface_open", self._open), ("xc_interface_close", self._close)):
+            if function is None:
+                raise MissingFunctionError(name, os.path.basename(path), "open")
+        self._logger = QuietLogger(self.libdir)
+        ctypes.set_errno(0)
+        handle = self._open(self._logger.pointer, self._logger.pointer, 0)
+        if not handle:
+            err = ctypes.get_errno() or errno.EIO
+            self._logger.destroy()
+            if err in NOT_XEN:
+                raise NotXenHostError(err, f"xc_interface_open: not a Xen host ({os.strerror(err)})", PRIVCMD_PATH)
+            raise OSError(err, f"xc_interface_open: {os.strerror(err)}", PRIVCMD_PATH)
+        self._handle: int | None = handle
+
+    def domain_info(self, domid: int) -> DomainInfo:
+        """The domain's kind, state and vCPUs.  ``XenError`` ESRCH (a ``ProcessLookupError``)
+        when there is no such domain; the libxenctrl errno when the query fails."""
+        if isinstance(domid, bool) or not isinstance(domid, int) or not 0 <= domid < DOMID_FIRST_RESERVED:
+            raise ArgumentError("domain_info", "domid", domid, "must be a domid (0..0x7fef)")
+        if self._handle is None:
+            raise ClosedHandleError("the libxenctrl handle is closed")
+        if self._getinfolist is None:
+            raise MissingFunctionError("xc_domain_getinfolist", os.path.basename(self.path), "domain_info", domid)
+        room = (ctypes.c_uint8 * _DOMAININFO_ROOM)()
+        ctypes.set_errno(0)
+        count = self._getinfolist(self._handle, domid, 1, room)
+        if count < 0:
+            raise xen_error(ctypes.get_errno() or errno.EIO, "domain_info", domid, layer="libxenctrl")
+        info = xen_domctl_getdomaininfo.from_buffer(room)
+        if count == 0 or info.domain != domid:  # the list starts at the next existing domain
+            raise xen_error(errno.ESRCH, "domain_info", domid, layer="libxenctrl")
+        flags = info.flags
+        shutdown = bool(flags & XEN_DOMINF_shutdown)
+        hvm = bool(flags & XEN_DOMINF_hvm_guest)
+        return DomainInfo(
+            domid=domid,
+            kind=domain_kind(flags, info.arch_config.emulation_flags),
+            dying=bool(flags & XEN_DOMINF_dying),
+            shutdown=shutdown,
+            shutdown_reason=(flags >> XEN_DOMINF_shutdownshift) & XEN_DOMINF_shutdownmask if shutdown else None,
+            paused=bool(flags & XEN_DOMINF_paused),
+            vcpus=0 if info.max_vcpu_id == XEN_INVALID_MAX_VCPU_ID else info.max_vcpu_id + 1,
+            online_vcpus=info.nr_online_vcpus,
+            emulation_flags=info.arch_config.emulation_flags if hvm else 0,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {**_describe_library(self._lib, os.path.basename(self.path), "xc_interface_open")}
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None and self._close is not None:
+            self._close(handle)
+            self._logger.destroy()
+
+    def __enter__(self) -> LibxenCtrl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class GuestKindError(XenError):
+    """An op refused before reaching Xen because the domain is not an HVM guest."""
+
+    def __init__(self, op: str, info: DomainInfo) -> None:
+        super().__init__(errno.EINVAL, op, info.domid, {"kind": info.kind.value}, layer="libxenctrl")
+        self.info = info
+
+    def __str__(self) -> str:
+        return (
+            f"{self.op}: dom{self.domid} is a {self.info.kind.value} guest, not HVM: refused before reaching Xen "
+            "(it has no emulated PIC/IOAPIC; an ISA IRQ op accepted for a PVH guest crashed Xen 4.17.7) [EINVAL]"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (GuestKindError, (self.op, self.info))
+
+
+def refuse_unless_hvm(
+    domid: int, op: str = "refuse_unless_hvm", *, ctrl: LibxenCtrl | None = None
+) -> DomainInfo | None:
+    """Raise ``GuestKindError`` if ``domid`` is a PVH or PV guest; return its info.
+
+    For device models that drive ISA IRQs or other emulated-platform ops.  When the
+    kind cannot be known (no libxenctrl, not a Xen host) it logs a warning and returns
+    None: the check is a guard, not a requirement.  ``ctrl``: an open ``LibxenCtrl``
+    to use (otherwise one is opened and closed here)."""
+    own = ctrl is None
+    try:
+        if ctrl is None:
+            ctrl = LibxenCtrl()
+        info = ctrl.domain_info(domid)
+    except (FileNotFoundError, NotXenHostError, MissingFunctionError) as e:
+        log.warning("dom%s: cannot tell whether it is HVM (%s); %s not guarded", domid, e, op)
+        return None
+    finally:
+        if own and ctrl is not None:
+            ctrl.close()
+    if info.kind is not DomainKind.HVM:
+        raise GuestKindError(op, info)
+    return info
+
+
+def library_report(libdir: str | None = None) -> dict[str, Any]:
+    """Which Xen libraries this host has, their files and the functions they lack,
+    without opening anything (for ``xendmop info``)."""
+    from .libxen_handles import EVTCHN_PROTOTYPES, FOREIGNMEMORY_PROTOTYPES
+
+    report: dict[str, Any] = {}
+    wanted = {
+        "devicemodel": ("xendevicemodel_", list(PROTOTYPES)),
+        "evtchn": ("xenevtchn_", list(EVTCHN_PROTOTYPES)),
+        "foreignmemory": ("xenforeignmemory_", list(FOREIGNMEMORY_PROTOTYPES)),
+        "toolcore": ("xentoolcore_", ["restrict_all"]),
+    }
+    for key, (prefix, names) in wanted.items():
+        try:
+            lib = load_library(SONAMES[key], libdir)
+        except FileNotFoundError as e:
+            report[SONAMES[key]] = {"found": False, "why": e.strerror}
+            continue
+        missing = [prefix + n for n in names if not hasattr(lib, prefix + n)]
+        present = next((prefix + n for n in names if hasattr(lib, prefix + n)), None)
+        described = _describe_library(lib, SONAMES[key], present) if present else {}
+        report[SONAMES[key]] = {"found": True, "file": described.get("file"), "missing": missing}
+    ctrl = _find_libxenctrl(libdir)
+    report["libxenctrl"] = {"found": ctrl is not None, "file": ctrl}
+    return report
