@@ -47,6 +47,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -429,7 +430,10 @@ def attach(loop: ServeLoop, uart: Uart16550, input_fd: int | None) -> Callable[[
 
     uart.wakeup = lambda: os.eventfd_write(wake, 1)
     loop.add_reader(wake, on_wake)
-    if input_fd is not None:
+    if input_fd is not None and not _pollable(input_fd):
+        # A regular file or /dev/null (epoll refuses them): everything it holds is typed at once.
+        uart.queue_input(_read_all(input_fd))
+    elif input_fd is not None:
         fd = input_fd
 
         def on_input() -> None:
@@ -456,6 +460,27 @@ def attach(loop: ServeLoop, uart: Uart16550, input_fd: int | None) -> Callable[[
         os.close(wake)
 
     return close
+
+
+def _pollable(fd: int) -> bool:
+    probe = select.epoll()
+    try:
+        probe.register(fd, select.EPOLLIN)
+    except PermissionError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _read_all(fd: int, limit: int = 1 << 20) -> bytes:
+    data = bytearray()
+    while len(data) < limit:
+        chunk = os.read(fd, min(65536, limit - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
 
 
 class MockConsole:

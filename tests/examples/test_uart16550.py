@@ -9,6 +9,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
 import tty
@@ -19,6 +20,7 @@ import pytest
 
 from xendmop import DeviceModel
 from xendmop.mock import MockXen
+from xendmop.runtime import ServeLoop
 from xendmop.runtime.simguest import SimGuest
 from xendmop.testing import DomainFactory, ServeFactory
 
@@ -261,6 +263,8 @@ def test_firmware_talks_to_the_uart_through_the_mock(
     assert not irq4()
     assert fw.readline() == b"typed"
     assert edges == [(True, "THRE"), (False, ""), (True, "RX timeout"), (False, ""), (True, "RX timeout"), (False, "")]
+    # Dozens of accesses, but the DMOP only on the six edges:
+    assert sum(e.args.get("dm_op") == "set_isa_irq_level" for e in xen_host.events) == len(edges)
 
 
 def test_run_on_mock_end_to_end(xen_host: MockXen, hvm_domain: int) -> None:
@@ -401,3 +405,75 @@ def test_a_signal_while_serving_tears_the_server_down(signum: int) -> None:
         proc.wait()
         assert proc.stdin is not None
         proc.stdin.close()
+
+
+def test_the_line_can_come_from_stdin() -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--line", "-"],
+        input="from stdin\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith("The guest read: from stdin\n")
+
+
+def test_raw_terminal_keeps_signals_and_restores_the_mode() -> None:
+    master, slave = os.openpty()
+    try:
+        before = termios.tcgetattr(slave)
+        assert before[3] & termios.ICANON
+        with uart_mod["raw_terminal"](slave):
+            lflag = termios.tcgetattr(slave)[3]
+            assert not lflag & (termios.ICANON | termios.ECHO) and lflag & termios.ISIG  # Ctrl-C still stops us
+        assert termios.tcgetattr(slave) == before
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_end_of_input_stops_watching_the_input_fd() -> None:
+    """stdin at EOF must not keep the loop spinning: the fd is pointed at a quiet pipe."""
+    loop = ServeLoop()
+    uart = Uart16550(lambda data: None)
+    fd, writer = os.pipe()
+    os.write(writer, b"last words")
+    os.close(writer)
+    original = os.fstat(fd).st_ino
+    close_wake = uart_mod["attach"](loop, uart, fd)
+    thread = threading.Thread(target=loop.run, kwargs={"handle_signals": False})
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while os.fstat(fd).st_ino == original:
+            assert time.monotonic() < deadline, "EOF on the input fd was not handled"
+            time.sleep(0.01)
+    finally:
+        loop.stop()
+        thread.join(5)
+        close_wake()
+        os.close(fd)
+    assert not thread.is_alive() and bytes(uart.rx) + bytes(uart.pending_input) == b"last words"  # paced: one in RBR
+
+
+@pytest.mark.parametrize("content", [b"", b"from a file\r"])
+def test_input_that_epoll_refuses_is_typed_at_once(tmp_path: Path, content: bytes) -> None:
+    """/dev/null or a regular file as stdin: epoll says EPERM, so it is read whole, not watched."""
+    path = tmp_path / "input"
+    path.write_bytes(content)
+    loop = ServeLoop()
+    uart = Uart16550(lambda data: None)
+    fd = os.open(os.devnull if not content else path, os.O_RDONLY)
+    try:
+        close_wake = uart_mod["attach"](loop, uart, fd)
+        thread = threading.Thread(target=loop.run, kwargs={"handle_signals": False})
+        thread.start()
+        time.sleep(0.05)
+        loop.stop()
+        thread.join(5)
+        close_wake()
+    finally:
+        os.close(fd)
+    assert not thread.is_alive() and bytes(uart.rx) + bytes(uart.pending_input) == content
