@@ -45,8 +45,15 @@ Run it (as root: creating a tap needs CAP_NET_ADMIN):
                                                   # then answers ARP, ping and UDP echo (port 7)
                                                   # until Ctrl-C:  ping 10.0.9.2
     ip netns add lab; python examples/tapnet.py --netns lab   # the same inside a namespace
-    python examples/tapnet.py --domid 5 --tap vif5            # real dom0: serve HVM domain 5
-    python examples/tapnet.py --domid 5 --depriv              # ... dropping privileges after setup
+    python examples/tapnet.py --domid 5 --tap xdm5            # real dom0: serve HVM domain 5
+    python examples/tapnet.py --domid 5 --depriv 990:990 --chroot /var/empty   # ... dropping privileges
+    XENDMOP_MOCK_SOCKET=PATH python examples/tapnet.py --domid 1 --depriv 65534:65534
+                                  # serve dom1 of a mock host process (xendmop mock-host --socket PATH),
+                                  # whose guest is driven from yet another process (RemoteGuest)
+
+``--depriv UID:GID`` restricts every handle to the domain and drops to those ids once
+the server is up (the tap is opened before, and goes with its fd); it needs a real
+dom0 or a mock host process: the in-process mock shares this process.
 
 Ctrl-C or SIGTERM destroys the ioreq server and removes the tap if it was created here.
 """
@@ -55,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -95,6 +103,8 @@ MAX_FRAME = MTU + ETH_HEADER
 RX_QUEUE = 64
 #: frames taken from the tap per wake-up, so that ioreqs are not starved by a flood
 RX_BATCH = 32
+#: names a mock host process (``xendmop mock-host --socket PATH``) that ``--domid`` then serves
+ENV_SOCKET = "XENDMOP_MOCK_SOCKET"
 _U32 = 0xFFFFFFFF
 
 
@@ -743,6 +753,13 @@ def _megabytes(text: str) -> int:
     return mb
 
 
+def _ids(text: str) -> tuple[int, int]:
+    uid, sep, gid = text.partition(":")
+    if not sep or not uid.isdigit() or not gid.isdigit() or int(uid) == 0 or int(gid) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected UID:GID, two non-root numeric ids")
+    return int(uid), int(gid)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--domid", type=int, help="serve this domain on a real dom0 (default: the mock)")
@@ -757,7 +774,7 @@ def _parser() -> argparse.ArgumentParser:
         "--guest-type", choices=("hvm", "pvh", "pv"), help="real Xen: the domain type, when Xenstore does not say"
     )
     p.add_argument("--guest-ram-mb", type=_megabytes, help="real Xen: guest RAM size; descriptors above it are refused")
-    p.add_argument("--depriv", action="store_true", help="drop privileges after setup (libxl's uid range)")
+    p.add_argument("--depriv", type=_ids, metavar="UID:GID", help="drop to these ids after bring-up")
     p.add_argument("--chroot", help="with --depriv: an empty root-owned directory to chroot into")
     return p
 
@@ -771,15 +788,19 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError
     except ValueError:
         p.error(f"--mac {args.mac!r}: not a MAC address (six hex bytes)")
+    if args.chroot and not args.depriv:
+        p.error("--chroot needs --depriv UID:GID")
     if args.domid is None and args.depriv:
         p.exit(
             2,
-            "tapnet: --depriv needs a real dom0 (--domid) or a mock host in another process "
-            "(XENDMOP_MOCK_SOCKET): the in-process mock is part of this process, so dropping "
-            "privileges would drop the simulated Xen's with it.\n",
+            "tapnet: --depriv needs a real dom0 (--domid N) or a mock host in another process "
+            f"({ENV_SOCKET}=PATH with --domid N): the in-process mock is part of this process, "
+            "so dropping privileges would drop the simulated Xen's with it.\n",
         )
+    remote_path = os.environ.get(ENV_SOCKET) if args.domid is not None else None
     irq = None if args.no_irq else args.irq
-    if args.domid is not None and irq is not None:
+    # A mock host has no PVH guests (its non-HVM domains are PV: DMOPs to them fail with EINVAL).
+    if args.domid is not None and irq is not None and not remote_path:
         known = xenstore_guest_type(args.domid)
         if known and args.guest_type and known != args.guest_type:
             p.exit(2, f"tapnet: dom{args.domid}: Xenstore says {known}, --guest-type says {args.guest_type}\n")
@@ -802,10 +823,16 @@ def main(argv: list[str] | None = None) -> int:
             code = serve_mock(tap, sys.stdout, irq=irq, ip=args.guest_addr, host_ip=host_ip, mac=mac)
         else:
             try:
-                code = serve_xen(
-                    tap, args.domid, irq=irq, ram_mb=args.guest_ram_mb, depriv=args.depriv, chroot=args.chroot
+                code = serve_domain(
+                    tap,
+                    args.domid,
+                    irq=irq,
+                    ram_mb=args.guest_ram_mb,
+                    depriv=args.depriv,
+                    chroot=args.chroot,
+                    remote_path=remote_path,
                 )
-            except (OSError, ValueError) as e:  # no Xen, Xen's refusal (XenError), a bad depriv setup
+            except (OSError, ValueError, RuntimeError) as e:  # no Xen or mock host, Xen's refusal, bad depriv
                 print(f"tapnet: dom{args.domid}: {e}", file=sys.stderr)
                 code = 1
     if tap.created:
@@ -813,26 +840,43 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def serve_xen(tap: Tap, domid: int, *, irq: int | None, ram_mb: int | None, depriv: bool, chroot: str | None) -> int:
-    """Serve ``domid`` on a real dom0 until SIGINT/SIGTERM; the server is destroyed on the way out."""
-    drop = None
-    if depriv:
-        from xendmop.depriv import DropConfig, libxl_range_ids
+def serve_domain(
+    tap: Tap,
+    domid: int,
+    *,
+    irq: int | None,
+    ram_mb: int | None,
+    depriv: tuple[int, int] | None,
+    chroot: str | None,
+    remote_path: str | None = None,
+) -> int:
+    """Serve ``domid`` until SIGINT/SIGTERM; the server is destroyed on the way out.
 
-        ids = libxl_range_ids(domid)
-        drop = DropConfig(uid=ids.uid, gid=ids.gid, chroot=chroot)
-    with DeviceModel.open("privcmd") as dm:
+    On a real dom0 (privcmd), or on the mock host process listening at ``remote_path``.
+    ``depriv``: (uid, gid) to drop to once the server is up, before the first access."""
+    from xendmop.depriv import DropConfig
+
+    drop = DropConfig(uid=depriv[0], gid=depriv[1], chroot=chroot) if depriv else None
+    with contextlib.ExitStack() as stack:
+        remote = None
+        if remote_path:
+            from xendmop.mock.remote import RemoteXen
+
+            remote = stack.enter_context(RemoteXen(remote_path))
+        dm = stack.enter_context(DeviceModel.open("mock", xen=remote) if remote else DeviceModel.open("privcmd"))
         nic = TapNic(tap.fd, ram_limit=ram_mb * (1 << 20) if ram_mb else None)
         if irq is not None:
             nic.set_irq = lambda level: dm.set_isa_irq_level(domid, irq, int(level))
-        server = IoreqServer(dm, domid, deprivilege=drop)
+        server = IoreqServer(dm, domid, opener=remote.open_device if remote else None, deprivilege=drop)
         server.add_port_range(PORT_BASE, PORT_BASE + PORT_COUNT - 1, nic, "tapnet")
         loop = ServeLoop(server)
         loop.add_reader(tap.fd, nic.on_tap_readable)
         try:
             server.start()
             nic.memory = server.dispatcher.memory
-            print(f"tapnet: serving dom{domid} on tap {tap.name}, ports {PORT_BASE:#x}+{PORT_COUNT:#x}")
+            host = f"the mock host at {remote_path}" if remote_path else "Xen"
+            print(f"tapnet: serving dom{domid} of {host} on tap {tap.name}, ports {PORT_BASE:#x}+{PORT_COUNT:#x}")
+            sys.stdout.flush()
             loop.run()  # until SIGINT/SIGTERM; closes the server
         finally:
             server.close()

@@ -276,7 +276,7 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
 
 
 def test_depriv_on_the_in_process_mock_exits_with_a_reason() -> None:
-    done = run_cli("--depriv")
+    done = run_cli("--depriv", "990:990")
     assert done.returncode == 2
     assert "real dom0" in done.stderr and "XENDMOP_MOCK_SOCKET" in done.stderr
 
@@ -297,6 +297,9 @@ def test_interrupts_for_a_pvh_domain_are_refused_before_anything_is_opened() -> 
         (["--host-addr", "10.0.9.300/24"], "10.0.9.300/24"),
         (["--netns", "tapnet-no-such-ns"], "tapnet-no-such-ns"),
         (["--domid", "7", "--no-irq", "--guest-ram-mb", "0"], "'0'"),
+        (["--domid", "7", "--no-irq", "--depriv", "0:0"], "'0:0'"),
+        (["--domid", "7", "--no-irq", "--depriv", "990"], "'990'"),
+        (["--domid", "7", "--no-irq", "--chroot", "/var/empty"], "--chroot needs --depriv"),
     ],
 )
 def test_bad_options_are_refused_naming_the_value(args: list[str], named: str) -> None:
@@ -416,28 +419,52 @@ def test_guest_and_host_exchange_frames_through_a_real_tap(netns_name: str) -> N
     assert not link_exists(ns, ifname), "the tap outlived its fd"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_command_line_serves_in_a_netns_until_signalled(netns_name: str, signum: int) -> None:
-    ns, ifname = netns_name, "xdmt1"
-    proc = subprocess.Popen(
-        [sys.executable, str(EXAMPLE), "--netns", ns, "--tap", ifname],
+def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
+
+
+def read_until(proc: subprocess.Popen[str], text: str, timeout: float = 30) -> str:
+    """Read ``proc``'s stdout up to the first line containing ``text``; return that line."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {text!r} in {timeout}s: {lines}"
+            if not sel.select(min(left, 1)):
+                continue
+            line = proc.stdout.readline()
+            assert line, f"exited before {text!r}: {lines} {proc.stderr.read() if proc.stderr else ''}"
+            lines.append(line)
+            if text in line:
+                return line
+
+
+def stop(proc: subprocess.Popen[str], signum: int = signal.SIGTERM) -> tuple[str, str]:
+    """Signal ``proc``, wait for it, return the rest of its output (killed if it hangs)."""
+    proc.send_signal(signum)
     try:
-        assert proc.stdout is not None
-        lines: list[str] = []
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            deadline = time.monotonic() + 30
-            while not any("is at" in line for line in lines):
-                assert time.monotonic() < deadline and sel.select(1) is not None, f"no ARP answer: {lines}"
-                line = proc.stdout.readline()
-                assert line, f"example exited: {lines} {proc.stderr.read() if proc.stderr else ''}"
-                lines.append(line)
-        assert f"host {HOST_IP} is at" in lines[-1]
+        return proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_command_line_serves_in_a_netns_until_signalled(netns_name: str, signum: int) -> None:
+    ns, ifname = netns_name, "xdmt1"
+    proc = start(str(EXAMPLE), "--netns", ns, "--tap", ifname)
+    try:
+        assert f"host {HOST_IP} is at" in read_until(proc, "is at")
 
         def udp_echo() -> bytes:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -448,12 +475,8 @@ def test_command_line_serves_in_a_netns_until_signalled(netns_name: str, signum:
                 return data
 
         assert in_netns(ns, udp_echo) == b"echo me"
-        proc.send_signal(signum)
-        out, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        out, err = stop(proc, signum)
     assert proc.returncode == 0, err
     assert "ioreq server destroyed" in out and f"tap {ifname} removed" in out
     assert not link_exists(ns, ifname)
@@ -467,3 +490,52 @@ def test_without_xen_the_real_mode_fails_cleanly_and_removes_its_tap(netns_name:
     assert "dom7" in done.stderr and "/dev/xen/privcmd" in done.stderr
     assert "tap xdmt2 removed" in done.stdout
     assert not link_exists(netns_name, "xdmt2")
+
+
+def test_deprivileged_device_model_serves_a_mock_host_process(netns_name: str, tmp_path: Path) -> None:
+    """Three processes, as on a dom0: the mock Xen (``xendmop mock-host``), the device model
+    (deprivileged to 65534:65534 once its server is up) and the guest, driven from here."""
+    from xendmop.mock.remote import RemoteGuest, RemoteXen
+
+    ns, ifname, sock = netns_name, "xdmt3", str(tmp_path / "xen.sock")
+    host = start("-m", "xendmop", "mock-host", "--socket", sock)
+    try:
+        read_until(host, "listening")
+        dm = start(
+            str(EXAMPLE), "--domid", "1", "--netns", ns, "--tap", ifname, "--depriv", "65534:65534",
+            env={tapnet.ENV_SOCKET: sock},
+        )  # fmt: skip
+        try:
+            assert "serving dom1 of the mock host" in read_until(dm, "serving")
+            status = Path(f"/proc/{dm.pid}/status").read_text()
+            assert "Uid:\t65534\t65534\t65534\t65534" in status and "NoNewPrivs:\t1" in status, status
+
+            sniffer = in_netns(ns, lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003)))
+            with sniffer, RemoteXen(sock) as xen:
+                drv = tapnet.GuestDriver(RemoteGuest(xen, 1), lambda: xen.gsi_level(1, 5))
+                drv.init(GUEST_MAC)
+                own, host_ip = ipaddress.IPv4Address(GUEST_IP).packed, ipaddress.IPv4Address(HOST_IP).packed
+                request = tapnet.arp_frame(1, GUEST_MAC, own, bytes(6), host_ip)
+                assert drv.send(request) == tapnet.TX_OK
+                assert (
+                    recv_matching(sniffer, lambda data, addr: addr[0] == ifname and data[6:12] == GUEST_MAC) == request
+                )
+                deadline = time.monotonic() + 10
+                while True:
+                    frame = drv.receive(max(0.01, deadline - time.monotonic()))
+                    assert frame is not None, "the kernel's ARP reply never reached the guest"
+                    if frame[12:14] == b"\x08\x06":
+                        break
+                assert frame[:6] == GUEST_MAC and frame[28:32] == host_ip and drv.interrupts >= 1
+                assert not xen.gsi_level(1, 5)  # acknowledged
+                assert len(xen.servers(1)) == 1
+                out, err = stop(dm)
+                assert dm.returncode == 0, err
+                assert "ioreq server destroyed" in out and f"tap {ifname} removed" in out
+                assert xen.servers(1) == {}, "the deprivileged device model left its ioreq server in Xen"
+        finally:
+            if dm.poll() is None:
+                stop(dm, signal.SIGKILL)
+    finally:
+        stop(host)
+    assert not link_exists(ns, ifname)
