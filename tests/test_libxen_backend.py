@@ -487,3 +487,23 @@ def test_cli_info_without_libxenctrl(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "dom2: unknown (libxenctrl: " in proc.stdout and "libxenctrl is not installed" in proc.stdout
     assert "libxenctrl                not found" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "name"),
+    [
+        ("set_isa_irq_level", (1, 3, 257), "level"),  # the C prototype's uint8 would carry 257 as 1
+        ("map_io_range_to_ioreq_server", (1, 1, 2, 0x10, 0x1F), "is_mmio"),  # C takes any nonzero as MMIO
+    ],
+)
+def test_values_c_would_normalise_are_refused_first(
+    stub: DeviceModel, stub_dir: Path, method: str, args: tuple[int, ...], name: str
+) -> None:
+    from xendmop import ArgumentError
+
+    calls = _stub_int(stub_dir, "stub_calls")
+    before = calls.value
+    with pytest.raises(ArgumentError) as caught:
+        getattr(stub, method)(*args)
+    assert caught.value.name == name
+    assert calls.value == before, "refused before the library"

@@ -140,7 +140,7 @@ def _server_cases(kind: str) -> list[tuple[str, Callable[[], Any]]]:
         def write(self, addr: int, size: int, value: int) -> None:
             writes.append((addr, size, value))
 
-    server = IoreqServer(dm, DOMID, nr_vcpus=2, handles="libxen" if kind == "libxen" else "device")
+    server = IoreqServer(dm, DOMID, nr_vcpus=2, restrict=True, handles="libxen" if kind == "libxen" else "device")
     server.add_port_range(0x3F8, 0x3FF, Uart(), "uart")
     guest_side = EventChannel()  # the fake's ports are process-wide: a notify here is Xen's notify
 
@@ -318,6 +318,11 @@ def test_ioreq_server_over_libxen_handles(server_runs: dict[str, Any], case: str
 def test_ioreq_server_over_libxen_really_served(server_runs: dict[str, Any]) -> None:
     run = server_runs["libxen"]
     assert run["start"]["result"] == {"value": [[0x1200, 0x1201], False]}  # bound to frame 1's vp_eports
+    restricts = [r for r in run["start"]["requests"] if r["event"] == "restrict" or r.get("op") == "restrict_domid"]
+    assert restricts == [
+        {"event": "restrict", "dev": "privcmd", "dom": DOMID},
+        {"event": "evtchn", "dev": "evtchn", "op": "restrict_domid", "arg": [DOMID, 0]},
+    ]
     handled, state, writes = run["serve"]["result"]["value"]
     # The fake loops our answer's notify back as one more (empty) event: 2 handled.
     assert (handled, state, writes) == (2, 3, [[1, 1, 0x41]])  # STATE_IORESP_READY, UART offset 1
