@@ -563,9 +563,11 @@ def answer(frame: bytes, mac: bytes, ip: bytes) -> bytes | None:
 class MockNetwork:
     """An HVM domain on a mock Xen with the card at ``PORT_BASE`` served by ``loop``.
 
-    Used as a context manager: the loop runs in a thread (or call ``loop.run()``
-    yourself and leave ``threaded`` False); leaving tears everything down and checks
-    that no ioreq server was left in Xen.
+    ``create(fd, irq=5)``: a new mock host with a 4 MiB domain (``hvm=False`` makes it
+    PV, for which interrupts are refused: ``GuestTypeError``), the card on ``fd``,
+    raising ``irq`` (None: no interrupt, the guest polls).  Used as a context manager:
+    the loop runs in a thread (or call ``loop.run()`` yourself and leave ``threaded``
+    False); leaving tears everything down and checks that no ioreq server was left in Xen.
     """
 
     xen: Any
