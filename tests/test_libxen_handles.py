@@ -206,9 +206,6 @@ def _run(fakexen: Path, tmp: Path, kind: str, what: str, **extra: str) -> dict[s
     log = tmp / f"{kind}-{what}-{'-'.join(sorted(extra))}.log"
     log.write_text("")
     env = fake.fake_env(fakexen, log, **extra)
-    for key in ("FAKEXEN_NO_RESOURCE", "FAKEXEN_EVTCHN_ERRNO"):
-        if key not in extra:
-            env.pop(key, None)
     proc = subprocess.run(
         [sys.executable, "-m", "test_libxen_handles", kind, what],
         env=env,
@@ -448,3 +445,30 @@ def test_ioreq_server_falls_back_to_legacy_gfns_without_map_resource(
 
 if __name__ == "__main__":
     driver(sys.argv[1], sys.argv[2])
+
+
+@pytest.fixture(scope="module")
+def no_resource_runs(fakexen: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    extra = {"FAKEXEN_NO_RESOURCE": "1"}
+    return {
+        (kind, what): _run(fakexen, fakexen.parent, kind, what, **extra)
+        for kind in ("device", "libxen")
+        for what in ("handles", "server")
+    }
+
+
+def test_no_resource_mapping_both_fall_back_to_legacy_gfns(no_resource_runs: dict[Any, Any]) -> None:
+    """A kernel without MMAP_RESOURCE: the device handle reports its ENOTTY, libxenforeignmemory
+    turns it into EOPNOTSUPP; IoreqServer takes both as "no resource mapping" and goes on
+    with get_ioreq_server_info's gfns and MMAPBATCH_V2, identically.  (The fake's gfns are its
+    fill pattern, beyond 2^40, so that mapping fails per frame with EINVAL and both servers
+    tear down the same way: the requests, not a served guest, are what is compared here.)"""
+    device, libxen = no_resource_runs["device", "handles"], no_resource_runs["libxen", "handles"]
+    assert device["map_resource"]["result"]["errno"] == errno.ENOTTY
+    assert libxen["map_resource"]["result"]["errno"] == errno.EOPNOTSUPP
+    assert _comparable("libxen", libxen["map_resource"]["requests"]) == device["map_resource"]["requests"]
+    device, libxen = no_resource_runs["device", "server"], no_resource_runs["libxen", "server"]
+    assert _comparable("libxen", libxen["start"]["requests"]) == _comparable("device", device["start"]["requests"])
+    assert libxen["start"]["result"] == device["start"]["result"]
+    assert "mmapbatch_v2" in [r["event"] for r in libxen["start"]["requests"]], "the legacy gfn path was taken"
+    assert (libxen["start"]["result"]["errno"], libxen["start"]["result"]["op"]) == (errno.EINVAL, "map")

@@ -87,7 +87,7 @@ def fake_env(fake: Path, log: Path, **extra: str) -> dict[str, str]:
         PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]),
         **extra,
     )
-    for key in ("FAKEXEN_NO_DM_OP", "FAKEXEN_ABSENT"):
+    for key in ("FAKEXEN_NO_DM_OP", "FAKEXEN_ABSENT", "FAKEXEN_NO_RESOURCE", "FAKEXEN_EVTCHN_ERRNO"):
         if key not in extra:
             env.pop(key, None)
     return env
