@@ -186,3 +186,16 @@ def test_the_readme_example_passes_as_a_test_file(pytester: pytest.Pytester) -> 
     pytester.makepyfile(block.group(1))
     result = pytester.runpytest("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_mock_host_process_serves_another_process(mock_host_process: str) -> None:
+    from xendmop.mock.remote import RemoteXen
+
+    with RemoteXen(mock_host_process) as remote, DeviceModel.open("mock", xen=remote) as dm:
+        assert dm.nr_vcpus(1) >= 1 and remote.servers(1) == {}
+        server = IoreqServer(dm, 1, opener=remote.open_device).start()
+        try:
+            assert list(remote.servers(1)) == [server.id]
+        finally:
+            server.close()
+        assert remote.servers(1) == {}

@@ -27,6 +27,10 @@ Fixtures (each test gets fresh ones):
   was left in a domain, if a device raised (the log has the traceback; pass
   ``allow_device_errors=True`` to expect it) or if the loop died.
 
+- ``mock_host_process``: ``xendmop mock-host`` in a child process (dom1 HVM, dom2 PV);
+  its socket path, what ``XENDMOP_MOCK_SOCKET`` names for a device model in yet another
+  process (``xendmop.mock.remote``).  Terminated after the test.
+
 ``ServeThread(*servers)`` is the same serving as a context manager, for a test that
 looks at the domain after the loop ended.
 
@@ -253,3 +257,36 @@ def serve(xen_host: MockXen, hvm_domain: int, device_model: DeviceModel) -> Iter
 
 def _name(device: object) -> str:
     return type(device).__name__
+
+
+@pytest.fixture
+def mock_host_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A mock Xen host in its own process; yields the path of its socket."""
+    import subprocess
+    import sys
+
+    where = tmp_path_factory.mktemp("mock-host")
+    sock, log_path = str(where / "xen.sock"), where / "stderr.log"
+    with open(log_path, "wb") as log_file:  # a file, not a pipe: a chatty host never blocks on it
+        host = subprocess.Popen(
+            [sys.executable, "-m", "xendmop", "mock-host", "--socket", sock],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+        )
+    try:
+        assert host.stdout is not None
+        first = host.stdout.readline()  # its "listening" line, or nothing if it died
+        if "listening" not in first:
+            host.kill()
+            pytest.fail(f"xendmop mock-host did not start: {first}{log_path.read_text()}", pytrace=False)
+        yield sock
+    finally:
+        host.terminate()
+        try:
+            host.wait(JOIN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            host.kill()
+            host.wait()
+        if host.stdout is not None:
+            host.stdout.close()
