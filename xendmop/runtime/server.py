@@ -105,6 +105,8 @@ class IoreqServer:
     ) -> None:
         if handles not in ("device", "libxen"):
             raise ValueError(f"handles={handles!r}: must be 'device' or 'libxen'")
+        if handles == "libxen" and opener is not None:
+            raise ValueError("handles='libxen' opens no device: it cannot take an opener")
         self._handles = handles
         if deprivilege is not None:
             deprivilege.validate()  # DeprivConfigError now, before anything exists in Xen
