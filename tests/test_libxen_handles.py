@@ -472,3 +472,14 @@ def test_no_resource_mapping_both_fall_back_to_legacy_gfns(no_resource_runs: dic
     assert libxen["start"]["result"] == device["start"]["result"]
     assert "mmapbatch_v2" in [r["event"] for r in libxen["start"]["requests"]], "the legacy gfn path was taken"
     assert (libxen["start"]["result"]["errno"], libxen["start"]["result"]["op"]) == (errno.EINVAL, "map")
+
+
+def test_ioreq_server_handles_argument_checked() -> None:
+    from xendmop import DeviceModel
+    from xendmop.runtime import IoreqServer
+
+    with DeviceModel.open("mock") as dm:
+        with pytest.raises(ValueError, match="handles='qemu'"):
+            IoreqServer(dm, DOMID, handles="qemu")
+        with pytest.raises(ValueError, match="cannot take an opener"):
+            IoreqServer(dm, DOMID, handles="libxen", opener=lambda path: None)
