@@ -727,6 +727,9 @@ class MockHostServer:
             finally:
                 os.umask(old)
             os.chmod(self.path, mode)
+            # Set on the listener, so accepted sockets inherit it (unix_sock_inherit_flags): set after
+            # accept(), a message sent in between would carry no credentials (read back as nobody).
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             self._listener.listen(backlog)
         except BaseException:
             self._listener.close()
