@@ -26,13 +26,17 @@ Either way the ioreq server is destroyed on exit, also on Ctrl-C and SIGTERM.
 
 HAZARD: ``set_isa_irq_level`` must only reach an HVM guest: on Xen 4.17.7 an
 accepted ISA IRQ level change for a PVH guest crashed the hypervisor, and ``dm_op``
-cannot tell PVH from HVM.  Before serving, the guest type is read from libxl's
-record (``xenstore-read /libxl/<domid>/type``, or the mock's domain view) and any
-domain that is not "hvm" is refused; an unreadable type is refused too unless
-``--assume-hvm`` is given.
+cannot tell PVH from HVM.  Before serving, the guest's kind is read from the
+hypervisor's emulation flags (libxenctrl), else from libxl's record
+(``xenstore-read /libxl/<domid>/type``), and any domain that is not "hvm" is
+refused; an unknown kind is refused too unless ``--assume-hvm`` is given.  On the
+mock the domain view says whether it is HVM.
 
 ``--depriv UID:GID`` drops privileges after bring-up (``IoreqServer(deprivilege=)``).
-It needs a real dom0: the in-process mock lives in this very process.
+It needs a real dom0, or a mock host in another process: with ``XENDMOP_MOCK_SOCKET``
+set (``xendmop mock-host --socket PATH``), ``--domid N`` serves that host's domain N
+(a PV one refuses the DMOPs, the mock has no PVH); the in-process mock lives in this
+very process, which cannot drop its privileges.
 
 A simplification: time passes between two guest accesses.  The transmitter sends
 what the TX FIFO holds before any access other than a THR write (and when the serve
@@ -45,6 +49,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import select
@@ -60,6 +65,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from xendmop import DeviceModel
+from xendmop.mock.remote import ENV_SOCKET
 from xendmop.runtime import IoreqServer, ServeLoop
 
 log = logging.getLogger("uart16550")
@@ -697,8 +703,19 @@ def run_on_mock(
 # --- a real dom0 ------------------------------------------------------------------------------------
 
 
-def libxl_domain_type(domid: int) -> str | None:
-    """libxl's guest type of ``domid`` ("hvm", "pvh", "pv") from Xenstore, or None if unknown."""
+def domain_kind(domid: int) -> str | None:
+    """ "hvm", "pvh" or "pv": from the hypervisor's own emulation flags (libxenctrl) when
+    it can be asked, else from libxl's record in Xenstore; None if neither answers."""
+    from xendmop.backends.libxen import LibxenCtrl
+
+    try:
+        ctrl = LibxenCtrl()
+        try:
+            return ctrl.domain_info(domid).kind.value.lower()
+        finally:
+            ctrl.close()
+    except OSError as e:  # no libxenctrl, not a Xen host, no such query: ask libxl's record
+        log.info("dom%d: libxenctrl cannot tell its kind (%s); asking Xenstore", domid, e)
     try:
         done = subprocess.run(
             ["xenstore-read", f"/libxl/{domid}/type"], capture_output=True, text=True, timeout=10, check=False
@@ -706,6 +723,19 @@ def libxl_domain_type(domid: int) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
+
+
+def require_hvm_by_dmop(dm: DeviceModel, domid: int) -> None:
+    """On a mock host process, which has HVM and PV domains but no PVH: a PV domain
+    refuses every DMOP with EINVAL (``dm_op``'s "not HVM" check), so one harmless DMOP tells."""
+    from xendmop.errors import XenError
+
+    try:
+        dm.nr_vcpus(domid)
+    except XenError as e:
+        if e.errno == errno.EINVAL:
+            raise NotHvmError(f"dom{domid} is not HVM: {e}") from None
+        raise
 
 
 @contextlib.contextmanager
@@ -812,10 +842,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--pty is for a real dom0 (--domid N); on the mock the host types --line")
         return _main_mock(args)
     try:
-        require_hvm(args.domid, libxl_domain_type(args.domid), args.assume_hvm)
+        if not os.environ.get(ENV_SOCKET):  # a mock host process is checked by a DMOP, below
+            require_hvm(args.domid, domain_kind(args.domid), args.assume_hvm)
+        return _main_domain(args)
     except NotHvmError as e:
         p.error(str(e))
-    return _main_real(args)
 
 
 def _main_mock(args: argparse.Namespace) -> int:
@@ -841,11 +872,22 @@ def _main_mock(args: argparse.Namespace) -> int:
     return 0
 
 
-def _main_real(args: argparse.Namespace) -> int:
+def _main_domain(args: argparse.Namespace) -> int:
+    """Serve ``--domid`` on a real dom0, or on the mock host process ``$XENDMOP_MOCK_SOCKET`` names."""
     from xendmop.depriv import DropConfig
 
     drop = DropConfig(uid=args.depriv[0], gid=args.depriv[1], chroot=args.chroot) if args.depriv else None
     with contextlib.ExitStack() as stack:
+        opener = None
+        if os.environ.get(ENV_SOCKET):
+            from xendmop.mock.remote import connect_from_env
+
+            remote = stack.enter_context(connect_from_env())
+            opener = remote.open_device
+            dm = stack.enter_context(DeviceModel.open("mock", xen=remote))
+            require_hvm_by_dmop(dm, args.domid)
+        else:
+            dm = stack.enter_context(DeviceModel.open("privcmd"))
         if args.pty:
             master, slave = os.openpty()
             tty.setraw(slave)
@@ -857,12 +899,16 @@ def _main_real(args: argparse.Namespace) -> int:
         else:
             in_fd, out_fd = sys.stdin.fileno(), sys.stdout.fileno()
             stack.enter_context(raw_terminal(in_fd))
-        dm = stack.enter_context(DeviceModel.open("privcmd"))
-        signum = serve_domain(dm, args.domid, input_fd=in_fd, output_fd=out_fd, deprivilege=drop)
-    print(
-        f"\r\nuart16550: stopped ({signal.Signals(signum).name if signum else 'done'}); server destroyed",
-        file=sys.stderr,
-    )
+
+        def ready() -> None:
+            dropped = f"; deprivileged to uid {args.depriv[0]} gid {args.depriv[1]}" if drop else ""
+            print(f"uart16550: serving dom{args.domid}'s COM1{dropped}; Ctrl-C to stop", file=sys.stderr, flush=True)
+
+        signum = serve_domain(
+            dm, args.domid, input_fd=in_fd, output_fd=out_fd, opener=opener, deprivilege=drop, on_ready=ready
+        )
+    stopped = signal.Signals(signum).name if signum else "done"
+    print(f"\r\nuart16550: stopped ({stopped}); the ioreq server was destroyed", file=sys.stderr)
     return 0
 
 

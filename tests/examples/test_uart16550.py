@@ -477,3 +477,70 @@ def test_input_that_epoll_refuses_is_typed_at_once(tmp_path: Path, content: byte
     finally:
         os.close(fd)
     assert not thread.is_alive() and bytes(uart.rx) + bytes(uart.pending_input) == content
+
+
+# --- deprivileged, in its own process, serving a mock host process ---------------------------------
+
+
+def stderr_line(proc: subprocess.Popen[bytes], needle: str) -> str:
+    assert proc.stderr is not None
+    seen = ""
+    while needle not in seen:
+        line = proc.stderr.readline().decode()
+        assert line, f"no {needle!r} before EOF in:\n{seen}"
+        seen += line
+    return seen
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
+def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process: str) -> None:
+    from xendmop.mock.remote import RemoteGuest, RemoteXen
+
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--domid", "1", "--depriv", "65534:65534"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": mock_host_process},
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        stderr_line(proc, "serving dom1's COM1; deprivileged to uid 65534 gid 65534")
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        assert "Uid:\t65534\t65534\t65534\t65534" in status and "Gid:\t65534\t65534\t65534\t65534" in status
+        with RemoteXen(mock_host_process) as remote:
+            fw = Firmware(RemoteGuest(remote, 1), lambda: remote.gsi_level(1, 4))
+            fw.probe()
+            fw.init()
+            fw.puts(b"login: ")
+            assert proc.stdout.read(7) == b"login: "  # the guest's console on the device model's stdout
+            proc.stdin.write(b"root\r")  # and its keyboard on stdin
+            proc.stdin.flush()
+            assert fw.readline() == b"root"
+            fw.outb(IER, 0x02)
+            fw.wait_irq("THRE")  # IRQ 4 left up ...
+            assert len(remote.servers(1)) == 1
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+            assert "stopped (SIGTERM); the ioreq server was destroyed" in stderr_line(proc, "stopped")
+            assert remote.servers(1) == {}
+            assert not remote.gsi_level(1, 4)  # ... and lowered by the device model on its way out
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_pv_domain_of_a_mock_host_process_is_refused(mock_host_process: str) -> None:
+    from xendmop.mock.remote import RemoteXen
+
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--domid", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": mock_host_process},
+    )
+    assert done.returncode == 2 and "dom2 is not HVM" in done.stderr and "EINVAL" in done.stderr
+    with RemoteXen(mock_host_process) as remote:
+        assert remote.servers(2) == {}
