@@ -505,7 +505,8 @@ def _mac(text: str) -> bytes:
     return bytes.fromhex(text.replace(":", ""))
 
 
-def _checksum(data: bytes) -> int:
+def ip_checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of ``data``; 0 over data that carries a correct one."""
     if len(data) % 2:
         data += b"\0"
     total = sum(int(word) for word in struct.unpack(f"!{len(data) // 2}H", data))
@@ -543,7 +544,7 @@ def answer(frame: bytes, mac: bytes, ip: bytes) -> bytes | None:
     if proto == 1 and len(payload) >= 8 and payload[0] == 8:  # ICMP echo request
         payload[0] = 0
         payload[2:4] = b"\0\0"
-        payload[2:4] = struct.pack("!H", _checksum(bytes(payload)))
+        payload[2:4] = struct.pack("!H", ip_checksum(bytes(payload)))
     elif proto == 17 and len(payload) >= 8 and payload[2:4] == b"\x00\x07":  # UDP echo
         payload[0:2], payload[2:4] = payload[2:4], payload[0:2]
         payload[6:8] = b"\0\0"  # no UDP checksum: allowed for IPv4
@@ -552,7 +553,7 @@ def answer(frame: bytes, mac: bytes, ip: bytes) -> bytes | None:
     header[12:16], header[16:20] = header[16:20], header[12:16]
     header[8] = 64
     header[10:12] = b"\0\0"
-    header[10:12] = struct.pack("!H", _checksum(bytes(header)))
+    header[10:12] = struct.pack("!H", ip_checksum(bytes(header)))
     return src_mac + mac + frame[12:14] + bytes(header) + bytes(payload)
 
 

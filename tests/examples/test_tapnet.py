@@ -261,6 +261,29 @@ def test_the_guest_stack_answers_arp_ping_and_udp_echo_only_for_itself() -> None
     assert tapnet.answer(tapnet.arp_frame(1, host_mac, other, bytes(6), other), GUEST_MAC, own) is None
     assert tapnet.answer(b"short", GUEST_MAC, own) is None
 
+    def ipv4(proto: int, payload: bytes, dst: bytes = own) -> bytes:
+        header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 7, 0, 64, proto, 0, other, dst))
+        header[10:12] = struct.pack("!H", tapnet.ip_checksum(bytes(header)))
+        return GUEST_MAC + host_mac + b"\x08\x00" + bytes(header) + payload
+
+    def check_reply(reply: bytes | None, proto: int) -> bytes:
+        assert reply is not None
+        assert reply[:6] == host_mac and reply[6:12] == GUEST_MAC and reply[23] == proto
+        assert reply[26:30] == own and reply[30:34] == other  # addresses swapped
+        assert tapnet.ip_checksum(reply[14:34]) == 0, "bad IPv4 header checksum"
+        return reply[34:]
+
+    icmp = bytearray(struct.pack("!BBHHH", 8, 0, 0, 0x1234, 1) + b"ping data")
+    icmp[2:4] = struct.pack("!H", tapnet.ip_checksum(bytes(icmp)))
+    echo = check_reply(tapnet.answer(ipv4(1, bytes(icmp)), GUEST_MAC, own), 1)
+    assert echo[0] == 0 and echo[4:] == icmp[4:] and tapnet.ip_checksum(echo) == 0  # echo reply, same id/seq/data
+
+    udp = struct.pack("!HHHH", 40000, 7, 8 + 5, 0) + b"hello"
+    echo = check_reply(tapnet.answer(ipv4(17, udp), GUEST_MAC, own), 17)
+    assert struct.unpack("!HH", echo[:4]) == (7, 40000) and echo[8:] == b"hello"
+    assert tapnet.answer(ipv4(17, struct.pack("!HHHH", 40000, 9, 13, 0) + b"hello"), GUEST_MAC, own) is None
+    assert tapnet.answer(ipv4(1, bytes(icmp), dst=other), GUEST_MAC, own) is None  # not addressed to the guest
+
 
 # --- the command line (no root needed for refusals) ------------------------------------------
 
