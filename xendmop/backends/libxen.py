@@ -256,12 +256,12 @@ class LibxenBackend:
         if "open" not in self._functions or "close" not in self._functions:
             library = SONAMES["devicemodel"]
             raise FileNotFoundError(errno.ENOENT, f"{library} lacks xendevicemodel_open/close", self._path(library))
-        self._logger = self._quiet_logger()
+        self._logger = QuietLogger(self.libdir)
         ctypes.set_errno(0)
-        handle = self._functions["open"](self._logger, 0)
+        handle = self._functions["open"](self._logger.pointer, 0)
         if not handle:
             err = ctypes.get_errno() or errno.EIO
-            self._destroy_logger()
+            self._logger.destroy()
             if err in NOT_XEN:
                 raise NotXenHostError(err, f"xendevicemodel_open: not a Xen host ({os.strerror(err)})", PRIVCMD_PATH)
             raise OSError(err, f"xendevicemodel_open: {os.strerror(err)}", PRIVCMD_PATH)
@@ -276,41 +276,17 @@ class LibxenBackend:
     # --- loading -------------------------------------------------------------------
 
     def _path(self, soname: str) -> str:
-        return soname if self.libdir is None else os.path.join(self.libdir, soname)
+        return library_path(soname, self.libdir)
 
     def _load_required(self, soname: str) -> ctypes.CDLL:
-        try:
-            return ctypes.CDLL(self._path(soname), use_errno=True)
-        except OSError as e:
-            raise FileNotFoundError(errno.ENOENT, f"cannot load {soname}: {e}", self._path(soname)) from None
+        return load_library(soname, self.libdir)
 
     def _load(self, soname: str) -> ctypes.CDLL | None:
         """An optional library: None when it cannot be loaded."""
         try:
-            return ctypes.CDLL(self._path(soname), use_errno=True)
-        except OSError:
+            return load_library(soname, self.libdir)
+        except FileNotFoundError:
             return None
-
-    def _quiet_logger(self) -> int | None:
-        """A xentoollog logger on stderr that lets only CRITICAL through, or None
-        (the library's default, which prints its errors to stderr)."""
-        if self._toollog is None or not hasattr(self._toollog, "xtl_createlogger_stdiostream"):
-            return None
-        try:
-            stderr = c_void_p.in_dll(ctypes.CDLL(None), "stderr").value
-        except ValueError:
-            return None
-        create = self._toollog.xtl_createlogger_stdiostream
-        create.restype, create.argtypes = c_void_p, [c_void_p, c_int, c_uint]
-        logger: int | None = create(stderr, _XTL_CRITICAL, 0)
-        return logger
-
-    def _destroy_logger(self) -> None:
-        logger, self._logger = self._logger, None
-        if logger is not None and self._toollog is not None:
-            destroy = self._toollog.xtl_logger_destroy
-            destroy.restype, destroy.argtypes = None, [c_void_p]
-            destroy(logger)
 
     # --- calling -------------------------------------------------------------------
 
@@ -394,7 +370,7 @@ class LibxenBackend:
         handle, self._handle = self._handle, None
         if handle is not None:
             self._functions["close"](handle)
-            self._destroy_logger()
+            self._logger.destroy()
 
 
 # --- one handler per DMOP: rebuild the C arguments from the op struct's fields -----------

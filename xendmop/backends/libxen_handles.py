@@ -14,7 +14,9 @@ kernel without resource mapping.  Both handles register with libxentoolcore, so
 ``xentoolcore_restrict_all`` restricts them too.
 
 Differences the libraries impose:
-- libxenevtchn has no reset: ``reset`` issues ``IOCTL_EVTCHN_RESET`` on the handle's fd;
+- libxenevtchn has no reset and no call for several pending ports: ``reset`` issues
+  ``IOCTL_EVTCHN_RESET`` and ``pending_ports`` reads the handle's fd, as
+  ``xenevtchn_pending`` reads it for one port;
 - ``map`` retries frames the kernel reports paged out (``ENOENT``) inside the library,
   where ``ForeignMemory.map`` raises; the mmap and the ioctl of a mapping fail as one
   call, so a failing mmap is reported under the mapping's op name;
@@ -277,6 +279,20 @@ class LibxenEventChannel:
         if err in (0, errno.EAGAIN, errno.EWOULDBLOCK):  # 0: a short read, as EventChannel treats it
             return None
         raise xen_error(err, "pending", layer="evtchn")
+
+    def pending_ports(self, limit: int) -> list[int]:
+        """Up to ``limit`` pending ports in one ``read`` of the handle's fd (``[]`` when none
+        is pending).  Each port stays masked until ``unmask``; EFBIG: the ring overflowed."""
+        try:
+            raw = os.read(self.fileno(), 4 * limit)
+        except BlockingIOError:
+            return []
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return []
+            raise xen_error(e.errno or errno.EIO, "pending", layer="evtchn") from None
+        usable = len(raw) & ~3
+        return memoryview(raw)[:usable].cast("I").tolist() if usable else []
 
     def unmask(self, port: int) -> None:
         """``xenevtchn_unmask``: write ``port`` back so it can fire again."""
