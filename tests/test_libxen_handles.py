@@ -483,3 +483,26 @@ def test_ioreq_server_handles_argument_checked() -> None:
             IoreqServer(dm, DOMID, handles="qemu")
         with pytest.raises(ValueError, match="cannot take an opener"):
             IoreqServer(dm, DOMID, handles="libxen", opener=lambda path: None)
+
+
+def test_restrict_all_reaches_the_libxen_handles(fakexen: Path, tmp_path: Path) -> None:
+    """Both handles register with libxentoolcore: xentoolcore_restrict_all restricts them
+    (IOCTL_PRIVCMD_RESTRICT on the foreign-memory fd, IOCTL_EVTCHN_RESTRICT_DOMID on evtchn)."""
+    script = (
+        "from xendmop.backends.libxen import LibxenBackend\n"
+        "from xendmop.backends.libxen_handles import LibxenEventChannel, LibxenForeignMemory\n"
+        "evtchn, fmem, dm = LibxenEventChannel(), LibxenForeignMemory(), LibxenBackend()\n"
+        "dm.restrict_all(7)\n"
+        "for h in (dm, evtchn, fmem): h.close()\n"
+    )
+    log = tmp_path / "restrict_all.log"
+    log.write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=fake.fake_env(fakexen, log), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    restricts = [e for e in events if e["event"] == "restrict" or e.get("op") == "restrict_domid"]
+    assert {"event": "evtchn", "dev": "evtchn", "op": "restrict_domid", "arg": [7, 0]} in restricts
+    privcmd = [e for e in restricts if e["event"] == "restrict"]
+    assert len(privcmd) == 2 and {e["dom"] for e in privcmd} == {7}  # libxendevicemodel's fd and ours
