@@ -35,6 +35,7 @@ import enum
 import errno
 import logging
 import os
+import platform
 import re
 from collections.abc import Callable, Mapping, Sequence
 from ctypes import POINTER, byref, c_char_p, c_int, c_uint, c_uint8, c_uint16, c_uint32, c_uint64, c_ulong, c_void_p
@@ -618,9 +619,12 @@ class LibxenCtrl:
     """An ``xc_interface`` used for one thing: ``domain_info`` (``XEN_SYSCTL_getdomaininfolist``).
 
     Raises ``FileNotFoundError`` when libxenctrl is not installed, ``NotXenHostError``
-    off Xen, ``MissingFunctionError`` if the library lacks ``xc_domain_getinfolist``."""
+    off Xen, ``UnsupportedError`` off x86 (the ``arch_config`` mirrored here is x86's),
+    ``MissingFunctionError`` if the library lacks ``xc_domain_getinfolist``."""
 
     def __init__(self, libdir: str | os.PathLike[str] | None = None) -> None:
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            raise UnsupportedError(errno.EOPNOTSUPP, "domain_info", layer="libxenctrl")
         self.libdir = None if libdir is None else os.fspath(libdir)
         path = _find_libxenctrl(self.libdir)
         if path is None:
@@ -725,7 +729,7 @@ def refuse_unless_hvm(
         if ctrl is None:
             ctrl = LibxenCtrl()
         info = ctrl.domain_info(domid)
-    except (FileNotFoundError, NotXenHostError, MissingFunctionError) as e:
+    except (FileNotFoundError, NotXenHostError, UnsupportedError) as e:
         log.warning("dom%s: cannot tell whether it is HVM (%s); %s not guarded", domid, e, op)
         return None
     finally:
