@@ -37,13 +37,13 @@ from typing import Any
 
 from ..abi import evtchn as _evtchn_abi
 from ..abi import privcmd as _privcmd_abi
-from ..abi.hvm import HVMMEM_ram_ro, HVMMEM_ram_rw
+from ..abi.hvm import HVMMEM_ram_ro
 from ..ops import OPS
 from .evtchn import EVTCHN_PATH, EvtchnDevice
 from .hypervisor import Hypervisor, destroy_server
-from .pages import PageRef, PageStore
+from .pages import PageStore
 from .privcmd import HYPERCALL_PATH, PRIVCMD_PATH, HypercallDevice, PrivcmdDevice
-from .state import Domain, IoreqServer, P2mEntry, Vcpu
+from .state import Domain, IoreqServer, P2m, Vcpu
 from .usermem import PAGE_SIZE, UserMemory
 
 __all__ = ["DomainView", "Event", "IoreqServer", "MockXen", "default_host"]
@@ -217,7 +217,7 @@ class MockXen:
                 target=target,
                 vcpus=[Vcpu(i) for i in range(vcpus)],
             )
-            d.p2m = {gfn: P2mEntry(HVMMEM_ram_rw, PageRef(ram, gfn)) for gfn in range(nr_pages + special)}
+            d.p2m = P2m(ram, nr_pages + special)  # every page RAM, each entry made on first use
             d.max_mapped_pfn = nr_pages + special - 1
             if hvm:
                 d.legacy_gfns = (nr_pages, nr_pages + 1)

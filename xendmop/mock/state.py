@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping, ValuesView
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..abi.hvm import HVMMEM_ioreq_server
+from ..abi.hvm import HVMMEM_ioreq_server, HVMMEM_ram_rw
 from .pages import PageRef, PageStore
 
 #: ``MAX_NR_IOREQ_SERVERS`` (xen/include/xen/sched.h)
@@ -110,6 +110,66 @@ class P2mEntry:
     page: PageRef | None
 
 
+class P2m(MutableMapping[int, P2mEntry]):
+    """A domain's p2m whose gfns ``0 .. nr_ram-1`` start as ``p2m_ram_rw`` on frame ``gfn`` of ``ram``.
+
+    The same contents as a dict filled at domain build, but an entry is made only when
+    first looked up, so creating a 128 MiB guest does not build 32768 entries up front.
+    Changed entries live in ``_entries``; a removed initial gfn is in ``_removed``.
+    """
+
+    def __init__(self, ram: PageStore, nr_ram: int) -> None:
+        self._ram = ram
+        self._nr = nr_ram
+        self._entries: dict[int, P2mEntry] = {}
+        self._removed: set[int] = set()  # initial gfns deleted (never also in _entries)
+
+    def _initial(self, gfn: int) -> bool:
+        return isinstance(gfn, int) and 0 <= gfn < self._nr and gfn not in self._removed
+
+    def __getitem__(self, gfn: int) -> P2mEntry:
+        entry = self._entries.get(gfn)
+        if entry is not None:
+            return entry
+        if self._initial(gfn):
+            entry = self._entries[gfn] = P2mEntry(HVMMEM_ram_rw, PageRef(self._ram, gfn))
+            return entry
+        raise KeyError(gfn)
+
+    def get(self, gfn: int, default: Any = None) -> Any:  # the hot path: no exception for a hit
+        entry = self._entries.get(gfn)
+        if entry is not None:
+            return entry
+        return self[gfn] if self._initial(gfn) else default
+
+    def __contains__(self, gfn: object) -> bool:
+        return gfn in self._entries or (isinstance(gfn, int) and self._initial(gfn))
+
+    def __setitem__(self, gfn: int, entry: P2mEntry) -> None:
+        self._entries[gfn] = entry
+        self._removed.discard(gfn)
+
+    def __delitem__(self, gfn: int) -> None:
+        if gfn not in self:
+            raise KeyError(gfn)
+        self._entries.pop(gfn, None)
+        if 0 <= gfn < self._nr:
+            self._removed.add(gfn)
+
+    def __iter__(self) -> Iterator[int]:
+        for gfn in range(self._nr):
+            if gfn not in self._removed:
+                yield gfn
+        yield from [g for g in self._entries if not 0 <= g < self._nr]
+
+    def __len__(self) -> int:
+        return self._nr - len(self._removed) + sum(1 for g in self._entries if not 0 <= g < self._nr)
+
+    def touched(self) -> ValuesView[P2mEntry]:
+        """The entries made so far (every other one is still ``p2m_ram_rw``)."""
+        return self._entries.values()
+
+
 @dataclass
 class Vcpu:
     vcpu_id: int
@@ -196,7 +256,7 @@ class Domain:
     #: the domain this one is device model for (``XEN_DOMCTL_set_target``), None for none
     target: int | None = None
     vcpus: list[Vcpu] = field(default_factory=list)
-    p2m: dict[int, P2mEntry] = field(default_factory=dict)
+    p2m: MutableMapping[int, P2mEntry] = field(default_factory=dict)
     max_mapped_pfn: int = 0
     dirty: set[int] = field(default_factory=set)  # log-dirty bitmap
     vram: tuple[int, int] | None = None  # (first_pfn, nr) tracked by track_dirty_vram
@@ -234,7 +294,8 @@ class Domain:
     @property
     def p2m_ioreq_entry_count(self) -> int:
         """``p2m->ioreq.entry_count``: gfns still typed p2m_ioreq_server."""
-        return sum(1 for e in self.p2m.values() if e.type == HVMMEM_ioreq_server)
+        entries = self.p2m.touched() if isinstance(self.p2m, P2m) else self.p2m.values()
+        return sum(1 for e in entries if e.type == HVMMEM_ioreq_server)
 
     def snapshot(self) -> dict[str, Any]:
         """Everything a DMOP or privcmd call can change (page contents excepted)."""
