@@ -152,3 +152,25 @@ def test_add_reader_runs_callbacks_in_the_loop_between_ioreqs() -> None:
                 os.close(rfd)
                 os.close(wfd)
             assert xen.domain(domid).snapshot()["servers"] == (None,) * 8
+
+
+def test_stop_after_run_touches_no_reused_fd_and_an_unrun_loop_holds_none() -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    unrun = ServeLoop()
+    assert set(os.listdir("/proc/self/fd")) == before  # nothing to leak if never run
+    unrun.stop()
+    loop = ServeLoop(tick=0.01)
+    thread = threading.Thread(target=loop.run, kwargs={"handle_signals": False})
+    thread.start()
+    loop.stop()
+    thread.join(5)
+    assert not thread.is_alive()
+    rfd, wfd = os.pipe()  # likely gets the number the loop's eventfd had
+    try:
+        loop.stop()  # must not write into the pipe (or anything else now at that number)
+        os.set_blocking(rfd, False)
+        with pytest.raises(BlockingIOError):
+            os.read(rfd, 8)
+    finally:
+        os.close(rfd)
+        os.close(wfd)

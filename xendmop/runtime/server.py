@@ -338,9 +338,17 @@ class IoreqServer:
             if evtchn is None or page is None:
                 return 0
             handled = 0
-            for _ in range(4 * (len(self.vcpu_ports) + 1)):  # bounded: other servers get their turn
+            limit = 4 * (len(self.vcpu_ports) + 1)  # bounded: other servers get their turn
+            # One read takes every pending port (the fd is level-triggered: ports that
+            # arrive later wake the loop again), so no read fails just to say "empty".
+            many = getattr(evtchn, "pending_ports", None)
+            while handled < limit:
                 try:
-                    port = evtchn.pending()
+                    if many is not None:
+                        ports = many(limit - handled)
+                    else:
+                        port = evtchn.pending()
+                        ports = [] if port is None else [port]
                 except XenError as e:
                     if e.errno != errno.EFBIG:
                         raise
@@ -348,15 +356,21 @@ class IoreqServer:
                     log.warning("dom%d: event ring overflow; rescanning all vCPUs", self.domid)
                     evtchn.reset()
                     self._rescan(evtchn, page)
+                    handled += 1
                     continue
-                if port is None:
+                if not ports:
                     break
-                evtchn.unmask(port)  # before handling, as QEMU's cpu_get_ioreq, so no event is lost
-                self.drain_buffered()
-                vcpu = self._vcpu_by_port.get(port)
-                if vcpu is not None and self.dispatcher.handle_slot(page, vcpu):
-                    evtchn.notify(port)
-                handled += 1
+                unmask, notify, handle_slot = evtchn.unmask, evtchn.notify, self.dispatcher.handle_slot
+                for port in ports:
+                    unmask(port)  # before handling, as QEMU's cpu_get_ioreq, so no event is lost
+                    if self.bufpage is not None:
+                        self.drain_buffered()
+                    vcpu = self._vcpu_by_port.get(port)
+                    if vcpu is not None and handle_slot(page, vcpu):
+                        notify(port)
+                    handled += 1
+                if many is not None:
+                    break  # the next ports come with the next wake-up
             return handled
 
     def _rescan(self, evtchn: EventChannel, page: memoryview) -> None:
@@ -484,29 +498,44 @@ class ServeLoop:
         self.tick = tick
         self.signal: int | None = None
         self._stop = False
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # The wake-up eventfd lives only while run() does: a loop never run leaks nothing,
+        # and stop() after run() cannot write into an fd number since reused (a tap, a socket).
+        self._wake = -1
+        self._wake_lock = threading.Lock()
         self._readers: dict[int, Callable[[], object]] = {}
 
     def add_reader(self, fd: int, callback: Callable[[], object]) -> None:
         """Also watch ``fd`` (a device's backend: a tap, a pty, a socket): ``callback()``
         runs in the loop's thread when it is readable, between ioreqs, never during one.
         Call before ``run``."""
-        if fd in self._readers or fd == self._wake:
+        if fd in self._readers:
             raise ValueError(f"fd {fd} is already watched by this loop")
         self._readers[fd] = callback
 
     def stop(self) -> None:
         self._stop = True
-        os.eventfd_write(self._wake, 1)
+        with self._wake_lock:  # not while run() is closing the fd
+            self._poke()
+
+    def _poke(self) -> None:
+        fd = self._wake
+        if fd >= 0:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError:  # counter saturated: the loop is being woken anyway
+                pass
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only a flag and a wake-up: the access in progress completes before teardown.
+        # No lock: the handler runs in the main thread, which may hold it in run()'s finally.
         self.signal = signum
-        self.stop()
+        self._stop = True
+        self._poke()
 
     def run(self, *, handle_signals: bool = True) -> int | None:
         previous: dict[signal.Signals, Any] = {}
         sel = selectors.DefaultSelector()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
             if handle_signals and threading.current_thread() is threading.main_thread():
                 for sig in (signal.SIGTERM, signal.SIGINT):
@@ -539,7 +568,9 @@ class ServeLoop:
                 signal.signal(sig, handler)
             for s in reversed(self.servers):
                 s.close()
-            os.close(self._wake)
+            with self._wake_lock:
+                fd, self._wake = self._wake, -1
+                os.close(fd)
 
 
 def serve_forever(*servers: IoreqServer, handle_signals: bool = True) -> int | None:
