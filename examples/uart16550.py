@@ -436,6 +436,7 @@ def attach(loop: ServeLoop, uart: Uart16550, input_fd: int | None) -> Callable[[
 
     uart.wakeup = lambda: os.eventfd_write(wake, 1)
     loop.add_reader(wake, on_wake)
+    quiet_ends: list[int] = []
     if input_fd is not None and not _pollable(input_fd):
         # A regular file or /dev/null (epoll refuses them): everything it holds is typed at once.
         uart.queue_input(_read_all(input_fd))
@@ -453,17 +454,20 @@ def attach(loop: ServeLoop, uart: Uart16550, input_fd: int | None) -> Callable[[
             if data:
                 uart.queue_input(data)
                 return
-            # End of input: point the fd at a pipe that never becomes readable, so the
-            # selector (which watches the old file) stops reporting it.
-            quiet_r, _quiet_w = os.pipe()
+            # End of input: point the fd at an empty pipe.  Closing the old open file this way
+            # also drops it from the loop's epoll set (its only reference is ``fd``: see
+            # _main_domain), and a stray wake-up reads nothing rather than blocking.
+            quiet_r, quiet_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             os.dup2(quiet_r, fd)
             os.close(quiet_r)
+            quiet_ends.append(quiet_w)  # held open: the pipe never reads end-of-file
 
         loop.add_reader(fd, on_input)
 
     def close() -> None:
         uart.wakeup = None
-        os.close(wake)
+        for end in [wake, *quiet_ends]:
+            os.close(end)
 
     return close
 
@@ -896,9 +900,14 @@ def _main_domain(args: argparse.Namespace) -> int:
             stack.callback(os.close, slave)  # held open: the master reads EIO while no slave is open
             in_fd, out_fd = master, master
             print(f"uart16550: dom{args.domid}'s COM1 is on {os.ttyname(slave)}", file=sys.stderr)
+        elif os.isatty(sys.stdin.fileno()):
+            # The terminal opened anew: an open file of our own, not shared with stdout.
+            term = os.open(os.ttyname(sys.stdin.fileno()), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+            stack.callback(os.close, term)
+            stack.enter_context(raw_terminal(term))
+            in_fd, out_fd = term, term
         else:
             in_fd, out_fd = sys.stdin.fileno(), sys.stdout.fileno()
-            stack.enter_context(raw_terminal(in_fd))
 
         def ready() -> None:
             dropped = f"; deprivileged to uid {args.depriv[0]} gid {args.depriv[1]}" if drop else ""

@@ -544,3 +544,41 @@ def test_a_pv_domain_of_a_mock_host_process_is_refused(mock_host_process: str) -
     assert done.returncode == 2 and "dom2 is not HVM" in done.stderr and "EINVAL" in done.stderr
     with RemoteXen(mock_host_process) as remote:
         assert remote.servers(2) == {}
+
+
+def test_the_terminal_is_the_guests_console_and_is_restored(mock_host_process: str) -> None:
+    """``--domid`` with a terminal as stdin (a pty here): raw mode while serving, keys to the
+    guest, its output to the terminal; Ctrl-C (SIGINT) stops it and the mode is restored."""
+    from xendmop.mock.remote import RemoteGuest, RemoteXen
+
+    master, slave = os.openpty()
+    cooked = termios.tcgetattr(slave)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--domid", "1"],
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": mock_host_process},
+    )
+    try:
+        stderr_line(proc, "serving dom1's COM1; Ctrl-C to stop")
+        assert not termios.tcgetattr(slave)[3] & termios.ICANON  # raw while serving
+        with RemoteXen(mock_host_process) as remote:
+            fw = Firmware(RemoteGuest(remote, 1), lambda: remote.gsi_level(1, 4))
+            fw.init()
+            fw.puts(b"Password: ")
+            got = b""
+            while len(got) < 10:
+                got += os.read(master, 10 - len(got))
+            assert got == b"Password: "
+            os.write(master, b"s3cret\r")  # not echoed by the terminal, read by the guest
+            assert fw.readline() == b"s3cret"
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(30) == 0
+            assert remote.servers(1) == {}
+        assert termios.tcgetattr(slave) == cooked
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(master)
+        os.close(slave)
