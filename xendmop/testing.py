@@ -26,7 +26,6 @@ Fixtures (each test gets fresh ones):
   After the test every server is torn down, and the test fails if an ioreq server
   was left in a domain, if a device raised (the log has the traceback; pass
   ``allow_device_errors=True`` to expect it) or if the loop died.
-
 - ``mock_host_process``: ``xendmop mock-host`` in a child process (dom1 HVM, dom2 PV);
   its socket path, what ``XENDMOP_MOCK_SOCKET`` names for a device model in yet another
   process (``xendmop.mock.remote``).  Terminated after the test.
