@@ -59,6 +59,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from struct import Struct
 from typing import Protocol, runtime_checkable
 
 from ..abi.ioreq import (
@@ -83,6 +84,13 @@ STATE_BYTE = 30
 TYPE_BYTE = 31
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
+#: struct ioreq in one unpack: addr, data, count, size, vp_eport, (2 pad bytes), flags, type
+_IOREQ = Struct("<QQIII2xBB")
+assert _IOREQ.size == 32
+#: the data field at offset 8; native "Q" packs with one 8-byte memcpy (one aligned store on
+#: x86), where "<Q" would write byte by byte
+_DATA = Struct("Q")
+_new_object = object.__new__
 #: Rep elements handled per ioreq.  Xen's emulator clips a rep string access so
 #: that its guest-side span stays within one page (``hvmemul_*`` rep handlers), so
 #: an honest count never exceeds 4096; anything larger is refused whole.
@@ -208,20 +216,27 @@ class Ioreq:
     type: int
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> Ioreq:
-        flags = raw[STATE_BYTE]
-        return cls(
-            addr=int.from_bytes(raw[0:8], "little"),
-            data=int.from_bytes(raw[8:16], "little"),
-            count=int.from_bytes(raw[16:20], "little"),
-            size=int.from_bytes(raw[20:24], "little"),
-            vp_eport=int.from_bytes(raw[24:28], "little"),
+    def from_bytes(cls, raw: bytes | memoryview, offset: int = 0) -> Ioreq:
+        """Decode the 32 bytes at ``offset``, each read exactly once (one ``unpack_from``),
+        so a guest rewriting the shared slot meanwhile cannot make two reads disagree."""
+        addr, data, count, size, vp_eport, flags, type_ = _IOREQ.unpack_from(raw, offset)
+        # The fields straight into the new instance's __dict__: what the generated frozen
+        # __init__ does one object.__setattr__ at a time, at twice the cost (no __post_init__
+        # or slots here to skip).
+        req = _new_object(cls)
+        req.__dict__.update(
+            addr=addr,
+            data=data,
+            count=count,
+            size=size,
+            vp_eport=vp_eport,
             state=flags & 0xF,
             data_is_ptr=bool(flags & 0x10),
             dir=(flags >> 5) & 1,
             df=bool(flags & 0x40),
-            type=raw[TYPE_BYTE],
+            type=type_,
         )
+        return req
 
     def to_bytes(self) -> bytes:
         """The 32 bytes of this ioreq (for tests and the simulated guest)."""
@@ -402,9 +417,9 @@ class Dispatcher:
             return False
         # READY seen; on x86 the later loads are not reordered before this one (QEMU: xen_rmb).
         page[off + STATE_BYTE] = (page[off + STATE_BYTE] & 0xF0) | STATE_IOREQ_INPROCESS
-        req = Ioreq.from_bytes(bytes(page[off : off + IOREQ_SIZE]))
+        req = Ioreq.from_bytes(page, off)  # the private copy, read once
         data = self.execute(req)
-        page.cast("Q")[off // 8 + 1] = data & _U64  # one aligned 8-byte store
+        _DATA.pack_into(page, off + 8, data & _U64)  # one aligned 8-byte store
         flags = page[off + STATE_BYTE]
         if flags & 0xF != STATE_IOREQ_INPROCESS:
             # Only Xen could have changed it, and Xen does not while INPROCESS: do not

@@ -87,6 +87,9 @@ def _set_nonblocking(device: EvtchnDevice) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
 
+_CACHED_PORTS = 1024  # bounds the per-port caches (a DM binds one port per vCPU, plus one)
+
+
 def _check_port(op: str, port: int) -> int:
     if isinstance(port, bool) or not isinstance(port, int):
         raise TypeError(f"{op}: port must be an int, not {type(port).__name__}")
@@ -115,6 +118,10 @@ class EventChannel:
     def __init__(self, opener: Callable[[str], Any] = open_evtchn_device, path: str = EVTCHN_PATH) -> None:
         self._dev: EvtchnDevice | None = opener(path)
         self.restricted_to: int | None = None
+        # per port, made once: the NOTIFY argument (the kernel only reads it) and the
+        # 4 bytes that unmask it; the per-access path builds neither
+        self._notify_args: dict[int, ioctl_evtchn_notify] = {}
+        self._port_bytes: dict[int, bytes] = {}
         try:
             _set_nonblocking(self._dev)
         except BaseException:
@@ -184,8 +191,20 @@ class EventChannel:
 
     def notify(self, port: int) -> None:
         """IOCTL_EVTCHN_NOTIFY: raise the remote end of local ``port`` (ENOTCONN if not ours)."""
-        _check_port("notify", port)
-        self._ioctl("notify", IOCTL_EVTCHN_NOTIFY, ioctl_evtchn_notify(port=port), port=port)
+        arg = self._notify_args.get(port) if port.__class__ is int else None
+        if arg is None:
+            arg = ioctl_evtchn_notify(port=_check_port("notify", port))
+            if len(self._notify_args) < _CACHED_PORTS:
+                self._notify_args[port] = arg
+        dev = self._dev
+        if dev is None:
+            raise ClosedHandleError("EventChannel is closed")
+        try:
+            dev.ioctl(IOCTL_EVTCHN_NOTIFY, arg)
+        except OSError as e:
+            if isinstance(e, XenError) or e.errno is None:
+                raise
+            raise xen_error(e.errno, "notify", None, {"port": port}, layer="evtchn") from None
 
     def reset(self) -> None:
         """IOCTL_EVTCHN_RESET: empty the pending ring (after an EFBIG overflow)."""
@@ -201,6 +220,23 @@ class EventChannel:
         self.restricted_to = domid
 
     # --- read / write ------------------------------------------------------------------
+
+    def pending_ports(self, limit: int) -> list[int]:
+        """Up to ``limit`` pending ports in one ``read`` (``[]`` when none is pending): what
+        ``pending`` gives one by one, without a failing read to learn that the ring is empty.
+        Each port stays masked until ``unmask``; EFBIG means the ring overflowed."""
+        try:
+            raw = self.device.read(4 * limit)
+        except BlockingIOError:
+            return []
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return []
+            raise xen_error(e.errno or errno.EIO, "pending", layer="evtchn") from None
+        if len(raw) == 4:  # the usual case: one port
+            return [int.from_bytes(raw, "little")]
+        usable = len(raw) & ~3
+        return [int.from_bytes(raw[i : i + 4], "little") for i in range(0, usable, 4)]
 
     def pending(self) -> int | None:
         """One pending port (``read`` of 4 bytes), or None when none is pending.
@@ -219,8 +255,15 @@ class EventChannel:
 
     def unmask(self, port: int) -> None:
         """Write ``port`` back so it can fire again (libxenevtchn's ``xenevtchn_unmask``)."""
-        _check_port("unmask", port)
+        raw = self._port_bytes.get(port) if port.__class__ is int else None
+        if raw is None:
+            raw = _check_port("unmask", port).to_bytes(4, "little")
+            if len(self._port_bytes) < _CACHED_PORTS:
+                self._port_bytes[port] = raw
+        dev = self._dev
+        if dev is None:
+            raise ClosedHandleError("EventChannel is closed")
         try:
-            self.device.write(port.to_bytes(4, "little"))
+            dev.write(raw)
         except OSError as e:
             raise xen_error(e.errno or errno.EIO, "unmask", args={"port": port}, layer="evtchn") from None
