@@ -16,6 +16,12 @@ Guest memory layout: RAM at gfns ``0 .. nr_pages-1``; then the two legacy ioreq
 pages (``HVM_PARAM_IOREQ_PFN``/``BUFIOREQ_PFN``) and ``ioreq_server_pages`` (8)
 pages for ``HVM_PARAM_IOREQ_SERVER_PFN``, all RAM-backed and in the p2m.
 
+The host can also run as its own process (``xendmop mock-host --socket PATH``,
+``mock.remote``): device models and guests in other processes reach it with
+``RemoteXen``/``RemoteGuest`` (``XENDMOP_MOCK_SOCKET``), sharing its pages and event
+channels as real fds.  Each device reaches its opener's memory through the ``memory``
+object it was opened with (this process's ``UserMemory`` by default).
+
 Internal API for a simulated guest (thread-safe; hold ``xen.lock`` for compound steps):
 
 - ``xen.hypervisor.domains[domid]`` → ``state.Domain``; ``domain.servers`` → {id: ``IoreqServer``}

@@ -39,6 +39,10 @@ handles but cannot open new ones.  Admin and guest requests that change state ne
 same uid.
 
 Wire format: one datagram per message, ``<H`` kind then a payload per kind (``Msg``).
+
+Guest requests run ``xendmop.runtime.simguest.SimGuest`` in the host; that module is
+imported only when the first one arrives (the runtime layer stands on the mock, not
+the other way round).
 """
 
 from __future__ import annotations
@@ -249,7 +253,9 @@ class _ClientMemory:
 
     def check_writable(self, addr: int, nbytes: int) -> None:
         """pin_user_pages_fast(FOLL_WRITE), probed by the client on its own memory."""
-        for off in range(0, max(nbytes, 1), _CHUNK):
+        if not access_ok(addr, nbytes):
+            raise OSError(errno.EFAULT, f"{addr:#x}+{nbytes} outside user space")
+        for off in range(0, nbytes, _CHUNK):
             self._conn.rpc(_pack(Msg.MEM_CHECK, _ADDR_N.pack(addr + off, min(_CHUNK, nbytes - off))))
 
     def remap_pages(self, pages: Sequence[tuple[int, int, int]]) -> None:
