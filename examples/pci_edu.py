@@ -207,6 +207,8 @@ class Edu:
         count = self.dma_count
         self.dma_cmd &= ~DMA_START
         offset = device_addr - DMA_BUFFER
+        if count == 0:
+            return self._refuse("count 0: nothing to transfer")
         if not 0 <= offset <= DMA_BUFFER_SIZE - count or count > DMA_BUFFER_SIZE:
             return self._refuse(f"device range {device_addr:#x}+{count:#x} outside the buffer")
         if guest_addr & ~DMA_MASK or (guest_addr + count - 1) & ~DMA_MASK:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import runpy
+import select
 import signal
 import struct
 import subprocess
@@ -80,13 +81,15 @@ def test_png_file_replaces_atomically(tmp_path: Path) -> None:
 
 
 def test_periodic_timer_is_a_real_fd() -> None:
-    timer = fbmod["PeriodicTimer"](0.01)
+    slow, fast = fbmod["PeriodicTimer"](5), fbmod["PeriodicTimer"](0.01)
     try:
-        assert timer.expirations() == 0
-        time.sleep(0.05)
-        assert timer.expirations() >= 2
+        time.sleep(0.1)
+        assert slow.expirations() == 0  # not due yet: a non-blocking read, no wait
+        assert fast.expirations() >= 2
+        assert select.select([fast], [], [], 5)[0] == [fast]  # readable when due: what the serve loop waits on
     finally:
-        timer.close()
+        slow.close()
+        fast.close()
     with pytest.raises(ValueError, match="interval=0"):
         fbmod["PeriodicTimer"](0)
 
@@ -317,3 +320,44 @@ def test_deprivileged_device_model_serves_a_mock_host_process(mock_host: Path, t
     width, height = fbmod["MODE"]
     assert decode_png(png.read_bytes()) == (width, height, fbmod["expected_image"]())
     assert png.stat().st_uid == 65534  # written after the privileges dropped
+
+
+def detected(guest: Any) -> bool:
+    """The driver's probe: ID reads 0xB0C5 (unrouted ports read all-ones)."""
+    guest.outw(0x1CE, 0)
+    return bool(guest.inw(0x1CF) == 0xB0C5)
+
+
+def test_timer_renders_what_the_guest_draws_without_a_flush(mock_host: Path, tmp_path: Path) -> None:
+    from xendmop.mock.remote import RemoteGuest, RemoteXen
+
+    png = tmp_path / "timer.png"
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--domid", "1", "--interval", "0.05", "--output", str(png)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": str(mock_host)},
+    )
+    try:
+        with RemoteXen(str(mock_host)) as remote:
+            guest = RemoteGuest(remote, 1)
+            deadline = time.monotonic() + 30
+            while not detected(guest) and time.monotonic() < deadline:  # until its ports are routed
+                time.sleep(0.05)
+            program(guest, xres=8, yres=8, bpp=32, gfn_lo=0x300, gfn_hi=0, enable=1)  # no FLUSH from here on
+            picture = random.Random(8).randbytes(8 * 8 * 4)
+            guest.write_ram(0x300000, picture)
+            want = bytes(b for i in range(0, len(picture), 4) for b in picture[i : i + 3][::-1])
+            got = None
+            while got != (8, 8, want) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                got = decode_png(png.read_bytes()) if png.exists() else None
+            assert got == (8, 8, want)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+            assert remote.servers(1) == {} and remote.snapshot(1)["vram"] is None  # tracking stopped on exit
+    finally:
+        proc.kill()
+        proc.wait()

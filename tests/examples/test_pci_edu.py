@@ -188,6 +188,7 @@ def test_dma_round_trip_with_interrupt() -> None:
         (0x100, 0x40000, 4097, 0x1, "outside the buffer"),  # longer than the buffer
         (0x100, 0x40000, (1 << 64) - 1, 0x1, "outside the buffer"),
         (0x1000_0000, 0x40000, 16, 0x1, "28-bit DMA window"),
+        (0, 0x40000, 0, 0x1 | 0x4, "count 0"),
         (0x40000, 0x0FFF_FFF8, 16, 0x3, "28-bit DMA window"),  # ends past the window
         (0xFFF8, 0x40000, 16, 0x1 | 0x4, "not RAM"),  # guest RAM ends at 0x10000
         (0x40000, 0xFFF8, 16, 0x3 | 0x4, "not RAM"),
