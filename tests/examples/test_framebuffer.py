@@ -130,7 +130,7 @@ def fb_on(serve: ServeFactory, xen: MockXen, domid: int, dm: DeviceModel) -> tup
     return fb, fmem
 
 
-def program(guest: SimGuest, **regs: int) -> None:
+def program(guest: Any, **regs: int) -> None:
     index = {"xres": 1, "yres": 2, "bpp": 3, "enable": 4, "gfn_lo": 0x10, "gfn_hi": 0x11, "flush": 0x12}
     for name, value in regs.items():
         guest.outw(0x1CE, index[name])
