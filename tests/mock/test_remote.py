@@ -487,3 +487,45 @@ def _unprivileged_client(path: str) -> None:
         assert done.returncode == 0, done.stderr.decode()
         # device nodes are root's: no new handle; no domain made; reading is allowed
         assert json.loads(done.stdout) == [errno.EACCES, errno.EACCES, errno.EPERM, 3]
+
+
+# --- the same Xen in or out of process ------------------------------------------------------
+
+
+def _dmop_script(dm: DeviceModel) -> list[Any]:
+    """DMOPs with IN, OUT and MANY buffers, copy-back, and refusals: what each returned or its errno."""
+    calls: list[Any] = [
+        lambda: dm.create_ioreq_server(DOMID, 2),
+        lambda: dm.get_ioreq_server_info(DOMID, 0, gfns=True),
+        lambda: dm.map_io_range_to_ioreq_server(DOMID, 0, True, 0xFEB00000, 0xFEB00FFF),
+        lambda: dm.map_pcidev_to_ioreq_server(DOMID, 0, 0, 0, 3, 0),
+        lambda: dm.set_ioreq_server_state(DOMID, 0, True),
+        lambda: dm.set_isa_irq_level(DOMID, 3, 1),
+        lambda: dm.set_pci_link_route(DOMID, 1, 10),
+        lambda: dm.track_dirty_vram(DOMID, 0x100, 64),
+        lambda: dm.modified_memory_bulk(DOMID, [(0x10, 4), (0x40, 1)]),
+        lambda: dm.set_mem_type(DOMID, 1, 0x200, 2),
+        lambda: dm.create_ioreq_server(2, 0),  # a PV guest: refused
+        lambda: dm.nr_vcpus(99),  # no such domain
+        lambda: dm.destroy_ioreq_server(DOMID, 5),  # no such server
+        lambda: dm.nr_vcpus(DOMID),
+    ]
+    out: list[Any] = []
+    for call in calls:
+        try:
+            out.append(call())
+        except OSError as e:
+            out.append(("errno", e.errno, type(e).__name__))
+    return out
+
+
+def test_dmops_over_the_socket_match_the_in_process_mock(host: Host) -> None:
+    with default_host() as local, DeviceModel.open("mock", xen=local) as dm:
+        expected = _dmop_script(dm)
+        expected_state = remote._jsonable(local.domain(DOMID).snapshot())
+    with RemoteXen(host.path) as xen, DeviceModel.open("mock", xen=xen) as dm:
+        assert _dmop_script(dm) == expected
+        state = xen.snapshot(DOMID)
+    expected_state.pop("p2m")
+    assert state == expected_state
+    assert ("errno", errno.ESRCH, "XenProcessLookupError") in expected  # the script does reach refusals
