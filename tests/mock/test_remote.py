@@ -100,7 +100,13 @@ server.add_mmio_range(0xFEB00000, 0xFEB00FFF, Regs(), "mmio")
 server.add_pci(Regs(), slot=3)
 server.start()
 print(json.dumps({"server": server.id, "backend": dm.backend.name}), flush=True)
-sig = ServeLoop(server).run()
+if sys.argv[2:] == ["asyncio"]:  # the same server on an asyncio loop: add_reader on the eventfd
+    import asyncio
+    from xendmop.runtime.server import serve_forever_async
+
+    sig = asyncio.run(serve_forever_async(server))
+else:
+    sig = ServeLoop(server).run()
 print(json.dumps({"signal": sig}), flush=True)
 """
 
@@ -160,9 +166,9 @@ def host(tmp_path: Path) -> Iterator[Host]:
 def spawn_dm(host: Host) -> Iterator[Any]:
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(domid: int = DOMID) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    def start(domid: int = DOMID, *mode: str) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
         proc = subprocess.Popen(
-            [sys.executable, "-c", DM_CHILD, str(domid)],
+            [sys.executable, "-c", DM_CHILD, str(domid), *mode],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=_env(XENDMOP_MOCK_SOCKET=host.path),
@@ -221,6 +227,16 @@ def test_port_mmio_and_pci_config_served_by_another_process(spawn_dm: Any, guest
     guest.pci_config_write(SBDF, 0x10, 4, 0xFEBF0000)
     assert guest.pci_config_read(SBDF, 0x10, 4) == 0xFEBF0000
     assert guest.pci_config_read(SBDF + 1, 0x10, 4) == 0xFFFFFFFF  # function 1 is not registered
+
+
+def test_an_asyncio_device_model_serves_through_the_passed_eventfd(spawn_dm: Any, guest: RemoteGuest) -> None:
+    proc, _ = spawn_dm(DOMID, "asyncio")
+    guest.outw(UART + 2, 0xBEEF)
+    assert guest.inw(UART + 2, vcpu=1) == 0xBEEF
+    guest.mmio_write(MMIO, 4, 0x12345678)
+    assert guest.mmio_read(MMIO, 4) == 0x12345678
+    proc.send_signal(signal.SIGTERM)
+    assert json.loads(_line(proc)) == {"signal": signal.SIGTERM}
 
 
 def test_rep_string_io_in_both_directions(spawn_dm: Any, guest: RemoteGuest) -> None:
@@ -400,6 +416,29 @@ def test_garbage_oversized_and_unknown_messages_are_refused(host: Host) -> None:
         sock.close()
     with RemoteXen(host.path) as xen:
         assert xen.call("domains") == [0, 1, 2]
+
+
+def test_fds_a_client_sends_are_dropped(host: Host) -> None:
+    def host_fds() -> int:
+        return len(os.listdir(f"/proc/{host.proc.pid}/fd"))
+
+    sock = _raw(host.path)
+    try:
+        ping = struct.pack("<H", Msg.CALL) + json.dumps({"op": "ping"}).encode()
+        sock.sendmsg([ping])
+        assert _reply(sock)[0] == Msg.OK
+        before = host_fds()
+        mine = [os.open(os.devnull, os.O_RDONLY) for _ in range(8)]
+        try:
+            for _ in range(20):
+                sock.sendmsg([ping], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(mine)}i", *mine))])
+                assert _reply(sock)[0] == Msg.OK  # the request is served, its fds are not kept
+        finally:
+            for fd in mine:
+                os.close(fd)
+        assert host_fds() == before
+    finally:
+        sock.close()
 
 
 def test_a_client_that_stops_answering_is_cut_off_without_holding_the_host(
