@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from xendmop import DeviceModel
+from xendmop.abi.xen import DOMID_FIRST_RESERVED
 from xendmop.errors import ArgumentError, XenError
 from xendmop.runtime import ForeignMemory, IoreqServer, Mapping, ServeLoop
 from xendmop.runtime.dispatch import RateLimitedLog
@@ -484,6 +485,13 @@ def run_on_mock(
 # --- a real dom0 -----------------------------------------------------------------------------------
 
 
+def parse_domid(text: str) -> int:
+    """A guest's domid (1..0x7fef) for ``--domid``; ``ArgumentTypeError`` names a bad value."""
+    if not text.isdigit() or not 1 <= int(text) < DOMID_FIRST_RESERVED:
+        raise argparse.ArgumentTypeError(f"--domid {text!r}: expected a guest domid, 1..{DOMID_FIRST_RESERVED - 1}")
+    return int(text)
+
+
 def parse_ids(text: str) -> tuple[int, int]:
     """``UID:GID`` (non-root numeric ids) for ``--depriv``; ``ArgumentTypeError`` names a bad value."""
     uid, sep, gid = text.partition(":")
@@ -541,7 +549,7 @@ def serve_domain(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--domid", type=int, help="serve this HVM domain on a real dom0 (default: the mock)")
+    p.add_argument("--domid", type=parse_domid, help="serve this HVM domain on a real dom0 (default: the mock)")
     p.add_argument("--output", default="framebuffer.png", help="the PNG snapshot (default: %(default)s)")
     p.add_argument("--interval", type=float, default=0.2, help="with --domid: seconds between polls (0: FLUSH only)")
     p.add_argument("--hold", action="store_true", help="on the mock: keep serving after the guest script")
@@ -570,12 +578,18 @@ def main(argv: list[str] | None = None) -> int:
         if report is not None:
             print(f"snapshot: {args.output}")
         return 0
-    if os.environ.get(ENV_SOCKET):  # a mock host process instead of a real dom0
-        from xendmop.mock.remote import connect_from_env
+    try:
+        if os.environ.get(ENV_SOCKET):  # a mock host process instead of a real dom0
+            from xendmop.mock.remote import connect_from_env
 
-        with connect_from_env() as remote:
-            return serve_domain(args.domid, png, args.interval, args.depriv, args.chroot, remote)
-    return serve_domain(args.domid, png, args.interval, args.depriv, args.chroot)
+            with connect_from_env() as remote:
+                return serve_domain(args.domid, png, args.interval, args.depriv, args.chroot, remote)
+        return serve_domain(args.domid, png, args.interval, args.depriv, args.chroot)
+    except (OSError, ValueError, RuntimeError) as e:  # Xen's, the kernel's or the mock host's refusal
+        print(f"framebuffer: dom{args.domid}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        png.close()
 
 
 if __name__ == "__main__":

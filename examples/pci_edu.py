@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xendmop import DeviceModel
+from xendmop.abi.xen import DOMID_FIRST_RESERVED
 from xendmop.runtime import Bar, IoreqServer, PciFunction, ServeLoop
 from xendmop.runtime.dispatch import GuestMemory, GuestMemoryError, RateLimitedLog
 
@@ -417,6 +418,13 @@ def libxl_domain_type(domid: int) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def parse_domid(text: str) -> int:
+    """A guest's domid (1..0x7fef) for ``--domid``; ``ArgumentTypeError`` names a bad value."""
+    if not text.isdigit() or not 1 <= int(text) < DOMID_FIRST_RESERVED:
+        raise argparse.ArgumentTypeError(f"--domid {text!r}: expected a guest domid, 1..{DOMID_FIRST_RESERVED - 1}")
+    return int(text)
+
+
 def parse_ids(text: str) -> tuple[int, int]:
     """``UID:GID`` (non-root numeric ids) for ``--depriv``; ``ArgumentTypeError`` names a bad value."""
     uid, sep, gid = text.partition(":")
@@ -444,7 +452,7 @@ def serve_domain(domid: int, slot: int, depriv: tuple[int, int] | None, chroot: 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--domid", type=int, help="serve this HVM domain on a real dom0 (default: the mock)")
+    p.add_argument("--domid", type=parse_domid, help="serve this HVM domain on a real dom0 (default: the mock)")
     p.add_argument("--slot", type=int, default=4, choices=range(1, 32), metavar="1..31", help="PCI slot on bus 0")
     p.add_argument("--hold", action="store_true", help="on the mock: keep serving after the guest script")
     p.add_argument("--depriv", type=parse_ids, metavar="UID:GID", help="drop to these ids after bring-up")
@@ -462,18 +470,22 @@ def main(argv: list[str] | None = None) -> int:
             )
         run_on_mock(slot=args.slot, hold=args.hold)
         return 0
-    if os.environ.get(ENV_SOCKET):  # a mock host process: it has no PVH guests to protect
-        from xendmop.mock.remote import connect_from_env
+    try:
+        if os.environ.get(ENV_SOCKET):  # a mock host process: it has no PVH guests to protect
+            from xendmop.mock.remote import connect_from_env
 
-        with connect_from_env() as remote:
-            return serve_domain(args.domid, args.slot, args.depriv, args.chroot, remote)
-    kind = libxl_domain_type(args.domid)
-    if kind != "hvm" and not (kind is None and args.assume_hvm):
-        p.error(
-            f"dom{args.domid} is {kind or 'of unknown type'}, not HVM: interrupt DMOPs to a PVH guest "
-            "can crash Xen (4.17.7)" + ("; pass --assume-hvm if you know it is HVM" if kind is None else "")
-        )
-    return serve_domain(args.domid, args.slot, args.depriv, args.chroot)
+            with connect_from_env() as remote:
+                return serve_domain(args.domid, args.slot, args.depriv, args.chroot, remote)
+        kind = libxl_domain_type(args.domid)
+        if kind != "hvm" and not (kind is None and args.assume_hvm):
+            p.error(
+                f"dom{args.domid} is {kind or 'of unknown type'}, not HVM: interrupt DMOPs to a PVH guest "
+                "can crash Xen (4.17.7)" + ("; pass --assume-hvm if you know it is HVM" if kind is None else "")
+            )
+        return serve_domain(args.domid, args.slot, args.depriv, args.chroot)
+    except (OSError, ValueError, RuntimeError) as e:  # Xen's, the kernel's or the mock host's refusal
+        print(f"pci_edu: dom{args.domid}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -361,3 +361,18 @@ def test_timer_renders_what_the_guest_draws_without_a_flush(mock_host: Path, tmp
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_bad_domid_and_unreachable_host_are_reported_not_raised(tmp_path: Path) -> None:
+    bad = run("--domid", "0", cwd=tmp_path)
+    assert bad.returncode == 2 and "--domid '0': expected a guest domid, 1..32751" in bad.stderr
+    gone = subprocess.run(
+        [sys.executable, str(SCRIPT), "--domid", "1", "--output", str(tmp_path / "fb.png")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": str(tmp_path / "no-such.sock")},
+    )
+    assert gone.returncode == 1 and "Traceback" not in gone.stderr
+    assert gone.stderr.startswith("framebuffer: dom1: ") and "No such file or directory" in gone.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -414,3 +414,11 @@ def test_deprivileged_device_model_serves_a_mock_host_process(mock_host: Path) -
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_bad_domid_and_unreachable_host_are_reported_not_raised(tmp_path: Path) -> None:
+    bad = run("--domid", "32752")
+    assert bad.returncode == 2 and "--domid '32752': expected a guest domid, 1..32751" in bad.stderr
+    gone = run("--domid", "1", env={"XENDMOP_MOCK_SOCKET": str(tmp_path / "no-such.sock")})
+    assert gone.returncode == 1 and "Traceback" not in gone.stderr
+    assert gone.stderr.startswith("pci_edu: dom1: ") and "No such file or directory" in gone.stderr
