@@ -323,8 +323,16 @@ class DeviceModel:
         Split into calls of at most ``max_buf_size / 16`` extents.
         """
         call = self._modified_memory  # ClosedHandleError on a closed handle
-        raw = self._extents(extents)
+        buffer: Any = extents  # a bytes-like, or else pairs (TypeError below)
+        try:
+            raw = memoryview(buffer).cast("B")
+        except TypeError:
+            raw = self._pack_extents(_OP["modified_memory"], list(extents))  # pairs, not a buffer
         total = raw.nbytes
+        if total % _EXTENT_SIZE:
+            raise ArgumentError(
+                "modified_memory", "extents", total, f"byte length must be a multiple of {_EXTENT_SIZE}"
+            )
         step = self._max_buf_size // _EXTENT_SIZE * _EXTENT_SIZE
         if 0 < total <= step:  # one kernel-sized call: the view as it is
             call(domid, total // _EXTENT_SIZE, raw)
@@ -333,18 +341,6 @@ class DeviceModel:
         for start in range(0, total, step):
             chunk = raw[start : start + step]
             call(domid, chunk.nbytes // _EXTENT_SIZE, chunk)
-
-    @staticmethod
-    def _extents(extents: Any) -> memoryview:
-        try:
-            raw = memoryview(extents).cast("B")
-        except TypeError:
-            return DeviceModel._pack_extents(_OP["modified_memory"], list(extents))  # pairs, not a buffer
-        if raw.nbytes % _EXTENT_SIZE:
-            raise ArgumentError(
-                "modified_memory", "extents", raw.nbytes, f"byte length must be a multiple of {_EXTENT_SIZE}"
-            )
-        return raw
 
     @staticmethod
     def _pack_extents(decl: OpDecl, items: list[Any]) -> memoryview:
