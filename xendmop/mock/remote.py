@@ -587,7 +587,11 @@ def _events(conn: _Connection, last: int = 100) -> list[dict[str, Any]]:
 
 
 def _clients(conn: _Connection) -> list[dict[str, Any]]:
-    return [dataclasses.asdict(c.info) for c in conn.server.clients()]
+    # dict() copies another connection's table in one step (its thread may be changing it)
+    return [
+        {"pid": c.info.pid, "uid": c.info.uid, "gid": c.info.gid, "devices": dict(c.info.devices)}
+        for c in conn.server.clients()
+    ]
 
 
 #: guest methods: name -> (integer positional arguments, keyword arguments allowed)
