@@ -22,20 +22,29 @@ def rows_dmop(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             rows.append((
                 f"1 {op} [{label}]",
                 f"{us['xendmop']:.2f} us | ctypes {us['ctypes']:.2f} | ioctl {us['ioctl']:.2f}"
-                f" | sketch {us['sketch']:.2f}",
+                f" | pycall {us['pycall']:.2f} | sketch {us['sketch']:.2f}",
                 f"x/ctypes {v['xendmop/ctypes']:.2f}  x/ioctl {v['xendmop/ioctl']:.2f}"
-                f"  (sketch/ctypes {v['sketch/ctypes']:.2f}  sketch/ioctl {v['sketch/ioctl']:.2f})",
+                f"  (pycall/ioctl {v['pycall/ioctl']:.2f}  sketch/ctypes {v['sketch/ctypes']:.2f})",
             ))
     return rows
 
 
 def rows_ioreq(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     one = r["one_process"]
+    per_s, us = one["round_trips_per_s"], one["us_per_round_trip"]
+    inline = r["inline"]
     return [
         (
             "2 ioreq round trip, 1 process",
-            f"{one['round_trips_per_s']['mock']}/s | eventfd {one['round_trips_per_s']['eventfd']}/s",
-            f"mock/eventfd {one['mock/eventfd']:.2f}",
+            f"{per_s['mock']}/s | wired {per_s['wired']}/s | eventfd {per_s['eventfd']}/s | Event {per_s['event']}/s",
+            f"mock/eventfd {one['mock/eventfd']:.2f}  wired/eventfd {one['wired/eventfd']:.2f}"
+            f"  mock/wired {one['mock/wired']:.2f}  Event/eventfd {one['event/eventfd']:.2f}",
+        ),
+        (
+            "2 device model CPU per access",
+            f"{inline['us_per_access']['dm']:.2f} us | eventfd syscalls {inline['us_per_access']['eventfd']:.2f} us",
+            f"dm/eventfd {inline['dm/eventfd']:.2f}  (round trip: mock {us['mock']:.1f} us,"
+            f" wired {us['wired']:.1f} us)",
         ),
         ("2 ioreq round trip, 2 processes", "n/a", r["across_processes"]),
     ]
@@ -67,7 +76,10 @@ def rows_import(r: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 NOTES = (
+    "2: mock = SimGuest on the mock Xen; wired = the same device model, the guest a minimal loop on an eventfd",
+    "pair; Event = a two-thread threading.Event ping-pong (the hand-off the mock's guest waits on).",
     "x = xendmop; ctypes = libxendevicemodel.so.1 via ctypes (a); ioctl = bare fcntl.ioctl (b);",
+    "pycall = a Python function whose body is the bare ioctl (the floor of any Python API);",
     "sketch = a prototype fast path in bench/dmop_overhead.py (what the suggested changes can reach).",
     "[fake]: the no-log fake answers in user space (no kernel entry); [fake+syscall]: plus one real",
     "ioctl syscall per DM_OP.  Ratios are medians of per-round ratios, measured interleaved.",

@@ -76,6 +76,43 @@ class EventfdPingPong:
         os.close(self.to_us)
 
 
+class EventPingPong:
+    """The same ping-pong over two ``threading.Event``s with timed waits: the hand-off the
+    mock's guest and event channels use (``SimGuest`` waits for the device model's notify
+    on an Event, in short timed waits), measured so its share of ``mock`` is visible."""
+
+    def __init__(self) -> None:
+        self.to_peer, self.to_us = threading.Event(), threading.Event()
+        self._stop = False
+        self.thread = threading.Thread(target=self._peer, daemon=True)
+        self.thread.start()
+
+    def _peer(self) -> None:
+        to_peer, to_us = self.to_peer, self.to_us
+        while True:
+            while not to_peer.wait(0.05):
+                pass
+            to_peer.clear()
+            if self._stop:
+                return
+            to_us.set()
+
+    def timed(self, n: int) -> float:
+        to_peer, to_us = self.to_peer, self.to_us
+        t = time.perf_counter()
+        for _ in range(n):
+            to_peer.set()
+            while not to_us.wait(0.05):
+                pass
+            to_us.clear()
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        self._stop = True
+        self.to_peer.set()
+        self.thread.join(5)
+
+
 class WiredEvtchn:
     """The mock's /dev/xen/evtchn for binding, then an eventfd pair for the vCPU's port:
     readable when the guest signalled (``read`` gives the port once), ``NOTIFY`` signals
@@ -249,13 +286,29 @@ class MockRoundTrip:
 
 
 def measure(rounds: int = ROUNDS) -> dict[str, list[float]]:
-    mock, wired, floor = MockRoundTrip(), WiredRoundTrip(), EventfdPingPong()
+    mock, wired, floor, event = MockRoundTrip(), WiredRoundTrip(), EventfdPingPong(), EventPingPong()
+    candidates = {"mock": mock.timed, "wired": wired.timed, "eventfd": floor.timed, "event": event.timed}
     try:
-        return interleave({"mock": mock.timed, "wired": wired.timed, "eventfd": floor.timed}, rounds, target_s=0.1)
+        return interleave(candidates, rounds, target_s=0.1)
     finally:
+        event.close()
         floor.close()
         wired.close()
         mock.close()
+
+
+def measure_inline(rounds: int = ROUNDS) -> dict[str, Any]:
+    """The device model's CPU per access with no thread hand-off, against the same
+    eventfd syscalls done inline (``WiredRoundTrip.inline`` vs ``inline_floor``)."""
+    wired = WiredRoundTrip(threaded=False)
+    try:
+        s = interleave({"dm": wired.inline, "eventfd": inline_floor}, rounds, target_s=0.05)
+    finally:
+        wired.close()
+    return {
+        "us_per_access": {name: round(median(v) * 1e6, 2) for name, v in s.items()},
+        "dm/eventfd": round(ratio_samples(s["dm"], s["eventfd"]), 3),
+    }
 
 
 def profile(n: int = 3000) -> str:
@@ -308,6 +361,7 @@ def _profile_serve_thread(n: int) -> str:
 
 def run(with_profile: bool = False) -> dict[str, Any]:
     s = measure()
+    inline = measure_inline()
     us = {name: median(v) for name, v in s.items()}
     result: dict[str, Any] = {
         "rounds": ROUNDS,
@@ -317,7 +371,9 @@ def run(with_profile: bool = False) -> dict[str, Any]:
             "mock/eventfd": round(ratio_samples(s["mock"], s["eventfd"]), 3),
             "wired/eventfd": round(ratio_samples(s["wired"], s["eventfd"]), 3),
             "mock/wired": round(ratio_samples(s["mock"], s["wired"]), 3),
+            "event/eventfd": round(ratio_samples(s["event"], s["eventfd"]), 3),
         },
+        "inline": inline,
         "across_processes": ACROSS_PROCESSES,
     }
     one = result["one_process"]
