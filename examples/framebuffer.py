@@ -22,7 +22,8 @@ The device model maps the framebuffer's frames once (foreign mapping through
 privcmd, restricted to the domain), asks Xen which of them the guest wrote since the
 last look (``XEN_DMOP_track_dirty_vram``; Xen needs the domain in HAP or shadow mode
 and turns log-dirty on), converts only those pages into its own RGB pixel buffer and
-writes a PNG snapshot (its own small encoder: zlib + struct).  A mode that is out of
+writes a PNG snapshot with its own small encoder (zlib + struct) that re-compresses only
+the 16-row bands those pages touch.  A mode that is out of
 range, or a framebuffer outside the guest's RAM, is refused (the display stays off)
 and the reason is kept in ``Framebuffer.error``.  At most 768 pages are tracked, well
 inside one DMOP buffer (the library would split a larger range itself).
@@ -90,18 +91,75 @@ PIXELS_PER_PAGE = PAGE_SIZE // BYTES_PER_PIXEL  # a page always holds whole pixe
 # --- PNG ------------------------------------------------------------------------------------------
 
 
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def adler32_concat(first: int, second: int, second_len: int) -> int:
+    """Adler-32 of A + B from Adler-32(A), Adler-32(B) and len(B).  Both sums start at
+    (1, 0): s1(AB) = s1(A) + s1(B) - 1 and s2(AB) = s2(A) + s2(B) + len(B) * (s1(A) - 1), mod 65521."""
+    base = 65521
+    s1 = ((first & 0xFFFF) + (second & 0xFFFF) - 1) % base
+    s2 = ((first >> 16) + (second >> 16) + second_len * ((first & 0xFFFF) - 1)) % base
+    return s2 << 16 | s1
+
+
+class IncrementalPng:
+    """8-bit RGB PNG snapshots of a ``width * height * 3`` buffer that re-deflate only the
+    bands of rows marked changed (``invalidate_rows``); other bands are reused as they were.
+
+    IDAT holds one zlib stream (RFC 1950) whose deflate data (RFC 1951) is a run of
+    independently compressed bands: each ends with a full flush (byte-aligned, history
+    reset), so a band's bytes never depend on another's.  An empty final block and the
+    Adler-32 of all rows, combined from each band's own checksum, close the stream.
+    """
+
+    ROWS_PER_BAND = 16
+    #: zlib header: deflate, 32 KiB window, no dictionary ((0x78 << 8 | 0x01) % 31 == 0)
+    ZLIB_HEADER = b"\x78\x01"
+    #: an empty fixed-Huffman block with BFINAL set: what ends the stream
+    FINAL_BLOCK = b"\x03\x00"
+
+    def __init__(self, width: int, height: int) -> None:
+        if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+            raise ValueError(f"png: size {width!r}x{height!r} must be positive integers")
+        self.width, self.height, self.stride = width, height, width * 3
+        #: per band: (deflated bytes, Adler-32 of its filtered rows, their length), None when stale
+        self._bands: list[tuple[bytes, int, int] | None] = [None] * -(-height // self.ROWS_PER_BAND)
+        self.bands_deflated = 0  # how many bands were (re)compressed, over the encoder's life
+
+    def invalidate_rows(self, first: int, last: int) -> None:
+        """Rows ``first..last`` (inclusive) changed: their bands are deflated again next time."""
+        for band in range(max(first, 0) // self.ROWS_PER_BAND, min(last, self.height - 1) // self.ROWS_PER_BAND + 1):
+            self._bands[band] = None
+
+    def encode(self, rgb: bytes | bytearray | memoryview) -> bytes:
+        """The PNG: stale bands deflated from ``rgb``, the others as they were last deflated."""
+        if len(rgb) != self.stride * self.height:
+            raise ValueError(
+                f"png: {self.width}x{self.height} needs {self.stride * self.height} RGB bytes, got {len(rgb)}"
+            )
+        view, adler, parts = memoryview(rgb), 1, []
+        for band, cached in enumerate(self._bands):
+            if cached is None:
+                rows = range(band * self.ROWS_PER_BAND, min((band + 1) * self.ROWS_PER_BAND, self.height))
+                raw = b"".join(b"\0" + view[y * self.stride : (y + 1) * self.stride] for y in rows)  # filter 0
+                deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+                cached = (deflate.compress(raw) + deflate.flush(zlib.Z_FULL_FLUSH), zlib.adler32(raw), len(raw))
+                self._bands[band] = cached
+                self.bands_deflated += 1
+            parts.append(cached[0])
+            adler = adler32_concat(adler, cached[1], cached[2])
+        idat = self.ZLIB_HEADER + b"".join(parts) + self.FINAL_BLOCK + struct.pack(">I", adler)
+        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)  # 8-bit truecolour, no interlace
+        return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
 def encode_png(width: int, height: int, rgb: bytes | bytearray | memoryview) -> bytes:
     """An 8-bit RGB PNG of ``rgb`` (``width * height * 3`` bytes, rows top to bottom)."""
-    stride = width * 3
-    if width <= 0 or height <= 0 or len(rgb) != stride * height:
-        raise ValueError(f"png: {width}x{height} needs {stride * height} RGB bytes, got {len(rgb)}")
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    rows = b"".join(b"\x00" + bytes(rgb[y * stride : (y + 1) * stride]) for y in range(height))  # filter 0
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit, truecolour, no interlace
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    if width <= 0 or height <= 0 or len(rgb) != width * 3 * height:
+        raise ValueError(f"png: {width}x{height} needs {width * 3 * height} RGB bytes, got {len(rgb)}")
+    return IncrementalPng(width, height).encode(rgb)
 
 
 class PngFile:
@@ -204,6 +262,7 @@ class Framebuffer:
         self.error: str | None = None
         self.width = self.height = self.gfn = self.nr_pages = 0
         self.rgb = bytearray()
+        self.png: IncrementalPng | None = None
         self.polls: collections.deque[Poll] = collections.deque(maxlen=64)
         self.pages_read = 0
         self._map: Mapping | None = None
@@ -268,6 +327,7 @@ class Framebuffer:
             self._map, self.enabled, self.error = mapping, True, None
             self.width, self.height, self.gfn, self.nr_pages = width, height, gfn, nr_pages
             self.rgb = bytearray(width * height * 3)
+            self.png = IncrementalPng(width, height)
             log.info("framebuffer: %dx%dx%d at gfn %#x (%d pages)", width, height, bpp, gfn, nr_pages)
             return True
 
@@ -306,7 +366,8 @@ class Framebuffer:
             wrote = False
             if dirty and self.output is not None:
                 try:
-                    self.output(encode_png(self.width, self.height, self.rgb))
+                    assert self.png is not None
+                    self.output(self.png.encode(self.rgb))
                     wrote = True
                 except OSError as e:  # a full disk or the deprivileged file-size limit: keep serving
                     self._warn(logging.WARNING, "png failed", "framebuffer: writing the snapshot: %s", e)
@@ -322,6 +383,8 @@ class Framebuffer:
         src = self._map.view[first * BYTES_PER_PIXEL : last * BYTES_PER_PIXEL]
         out = memoryview(self.rgb)[first * 3 : last * 3]
         out[0::3], out[1::3], out[2::3] = src[2::4], src[1::4], src[0::4]
+        if self.png is not None:
+            self.png.invalidate_rows(first // self.width, (last - 1) // self.width)
 
 
 # --- the guest's side, on the mock -------------------------------------------------------------------

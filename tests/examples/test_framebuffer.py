@@ -62,6 +62,32 @@ def test_png_round_trips(width: int, height: int) -> None:
     assert decode_png(fbmod["encode_png"](width, height, rgb)) == (width, height, rgb)
 
 
+def test_incremental_png_deflates_only_the_bands_marked_changed() -> None:
+    width, height = 40, 50  # four bands of 16 rows, the last one short
+    rgb = bytearray(random.Random(1).randbytes(width * height * 3))
+    png = fbmod["IncrementalPng"](width, height)
+    assert decode_png(png.encode(rgb)) == (width, height, bytes(rgb)) and png.bands_deflated == 4
+    before = bytes(rgb)
+    rgb[(49 * width + 3) * 3] ^= 0xFF  # a pixel in the last row, unannounced: the cached band is reused
+    assert decode_png(png.encode(rgb))[2] == before and png.bands_deflated == 4
+    png.invalidate_rows(49, 49)
+    assert decode_png(png.encode(rgb)) == (width, height, bytes(rgb)) and png.bands_deflated == 5
+    rgb[(15 * width) * 3 : (17 * width) * 3] = bytes(2 * width * 3)  # rows 15-16 straddle bands 0 and 1
+    png.invalidate_rows(15, 16)
+    assert decode_png(png.encode(rgb)) == (width, height, bytes(rgb)) and png.bands_deflated == 7
+    png.invalidate_rows(-5, 1000)  # clamped to the picture
+    assert decode_png(png.encode(rgb))[2] == bytes(rgb) and png.bands_deflated == 11
+    with pytest.raises(ValueError, match=r"png: 40x50 needs 6000 RGB bytes, got 3"):
+        png.encode(b"abc")
+
+
+@pytest.mark.parametrize("lengths", [(0, 0), (1, 0), (0, 7), (5, 70000), (200000, 3), (65521, 65521)])
+def test_adler32_of_a_concatenation(lengths: tuple[int, int]) -> None:
+    rng = random.Random(sum(lengths))
+    a, b = rng.randbytes(lengths[0]), bytes([255]) * lengths[1]  # all-0xff: the sums wrap soonest
+    assert fbmod["adler32_concat"](zlib.adler32(a), zlib.adler32(b), len(b)) == zlib.adler32(a + b)
+
+
 def test_png_refuses_a_buffer_of_the_wrong_size() -> None:
     with pytest.raises(ValueError, match=r"png: 2x2 needs 12 RGB bytes, got 11"):
         fbmod["encode_png"](2, 2, bytes(11))
@@ -183,6 +209,28 @@ def test_mode_is_frozen_while_on_and_unseen_writes_are_not_reread(
         program(guest, flush=1)
         assert fb.polls[-1].pages_read == 1
         assert fb.rgb[2 * 1024 * 3 : 2 * 1024 * 3 + 6] == bytes((3, 2, 1, 6, 5, 4))
+    finally:
+        fb.close()
+        fmem.close()
+
+
+def test_a_dirty_page_costs_one_band_of_compression(
+    serve: ServeFactory, xen_host: MockXen, hvm_domain: int, device_model: DeviceModel, guest: SimGuest
+) -> None:
+    fmem = ForeignMemory(xen_host.open_device)
+    fmem.restrict(hvm_domain)
+    pngs: list[bytes] = []
+    fb = Framebuffer(device_model, hvm_domain, fmem, pngs.append)
+    serve(ports={(0x1CE, 0x1D0): fb})
+    try:
+        program(guest, xres=256, yres=64, bpp=32, gfn_lo=0x200, gfn_hi=0, enable=1, flush=1)
+        assert fb.polls[-1].pages_read == 16 and fb.png.bands_deflated == 4  # 256x64: 16 pages, 4 bands
+        guest.write_ram(0x200000 + (40 * 256 + 7) * 4, bytes((9, 8, 7, 0)))  # pixel (7, 40): page 10, band 2
+        program(guest, flush=1)
+        assert fb.polls[-1].pages_read == 1 and fb.png.bands_deflated == 5
+        picture = bytearray(256 * 64 * 3)
+        picture[(40 * 256 + 7) * 3 : (40 * 256 + 7) * 3 + 3] = bytes((7, 8, 9))
+        assert len(pngs) == 2 and decode_png(pngs[-1]) == (256, 64, bytes(picture))
     finally:
         fb.close()
         fmem.close()
