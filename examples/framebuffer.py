@@ -238,9 +238,8 @@ class PeriodicTimer:
 
 @dataclass(frozen=True)
 class Poll:
-    """One look at the framebuffer: pages Xen reported dirty, pages re-read, PNG written."""
+    """One look at the framebuffer: the pages re-read (those Xen reported dirty), and whether a PNG was written."""
 
-    dirty_pages: int
     pages_read: int
     wrote_png: bool
 
@@ -353,12 +352,12 @@ class Framebuffer:
         """Ask Xen which framebuffer pages changed, re-read only those, write a PNG if any did."""
         with self._lock:
             if not self.enabled or self._map is None:
-                return Poll(0, 0, False)
+                return Poll(0, False)
             try:
                 bitmap = self.dm.track_dirty_vram(self.domid, self.gfn, self.nr_pages)
             except XenError as e:
                 self._warn(logging.WARNING, "track failed", "framebuffer: track_dirty_vram: %s", e)
-                return Poll(0, 0, False)
+                return Poll(0, False)
             dirty = [i for i in range(self.nr_pages) if bitmap[i >> 3] >> (i & 7) & 1]
             for page in dirty:
                 self._render_page(page)
@@ -371,7 +370,7 @@ class Framebuffer:
                     wrote = True
                 except OSError as e:  # a full disk or the deprivileged file-size limit: keep serving
                     self._warn(logging.WARNING, "png failed", "framebuffer: writing the snapshot: %s", e)
-            result = Poll(len(dirty), len(dirty), wrote)
+            result = Poll(len(dirty), wrote)
             self.polls.append(result)
             return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import runpy
@@ -231,6 +232,27 @@ def test_a_dirty_page_costs_one_band_of_compression(
         picture = bytearray(256 * 64 * 3)
         picture[(40 * 256 + 7) * 3 : (40 * 256 + 7) * 3 + 3] = bytes((7, 8, 9))
         assert len(pngs) == 2 and decode_png(pngs[-1]) == (256, 64, bytes(picture))
+    finally:
+        fb.close()
+        fmem.close()
+
+
+def test_a_snapshot_that_cannot_be_written_does_not_stop_the_display(
+    serve: ServeFactory, xen_host: MockXen, hvm_domain: int, device_model: DeviceModel, guest: SimGuest
+) -> None:
+    def full_disk(png: bytes) -> None:
+        raise OSError(errno.EFBIG, "File too large")  # what RLIMIT_FSIZE gives a deprivileged model
+
+    fmem = ForeignMemory(xen_host.open_device)
+    fmem.restrict(hvm_domain)
+    fb = Framebuffer(device_model, hvm_domain, fmem, full_disk)
+    serve(ports={(0x1CE, 0x1D0): fb})
+    try:
+        program(guest, xres=16, yres=16, bpp=32, gfn_lo=0x200, gfn_hi=0, enable=1, flush=1)
+        guest.write_ram(0x200000, b"\1\2\3\0")
+        program(guest, flush=1)
+        assert [(p.pages_read, p.wrote_png) for p in fb.polls] == [(1, False), (1, False)]
+        assert fb.rgb[:3] == b"\3\2\1" and detected(guest)
     finally:
         fb.close()
         fmem.close()
