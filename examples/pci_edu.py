@@ -192,9 +192,11 @@ class Edu:
             self.pci.set_irq(True)
 
     def lower_irq(self, bits: int) -> None:
-        """Clear ``bits``; INTA# drops once nothing is left (MSI is an edge: nothing to lower)."""
+        """Clear ``bits``; INTA# drops once nothing is left.  MSI is an edge with nothing to
+        lower, but a line raised before the guest switched to MSI still drops here (QEMU's
+        edu would leave it asserted); lowering a line that is low sends nothing."""
         self.irq_status &= ~bits
-        if not self.irq_status and not self.pci.msi_enabled:
+        if not self.irq_status:
             self.pci.set_irq(False)
 
     def _refuse(self, why: str) -> None:

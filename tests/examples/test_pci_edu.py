@@ -159,6 +159,15 @@ def test_msi_replaces_intx_once_enabled() -> None:
     assert host.log == [("msi", 0xFEE01000, 0x4031)] * 2
 
 
+def test_intx_raised_before_msi_was_enabled_still_drops_on_acknowledge() -> None:
+    edu, host = edu_with_host()
+    edu.write(0x60, 4, 0x1)
+    enable_msi(edu)
+    edu.write(0x60, 4, 0x2)  # now an MSI
+    edu.write(0x64, 4, 0x3)
+    assert host.log == [("intx", True), ("msi", 0xFEE00000, 0x41), ("intx", False)]
+
+
 # --- DMA -----------------------------------------------------------------------------------------
 
 
