@@ -679,7 +679,13 @@ def run_on_mock(
             loop = ServeLoop(server)
             close_wake = attach(loop, uart, keyboard_r)
             thread = threading.Thread(target=loop.run, kwargs={"handle_signals": False}, daemon=True)
-            thread.start()
+            # SIGINT/SIGTERM must go to the main thread: one taken by the serving thread
+            # would not interrupt the main thread's wait for the keyboard.
+            unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            try:
+                thread.start()  # inherits the blocked mask
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
             try:
                 fw = Firmware(SimGuest(host, domid, timeout=5), lambda: host.domain(domid).gsi_level(IRQ))
                 fw.probe()

@@ -39,6 +39,7 @@ is loaded by every pytest run of anyone who installed xendmop.
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
@@ -125,7 +126,13 @@ class ServeThread:
     def start(self) -> ServeThread:
         if not self._started:
             self._started = True
-            self._thread.start()
+            # Signals (a Ctrl-C of pytest) go to the test's thread, which a signal taken
+            # by the serving thread would not interrupt; the new thread inherits the mask.
+            unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            try:
+                self._thread.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
         return self
 
     def stop(self) -> None:
