@@ -4,6 +4,7 @@ by ``pytester``, with the plugin found through its ``pytest11`` entry point."""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -199,3 +200,21 @@ def test_mock_host_process_serves_another_process(mock_host_process: str) -> Non
         finally:
             server.close()
         assert remote.servers(1) == {}
+
+
+def blocked_signals(task_status: str) -> set[int]:
+    """The signals a thread blocks, from its /proc status file."""
+    found = re.search(r"^SigBlk:\s*([0-9a-f]+)$", Path(task_status).read_text(), re.M)
+    assert found is not None, task_status
+    mask = int(found.group(1), 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+def test_the_serving_thread_leaves_sigint_and_sigterm_to_the_main_thread() -> None:
+    with MockXen() as xen, DeviceModel.open("mock", xen=xen) as dm:
+        domid = xen.create_domain(vcpus=1, memory_mb=4)
+        serving = ServeThread(IoreqServer(dm, domid, opener=xen.open_device))
+        with serving:
+            in_serving_thread = blocked_signals(f"/proc/self/task/{serving._thread.native_id}/status")
+        assert {signal.SIGINT, signal.SIGTERM} <= in_serving_thread
+        assert signal.SIGTERM not in blocked_signals("/proc/thread-self/status")  # the caller's mask as it was
