@@ -39,6 +39,7 @@ is loaded by every pytest run of anyone who installed xendmop.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator, Mapping
@@ -287,11 +288,19 @@ def mock_host_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
             host.kill()
             pytest.fail(f"xendmop mock-host did not start: {first}{log_path.read_text()}", pytrace=False)
         yield sock
-    finally:
-        host.terminate()
+        host.terminate()  # a clean stop: exit status 0 and the socket removed
         try:
-            host.wait(JOIN_TIMEOUT)
+            status = host.wait(JOIN_TIMEOUT)
         except subprocess.TimeoutExpired:
+            status = None
+        if status != 0 or os.path.exists(sock):
+            pytest.fail(
+                f"xendmop mock-host did not stop cleanly on SIGTERM (status {status}, socket "
+                f"{'left behind' if os.path.exists(sock) else 'removed'}): {log_path.read_text()}",
+                pytrace=False,
+            )
+    finally:
+        if host.poll() is None:
             host.kill()
             host.wait()
         if host.stdout is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,12 +25,3 @@ def spawn() -> Iterator[Any]:
         for stream in (child.proc.stdin, child.proc.stdout, child.proc.stderr):
             if stream is not None:
                 stream.close()
-
-
-@pytest.fixture
-def empty_root(tmp_path: Path) -> Path:
-    """An empty directory owned by root, mode 0755, for chroot."""
-    root = tmp_path / "root"
-    root.mkdir()
-    root.chmod(0o755)
-    return root

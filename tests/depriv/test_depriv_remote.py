@@ -7,9 +7,6 @@ import errno
 import json
 import os
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +15,7 @@ import pytest
 from xendmop.depriv import check
 from xendmop.mock.remote import RemoteGuest, RemoteXen
 
-from .helpers import REPO, TIMEOUT, Child, needs_root
+from .helpers import TIMEOUT, Child, needs_root
 
 DOMID = 1
 UID = GID = 60100 + DOMID
@@ -83,42 +80,16 @@ print(json.dumps({"stopped": True}), flush=True)
 """
 
 
-@pytest.fixture
-def host(tmp_path: Path) -> Iterator[str]:
-    """A ``xendmop mock-host`` child process with an extra HVM domain (the "other" one)."""
-    path = str(tmp_path / "xen.sock")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xendmop", "mock-host", "--socket", path],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        cwd=str(REPO),
-    )
-    try:
-        assert proc.stdout is not None
-        assert f"listening on {path}" in proc.stdout.readline().decode()
-        yield path
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(TIMEOUT) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(TIMEOUT)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
 def _by_name(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["name"]: c for c in result["checks"]}
 
 
 @needs_root
 def test_deprivileged_dm_keeps_serving_and_is_confined_to_its_domain(
-    host: str, empty_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    mock_host_process: str, empty_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("XENDMOP_MOCK_SOCKET", host)  # the child's environment is ours
-    with RemoteXen(host) as admin:
+    monkeypatch.setenv("XENDMOP_MOCK_SOCKET", mock_host_process)  # the child's environment is ours
+    with RemoteXen(mock_host_process) as admin:
         other = admin.create_domain(vcpus=1, hvm=True, memory_mb=4)
         cfg = {"domid": DOMID, "other": other, "uid": UID, "gid": GID, "chroot": str(empty_root)}
         dm = Child(DM_CHILD, json.dumps(cfg))
@@ -133,7 +104,7 @@ def test_deprivileged_dm_keeps_serving_and_is_confined_to_its_domain(
             assert report["bind_unbound_other"] == errno.EACCES
             assert report["open_privcmd"] == errno.EACCES  # no longer root: the device node is root's
 
-            with RemoteGuest(host, DOMID, timeout=5.0) as guest:  # the guest is still served
+            with RemoteGuest(mock_host_process, DOMID, timeout=5.0) as guest:  # the guest is still served
                 guest.outl(UART, 0xC0FFEE)
                 assert guest.inl(UART) == 0xC0FFEE
                 assert guest.inb(UART + 1, vcpu=1) == 0

@@ -100,14 +100,6 @@ def test_deprivileged_server_still_serves_and_is_confined(empty_root: Path) -> N
         child.kill()
 
 
-@pytest.fixture
-def empty_root(tmp_path: Path) -> Path:
-    root = tmp_path / "root"
-    root.mkdir()
-    root.chmod(0o755)
-    return root
-
-
 def test_bad_drop_config_refused_before_anything_exists_in_xen() -> None:
     with MockXen() as xen:
         domid = xen.create_domain(vcpus=1, hvm=True, memory_mb=4)
