@@ -166,3 +166,41 @@ def test_stop_after_run_touches_no_reused_fd_and_an_unrun_loop_holds_none() -> N
     finally:
         os.close(rfd)
         os.close(wfd)
+
+
+def test_add_reader_refuses_what_epoll_cannot_watch_and_remove_reader_undoes(tmp_path: Path) -> None:
+    loop = ServeLoop()
+    with open(tmp_path / "regular", "wb") as f, pytest.raises(ValueError, match=f"fd {f.fileno()} cannot be watched"):
+        loop.add_reader(f.fileno(), lambda: None)
+    rfd, wfd = os.pipe()
+    try:
+        with pytest.raises(ValueError, match=f"fd {rfd} is not watched"):
+            loop.remove_reader(rfd)
+        loop.add_reader(rfd, lambda: None)
+        loop.remove_reader(rfd)
+        loop.add_reader(rfd, lambda: None)  # free again
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+
+
+def test_a_callback_can_remove_its_own_reader_while_running() -> None:
+    loop = ServeLoop(tick=0.01)
+    rfd, wfd = os.pipe()
+    calls: list[bytes] = []
+
+    def once() -> None:
+        calls.append(os.read(rfd, 16))
+        loop.remove_reader(rfd)
+        loop.stop()
+
+    loop.add_reader(rfd, once)
+    os.write(wfd, b"x")
+    thread = threading.Thread(target=loop.run, kwargs={"handle_signals": False})
+    thread.start()
+    thread.join(5)
+    try:
+        assert not thread.is_alive() and calls == [b"x"]
+    finally:
+        os.close(rfd)
+        os.close(wfd)

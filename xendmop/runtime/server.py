@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import platform
+import select
 import selectors
 import signal
 import threading
@@ -503,14 +504,31 @@ class ServeLoop:
         self._wake = -1
         self._wake_lock = threading.Lock()
         self._readers: dict[int, Callable[[], object]] = {}
+        self._sel: selectors.BaseSelector | None = None  # while run() runs
 
     def add_reader(self, fd: int, callback: Callable[[], object]) -> None:
         """Also watch ``fd`` (a device's backend: a tap, a pty, a socket): ``callback()``
         runs in the loop's thread when it is readable, between ioreqs, never during one.
-        Call before ``run``."""
+        Call before ``run``, or from a callback in the loop's thread."""
         if fd in self._readers:
             raise ValueError(f"fd {fd} is already watched by this loop")
+        probe = select.epoll()  # refuse now what epoll refuses later (regular files, /dev/null: EPERM)
+        try:
+            probe.register(fd, select.EPOLLIN)
+        except OSError as e:
+            raise ValueError(f"fd {fd} cannot be watched by the loop: {e.strerror}; read it whole instead") from None
+        finally:
+            probe.close()
         self._readers[fd] = callback
+        if self._sel is not None:
+            self._sel.register(fd, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        """Stop watching ``fd`` (before ``run``, or from a callback in the loop's thread)."""
+        if self._readers.pop(fd, None) is None:
+            raise ValueError(f"fd {fd} is not watched by this loop")
+        if self._sel is not None:
+            self._sel.unregister(fd)
 
     def stop(self) -> None:
         self._stop = True
@@ -546,6 +564,7 @@ class ServeLoop:
             sel.register(self._wake, selectors.EVENT_READ, None)
             for fd, callback in self._readers.items():
                 sel.register(fd, selectors.EVENT_READ, callback)
+            self._sel = sel
             while not self._stop:
                 ready = sel.select(self.tick)
                 for key, _ in ready:
@@ -563,6 +582,7 @@ class ServeLoop:
                         s.drain_buffered()
             return self.signal
         finally:
+            self._sel = None
             sel.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
