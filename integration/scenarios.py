@@ -24,6 +24,14 @@ hvm_isa_irq_assert/deassert).  The same code is reached by ``set_pci_intx_level`
 asserting while a PCI link is routed to an ISA IRQ, and by ``set_pci_link_route`` moving
 an asserted link: assert INTx only while every link route is 0.  Calls Xen rejects
 before the vIOAPIC (irq >= 16, level > 1, missing domid) are fine.
+
+HAZARD 2: never issue ``track_dirty_vram(domid, pfn, 0)`` ("stop tracking") through the
+privcmd backend in the lab.  xendmop passes the empty bitmap as a 0-byte buffer at a
+page-aligned address; the Debian 6.1 dom0 kernel's privcmd then asks
+``pin_user_pages_fast`` for 0 pages (``lock_pages`` in drivers/xen/privcmd.c): it failed
+with EFAULT twice and once oopsed dom0 in ``try_grab_folio`` with list corruption after
+it.  libxendevicemodel passes an unaligned pointer (one page pinned) and gets 0.  Until
+the privcmd backend stops sending 0-byte buffers, no scenario stops tracking.
 """
 
 from __future__ import annotations
@@ -135,8 +143,8 @@ SCENARIOS: tuple[Scenario, ...] = (
         (
             _s("create", "create_ioreq_server", 0, expect=0, save="id"),
             _s("info", "get_ioreq_server_info", ID, expect=0, field="bufioreq_port"),
-            # PVH: libxl sets no ioreq gfn pool (HVM_PARAM_IOREQ_SERVER_PFN), so the legacy path has no gfn
-            _s("info with gfns", "get_ioreq_server_info", ID, expect="ENOMEM", field="bufioreq_port"),
+            # Measured on 4.17.7: a legacy gfn is found for a PVH guest too (bufioreq off: port 0).
+            _s("info with gfns", "get_ioreq_server_info", ID, expect=0, field="bufioreq_port"),
             _s("enable", "set_ioreq_server_state", ID, True),
             _s("enable again (idempotent)", "set_ioreq_server_state", ID, True),
             _s("disable", "set_ioreq_server_state", ID, False),
@@ -255,12 +263,12 @@ SCENARIOS: tuple[Scenario, ...] = (
             # More than one privcmd buffer's bitmap (32768 pages): xendmop splits the call, and each
             # part is a new range for Xen (hap_track_dirty_vram), so all of it reads dirty.
             _s("32769 pages: two calls", "track_dirty_vram", RAM_PFN, 32769, expect="4097 x ff"),
-            _s("stop tracking", "track_dirty_vram", RAM_PFN, 0, expect=""),
-            # Tracking turned log-dirty on (hap_track_dirty_vram -> paging_log_dirty_enable), and
-            # stopping leaves it on: modified_memory now checks its extents.
+            # No "stop tracking" (nr 0) step: see HAZARD 2 in the module docstring.
+            # On 4.17.7 VRAM tracking leaves the domain out of log-dirty mode: modified_memory
+            # still returns 0 before looking at its extents.
             _s("modified one page", "modified_memory", RAM_PFN, 1),
-            _s("modified beyond the highest gfn", "modified_memory", BEYOND_PFN, 1, expect="EINVAL"),
-            _s("modified zero pages", "modified_memory", RAM_PFN, 0, expect="EINVAL"),
+            _s("modified beyond the highest gfn", "modified_memory", BEYOND_PFN, 1),
+            _s("modified zero pages", "modified_memory", RAM_PFN, 0),
             _s("modified, bulk of two", "modified_memory_bulk", ((RAM_PFN, 2), (RAM_PFN + 8, 1))),
         ),
         reuses_guest=False,
@@ -304,8 +312,7 @@ SCENARIOS: tuple[Scenario, ...] = (
             _s("end < start", "pin_memory_cacheattr", RAM_PFN + 1, RAM_PFN, CACHE_WB, expect="EINVAL"),
             _s("beyond paddr_bits", "pin_memory_cacheattr", BEYOND_PFN, BEYOND_PFN, CACHE_WB, expect="EINVAL"),
             _s("type 2 (undefined)", "pin_memory_cacheattr", RAM_PFN + 32, RAM_PFN + 32, 2, expect="EINVAL"),
-            _s("UC without an IOMMU", "pin_memory_cacheattr", RAM_PFN + 32, RAM_PFN + 32, CACHE_UC,
-               expect="EPERM"),
+            _s("UC without an IOMMU", "pin_memory_cacheattr", RAM_PFN + 32, RAM_PFN + 32, CACHE_UC),
             _s("delete", "pin_memory_cacheattr", RAM_PFN, RAM_PFN + 15, CACHE_DELETE),
             _s("delete again", "pin_memory_cacheattr", RAM_PFN, RAM_PFN + 15, CACHE_DELETE, expect="ENOENT"),
         ),
@@ -326,12 +333,17 @@ BY_NAME = {s.name: s for s in SCENARIOS}
 
 # (scenario, step label) -> why the mock knowingly differs from Xen there, with the Xen source.
 KNOWN_DIFFERENCES: dict[tuple[str, str], str] = {
-    ("server lifecycle", "info with gfns"): (
-        "the mock models an HVM guest, whose toolstack sets the ioreq gfn pool; libxl gives a PVH guest none, "
-        "so hvm_alloc_ioreq_gfn and hvm_alloc_legacy_ioreq_gfn (xen/arch/x86/hvm/ioreq.c) find no gfn: ENOMEM"
+    ("dirty vram, then modified memory", "modified beyond the highest gfn"): (
+        "the mock's track_dirty_vram turns the domain's log-dirty mode on (paging_log_dirty_enable); on "
+        "4.17.7 HAP VRAM tracking (hap_track_dirty_vram, xen/arch/x86/mm/hap/hap.c) left it off, so "
+        "modified_memory (xen/arch/x86/hvm/dm.c) returns 0 before checking extents"
+    ),
+    ("dirty vram, then modified memory", "modified zero pages"): "as for 'modified beyond the highest gfn'",
+    ("cache attributes", "UC without an IOMMU"): (
+        "the mock follows newer Xen, whose hvm_set_mem_pinned_cacheattr (xen/arch/x86/hvm/mtrr.c) refuses "
+        "UC/UCM/WC for a domain without an IOMMU or cache-flush permission (EPERM); 4.17.7 accepts it"
     ),
 }
-
 
 # --- running ----------------------------------------------------------------------------------
 
@@ -409,11 +421,18 @@ def run_step(api: Any, step: Step, domids: Mapping[str, int], saved: dict[str, A
     return Outcome(step.label, normalise(value, step.field))
 
 
-def run_scenario(scenario: Scenario, api: Any, domids: Mapping[str, int]) -> list[Outcome]:
+def run_scenario(
+    scenario: Scenario, api: Any, domids: Mapping[str, int], trace: Callable[[str], object] | None = None
+) -> list[Outcome]:
     """Run every step (the guest is ``domids["guest"]``); then destroy any server the
-    scenario created and left, so the guest can be reused when `reuses_guest`."""
+    scenario created and left, so the guest can be reused when `reuses_guest`.
+    ``trace`` is told each step before it runs (to see where a run died)."""
     saved: dict[str, Any] = {}
-    outcomes = [run_step(api, step, domids, saved) for step in scenario.steps]
+    outcomes = []
+    for step in scenario.steps:
+        if trace is not None:
+            trace(f"{scenario.name} / {step.label}: {step.call}{step.args} on {step.dom}")
+        outcomes.append(run_step(api, step, domids, saved))
     for step in scenario.steps:
         if step.call == "create_ioreq_server" and step.save in saved and step.dom in domids:
             try:
@@ -431,6 +450,7 @@ def run_all(
     new_guest: Callable[[Scenario], int],
     domids: Mapping[str, int],
     scenarios: tuple[Scenario, ...] = SCENARIOS,
+    trace: Callable[[str], object] | None = None,
 ) -> Runs:
     """Each scenario on a fresh guest (``new_guest``) through a fresh handle (``open_api``:
     restriction is per handle); ``domids`` gives dom0, the missing and the PV domid."""
@@ -439,7 +459,7 @@ def run_all(
         guest = new_guest(scenario)
         api = open_api()
         try:
-            runs[scenario.name] = run_scenario(scenario, api, {**domids, GUEST: guest})
+            runs[scenario.name] = run_scenario(scenario, api, {**domids, GUEST: guest}, trace)
         finally:
             api.close()
     return runs
