@@ -20,7 +20,6 @@ import ctypes
 import enum
 import errno
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from struct import Struct
 from typing import Any, Protocol
 
@@ -60,28 +59,70 @@ class CopyBack(enum.Enum):
     ON_RESTART = "on_restart"  # only with a continuation (modified_memory, relocate_memory)
 
 
-@dataclass(frozen=True)
-class Slot:
+class _Frozen:
+    """Immutable after ``__init__``, compared, hashed and shown by its declared fields
+    (``_FIELDS``), as a frozen dataclass is: written out because ``dataclasses`` (with
+    ``inspect`` and ``ast``) is the largest part of ``import xendmop``."""
+
+    __slots__ = ()
+    _FIELDS: tuple[str, ...] = ()
+
+    def _set(self, **values: Any) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable: cannot set {name}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable: cannot delete {name}")
+
+    def _key(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._FIELDS)
+        return f"{type(self).__name__}({shown})"
+
+
+class Slot(_Frozen):
     """An extra guest buffer ``bufs[index]`` of an op."""
 
+    __slots__ = ("count", "count_expr", "ctype", "direction", "is_in", "is_out", "itemsize", "many", "name")
+    _FIELDS = ("direction", "ctype", "name", "many", "count", "count_expr")
     direction: Dir
     ctype: type[ctypes._CData]
     name: str
     many: bool
     #: elements the request implies, from the op struct (MANY only)
-    count: Callable[[Any], int] | None = None
+    count: Callable[[Any], int] | None
     #: the same rule as an expression over the op's field names, when declared as one
     #: (generated calls write it inline instead of building a struct to call ``count`` on)
-    count_expr: str | None = None
+    count_expr: str | None
     # precomputed once: Flag arithmetic costs more than the rest of a slot's work
-    is_in: bool = field(init=False, repr=False, compare=False)
-    is_out: bool = field(init=False, repr=False, compare=False)
-    itemsize: int = field(init=False, repr=False, compare=False)
+    is_in: bool
+    is_out: bool
+    itemsize: int
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "is_in", bool(self.direction & Dir.IN))
-        object.__setattr__(self, "is_out", bool(self.direction & Dir.OUT))
-        object.__setattr__(self, "itemsize", ctypes.sizeof(self.ctype))
+    def __init__(
+        self,
+        direction: Dir,
+        ctype: type[ctypes._CData],
+        name: str,
+        many: bool,
+        count: Callable[[Any], int] | None = None,
+        count_expr: str | None = None,
+    ) -> None:
+        self._set(direction=direction, ctype=ctype, name=name, many=many, count=count, count_expr=count_expr)
+        self._set(is_in=bool(direction & Dir.IN), is_out=bool(direction & Dir.OUT), itemsize=ctypes.sizeof(ctype))
 
     def nbytes(self, args: Any, given: int | None = None) -> int:
         """Bytes of the buffer a caller passes for these op arguments."""
@@ -168,27 +209,75 @@ class Scratch(Protocol):
     def base(self) -> int: ...
 
 
-@dataclass(frozen=True)
-class OpDecl:
+class OpDecl(_Frozen):
     """One DMOP sub-op, declared once."""
 
+    __slots__ = (
+        "_order",
+        "_packer",
+        "_reads_back",
+        "_tops",
+        "_types",
+        "arch",
+        "continuation",
+        "copy_back",
+        "doc",
+        "limits",
+        "name",
+        "number",
+        "out",
+        "since",
+        "slots",
+        "struct",
+    )
+    _FIELDS = (
+        "number",
+        "name",
+        "struct",
+        "out",
+        "copy_back",
+        "since",
+        "arch",
+        "slots",
+        "continuation",
+        "limits",
+        "doc",
+    )
     number: int
     name: str  # member of xen_dm_op.u, and the libxendevicemodel name
     struct: type[ctypes.Structure]
-    out: tuple[str, ...] = ()  # fields Xen writes
-    copy_back: CopyBack = CopyBack.NEVER
-    since: tuple[int, int] = (4, 9)
-    arch: frozenset[str] = frozenset({"x86"})
-    slots: tuple[Slot, ...] = ()
-    continuation: bool = False  # Xen may preempt and rewrite the request
+    out: tuple[str, ...]  # fields Xen writes
+    copy_back: CopyBack
+    since: tuple[int, int]
+    arch: frozenset[str]
+    slots: tuple[Slot, ...]
+    continuation: bool  # Xen may preempt and rewrite the request
     #: API-side limits narrower than the field type (name -> max inclusive)
-    limits: Mapping[str, int] = field(default_factory=dict)
-    doc: str = ""
-    _types: dict[str, Any] = field(init=False, repr=False, compare=False)
-    _tops: dict[str, int | None] = field(init=False, repr=False, compare=False)
-    _reads_back: bool = field(init=False, repr=False, compare=False)
-    _order: tuple[str, ...] = field(init=False, repr=False, compare=False)
-    _packer: Struct = field(init=False, repr=False, compare=False)
+    limits: Mapping[str, int]
+    doc: str
+    _types: dict[str, Any]
+    _tops: dict[str, int | None]
+    _reads_back: bool
+    _order: tuple[str, ...]
+    _packer: Struct
+
+    def __init__(
+        self,
+        number: int,
+        name: str,
+        struct: type[ctypes.Structure],
+        out: tuple[str, ...] = (),
+        copy_back: CopyBack = CopyBack.NEVER,
+        since: tuple[int, int] = (4, 9),
+        arch: frozenset[str] = frozenset({"x86"}),
+        slots: tuple[Slot, ...] = (),
+        continuation: bool = False,
+        limits: Mapping[str, int] | None = None,
+        doc: str = "",
+    ) -> None:
+        self._set(number=number, name=name, struct=struct, out=out, copy_back=copy_back, since=since, arch=arch)
+        self._set(slots=slots, continuation=continuation, limits={} if limits is None else limits, doc=doc)
+        self._derive()
 
     @property
     def size(self) -> int:
@@ -199,18 +288,14 @@ class OpDecl:
     def field_types(self) -> dict[str, Any]:
         return self._types
 
-    def __post_init__(self) -> None:
+    def _derive(self) -> None:
         # Per-call work is done here once: field types, range limits, whether
         # anything is read back after the call.
         types = {f[0]: f[1] for f in self.struct._fields_}
         tops = {name: self.limits.get(name, _FIELD_LIMITS.get(ctype)) for name, ctype in types.items()}
         reads_back = self.copy_back is not CopyBack.NEVER or any(slot.is_out for slot in self.slots)
-        object.__setattr__(self, "_types", types)
-        object.__setattr__(self, "_tops", tops)
-        object.__setattr__(self, "_reads_back", reads_back)
         order, packer = _packer_for(self.struct)
-        object.__setattr__(self, "_order", order)
-        object.__setattr__(self, "_packer", packer)
+        self._set(_types=types, _tops=tops, _reads_back=reads_back, _order=order, _packer=packer)
 
     def check(self, fields: Mapping[str, int]) -> None:
         """Refuse a value the struct cannot carry, naming the field, before any syscall."""
