@@ -36,9 +36,11 @@ def rows_ioreq(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [
         (
             "2 ioreq round trip, 1 process",
-            f"{per_s['mock']}/s | wired {per_s['wired']}/s | eventfd {per_s['eventfd']}/s | Event {per_s['event']}/s",
+            f"{per_s['mock']}/s | wired {per_s['wired']}/s | eventfd {per_s['eventfd']}/s"
+            f" | select {per_s['select']}/s | Event {per_s['event']}/s",
             f"mock/eventfd {one['mock/eventfd']:.2f}  wired/eventfd {one['wired/eventfd']:.2f}"
-            f"  mock/wired {one['mock/wired']:.2f}  Event/eventfd {one['event/eventfd']:.2f}",
+            f"  mock/wired {one['mock/wired']:.2f}  select/eventfd {one['select/eventfd']:.2f}"
+            f"  Event/eventfd {one['event/eventfd']:.2f}",
         ),
         (
             "2 device model CPU per access",
@@ -77,7 +79,8 @@ def rows_import(r: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 NOTES = (
     "2: mock = SimGuest on the mock Xen; wired = the same device model, the guest a minimal loop on an eventfd",
-    "pair; Event = a two-thread threading.Event ping-pong (the hand-off the mock's guest waits on).",
+    "pair; select = the eventfd ping-pong with the peer in a selectors loop (a select-based DM's floor);",
+    "Event = a two-thread threading.Event ping-pong (the hand-off the mock's guest waits on).",
     "x = xendmop; ctypes = libxendevicemodel.so.1 via ctypes (a); ioctl = bare fcntl.ioctl (b);",
     "pycall = a Python function whose body is the bare ioctl (the floor of any Python API);",
     "sketch = a prototype fast path in bench/dmop_overhead.py (what the suggested changes can reach).",

@@ -43,13 +43,17 @@ class Sink:
 
 
 class EventfdPingPong:
-    """Two threads, two eventfds: ``ping`` notifies the peer and blocks for its answer."""
+    """Two threads, two eventfds: ``ping`` notifies the peer and blocks for its answer.
 
-    def __init__(self) -> None:
-        self.to_peer = os.eventfd(0)
+    ``selector=True``: the peer waits in a ``selectors`` loop (as ``ServeLoop`` does, to
+    watch several fds and a stop flag) and reads the eventfd once it is readable: the
+    floor of any device model built on a select loop, with nothing handled."""
+
+    def __init__(self, selector: bool = False) -> None:
+        self.to_peer = os.eventfd(0, os.EFD_NONBLOCK) if selector else os.eventfd(0)
         self.to_us = os.eventfd(0)
         self._stop = False
-        self.thread = threading.Thread(target=self._peer, daemon=True)
+        self.thread = threading.Thread(target=self._select_peer if selector else self._peer, daemon=True)
         self.thread.start()
 
     def _peer(self) -> None:
@@ -59,6 +63,18 @@ class EventfdPingPong:
             if self._stop:
                 return
             write(to_us, 1)
+
+    def _select_peer(self) -> None:
+        import selectors
+
+        read, write, to_peer, to_us = os.eventfd_read, os.eventfd_write, self.to_peer, self.to_us
+        with selectors.DefaultSelector() as sel:
+            sel.register(to_peer, selectors.EVENT_READ)
+            while not self._stop:
+                for _key, _ in sel.select(0.1):
+                    read(to_peer)
+                    if not self._stop:
+                        write(to_us, 1)
 
     def timed(self, n: int) -> float:
         read, write, to_peer, to_us = os.eventfd_read, os.eventfd_write, self.to_peer, self.to_us
@@ -287,10 +303,18 @@ class MockRoundTrip:
 
 def measure(rounds: int = ROUNDS) -> dict[str, list[float]]:
     mock, wired, floor, event = MockRoundTrip(), WiredRoundTrip(), EventfdPingPong(), EventPingPong()
-    candidates = {"mock": mock.timed, "wired": wired.timed, "eventfd": floor.timed, "event": event.timed}
+    selected = EventfdPingPong(selector=True)
+    candidates = {
+        "mock": mock.timed,
+        "wired": wired.timed,
+        "eventfd": floor.timed,
+        "select": selected.timed,
+        "event": event.timed,
+    }
     try:
         return interleave(candidates, rounds, target_s=0.1)
     finally:
+        selected.close()
         event.close()
         floor.close()
         wired.close()
@@ -372,6 +396,8 @@ def run(with_profile: bool = False) -> dict[str, Any]:
             "wired/eventfd": round(ratio_samples(s["wired"], s["eventfd"]), 3),
             "mock/wired": round(ratio_samples(s["mock"], s["wired"]), 3),
             "event/eventfd": round(ratio_samples(s["event"], s["eventfd"]), 3),
+            "select/eventfd": round(ratio_samples(s["select"], s["eventfd"]), 3),
+            "wired/select": round(ratio_samples(s["wired"], s["select"]), 3),
         },
         "inline": inline,
         "across_processes": ACROSS_PROCESSES,
