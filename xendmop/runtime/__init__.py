@@ -1,5 +1,6 @@
 """Run a device model: ioreq servers, event channels, foreign memory and the dispatch loop."""
 
+from .app import Connection, GuestRun, NotHvmError, Target, UsageError
 from .dispatch import Dispatcher, GuestMemory, GuestMemoryError, IoDevice, Ioreq, RateLimitedLog
 from .evtchn import EventChannel
 from .foreignmemory import ForeignMemory, GuestRam, Mapping
@@ -7,6 +8,11 @@ from .pci import Bar, PciFunction
 from .server import IoreqServer, ServeLoop, serve_forever, serve_forever_async
 
 __all__ = [
+    "Connection",
+    "GuestRun",
+    "NotHvmError",
+    "Target",
+    "UsageError",
     "Bar",
     "IoreqServer",
     "PciFunction",
