@@ -8,6 +8,8 @@ Run it:
 
     python examples/debugcon.py              # on the mock Xen: a simulated guest prints a banner
     python examples/debugcon.py --domid 5    # on a real dom0: serve domain 5 until Ctrl-C
+    XENDMOP_MOCK_SOCKET=PATH python examples/debugcon.py --domid 1 --depriv 990:990
+                                             # domain 1 of a mock host process, deprivileged
 
 On the mock, the simulated guest's vCPU writes an ioreq into the real shared page,
 notifies the server's event channel and waits for the answer, exactly as Xen would.
@@ -18,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 from typing import TextIO
 
-from xendmop import DeviceModel
-from xendmop.runtime import IoreqServer, ServeLoop
+from xendmop.runtime import ServeLoop, app
 
 PORT = 0xE9
 
@@ -46,44 +46,45 @@ class DebugConsole:
 
 def run_on_mock(banner: bytes, out: TextIO) -> bytes:
     """Serve a simulated guest on the mock Xen; return what the console received."""
-    from xendmop.mock import MockXen
     from xendmop.runtime.simguest import SimGuest
 
-    xen = MockXen()
-    domid = xen.create_domain(vcpus=1, hvm=True, memory_mb=4)
     console = DebugConsole(out)
-    with DeviceModel.open("mock", xen=xen) as dm:
-        server = IoreqServer(dm, domid, opener=xen.open_device)
+    with app.open_mock() as mock:
+        server = mock.ioreq_server()
         server.add_port_range(PORT, PORT, console, "debugcon")
-        server.start()
-        loop = ServeLoop(server)
-        thread = threading.Thread(target=loop.run, kwargs={"handle_signals": False}, daemon=True)
-        thread.start()
-        try:
-            guest = SimGuest(xen, domid, timeout=5)
-            assert guest.inb(PORT) == PORT, "debug console not detected"
-            guest.write_ram(0x1000, banner)
-            guest.rep_outsb(PORT, 0x1000, len(banner))  # rep outsb, as a guest's puts does
-        finally:
-            loop.stop()
-            thread.join(5)
-        assert xen.domain(domid).snapshot()["servers"] == (None,) * 8, "server left behind"
+
+        def guest() -> None:
+            vcpu = SimGuest(mock.xen, mock.domid, timeout=5)
+            if vcpu.inb(PORT) != PORT:
+                raise RuntimeError("debug console not detected")
+            vcpu.write_ram(0x1000, banner)
+            vcpu.rep_outsb(PORT, 0x1000, len(banner))  # rep outsb, as a guest's puts does
+
+        app.run_guest_while_serving(ServeLoop(server), guest)
+        mock.check_no_server_left()
     return bytes(console.received)
+
+
+def serve(connection: app.Connection) -> int:
+    """Serve the console to a real domain (or a mock host's) until SIGINT/SIGTERM."""
+    server = connection.ioreq_server()
+    server.add_port_range(PORT, PORT, DebugConsole(sys.stdout), "debugcon")
+    app.serve_until_signal(ServeLoop(server))  # tears the server down on the way out
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--domid", type=int, help="serve this domain on a real dom0 (default: the mock)")
+    app.add_arguments(p)
     args = p.parse_args(argv)
-    if args.domid is None:
+    try:
+        target = app.Target.from_args(args)
+    except app.UsageError as e:
+        p.error(str(e))
+    if target.where is app.Where.MOCK:
         run_on_mock(b"Hello from the guest, through port 0xE9!\n", sys.stdout)
         return 0
-    with DeviceModel.open("privcmd") as dm:
-        server = IoreqServer(dm, args.domid)
-        server.add_port_range(PORT, PORT, DebugConsole(sys.stdout), "debugcon")
-        server.start()
-        ServeLoop(server).run()  # until SIGINT/SIGTERM; tears the server down
-    return 0
+    return app.run_target(target, serve, name="debugcon")
 
 
 if __name__ == "__main__":
