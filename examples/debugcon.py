@@ -54,7 +54,7 @@ def run_on_mock(banner: bytes, out: TextIO) -> bytes:
         server.add_port_range(PORT, PORT, console, "debugcon")
 
         def guest() -> None:
-            vcpu = SimGuest(mock.xen, mock.domid, timeout=5)
+            vcpu = SimGuest(mock.mock_xen, mock.domid, timeout=5)
             if vcpu.inb(PORT) != PORT:
                 raise RuntimeError("debug console not detected")
             vcpu.write_ram(0x1000, banner)
@@ -76,11 +76,7 @@ def serve(connection: app.Connection) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     app.add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        target = app.Target.from_args(args)
-    except app.UsageError as e:
-        p.error(str(e))
+    _, target = app.parse(p, argv)
     if target.where is app.Where.MOCK:
         run_on_mock(b"Hello from the guest, through port 0xE9!\n", sys.stdout)
         return 0

@@ -120,6 +120,14 @@ def test_values_built_without_the_parser_are_checked_too(namespace: argparse.Nam
     assert refused.value.flag == flag and repr(refused.value.value) in str(refused.value)
 
 
+def test_parse_exits_on_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    args, where = app.parse(parser(), ["--domid", "8"], {"XENDMOP_MOCK_SOCKET": "/run/m.sock"})
+    assert args.domid == 8 and where == Target(Where.MOCK_HOST, 8, "/run/m.sock")
+    with pytest.raises(SystemExit) as exit_:
+        app.parse(parser(), ["--chroot", "/var/empty"], {})
+    assert exit_.value.code == 2 and "dm: error: --chroot needs --depriv UID:GID" in capsys.readouterr().err
+
+
 def test_drop_config_follows_depriv_and_chroot() -> None:
     assert target(["--domid", "4"]).drop_config() is None
     drop = target(["--domid", "4", "--depriv", "990:991", "--chroot", "/var/empty"]).drop_config()
@@ -246,7 +254,7 @@ def test_connection_require_hvm_on_the_in_process_mock() -> None:
             conn.require_hvm()
         with app.open_mock(xen) as conn:
             conn.require_hvm()
-            assert conn.domid != pv and conn.xen is xen
+            assert conn.domid != pv and conn.mock_xen is xen
 
 
 def test_connection_require_hvm_on_a_mock_host_process(mock_host_process: str) -> None:
@@ -256,6 +264,8 @@ def test_connection_require_hvm_on_a_mock_host_process(mock_host_process: str) -
     with Target(Where.MOCK_HOST, 1, mock_host_process).connect() as conn:
         conn.require_hvm()
         assert conn.servers_left() == []
+        with pytest.raises(TypeError, match="mock-host, not on the in-process mock"):
+            conn.mock_xen.domain(1)
 
 
 # --- run_target --------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ __all__ = [
     "check_hvm",
     "guest_kind",
     "open_mock",
+    "parse",
     "parse_domid",
     "parse_ids",
     "require_hvm",
@@ -139,6 +140,17 @@ def add_arguments(parser: argparse.ArgumentParser, *, hold: bool = False, assume
         parser.add_argument("--hold", action="store_true", help="on the mock: keep serving after the guest script")
     if assume_hvm:
         parser.add_argument("--assume-hvm", action="store_true", help="serve even if the guest type cannot be read")
+
+
+def parse(
+    parser: argparse.ArgumentParser, argv: list[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[argparse.Namespace, Target]:
+    """``parser.parse_args(argv)`` and its ``Target``; a ``UsageError`` exits through ``parser.error`` (status 2)."""
+    args = parser.parse_args(argv)
+    try:
+        return args, Target.from_args(args, environ)
+    except UsageError as e:
+        parser.error(str(e))
 
 
 class Where(enum.Enum):
@@ -263,6 +275,15 @@ class Connection:
         """A ``ForeignMemory`` handle on the same host (restrict it to the domain before any drop)."""
         return ForeignMemory() if self.opener is None else ForeignMemory(self.opener)
 
+    @property
+    def mock_xen(self) -> MockXen:
+        """The in-process mock behind this connection (``open_mock``); ``TypeError`` on any other."""
+        from ..mock import MockXen
+
+        if not isinstance(self.xen, MockXen):
+            raise TypeError(f"dom{self.domid} is served on {self.where.value}, not on the in-process mock")
+        return self.xen
+
     def require_hvm(self) -> None:
         """Refuse a domain that is not HVM (``NotHvmError``) where the connection itself can tell:
         the in-process mock's domain view, or on a mock host process one harmless DMOP — a PV
@@ -270,9 +291,7 @@ class Connection:
         Neither has PVH guests.  On real Xen nothing is checked here: see ``require_hvm``, which
         must run before anything is opened."""
         if self.where is Where.MOCK:
-            from ..mock import MockXen
-
-            if isinstance(self.xen, MockXen) and not self.xen.domain(self.domid).hvm:
+            if not self.mock_xen.domain(self.domid).hvm:
                 raise NotHvmError(self.domid, "pv")
         elif self.where is Where.MOCK_HOST:
             try:
