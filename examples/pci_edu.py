@@ -45,33 +45,26 @@ host's domain, and ``guest_script`` can drive it from a third process (``RemoteG
 
 HAZARD: never issue interrupt DMOPs to a PVH guest — on Xen 4.17.7 an accepted ISA
 IRQ level change crashed the hypervisor.  Xen's DMOP checks cannot tell PVH from
-HVM (both are "HVM" to ``dm_op``), so before serving this example reads libxl's
-record of the guest type (``xenstore-read /libxl/<domid>/type``) and refuses any
-domain that is not "hvm"; when the type cannot be read it refuses too, unless
-``--assume-hvm`` is given.
+HVM (both are "HVM" to ``dm_op``), so before serving this example asks the
+hypervisor (libxenctrl), else libxl's record (``xenstore-read /libxl/<domid>/type``),
+and refuses any domain that is not "hvm"; when neither can tell it refuses too,
+unless ``--assume-hvm`` is given (``xendmop.runtime.app.require_hvm``).  On a mock
+host process a PV domain is refused by the EINVAL its first DMOP gets.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from xendmop import DeviceModel
-from xendmop.abi.xen import DOMID_FIRST_RESERVED
-from xendmop.runtime import Bar, IoreqServer, PciFunction, ServeLoop
+from xendmop.runtime import Bar, PciFunction, ServeLoop, app
 from xendmop.runtime.dispatch import GuestMemory, GuestMemoryError, RateLimitedLog
 
 log = logging.getLogger("pci_edu")
-
-#: names a mock host process (``xendmop mock-host --socket PATH``) that ``--domid`` then serves
-ENV_SOCKET = "XENDMOP_MOCK_SOCKET"
 
 VENDOR_ID, DEVICE_ID = 0x1234, 0x11E8  # QEMU's edu
 CLASS_OTHER = 0xFF0000  # PCI_CLASS_OTHERS, as QEMU's edu
@@ -357,137 +350,56 @@ def run_on_mock(*, slot: int = 4, hold: bool = False, out: Callable[[str], None]
     script until a signal.  Returns None when a signal ended the run before the script
     finished; raises what the script raised, or ``RuntimeError`` if a server is left behind.
     """
-    from xendmop.mock import MockXen
     from xendmop.runtime.simguest import SimGuest
 
-    with MockXen() as xen:
-        domid = xen.create_domain(vcpus=1, hvm=True, memory_mb=4)
-        with DeviceModel.open("mock", xen=xen) as dm:
-            server = IoreqServer(dm, domid, opener=xen.open_device)
-            edu = Edu(lambda: server.dispatcher.memory)
-            server.add_pci(edu.pci, slot=slot, name="edu")
-            loop = ServeLoop(server)
-            result: list[GuestReport | BaseException] = []
+    with app.open_mock() as mock:
+        server = mock.ioreq_server()
+        edu = Edu(lambda: server.dispatcher.memory)
+        server.add_pci(edu.pci, slot=slot, name="edu")
 
-            def guest_thread() -> None:
-                try:
-                    result.append(guest_script(SimGuest(xen, domid, timeout=5), xen.domain(domid).snapshot))
-                except BaseException as e:  # handed to the main thread
-                    result.append(e)
-                if hold and not isinstance(result[-1], BaseException):
-                    for line in result[-1].lines:
-                        out(line)
-                    out("guest script done; serving until Ctrl-C")
-                else:
-                    loop.stop()
+        def guest() -> GuestReport:
+            xen = mock.mock_xen
+            report = guest_script(SimGuest(xen, mock.domid, timeout=5), xen.domain(mock.domid).snapshot)
+            if hold:
+                for line in report.lines:
+                    out(line)
+                out("guest script done; serving until Ctrl-C")
+            return report
 
-            thread = threading.Thread(target=guest_thread, name="guest", daemon=True)
-            try:
-                server.start()
-                thread.start()
-                signum = loop.run(handle_signals=threading.current_thread() is threading.main_thread())
-            finally:
-                server.close()  # idempotent: the loop closes it too
-            if signum is None:
-                thread.join(10)
-            if xen.domain(domid).snapshot()["servers"] != (None,) * 8:
-                raise RuntimeError("an ioreq server was left behind")
-    if signum is not None:
-        out(f"signal {signum}: ioreq server destroyed, none left in the domain")
-        finished = result[0] if result else None
-        return finished if isinstance(finished, GuestReport) else None
-    if not result:
-        raise RuntimeError("the guest script did not finish")
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    if not hold:
-        for line in result[0].lines:
+        run = app.run_guest_while_serving(ServeLoop(server), guest, hold=hold)
+        mock.check_no_server_left()
+    if run.signal is not None:
+        out(f"signal {run.signal}: ioreq server destroyed, none left in the domain")
+    elif run.result is not None and not hold:
+        for line in run.result.lines:
             out(line)
-    return result[0]
+    return run.result
 
 
 # --- a real dom0 -----------------------------------------------------------------------------
 
 
-def libxl_domain_type(domid: int) -> str | None:
-    """libxl's guest type of ``domid`` ("hvm", "pvh", "pv") from Xenstore, or None if unknown."""
-    try:
-        done = subprocess.run(
-            ["xenstore-read", f"/libxl/{domid}/type"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def parse_domid(text: str) -> int:
-    """A guest's domid (1..0x7fef) for ``--domid``; ``ArgumentTypeError`` names a bad value."""
-    if not text.isdigit() or not 1 <= int(text) < DOMID_FIRST_RESERVED:
-        raise argparse.ArgumentTypeError(f"--domid {text!r}: expected a guest domid, 1..{DOMID_FIRST_RESERVED - 1}")
-    return int(text)
-
-
-def parse_ids(text: str) -> tuple[int, int]:
-    """``UID:GID`` (non-root numeric ids) for ``--depriv``; ``ArgumentTypeError`` names a bad value."""
-    uid, sep, gid = text.partition(":")
-    if not sep or not uid.isdigit() or not gid.isdigit() or int(uid) == 0 or int(gid) == 0:
-        raise argparse.ArgumentTypeError(f"--depriv {text!r}: expected UID:GID, two non-root numeric ids")
-    return int(uid), int(gid)
-
-
-def serve_domain(domid: int, slot: int, depriv: tuple[int, int] | None, chroot: str | None, remote: Any = None) -> int:
-    """Serve the edu device to ``domid`` until SIGINT/SIGTERM; the server is destroyed on the way out.
-
-    On a real dom0 (privcmd), or on a mock host process when ``remote`` (a ``RemoteXen``) is given."""
-    from xendmop.depriv import DropConfig
-
-    drop = DropConfig(uid=depriv[0], gid=depriv[1], chroot=chroot) if depriv else None
-    opener = remote.open_device if remote is not None else None
-    with DeviceModel.open("mock", xen=remote) if remote is not None else DeviceModel.open("privcmd") as dm:
-        server = IoreqServer(dm, domid, opener=opener, deprivilege=drop)
-        edu = Edu(lambda: server.dispatcher.memory)
-        server.add_pci(edu.pci, slot=slot, name="edu")
-        log.info("edu at 0000:00:%02x.0 of dom%d; Ctrl-C to stop", slot, domid)
-        ServeLoop(server).run()  # starts, serves, and tears down on a signal
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--domid", type=parse_domid, help="serve this HVM domain on a real dom0 (default: the mock)")
+    app.add_arguments(p, hold=True, assume_hvm=True)
     p.add_argument("--slot", type=int, default=4, choices=range(1, 32), metavar="1..31", help="PCI slot on bus 0")
-    p.add_argument("--hold", action="store_true", help="on the mock: keep serving after the guest script")
-    p.add_argument("--depriv", type=parse_ids, metavar="UID:GID", help="drop to these ids after bring-up")
-    p.add_argument("--chroot", help="with --depriv: an empty root-owned directory to chroot into")
-    p.add_argument("--assume-hvm", action="store_true", help="serve even if the guest type cannot be read")
-    args = p.parse_args(argv)
+    args, target = app.parse(p, argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    if args.chroot and not args.depriv:
-        p.error("--chroot needs --depriv UID:GID")
-    if args.domid is None:
-        if args.depriv:
-            p.error(
-                "--depriv needs a real dom0 (--domid N) or a mock host in another process "
-                "(XENDMOP_MOCK_SOCKET): the in-process mock lives in this process, which must stay privileged"
-            )
+    if target.where is app.Where.MOCK:
         run_on_mock(slot=args.slot, hold=args.hold)
         return 0
-    try:
-        if os.environ.get(ENV_SOCKET):  # a mock host process: it has no PVH guests to protect
-            from xendmop.mock.remote import connect_from_env
 
-            with connect_from_env() as remote:
-                return serve_domain(args.domid, args.slot, args.depriv, args.chroot, remote)
-        kind = libxl_domain_type(args.domid)
-        if kind != "hvm" and not (kind is None and args.assume_hvm):
-            p.error(
-                f"dom{args.domid} is {kind or 'of unknown type'}, not HVM: interrupt DMOPs to a PVH guest "
-                "can crash Xen (4.17.7)" + ("; pass --assume-hvm if you know it is HVM" if kind is None else "")
-            )
-        return serve_domain(args.domid, args.slot, args.depriv, args.chroot)
-    except (OSError, ValueError, RuntimeError) as e:  # Xen's, the kernel's or the mock host's refusal
-        print(f"pci_edu: dom{args.domid}: {e}", file=sys.stderr)
-        return 1
+    def serve(connection: app.Connection) -> int:
+        """Serve the edu device until SIGINT/SIGTERM; the server is destroyed on the way out."""
+        server = connection.ioreq_server()
+        edu = Edu(lambda: server.dispatcher.memory)
+        server.add_pci(edu.pci, slot=args.slot, name="edu")
+        log.info("edu at 0000:00:%02x.0 of dom%d; Ctrl-C to stop", args.slot, connection.domid)
+        app.serve_until_signal(ServeLoop(server))
+        return 0
+
+    # Interrupts go out (INTx, MSI): a domain that is not HVM is refused before anything is opened.
+    return app.run_target(target, serve, name="pci_edu", parser=p, hvm_only=True)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,15 @@ import runpy
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from runtime.helpers import FakeRam  # tests/runtime: guest RAM that refuses what is not RAM
 
 from xendmop import DeviceModel
 from xendmop.mock import MockXen
 from xendmop.runtime import IoreqServer
-from xendmop.runtime.dispatch import GuestMemoryError
 from xendmop.runtime.pci import PciFunction
 from xendmop.runtime.simguest import SimGuest
 from xendmop.testing import ServeFactory, ServeThread
@@ -47,29 +46,7 @@ class RecordingHost:
         self.log.append(("msi", addr, data))
 
 
-class Ram:
-    """``size`` bytes of guest RAM at gpa 0; anything else is refused, as the server's mapping does."""
-
-    def __init__(self, size: int = 1 << 16) -> None:
-        self.mem = bytearray(size)
-
-    def _check(self, gpa: int, n: int) -> None:
-        if gpa < 0 or gpa + n > len(self.mem):
-            raise GuestMemoryError(f"gpa {gpa:#x}+{n} is not RAM")
-
-    def read(self, gpa: int, size: int) -> bytes:
-        self._check(gpa, size)
-        return bytes(self.mem[gpa : gpa + size])
-
-    def write(self, gpa: int, data: bytes) -> None:
-        self._check(gpa, len(data))
-        self.mem[gpa : gpa + len(data)] = data
-
-    def invalidate(self) -> None:
-        pass
-
-
-def edu_with_host(ram: Ram | None = None) -> tuple[Any, RecordingHost]:
+def edu_with_host(ram: FakeRam | None = None) -> tuple[Any, RecordingHost]:
     edu = Edu(lambda: ram)
     edu.pci.host = host = RecordingHost()
     return edu, host
@@ -179,7 +156,7 @@ def dma(edu: Any, src: int, dst: int, count: int, cmd: int) -> None:
 
 
 def test_dma_round_trip_with_interrupt() -> None:
-    ram = Ram()
+    ram = FakeRam()
     ram.mem[0x100:0x180] = bytes(range(0x80))
     edu, host = edu_with_host(ram)
     dma(edu, 0x100, 0x40010, 0x80, 0x1)  # RAM -> device buffer + 0x10
@@ -204,7 +181,7 @@ def test_dma_round_trip_with_interrupt() -> None:
     ],
 )
 def test_dma_outside_bounds_is_refused(src: int, dst: int, count: int, cmd: int, why: str) -> None:
-    ram = Ram()
+    ram = FakeRam()
     ram.mem[:] = b"\x5a" * len(ram.mem)
     edu, host = edu_with_host(ram)
     edu.dma_buffer[:] = b"\xa5" * len(edu.dma_buffer)
@@ -367,24 +344,6 @@ def test_signal_tears_the_server_down(signum: int) -> None:
 # --- a deprivileged device model in its own process, on a mock host process -------------------------
 
 
-@pytest.fixture
-def mock_host(tmp_path: Path) -> Iterator[Path]:
-    """``xendmop mock-host`` in its own process (dom1 HVM, dom2 PV); its socket path."""
-    sock = tmp_path / "mock.sock"
-    host = subprocess.Popen(
-        [sys.executable, "-m", "xendmop", "mock-host", "--socket", str(sock)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        assert host.stdout is not None and "listening" in host.stdout.readline()
-        yield sock
-    finally:
-        host.terminate()
-        host.wait(30)
-
-
 def wait_for_line(stream: IO[str], needle: str) -> list[str]:
     seen = []
     for line in stream:
@@ -395,7 +354,7 @@ def wait_for_line(stream: IO[str], needle: str) -> list[str]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
-def test_deprivileged_device_model_serves_a_mock_host_process(mock_host: Path) -> None:
+def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process: str) -> None:
     from xendmop.mock.remote import RemoteGuest, RemoteXen
 
     proc = subprocess.Popen(
@@ -403,14 +362,14 @@ def test_deprivileged_device_model_serves_a_mock_host_process(mock_host: Path) -
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": str(mock_host)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": mock_host_process},
     )
     try:
         assert proc.stderr is not None
         wait_for_line(proc.stderr, "deprivileged to uid 65534")
         status = Path(f"/proc/{proc.pid}/status").read_text()
         assert "Uid:\t65534\t65534\t65534\t65534" in status and "Gid:\t65534\t65534\t65534\t65534" in status
-        with RemoteXen(str(mock_host)) as remote:
+        with RemoteXen(mock_host_process) as remote:
             report = edu_mod["guest_script"](RemoteGuest(remote, 1), lambda: remote.snapshot(1))
             assert report.found_slots == [4] and report.factorial_10 == 3628800
             assert report.intx_asserted and not report.intx_after_ack and report.msi == (0xFEE00000, 0x41)
@@ -431,3 +390,13 @@ def test_bad_domid_and_unreachable_host_are_reported_not_raised(tmp_path: Path) 
     gone = run("--domid", "1", env={"XENDMOP_MOCK_SOCKET": str(tmp_path / "no-such.sock")})
     assert gone.returncode == 1 and "Traceback" not in gone.stderr
     assert gone.stderr.startswith("pci_edu: dom1: ") and "No such file or directory" in gone.stderr
+
+
+def test_a_pv_domain_of_a_mock_host_process_is_refused(mock_host_process: str) -> None:
+    """Interrupts would go out: the mock host's PV domain is refused (its DMOPs get EINVAL) before serving."""
+    from xendmop.mock.remote import RemoteXen
+
+    done = run("--domid", "2", env={"XENDMOP_MOCK_SOCKET": mock_host_process})
+    assert done.returncode == 2 and "dom2 is not HVM" in done.stderr and "EINVAL" in done.stderr
+    with RemoteXen(mock_host_process) as remote:
+        assert remote.servers(2) == {}
