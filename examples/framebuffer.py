@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import logging
 import os
@@ -66,15 +67,11 @@ from pathlib import Path
 from typing import Any
 
 from xendmop import DeviceModel
-from xendmop.abi.xen import DOMID_FIRST_RESERVED
 from xendmop.errors import ArgumentError, XenError
-from xendmop.runtime import ForeignMemory, IoreqServer, Mapping, ServeLoop
+from xendmop.runtime import ForeignMemory, Mapping, ServeLoop, app
 from xendmop.runtime.dispatch import RateLimitedLog
 
 log = logging.getLogger("framebuffer")
-
-#: names a mock host process (``xendmop mock-host --socket PATH``) that ``--domid`` then serves
-ENV_SOCKET = "XENDMOP_MOCK_SOCKET"
 
 INDEX_PORT, DATA_PORT = 0x1CE, 0x1CF
 #: a 16-bit access to the data port also covers 0x1D0 (QEMU's VBE ports include it)
@@ -492,101 +489,49 @@ def run_on_mock(
     Returns None when a signal ended the run first; raises what the script raised, or
     ``RuntimeError`` if an ioreq server is left behind.
     """
-    from xendmop.mock import MockXen
     from xendmop.runtime.simguest import SimGuest
 
-    with MockXen() as xen:
-        domid = xen.create_domain(vcpus=1, hvm=True, memory_mb=4)
-        with DeviceModel.open("mock", xen=xen) as dm, ForeignMemory(xen.open_device) as fmem:
-            fmem.restrict(domid)
-            fb = Framebuffer(dm, domid, fmem, output)
-            server = IoreqServer(dm, domid, opener=xen.open_device)
-            server.add_port_range(INDEX_PORT, LAST_PORT, fb, "framebuffer")
-            loop = ServeLoop(server)
-            result: list[GuestReport | BaseException] = []
+    with app.open_mock() as mock, mock.foreign_memory() as fmem:
+        fmem.restrict(mock.domid)
+        fb = Framebuffer(mock.dm, mock.domid, fmem, output)
+        server = mock.ioreq_server()
+        server.add_port_range(INDEX_PORT, LAST_PORT, fb, "framebuffer")
 
-            def guest_thread() -> None:
-                try:
-                    result.append(guest_script(SimGuest(xen, domid, timeout=5), xen.domain(domid).snapshot))
-                except BaseException as e:  # handed to the main thread
-                    result.append(e)
-                if hold and not isinstance(result[-1], BaseException):
-                    for line in result[-1].lines:
-                        out(line)
-                    out("guest script done; serving until Ctrl-C")
-                else:
-                    loop.stop()
+        def guest() -> GuestReport:
+            xen = mock.mock_xen
+            report = guest_script(SimGuest(xen, mock.domid, timeout=5), xen.domain(mock.domid).snapshot)
+            if hold:
+                for line in report.lines:
+                    out(line)
+                out("guest script done; serving until Ctrl-C")
+            return report
 
-            thread = threading.Thread(target=guest_thread, name="guest", daemon=True)
-            signum = None
-            try:
-                server.start()
-                thread.start()
-                signum = loop.run(handle_signals=threading.current_thread() is threading.main_thread())
-            finally:
-                server.close()
-                fb.close()
-            if signum is None:
-                thread.join(10)
-            if xen.domain(domid).snapshot()["servers"] != (None,) * 8:
-                raise RuntimeError("an ioreq server was left behind")
-    if signum is not None:
-        out(f"signal {signum}: ioreq server destroyed, none left in the domain")
-        finished = result[0] if result else None
-        return finished if isinstance(finished, GuestReport) else None
-    if not result:
-        raise RuntimeError("the guest script did not finish")
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    if not hold:
-        for line in result[0].lines:
+        try:
+            run = app.run_guest_while_serving(ServeLoop(server), guest, hold=hold)
+        finally:
+            fb.close()
+        mock.check_no_server_left()
+    if run.signal is not None:
+        out(f"signal {run.signal}: ioreq server destroyed, none left in the domain")
+    elif run.result is not None and not hold:
+        for line in run.result.lines:
             out(line)
-    return result[0]
+    return run.result
 
 
 # --- a real dom0 -----------------------------------------------------------------------------------
 
 
-def parse_domid(text: str) -> int:
-    """A guest's domid (1..0x7fef) for ``--domid``; ``ArgumentTypeError`` names a bad value."""
-    if not text.isdigit() or not 1 <= int(text) < DOMID_FIRST_RESERVED:
-        raise argparse.ArgumentTypeError(f"--domid {text!r}: expected a guest domid, 1..{DOMID_FIRST_RESERVED - 1}")
-    return int(text)
+def serve_domain(connection: app.Connection, png: PngFile, interval: float) -> int:
+    """Serve the display until SIGINT/SIGTERM; then destroy the server and stop tracking.
 
-
-def parse_ids(text: str) -> tuple[int, int]:
-    """``UID:GID`` (non-root numeric ids) for ``--depriv``; ``ArgumentTypeError`` names a bad value."""
-    uid, sep, gid = text.partition(":")
-    if not sep or not uid.isdigit() or not gid.isdigit() or int(uid) == 0 or int(gid) == 0:
-        raise argparse.ArgumentTypeError(f"--depriv {text!r}: expected UID:GID, two non-root numeric ids")
-    return int(uid), int(gid)
-
-
-def serve_domain(
-    domid: int,
-    png: PngFile,
-    interval: float,
-    depriv: tuple[int, int] | None,
-    chroot: str | None,
-    remote: Any = None,
-) -> int:
-    """Serve the display to ``domid`` until SIGINT/SIGTERM; then destroy the server and stop tracking.
-
-    On a real dom0 (privcmd), or on a mock host process when ``remote`` (a ``RemoteXen``)
-    is given.  ``interval`` 0: render on FLUSH only."""
-    from xendmop.depriv import DropConfig
-
-    drop = DropConfig(uid=depriv[0], gid=depriv[1], chroot=chroot) if depriv else None
-    opener = remote.open_device if remote is not None else None
+    On a real dom0 or a mock host process (``connection``).  ``interval`` 0: render on FLUSH only."""
     timer = PeriodicTimer(interval) if interval else None
     try:
-        with (
-            DeviceModel.open("mock", xen=remote) if remote is not None else DeviceModel.open("privcmd") as dm,
-            ForeignMemory(opener) if opener is not None else ForeignMemory() as fmem,
-        ):
-            fmem.restrict(domid)  # this handle maps the framebuffer only: restricted before any privilege drop
-            fb = Framebuffer(dm, domid, fmem, png)
-            server = IoreqServer(dm, domid, opener=opener, deprivilege=drop)
+        with connection.foreign_memory() as fmem:
+            fmem.restrict(connection.domid)  # maps the framebuffer only: restricted before any privilege drop
+            fb = Framebuffer(connection.dm, connection.domid, fmem, png)
+            server = connection.ioreq_server()
             server.add_port_range(INDEX_PORT, LAST_PORT, fb, "framebuffer")
             loop = ServeLoop(server)
             if timer is not None:
@@ -597,61 +542,39 @@ def serve_domain(
                         fb.poll()
 
                 loop.add_reader(timer.fileno(), tick)
-            log.info("framebuffer for dom%d on ports %#x/%#x; Ctrl-C to stop", domid, INDEX_PORT, DATA_PORT)
+            log.info("framebuffer for dom%d on ports %#x/%#x; Ctrl-C to stop", connection.domid, INDEX_PORT, DATA_PORT)
             try:
-                loop.run()  # starts, serves, and tears the server down on a signal
+                app.serve_until_signal(loop)
             finally:
                 fb.close()
     finally:
         if timer is not None:
             timer.close()
-        png.close()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--domid", type=parse_domid, help="serve this HVM domain on a real dom0 (default: the mock)")
+    app.add_arguments(p, hold=True)
     p.add_argument("--output", default="framebuffer.png", help="the PNG snapshot (default: %(default)s)")
     p.add_argument("--interval", type=float, default=0.2, help="with --domid: seconds between polls (0: FLUSH only)")
-    p.add_argument("--hold", action="store_true", help="on the mock: keep serving after the guest script")
-    p.add_argument("--depriv", type=parse_ids, metavar="UID:GID", help="drop to these ids after bring-up")
-    p.add_argument("--chroot", help="with --depriv: an empty root-owned directory to chroot into")
-    args = p.parse_args(argv)
+    args, target = app.parse(p, argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    if args.chroot and not args.depriv:
-        p.error("--chroot needs --depriv UID:GID")
     if args.interval != 0 and not 0.001 <= args.interval <= 3600:
         p.error(f"--interval {args.interval}: must be 0 (FLUSH only) or 0.001..3600 seconds")
     try:
         png = PngFile(args.output)
     except OSError as e:
         p.error(f"--output {args.output!r}: {e.strerror}")
-    if args.domid is None:
-        try:
-            if args.depriv:
-                p.error(
-                    "--depriv needs a real dom0 (--domid N) or a mock host in another process "
-                    "(XENDMOP_MOCK_SOCKET): the in-process mock lives in this process, which must stay privileged"
-                )
-            report = run_on_mock(png, hold=args.hold)
-        finally:
-            png.close()
-        if report is not None:
-            print(f"snapshot: {args.output}")
-        return 0
-    try:
-        if os.environ.get(ENV_SOCKET):  # a mock host process instead of a real dom0
-            from xendmop.mock.remote import connect_from_env
-
-            with connect_from_env() as remote:
-                return serve_domain(args.domid, png, args.interval, args.depriv, args.chroot, remote)
-        return serve_domain(args.domid, png, args.interval, args.depriv, args.chroot)
-    except (OSError, ValueError, RuntimeError) as e:  # Xen's, the kernel's or the mock host's refusal
-        print(f"framebuffer: dom{args.domid}: {e}", file=sys.stderr)
-        return 1
-    finally:
-        png.close()
+    with contextlib.closing(png):
+        if target.where is app.Where.MOCK:
+            if run_on_mock(png, hold=args.hold) is not None:
+                print(f"snapshot: {args.output}")
+            return 0
+        # No interrupt DMOPs here: any domain the DMOPs accept may be served.
+        return app.run_target(
+            target, lambda connection: serve_domain(connection, png, args.interval), name="framebuffer"
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -323,26 +322,8 @@ def test_signal_tears_the_server_down(tmp_path: Path, signum: int) -> None:
 # --- a deprivileged device model in its own process, on a mock host process -------------------------
 
 
-@pytest.fixture
-def mock_host(tmp_path: Path) -> Iterator[Path]:
-    """``xendmop mock-host`` in its own process (dom1 HVM, dom2 PV); its socket path."""
-    sock = tmp_path / "mock.sock"
-    host = subprocess.Popen(
-        [sys.executable, "-m", "xendmop", "mock-host", "--socket", str(sock)],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        assert host.stdout is not None and "listening" in host.stdout.readline()
-        yield sock
-    finally:
-        host.terminate()
-        host.wait(30)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
-def test_deprivileged_device_model_serves_a_mock_host_process(mock_host: Path, tmp_path: Path) -> None:
+def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process: str, tmp_path: Path) -> None:
     from xendmop.mock.remote import RemoteGuest, RemoteXen
 
     shots = tmp_path / "shots"
@@ -365,7 +346,7 @@ def test_deprivileged_device_model_serves_a_mock_host_process(mock_host: Path, t
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": str(mock_host)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": mock_host_process},
     )
     try:
         assert proc.stderr is not None
@@ -376,7 +357,7 @@ def test_deprivileged_device_model_serves_a_mock_host_process(mock_host: Path, t
                 break
         assert "deprivileged to uid 65534" in seen[-1], "".join(seen)
         assert "Uid:\t65534\t65534\t65534\t65534" in Path(f"/proc/{proc.pid}/status").read_text()
-        with RemoteXen(str(mock_host)) as remote:
+        with RemoteXen(mock_host_process) as remote:
             report = fbmod["guest_script"](RemoteGuest(remote, 1), lambda: remote.snapshot(1))
             assert report.pages_read == [report.nr_pages, square_pages(), 0, 1]
             assert report.tracking_after_disable is None
@@ -398,7 +379,7 @@ def detected(guest: Any) -> bool:
     return bool(guest.inw(0x1CF) == 0xB0C5)
 
 
-def test_timer_renders_what_the_guest_draws_without_a_flush(mock_host: Path, tmp_path: Path) -> None:
+def test_timer_renders_what_the_guest_draws_without_a_flush(mock_host_process: str, tmp_path: Path) -> None:
     from xendmop.mock.remote import RemoteGuest, RemoteXen
 
     png = tmp_path / "timer.png"
@@ -407,10 +388,10 @@ def test_timer_renders_what_the_guest_draws_without_a_flush(mock_host: Path, tmp
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": str(mock_host)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": mock_host_process},
     )
     try:
-        with RemoteXen(str(mock_host)) as remote:
+        with RemoteXen(mock_host_process) as remote:
             guest = RemoteGuest(remote, 1)
             deadline = time.monotonic() + 30
             while not detected(guest) and time.monotonic() < deadline:  # until its ports are routed
