@@ -29,8 +29,9 @@ accepted ISA IRQ level change for a PVH guest crashed the hypervisor, and ``dm_o
 cannot tell PVH from HVM.  Before serving, the guest's kind is read from the
 hypervisor's emulation flags (libxenctrl), else from libxl's record
 (``xenstore-read /libxl/<domid>/type``), and any domain that is not "hvm" is
-refused; an unknown kind is refused too unless ``--assume-hvm`` is given.  On the
-mock the domain view says whether it is HVM.
+refused; an unknown kind is refused too unless ``--assume-hvm`` is given
+(``xendmop.runtime.app.require_hvm``).  On the mock the domain view says whether
+it is HVM.
 
 ``--depriv UID:GID`` drops privileges after bring-up (``IoreqServer(deprivilege=)``).
 It needs a real dom0, or a mock host in another process: with ``XENDMOP_MOCK_SOCKET``
@@ -49,12 +50,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import logging
 import os
 import select
 import signal
-import subprocess
 import sys
 import termios
 import threading
@@ -62,11 +61,13 @@ import time
 import tty
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from xendmop import DeviceModel
-from xendmop.mock.remote import ENV_SOCKET
-from xendmop.runtime import IoreqServer, ServeLoop
+from xendmop.runtime import ServeLoop, app
+
+if TYPE_CHECKING:
+    from xendmop.mock import MockXen
 
 log = logging.getLogger("uart16550")
 
@@ -633,119 +634,59 @@ PROMPT = b"Type a line for the guest to read:\r\n"
 DEFAULT_LINE = b"hello from the host"
 
 
-class NotHvmError(RuntimeError):
-    """Refused: the domain is not HVM, and ISA IRQ level changes must not reach it."""
-
-
-def require_hvm(domid: int, kind: str | None, assume_hvm: bool = False) -> None:
-    """Refuse any domain whose type is not "hvm" (``kind`` None: unknown; allowed with ``assume_hvm``)."""
-    if kind == "hvm" or (kind is None and assume_hvm):
-        return
-    raise NotHvmError(
-        f"dom{domid} is {kind or 'of unknown type'}, not HVM: ISA IRQ level changes to a PVH guest "
-        "can crash Xen (4.17.7)" + ("; pass --assume-hvm if you know it is HVM" if kind is None else "")
-    )
-
-
 @dataclasses.dataclass
 class MockRun:
     console: bytes  # everything the guest wrote to the UART
-    line: bytes  # what the guest read back
+    line: bytes  # what the guest read back (b"" if a signal came first)
     irq: list[tuple[bool, str]]  # IRQ 4's edges
     servers_left: int
+    domid: int
+    signal: int | None = None  # the signal that ended the run early
 
 
 def run_on_mock(
-    line: bytes | Callable[[], bytes], out: TextIO, *, xen: Any = None, domid: int | None = None
+    line: bytes | Callable[[], bytes], out: TextIO, *, xen: MockXen | None = None, domid: int | None = None
 ) -> MockRun:
-    """Serve a simulated guest firmware on the mock Xen; the host types ``line`` (or
-    what calling it returns, once the guest asks) when the guest asks for input."""
-    from xendmop.mock import MockXen
+    """Serve a simulated guest firmware on the mock Xen (``xen``/``domid``, default new ones);
+    the host types ``line`` (or what calling it returns, once the guest asks) when the guest
+    asks for input.  The loop serves in this thread, the firmware runs in another; SIGINT or
+    SIGTERM ends the run early (``MockRun.signal``).  Raises ``NotHvmError`` for a PV domain."""
     from xendmop.runtime.simguest import SimGuest
 
-    own = xen is None
-    host = MockXen() if xen is None else xen
-    try:
-        if domid is None:
-            domid = host.create_domain(vcpus=1, hvm=True, memory_mb=4)
-        require_hvm(domid, "hvm" if host.domain(domid).hvm else "pv or pvh")
-        view = MockConsole(out)
-        with DeviceModel.open("mock", xen=host) as dm:
-            uart = Uart16550(view.console, isa_irq_setter(dm, domid, view.irq_edge))
-            server = IoreqServer(dm, domid, opener=host.open_device)
-            server.add_port_range(COM1, COM1 + 7, uart, "uart16550")
-            keyboard_r, keyboard_w = os.pipe()  # the host's terminal, as on real Xen
-            server.start()
-            loop = ServeLoop(server)
-            close_wake = attach(loop, uart, keyboard_r)
-            thread = threading.Thread(target=loop.run, kwargs={"handle_signals": False}, daemon=True)
-            # SIGINT/SIGTERM must go to the main thread: one taken by the serving thread
-            # would not interrupt the main thread's wait for the keyboard.
-            unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-            try:
-                thread.start()  # inherits the blocked mask
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
-            try:
-                fw = Firmware(SimGuest(host, domid, timeout=5), lambda: host.domain(domid).gsi_level(IRQ))
-                fw.probe()
-                fw.init()
-                fw.puts(BANNER + PROMPT)
-                typed = (line() if callable(line) else line).rstrip(b"\r\n") + b"\r"
-                view.note(f"[host types {typed.decode('latin-1')!r}]")
-                os.write(keyboard_w, typed)
-                got = fw.readline()
-                fw.puts(b"The guest read: " + got + b"\r\n")
-            finally:
-                loop.stop()
-                thread.join(5)
-                uart.release_irq()
-                close_wake()
-                os.close(keyboard_r)
-                os.close(keyboard_w)
-            left = sum(s is not None for s in host.domain(domid).snapshot()["servers"])
-            return MockRun(bytes(view.text), got, view.irq, left)
-    finally:
-        if own:
-            host.close()
+    view = MockConsole(out)
+    with app.open_mock(xen, domid) as mock:
+        mock.require_hvm()  # ISA IRQ level changes for an HVM guest only
+        host, domid = mock.mock_xen, mock.domid
+        uart = Uart16550(view.console, isa_irq_setter(mock.dm, domid, view.irq_edge))
+        server = mock.ioreq_server()
+        server.add_port_range(COM1, COM1 + 7, uart, "uart16550")
+        keyboard_r, keyboard_w = os.pipe()  # the host's terminal, as on real Xen
+        loop = ServeLoop(server)
+        close_wake = attach(loop, uart, keyboard_r)
+
+        def firmware() -> bytes:
+            fw = Firmware(SimGuest(host, domid, timeout=5), lambda: host.domain(domid).gsi_level(IRQ))
+            fw.probe()
+            fw.init()
+            fw.puts(BANNER + PROMPT)
+            typed = (line() if callable(line) else line).rstrip(b"\r\n") + b"\r"
+            view.note(f"[host types {typed.decode('latin-1')!r}]")
+            os.write(keyboard_w, typed)
+            got = fw.readline()
+            fw.puts(b"The guest read: " + got + b"\r\n")
+            return got
+
+        try:
+            run = app.run_guest_while_serving(loop, firmware)
+        finally:
+            uart.release_irq()
+            close_wake()
+            os.close(keyboard_r)
+            os.close(keyboard_w)
+        return MockRun(bytes(view.text), run.result or b"", view.irq, len(mock.servers_left()), domid, run.signal)
 
 
 # --- a real dom0 ------------------------------------------------------------------------------------
-
-
-def domain_kind(domid: int) -> str | None:
-    """ "hvm", "pvh" or "pv": from the hypervisor's own emulation flags (libxenctrl) when
-    it can be asked, else from libxl's record in Xenstore; None if neither answers."""
-    from xendmop.backends.libxen import LibxenCtrl
-
-    try:
-        ctrl = LibxenCtrl()
-        try:
-            return ctrl.domain_info(domid).kind.value.lower()
-        finally:
-            ctrl.close()
-    except OSError as e:  # no libxenctrl, not a Xen host, no such query: ask libxl's record
-        log.info("dom%d: libxenctrl cannot tell its kind (%s); asking Xenstore", domid, e)
-    try:
-        done = subprocess.run(
-            ["xenstore-read", f"/libxl/{domid}/type"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def require_hvm_by_dmop(dm: DeviceModel, domid: int) -> None:
-    """On a mock host process, which has HVM and PV domains but no PVH: a PV domain
-    refuses every DMOP with EINVAL (``dm_op``'s "not HVM" check), so one harmless DMOP tells."""
-    from xendmop.errors import XenError
-
-    try:
-        dm.nr_vcpus(domid)
-    except XenError as e:
-        if e.errno == errno.EINVAL:
-            raise NotHvmError(f"dom{domid} is not HVM: {e}") from None
-        raise
 
 
 @contextlib.contextmanager
@@ -781,123 +722,77 @@ def fd_writer(fd: int) -> Callable[[bytes], None]:
 
 
 def serve_domain(
-    dm: DeviceModel,
-    domid: int,
+    connection: app.Connection,
     *,
     input_fd: int | None,
     output_fd: int,
-    opener: Callable[[str], Any] | None = None,
-    deprivilege: Any = None,
     on_ready: Callable[[], None] | None = None,
 ) -> int | None:
-    """Serve COM1 of ``domid`` in this (main) thread until SIGINT/SIGTERM; the server is
-    destroyed and IRQ 4 lowered on the way out.  Returns the signal."""
-    uart = Uart16550(fd_writer(output_fd), isa_irq_setter(dm, domid))
-    server = IoreqServer(dm, domid, opener=opener, deprivilege=deprivilege)
+    """Serve COM1 of the connection's domain in this (main) thread until SIGINT/SIGTERM; the
+    server is destroyed and IRQ 4 lowered on the way out.  Returns the signal."""
+    uart = Uart16550(fd_writer(output_fd), isa_irq_setter(connection.dm, connection.domid))
+    server = connection.ioreq_server()
     server.add_port_range(COM1, COM1 + 7, uart, "uart16550")
     loop = ServeLoop(server)
     close_wake = attach(loop, uart, input_fd)
     try:
-        server.start()  # up (and deprivileged) before the first access is served
-        if on_ready is not None:
-            on_ready()
-        return loop.run()  # serves; tears down on SIGINT/SIGTERM
+        return app.serve_until_signal(loop, on_ready=on_ready)  # up (and deprivileged) before on_ready
     finally:
-        server.close()
         uart.release_irq()
         close_wake()
 
 
-def parse_ids(text: str) -> tuple[int, int]:
-    """``UID:GID`` (non-root numeric ids) for ``--depriv``; ``ArgumentTypeError`` names a bad value."""
-    uid, sep, gid = text.partition(":")
-    if not sep or not uid.isdigit() or not gid.isdigit() or int(uid) == 0 or int(gid) == 0:
-        raise argparse.ArgumentTypeError(f"--depriv {text!r}: expected UID:GID, two non-root numeric ids")
-    return int(uid), int(gid)
+def read_line(fd: int) -> bytes:
+    """One line from ``fd``, a byte at a time: no buffered file (whose lock a thread blocked
+    in it would hold at exit) and nothing read past the line."""
+    data = bytearray()
+    while not data.endswith(b"\n"):
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        data += byte
+    return bytes(data)
 
 
 def _mock_line(args: argparse.Namespace) -> bytes | Callable[[], bytes]:
     if args.line == "-" or (args.line is None and sys.stdin.isatty()):
-        return lambda: sys.stdin.buffer.readline()  # asked for only once the guest prompts
+        return lambda: read_line(sys.stdin.fileno())  # asked for only once the guest prompts
     return DEFAULT_LINE if args.line is None else os.fsencode(args.line)
-
-
-class _Terminated(Exception):
-    pass
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise _Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--domid", type=int, help="serve this HVM domain on a real dom0 (default: the mock)")
+    app.add_arguments(p, assume_hvm=True)
     p.add_argument("--line", help="on the mock: what the host types to the guest ('-': read it from stdin)")
     p.add_argument("--pty", action="store_true", help="on a real dom0: a new pty instead of this terminal")
-    p.add_argument("--depriv", type=parse_ids, metavar="UID:GID", help="drop to these ids after bring-up")
-    p.add_argument("--chroot", help="with --depriv: an empty root-owned directory to chroot into")
-    p.add_argument("--assume-hvm", action="store_true", help="serve even if the guest type cannot be read")
-    args = p.parse_args(argv)
+    args, target = app.parse(p, argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    if args.chroot and not args.depriv:
-        p.error("--chroot needs --depriv UID:GID")
-    if args.domid is None:
-        if args.depriv:
-            p.error(
-                "--depriv needs a real dom0 (--domid N) or a mock host in another process "
-                "(XENDMOP_MOCK_SOCKET): the in-process mock lives in this process, which must stay privileged"
-            )
+    if target.where is app.Where.MOCK:
         if args.pty:
             p.error("--pty is for a real dom0 (--domid N); on the mock the host types --line")
         return _main_mock(args)
-    try:
-        if not os.environ.get(ENV_SOCKET):  # a mock host process is checked by a DMOP, below
-            require_hvm(args.domid, domain_kind(args.domid), args.assume_hvm)
-        return _main_domain(args)
-    except NotHvmError as e:
-        p.error(str(e))
+    # ISA IRQ 4 goes out: a domain that is not HVM is refused (exit 2) before anything is opened.
+    return app.run_target(
+        target, lambda connection: _main_domain(args, connection), name="uart16550", parser=p, hvm_only=True
+    )
 
 
 def _main_mock(args: argparse.Namespace) -> int:
-    from xendmop.mock import MockXen
-
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    with MockXen() as host:
-        domid = host.create_domain(vcpus=1, hvm=True, memory_mb=4)
-        try:
-            run_on_mock(_mock_line(args), sys.stdout, xen=host, domid=domid)
-            stopped = ""
-        except (KeyboardInterrupt, _Terminated):
-            stopped = "stopped; "
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        left = [i for i, s in enumerate(host.domain(domid).snapshot()["servers"]) if s is not None]
-    if left:
-        print(f"uart16550: {stopped}ioreq server(s) {left} left in dom{domid}", file=sys.stderr)
+    run = run_on_mock(_mock_line(args), sys.stdout)
+    stopped = "stopped; " if run.signal is not None else ""
+    if run.servers_left:
+        print(f"uart16550: {stopped}{run.servers_left} ioreq server(s) left in dom{run.domid}", file=sys.stderr)
         return 1
     if stopped:
-        print(f"uart16550: {stopped}the ioreq server was destroyed, none is left in dom{domid}", file=sys.stderr)
+        print(f"uart16550: {stopped}the ioreq server was destroyed, none is left in dom{run.domid}", file=sys.stderr)
         return 130
     return 0
 
 
-def _main_domain(args: argparse.Namespace) -> int:
-    """Serve ``--domid`` on a real dom0, or on the mock host process ``$XENDMOP_MOCK_SOCKET`` names."""
-    from xendmop.depriv import DropConfig
-
-    drop = DropConfig(uid=args.depriv[0], gid=args.depriv[1], chroot=args.chroot) if args.depriv else None
+def _main_domain(args: argparse.Namespace, connection: app.Connection) -> int:
+    """Serve the connection's domain (a real dom0's, or a mock host process's) on a terminal or pty."""
+    domid = connection.domid
     with contextlib.ExitStack() as stack:
-        opener = None
-        if os.environ.get(ENV_SOCKET):
-            from xendmop.mock.remote import connect_from_env
-
-            remote = stack.enter_context(connect_from_env())
-            opener = remote.open_device
-            dm = stack.enter_context(DeviceModel.open("mock", xen=remote))
-            require_hvm_by_dmop(dm, args.domid)
-        else:
-            dm = stack.enter_context(DeviceModel.open("privcmd"))
         if args.pty:
             master, slave = os.openpty()
             tty.setraw(slave)
@@ -905,7 +800,7 @@ def _main_domain(args: argparse.Namespace) -> int:
             stack.callback(os.close, master)
             stack.callback(os.close, slave)  # held open: the master reads EIO while no slave is open
             in_fd, out_fd = master, master
-            print(f"uart16550: dom{args.domid}'s COM1 is on {os.ttyname(slave)}", file=sys.stderr)
+            print(f"uart16550: dom{domid}'s COM1 is on {os.ttyname(slave)}", file=sys.stderr)
         elif os.isatty(sys.stdin.fileno()):
             # The terminal opened anew: an open file of our own, not shared with stdout.
             term = os.open(os.ttyname(sys.stdin.fileno()), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
@@ -916,12 +811,10 @@ def _main_domain(args: argparse.Namespace) -> int:
             in_fd, out_fd = sys.stdin.fileno(), sys.stdout.fileno()
 
         def ready() -> None:
-            dropped = f"; deprivileged to uid {args.depriv[0]} gid {args.depriv[1]}" if drop else ""
-            print(f"uart16550: serving dom{args.domid}'s COM1{dropped}; Ctrl-C to stop", file=sys.stderr, flush=True)
+            dropped = f"; deprivileged to uid {args.depriv[0]} gid {args.depriv[1]}" if connection.drop else ""
+            print(f"uart16550: serving dom{domid}'s COM1{dropped}; Ctrl-C to stop", file=sys.stderr, flush=True)
 
-        signum = serve_domain(
-            dm, args.domid, input_fd=in_fd, output_fd=out_fd, opener=opener, deprivilege=drop, on_ready=ready
-        )
+        signum = serve_domain(connection, input_fd=in_fd, output_fd=out_fd, on_ready=ready)
     stopped = signal.Signals(signum).name if signum else "done"
     print(f"\r\nuart16550: stopped ({stopped}); the ioreq server was destroyed", file=sys.stderr)
     return 0

@@ -20,7 +20,7 @@ import pytest
 
 from xendmop import DeviceModel
 from xendmop.mock import MockXen
-from xendmop.runtime import ServeLoop
+from xendmop.runtime import ServeLoop, app
 from xendmop.runtime.simguest import SimGuest
 from xendmop.testing import DomainFactory, ServeFactory
 
@@ -225,17 +225,6 @@ def test_a_wide_access_reads_consecutive_registers(wire: Wire) -> None:
     assert wire.uart.read(MSR, 2) == 0xB0 | (0x77 << 8)
 
 
-def test_require_hvm_refuses_pvh_pv_and_unknown() -> None:
-    require_hvm, refused = uart_mod["require_hvm"], uart_mod["NotHvmError"]
-    require_hvm(5, "hvm")
-    require_hvm(5, None, assume_hvm=True)
-    for kind in ("pvh", "pv"):
-        with pytest.raises(refused, match=f"dom5 is {kind}, not HVM"):
-            require_hvm(5, kind, assume_hvm=True)
-    with pytest.raises(refused, match="--assume-hvm"):
-        require_hvm(5, None)
-
-
 # --- on the mock, with the plugin's fixtures ---------------------------------------------------------
 
 
@@ -284,7 +273,7 @@ def test_run_on_mock_end_to_end(xen_host: MockXen, hvm_domain: int) -> None:
 
 def test_run_on_mock_refuses_a_pv_domain(xen_host: MockXen, make_domain: DomainFactory) -> None:
     pv = make_domain(hvm=False)
-    with pytest.raises(uart_mod["NotHvmError"], match=f"dom{pv} is pv or pvh, not HVM"):
+    with pytest.raises(app.NotHvmError, match=f"dom{pv} is pv, not HVM"):
         uart_mod["run_on_mock"](b"x", io.StringIO(), xen=xen_host, domid=pv)
     assert xen_host.domain(pv).snapshot()["irq"][0] == 0  # no ISA IRQ touched
 
@@ -317,14 +306,8 @@ def test_serve_domain_on_a_pty_until_sigterm(
 
     thread = threading.Thread(target=firmware)
     try:
-        signum = uart_mod["serve_domain"](
-            device_model,
-            hvm_domain,
-            input_fd=master,
-            output_fd=master,
-            opener=xen_host.open_device,
-            on_ready=thread.start,
-        )
+        connection = app.Connection(app.Where.MOCK, device_model, hvm_domain, xen_host.open_device, xen_host)
+        signum = uart_mod["serve_domain"](connection, input_fd=master, output_fd=master, on_ready=thread.start)
         thread.join(5)
         assert signum == signal.SIGTERM
         assert results == [b"root"]
