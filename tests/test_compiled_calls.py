@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import mmap
 import os
 from typing import Any
 
@@ -24,6 +25,7 @@ class CapturingPrivcmd:
 
     def __init__(self) -> None:
         self.requests: list[tuple[int, list[bytes]]] = []
+        self.slot_bufs: list[tuple[int, int]] = []  # bufs[1] as (uptr, size)
         self.answer: bytes | None = None  # written into bufs[1] when set
 
     def fileno(self) -> int:
@@ -40,6 +42,8 @@ class CapturingPrivcmd:
         if self.answer is not None and req.num == 2:
             ctypes.memmove(bufs[1].uptr, self.answer, min(len(self.answer), bufs[1].size))
         self.requests.append((req.dom, [ctypes.string_at(b.uptr, b.size) for b in bufs]))
+        if req.num == 2:
+            self.slot_bufs.append((bufs[1].uptr, bufs[1].size))
         return 0
 
     def mmap(self, length: int, offset: int = 0) -> Any:
@@ -189,3 +193,17 @@ def test_extents_of_the_wrong_size_are_refused_by_name() -> None:
     dm = _open(CapturingPrivcmd())
     with pytest.raises(ArgumentError, match="extents"):
         dm._modified_memory(3, 2, memoryview(EXTENTS).cast("B"))  # three extents, two declared
+
+
+def test_an_empty_slot_is_never_page_aligned() -> None:
+    """privcmd pins the pages a buffer spans: an aligned 0-byte one spans none (EFAULT, or
+    worse, on Linux 6.1), so both paths point it inside the slot page instead."""
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    dm.track_dirty_vram(3, 0x100, 0)  # stop tracking: an empty bitmap
+    dm._call(BY_NAME["track_dirty_vram"], 3, {"first_pfn": 0x100, "nr": 0}, (None,))
+    dm.track_dirty_vram(3, 0x100, 8)
+    (empty, _), (generic_empty, _), (full, _) = device.slot_bufs
+    assert [size for _, size in device.slot_bufs] == [0, 0, 1]
+    assert empty % mmap.PAGESIZE and generic_empty % mmap.PAGESIZE
+    assert full % mmap.PAGESIZE == 0 and empty // mmap.PAGESIZE == full // mmap.PAGESIZE

@@ -13,13 +13,20 @@ Arena layout (offsets in bytes):
     272   struct privcmd_hypercall             (fallback path)
     320   struct xen_dm_op                     (bufs[0], 32 bytes)
     PAGE  slot data                            (bufs[1], up to max_buf_size)
+    PAGE + EMPTY_SLOT_OFFSET                   (bufs[1] when it is 0 bytes long)
+
+A 0-byte buffer is never handed over page-aligned: privcmd's ``lock_pages``
+(Linux ``drivers/xen/privcmd.c``) pins the pages the buffer spans, which for an
+aligned empty buffer is none; the Debian 6.1 dom0 kernel answered that with EFAULT
+and once an oops (``integration/scenarios.py``, HAZARD 2), where libxendevicemodel's
+unaligned pointer pinned one page and the call succeeded.
 
 Everything in it that no call changes is written once, when the arena is made:
-``ubufs``, ``bufs[0]`` (the op, 32 bytes), ``bufs[1].uptr`` (the slot data), and the
-hypercall's ``op`` and ``arg[2]``.  The kernel only reads these (``copy_from_user``
-in ``privcmd_ioctl_dm_op``), so a call writes just the domid, the buffer count,
-``bufs[1].size`` and the op itself.  The op (``bufs[0]``) is always written whole:
-Xen writes progress back into it on a continuation (``do_dm_op``, ``xen/common/dm.c``).
+``ubufs``, ``bufs[0]`` (the op, 32 bytes), and the hypercall's ``op`` and ``arg[2]``.
+The kernel only reads these (``copy_from_user`` in ``privcmd_ioctl_dm_op``), so a
+call writes just the domid, the buffer count, ``bufs[1]`` and the op itself.  The op
+(``bufs[0]``) is always written whole: Xen writes progress back into it on a
+continuation (``do_dm_op``, ``xen/common/dm.c``).
 """
 
 from __future__ import annotations
@@ -41,11 +48,13 @@ _BUFS_AT = 16
 _HYPERCALL_AT = _BUFS_AT + MAX_BUFS * ctypes.sizeof(privcmd_dm_op_buf)
 _OP_AT = _HYPERCALL_AT + ctypes.sizeof(privcmd_hypercall)
 _OP_SIZE = 32  # sizeof(struct xen_dm_op)
-#: offsets of what a call writes: (dom, num) of the DM_OP request, bufs[1].size, arg[0..1] of the hypercall
+#: offsets of what a call writes: (dom, num) of the DM_OP request, bufs[1], arg[0..1] of the hypercall
 HEAD_AT = 0
-SLOT_SIZE_AT = _BUFS_AT + ctypes.sizeof(privcmd_dm_op_buf) + privcmd_dm_op_buf.size.offset
+SLOT_BUF_AT = _BUFS_AT + ctypes.sizeof(privcmd_dm_op_buf)  # bufs[1]: uptr, size
 HYPERCALL_ARGS_AT = _HYPERCALL_AT + privcmd_hypercall.arg.offset
 OP_AT = _OP_AT
+#: where an empty bufs[1] points, inside the slot page: one page is pinned for it
+EMPTY_SLOT_OFFSET = 16
 _MAP_LOCKED = getattr(mmap, "MAP_LOCKED", 0x2000)  # x86 value from <asm-generic/mman.h>
 
 
@@ -66,14 +75,15 @@ class Arena:
         # the parts no call changes (see the module docstring)
         self.dm_op.ubufs = self.bufs_addr
         self.bufs[0].uptr, self.bufs[0].size = self.op_addr, _OP_SIZE
-        self.bufs[1].uptr = self.base + PAGE_SIZE
+        self.slot_addr = self.base + PAGE_SIZE  # bufs[1].uptr, rewritten with its size per call
+        self.bufs[1].uptr = self.slot_addr
         self.hypercall.op = CONSTANTS["__HYPERVISOR_dm_op"]
         self.hypercall.arg[2] = self.bufs_addr
 
     def slot_offset(self, index: int, nbytes: int) -> int:
         if index != 0 or nbytes > self.slot_room:
             raise ValueError(f"slot {index} of {nbytes} bytes does not fit the arena ({self.slot_room})")
-        return PAGE_SIZE
+        return PAGE_SIZE if nbytes else PAGE_SIZE + EMPTY_SLOT_OFFSET
 
     def set_bufs(self, bufs: list[tuple[int, int]]) -> None:
         for entry, (addr, size) in zip(self.bufs, bufs):

@@ -21,7 +21,7 @@ from ..abi.xen import DOMID_FIRST_RESERVED, DOMID_INVALID, domid_t
 from ..errors import ArgumentError, ClosedHandleError, XenError, xen_error
 from ..ops import DM_OP_HEADER, CopyBack, OpDecl, check_domid
 from .base import Limits
-from .buffers import HEAD_AT, HYPERCALL_ARGS_AT, OP_AT, SLOT_SIZE_AT, HypercallBuffers
+from .buffers import EMPTY_SLOT_OFFSET, HEAD_AT, HYPERCALL_ARGS_AT, OP_AT, SLOT_BUF_AT, HypercallBuffers
 from .device import PAGE_SIZE, PRIVCMD_PATH, Device, Opener, OsDevice, open_device
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def {name}(domid, {params}):
 
 _HEAD_DM_OP = Struct("<HH")  # privcmd_dm_op.dom, .num (ubufs is written once per arena)
 _HEAD_HYPERCALL = Struct("<QQ")  # privcmd_hypercall.arg[0] = domid, arg[1] = nr_bufs (arg[2] once per arena)
-_SIZE = Struct("<Q")  # bufs[1].size
+_BUF = Struct("<QQ")  # bufs[1]: uptr, size
 
 
 def _fields_class_source(decl: OpDecl, params: Sequence[str]) -> str:
@@ -107,7 +107,7 @@ def _make_call(
         "_EIO": errno.EIO,
         "_pack_op": decl._packer.pack_into,
         "_pack_head": (_HEAD_HYPERCALL if hypercall else _HEAD_DM_OP).pack_into,
-        "_pack_size": _SIZE.pack_into,
+        "_pack_buf": _BUF.pack_into,
         "_from_copy": decl.struct.from_buffer_copy,
         "_zeros": _ZEROS,
         "_memoryview": memoryview,
@@ -142,7 +142,9 @@ def _make_call(
             lines.append(f"_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _raw")
         else:  # never hand Xen a buffer holding the last call's answer
             lines.append(f"_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _zeros[:_nbytes]")
-        lines.append(f"_pack_size(_view, {SLOT_SIZE_AT}, _nbytes)")
+        # an empty buffer points off the page boundary (see buffers.py: privcmd's lock_pages)
+        empty = f"_arena.slot_addr + {EMPTY_SLOT_OFFSET}"
+        lines.append(f"_pack_buf(_view, {SLOT_BUF_AT}, _arena.slot_addr if _nbytes else {empty}, _nbytes)")
     # the struct is a result only for ops Xen always copies back; ON_RESTART ops get it
     # back only as continuation progress, which privcmd finishes before returning
     result = f"_from_copy(_view, {OP_AT + DM_OP_HEADER})" if decl.copy_back is CopyBack.ALWAYS else "None"
