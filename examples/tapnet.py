@@ -33,10 +33,12 @@ program created is non-persistent once opened: the kernel removes it when the fd
 closes, also after privileges are dropped or if the process is killed.
 
 Interrupts: ISA IRQ ``--irq`` (default 5) through ``set_isa_irq_level``, only for an
-HVM guest.  On real Xen the domain type comes from Xenstore (``/libxl/<domid>/type``,
-read by ``xenstore-read``) or ``--guest-type``: interrupt DMOPs are never sent to a PVH
-guest (an accepted ISA IRQ level change on one crashed Xen 4.17.7); use ``--no-irq``
-there (the guest then polls ISR).
+HVM guest.  On real Xen the domain type comes from the hypervisor (libxenctrl), else
+Xenstore (``/libxl/<domid>/type``, read by ``xenstore-read``), else ``--guest-type`` or
+``--assume-hvm`` (``xendmop.runtime.app.guest_kind``): interrupt DMOPs are never sent
+to a PVH guest (an accepted ISA IRQ level change on one crashed Xen 4.17.7); use
+``--no-irq`` there (the guest then polls ISR).  A mock host process's PV domain is
+refused by the EINVAL its first DMOP gets.
 
 Run it (as root: creating a tap needs CAP_NET_ADMIN):
 
@@ -62,15 +64,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import errno
 import fcntl
 import ipaddress
 import os
 import re
-import shutil
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -82,7 +81,7 @@ from typing import Any, TextIO
 from pyroute2 import IPRoute, netns  # type: ignore[import-untyped]
 
 from xendmop import DeviceModel
-from xendmop.runtime import GuestMemory, GuestMemoryError, IoreqServer, ServeLoop
+from xendmop.runtime import GuestMemory, GuestMemoryError, IoreqServer, ServeLoop, app
 
 # --- the card -------------------------------------------------------------------------------
 
@@ -104,7 +103,7 @@ RX_QUEUE = 64
 #: frames taken from the tap per wake-up, so that ioreqs are not starved by a flood
 RX_BATCH = 32
 #: names a mock host process (``xendmop mock-host --socket PATH``) that ``--domid`` then serves
-ENV_SOCKET = "XENDMOP_MOCK_SOCKET"
+ENV_SOCKET = app.ENV_SOCKET
 _U32 = 0xFFFFFFFF
 
 
@@ -387,43 +386,6 @@ def enter_netns(name: str) -> None:
     netns.setns(name, flags=0)
 
 
-# --- interrupts: HVM only -----------------------------------------------------------------------
-
-
-class GuestTypeError(RuntimeError):
-    """Interrupts requested for a guest that is not (known to be) HVM."""
-
-
-def xenstore_guest_type(domid: int) -> str | None:
-    """The libxl domain type ("hvm", "pvh", "pv") from Xenstore, or None if it cannot be read.
-
-    Read by the ``xenstore-read`` tool in a child process, so no Xenstore fd stays open
-    in this one (a deprivileged device model must hold none)."""
-    tool = shutil.which("xenstore-read")
-    if tool is None:
-        return None
-    try:
-        done = subprocess.run([tool, f"/libxl/{domid}/type"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (done.stdout.strip() or None) if done.returncode == 0 else None
-
-
-def require_hvm(domid: int, guest_type: str | None) -> None:
-    """Refuse interrupt DMOPs unless the guest is known to be HVM."""
-    if guest_type == "hvm":
-        return
-    if guest_type is None:
-        raise GuestTypeError(
-            f"dom{domid}: cannot tell whether it is HVM (no /libxl/{domid}/type in Xenstore); "
-            "pass --guest-type hvm if it is, or --no-irq"
-        )
-    raise GuestTypeError(
-        f"dom{domid} is {guest_type}, not HVM: refusing to send it interrupt DMOPs "
-        "(an ISA IRQ level change on a PVH guest crashed Xen 4.17.7); use --no-irq"
-    )
-
-
 # --- the simulated guest's driver (mock only) ----------------------------------------------------
 
 TX_BUFFER = 0x10000
@@ -565,7 +527,7 @@ class MockNetwork:
     """An HVM domain on a mock Xen with the card at ``PORT_BASE`` served by ``loop``.
 
     ``create(fd, irq=5)``: a new mock host with a 4 MiB domain (``hvm=False`` makes it
-    PV, for which interrupts are refused: ``GuestTypeError``), the card on ``fd``,
+    PV, for which interrupts are refused: ``app.NotHvmError``), the card on ``fd``,
     raising ``irq`` (None: no interrupt, the guest polls).  Used as a context manager:
     the loop runs in a thread (or call ``loop.run()`` yourself and leave ``threaded``
     False); leaving tears everything down and checks that no ioreq server was left in Xen.
@@ -588,8 +550,8 @@ class MockNetwork:
         xen = MockXen()
         try:
             domid = xen.create_domain(vcpus=1, hvm=hvm, memory_mb=4)
-            if irq is not None and not xen.domain(domid).hvm:
-                require_hvm(domid, "pv")
+            if irq is not None:  # ISA IRQ level changes for an HVM guest only
+                app.check_hvm(domid, "hvm" if xen.domain(domid).hvm else "pv")
             dm = DeviceModel.open("mock", xen=xen)
         except BaseException:
             xen.close()
@@ -622,8 +584,7 @@ class MockNetwork:
 
     def __enter__(self) -> MockNetwork:
         if self.threaded:
-            self._thread = threading.Thread(target=self.loop.run, kwargs={"handle_signals": False}, daemon=True)
-            self._thread.start()
+            self._thread = app.start_daemon_thread(lambda: self.loop.run(handle_signals=False), "tapnet-serve")
         return self
 
     def close(self) -> None:
@@ -674,40 +635,19 @@ def run_guest(
 
 def serve_mock(tap: Tap, out: TextIO, *, irq: int | None, ip: str, host_ip: str, mac: bytes) -> int:
     """Serve a simulated guest on the tap until SIGINT/SIGTERM; the loop runs in this thread."""
-    net = MockNetwork.create(tap.fd, irq=irq, threaded=False)
     stop = threading.Event()
-    result: list[int] = []
-    failure: list[BaseException] = []
-    # The guest thread asks the loop to stop through a reader of the loop's own, so the
-    # request is handled inside run() and never touches the loop after it has returned.
-    guest_failed = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    net.loop.add_reader(guest_failed, net.loop.stop)
-
-    def guest() -> None:
-        try:
-            result.append(run_guest(net, stop, out, mac=mac, ip=ip, host_ip=host_ip))
-        except BaseException as e:
-            failure.append(e)
-            os.eventfd_write(guest_failed, 1)
-
-    try:
-        with net:
-            worker = threading.Thread(target=guest, name="guest-vcpu0", daemon=True)
-            worker.start()
-            try:
-                out.write(f"tapnet: serving dom{net.domid} (mock) on tap {tap.name}; guest {ip}; Ctrl-C to stop\n")
-                out.flush()
-                net.loop.run()  # SIGINT/SIGTERM: stops, destroys the server
-            finally:
-                stop.set()
-                worker.join(10)
-    finally:
-        os.close(guest_failed)
-    if failure:
-        raise failure[0]
+    with MockNetwork.create(tap.fd, irq=irq, threaded=False) as net:
+        out.write(f"tapnet: serving dom{net.domid} (mock) on tap {tap.name}; guest {ip}; Ctrl-C to stop\n")
+        out.flush()
+        run = app.run_guest_while_serving(
+            net.loop,
+            lambda: run_guest(net, stop, out, mac=mac, ip=ip, host_ip=host_ip),
+            hold=True,  # the guest answers until the loop has ended (``stop``)
+            stopping=stop,
+        )
     out.write(
         f"tapnet: ioreq server destroyed; {net.nic.tx_frames} frames sent, {net.nic.rx_frames} received, "
-        f"{result[0] if result else 0} answered\n"
+        f"{run.result or 0} answered\n"
     )
     return 0
 
@@ -756,16 +696,9 @@ def _megabytes(text: str) -> int:
     return mb
 
 
-def _ids(text: str) -> tuple[int, int]:
-    uid, sep, gid = text.partition(":")
-    if not sep or not uid.isdigit() or not gid.isdigit() or int(uid) == 0 or int(gid) == 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected UID:GID, two non-root numeric ids")
-    return int(uid), int(gid)
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--domid", type=int, help="serve this domain on a real dom0 (default: the mock)")
+    app.add_arguments(p, assume_hvm=True)
     p.add_argument("--tap", type=_ifname, default="xdmtap0", help="tap interface (created if missing)")
     p.add_argument("--netns", help="network namespace to run in (must exist)")
     p.add_argument("--host-addr", type=_ip_interface, default="10.0.9.1/24", help="address of a created tap")
@@ -774,115 +707,81 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--irq", type=_isa_irq, default=5, help="ISA IRQ of the card (HVM guests only)")
     p.add_argument("--no-irq", action="store_true", help="no interrupt: the guest polls ISR")
     p.add_argument(
-        "--guest-type", choices=("hvm", "pvh", "pv"), help="real Xen: the domain type, when Xenstore does not say"
+        "--guest-type", choices=("hvm", "pvh", "pv"), help="real Xen: the domain type, when nothing else can tell"
     )
     p.add_argument("--guest-ram-mb", type=_megabytes, help="real Xen: guest RAM size; descriptors above it are refused")
-    p.add_argument("--depriv", type=_ids, metavar="UID:GID", help="drop to these ids after bring-up")
-    p.add_argument("--chroot", help="with --depriv: an empty root-owned directory to chroot into")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
-    args = p.parse_args(argv)
+    args, target = app.parse(p, argv)
     try:
         mac = _mac(args.mac)
         if len(mac) != 6:
             raise ValueError
     except ValueError:
         p.error(f"--mac {args.mac!r}: not a MAC address (six hex bytes)")
-    if args.chroot and not args.depriv:
-        p.error("--chroot needs --depriv UID:GID")
-    if args.domid is None and args.depriv:
-        p.exit(
-            2,
-            "tapnet: --depriv needs a real dom0 (--domid N) or a mock host in another process "
-            f"({ENV_SOCKET}=PATH with --domid N): the in-process mock is part of this process, "
-            "so dropping privileges would drop the simulated Xen's with it.\n",
-        )
-    remote_path = os.environ.get(ENV_SOCKET) if args.domid is not None else None
     irq = None if args.no_irq else args.irq
-    # A mock host has no PVH guests (its non-HVM domains are PV: DMOPs to them fail with EINVAL).
-    if args.domid is not None and irq is not None and not remote_path:
-        known = xenstore_guest_type(args.domid)
+    if target.where is app.Where.XEN and irq is not None:  # refused before anything is opened
+        known = app.guest_kind(args.domid)
         if known and args.guest_type and known != args.guest_type:
-            p.exit(2, f"tapnet: dom{args.domid}: Xenstore says {known}, --guest-type says {args.guest_type}\n")
+            p.error(f"dom{args.domid}: the hypervisor or Xenstore says {known}, --guest-type says {args.guest_type}")
         try:
-            require_hvm(args.domid, known or args.guest_type)
-        except GuestTypeError as e:
-            p.exit(2, f"tapnet: {e}\n")
+            app.check_hvm(args.domid, known or args.guest_type, assume_hvm=args.assume_hvm)
+        except app.NotHvmError as e:
+            p.error(f"{e}; or use --no-irq")
     if args.netns:
         try:
             enter_netns(args.netns)
         except TapError as e:
-            p.exit(2, f"tapnet: {e}\n")
+            p.error(str(e))
     try:
         tap = Tap.open(args.tap, address=args.host_addr)
     except OSError as e:
         p.exit(1, f"tapnet: cannot open tap {args.tap!r}: {e} (needs root and {TUN_PATH})\n")
     with tap:
-        if args.domid is None:
+        if target.where is app.Where.MOCK:
             host_ip = args.host_addr.split("/")[0]
             code = serve_mock(tap, sys.stdout, irq=irq, ip=args.guest_addr, host_ip=host_ip, mac=mac)
         else:
-            try:
-                code = serve_domain(
-                    tap,
-                    args.domid,
-                    irq=irq,
-                    ram_mb=args.guest_ram_mb,
-                    depriv=args.depriv,
-                    chroot=args.chroot,
-                    remote_path=remote_path,
-                )
-            except (OSError, ValueError, RuntimeError) as e:  # no Xen or mock host, Xen's refusal, bad depriv
-                print(f"tapnet: dom{args.domid}: {e}", file=sys.stderr)
-                code = 1
+            code = app.run_target(
+                target,
+                lambda connection: serve_domain(connection, tap, irq=irq, ram_mb=args.guest_ram_mb, where=target),
+                name="tapnet",
+                parser=p,
+            )
     if tap.created:
         print(f"tapnet: tap {tap.name} {'still exists' if tap.exists else 'removed'}")
     return code
 
 
 def serve_domain(
-    tap: Tap,
-    domid: int,
-    *,
-    irq: int | None,
-    ram_mb: int | None,
-    depriv: tuple[int, int] | None,
-    chroot: str | None,
-    remote_path: str | None = None,
+    connection: app.Connection, tap: Tap, *, irq: int | None, ram_mb: int | None, where: app.Target
 ) -> int:
-    """Serve ``domid`` until SIGINT/SIGTERM; the server is destroyed on the way out.
+    """Serve the connection's domain until SIGINT/SIGTERM; the server is destroyed on the way out.
 
-    On a real dom0 (privcmd), or on the mock host process listening at ``remote_path``.
-    ``depriv``: (uid, gid) to drop to once the server is up, before the first access."""
-    from xendmop.depriv import DropConfig
+    With ``irq`` the domain must be HVM: a mock host's PV domain is refused here (its DMOPs
+    get EINVAL), a real one was checked before the tap was opened."""
+    if irq is not None:
+        connection.require_hvm()
+    nic = TapNic(tap.fd, ram_limit=ram_mb * (1 << 20) if ram_mb else None)
+    if irq is not None:
+        nic.set_irq = lambda level: connection.dm.set_isa_irq_level(connection.domid, irq, int(level))
+    server = connection.ioreq_server()
+    server.add_port_range(PORT_BASE, PORT_BASE + PORT_COUNT - 1, nic, "tapnet")
+    loop = ServeLoop(server)
+    loop.add_reader(tap.fd, nic.on_tap_readable)
 
-    drop = DropConfig(uid=depriv[0], gid=depriv[1], chroot=chroot) if depriv else None
-    with contextlib.ExitStack() as stack:
-        remote = None
-        if remote_path:
-            from xendmop.mock.remote import RemoteXen
+    def ready() -> None:
+        nic.memory = server.dispatcher.memory
+        print(
+            f"tapnet: serving dom{connection.domid} of {where.describe()} on tap {tap.name}, "
+            f"ports {PORT_BASE:#x}+{PORT_COUNT:#x}",
+            flush=True,
+        )
 
-            remote = stack.enter_context(RemoteXen(remote_path))
-        dm = stack.enter_context(DeviceModel.open("mock", xen=remote) if remote else DeviceModel.open("privcmd"))
-        nic = TapNic(tap.fd, ram_limit=ram_mb * (1 << 20) if ram_mb else None)
-        if irq is not None:
-            nic.set_irq = lambda level: dm.set_isa_irq_level(domid, irq, int(level))
-        server = IoreqServer(dm, domid, opener=remote.open_device if remote else None, deprivilege=drop)
-        server.add_port_range(PORT_BASE, PORT_BASE + PORT_COUNT - 1, nic, "tapnet")
-        loop = ServeLoop(server)
-        loop.add_reader(tap.fd, nic.on_tap_readable)
-        try:
-            server.start()
-            nic.memory = server.dispatcher.memory
-            host = f"the mock host at {remote_path}" if remote_path else "Xen"
-            print(f"tapnet: serving dom{domid} of {host} on tap {tap.name}, ports {PORT_BASE:#x}+{PORT_COUNT:#x}")
-            sys.stdout.flush()
-            loop.run()  # until SIGINT/SIGTERM; closes the server
-        finally:
-            server.close()
+    app.serve_until_signal(loop, on_ready=ready)  # until SIGINT/SIGTERM; closes the server
     print(f"tapnet: ioreq server destroyed; {nic.tx_frames} frames sent, {nic.rx_frames} received")
     return 0
 

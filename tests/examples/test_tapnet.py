@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 import pytest
 from pyroute2 import NetNS, netns  # type: ignore[import-untyped]
 
+from xendmop.runtime import app
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "tapnet.py"
 GUEST_MAC = bytes.fromhex("025844000001")
@@ -243,13 +245,8 @@ def test_a_card_without_interrupt_is_polled_and_never_touches_the_line(wire: Any
 
 
 def test_interrupts_are_refused_for_a_guest_that_is_not_hvm(wire: Any) -> None:
-    with pytest.raises(tapnet.GuestTypeError, match=r"dom1 is pv, not HVM.*--no-irq"):
+    with pytest.raises(app.NotHvmError, match=r"dom1 is pv, not HVM.*crash Xen \(4\.17\.7\)"):
         tapnet.MockNetwork.create(wire[0].fileno(), irq=5, hvm=False)
-    with pytest.raises(tapnet.GuestTypeError, match=r"dom7 is pvh, not HVM.*crashed Xen 4\.17\.7"):
-        tapnet.require_hvm(7, "pvh")
-    with pytest.raises(tapnet.GuestTypeError, match=r"cannot tell.*--guest-type hvm"):
-        tapnet.require_hvm(7, None)
-    tapnet.require_hvm(7, "hvm")
 
 
 def test_the_guest_stack_answers_arp_ping_and_udp_echo_only_for_itself() -> None:
@@ -308,6 +305,20 @@ def test_interrupts_for_a_pvh_domain_are_refused_before_anything_is_opened() -> 
     done = run_cli("--domid", "7", "--guest-type", "pvh", "--tap", "never0")
     assert done.returncode == 2
     assert "dom7 is pvh" in done.stderr and "--no-irq" in done.stderr
+
+
+def test_a_domain_of_unknown_type_needs_assume_hvm_or_no_irq(tmp_path: Path) -> None:
+    """No xenstore-read on PATH and no Xen for libxenctrl: the kind is unknown, so refused."""
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--domid", "7", "--tap", "never0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PATH": str(tmp_path)},
+    )
+    assert done.returncode == 2
+    assert "dom7 is of unknown type, not HVM" in done.stderr and "--assume-hvm" in done.stderr
+    assert "--no-irq" in done.stderr
 
 
 @pytest.mark.parametrize(
