@@ -452,11 +452,17 @@ def run_all(
     scenarios: tuple[Scenario, ...] = SCENARIOS,
     trace: Callable[[str], object] | None = None,
 ) -> Runs:
-    """Each scenario on a fresh guest (``new_guest``) through a fresh handle (``open_api``:
-    restriction is per handle); ``domids`` gives dom0, the missing and the PV domid."""
+    """Each scenario through a fresh handle (``open_api``: restriction is per handle), the
+    ones that leave their guest as they found it (`Scenario.reuses_guest`) on one shared
+    guest, the others each on a fresh one (``new_guest``: guests are slow to make under
+    TCG); ``domids`` gives dom0, the missing and the PV domid."""
     runs: Runs = {}
+    shared: int | None = None
     for scenario in scenarios:
-        guest = new_guest(scenario)
+        if scenario.reuses_guest:
+            shared = guest = new_guest(scenario) if shared is None else shared
+        else:
+            guest = new_guest(scenario)
         api = open_api()
         try:
             runs[scenario.name] = run_scenario(scenario, api, {**domids, GUEST: guest}, trace)
