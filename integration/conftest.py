@@ -7,6 +7,7 @@ Everything here is skipped, with the reason, on a host without /dev/xen/privcmd,
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -39,11 +40,14 @@ def libxdm() -> Iterator[xenlab.LibXDM]:
 @pytest.fixture
 def make_guest() -> Iterator[Callable[..., xenlab.Guest]]:
     """Factory: make_guest(script=None, vcpus=1) creates a paused tiny PVH guest running
-    `script` once unpaused; every guest made is destroyed after the test."""
+    `script` once unpaused (``on_poweroff="preserve"`` keeps its domain when it is done);
+    every guest made is destroyed after the test."""
     made: list[xenlab.Guest] = []
 
-    def make(script: xenlab.Script | None = None, vcpus: int = 1, memory_mb: int = 16) -> xenlab.Guest:
-        guest = xenlab.create_guest(script, vcpus=vcpus, memory_mb=memory_mb)
+    def make(
+        script: xenlab.Script | None = None, vcpus: int = 1, memory_mb: int = 16, on_poweroff: str = "destroy"
+    ) -> xenlab.Guest:
+        guest = xenlab.create_guest(script, vcpus=vcpus, memory_mb=memory_mb, on_poweroff=on_poweroff)
         made.append(guest)
         return guest
 
@@ -56,6 +60,21 @@ def make_guest() -> Iterator[Callable[..., xenlab.Guest]]:
 def guest(make_guest: Callable[..., xenlab.Guest]) -> xenlab.Guest:
     """A paused 2-vCPU PVH guest with an empty script (it powers off when unpaused)."""
     return make_guest(vcpus=2)
+
+
+@pytest.fixture
+def pv_domid() -> Iterator[int | None]:
+    """A paused PV domain's domid, or None (saying why) if this Xen cannot build one."""
+    try:
+        guest = xenlab.create_pv_guest()
+    except (RuntimeError, subprocess.CalledProcessError) as e:
+        print(f"no PV guest: {e}")
+        yield None
+        return
+    try:
+        yield guest.domid
+    finally:
+        guest.destroy()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ Kept free of xendmop imports: these are the independent witnesses.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -14,7 +15,9 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +188,7 @@ class LibXDM:
 
 # --- tiny PVH guests ----------------------------------------------------------------------------
 
-OP_END, OP_OUT, OP_IN, OP_MMIO_WRITE, OP_MMIO_READ, OP_OUTS, OP_INS, OP_PRINT = range(8)
+OP_END, OP_OUT, OP_IN, OP_MMIO_WRITE, OP_MMIO_READ, OP_OUTS, OP_INS, OP_PRINT, OP_LOOP = range(9)
 CHECK = 1
 
 
@@ -226,6 +229,13 @@ class Script:
     def ins(self, port: int, width: int, count: int, expect: bytes | None = None) -> int:
         return self._add(OP_INS, width, port, count, self._blob(expect) if expect is not None else 0)
 
+    def loop(self, first: int, times: int) -> int:
+        """Run records ``first`` up to this one ``times`` times in all (loops do not nest)."""
+        if not 0 <= first < len(self.records) or times < 1:
+            raise ValueError(f"loop back to record {first} {times} times: needs 0 <= first < {len(self.records)}"
+                             " and times >= 1")  # fmt: skip
+        return self._add(OP_LOOP, 0, first, times)
+
     def print(self, text: str) -> int:
         return self._add(OP_PRINT, 0, 0, 0, self._blob(text.encode() + b"\0"))
 
@@ -263,11 +273,14 @@ def build_guest(script: Script, workdir: Path) -> Path:
     return elf
 
 
-def xl_config(name: str, kernel: Path, memory_mb: int = 16, vcpus: int = 1) -> str:
+def xl_config(
+    name: str, kernel: Path, memory_mb: int = 16, vcpus: int = 1, on_poweroff: str = "destroy", type: str = "pvh"
+) -> str:
     # on_crash=preserve: a guest that faults stays listed (state 'c') for the test to see.
+    # on_poweroff=preserve keeps a finished guest's domain (shut down, not dying) for DMOPs after it.
     return (
-        f'name = "{name}"\ntype = "pvh"\nkernel = "{kernel}"\nmemory = {memory_mb}\n'
-        f'vcpus = {vcpus}\non_poweroff = "destroy"\non_crash = "preserve"\n'
+        f'name = "{name}"\ntype = "{type}"\nkernel = "{kernel}"\nmemory = {memory_mb}\n'
+        f'vcpus = {vcpus}\non_poweroff = "{on_poweroff}"\non_crash = "preserve"\n'
     )
 
 
@@ -298,8 +311,8 @@ class Guest:
         pat = re.compile(rf"\(d{self.domid}\) ?(.*)$")
         return [m.group(1).rstrip() for ln in xl("dmesg").splitlines() if (m := pat.search(ln))]
 
-    def wait_done(self, timeout: float = 60) -> list[str]:
-        """Wait for the guest's final line; returns all its lines."""
+    def wait_done(self, timeout: float = 60, poll: float = 0.1) -> list[str]:
+        """Wait for the guest's final line (reading `xl dmesg` every ``poll`` s); returns all its lines."""
         end = time.monotonic() + timeout
         while True:
             lines = self.output()
@@ -307,7 +320,7 @@ class Guest:
                 return lines
             if time.monotonic() > end:
                 raise TimeoutError(f"guest {self.name} did not finish in {timeout} s; output so far: {lines}")
-            time.sleep(0.1)
+            time.sleep(poll)
 
     def destroy(self) -> None:
         if self.exists():
@@ -318,17 +331,40 @@ class Guest:
 _serial = 0
 
 
-def create_guest(script: Script | None = None, vcpus: int = 1, memory_mb: int = 16) -> Guest:
+def _new_name() -> tuple[str, Path]:
     global _serial
     _serial += 1
     name = f"xendmop-t{os.getpid()}-{_serial}"
-    workdir = Path(tempfile.mkdtemp(prefix=name + "-"))
+    return name, Path(tempfile.mkdtemp(prefix=name + "-"))
+
+
+def create_guest(
+    script: Script | None = None, vcpus: int = 1, memory_mb: int = 16, on_poweroff: str = "destroy"
+) -> Guest:
+    name, workdir = _new_name()
     kernel = build_guest(script or Script(), workdir)
     cfg = workdir / "guest.cfg"
-    cfg.write_text(xl_config(name, kernel, memory_mb, vcpus))
+    cfg.write_text(xl_config(name, kernel, memory_mb, vcpus, on_poweroff))
     xl("create", "-p", str(cfg))
     domid = int(xl("domid", name).strip())
     return Guest(name, domid, vcpus, workdir)
+
+
+def create_pv_guest(memory_mb: int = 16) -> Guest:
+    """A paused 64-bit PV domain (guest/pv.s, never unpaused): a target DMOPs must refuse."""
+    name, workdir = _new_name()
+    obj, elf = workdir / "pv.o", workdir / "pv.elf"
+    subprocess.run(["as", "--64", "-o", str(obj), str(GUEST_SRC / "pv.s")], check=True)
+    subprocess.run(["ld", "-m", "elf_x86_64", "-T", str(GUEST_SRC / "pv.ld"), "-z", "noexecstack",
+                    "--build-id=none", "-o", str(elf), str(obj)], check=True)  # fmt: skip
+    cfg = workdir / "guest.cfg"
+    cfg.write_text(xl_config(name, elf, memory_mb, 1, type="pv"))
+    try:
+        xl("create", "-p", str(cfg))
+    except RuntimeError:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return Guest(name, int(xl("domid", name).strip()), 1, workdir)
 
 
 @dataclass(frozen=True)
@@ -355,6 +391,32 @@ def guest_failures(lines: list[str]) -> int:
         if ln.startswith("xendmop-guest done"):
             return int(ln.split()[-1], 16)
     raise ValueError("guest did not finish")
+
+
+@contextlib.contextmanager
+def running_in_thread(loop: Any) -> Iterator[None]:
+    """Run ``loop.run(handle_signals=False)`` (xendmop's ServeLoop, say) in a thread for
+    the block; then ``loop.stop()`` and re-raise whatever the loop raised."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            loop.run(handle_signals=False)
+        except BaseException as e:
+            traceback.print_exc()  # seen at once, even if the test then fails on something else
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="serve-loop", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        loop.stop()
+        thread.join(30)
+    if thread.is_alive():
+        raise TimeoutError("the serve loop did not stop within 30 s")
+    if failure:
+        raise failure[0]
 
 
 def all_guests() -> Iterator[str]:

@@ -11,7 +11,9 @@
 # address), value, aux.  Reads print "r IDX VALUE ok|BAD EXPECTED" when aux bit 0 asks for a
 # check, else "r IDX VALUE".  String IO: value = element count, aux = address of the data
 # (outs) or of the expected data (ins, 0 = no check).  The last line is
-# "xendmop-guest done FAILS".  Assembled with `as --32`, linked with `ld -m elf_i386`.
+# "xendmop-guest done FAILS".  A loop record jumps back: addr = the record index to jump to,
+# value = how many times the body runs in all (>= 1; loops do not nest).  Assembled with
+# `as --32`, linked with `ld -m elf_i386`.
 
         .equ OP_END, 0
         .equ OP_OUT, 1
@@ -21,6 +23,7 @@
         .equ OP_OUTS, 5
         .equ OP_INS, 6
         .equ OP_PRINT, 7
+        .equ OP_LOOP, 8
         .equ RECORD, 20
         .equ DEBUG_PORT, 0xe9
         .equ HYPERVISOR_sched_op, 29
@@ -61,6 +64,8 @@ next:
         je do_ins
         cmpl $OP_PRINT, %eax
         je do_print
+        cmpl $OP_LOOP, %eax
+        je do_loop
         movl $msg_badop, %esi
         call puts
         incl fails
@@ -211,6 +216,27 @@ do_print:
         call puts
         jmp endline
 
+# The first time through, arm the counter for value - 1 more runs of the body; jump back
+# while it lasts, then fall through and disarm.
+do_loop:
+        cmpl $0, loop_armed
+        jne 1f
+        movl 12(%ebp), %eax
+        decl %eax
+        movl %eax, loop_left
+        movl $1, loop_armed
+1:      cmpl $0, loop_left
+        je 2f
+        decl loop_left
+        movl 8(%ebp), %eax
+        movl %eax, index
+        imull $RECORD, %eax
+        addl $script, %eax
+        movl %eax, %ebp
+        jmp next
+2:      movl $0, loop_armed
+        jmp advance
+
 done:
         movl $msg_done, %esi
         call puts
@@ -303,6 +329,8 @@ msg_noshutdown: .asciz "xendmop-guest: SCHEDOP_shutdown returned\n"
 shutdown_reason: .long 0                # SHUTDOWN_poweroff
 index:          .long 0
 fails:          .long 0
+loop_armed:     .long 0
+loop_left:      .long 0
 
         .include "script.s"
 
