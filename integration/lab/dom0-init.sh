@@ -9,12 +9,15 @@ export HOME=/root LANG=C.UTF-8 TERM=dumb
 
 say() { echo "xendmop-lab: $*" > /dev/console; }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
-poweroff_now() { sync; echo o > /proc/sysrq-trigger; sleep 60; }
+# Wait for the power-off with no exec: a program loaded after the trigger can fail to read
+# from the stopping disk, and PID 1 exiting on that panics the kernel (a false "crash").
+poweroff_now() { sync; echo o > /proc/sysrq-trigger; read -r _ < /run/poweroff-wait; }
 
 mkdir -p /dev/pts /dev/shm /run /tmp /repo
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
+mkfifo /run/poweroff-wait  # never written: opening it blocks until the power goes
 mount -t tmpfs tmpfs /tmp
 echo "boot_done $(uptime_s)" > /lab/timings
 if ! mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=262144,cache=none repo /repo; then

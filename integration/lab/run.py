@@ -15,13 +15,14 @@ folder writable.  The command's stdout/stderr are streamed while it runs.  Exit 
 
 The results folder keeps console.log (Xen + dom0 serial console), stdout, stderr, status,
 timings, xl-dmesg.txt, dom0-dmesg.txt and out/ (files the command wrote to
-$XENDMOP_LAB_RESULTS).
+$XENDMOP_LAB_RESULTS); each JSON report there is named, with its summary, at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import json
 import os
 import re
 import shlex
@@ -186,6 +187,26 @@ def boot(command: list[str], results: Path, timeout: float, show_console: bool) 
     return Outcome(code, f"{what} ({times})")
 
 
+def report_lines(results: Path) -> list[str]:
+    """One line per report the command left in out/: its path and its summary (a "summary"
+    field, at the top or one level down), or its numbers (timing figures)."""
+    lines = []
+    for path in sorted((results / "out").glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            lines.append(f"report {path}: unreadable ({e})")
+            continue
+        if not isinstance(data, dict):
+            continue
+        parts = [f"{data['summary']}"] if "summary" in data else []
+        parts += [f"{k}: {v['summary']}" for k, v in data.items() if isinstance(v, dict) and "summary" in v]
+        if not parts:
+            parts = [", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in data.items())]
+        lines.append(f"report {path}: {'; '.join(parts)}")
+    return lines
+
+
 def default_results() -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%S")
     return image.cache_root() / "runs" / f"{stamp}-{os.getpid()}"
@@ -216,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         ).is_file() else []
         for line in tail:
             image.log(f"console: {line}")
+    for line in report_lines(results):
+        image.log(line)
     image.log(f"{outcome.message} [exit {outcome.code}]")
     image.log(f"results: {results}")
     return outcome.code
