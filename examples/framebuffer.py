@@ -499,24 +499,14 @@ def run_on_mock(
 
         def guest() -> GuestReport:
             xen = mock.mock_xen
-            report = guest_script(SimGuest(xen, mock.domid, timeout=5), xen.domain(mock.domid).snapshot)
-            if hold:
-                for line in report.lines:
-                    out(line)
-                out("guest script done; serving until Ctrl-C")
-            return report
+            return guest_script(SimGuest(xen, mock.domid, timeout=5), xen.domain(mock.domid).snapshot)
 
         try:
-            run = app.run_guest_while_serving(ServeLoop(server), guest, hold=hold)
+            return app.run_guest_script(
+                mock, ServeLoop(server), guest, lines=lambda report: report.lines, hold=hold, out=out
+            )
         finally:
             fb.close()
-        mock.check_no_server_left()
-    if run.signal is not None:
-        out(f"signal {run.signal}: ioreq server destroyed, none left in the domain")
-    elif run.result is not None and not hold:
-        for line in run.result.lines:
-            out(line)
-    return run.result
 
 
 # --- a real dom0 -----------------------------------------------------------------------------------

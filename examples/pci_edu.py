@@ -359,21 +359,11 @@ def run_on_mock(*, slot: int = 4, hold: bool = False, out: Callable[[str], None]
 
         def guest() -> GuestReport:
             xen = mock.mock_xen
-            report = guest_script(SimGuest(xen, mock.domid, timeout=5), xen.domain(mock.domid).snapshot)
-            if hold:
-                for line in report.lines:
-                    out(line)
-                out("guest script done; serving until Ctrl-C")
-            return report
+            return guest_script(SimGuest(xen, mock.domid, timeout=5), xen.domain(mock.domid).snapshot)
 
-        run = app.run_guest_while_serving(ServeLoop(server), guest, hold=hold)
-        mock.check_no_server_left()
-    if run.signal is not None:
-        out(f"signal {run.signal}: ioreq server destroyed, none left in the domain")
-    elif run.result is not None and not hold:
-        for line in run.result.lines:
-            out(line)
-    return run.result
+        return app.run_guest_script(
+            mock, ServeLoop(server), guest, lines=lambda report: report.lines, hold=hold, out=out
+        )
 
 
 # --- a real dom0 -----------------------------------------------------------------------------

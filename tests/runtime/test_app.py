@@ -407,3 +407,42 @@ def test_a_guest_that_never_ends_is_reported() -> None:
             app.run_guest_while_serving(loop, lambda: never.wait(30), hold=True, join_timeout=0.2)
         never.set()
         conn.check_no_server_left()
+
+
+def test_run_guest_script_shows_the_lines_at_the_end() -> None:
+    shown: list[str] = []
+    with app.open_mock() as conn:
+        result = app.run_guest_script(
+            conn, ServeLoop(conn.ioreq_server()), lambda: ["a", "b"], lines=lambda r: r, out=shown.append
+        )
+    assert result == ["a", "b"] and shown == ["a", "b"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_run_guest_script_held_until_a_signal(signum: int) -> None:
+    shown: list[str] = []
+
+    def script() -> list[str]:
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return ["found it"]
+
+    with app.open_mock() as conn:
+        result = app.run_guest_script(
+            conn, ServeLoop(conn.ioreq_server()), script, lines=lambda r: r, hold=True, out=shown.append
+        )
+    assert result == ["found it"]
+    assert shown == [
+        "found it",
+        "guest script done; serving until Ctrl-C",
+        f"signal {signum}: ioreq server destroyed, none left in the domain",
+    ]
+
+
+def test_run_guest_script_names_a_server_left_behind() -> None:
+    with app.open_mock() as conn:
+        stray = conn.ioreq_server().start()  # not served by the loop, so not torn down by it
+        try:
+            with pytest.raises(RuntimeError, match=rf"ioreq server\(s\) \[{stray.id}\] left behind"):
+                app.run_guest_script(conn, ServeLoop(conn.ioreq_server()), lambda: 0, lines=lambda r: [])
+        finally:
+            stray.close()

@@ -14,7 +14,8 @@ What every example under ``examples/`` needs around its device, written once:
 - ``serve_until_signal(loop)``: start the servers (dropping privileges), serve in this
   thread until SIGINT/SIGTERM, tear the servers down, also on errors.
 - ``open_mock()`` and ``run_guest_while_serving(loop, guest)``: the in-process mock, a
-  simulated guest in a thread of its own while this thread serves it.
+  simulated guest in a thread of its own while this thread serves it;
+  ``run_guest_script`` also tells what the guest's script found (``--hold`` demos).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import shutil
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 
@@ -61,6 +62,7 @@ __all__ = [
     "parse_domid",
     "parse_ids",
     "require_hvm",
+    "run_guest_script",
     "run_guest_while_serving",
     "run_target",
     "serve_until_signal",
@@ -547,3 +549,38 @@ def run_guest_while_serving(
     if not results:
         raise RuntimeError(f"the guest did not finish in {join_timeout}s after the loop stopped")
     return GuestRun(results[0], None)
+
+
+def run_guest_script(
+    mock: Connection,
+    loop: ServeLoop,
+    script: Callable[[], T],
+    *,
+    lines: Callable[[T], Iterable[str]],
+    hold: bool = False,
+    out: Callable[[str], None] = print,
+) -> T | None:
+    """``run_guest_while_serving`` for a demo on the in-process mock, telling ``out`` how it went.
+
+    The script's ``lines(result)`` are shown once it is done — with ``hold`` at once, then
+    ``guest script done; serving until Ctrl-C``, and the loop serves on until a signal,
+    which is reported once the domain is checked to hold no ioreq server (``RuntimeError``
+    naming them otherwise).  Returns the script's result, or None when a signal ended the
+    run before it finished; raises what the script raised."""
+
+    def narrated() -> T:
+        result = script()
+        if hold:
+            for line in lines(result):
+                out(line)
+            out("guest script done; serving until Ctrl-C")
+        return result
+
+    run = run_guest_while_serving(loop, narrated, hold=hold)
+    mock.check_no_server_left()
+    if run.signal is not None:
+        out(f"signal {run.signal}: ioreq server destroyed, none left in the domain")
+    elif run.result is not None and not hold:
+        for line in lines(run.result):
+            out(line)
+    return run.result
