@@ -46,6 +46,7 @@ from typing import Any
 from ..abi.evtchn import IOCTL_EVTCHN_RESET
 from ..abi.memory import XENMEM_resource_ioreq_server
 from ..abi.xen import DOMID_FIRST_RESERVED, domid_t, evtchn_port_t, xen_pfn_t
+from ..checks import check_domid, check_int, check_port
 from ..errors import ArgumentError, ClosedHandleError, NotXenHostError, XenError, xen_error
 from .device import EVTCHN_PATH, NOT_XEN, PAGE_SIZE, PRIVCMD_PATH
 from .libxen import SONAMES, MissingFunctionError, QuietLogger, _describe_library, declare, load_library
@@ -58,7 +59,6 @@ __all__ = [
     "LibxenMapping",
 ]
 
-_PORT_MAX = 0xFFFFFFFF
 #: frames per map call (as ``ForeignMemory``: keep calls small; the library refuses > INT_MAX)
 MAX_BATCH = 1 << 20
 _h = c_void_p
@@ -90,31 +90,6 @@ FOREIGNMEMORY_PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     ),
     "unmap_resource": (c_int, [_h, c_void_p]),
 }
-
-
-def _int(op: str, name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, not {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise ArgumentError(op, name, value, f"must be {lo}..{hi:#x}")
-    return value
-
-
-def _check_port(op: str, port: int) -> int:
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise TypeError(f"{op}: port must be an int, not {type(port).__name__}")
-    if not 0 < port <= _PORT_MAX:
-        raise ArgumentError(op, "port", port, "must be a port number (1..2**32-1)")
-    return port
-
-
-def _check_domid(op: str, domid: int, *, guest_only: bool = False) -> int:
-    if isinstance(domid, bool) or not isinstance(domid, int):
-        raise TypeError(f"{op}: domid must be an int, not {type(domid).__name__}")
-    top = DOMID_FIRST_RESERVED - 1 if guest_only else 0xFFFF
-    if not 0 <= domid <= top:
-        raise ArgumentError(op, "domid", domid, f"must be 0..{top:#x}")
-    return domid
 
 
 class _Library:
@@ -228,25 +203,25 @@ class LibxenEventChannel:
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         """``xenevtchn_bind_interdomain``: connect to ``domid``'s unbound ``remote_port``;
         returns the local port.  EACCES on a handle restricted to another domain."""
-        _check_domid("bind_interdomain", domid)
-        _check_port("bind_interdomain", remote_port)
+        check_domid("bind_interdomain", domid)
+        check_port("bind_interdomain", remote_port)
         return self._call(
             "bind_interdomain", "bind_interdomain", domid, domid, remote_port, remote_port=remote_port
         )
 
     def bind_unbound_port(self, domid: int) -> int:
         """``xenevtchn_bind_unbound_port``: a new local port ``domid`` may bind; returns it."""
-        _check_domid("bind_unbound_port", domid)
+        check_domid("bind_unbound_port", domid)
         return self._call("bind_unbound_port", "bind_unbound_port", domid, domid)
 
     def unbind(self, port: int) -> None:
         """``xenevtchn_unbind``: ENOTCONN for a port this handle did not bind."""
-        _check_port("unbind", port)
+        check_port("unbind", port)
         self._call("unbind", "unbind", None, port, port=port)
 
     def notify(self, port: int) -> None:
         """``xenevtchn_notify``: raise the remote end of local ``port`` (ENOTCONN if not ours)."""
-        _check_port("notify", port)
+        check_port("notify", port)
         self._call("notify", "notify", None, port, port=port)
 
     def reset(self) -> None:
@@ -260,7 +235,7 @@ class LibxenEventChannel:
     def restrict(self, domid: int) -> None:
         """``xenevtchn_restrict`` (IOCTL_EVTCHN_RESTRICT_DOMID): only interdomain binds to
         ``domid`` from now on (once per handle: EACCES the second time)."""
-        _check_domid("restrict", domid, guest_only=True)
+        check_domid("restrict", domid, guest_only=True)
         if domid == 0:
             raise ArgumentError("restrict", "domid", domid, "must be a guest domid, not dom0")
         self._call("restrict", "restrict", domid, domid)
@@ -296,7 +271,7 @@ class LibxenEventChannel:
 
     def unmask(self, port: int) -> None:
         """``xenevtchn_unmask``: write ``port`` back so it can fire again."""
-        _check_port("unmask", port)
+        check_port("unmask", port)
         lib = self._open
         function = lib.function("unmask", "unmask", None)
         ctypes.set_errno(0)
@@ -442,10 +417,10 @@ class LibxenForeignMemory:
         buffered page, 1 the synchronous page).  EOPNOTSUPP: no resource mapping here
         (old Xen, old kernel, or a library before Xen 4.11: ``MissingFunctionError``);
         ENOENT: no such frame (e.g. bufioreq off)."""
-        _int("map_resource", "domid", domid, 0, 0xFFFF)
+        check_int("map_resource", "domid", domid, 0, 0xFFFF)
         for name, value, top in (("type", type, 0xFFFF), ("id", id, 0xFFFFFFFF), ("frame", frame, 0xFFFFFFFF)):
-            _int("map_resource", name, value, 0, top)
-        _int("map_resource", "nr_frames", nr_frames, 1, 0xFFFFFFFF)
+            check_int("map_resource", name, value, 0, top)
+        check_int("map_resource", "nr_frames", nr_frames, 1, 0xFFFFFFFF)
         owner = self._open
         lib = owner.lib
         map_resource = lib.function("map_resource", "map_resource", domid)
@@ -465,12 +440,12 @@ class LibxenForeignMemory:
         """``xenforeignmemory_map`` (IOCTL_PRIVCMD_MMAPBATCH_V2): map guest frames ``gfns``
         contiguously.  Per-frame failures do not raise: they are in
         ``LibxenMapping.errors`` (``-errno`` per frame).  Raises when the whole call fails."""
-        _int("map", "domid", domid, 0, 0xFFFF)
+        check_int("map", "domid", domid, 0, 0xFFFF)
         n = len(gfns)
-        _int("map", "len(gfns)", n, 1, MAX_BATCH)
+        check_int("map", "len(gfns)", n, 1, MAX_BATCH)
         arr = (xen_pfn_t * n)()
         for i, gfn in enumerate(gfns):
-            arr[i] = _int("map", f"gfns[{i}]", gfn, 0, (1 << 64) - 1)
+            arr[i] = check_int("map", f"gfns[{i}]", gfn, 0, (1 << 64) - 1)
         err = (c_int * n)()
         owner = self._open
         lib = owner.lib
@@ -496,7 +471,7 @@ class LibxenForeignMemory:
 
     def restrict(self, domid: int) -> None:
         """``xenforeignmemory_restrict`` (IOCTL_PRIVCMD_RESTRICT): map only ``domid`` from now on."""
-        _int("restrict", "domid", domid, 0, 0xFFFF)
+        check_int("restrict", "domid", domid, 0, 0xFFFF)
         if domid >= DOMID_FIRST_RESERVED:
             raise ArgumentError("restrict", "domid", domid, "must be a guest domid (< 0x7ff0)")
         lib = self._open.lib

@@ -29,13 +29,11 @@ from ..abi.evtchn import (
     ioctl_evtchn_restrict_domid,
     ioctl_evtchn_unbind,
 )
-from ..abi.xen import DOMID_FIRST_RESERVED
 from ..backends.device import EVTCHN_PATH, NOT_XEN, OsDevice
+from ..checks import check_domid, check_port
 from ..errors import ArgumentError, ClosedHandleError, NotXenHostError, XenError, xen_error
 
 __all__ = ["EVTCHN_PATH", "EventChannel", "EvtchnDevice", "EvtchnDeviceFile", "open_evtchn_device"]
-
-_PORT_MAX = 0xFFFFFFFF
 
 
 class EvtchnDevice(Protocol):
@@ -88,23 +86,6 @@ def _set_nonblocking(device: EvtchnDevice) -> None:
 
 
 _CACHED_PORTS = 1024  # bounds the per-port caches (a DM binds one port per vCPU, plus one)
-
-
-def _check_port(op: str, port: int) -> int:
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise TypeError(f"{op}: port must be an int, not {type(port).__name__}")
-    if not 0 < port <= _PORT_MAX:
-        raise ArgumentError(op, "port", port, "must be a port number (1..2**32-1)")
-    return port
-
-
-def _check_domid(op: str, domid: int, *, guest_only: bool = False) -> int:
-    if isinstance(domid, bool) or not isinstance(domid, int):
-        raise TypeError(f"{op}: domid must be an int, not {type(domid).__name__}")
-    top = DOMID_FIRST_RESERVED - 1 if guest_only else 0xFFFF
-    if not 0 <= domid <= top:
-        raise ArgumentError(op, "domid", domid, f"must be 0..{top:#x}")
-    return domid
 
 
 class EventChannel:
@@ -172,28 +153,28 @@ class EventChannel:
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         """IOCTL_EVTCHN_BIND_INTERDOMAIN: connect to ``domid``'s unbound ``remote_port``;
         returns the local port.  EACCES on a handle restricted to another domain."""
-        _check_domid("bind_interdomain", domid)
-        _check_port("bind_interdomain", remote_port)
+        check_domid("bind_interdomain", domid)
+        check_port("bind_interdomain", remote_port)
         arg = ioctl_evtchn_bind_interdomain(remote_domain=domid, remote_port=remote_port)
         return self._ioctl("bind_interdomain", IOCTL_EVTCHN_BIND_INTERDOMAIN, arg, domid, remote_port=remote_port)
 
     def bind_unbound_port(self, domid: int) -> int:
         """IOCTL_EVTCHN_BIND_UNBOUND_PORT: a new local port ``domid`` may bind; returns it.
         EACCES on a restricted handle."""
-        _check_domid("bind_unbound_port", domid)
+        check_domid("bind_unbound_port", domid)
         arg = ioctl_evtchn_bind_unbound_port(remote_domain=domid)
         return self._ioctl("bind_unbound_port", IOCTL_EVTCHN_BIND_UNBOUND_PORT, arg, domid)
 
     def unbind(self, port: int) -> None:
         """IOCTL_EVTCHN_UNBIND: ENOTCONN for a port this handle did not bind."""
-        _check_port("unbind", port)
+        check_port("unbind", port)
         self._ioctl("unbind", IOCTL_EVTCHN_UNBIND, ioctl_evtchn_unbind(port=port), port=port)
 
     def notify(self, port: int) -> None:
         """IOCTL_EVTCHN_NOTIFY: raise the remote end of local ``port`` (ENOTCONN if not ours)."""
         arg = self._notify_args.get(port) if port.__class__ is int else None
         if arg is None:
-            arg = ioctl_evtchn_notify(port=_check_port("notify", port))
+            arg = ioctl_evtchn_notify(port=check_port("notify", port))
             if len(self._notify_args) < _CACHED_PORTS:
                 self._notify_args[port] = arg
         dev = self._dev
@@ -213,7 +194,7 @@ class EventChannel:
     def restrict(self, domid: int) -> None:
         """IOCTL_EVTCHN_RESTRICT_DOMID: from now on only interdomain binds to ``domid``
         (once per handle: EACCES the second time; ports bound before stay usable)."""
-        _check_domid("restrict", domid, guest_only=True)
+        check_domid("restrict", domid, guest_only=True)
         if domid == 0:
             raise ArgumentError("restrict", "domid", domid, "must be a guest domid, not dom0")
         self._ioctl("restrict", IOCTL_EVTCHN_RESTRICT_DOMID, ioctl_evtchn_restrict_domid(domid=domid), domid)
@@ -257,7 +238,7 @@ class EventChannel:
         """Write ``port`` back so it can fire again (libxenevtchn's ``xenevtchn_unmask``)."""
         raw = self._port_bytes.get(port) if port.__class__ is int else None
         if raw is None:
-            raw = _check_port("unmask", port).to_bytes(4, "little")
+            raw = check_port("unmask", port).to_bytes(4, "little")
             if len(self._port_bytes) < _CACHED_PORTS:
                 self._port_bytes[port] = raw
         dev = self._dev

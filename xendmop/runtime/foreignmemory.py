@@ -31,6 +31,7 @@ from ..abi.privcmd import (
 )
 from ..abi.xen import DOMID_FIRST_RESERVED, domid_t
 from ..backends.device import PAGE_SIZE, PRIVCMD_PATH, Device, open_device
+from ..checks import check_domid, check_int
 from ..errors import ArgumentError, ClosedHandleError, XenError, xen_error
 from .dispatch import GuestMemoryError
 
@@ -129,10 +130,10 @@ class ForeignMemory:
         of resource ``type``/``id`` from ``frame`` (ioreq server: frame 0 is the
         buffered page, 1 the synchronous page).  EOPNOTSUPP/ENOTTY: no resource
         mapping here (old Xen or kernel); ENOENT: no such frame (e.g. bufioreq off)."""
-        _domid("map_resource", domid)
+        check_domid("map_resource", domid)
         for name, value, top in (("type", type, 0xFFFF), ("id", id, 0xFFFFFFFF), ("frame", frame, 0xFFFFFFFF)):
-            _int("map_resource", name, value, 0, top)
-        _int("map_resource", "nr_frames", nr_frames, 1, 0xFFFFFFFF)
+            check_int("map_resource", name, value, 0, top)
+        check_int("map_resource", "nr_frames", nr_frames, 1, 0xFFFFFFFF)
         mm = self._mmap(nr_frames)  # the VMA first: the ioctl fills it (privcmd_ioctl_mmap_resource)
         arg = privcmd_mmap_resource(dom=domid, type=type, id=id, idx=frame, num=nr_frames, addr=_address_of(mm))
         try:
@@ -150,12 +151,12 @@ class ForeignMemory:
         Per-frame failures do not raise: they are in ``Mapping.errors`` (``-errno``
         per frame; touching such a page faults).  Raises when the whole call fails
         (``ENOENT`` too: a frame is paged out, retry later)."""
-        _domid("map", domid)
+        check_domid("map", domid)
         n = len(gfns)
-        _int("map", "len(gfns)", n, 1, MAX_BATCH)
+        check_int("map", "len(gfns)", n, 1, MAX_BATCH)
         arr = (ctypes.c_uint64 * n)()
         for i, gfn in enumerate(gfns):
-            arr[i] = _int("map", f"gfns[{i}]", gfn, 0, (1 << 64) - 1)
+            arr[i] = check_int("map", f"gfns[{i}]", gfn, 0, (1 << 64) - 1)
         err = (ctypes.c_int * n)()
         mm = self._mmap(n)
         arg = privcmd_mmapbatch_v2(
@@ -181,7 +182,7 @@ class ForeignMemory:
 
     def restrict(self, domid: int) -> None:
         """IOCTL_PRIVCMD_RESTRICT: this handle may map only ``domid`` from now on."""
-        _domid("restrict", domid)
+        check_domid("restrict", domid)
         if domid >= DOMID_FIRST_RESERVED:
             raise ArgumentError("restrict", "domid", domid, "must be a guest domid (< 0x7ff0)")
         self._ioctl("restrict", IOCTL_PRIVCMD_RESTRICT, domid_t(domid), domid)
@@ -214,16 +215,8 @@ class ForeignMemory:
         self.close()
 
 
-def _int(op: str, name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, not {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise ArgumentError(op, name, value, f"must be {lo}..{hi:#x}")
-    return value
 
 
-def _domid(op: str, domid: object) -> int:
-    return _int(op, "domid", domid, 0, 0xFFFF)
 
 
 class GuestRam:
