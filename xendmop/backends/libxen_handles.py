@@ -205,9 +205,7 @@ class LibxenEventChannel:
         returns the local port.  EACCES on a handle restricted to another domain."""
         check_domid("bind_interdomain", domid)
         check_port("bind_interdomain", remote_port)
-        return self._call(
-            "bind_interdomain", "bind_interdomain", domid, domid, remote_port, remote_port=remote_port
-        )
+        return self._call("bind_interdomain", "bind_interdomain", domid, domid, remote_port, remote_port=remote_port)
 
     def bind_unbound_port(self, domid: int) -> int:
         """``xenevtchn_bind_unbound_port``: a new local port ``domid`` may bind; returns it."""
@@ -430,9 +428,7 @@ class LibxenForeignMemory:
         ctypes.set_errno(0)
         fres = map_resource(lib.handle, domid, type, id, frame, nr_frames, byref(address), prot, mmap.MAP_SHARED)
         if not fres or not address.value:
-            raise self._failed(
-                "map_resource", domid, {"type": type, "id": id, "frame": frame, "nr": nr_frames}
-            )
+            raise self._failed("map_resource", domid, {"type": type, "id": id, "frame": frame, "nr": nr_frames})
         release = self._track(owner, lambda: unmap_resource(lib.handle, fres))
         return self._keep(LibxenMapping(domid, nr_frames, address.value, release))
 

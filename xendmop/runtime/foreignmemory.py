@@ -215,10 +215,6 @@ class ForeignMemory:
         self.close()
 
 
-
-
-
-
 class GuestRam:
     """Guest-physical memory for the dispatch core, one foreign-mapped page at a time.
 
