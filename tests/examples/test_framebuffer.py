@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from example_cli import example_env, hold_until_signal, read_until
 
 from xendmop import DeviceModel
 from xendmop.mock import MockXen
@@ -267,7 +268,7 @@ def run(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProce
         text=True,
         timeout=timeout,
         cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=example_env(),
     )
 
 
@@ -294,27 +295,8 @@ def test_command_line_refusals(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_tears_the_server_down(tmp_path: Path, signum: int) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--hold", "--output", str(tmp_path / "fb.png")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        assert proc.stdout is not None
-        seen = []
-        for line in proc.stdout:
-            seen.append(line)
-            if line.startswith("guest script done"):
-                break
-        assert seen and seen[-1].startswith("guest script done"), "".join(seen)
-        proc.send_signal(signum)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 0, err
+    status, out, err = hold_until_signal(SCRIPT, "--output", str(tmp_path / "fb.png"), signum=signum)
+    assert status == 0, err
     assert f"signal {signum}: ioreq server destroyed, none left in the domain" in out
     assert "ioreq server 0 destroyed" in err
 
@@ -346,16 +328,11 @@ def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": mock_host_process},
+        env=example_env(XENDMOP_MOCK_SOCKET=mock_host_process),
     )
     try:
         assert proc.stderr is not None
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if "deprivileged to uid 65534" in line:
-                break
-        assert "deprivileged to uid 65534" in seen[-1], "".join(seen)
+        read_until(proc.stderr, "deprivileged to uid 65534")
         assert "Uid:\t65534\t65534\t65534\t65534" in Path(f"/proc/{proc.pid}/status").read_text()
         with RemoteXen(mock_host_process) as remote:
             report = fbmod["guest_script"](RemoteGuest(remote, 1), lambda: remote.snapshot(1))
@@ -388,7 +365,7 @@ def test_timer_renders_what_the_guest_draws_without_a_flush(mock_host_process: s
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": mock_host_process},
+        env=example_env(XENDMOP_MOCK_SOCKET=mock_host_process),
     )
     try:
         with RemoteXen(mock_host_process) as remote:
@@ -422,7 +399,7 @@ def test_bad_domid_and_unreachable_host_are_reported_not_raised(tmp_path: Path) 
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": str(tmp_path / "no-such.sock")},
+        env=example_env(XENDMOP_MOCK_SOCKET=str(tmp_path / "no-such.sock")),
     )
     assert gone.returncode == 1 and "Traceback" not in gone.stderr
     assert gone.stderr.startswith("framebuffer: dom1: ") and "No such file or directory" in gone.stderr

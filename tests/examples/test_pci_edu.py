@@ -9,9 +9,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
+from example_cli import example_env, hold_until_signal, read_until
 from runtime.helpers import FakeRam  # tests/runtime: guest RAM that refuses what is not RAM
 
 from xendmop import DeviceModel
@@ -281,7 +282,7 @@ def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> s
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        env=example_env(**(env or {})),
     )
 
 
@@ -316,41 +317,13 @@ def test_real_domain_that_is_not_hvm_is_refused(tmp_path: Path, kind: str | None
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_tears_the_server_down(signum: int) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--hold"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        assert proc.stdout is not None
-        seen = []
-        for line in proc.stdout:
-            seen.append(line)
-            if line.startswith("guest script done"):
-                break
-        assert seen and seen[-1].startswith("guest script done"), "".join(seen)
-        proc.send_signal(signum)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 0, err
+    status, out, err = hold_until_signal(SCRIPT, signum=signum)
+    assert status == 0, err
     assert f"signal {signum}: ioreq server destroyed, none left in the domain" in out
     assert "ioreq server 0 destroyed" in err
 
 
 # --- a deprivileged device model in its own process, on a mock host process -------------------------
-
-
-def wait_for_line(stream: IO[str], needle: str) -> list[str]:
-    seen = []
-    for line in stream:
-        seen.append(line)
-        if needle in line:
-            return seen
-    raise AssertionError(f"no {needle!r} in:\n{''.join(seen)}")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
@@ -362,11 +335,11 @@ def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": mock_host_process},
+        env=example_env(XENDMOP_MOCK_SOCKET=mock_host_process),
     )
     try:
         assert proc.stderr is not None
-        wait_for_line(proc.stderr, "deprivileged to uid 65534")
+        read_until(proc.stderr, "deprivileged to uid 65534")
         status = Path(f"/proc/{proc.pid}/status").read_text()
         assert "Uid:\t65534\t65534\t65534\t65534" in status and "Gid:\t65534\t65534\t65534\t65534" in status
         with RemoteXen(mock_host_process) as remote:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from example_cli import example_env, read_until
 
 from xendmop import DeviceModel
 from xendmop.mock import MockXen
@@ -329,7 +330,7 @@ def run_script(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"},
+        env=example_env(PYTHONIOENCODING="utf-8"),
         **kw,
     )
 
@@ -354,7 +355,7 @@ def test_depriv_on_the_in_process_mock_is_refused() -> None:
 
 def test_a_domain_of_unknown_type_is_refused_before_anything_is_opened(tmp_path: Path) -> None:
     # No xenstore-read on PATH: the type cannot be read, so the domain is refused.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": str(tmp_path)}
+    env = example_env(PATH=str(tmp_path))
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--domid", "5"], capture_output=True, text=True, timeout=60, env=env
     )
@@ -370,7 +371,7 @@ def test_a_signal_while_serving_tears_the_server_down(signum: int) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"},
+        env=example_env(PYTHONIOENCODING="utf-8"),
     )
     try:
         assert proc.stdout is not None and proc.stderr is not None
@@ -397,7 +398,7 @@ def test_the_line_can_come_from_stdin() -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"},
+        env=example_env(PYTHONIOENCODING="utf-8"),
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.endswith("The guest read: from stdin\n")
@@ -465,16 +466,6 @@ def test_input_that_epoll_refuses_is_typed_at_once(tmp_path: Path, content: byte
 # --- deprivileged, in its own process, serving a mock host process ---------------------------------
 
 
-def stderr_line(proc: subprocess.Popen[bytes], needle: str) -> str:
-    assert proc.stderr is not None
-    seen = ""
-    while needle not in seen:
-        line = proc.stderr.readline().decode()
-        assert line, f"no {needle!r} before EOF in:\n{seen}"
-        seen += line
-    return seen
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
 def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process: str) -> None:
     from xendmop.mock.remote import RemoteGuest, RemoteXen
@@ -484,11 +475,11 @@ def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": mock_host_process},
+        env=example_env(XENDMOP_MOCK_SOCKET=mock_host_process),
     )
     try:
         assert proc.stdin is not None and proc.stdout is not None
-        stderr_line(proc, "serving dom1's COM1; deprivileged to uid 65534 gid 65534")
+        read_until(proc.stderr, "serving dom1's COM1; deprivileged to uid 65534 gid 65534")
         status = Path(f"/proc/{proc.pid}/status").read_text()
         assert "Uid:\t65534\t65534\t65534\t65534" in status and "Gid:\t65534\t65534\t65534\t65534" in status
         with RemoteXen(mock_host_process) as remote:
@@ -505,7 +496,7 @@ def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process:
             assert len(remote.servers(1)) == 1
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
-            assert "stopped (SIGTERM); the ioreq server was destroyed" in stderr_line(proc, "stopped")
+            assert "stopped (SIGTERM); the ioreq server was destroyed" in read_until(proc.stderr, "stopped")
             assert remote.servers(1) == {}
             assert not remote.gsi_level(1, 4)  # ... and lowered by the device model on its way out
     finally:
@@ -522,7 +513,7 @@ def test_a_pv_domain_of_a_mock_host_process_is_refused(mock_host_process: str) -
         text=True,
         timeout=60,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": mock_host_process},
+        env=example_env(XENDMOP_MOCK_SOCKET=mock_host_process),
     )
     assert done.returncode == 2 and "dom2 is not HVM" in done.stderr and "EINVAL" in done.stderr
     with RemoteXen(mock_host_process) as remote:
@@ -541,10 +532,10 @@ def test_the_terminal_is_the_guests_console_and_is_restored(mock_host_process: s
         stdin=slave,
         stdout=slave,
         stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "XENDMOP_MOCK_SOCKET": mock_host_process},
+        env=example_env(XENDMOP_MOCK_SOCKET=mock_host_process),
     )
     try:
-        stderr_line(proc, "serving dom1's COM1; Ctrl-C to stop")
+        read_until(proc.stderr, "serving dom1's COM1; Ctrl-C to stop")
         assert not termios.tcgetattr(slave)[3] & termios.ICANON  # raw while serving
         with RemoteXen(mock_host_process) as remote:
             fw = Firmware(RemoteGuest(remote, 1), lambda: remote.gsi_level(1, 4))
