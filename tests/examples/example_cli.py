@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,3 +49,32 @@ def hold_until_signal(script: Path, *args: str, signum: int) -> tuple[int, str, 
         proc.kill()
         proc.wait()
     return proc.returncode, seen + out, err
+
+
+#: the ids a deprivileged example drops to (nobody:nogroup)
+NOBODY = "65534:65534"
+
+
+@contextlib.contextmanager
+def deprivileged(
+    script: Path, mock_socket: str, *args: str, ready: str, stdin: bool = False, text: bool = True
+) -> Iterator[subprocess.Popen[Any]]:
+    """``script --domid 1 --depriv 65534:65534 *args`` serving the mock host process at
+    ``mock_socket``, handed over once ``ready`` is on its stderr and /proc shows it running
+    as 65534:65534; killed on the way out if still running."""
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--domid", "1", "--depriv", NOBODY, *args],
+        stdin=subprocess.PIPE if stdin else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=text,
+        env=example_env(XENDMOP_MOCK_SOCKET=mock_socket),
+    )
+    try:
+        read_until(proc.stderr, ready)
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        assert "Uid:\t65534\t65534\t65534\t65534" in status and "Gid:\t65534\t65534\t65534\t65534" in status, status
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from example_cli import example_env, hold_until_signal, read_until
+from example_cli import deprivileged, example_env, hold_until_signal
 
 from xendmop import DeviceModel
 from xendmop.mock import MockXen
@@ -312,28 +312,9 @@ def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process:
     shots.mkdir()
     shots.chmod(0o777)  # reached through a directory fd opened before the drop: no path lookups after it
     png = shots / "fb.png"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--domid",
-            "1",
-            "--depriv",
-            "65534:65534",
-            "--interval",
-            "0",
-            "--output",
-            str(png),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=example_env(XENDMOP_MOCK_SOCKET=mock_host_process),
-    )
-    try:
-        assert proc.stderr is not None
-        read_until(proc.stderr, "deprivileged to uid 65534")
-        assert "Uid:\t65534\t65534\t65534\t65534" in Path(f"/proc/{proc.pid}/status").read_text()
+    with deprivileged(
+        SCRIPT, mock_host_process, "--interval", "0", "--output", str(png), ready="deprivileged to uid 65534"
+    ) as proc:
         with RemoteXen(mock_host_process) as remote:
             report = fbmod["guest_script"](RemoteGuest(remote, 1), lambda: remote.snapshot(1))
             assert report.pages_read == [report.nr_pages, square_pages(), 0, 1]
@@ -342,9 +323,6 @@ def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process:
             _, err = proc.communicate(timeout=30)
             assert proc.returncode == 0, err
             assert remote.servers(1) == {}
-    finally:
-        proc.kill()
-        proc.wait()
     width, height = fbmod["MODE"]
     assert decode_png(png.read_bytes()) == (width, height, fbmod["expected_image"]())
     assert png.stat().st_uid == 65534  # written after the privileges dropped

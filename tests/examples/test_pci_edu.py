@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from example_cli import example_env, hold_until_signal, read_until
+from example_cli import deprivileged, example_env, hold_until_signal
 from runtime.helpers import FakeRam  # tests/runtime: guest RAM that refuses what is not RAM
 
 from xendmop import DeviceModel
@@ -330,18 +330,7 @@ def test_signal_tears_the_server_down(signum: int) -> None:
 def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process: str) -> None:
     from xendmop.mock.remote import RemoteGuest, RemoteXen
 
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--domid", "1", "--depriv", "65534:65534"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=example_env(XENDMOP_MOCK_SOCKET=mock_host_process),
-    )
-    try:
-        assert proc.stderr is not None
-        read_until(proc.stderr, "deprivileged to uid 65534")
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        assert "Uid:\t65534\t65534\t65534\t65534" in status and "Gid:\t65534\t65534\t65534\t65534" in status
+    with deprivileged(SCRIPT, mock_host_process, ready="deprivileged to uid 65534") as proc:
         with RemoteXen(mock_host_process) as remote:
             report = edu_mod["guest_script"](RemoteGuest(remote, 1), lambda: remote.snapshot(1))
             assert report.found_slots == [4] and report.factorial_10 == 3628800
@@ -352,9 +341,6 @@ def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process:
             _, err = proc.communicate(timeout=30)
             assert proc.returncode == 0, err
             assert remote.servers(1) == {}  # the host process saw the server destroyed
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_bad_domid_and_unreachable_host_are_reported_not_raised(tmp_path: Path) -> None:

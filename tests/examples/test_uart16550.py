@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from example_cli import example_env, read_until
+from example_cli import deprivileged, example_env, read_until
 
 from xendmop import DeviceModel
 from xendmop.mock import MockXen
@@ -470,18 +470,14 @@ def test_input_that_epoll_refuses_is_typed_at_once(tmp_path: Path, content: byte
 def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process: str) -> None:
     from xendmop.mock.remote import RemoteGuest, RemoteXen
 
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--domid", "1", "--depriv", "65534:65534"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=example_env(XENDMOP_MOCK_SOCKET=mock_host_process),
-    )
-    try:
+    with deprivileged(
+        SCRIPT,
+        mock_host_process,
+        ready="serving dom1's COM1; deprivileged to uid 65534 gid 65534",
+        stdin=True,
+        text=False,
+    ) as proc:
         assert proc.stdin is not None and proc.stdout is not None
-        read_until(proc.stderr, "serving dom1's COM1; deprivileged to uid 65534 gid 65534")
-        status = Path(f"/proc/{proc.pid}/status").read_text()
-        assert "Uid:\t65534\t65534\t65534\t65534" in status and "Gid:\t65534\t65534\t65534\t65534" in status
         with RemoteXen(mock_host_process) as remote:
             fw = Firmware(RemoteGuest(remote, 1), lambda: remote.gsi_level(1, 4))
             fw.probe()
@@ -499,9 +495,6 @@ def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process:
             assert "stopped (SIGTERM); the ioreq server was destroyed" in read_until(proc.stderr, "stopped")
             assert remote.servers(1) == {}
             assert not remote.gsi_level(1, 4)  # ... and lowered by the device model on its way out
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_a_pv_domain_of_a_mock_host_process_is_refused(mock_host_process: str) -> None:
