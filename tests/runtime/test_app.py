@@ -137,6 +137,11 @@ def test_drop_config_follows_depriv_and_chroot() -> None:
 def test_connect_is_not_for_the_in_process_mock() -> None:
     with pytest.raises(UsageError, match="open_mock"), Target(Where.MOCK).connect():
         pass
+    with pytest.raises(UsageError, match="--domid"), Target(Where.XEN).connect():
+        pass
+    with pytest.raises(UsageError, match="needs its socket") as refused, Target(Where.MOCK_HOST, 1).connect():
+        pass
+    assert refused.value.flag == "XENDMOP_MOCK_SOCKET"
 
 
 # --- guest_kind and the HVM guard ------------------------------------------------------------------

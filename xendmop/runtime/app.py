@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -239,7 +240,8 @@ class Target:
             if self.where is Where.MOCK_HOST:
                 from ..mock.remote import RemoteXen
 
-                assert self.socket is not None  # from_args sets it with MOCK_HOST
+                if not self.socket:
+                    raise UsageError(ENV_SOCKET, self.socket, f"a mock host target needs its socket (${ENV_SOCKET})")
                 remote = stack.enter_context(RemoteXen(self.socket))
                 dm = stack.enter_context(DeviceModel.open("mock", xen=remote))
                 yield Connection(self.where, dm, self.domid, remote.open_device, remote, self.drop_config())
@@ -289,7 +291,8 @@ class Connection:
     def require_hvm(self) -> None:
         """Refuse a domain that is not HVM (``NotHvmError``) where the connection itself can tell:
         the in-process mock's domain view, or on a mock host process one harmless DMOP — a PV
-        domain refuses every DMOP with EINVAL (``dm_op``'s "not HVM" check, ``xen/arch/x86/hvm/dm.c``).
+        domain refuses every DMOP with EINVAL (``dm_op``'s "not HVM" check, ``xen/arch/x86/hvm/dm.c``,
+        since Xen 4.15; the mock follows it).
         Neither has PVH guests.  On real Xen nothing is checked here: see ``require_hvm``, which
         must run before anything is opened."""
         if self.where is Where.MOCK:
@@ -430,8 +433,7 @@ def run_target(
     if report is None:
         report = _to_stderr
     try:
-        if hvm_only and target.where is Where.XEN:
-            assert target.domid is not None
+        if hvm_only and target.where is Where.XEN and target.domid is not None:  # connect() refuses None
             require_hvm(target.domid, assume_hvm=target.assume_hvm)
         with target.connect() as connection:
             if hvm_only:
@@ -447,8 +449,6 @@ def run_target(
 
 
 def _to_stderr(line: str) -> None:
-    import sys
-
     print(line, file=sys.stderr, flush=True)
 
 
