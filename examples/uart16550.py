@@ -677,7 +677,8 @@ def run_on_mock(
             return got
 
         try:
-            run = app.run_guest_while_serving(loop, firmware)
+            # After a signal the firmware may wait on the host's keyboard forever: no grace.
+            run = app.run_guest_while_serving(loop, firmware, signal_grace=0)
         finally:
             uart.release_irq()
             close_wake()

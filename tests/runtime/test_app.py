@@ -451,3 +451,20 @@ def test_run_guest_script_names_a_server_left_behind() -> None:
                 app.run_guest_script(conn, ServeLoop(conn.ioreq_server()), lambda: 0, lines=lambda r: [])
         finally:
             stray.close()
+
+
+def test_after_a_signal_the_guest_gets_its_grace_and_no_more() -> None:
+    import time
+
+    never = threading.Event()
+
+    def guest() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        never.wait(30)  # blocked on something else than the device: a keyboard
+
+    with app.open_mock() as conn:
+        started = time.monotonic()
+        run = app.run_guest_while_serving(ServeLoop(conn.ioreq_server()), guest, signal_grace=0.3)
+        waited = time.monotonic() - started
+        never.set()
+    assert run == app.GuestRun(None, signal.SIGTERM) and 0.3 <= waited < 5

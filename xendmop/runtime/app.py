@@ -498,6 +498,7 @@ def run_guest_while_serving(
     hold: bool = False,
     stopping: threading.Event | None = None,
     join_timeout: float = 10.0,
+    signal_grace: float = SIGNAL_JOIN_TIMEOUT,
 ) -> GuestRun[T]:
     """Serve ``loop`` in this thread while ``guest()`` (a simulated guest's script) runs in another.
 
@@ -505,8 +506,10 @@ def run_guest_while_serving(
     ``guest`` returns the loop stops, unless ``hold``: then it serves until SIGINT/SIGTERM.
     Signals are handled by the loop when this is the main thread (the guest's thread
     blocks them).  When the loop has ended ``stopping`` is set, for a guest that runs until
-    told.  Raises what ``guest`` raised (unless a signal ended the run), ``RuntimeError``
-    if it did not finish in ``join_timeout`` seconds after the loop stopped."""
+    told.  After a signal the guest gets ``signal_grace`` seconds to finish (0 for one that
+    may be blocked on something else than the device, a keyboard).  Raises what ``guest``
+    raised (unless a signal ended the run), ``RuntimeError`` if it did not finish in
+    ``join_timeout`` seconds after the loop stopped."""
     results: list[T] = []
     errors: list[BaseException] = []
 
@@ -541,7 +544,7 @@ def run_guest_while_serving(
         if stopping is not None:
             stopping.set()
         for thread in threads:
-            thread.join(join_timeout if signum is None else min(join_timeout, SIGNAL_JOIN_TIMEOUT))
+            thread.join(join_timeout if signum is None else min(join_timeout, signal_grace))
     if signum is not None:
         return GuestRun(results[0] if results else None, signum)
     if errors:
