@@ -27,11 +27,14 @@ before the vIOAPIC (irq >= 16, level > 1, missing domid) are fine.
 
 HAZARD 2: never issue ``track_dirty_vram(domid, pfn, 0)`` ("stop tracking") through the
 privcmd backend in the lab.  xendmop passes the empty bitmap as a 0-byte buffer at a
-page-aligned address; the Debian 6.1 dom0 kernel's privcmd then asks
-``pin_user_pages_fast`` for 0 pages (``lock_pages`` in drivers/xen/privcmd.c): it failed
-with EFAULT twice and once oopsed dom0 in ``try_grab_folio`` with list corruption after
-it.  libxendevicemodel passes an unaligned pointer (one page pinned) and gets 0.  Until
-the privcmd backend stops sending 0-byte buffers, no scenario stops tracking.
+page-aligned address, and the Debian 6.1 dom0 kernel's privcmd (``lock_pages`` in
+drivers/xen/privcmd.c) then asks ``pin_user_pages_fast`` for 0 pages: the call fails with
+EFAULT but corrupts kernel memory (seen: an oops in ``try_grab_folio`` with list corruption
+during a run; reproduced with raw ioctls, page-aligned 0-byte buffers: EFAULT, then a slab
+GPF in dom0 seconds later).  An unaligned 0-byte buffer pins one page and works (0), which
+is why libxendevicemodel's call usually succeeds.  A restricted fd can issue it: treat it
+as a possible security issue, not for public trackers.  No scenario stops tracking until
+the privcmd backend stops sending page-aligned 0-byte buffers.
 """
 
 from __future__ import annotations
