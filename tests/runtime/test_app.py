@@ -468,3 +468,9 @@ def test_after_a_signal_the_guest_gets_its_grace_and_no_more() -> None:
         waited = time.monotonic() - started
         never.set()
     assert run == app.GuestRun(None, signal.SIGTERM) and 0.3 <= waited < 5
+
+
+def test_the_socket_variable_is_the_mock_hosts() -> None:
+    from xendmop.mock import remote
+
+    assert app.ENV_SOCKET == remote.ENV_SOCKET  # spelled here so that real Xen never imports the mock
