@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from example_cli import deprivileged, example_env, hold_until_signal
-from runtime.helpers import FakeRam  # tests/runtime: guest RAM that refuses what is not RAM
+from runtime.helpers import FakeRam, RecordingPciHost  # tests/runtime: guest RAM that refuses what is not RAM
 
 from xendmop import DeviceModel
 from xendmop.mock import MockXen
@@ -28,28 +28,9 @@ edu_mod: dict[str, Any] = runpy.run_path(str(SCRIPT))
 Edu = edu_mod["Edu"]
 
 
-class RecordingHost:
-    """A ``PciHost`` that records the interrupts a function sends."""
-
-    def __init__(self) -> None:
-        self.log: list[tuple[object, ...]] = []
-
-    def map_bar(self, fn: PciFunction, index: int, start: int) -> None:
-        self.log.append(("map", index, start))
-
-    def unmap_bar(self, fn: PciFunction, index: int, start: int) -> None:
-        self.log.append(("unmap", index, start))
-
-    def set_intx(self, fn: PciFunction, level: bool) -> None:
-        self.log.append(("intx", level))
-
-    def inject_msi(self, fn: PciFunction, addr: int, data: int) -> None:
-        self.log.append(("msi", addr, data))
-
-
-def edu_with_host(ram: FakeRam | None = None) -> tuple[Any, RecordingHost]:
+def edu_with_host(ram: FakeRam | None = None) -> tuple[Any, RecordingPciHost]:
     edu = Edu(lambda: ram)
-    edu.pci.host = host = RecordingHost()
+    edu.pci.host = host = RecordingPciHost()
     return edu, host
 
 

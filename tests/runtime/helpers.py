@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from xendmop.abi.ioreq import IOREQ_BUFFER_SLOT_NUM, IOREQ_READ, STATE_IOREQ_READY
 from xendmop.runtime.dispatch import IOREQ_SIZE, GuestMemoryError, Ioreq
@@ -124,3 +125,22 @@ class Producer:
             buf_entry(self.pg, wr + 1, type=type, addr=addr, size_log2=log2, data=data >> 32)
         set_pointers(self.pg, rd, wr + need)
         return True
+
+
+class RecordingPciHost:
+    """A ``PciHost`` that records what a ``PciFunction`` asks of it: BAR (un)mappings, INTx, MSI."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[object, ...]] = []
+
+    def map_bar(self, fn: Any, index: int, start: int) -> None:
+        self.log.append(("map", index, start))
+
+    def unmap_bar(self, fn: Any, index: int, start: int) -> None:
+        self.log.append(("unmap", index, start))
+
+    def set_intx(self, fn: Any, level: bool) -> None:
+        self.log.append(("intx", level))
+
+    def inject_msi(self, fn: Any, addr: int, data: int) -> None:
+        self.log.append(("msi", addr, data))

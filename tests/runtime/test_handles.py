@@ -18,7 +18,7 @@ from xendmop.runtime.foreignmemory import ForeignMemory, GuestRam
 from xendmop.runtime.pci import Bar, PciFunction
 from xendmop.types import BufIoreq
 
-from .helpers import Recorder
+from .helpers import Recorder, RecordingPciHost
 
 PAGE = 4096
 
@@ -227,26 +227,9 @@ def test_guest_ram_outside_refused(fmem: ForeignMemory, domid: int) -> None:
 # --- PciFunction (no server: a recording host) ---------------------------------------------------
 
 
-class FakeHost:
-    def __init__(self) -> None:
-        self.log: list[tuple[object, ...]] = []
-
-    def map_bar(self, fn: PciFunction, index: int, start: int) -> None:
-        self.log.append(("map", index, start))
-
-    def unmap_bar(self, fn: PciFunction, index: int, start: int) -> None:
-        self.log.append(("unmap", index, start))
-
-    def set_intx(self, fn: PciFunction, level: bool) -> None:
-        self.log.append(("intx", level))
-
-    def inject_msi(self, fn: PciFunction, addr: int, data: int) -> None:
-        self.log.append(("msi", addr, data))
-
-
 def test_pci_bar_sizing_and_decode() -> None:
     fn = PciFunction(0x8086, 0x100E, 0x020000, bars=[Bar(0x20000, Recorder()), Bar(0x40, Recorder(), io=True)])
-    fn.host = host = FakeHost()
+    fn.host = host = RecordingPciHost()
     fn.write(0x10, 4, 0xFFFFFFFF)
     assert fn.read(0x10, 4) == 0xFFFE0000
     fn.write(0x14, 4, 0xFFFFFFFF)
@@ -264,7 +247,7 @@ def test_pci_bar_sizing_and_decode() -> None:
 
 def test_pci_intx_edges_and_disable() -> None:
     fn = PciFunction(1, 2, 3)
-    fn.host = host = FakeHost()
+    fn.host = host = RecordingPciHost()
     fn.set_irq(True)
     fn.set_irq(True)
     assert host.log == [("intx", True)] and fn.read(0x06, 2) & 0x8
@@ -276,7 +259,7 @@ def test_pci_intx_edges_and_disable() -> None:
 
 def test_pci_msi_only_when_enabled() -> None:
     fn = PciFunction(1, 2, 3, msi=True)
-    fn.host = host = FakeHost()
+    fn.host = host = RecordingPciHost()
     assert fn.read(0x34, 1) == 0x40 and fn.read(0x40, 1) == 5
     assert not fn.notify_msi()
     fn.write(0x44, 4, 0xFEE01000)
