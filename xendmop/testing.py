@@ -40,7 +40,6 @@ is loaded by every pytest run of anyone who installed xendmop.
 from __future__ import annotations
 
 import os
-import signal
 import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
@@ -115,8 +114,7 @@ class ServeThread:
                 s.close()
             raise
         self.loop: ServeLoop = ServeLoop(*servers)
-        self._thread = threading.Thread(target=self._run, name="xendmop-serve", daemon=True)
-        self._started = False
+        self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
         try:
@@ -125,20 +123,16 @@ class ServeThread:
             self.error = e
 
     def start(self) -> ServeThread:
-        if not self._started:
-            self._started = True
-            # Signals (a Ctrl-C of pytest) go to the test's thread, which a signal taken
-            # by the serving thread would not interrupt; the new thread inherits the mask.
-            unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-            try:
-                self._thread.start()
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+        if self._thread is None:
+            from .runtime.app import start_daemon_thread
+
+            # Signals (a Ctrl-C of pytest) stay with the test's thread.
+            self._thread = start_daemon_thread(self._run, "xendmop-serve")
         return self
 
     def stop(self) -> None:
         """End the loop (servers torn down); re-raise what the loop died of."""
-        if self._started:
+        if self._thread is not None:
             self.loop.stop()
             self._thread.join(self.join_timeout)
             assert not self._thread.is_alive(), f"serving loop did not stop in {self.join_timeout}s"
