@@ -29,7 +29,9 @@ Internal API for a simulated guest (thread-safe; hold ``xen.lock`` for compound 
   (the same bytes a DM maps with MMAP_RESOURCE); ``server.vcpu_ports[v]``,
   ``server.bufioreq_port``; ``server.ranges[type]`` (``RangeSet``); ``server.enabled``
 - ``xen.evtchn_notify_from_xen(domid, port)``: Xen raises a server port (guest posted an ioreq)
+- ``domain.select_ioreq_server(range_type, first, last)``: Xen's routing of an access (cached per domain)
 - ``server.wait_dm_notify(vcpu, timeout)`` / ``server.dm_notify_count[v]``: the DM's NOTIFY
+  (``server.notify_fd(v)``: the eventfd behind it, readable while a notify is not taken)
 - ``xen.guest_write(domid, gpa, data)`` / ``xen.guest_read(domid, gpa, n)``: guest RAM, marks dirty
 """
 

@@ -36,7 +36,7 @@ from ..abi.evtchn import (
 )
 from ..abi.xen import DOMID_FIRST_RESERVED
 from .privcmd import raise_errno, read_arg
-from .state import NR_EVTCHN_PORTS, EvtchnPort
+from .state import NR_EVTCHN_PORTS, EvtchnPort, WakeAfterUnlock
 from .usermem import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ class EvtchnDevice:
         self.restrict_domid = UNRESTRICTED_DOMID
         self.nonblocking = False
         self._cond = threading.Condition(host.lock)
+        self._sleepers = 0  # blocking reads waiting on _cond: only they need a notify_all
         self._closed = False
 
     # --- the fd ---------------------------------------------------------------------
@@ -92,7 +93,8 @@ class EvtchnDevice:
             return
         self._ring.append(port)
         os.eventfd_write(self._efd, 1)
-        self._cond.notify_all()
+        if self._sleepers:
+            self._cond.notify_all()
 
     def read(self, nbytes: int) -> bytes:
         """``evtchn_read``: pending ports as native uint32s (count rounded down to 4, at most a page)."""
@@ -111,7 +113,11 @@ class EvtchnDevice:
                     break
                 if self.nonblocking:
                     raise_errno(errno.EAGAIN)
-                self._cond.wait()
+                self._sleepers += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._sleepers -= 1
             take, self._ring = self._ring[: nbytes // 4], self._ring[nbytes // 4 :]
             if not self._ring:
                 self._drain_efd()
@@ -153,9 +159,17 @@ class EvtchnDevice:
     def ioctl(self, request: int, arg: Any = 0) -> int:
         if self._closed:
             raise_errno(errno.EBADF)
-        with self._host.lock:
-            rc = self._ioctl(request, arg)
-            self._host.log("evtchn", request, {"arg": _show(arg)}, rc)
+        if request == IOCTL_EVTCHN_NOTIFY and arg.__class__ is ioctl_evtchn_notify:
+            # A device model's notify after each access: its one field is read as is (the
+            # struct is already the kernel's copy), then the same rule as _notify.
+            port = arg.port
+            with WakeAfterUnlock(), self._host.lock:  # the vCPU's wake-up after the unlock
+                rc = self._notify_port(port)
+                self._host.log("evtchn", request, {"arg": {"port": port}}, rc)
+        else:
+            with WakeAfterUnlock(), self._host.lock:
+                rc = self._ioctl(request, arg)
+                self._host.log("evtchn", request, {"arg": _show(arg)}, rc)
         if rc < 0:
             raise_errno(-rc)
         return rc
@@ -232,9 +246,13 @@ class EvtchnDevice:
         self._host.hypervisor.close_port(self._host.dom0, port)
 
     def _notify(self, data: Any) -> int:
-        if data.port >= NR_EVTCHN_PORTS or data.port not in self._ports:
+        return self._notify_port(data.port)
+
+    def _notify_port(self, port: int) -> int:
+        """``evtchn_ioctl`` IOCTL_EVTCHN_NOTIFY: only a port this fd bound, then ``notify_remote_via_evtchn``."""
+        if port >= NR_EVTCHN_PORTS or port not in self._ports:
             return -errno.ENOTCONN
-        return self._host.hypervisor.evtchn_send(self._host.dom0, data.port)
+        return self._host.hypervisor.evtchn_send(self._host.dom0, port)
 
     def _reset(self, _: Any) -> int:
         """``IOCTL_EVTCHN_RESET``: empty the ring and clear the overflow (queued ports stay masked)."""

@@ -452,7 +452,7 @@ def create_ioreq_server(call: Call) -> int:
     if rc < 0:
         _remove_vcpus(hv, d, s)
         return rc
-    d.ioreq_servers[s.id] = s
+    d.set_server(s.id, s)
     data.id = s.id
     return 0
 
@@ -473,9 +473,8 @@ def _add_vcpus(hv: Hypervisor, d: Domain, s: IoreqServer) -> int:
 
 
 def _dm_notify(s: IoreqServer, index: int) -> Callable[[], None]:
-    def notified() -> None:  # Xen's consumer of the ioreq port: wakes the waiting vCPU
-        s.dm_notify_count[index] += 1
-        s.dm_notified[index].set()
+    def notified() -> None:  # Xen's consumer of the ioreq port (ioreq.c): wakes the waiting vCPU
+        s.dm_notified(index)
 
     return notified
 
@@ -615,7 +614,7 @@ def destroy_server(hv: Hypervisor, d: Domain, s: IoreqServer) -> None:
     if s.store is not None:
         s.store.close()
         s.store = None
-    d.ioreq_servers[s.id] = None
+    d.set_server(s.id, None)
 
 
 # --- interrupts: xen/arch/x86/hvm/dm.c, xen/arch/x86/hvm/irq.c --------------------------

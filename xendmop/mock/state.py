@@ -8,7 +8,10 @@ DMOP can change, for tests that assert a refused call changed nothing.
 from __future__ import annotations
 
 import errno
+import os
+import select
 import threading
+import weakref
 from collections.abc import Callable, Iterator, MutableMapping, ValuesView
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +33,58 @@ NR_LINKS = 4
 MAX_PINNED_CACHEATTR = 64
 #: Linux/Xen 2-level event channel ABI: ports per domain (``EVTCHN_2L_NR_CHANNELS`` on 64-bit)
 NR_EVTCHN_PORTS = 4096
+#: routes a domain remembers (``Domain.select_ioreq_server``) before it forgets them all
+ROUTE_CACHE_SIZE = 1024
+
+
+_WAKES = threading.local()
+
+
+class WakeAfterUnlock:
+    """``with WakeAfterUnlock(): with host.lock: ...``: the vCPU wake-ups Xen's ioreq
+    consumers ask for inside (``wake``) are written after the host lock is let go.
+
+    The eventfd write hands the CPU (and the GIL) to the woken vCPU thread, which then
+    wants the host lock first thing; woken while the notifier still holds it, it would
+    block and be woken a second time.  The notify itself (its count, its order) is
+    unchanged: only the wake-up comes a few instructions later.  Nests: the outermost
+    one writes."""
+
+    __slots__ = ("_outer",)
+
+    def __enter__(self) -> None:
+        self._outer = getattr(_WAKES, "fds", None)
+        if self._outer is None:
+            _WAKES.fds = []
+
+    def __exit__(self, *exc: object) -> None:
+        if self._outer is None:
+            fds, _WAKES.fds = _WAKES.fds, None
+            for fd, _owner in fds:
+                os.eventfd_write(fd, 1)
+
+
+def wake(fd: int, owner: object) -> None:
+    """Signal eventfd ``fd`` now, or when the thread's outermost ``WakeAfterUnlock`` ends.
+    ``owner`` closes ``fd`` when it goes away: it is kept alive until the write."""
+    pending = getattr(_WAKES, "fds", None)
+    if pending is None:
+        os.eventfd_write(fd, 1)
+    else:
+        pending.append((fd, owner))
+
+
+class RoutingEpoch:
+    """Bumped by every change that can move an access to another ioreq server: a range
+    added or removed, a server enabled or disabled, created or destroyed.  A domain's
+    route cache is valid only for the epoch it was filled in (one counter for all hosts:
+    such changes are rare next to accesses)."""
+
+    value = 0
+
+    @classmethod
+    def bump(cls) -> None:
+        cls.value += 1
 
 
 class RangeSet:
@@ -58,6 +113,7 @@ class RangeSet:
         if len(keep) + 1 > self.limit:
             return -errno.ENOMEM  # alloc_range refused by rangeset_limit
         self.ranges = sorted([*keep, (lo, hi)])
+        RoutingEpoch.bump()
         return 0
 
     def remove(self, start: int, end: int) -> int:
@@ -74,6 +130,7 @@ class RangeSet:
         if len(out) > self.limit:
             return -errno.ENOMEM
         self.ranges = out
+        RoutingEpoch.bump()
         return 0
 
     def covers(self, start: int, end: int) -> bool:
@@ -189,7 +246,7 @@ class IoreqServer:
         self.id = sid
         self.emulator = emulator
         self.bufioreq_handling = bufioreq_handling
-        self.enabled = False
+        self._enabled = False
         self.ranges = [RangeSet() for _ in range(NR_IO_RANGE_TYPES)]
         self.vcpu_ports: list[int] = []
         self.bufioreq_port: int | None = None
@@ -198,9 +255,25 @@ class IoreqServer:
         self.ioreq_gfn: int | None = None  # None = INVALID_GFN
         self.bufioreq_gfn: int | None = None
         self.store: PageStore | None = None  # own frames (resource path)
-        #: set when the DM notifies the port of vCPU i (index nr_vcpus: the buffered port)
-        self.dm_notified = [threading.Event() for _ in range(nr_vcpus + 1)]
+        #: how many times the DM notified the port of vCPU i (index nr_vcpus: the buffered port)
         self.dm_notify_count = [0] * (nr_vcpus + 1)
+        # One eventfd per port, made at the first wait or notify: the DM's EVTCHNOP_send
+        # wakes a waiting vCPU with one eventfd write, the same hand-off as a real event
+        # channel (a threading.Event costs a Condition and a GIL hand-off more).  They are
+        # closed with the server object, never under a vCPU that may still be polling one.
+        self._notify_fds = [-1] * (nr_vcpus + 1)
+        self._notify_fds_lock = threading.Lock()
+        self._close_notify_fds = weakref.finalize(self, _close_eventfds, self._notify_fds)
+
+    @property
+    def enabled(self) -> bool:
+        """``s->enabled``: only enabled servers are selected for an access."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = value
+        RoutingEpoch.bump()  # the route of every access may change
 
     @property
     def handles_bufioreq(self) -> bool:
@@ -216,13 +289,37 @@ class IoreqServer:
     def bufpage(self) -> memoryview | None:
         return self.bufioreq_page.view() if self.bufioreq_page else None
 
+    def notify_fd(self, index: int) -> int:
+        """The eventfd the DM's notify of port ``index`` (vCPU id, or ``nr_vcpus`` for the
+        buffered port) writes: readable while a notify is not yet taken by ``wait_dm_notify``."""
+        fd = self._notify_fds[index]
+        if fd < 0:
+            with self._notify_fds_lock:
+                fd = self._notify_fds[index]
+                if fd < 0:
+                    fd = self._notify_fds[index] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return fd
+
+    def dm_notified(self, index: int) -> None:
+        """Xen's consumer of port ``index`` ran (the DM's ``EVTCHNOP_send``): count it and
+        wake the vCPU waiting for it."""
+        self.dm_notify_count[index] += 1
+        wake(self.notify_fd(index), self)
+
     def wait_dm_notify(self, vcpu: int, timeout: float | None = None) -> bool:
         """Block until the DM notifies vCPU ``vcpu``'s port (or the buffered port for
-        ``vcpu == nr_vcpus``); clear and return True, or False on timeout."""
-        event = self.dm_notified[vcpu]
-        if not event.wait(timeout):
+        ``vcpu == nr_vcpus``), at most ``timeout`` seconds (None: no limit); take every
+        notify so far and return True, or False on timeout.  Several notifies before one
+        wait are one wake-up, as a pending event channel bit is."""
+        fd = self.notify_fd(vcpu)
+        if timeout is not None and timeout < 0:
+            timeout = 0
+        if not select.select((fd,), (), (), timeout)[0]:
             return False
-        event.clear()
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:  # another waiter on the same port took it first
+            return False
         return True
 
     def snapshot(self) -> dict[str, Any]:
@@ -237,6 +334,13 @@ class IoreqServer:
             "pages": (self.ioreq_page is not None, self.bufioreq_page is not None),
             "gfns": (self.ioreq_gfn, self.bufioreq_gfn),
         }
+
+
+def _close_eventfds(fds: list[int]) -> None:
+    for i, fd in enumerate(fds):
+        if fd >= 0:
+            fds[i] = -1
+            os.close(fd)
 
 
 @dataclass
@@ -278,10 +382,47 @@ class Domain:
     cacheattr: list[tuple[int, int, int]] = field(default_factory=list)
     irq_levels: dict[int, int] = field(default_factory=dict)  # Arm SPIs
     ports: dict[int, EvtchnPort] = field(default_factory=dict)
+    #: (range type, first, last) -> the server ``select_ioreq_server`` chose, for ``_routes_epoch``
+    _routes: dict[tuple[int, int, int], IoreqServer | None] = field(default_factory=dict, repr=False, compare=False)
+    _routes_epoch: int = field(default=-1, repr=False, compare=False)
 
     def server(self, sid: int) -> IoreqServer | None:
         """``get_ioreq_server``: None for an id out of range or an empty slot."""
         return self.ioreq_servers[sid] if 0 <= sid < MAX_NR_IOREQ_SERVERS else None
+
+    def set_server(self, sid: int, s: IoreqServer | None) -> None:
+        """Fill or empty server slot ``sid`` (create, destroy): routes may change."""
+        self.ioreq_servers[sid] = s
+        RoutingEpoch.bump()
+
+    def select_ioreq_server(self, rtype: int, first: int, last: int) -> IoreqServer | None:
+        """``ioreq_server_select`` (xen/common/ioreq.c): the server an access of range type
+        ``rtype`` covering ``[first, last]`` goes to, or None (Xen's null handler then).
+
+        Servers are tried from the highest id down (``FOR_EACH_IOREQ_SERVER`` iterates
+        backwards; ids are handed out lowest-free first), disabled ones skipped, and a
+        server takes the access only if one of its ranges holds all of it
+        (``rangeset_contains_range``).  The answer is remembered until the routing epoch
+        moves (a range, a server or its enabled state changed).  Call with the host lock.
+        """
+        routes = self._routes
+        if self._routes_epoch != RoutingEpoch.value:
+            routes.clear()
+            self._routes_epoch = RoutingEpoch.value
+        key = (rtype, first, last)
+        try:
+            return routes[key]
+        except KeyError:
+            pass
+        found = None
+        for s in reversed(self.ioreq_servers):
+            if s is not None and s.enabled and s.ranges[rtype].contains(first, last):
+                found = s
+                break
+        if len(routes) >= ROUTE_CACHE_SIZE:
+            routes.clear()
+        routes[key] = found
+        return found
 
     @property
     def servers(self) -> dict[int, IoreqServer]:

@@ -17,6 +17,7 @@ Built only on the mock's documented internal API (``xendmop.mock`` docstring).
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from typing import Any
@@ -36,6 +37,43 @@ from ..types import BufIoreq, IoRangeType
 from .dispatch import IOREQ_SIZE, STATE_BYTE, Ioreq, all_ones
 
 __all__ = ["GuestCrash", "GuestTimeout", "SimGuest"]
+
+#: ``struct ioreq``: addr, data, count, size, vp_eport, 2 pad bytes, state/data_is_ptr/dir/df, type
+_SLOT = struct.Struct("<QQIII2xBB")
+_U64 = (1 << 64) - 1
+_U32 = (1 << 32) - 1
+
+
+def _route(type: int, addr: int, size: int, count: int) -> tuple[int, int, int] | None:
+    """What ``ioreq_server_select`` (xen/common/ioreq.c) looks up for an access: the range
+    type and the span that one range must hold whole; None for a type no range can claim."""
+    if type == IOREQ_TYPE_PIO:
+        return IoRangeType.PORT, addr, addr + size - 1
+    if type == IOREQ_TYPE_COPY:
+        # Xen checks [addr, addr + size * count - 1], whatever df says.
+        return IoRangeType.MEMORY, addr, addr + size * count - 1
+    if type == IOREQ_TYPE_PCI_CONFIG:
+        sbdf = addr >> 32  # the SBDF is in the address's upper half, the register below
+        return IoRangeType.PCI, sbdf, sbdf
+    return None
+
+
+class _Pending:
+    """An access issued by an instruction method, kept as plain fields (an ``Ioreq`` only if reported)."""
+
+    __slots__ = ("addr", "count", "data", "data_is_ptr", "df", "dir", "size", "type")
+
+    def __init__(
+        self, type: int, addr: int, data: int, count: int, size: int, data_is_ptr: bool, dir: int, df: bool
+    ) -> None:
+        self.type, self.addr, self.data, self.count, self.size = type, addr, data, count, size
+        self.data_is_ptr, self.dir, self.df = data_is_ptr, dir, df
+
+
+def _as_ioreq(req: Ioreq | _Pending) -> Ioreq:
+    if isinstance(req, Ioreq):
+        return req
+    return Ioreq(req.addr, req.data, req.count, req.size, 0, 0, req.data_is_ptr, req.dir, req.df, req.type)
 
 
 class GuestTimeout(TimeoutError):
@@ -66,67 +104,80 @@ class SimGuest:
 
     def select(self, req: Ioreq) -> Any | None:
         """The server Xen would pick for ``req``, or None."""
+        route = _route(req.type, req.addr, req.size, req.count)
+        if route is None:
+            return None
         with self.xen.lock:
-            servers = self._domain().servers
-            for sid in sorted(servers, reverse=True):
-                s = servers[sid]
-                if not s.enabled:
-                    continue
-                if req.type == IOREQ_TYPE_PCI_CONFIG:
-                    if s.ranges[IoRangeType.PCI].contains(req.addr >> 32, req.addr >> 32):
-                        return s
-                elif req.type == IOREQ_TYPE_PIO:
-                    if s.ranges[IoRangeType.PORT].contains(req.addr, req.addr + req.size - 1):
-                        return s
-                elif req.type == IOREQ_TYPE_COPY:
-                    # Xen checks [addr, addr + size * count - 1], whatever df says.
-                    if s.ranges[IoRangeType.MEMORY].contains(req.addr, req.addr + req.size * req.count - 1):
-                        return s
-        return None
+            return self._domain().select_ioreq_server(*route)
 
     # --- one synchronous access (ioreq_send + wait_for_io) -------------------------------------
 
     def send(self, req: Ioreq, vcpu: int = 0, *, timeout: float | None = None) -> int:
         """Issue ``req`` on ``vcpu`` and return the final ``data`` (all-ones for an unclaimed read)."""
-        server = self.select(req)
-        if server is None:
-            return all_ones(req.size) if req.dir == IOREQ_READ and not req.data_is_ptr else req.data
-        lock = self._vcpu_locks.setdefault(vcpu, threading.Lock())
-        with lock:
-            return self._send(server, req, vcpu, self.timeout if timeout is None else timeout)
+        return self._access(
+            req.type, req.addr, req.data, req.count, req.size, req.data_is_ptr, req.dir, req.df, vcpu, timeout, req
+        )
 
-    def _send(self, server: Any, req: Ioreq, vcpu: int, timeout: float) -> int:
+    def _access(
+        self,
+        type: int,
+        addr: int,
+        data: int,
+        count: int,
+        size: int,
+        data_is_ptr: bool,
+        dir: int,
+        df: bool,
+        vcpu: int = 0,
+        timeout: float | None = None,
+        req: Ioreq | None = None,
+    ) -> int:
+        """One access, its fields as plain values: no ``Ioreq`` is built unless one must be
+        reported (``req``, when the caller has one, is the one a ``GuestTimeout`` names)."""
+        lock = self._vcpu_locks.get(vcpu)
+        if lock is None:
+            lock = self._vcpu_locks.setdefault(vcpu, threading.Lock())
         off = vcpu * IOREQ_SIZE
-        with self.xen.lock:
-            page = server.page
-            state = page[off + STATE_BYTE] & 0xF
-            eport = int.from_bytes(page[off + 24 : off + 28], "little")
-            if state != STATE_IOREQ_NONE or eport != server.vcpu_ports[vcpu]:
-                raise GuestCrash(f"dom{self.domid} vCPU{vcpu}: device model set bad IO state {state}/port {eport}")
-            body = Ioreq(
-                req.addr,
-                req.data,
-                req.count,
-                req.size,
-                eport,
-                STATE_IOREQ_NONE,
-                req.data_is_ptr,
-                req.dir,
-                req.df,
-                req.type,
-            ).to_bytes()
-            page[off : off + IOREQ_SIZE] = body
-            page[off + STATE_BYTE] = (page[off + STATE_BYTE] & 0xF0) | STATE_IOREQ_READY  # after the body
-            port = server.vcpu_ports[vcpu]
-        self.xen.evtchn_notify_from_xen(self.domid, port)
-        deadline = time.monotonic() + timeout
-        prev, woken = STATE_IOREQ_READY, True
-        while True:
+        route = _route(type, addr, size, count)
+        with lock:
+            # One host-lock section routes, posts and raises the port (ioreq_send): the
+            # server cannot change between the choice and the post.
             with self.xen.lock:
-                # Like wait_on_xen_event_channel, the state is looked at only on entry
-                # and when the DM's notify wakes us: an answer without a notify is lost.
-                # An answer notified before the server went away is still taken: the
-                # notify made the vCPU runnable before the destroy paused the domain.
+                server = None if route is None else self._domain().select_ioreq_server(*route)
+                if server is None:
+                    return all_ones(size) if dir == IOREQ_READ and not data_is_ptr else data
+                page = server.page
+                state = page[off + STATE_BYTE] & 0xF
+                eport = int.from_bytes(page[off + 24 : off + 28], "little")
+                if state != STATE_IOREQ_NONE or eport != server.vcpu_ports[vcpu]:
+                    raise GuestCrash(f"dom{self.domid} vCPU{vcpu}: device model set bad IO state {state}/port {eport}")
+                flags = STATE_IOREQ_NONE | (bool(data_is_ptr) << 4) | ((dir & 1) << 5) | (bool(df) << 6)
+                _SLOT.pack_into(
+                    page, off, addr & _U64, data & _U64, count & _U32, size & _U32, eport, flags, type & 0xFF
+                )
+                page[off + STATE_BYTE] = flags | STATE_IOREQ_READY  # after the body
+                server.notify_fd(vcpu)  # made before the DM can notify
+                self.xen.evtchn_notify_from_xen(self.domid, eport)
+            pending = _Pending(type, addr, data, count, size, data_is_ptr, dir, df) if req is None else req
+            return self._wait_for_io(server, page, off, vcpu, self.timeout if timeout is None else timeout, pending)
+
+    def _wait_for_io(
+        self, server: Any, page: memoryview, off: int, vcpu: int, timeout: float, req: Ioreq | _Pending
+    ) -> int:
+        """``wait_for_io``: sleep until the DM's notify, then look at the slot once."""
+        deadline = time.monotonic() + timeout
+        prev, state = STATE_IOREQ_READY, STATE_IOREQ_READY
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GuestTimeout(self.domid, vcpu, _as_ioreq(req), timeout, state)
+            # Short waits only so that a destroyed server is noticed.
+            woken = server.wait_dm_notify(vcpu, min(remaining, 0.05))
+            with self.xen.lock:
+                # Like wait_on_xen_event_channel, the state is looked at only when the DM's
+                # notify wakes us: an answer without a notify is lost.  An answer notified
+                # before the server went away is still taken: the notify made the vCPU
+                # runnable before the destroy paused the domain.
                 state = page[off + STATE_BYTE] & 0xF if woken else prev
                 if state < prev or state > STATE_IORESP_READY:
                     raise GuestCrash(f"dom{self.domid} vCPU{vcpu}: weird ioreq state transition {prev} -> {state}")
@@ -134,15 +185,10 @@ class SimGuest:
                 if state == STATE_IORESP_READY:
                     page[off + STATE_BYTE] = (page[off + STATE_BYTE] & 0xF0) | STATE_IOREQ_NONE
                     return int.from_bytes(page[off + 8 : off + 16], "little")
-                if self._domain().servers.get(server.id) is not server:
+                if self._domain().server(server.id) is not server:
                     # The emulator died under us: wait_for_io sees STATE_IOREQ_NONE and
                     # completes the access with ~0 ("emulator is dying" in xen/common/ioreq.c).
                     return all_ones(req.size) if req.dir == IOREQ_READ else req.data
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise GuestTimeout(self.domid, vcpu, req, timeout, state)
-            # Short waits only so that a destroyed server is noticed.
-            woken = server.wait_dm_notify(vcpu, min(remaining, 0.05))
 
     # --- buffered writes (ioreq_send_buffered) --------------------------------------------------
 
@@ -178,49 +224,49 @@ class SimGuest:
     # --- instructions ---------------------------------------------------------------------------
 
     def _pio(self, port: int, size: int, dir: int, value: int = 0, vcpu: int = 0) -> int:
-        return self.send(Ioreq(port, value, 1, size, 0, 0, False, dir, False, IOREQ_TYPE_PIO), vcpu)
+        return self._access(IOREQ_TYPE_PIO, port, value, 1, size, False, dir, False, vcpu)
 
     def outb(self, port: int, value: int, vcpu: int = 0) -> None:
-        self._pio(port, 1, IOREQ_WRITE, value, vcpu)
+        self._access(IOREQ_TYPE_PIO, port, value, 1, 1, False, IOREQ_WRITE, False, vcpu)
 
     def outw(self, port: int, value: int, vcpu: int = 0) -> None:
-        self._pio(port, 2, IOREQ_WRITE, value, vcpu)
+        self._access(IOREQ_TYPE_PIO, port, value, 1, 2, False, IOREQ_WRITE, False, vcpu)
 
     def outl(self, port: int, value: int, vcpu: int = 0) -> None:
-        self._pio(port, 4, IOREQ_WRITE, value, vcpu)
+        self._access(IOREQ_TYPE_PIO, port, value, 1, 4, False, IOREQ_WRITE, False, vcpu)
 
     def inb(self, port: int, vcpu: int = 0) -> int:
-        return self._pio(port, 1, IOREQ_READ, 0, vcpu)
+        return self._access(IOREQ_TYPE_PIO, port, 0, 1, 1, False, IOREQ_READ, False, vcpu)
 
     def inw(self, port: int, vcpu: int = 0) -> int:
-        return self._pio(port, 2, IOREQ_READ, 0, vcpu)
+        return self._access(IOREQ_TYPE_PIO, port, 0, 1, 2, False, IOREQ_READ, False, vcpu)
 
     def inl(self, port: int, vcpu: int = 0) -> int:
-        return self._pio(port, 4, IOREQ_READ, 0, vcpu)
+        return self._access(IOREQ_TYPE_PIO, port, 0, 1, 4, False, IOREQ_READ, False, vcpu)
 
     def mmio_read(self, addr: int, size: int, vcpu: int = 0) -> int:
-        return self.send(Ioreq(addr, 0, 1, size, 0, 0, False, IOREQ_READ, False, IOREQ_TYPE_COPY), vcpu)
+        return self._access(IOREQ_TYPE_COPY, addr, 0, 1, size, False, IOREQ_READ, False, vcpu)
 
     def mmio_write(self, addr: int, size: int, value: int, vcpu: int = 0) -> None:
-        self.send(Ioreq(addr, value, 1, size, 0, 0, False, IOREQ_WRITE, False, IOREQ_TYPE_COPY), vcpu)
+        self._access(IOREQ_TYPE_COPY, addr, value, 1, size, False, IOREQ_WRITE, False, vcpu)
 
     def pci_config_read(self, sbdf: int, reg: int, size: int, vcpu: int = 0) -> int:
         addr = (sbdf << 32) | reg
-        return self.send(Ioreq(addr, 0, 1, size, 0, 0, False, IOREQ_READ, False, IOREQ_TYPE_PCI_CONFIG), vcpu)
+        return self._access(IOREQ_TYPE_PCI_CONFIG, addr, 0, 1, size, False, IOREQ_READ, False, vcpu)
 
     def pci_config_write(self, sbdf: int, reg: int, size: int, value: int, vcpu: int = 0) -> None:
         addr = (sbdf << 32) | reg
-        self.send(Ioreq(addr, value, 1, size, 0, 0, False, IOREQ_WRITE, False, IOREQ_TYPE_PCI_CONFIG), vcpu)
+        self._access(IOREQ_TYPE_PCI_CONFIG, addr, value, 1, size, False, IOREQ_WRITE, False, vcpu)
 
     def rep_outsb(self, port: int, gpa: int, count: int, *, df: bool = False, vcpu: int = 0) -> None:
         """``rep outsb`` from guest RAM at ``gpa`` (the last byte when ``df``)."""
-        self.send(Ioreq(port, gpa, count, 1, 0, 0, True, IOREQ_WRITE, df, IOREQ_TYPE_PIO), vcpu)
+        self._access(IOREQ_TYPE_PIO, port, gpa, count, 1, True, IOREQ_WRITE, df, vcpu)
 
     def rep_insb(self, port: int, gpa: int, count: int, *, df: bool = False, vcpu: int = 0) -> None:
-        self.send(Ioreq(port, gpa, count, 1, 0, 0, True, IOREQ_READ, df, IOREQ_TYPE_PIO), vcpu)
+        self._access(IOREQ_TYPE_PIO, port, gpa, count, 1, True, IOREQ_READ, df, vcpu)
 
     def rep_movs_to_mmio(self, addr: int, gpa: int, size: int, count: int, *, df: bool = False, vcpu: int = 0) -> None:
-        self.send(Ioreq(addr, gpa, count, size, 0, 0, True, IOREQ_WRITE, df, IOREQ_TYPE_COPY), vcpu)
+        self._access(IOREQ_TYPE_COPY, addr, gpa, count, size, True, IOREQ_WRITE, df, vcpu)
 
     # --- RAM --------------------------------------------------------------------------------------
 
