@@ -39,6 +39,10 @@ handles but cannot open new ones.  Admin and guest requests that change state ne
 same uid.
 
 Wire format: one datagram per message, ``<H`` kind then a payload per kind (``Msg``).
+Every request is answered, except the two a device model makes on every access whose
+result the client knows without the host: an evtchn unmask (``WRITE_POSTED``) and a
+NOTIFY on a port the fd bound (``IOCTL_POSTED``).  They are sent without waiting; the
+host handles them in order before the connection's next request, and logs a failure.
 
 Guest requests run ``xendmop.runtime.simguest.SimGuest`` in the host; that module is
 imported only when the first one arrives (the runtime layer stands on the mock, not
@@ -65,6 +69,15 @@ from collections.abc import Callable, Sequence
 from enum import IntEnum
 from typing import Any
 
+from ..abi.evtchn import (
+    IOCTL_EVTCHN_BIND_INTERDOMAIN,
+    IOCTL_EVTCHN_BIND_UNBOUND_PORT,
+    IOCTL_EVTCHN_BIND_VIRQ,
+    IOCTL_EVTCHN_NOTIFY,
+    IOCTL_EVTCHN_UNBIND,
+    ioctl_evtchn_notify,
+    ioctl_evtchn_unbind,
+)
 from .evtchn import EVTCHN_PATH, EvtchnDevice
 from .privcmd import HYPERCALL_PATH, PRIVCMD_PATH, PrivcmdDevice
 from .usermem import PAGE_SIZE, UserMemory, access_ok, remap
@@ -127,6 +140,8 @@ class Msg(IntEnum):
     CLOSE = 7  # _HANDLE
     CALL = 8  # JSON {"op": name, "args": {...}}
     MEM_REPLY = 9  # _ERROR (0 = done) + data read
+    WRITE_POSTED = 10  # _HANDLE + data, like WRITE but answered with nothing (an evtchn unmask)
+    IOCTL_POSTED = 11  # like IOCTL (argument by value), answered with nothing (an evtchn notify)
     OK = 100  # _OK + data (+ fds)
     ERROR = 101  # _ERROR + utf-8 message
     MEM_READ = 102  # copy_from_user
@@ -148,6 +163,10 @@ class _Broken(OSError):
 
 class _TooLong(_Broken):
     """A datagram longer than ``MAX_MESSAGE`` (already consumed: the connection can go on)."""
+
+
+_POSTED = (_KIND.pack(Msg.WRITE_POSTED), _KIND.pack(Msg.IOCTL_POSTED))
+_OK_KIND = _KIND.pack(Msg.OK)
 
 
 def _pack(kind: Msg, *parts: bytes) -> bytes:
@@ -340,6 +359,10 @@ class _Connection:
                         reply, fds = self._handle(data, cred)
                     except _Broken:
                         break
+                    if data[: _KIND.size] in _POSTED:
+                        if reply[: _KIND.size] != _OK_KIND:  # nobody waits for it: say it here
+                            log.warning("posted request from pid %d failed: %r", self.info.pid, reply[_KIND.size :])
+                        continue
                 try:
                     _send(self.sock, reply, fds)
                 except OSError:
@@ -416,6 +439,14 @@ class _Connection:
         self.devices[handle] = dev
         self.info.devices[handle] = path
         return _pack(Msg.OK, _OK.pack(handle)), fds
+
+    def _ioctl_posted(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
+        """A posted ioctl: only an evtchn NOTIFY with its argument by value (nothing to
+        copy from a client that is not waiting to answer)."""
+        handle, request, by_address, _ = _IOCTL.unpack_from(body)
+        if by_address or request != IOCTL_EVTCHN_NOTIFY or not isinstance(self._device(handle), EvtchnDevice):
+            raise OSError(errno.EINVAL, f"IOCTL_POSTED: request {request:#x} cannot be posted")
+        return self._ioctl(body, cred)
 
     def _ioctl(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
         handle, request, by_address, address = _IOCTL.unpack_from(body)
@@ -706,6 +737,8 @@ _HANDLERS: dict[int, Callable[[_Connection, bytes, Any], tuple[bytes, list[int]]
     Msg.MUNMAP: _Connection._munmap,
     Msg.READ: _Connection._read,
     Msg.WRITE: _Connection._write,
+    Msg.WRITE_POSTED: _Connection._write,
+    Msg.IOCTL_POSTED: _Connection._ioctl_posted,
     Msg.CLOSE: _Connection._close,
     Msg.CALL: _Connection._call,
 }
@@ -875,6 +908,17 @@ class RemoteXen:
                     (err,) = _ERROR.unpack_from(body)
                     raise OSError(err, body[_ERROR.size :].decode(errors="replace") or os.strerror(err))
                 _send(sock, self._serve_memory(kind, body, fds))
+
+    def post(self, request: bytes) -> None:
+        """Send a request the host answers with nothing (``Msg.WRITE_POSTED``): for a call
+        whose result the caller knows and that reaches no memory of ours.  The host
+        handles it before this connection's next request, as the kernel would have
+        finished the syscall before the next one."""
+        with self._lock:
+            try:
+                _send(self.sock, request)
+            except OSError as e:
+                raise MockHostError(f"mock host at {self.path}: {e.strerror}") from None
 
     def _serve_memory(self, kind: int, body: bytes, fds: list[int]) -> bytes:
         """The host's copy_{from,to}_user or remap during our ioctl, done on our own memory."""
@@ -1079,6 +1123,9 @@ class RemotePrivcmd(RemoteDevice):
         return super().ioctl(request, arg)
 
 
+_BINDS = frozenset((IOCTL_EVTCHN_BIND_VIRQ, IOCTL_EVTCHN_BIND_INTERDOMAIN, IOCTL_EVTCHN_BIND_UNBOUND_PORT))
+
+
 class RemoteEvtchn(RemoteDevice):
     """``/dev/xen/evtchn`` of the mock host; ``fileno()`` is the host device's eventfd."""
 
@@ -1088,6 +1135,35 @@ class RemoteEvtchn(RemoteDevice):
         self._fd = eventfd
         #: the O_NONBLOCK file flag, modelled here: a blocking read waits on the eventfd
         self.nonblocking = False
+        #: the ports this fd bound, as the kernel's per-fd port table (``get_port_user``);
+        #: None once a bind or unbind went by address (its port is then unknown here)
+        self._bound: set[int] | None = set()
+
+    def ioctl(self, request: int, arg: Any = 0) -> int:
+        """As ``RemoteDevice.ioctl``; a NOTIFY on a port this fd bound is posted.
+
+        ``evtchn_ioctl`` answers a NOTIFY from its own port table alone (ENOTCONN for a
+        port this fd did not bind, else 0), a table only this fd's binds and unbinds
+        change: kept here, it gives the same answer without waiting for the host, which
+        a device model does after every access."""
+        bound = self._bound
+        if request == IOCTL_EVTCHN_NOTIFY and arg.__class__ is ioctl_evtchn_notify and bound is not None:
+            self.fileno()
+            if arg.port not in bound:
+                raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+            head = _IOCTL.pack(self._handle, request & 0xFFFFFFFF, 0, 0)
+            self._xen.post(_pack(Msg.IOCTL_POSTED, head, bytes(arg)))
+            return 0
+        rc = super().ioctl(request, arg)
+        if bound is not None:
+            if request in _BINDS:
+                bound.add(rc)
+            elif request == IOCTL_EVTCHN_UNBIND:
+                if arg.__class__ is ioctl_evtchn_unbind:
+                    bound.discard(arg.port)
+                else:
+                    self._bound = None
+        return rc
 
     def read(self, nbytes: int) -> bytes:
         """``evtchn_read``: pending ports; EAGAIN when none and non-blocking.
@@ -1110,9 +1186,17 @@ class RemoteEvtchn(RemoteDevice):
             select.select([self.fileno()], [], [])
 
     def write(self, data: bytes) -> int:
-        """``evtchn_write``: unmask the ports written."""
-        value, _, _ = self._xen.transact(_pack(Msg.WRITE, _HANDLE.pack(self._handle), bytes(data[:PAGE_SIZE])))
-        return value
+        """``evtchn_write``: unmask the ports written; returns the bytes taken (whole ports,
+        at most a page).
+
+        Posted without waiting for the host: Linux's ``evtchn_write`` has no per-port
+        error (a port this fd did not bind is skipped), so its result is known here, and
+        a device model unmasks before it handles the slot, on every access: a round trip
+        there is one the kernel does not make."""
+        self.fileno()  # EBADF on a closed handle, as before any syscall
+        chunk = bytes(data[:PAGE_SIZE])
+        self._xen.post(_pack(Msg.WRITE_POSTED, _HANDLE.pack(self._handle), chunk))
+        return len(chunk) & ~3
 
 
 class RemoteGuest:
