@@ -12,22 +12,38 @@ event channel device is the mock's for setup, then two eventfds for the ports, s
 the mock's Xen nor ``SimGuest`` is on the path).  ``wired/eventfd`` is what the runtime
 costs; ``mock/wired`` is what the simulated guest and the mock's event channels add.
 
-Across processes is not measured: the mock host lives in one process (there is no
-mock-host process a device model could attach to yet).
+Across processes (``measure_across``): the mock host is this process (``MockXen`` served
+by ``MockHostServer`` on a unix socket, as ``xendmop mock-host`` does), the device model a
+child process serving the same port with ``IoreqServer`` over ``RemoteXen``
+(``XENDMOP_MOCK_SOCKET``).  Two guests drive it:
+
+- ``host_guest``: ``SimGuest`` in the host process, where Xen runs a real guest's vCPU: the
+  access is posted into the shared page and the DM woken through the evtchn eventfd it
+  holds; what the DM's reads, unmasks and notifies cost over the socket is in the number.
+- ``remote_guest``: ``RemoteGuest`` in a third process, so each access is also one JSON
+  request to the host and its answer: a socket round trip a real guest does not have.
+
+The floor is the same eventfd ping-pong between two processes (``eventfd2p``: the peer a
+child that inherited both eventfds).  Child processes run this module with ``--child``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from typing import Any
 
-from . import interleave, median, ratio_samples, write_result
+from . import child_env, interleave, median, ratio_samples, write_result
 
 PORT = 0x3F8
 ROUNDS = 11
-ACROSS_PROCESSES = "not measured: no mock-host process yet (the mock Xen lives in one process)"
+#: seconds a child has to say it is ready (it imports xendmop and sets up a server)
+CHILD_START_TIMEOUT = 30.0
 
 
 class Sink:
@@ -301,6 +317,174 @@ class MockRoundTrip:
         self.dm.close()
 
 
+# --- across processes ------------------------------------------------------------------------
+
+
+def _child(role: str, *args: str, stdin: bool = False, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[str]:
+    """This module run as ``--child role args`` (with the repository on its path)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.ioreq_roundtrip", "--child", role, *args],
+        env=child_env(),
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+        pass_fds=pass_fds,
+    )
+
+
+def _ready(proc: subprocess.Popen[str], what: str) -> str:
+    """The child's first line, which must start with ``ready``; RuntimeError if it dies or is silent."""
+    import select
+
+    assert proc.stdout is not None
+    if not select.select([proc.stdout], [], [], CHILD_START_TIMEOUT)[0]:
+        proc.kill()
+        raise RuntimeError(f"{what}: no ready line in {CHILD_START_TIMEOUT}s")
+    line = proc.stdout.readline()
+    if not line.startswith("ready"):
+        proc.kill()
+        raise RuntimeError(f"{what}: exited ({proc.wait()}) before it was ready: {line!r}")
+    return line
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class EventfdPingPongProcesses:
+    """The floor across processes: the peer is a child that inherited both eventfds
+    (blocking reads, as ``EventfdPingPong``'s thread)."""
+
+    def __init__(self) -> None:
+        self.to_peer, self.to_us = os.eventfd(0), os.eventfd(0)
+        self.peer = _child("peer", str(self.to_peer), str(self.to_us), pass_fds=(self.to_peer, self.to_us))
+        _ready(self.peer, "eventfd peer")
+
+    def timed(self, n: int) -> float:
+        read, write, to_peer, to_us = os.eventfd_read, os.eventfd_write, self.to_peer, self.to_us
+        t = time.perf_counter()
+        for _ in range(n):
+            write(to_peer, 1)
+            read(to_us)
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        os.eventfd_write(self.to_peer, 2)  # more than one ping at once: the peer's signal to end
+        _stop(self.peer)
+        os.close(self.to_peer)
+        os.close(self.to_us)
+
+
+def _peer_child(to_peer: int, to_us: int) -> None:
+    read, write = os.eventfd_read, os.eventfd_write
+    print("ready", flush=True)
+    while read(to_peer) == 1:
+        write(to_us, 1)
+
+
+class AcrossProcesses:
+    """The mock host here, the device model in a child, and two guests to drive it."""
+
+    def __init__(self) -> None:
+        from xendmop.mock import MockXen
+        from xendmop.mock.remote import MockHostServer
+        from xendmop.runtime.simguest import SimGuest
+
+        self.tmp = tempfile.mkdtemp(prefix="xendmop-bench-")
+        self.path = os.path.join(self.tmp, "xen.sock")
+        self.host = MockXen()
+        self.domid = self.host.create_domain(vcpus=1, hvm=True, memory_mb=4)
+        self.server = MockHostServer(self.host, self.path).start()
+        self.children: list[subprocess.Popen[str]] = []
+        try:
+            self.dm = _child("dm", self.path, str(self.domid))
+            self.children.append(self.dm)
+            _ready(self.dm, "device model")
+            self.guest = SimGuest(self.host, self.domid, timeout=5)
+            self.guest.outb(PORT, 0)  # warm: the server is up and answering
+            self.driver = _child("guest", self.path, str(self.domid), stdin=True)
+            self.children.append(self.driver)
+            _ready(self.driver, "remote guest")
+            self.remote_guest(1)
+        except BaseException:
+            self.close()
+            raise
+
+    def host_guest(self, n: int) -> float:
+        outb = self.guest.outb
+        t = time.perf_counter()
+        for i in range(n):
+            outb(PORT, i & 0xFF)
+        return time.perf_counter() - t
+
+    def remote_guest(self, n: int) -> float:
+        """``n`` accesses timed by the driver process itself (its loop of ``RemoteGuest.outb``)."""
+        assert self.driver.stdin is not None and self.driver.stdout is not None
+        self.driver.stdin.write(f"{n}\n")
+        self.driver.stdin.flush()
+        line = self.driver.stdout.readline()
+        if not line:
+            raise RuntimeError(f"remote guest exited ({self.driver.wait()})")
+        return float(line)
+
+    def close(self) -> None:
+        for proc in reversed(self.children):
+            if proc.stdin is not None:
+                proc.stdin.close()  # the driver's end of input
+            _stop(proc)  # the device model tears its server down on SIGTERM
+        self.server.close()
+        self.host.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _dm_child(path: str, domid: int) -> None:
+    from xendmop import DeviceModel
+    from xendmop.mock.remote import RemoteXen
+    from xendmop.runtime.server import IoreqServer, ServeLoop
+
+    xen = RemoteXen(path)
+    dm = DeviceModel.open("mock", xen=xen)
+    server = IoreqServer(dm, domid, opener=xen.open_device)
+    server.add_port_range(PORT, PORT + 7, Sink(), "sink")
+    server.start()
+    print("ready", server.id, flush=True)
+    ServeLoop(server).run()  # until SIGTERM, then torn down
+    dm.close()
+    xen.close()
+
+
+def _guest_child(path: str, domid: int) -> None:
+    from xendmop.mock.remote import RemoteGuest
+
+    with RemoteGuest(path, domid, timeout=5) as guest:
+        outb = guest.outb
+        print("ready", flush=True)
+        for line in sys.stdin:
+            n = int(line)
+            t = time.perf_counter()
+            for i in range(n):
+                outb(PORT, i & 0xFF)
+            print(time.perf_counter() - t, flush=True)
+
+
+def measure_across(rounds: int = ROUNDS) -> dict[str, list[float]]:
+    across, floor = AcrossProcesses(), None
+    try:
+        floor = EventfdPingPongProcesses()
+        candidates = {"host_guest": across.host_guest, "remote_guest": across.remote_guest, "eventfd2p": floor.timed}
+        return interleave(candidates, rounds, target_s=0.1)
+    finally:
+        if floor is not None:
+            floor.close()
+        across.close()
+
+
 def measure(rounds: int = ROUNDS) -> dict[str, list[float]]:
     mock, wired, floor, event = MockRoundTrip(), WiredRoundTrip(), EventfdPingPong(), EventPingPong()
     selected = EventfdPingPong(selector=True)
@@ -383,9 +567,21 @@ def _profile_serve_thread(n: int) -> str:
     return text.getvalue()
 
 
+def across_result(s: dict[str, list[float]]) -> dict[str, Any]:
+    us = {name: median(v) for name, v in s.items()}
+    return {
+        "us_per_round_trip": {name: round(v * 1e6, 2) for name, v in us.items()},
+        "round_trips_per_s": {name: round(1 / v) for name, v in us.items()},
+        "host_guest/eventfd2p": round(ratio_samples(s["host_guest"], s["eventfd2p"]), 3),
+        "remote_guest/eventfd2p": round(ratio_samples(s["remote_guest"], s["eventfd2p"]), 3),
+        "remote_guest/host_guest": round(ratio_samples(s["remote_guest"], s["host_guest"]), 3),
+    }
+
+
 def run(with_profile: bool = False) -> dict[str, Any]:
     s = measure()
     inline = measure_inline()
+    across = across_result(measure_across())
     us = {name: median(v) for name, v in s.items()}
     result: dict[str, Any] = {
         "rounds": ROUNDS,
@@ -400,12 +596,13 @@ def run(with_profile: bool = False) -> dict[str, Any]:
             "wired/select": round(ratio_samples(s["wired"], s["select"]), 3),
         },
         "inline": inline,
-        "across_processes": ACROSS_PROCESSES,
+        "across_processes": across,
     }
     one = result["one_process"]
     result["targets"] = {
         "round trip <= 2x eventfd ping-pong": one["mock/eventfd"] <= 2.0,
         "device model side (wired) <= 2x eventfd ping-pong": one["wired/eventfd"] <= 2.0,
+        "across processes, guest in the host <= 2x eventfd ping-pong": across["host_guest/eventfd2p"] <= 2.0,
     }
     if with_profile:
         result["profile"] = profile()
@@ -413,10 +610,23 @@ def run(with_profile: bool = False) -> dict[str, Any]:
     return result
 
 
+def _main_child(role: str, args: list[str]) -> None:
+    if role == "peer":
+        _peer_child(int(args[0]), int(args[1]))
+    elif role == "dm":
+        _dm_child(args[0], int(args[1]))
+    elif role == "guest":
+        _guest_child(args[0], int(args[1]))
+    else:
+        raise SystemExit(f"--child {role!r}: want peer, dm or guest")
+
+
 if __name__ == "__main__":
     import json
-    import sys
 
+    if sys.argv[1:2] == ["--child"]:
+        _main_child(sys.argv[2], sys.argv[3:])
+        raise SystemExit(0)
     out = run("--profile" in sys.argv)
     prof = out.pop("profile", None)
     print(json.dumps(out, indent=2))
