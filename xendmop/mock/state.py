@@ -8,6 +8,7 @@ DMOP can change, for tests that assert a refused call changed nothing.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import select
 import threading
@@ -74,17 +75,24 @@ def wake(fd: int, owner: object) -> None:
         pending.append((fd, owner))
 
 
+_EPOCHS = itertools.count(1)
+
+
 class RoutingEpoch:
-    """Bumped by every change that can move an access to another ioreq server: a range
+    """Moved by every change that can move an access to another ioreq server: a range
     added or removed, a server enabled or disabled, created or destroyed.  A domain's
     route cache is valid only for the epoch it was filled in (one counter for all hosts:
-    such changes are rare next to accesses)."""
+    such changes are rare next to accesses).
+
+    Each epoch is a number handed out once (``next`` on a counter is one step under the
+    GIL), so two hosts changing at once in two threads can never bring an old epoch
+    back, as ``value += 1`` could."""
 
     value = 0
 
     @classmethod
     def bump(cls) -> None:
-        cls.value += 1
+        cls.value = next(_EPOCHS)
 
 
 class RangeSet:
