@@ -535,7 +535,46 @@ def profile(n: int = 3000) -> str:
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(12)
     serve = _profile_serve_thread(n)
-    return "guest thread:\n" + text.getvalue() + "\nserve thread:\n" + serve
+    across = _profile_across(n)
+    return "guest thread:\n" + text.getvalue() + "\nserve thread:\n" + serve + "\n" + across
+
+
+def _profile_across(n: int) -> str:
+    """Across processes: the host's guest thread, and the host thread serving the device
+    model's connection (its ``_Connection.run`` under a profiler for this measurement)."""
+    import cProfile
+    import io
+    import pstats
+
+    from xendmop.mock import remote
+
+    conn_profiles: list[cProfile.Profile] = []
+    plain_run = remote._Connection.run
+
+    def profiled_run(conn: Any) -> None:
+        prof = cProfile.Profile()
+        conn_profiles.append(prof)
+        prof.runcall(plain_run, conn)
+
+    remote._Connection.run = profiled_run  # type: ignore[method-assign]
+    try:
+        across = AcrossProcesses()
+    finally:
+        remote._Connection.run = plain_run  # type: ignore[method-assign]
+    guest = cProfile.Profile()
+    try:
+        guest.enable()
+        across.host_guest(n)
+        guest.disable()
+    finally:
+        across.close()
+    text = io.StringIO()
+    text.write("across processes, host's guest thread:\n")
+    pstats.Stats(guest, stream=text).sort_stats("tottime").print_stats(10)
+    busiest = max(conn_profiles, key=lambda p: pstats.Stats(p).total_calls)  # type: ignore[attr-defined]
+    text.write("across processes, host thread serving the device model:\n")
+    pstats.Stats(busiest, stream=text).sort_stats("tottime").print_stats(14)
+    return text.getvalue()
 
 
 def _profile_serve_thread(n: int) -> str:
