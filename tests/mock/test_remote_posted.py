@@ -1,0 +1,60 @@
+"""The mock-host requests a client posts without waiting (evtchn unmask, NOTIFY) give the
+answers Linux gives, and reach the host in order before the next request."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from xendmop.mock import MockXen
+from xendmop.mock.remote import MockHostServer, RemoteXen
+from xendmop.runtime.evtchn import EventChannel
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Iterator[str]:
+    with MockXen() as host:
+        host.create_domain(vcpus=1, hvm=True, memory_mb=4)
+        server = MockHostServer(host, str(tmp_path / "xen.sock")).start()
+        try:
+            yield server.path
+        finally:
+            server.close()
+
+
+def test_posted_notify_and_unmask(path: str) -> None:
+    with RemoteXen(path) as xen, EventChannel(xen.open_device) as ev:
+        local = ev.bind_unbound_port(0)
+        peer = ev.bind_interdomain(0, local)
+        with pytest.raises(OSError) as e:
+            ev.notify(peer + 100)  # never bound by this fd: the kernel's answer, no host needed
+        assert e.value.errno == errno.ENOTCONN
+        ev.notify(peer)  # posted
+        assert select.select([ev], [], [], 2)[0] == [ev]
+        assert ev.pending() == local
+        ev.notify(peer)  # pending again while masked: delivered at the (posted) unmask
+        ev.unmask(local)
+        assert select.select([ev], [], [], 2)[0] == [ev]
+        assert ev.pending() == local
+        ev.unmask(local)
+        ev.unbind(peer)
+        with pytest.raises(OSError) as e:
+            ev.notify(peer)  # unbound since: ENOTCONN again
+        assert e.value.errno == errno.ENOTCONN
+        events = [x for x in xen.events(50) if x["request"] == "IOCTL_EVTCHN_NOTIFY"]
+        assert len(events) == 2 and all(x["result"] == 0 for x in events)  # the host saw both posted ones
+
+
+def test_posted_write_on_a_closed_handle_is_ebadf_here(path: str) -> None:
+    with RemoteXen(path) as xen:
+        dev = xen.open_device("/dev/xen/evtchn")
+        dev.close()
+        with pytest.raises(OSError) as e:
+            dev.write(b"\x01\x00\x00\x00")
+        assert e.value.errno == errno.EBADF
+        assert xen.call("ping")["pid"] == os.getpid()  # the connection is still in step
