@@ -8,12 +8,19 @@ back, as Linux does with its lateeoi handling.  The ring holds ``ring_size`` por
 (64, doubled whenever more ports are bound than it holds: ``evtchn_resize_ring``);
 a port arriving at a full ring is lost and the ring is marked overflowed: ``read``
 fails with EFBIG (and ``poll`` reports POLLERR) until ``IOCTL_EVTCHN_RESET``.
+
+For a client in another process (``xendmop.mock.remote``) ``share_ring()`` moves the
+ring into a sealed memfd (``SharedPortRing``) that the client maps and reads by itself,
+as Linux's ``evtchn_read`` copies out of the per-fd ring with no call into anything
+else; the host stays the only producer and never trusts what it reads back.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
+import mmap
 import os
 import select
 import struct
@@ -51,6 +58,130 @@ UNRESTRICTED_DOMID = DOMID_FIRST_RESERVED
 FIRST_RING_SIZE = 64
 _EAGAIN_TEXT = os.strerror(errno.EAGAIN)
 
+# --- the pending-port ring shared with a client process ------------------------------------------
+#
+# Layout of the memfd, in native uint32 words (``memoryview.cast("I")``): a header page,
+# then the entries.  Each index is in a cache line of its own, as its writer differs.
+#: ``ring_prod``: written by the host (the producer) only
+RING_PROD = 0
+#: ``ring_cons``: written by the client (the consumer); by the host only inside the client's
+#: RESET, UNBIND or BIND ioctl, while the client holds its consumer lock (``ring_cons_mutex``)
+RING_CONS = 16
+#: ``ring_size``: entries in use, a power of two (grows at bind: ``evtchn_resize_ring``)
+RING_SIZE = 32
+#: ``ring_overflow``: 1 from a lost port (or a ring the host found corrupt) until RESET
+RING_OVERFLOW = 33
+#: the first entry's word index: the entries start on the second page
+RING_ENTRIES = PAGE_SIZE // 4
+#: the most entries a ring can need: one per port of dom0, a power of two
+RING_CAPACITY = NR_EVTCHN_PORTS
+#: the memfd's length: header page + entries
+RING_BYTES = PAGE_SIZE + 4 * RING_CAPACITY
+_U32 = 0xFFFFFFFF
+
+
+class SharedPortRing:
+    """The producer (host) side of one evtchn fd's pending-port ring in a memfd.
+
+    Linux ``drivers/xen/evtchn.c`` keeps per fd ``ring``, ``ring_size``, free-running
+    ``ring_prod``/``ring_cons`` (entry ``i`` at ``i & (ring_size - 1)``) and
+    ``ring_overflow``: ``evtchn_interrupt`` stores the port, ``smp_wmb()``, then bumps
+    ``ring_prod``; ``evtchn_read`` reads ``ring_prod``, ``smp_rmb()``, copies the entries
+    out, then advances ``ring_cons``.  Here the same ring lives in a memfd that the client
+    maps read-write, so its ``read`` needs no request to the host.
+
+    Memory ordering (the host and the client are two processes on two CPUs):
+
+    * A store to one element of a ``memoryview`` cast to ``"I"`` is one aligned 4-byte
+      ``memcpy``, a single ``mov`` on x86, so an index is never seen half-written.
+    * CPython executes the stores in program order: each is a separate C call, which
+      the compiler cannot move across another.
+    * x86 is TSO: stores become visible in program order and loads are not reordered
+      with older loads.  So "entry, then ``ring_prod``" (the producer) and "``ring_prod``,
+      then the entries, then ``ring_cons``" (the consumer) need no fence, exactly as
+      ``smp_wmb``/``smp_rmb`` are compiler barriers only on x86.
+    * Weakly ordered CPUs (arm64) would need a release store of ``ring_prod`` and of
+      ``ring_cons`` and an acquire load of each (``__atomic_store_n``/``__atomic_load_n``
+      through ctypes, as ``runtime/dispatch.py`` uses libatomic): pure Python cannot emit
+      a ``dmb``.  Like the ioreq page, this ring is trusted on x86 only.
+    * The wake-up is the eventfd: the producer writes it after publishing ``ring_prod``,
+      the consumer drains it before reading ``ring_prod``; both are syscalls, full
+      barriers, so a port published before a drain is always seen by the read after it.
+
+    The client is untrusted: it can write any word of the memfd.  The host therefore
+    keeps ``ring_prod``, ``ring_size`` and a shadow of every entry in its own memory and
+    reads back ``ring_cons`` alone, accepted only while ``0 <= prod - cons <= size``.
+    A ring found outside that is treated as overflowed (the port is lost, EFBIG until
+    RESET, which rewrites every index): a scribbling client hurts only itself.  The memfd
+    is sealed against shrinking and growing, so the host's mapping cannot fault.
+    """
+
+    def __init__(self) -> None:
+        fd = os.memfd_create("xendmop-evtchn-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, RING_BYTES)
+            # a client holding the fd must not be able to truncate the pages under our mapping (SIGBUS)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            self._map = mmap.mmap(fd, RING_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self._words = memoryview(self._map).cast("I")
+        self.size = 0  # host's own ring_size
+        self._prod = 0  # host's own ring_prod
+        self._shadow = [0] * RING_CAPACITY  # what the host stored at each entry
+
+    def used(self) -> int | None:
+        """Entries queued (``prod - cons``), or None when the client's ``ring_cons`` is out of bounds."""
+        used = (self._prod - self._words[RING_CONS]) & _U32
+        return used if used <= self.size else None
+
+    def push(self, port: int) -> bool:
+        """``evtchn_interrupt``: queue ``port`` if there is room; False if it is lost (full or corrupt)."""
+        used = self.used()
+        if used is None or used >= self.size:
+            self._words[RING_OVERFLOW] = 1
+            return False
+        prod = self._prod
+        slot = prod & (self.size - 1)
+        self._shadow[slot] = port
+        words = self._words
+        words[RING_ENTRIES + slot] = port  # the entry before the index that publishes it
+        self._prod = prod = (prod + 1) & _U32
+        words[RING_PROD] = prod
+        return True
+
+    def queued(self) -> list[int]:
+        """The unread ports, from the host's shadow (never the client's copy); [] for a corrupt ring."""
+        used = self.used()
+        if not used:
+            return []
+        mask, cons = self.size - 1, self._prod - used
+        return [self._shadow[(cons + i) & mask] for i in range(used)]
+
+    def rewrite(self, ports: list[int], size: int, overflow: bool) -> None:
+        """Lay the ring out afresh: ``ports`` from entry 0, ``ring_cons`` 0, every header word
+        written.  Only while the client is inside an ioctl that holds its consumer lock (a
+        BIND's ``evtchn_resize_ring``, an UNBIND, a RESET), as Linux takes ``ring_cons_mutex``."""
+        if size > RING_CAPACITY or size & (size - 1) or len(ports) > size:
+            raise OSError(errno.ENOMEM, f"evtchn ring of {size} entries for {len(ports)} ports")
+        words = self._words
+        for i, port in enumerate(ports):
+            self._shadow[i] = port
+            words[RING_ENTRIES + i] = port
+        self.size = size
+        self._prod = len(ports)
+        words[RING_SIZE] = size
+        words[RING_OVERFLOW] = int(overflow)
+        words[RING_CONS] = 0
+        words[RING_PROD] = len(ports)
+
+    def close(self) -> None:
+        self._words.release()
+        self._map.close()
+        os.close(self.fd)
+
 
 class EvtchnDevice:
     """One open of ``/dev/xen/evtchn`` in dom0 (``evtchn_open``)."""
@@ -71,6 +202,8 @@ class EvtchnDevice:
         self._cond = threading.Condition(host.lock)
         self._sleepers = 0  # blocking reads waiting on _cond: only they need a notify_all
         self._closed = False
+        #: the ring in a memfd read by a client process (``share_ring``); None: ``_ring`` in-process
+        self._shared: SharedPortRing | None = None
 
     # --- the fd ---------------------------------------------------------------------
 
@@ -83,12 +216,34 @@ class EvtchnDevice:
     def bound_ports(self) -> tuple[int, ...]:
         return tuple(sorted(self._ports))
 
+    def share_ring(self) -> int:
+        """Move the pending-port ring into a memfd for a client in another process; returns the
+        memfd (owned by this device).  The client becomes the ring's only reader: ``read``
+        here is refused, and the host writes the eventfd but never drains it (the client
+        does, before it reads the ring).  Only on a fresh fd, before any bind."""
+        with self._host.lock:
+            if self._closed:
+                raise_errno(errno.EBADF)
+            if self._ports or self._shared is not None:
+                raise OSError(errno.EBUSY, "share_ring: the fd already has ports or a shared ring")
+            self._shared = SharedPortRing()
+            return self._shared.fd
+
     def port_pending(self, port: int) -> None:
         """``evtchn_interrupt``: a bound port fired; queue it once and mask it until written back."""
         if not self._ports.get(port, False):
             return  # masked: stays pending in Xen until unmasked
         self._ports[port] = False
         self._host.dom0.ports[port].pending = False
+        shared = self._shared
+        if shared is not None:
+            if not shared.push(port):  # full, or a ring the client corrupted: lost, EFBIG until RESET
+                self.ring_overflow = True
+            try:  # also after an overflow: a full ring's fd is readable already, a corrupt one's now
+                os.eventfd_write(self._efd, 1)
+            except BlockingIOError:
+                pass  # the client pushed its counter to the limit: it is readable anyway
+            return
         if len(self._ring) >= self.ring_size:  # the event is consumed and lost
             self.ring_overflow = True
             return
@@ -102,6 +257,8 @@ class EvtchnDevice:
         nbytes = min(nbytes & ~3, PAGE_SIZE)
         if nbytes == 0:
             return b""
+        if self._shared is not None:
+            raise OSError(errno.EINVAL, "evtchn read: the ports of a shared ring are read by its client")
         if self.nonblocking and not self._ring and not self.ring_overflow:
             # The dispatch loop's common "anything more?" read: EAGAIN without taking the host
             # lock.  A port queued meanwhile is not lost: the eventfd stays readable for it.
@@ -151,7 +308,8 @@ class EvtchnDevice:
         if self.ring_overflow:
             return select.POLLERR
         mask = select.POLLOUT | select.POLLWRNORM
-        if self._ring:
+        queued = len(self._ring) if self._shared is None else self._shared.used()
+        if queued:
             mask |= select.POLLIN | select.POLLRDNORM
         return mask
 
@@ -193,6 +351,8 @@ class EvtchnDevice:
         """``evtchn_bind_to_user``: ``evtchn_resize_ring`` first, so the ring holds every bound port."""
         if len(self._ports) + 1 > self.ring_size:
             self.ring_size = self.ring_size * 2 if self.ring_size else FIRST_RING_SIZE
+            if self._shared is not None:  # evtchn_resize_ring: the queued ports move to the new ring
+                self._relayout_shared()
         self._ports[port] = True
         self._host.dom0.ports[port].user = self
         if self._host.dom0.ports[port].pending:
@@ -241,10 +401,24 @@ class EvtchnDevice:
 
     def _unbind_port(self, port: int) -> None:
         del self._ports[port]
-        self._ring = [p for p in self._ring if p != port]
-        if not self._ring:
-            self._drain_efd()
+        if self._shared is not None:
+            if not self._closed:  # at close the ring goes with the fd
+                self._relayout_shared(drop=port)
+        else:
+            self._ring = [p for p in self._ring if p != port]
+            if not self._ring:
+                self._drain_efd()
         self._host.hypervisor.close_port(self._host.dom0, port)
+
+    def _relayout_shared(self, drop: int | None = None) -> None:
+        """The shared ring rewritten at ``ring_size`` with its queued ports but ``drop``'s, as
+        this mock's in-process ring drops an unbound port's entries.  A ring whose
+        ``ring_cons`` the client corrupted keeps nothing and stays overflowed until RESET."""
+        shared = self._shared
+        assert shared is not None
+        if shared.used() is None:
+            self.ring_overflow = True
+        shared.rewrite([p for p in shared.queued() if p != drop], self.ring_size, self.ring_overflow)
 
     def _notify(self, data: Any) -> int:
         return self._notify_port(data.port)
@@ -259,7 +433,12 @@ class EvtchnDevice:
         """``IOCTL_EVTCHN_RESET``: empty the ring and clear the overflow (queued ports stay masked)."""
         self._ring = []
         self.ring_overflow = False
-        self._drain_efd()
+        if self._shared is not None:
+            # The client drains the eventfd itself (it may have cleared O_NONBLOCK on it: a read
+            # here could block the host); it is at worst readable once with an empty ring.
+            self._shared.rewrite([], self.ring_size, False)  # every index rewritten: a corrupt ring is repaired
+        else:
+            self._drain_efd()
         return 0
 
     def _restrict(self, data: Any) -> int:
@@ -278,11 +457,14 @@ class EvtchnDevice:
         if self._closed:
             return
         with self._host.lock:
+            self._closed = True
             for port in list(self._ports):
                 self._unbind_port(port)
-            self._closed = True
             self._cond.notify_all()
             self._host._forget(self)
+            shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.close()
         os.close(self._efd)
 
 

@@ -21,7 +21,9 @@ another process, so a device model and a guest can live in different processes:
   client remaps them over its privcmd VMA before the ioctl returns, so its mmap and
   the host's view of the ioreq page or guest RAM are the same physical memory; an
   evtchn open passes the device's eventfd, so the client's ``fileno()`` is a real fd
-  for ``select``/``add_reader``.
+  for ``select``/``add_reader``, and the memfd of its pending-port ring
+  (``evtchn.SharedPortRing``), so the client's ``read`` takes the ports from its own
+  mapping with no request, as Linux's ``evtchn_read`` copies them out of the fd's ring.
 - A connection that closes (client exit, crash, SIGKILL) closes its devices as the
   kernel does at process exit (``privcmd_release``/``evtchn_release``): event channels
   are unbound, ioreq servers stay registered, as on Xen.
@@ -43,6 +45,7 @@ Every request is answered, except the two a device model makes on every access w
 result the client knows without the host: an evtchn unmask (``WRITE_POSTED``) and a
 NOTIFY on a port the fd bound (``IOCTL_POSTED``).  They are sent without waiting; the
 host handles them in order before the connection's next request, and logs a failure.
+The third per-access call, the evtchn ``read``, sends nothing: the ring is shared.
 
 Guest requests run ``xendmop.runtime.simguest.SimGuest`` in the host; that module is
 imported only when the first one arrives (the runtime layer stands on the mock, not
@@ -78,7 +81,17 @@ from ..abi.evtchn import (
     ioctl_evtchn_notify,
     ioctl_evtchn_unbind,
 )
-from .evtchn import EVTCHN_PATH, EvtchnDevice
+from .evtchn import (
+    EVTCHN_PATH,
+    RING_BYTES,
+    RING_CAPACITY,
+    RING_CONS,
+    RING_ENTRIES,
+    RING_OVERFLOW,
+    RING_PROD,
+    RING_SIZE,
+    EvtchnDevice,
+)
 from .privcmd import HYPERCALL_PATH, PRIVCMD_PATH, PrivcmdDevice
 from .usermem import PAGE_SIZE, UserMemory, access_ok, remap
 
@@ -135,7 +148,7 @@ class Msg(IntEnum):
     IOCTL = 2  # _IOCTL + argument bytes
     MMAP = 3  # _MMAP: the client made an anonymous shared VMA for this device
     MUNMAP = 4  # _HANDLE_ADDR: the client unmapped it
-    READ = 5  # _HANDLE_N
+    READ = 5  # _HANDLE_N (refused for evtchn: its client reads the shared ring)
     WRITE = 6  # _HANDLE + data
     CLOSE = 7  # _HANDLE
     CALL = 8  # JSON {"op": name, "args": {...}}
@@ -433,8 +446,12 @@ class _Connection:
         dev = self.server.xen.open_device(path, memory=self.memory)
         fds: list[int] = []
         if isinstance(dev, EvtchnDevice):
-            dev.nonblocking = True  # the host thread never sleeps for a client: it polls its eventfd
-            fds = [dev.fileno()]
+            dev.nonblocking = True  # the host thread never sleeps for a client
+            try:
+                fds = [dev.fileno(), dev.share_ring()]  # the wake-up and the pending-port ring
+            except BaseException:
+                dev.close()
+                raise
         handle, self._next_handle = self._next_handle, self._next_handle + 1
         self.devices[handle] = dev
         self.info.devices[handle] = path
@@ -484,7 +501,7 @@ class _Connection:
         dev = self._device(handle)
         if not isinstance(dev, EvtchnDevice):
             raise OSError(errno.EINVAL, f"READ: {dev.path} is not readable")
-        return self._ok(0, dev.read(min(nbytes, PAGE_SIZE)))
+        return self._ok(0, dev.read(min(nbytes, PAGE_SIZE)))  # a shared ring's device refuses: EINVAL
 
     def _write(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
         (handle,) = _HANDLE.unpack_from(body)
@@ -995,10 +1012,13 @@ class RemoteXen:
         """Open a device of the host (``/dev/xen/privcmd``, ``/dev/xen/hypercall``, ``/dev/xen/evtchn``)."""
         handle, _, fds = self.transact(_pack(Msg.OPEN, path.encode()))
         if path == EVTCHN_PATH:
-            if len(fds) != 1:
+            if len(fds) != 2:
                 _close_fds(fds)
-                raise MockHostError(f"mock host sent {len(fds)} fds for {path}")
-            return RemoteEvtchn(self, path, handle, fds[0])
+                raise MockHostError(f"mock host sent {len(fds)} fds for {path} (want the eventfd and the ring)")
+            try:
+                return RemoteEvtchn(self, path, handle, fds[0], fds[1])
+            finally:
+                os.close(fds[1])  # the ring's mapping holds its own reference
         _close_fds(fds)
         if path == PRIVCMD_PATH:
             return RemotePrivcmd(self, path, handle)
@@ -1127,12 +1147,30 @@ _BINDS = frozenset((IOCTL_EVTCHN_BIND_VIRQ, IOCTL_EVTCHN_BIND_INTERDOMAIN, IOCTL
 
 
 class RemoteEvtchn(RemoteDevice):
-    """``/dev/xen/evtchn`` of the mock host; ``fileno()`` is the host device's eventfd."""
+    """``/dev/xen/evtchn`` of the mock host; ``fileno()`` is the host device's eventfd and
+    ``read`` takes the pending ports from the ring the host shares (``SharedPortRing``).
 
-    def __init__(self, xen: RemoteXen, path: str, handle: int, eventfd: int) -> None:
+    This is the consumer side of Linux ``evtchn_read``: under the fd's consumer lock
+    (``ring_cons_mutex``), EFBIG while ``ring_overflow`` is set, the entries from
+    ``ring_cons`` to ``ring_prod`` copied out, then ``ring_cons`` advanced.  The host
+    rewrites the ring only inside a BIND, UNBIND or RESET, which hold the same lock here.
+    """
+
+    def __init__(self, xen: RemoteXen, path: str, handle: int, eventfd: int, ring_fd: int) -> None:
         super().__init__(xen, path, handle)
         os.close(self._fd)
         self._fd = eventfd
+        try:
+            size = os.fstat(ring_fd).st_size
+            if size != RING_BYTES:
+                raise MockHostError(f"evtchn ring of {size} bytes from the mock host (want {RING_BYTES})")
+            self._ring_map = mmap.mmap(ring_fd, RING_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            self.close()
+            raise
+        self._words = memoryview(self._ring_map).cast("I")
+        #: ``ring_cons_mutex``: one reader at a time, and no read while the host rewrites the ring
+        self._cons_lock = threading.Lock()
         #: the O_NONBLOCK file flag, modelled here: a blocking read waits on the eventfd
         self.nonblocking = False
         #: the ports this fd bound, as the kernel's per-fd port table (``get_port_user``);
@@ -1145,7 +1183,8 @@ class RemoteEvtchn(RemoteDevice):
         ``evtchn_ioctl`` answers a NOTIFY from its own port table alone (ENOTCONN for a
         port this fd did not bind, else 0), a table only this fd's binds and unbinds
         change: kept here, it gives the same answer without waiting for the host, which
-        a device model does after every access."""
+        a device model does after every access.  Any other ioctl holds the consumer lock:
+        a bind may grow the ring, an unbind drop its entries, a reset empty it."""
         bound = self._bound
         if request == IOCTL_EVTCHN_NOTIFY and arg.__class__ is ioctl_evtchn_notify and bound is not None:
             self.fileno()
@@ -1154,7 +1193,8 @@ class RemoteEvtchn(RemoteDevice):
             head = _IOCTL.pack(self._handle, request & 0xFFFFFFFF, 0, 0)
             self._xen.post(_pack(Msg.IOCTL_POSTED, head, bytes(arg)))
             return 0
-        rc = super().ioctl(request, arg)
+        with self._cons_lock:
+            rc = super().ioctl(request, arg)
         if bound is not None:
             if request in _BINDS:
                 bound.add(rc)
@@ -1166,24 +1206,49 @@ class RemoteEvtchn(RemoteDevice):
         return rc
 
     def read(self, nbytes: int) -> bytes:
-        """``evtchn_read``: pending ports; EAGAIN when none and non-blocking.
+        """``evtchn_read``: pending ports as native uint32s (count rounded down to 4, at most
+        a page), from the shared ring with no request to the host; EAGAIN when none is
+        queued and non-blocking, EFBIG after an overflow until RESET.
 
-        The host keeps the eventfd readable exactly while ports are queued (or the ring
-        overflowed, which leaves it full), so an unreadable eventfd answers EAGAIN here
-        without a round trip.
-        """
-        if self.nonblocking and not select.select([self.fileno()], [], [], 0)[0]:
-            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        The eventfd is drained before ``ring_prod`` is read: a port the host publishes after
+        that read comes with a write of the eventfd after the drain, so the fd stays readable
+        while the ring is not empty (at worst once more with an empty ring).  A read that
+        leaves ports queued writes the eventfd itself, so it stays readable for them."""
+        nbytes = min(nbytes & ~3, PAGE_SIZE)
+        if nbytes == 0:
+            return b""
+        efd = self.fileno()
+        words = self._words
         while True:
-            try:
-                _, data, _ = self._xen.transact(_pack(Msg.READ, _HANDLE_N.pack(self._handle, min(nbytes, PAGE_SIZE))))
-                return data
-            except OSError as e:
-                if e.errno != errno.EAGAIN:
-                    raise
-                if self.nonblocking:
-                    raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN)) from None
-            select.select([self.fileno()], [], [])
+            with self._cons_lock:
+                if words[RING_OVERFLOW]:  # before the ring, every round; the eventfd stays readable
+                    raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+                try:
+                    os.eventfd_read(efd)
+                except BlockingIOError:
+                    pass
+                prod, cons, size = words[RING_PROD], words[RING_CONS], words[RING_SIZE]
+                queued = (prod - cons) & 0xFFFFFFFF
+                if queued > size or size > RING_CAPACITY or size & (size - 1):
+                    # our own process wrote over the ring: what it holds is lost, as after an overflow
+                    os.eventfd_write(efd, 1)
+                    raise OSError(
+                        errno.EFBIG, f"evtchn ring corrupt: prod={prod} cons={cons} size={size}; IOCTL_EVTCHN_RESET"
+                    )
+                if queued:
+                    take = min(queued, nbytes // 4)
+                    first = cons & (size - 1)
+                    head = min(take, size - first)  # up to the end of the ring, then from its start
+                    out = words[RING_ENTRIES + first : RING_ENTRIES + first + head].tobytes()
+                    if head < take:
+                        out += words[RING_ENTRIES : RING_ENTRIES + take - head].tobytes()
+                    words[RING_CONS] = (cons + take) & 0xFFFFFFFF  # after the entries are copied
+                    if take < queued or words[RING_OVERFLOW]:
+                        os.eventfd_write(efd, 1)  # still readable: for the rest, or to report EFBIG
+                    return out
+            if self.nonblocking:
+                raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+            select.select([efd], [], [])
 
     def write(self, data: bytes) -> int:
         """``evtchn_write``: unmask the ports written; returns the bytes taken (whole ports,
@@ -1197,6 +1262,14 @@ class RemoteEvtchn(RemoteDevice):
         chunk = bytes(data[:PAGE_SIZE])
         self._xen.post(_pack(Msg.WRITE_POSTED, _HANDLE.pack(self._handle), chunk))
         return len(chunk) & ~3
+
+    def close(self) -> None:
+        words = getattr(self, "_words", None)
+        if words is not None:
+            words.release()
+            self._ring_map.close()
+            del self._words
+        super().close()
 
 
 class RemoteGuest:
