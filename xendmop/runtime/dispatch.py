@@ -18,9 +18,9 @@ never writes a slot whose state it did not just read as READY / write as INPROCE
 How the writes are ordered, in CPython:
 
 * Every store into the page is one plain machine store: the state is a single
-  byte (``page[off + 30] = b``), ``data`` one aligned 8-byte store through a
-  ``memoryview`` cast to ``"Q"``, the ring's ``read_pointer`` one aligned 4-byte
-  store through a cast to ``"I"``.  There is no fence instruction in any of them.
+  byte (``page[off + 30] = b``), ``data`` one aligned 8-byte store (a native
+  ``"Q"`` ``Struct.pack_into``: one 8-byte ``memcpy``), the ring's
+  ``read_pointer`` one aligned 4-byte store through a cast to ``"I"``.  There is no fence instruction in any of them.
 * Program order is kept by the compiler: each store happens inside a separate
   call of the interpreter's C code (opaque to the optimiser), so ``data`` is
   stored before ``state`` in the machine code as in the source.
@@ -36,16 +36,18 @@ How the writes are ordered, in CPython:
 
 The guest is untrusted
 ----------------------
-Every ioreq is copied once out of the page and only the copy is looked at (no
-double fetch).  A size other than 1/2/4/8 (1/2/4 for ports and PCI config), a
-``count`` above ``max_rep``, a ``data_is_ptr`` address outside guest RAM, a rep
-access whose span leaves the device's range or wraps, an unknown type: each is
-refused — reads complete with all-ones, writes are dropped, the slot still goes
-to IORESP_READY so the vCPU never stalls — counted in ``stats`` and logged at
-most a few times per second per reason.  Work per ioreq is bounded by
-``max_rep`` elements and memory by one element, whatever the guest asked for.
-A device that raises is logged with its traceback (rate-limited) and the access
-completes as a refused one.
+Every ioreq is copied once out of the page (one ``Struct.unpack_from``) and only
+the copy is looked at (no double fetch): the common access (a port or MMIO read
+or write of one element) straight from those locals, anything else as an
+``Ioreq`` built from them; both paths apply the same checks.  A size other
+than 1/2/4/8 (1/2/4 for ports and PCI config), a ``count`` above ``max_rep``, a
+``data_is_ptr`` address outside guest RAM, a rep access whose span leaves the
+device's range or wraps, an unknown type: each is refused — reads complete with
+all-ones, writes are dropped, the slot still goes to IORESP_READY so the vCPU
+never stalls — counted in ``stats`` and logged at most a few times per second
+per reason.  Work per ioreq is bounded by ``max_rep`` elements and memory by one
+element, whatever the guest asked for.  A device that raises is logged with its
+traceback (rate-limited) and the access completes as a refused one.
 """
 
 from __future__ import annotations
@@ -91,6 +93,11 @@ assert _IOREQ.size == 32
 #: x86), where "<Q" would write byte by byte
 _DATA = Struct("Q")
 _new_object = object.__new__
+#: the value mask per access size (index = size in bytes), for the sizes the fast path takes
+_SIZE_MASK = (0, 0xFF, 0xFFFF, 0, 0xFFFF_FFFF, 0, 0, 0, _U64)
+#: access sizes accepted for ports and PCI config (32 bits at most) and for MMIO (``data``'s width)
+_PORT_SIZES = frozenset((1, 2, 4))
+_MMIO_SIZES = frozenset((1, 2, 4, 8))
 #: Rep elements handled per ioreq.  Xen's emulator clips a rep string access so
 #: that its guest-side span stays within one page (``hvmemul_*`` rep handlers), so
 #: an honest count never exceeds 4096; anything larger is refused whole.
@@ -219,7 +226,11 @@ class Ioreq:
     def from_bytes(cls, raw: bytes | memoryview, offset: int = 0) -> Ioreq:
         """Decode the 32 bytes at ``offset``, each read exactly once (one ``unpack_from``),
         so a guest rewriting the shared slot meanwhile cannot make two reads disagree."""
-        addr, data, count, size, vp_eport, flags, type_ = _IOREQ.unpack_from(raw, offset)
+        return cls.from_fields(*_IOREQ.unpack_from(raw, offset))
+
+    @classmethod
+    def from_fields(cls, addr: int, data: int, count: int, size: int, vp_eport: int, flags: int, type_: int) -> Ioreq:
+        """The copy from fields already read out of the slot (``flags`` is byte 30 whole)."""
         # The fields straight into the new instance's __dict__: what the generated frozen
         # __init__ does one object.__setattr__ at a time, at twice the cost (no __post_init__
         # or slots here to skip).
@@ -406,32 +417,106 @@ class Dispatcher:
     def handle_slot(self, page: memoryview, vcpu: int) -> bool:
         """Answer vCPU ``vcpu``'s slot if it is READY; True when the caller must notify.
 
-        ``page`` is the writable ioreq page (``memoryview`` of ``"B"``).
+        ``page`` is the writable ioreq page (``memoryview`` of ``"B"``).  The common
+        access — a port or MMIO read or write of one element, data in the slot, inside a
+        registered range — is carried out here with one device call; every other ioreq
+        (rep, ``data_is_ptr``, PCI config, odd sizes, unclaimed or wrapping addresses,
+        other types) goes through ``execute``.  Both give the same slot bytes, device
+        calls and ``stats`` (``handle_slot_generic`` is the reference the tests compare).
         """
         off = vcpu * IOREQ_SIZE
         if vcpu < 0 or off + IOREQ_SIZE > len(page):
             raise IndexError(f"vCPU {vcpu} has no slot in a {len(page)}-byte page")
-        if page[off + STATE_BYTE] & 0xF != STATE_IOREQ_READY:
+        state_at = off + STATE_BYTE
+        flags = page[state_at]
+        if flags & 0xF != STATE_IOREQ_READY:
             # A stale or spurious event: QEMU's cpu_get_ioreq also leaves such a slot alone.
             self.stats["not-ready"] += 1
             return False
         # READY seen; on x86 the later loads are not reordered before this one (QEMU: xen_rmb).
+        page[state_at] = (flags & 0xF0) | STATE_IOREQ_INPROCESS
+        # The private copy, every byte read once (no double fetch): only these locals are used.
+        addr, data, count, size, vp_eport, flags, type_ = _IOREQ.unpack_from(page, off)
+        region = None
+        if not flags & 0x10:  # data in the slot (no data_is_ptr)
+            # The size checks are _pio's and _copy's; count is not looked at for a port
+            # access without data_is_ptr (_pio, as QEMU's cpu_ioreq_pio), and must be 1 here
+            # for MMIO (more elements, or none, take _copy's rep path).
+            if type_ == IOREQ_TYPE_PIO:
+                ranges = self.ports if size in _PORT_SIZES else None
+            elif type_ == IOREQ_TYPE_COPY and count == 1 and self.max_rep >= 1:
+                ranges = self.mmio if size in _MMIO_SIZES else None
+            else:
+                ranges = None
+            if ranges is not None:
+                # RangeMap.find inlined; an access whose last byte is past the region (or
+                # past 2**64 - 1) is left to execute, which refuses or floats it.
+                i = bisect.bisect_right(ranges._starts, addr)
+                if i:
+                    region = ranges._regions[i - 1]
+                    if addr + size - 1 > region.end:
+                        region = None
+        if region is None:
+            data = self.execute(Ioreq.from_fields(addr, data, count, size, vp_eport, flags, type_))
+        else:
+            # What execute -> _pio/_copy -> _dev_read/_dev_write do for this access.
+            offset = addr - region.start
+            mask = _SIZE_MASK[size]
+            if flags & 0x20:  # dir == IOREQ_READ
+                try:
+                    data = region.device.read(offset, size)
+                    if data.__class__ is not int and not isinstance(data, int):
+                        raise TypeError(f"read returned {type(data).__name__}, not int")
+                    data &= mask
+                except Exception:
+                    data = self._read_failed(region, offset, size)
+            else:
+                data &= mask  # QEMU's handle_ioreq masks write data to the size
+                try:
+                    region.device.write(offset, size, data)
+                except Exception:
+                    self._write_failed(region, offset, size, data)
+            self.stats["handled"] += 1
+        # _respond inlined: data, then IORESP_READY if the slot is still INPROCESS.
+        _DATA.pack_into(page, off + 8, data & _U64)  # one aligned 8-byte store
+        flags = page[state_at]
+        if flags & 0xF != STATE_IOREQ_INPROCESS:
+            return self._badness(vcpu, flags)
+        page[state_at] = (flags & 0xF0) | STATE_IORESP_READY  # data before state: see the docstring
+        return True
+
+    def handle_slot_generic(self, page: memoryview, vcpu: int) -> bool:
+        """``handle_slot`` with every ioreq through ``execute`` (no fast path): the
+        reference the fast path must match, byte for byte and call for call."""
+        off = vcpu * IOREQ_SIZE
+        if vcpu < 0 or off + IOREQ_SIZE > len(page):
+            raise IndexError(f"vCPU {vcpu} has no slot in a {len(page)}-byte page")
+        if page[off + STATE_BYTE] & 0xF != STATE_IOREQ_READY:
+            self.stats["not-ready"] += 1
+            return False
         page[off + STATE_BYTE] = (page[off + STATE_BYTE] & 0xF0) | STATE_IOREQ_INPROCESS
         req = Ioreq.from_bytes(page, off)  # the private copy, read once
-        data = self.execute(req)
+        return self._respond(page, off, vcpu, self.execute(req))
+
+    def _respond(self, page: memoryview, off: int, vcpu: int, data: int) -> bool:
+        """Store ``data``, then IORESP_READY if the slot is still INPROCESS."""
         _DATA.pack_into(page, off + 8, data & _U64)  # one aligned 8-byte store
         flags = page[off + STATE_BYTE]
         if flags & 0xF != STATE_IOREQ_INPROCESS:
-            # Only Xen could have changed it, and Xen does not while INPROCESS: do not
-            # touch it further (QEMU reports "Badness in I/O request").
-            self.ratelog(
-                logging.ERROR, "badness", "vCPU %d slot left INPROCESS (state %d); not answering", vcpu, flags & 0xF
-            )
-            self.stats["badness"] += 1
-            return False
-        # data before state: program order, kept by x86 TSO (QEMU: xen_wmb).
+            return self._badness(vcpu, flags)
+        # data before state: two stores in program order (see the module docstring), kept
+        # visible in that order by x86 TSO (QEMU: xen_wmb).
         page[off + STATE_BYTE] = (flags & 0xF0) | STATE_IORESP_READY
         return True
+
+    def _badness(self, vcpu: int, flags: int) -> bool:
+        # Only Xen could have changed the state, and Xen does not while INPROCESS: do not
+        # touch the slot further (QEMU reports "Badness in I/O request").
+        self.ratelog(
+            logging.ERROR, "badness", "vCPU %d slot left INPROCESS (state %d); not answering", vcpu, flags & 0xF
+        )
+        self.stats["badness"] += 1
+        return False
 
     def execute(self, req: Ioreq) -> int:
         """Carry out one ioreq copy; return the value ``data`` must hold afterwards.
@@ -483,29 +568,38 @@ class Dispatcher:
             value = region.device.read(offset, size)
             if not isinstance(value, int):
                 raise TypeError(f"read returned {type(value).__name__}, not int")
+            return value & all_ones(size)  # an int subclass's & raising is the device's fault too
         except Exception:
-            self.stats["device-error"] += 1
-            self.ratelog(
-                logging.ERROR, "device", "device %s raised on read(%#x, %d)", region.name, offset, size, exc_info=True
-            )
-            return all_ones(size)
-        return value & all_ones(size)
+            return self._read_failed(region, offset, size)
+
+    def _read_failed(self, region: Region, offset: int, size: int) -> int:
+        """Log the exception being handled (a device's read raised) and float the bus."""
+        self.stats["device-error"] += 1
+        self.ratelog(
+            logging.ERROR, "device", "device %s raised on read(%#x, %d)", region.name, offset, size, exc_info=True
+        )
+        return all_ones(size)
 
     def _dev_write(self, region: Region, offset: int, size: int, value: int) -> None:
+        value &= all_ones(size)
         try:
-            region.device.write(offset, size, value & all_ones(size))
+            region.device.write(offset, size, value)
         except Exception:
-            self.stats["device-error"] += 1
-            self.ratelog(
-                logging.ERROR,
-                "device",
-                "device %s raised on write(%#x, %d, %#x)",
-                region.name,
-                offset,
-                size,
-                value,
-                exc_info=True,
-            )
+            self._write_failed(region, offset, size, value)
+
+    def _write_failed(self, region: Region, offset: int, size: int, value: int) -> None:
+        """Log the exception being handled (a device's write raised); the write is dropped."""
+        self.stats["device-error"] += 1
+        self.ratelog(
+            logging.ERROR,
+            "device",
+            "device %s raised on write(%#x, %d, %#x)",
+            region.name,
+            offset,
+            size,
+            value,
+            exc_info=True,
+        )
 
     def _mem(self) -> GuestMemory:
         if self.memory is None:

@@ -338,18 +338,14 @@ class IoreqServer:
             evtchn, page = self._evtchn, self.page
             if evtchn is None or page is None:
                 return 0
-            handled = 0
             limit = 4 * (len(self.vcpu_ports) + 1)  # bounded: other servers get their turn
-            # One read takes every pending port (the fd is level-triggered: ports that
-            # arrive later wake the loop again), so no read fails just to say "empty".
-            many = getattr(evtchn, "pending_ports", None)
-            while handled < limit:
+            handled = 0
+            while True:
+                # One read takes every pending port (the fd is level-triggered: ports that
+                # arrive later wake the loop again), so no read fails just to say "empty".
                 try:
-                    if many is not None:
-                        ports = many(limit - handled)
-                    else:
-                        port = evtchn.pending()
-                        ports = [] if port is None else [port]
+                    ports = evtchn.pending_ports(limit - handled)
+                    break
                 except XenError as e:
                     if e.errno != errno.EFBIG:
                         raise
@@ -358,21 +354,23 @@ class IoreqServer:
                     evtchn.reset()
                     self._rescan(evtchn, page)
                     handled += 1
-                    continue
-                if not ports:
-                    break
-                unmask, notify, handle_slot = evtchn.unmask, evtchn.notify, self.dispatcher.handle_slot
-                for port in ports:
-                    unmask(port)  # before handling, as QEMU's cpu_get_ioreq, so no event is lost
-                    if self.bufpage is not None:
-                        self.drain_buffered()
-                    vcpu = self._vcpu_by_port.get(port)
-                    if vcpu is not None and handle_slot(page, vcpu):
-                        notify(port)
-                    handled += 1
-                if many is not None:
-                    break  # the next ports come with the next wake-up
-            return handled
+                    if handled >= limit:
+                        return handled
+            unmask, notify, handle_slot = evtchn.unmask, evtchn.notify, self.dispatcher.handle_slot
+            vcpu_by_port, buffered = self._vcpu_by_port, self.bufpage is not None
+            for port in ports:
+                # Unmask before handling, as QEMU's cpu_get_ioreq: an event raised from here
+                # on is delivered again, so none is lost.  The notify comes after
+                # handle_slot's last store (IORESP_READY): a syscall (on the mock, a call
+                # under the GIL) orders it after every store before it (see dispatch's
+                # docstring), so Xen never sees the event before the answer.
+                unmask(port)
+                if buffered:
+                    self.drain_buffered()
+                vcpu = vcpu_by_port.get(port)
+                if vcpu is not None and handle_slot(page, vcpu):
+                    notify(port)
+            return handled + len(ports)
 
     def _rescan(self, evtchn: EventChannel, page: memoryview) -> None:
         for vcpu, port in enumerate(self.vcpu_ports):
