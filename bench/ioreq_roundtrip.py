@@ -151,6 +151,10 @@ class WiredEvtchn:
     the guest.  Everything else goes to the mock's device."""
 
     def __init__(self, real: Any) -> None:
+        from xendmop.abi.evtchn import IOCTL_EVTCHN_BIND_INTERDOMAIN, IOCTL_EVTCHN_NOTIFY
+
+        # looked up once: the wire stands for the kernel, whose NOTIFY costs no Python
+        self._bind, self._notify = IOCTL_EVTCHN_BIND_INTERDOMAIN, IOCTL_EVTCHN_NOTIFY
         self._real = real
         self.path = real.path
         self.to_dm = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -169,13 +173,11 @@ class WiredEvtchn:
         return len(data)  # unmask: nothing is masked on this wire
 
     def ioctl(self, request: int, arg: Any = 0) -> int:
-        from xendmop.abi.evtchn import IOCTL_EVTCHN_BIND_INTERDOMAIN, IOCTL_EVTCHN_NOTIFY
-
-        if request == IOCTL_EVTCHN_NOTIFY:
+        if request == self._notify:
             os.eventfd_write(self.to_guest, 1)
             return 0
         rc = int(self._real.ioctl(request, arg))
-        if request == IOCTL_EVTCHN_BIND_INTERDOMAIN:
+        if request == self._bind:
             self.port = rc
         return rc
 
