@@ -11,7 +11,8 @@ folder writable.  The command's stdout/stderr are streamed while it runs.  Exit 
     123  Xen panicked or the dom0 kernel oopsed (even if the command finished)
     124  timed out (QEMU killed)
     125  boot failed: the machine stopped before the command's exit status was recorded,
-         or the dom0 image did not build although the mirror answered
+         dom0's init did not start within --boot-timeout, or the dom0 image did not
+         build although the mirror answered
 
 The results folder keeps console.log (Xen + dom0 serial console), stdout, stderr, status,
 timings, xl-dmesg.txt, dom0-dmesg.txt and out/ (files the command wrote to
@@ -132,7 +133,9 @@ def timings(results: Path) -> dict[str, float]:
     return marks
 
 
-def boot(command: list[str], results: Path, timeout: float, show_console: bool) -> Outcome:
+def boot(
+    command: list[str], results: Path, timeout: float, show_console: bool, boot_timeout: float = 240
+) -> Outcome:
     art = image.ensure_image()
     results.mkdir(parents=True, exist_ok=True)
     for stale in ("status", "stdout", "stderr", "timings", "console.log"):
@@ -145,10 +148,14 @@ def boot(command: list[str], results: Path, timeout: float, show_console: bool) 
     t0 = time.monotonic()
     with open(results / "qemu.log", "w") as qlog:
         qemu = subprocess.Popen(qemu_command(art, results), stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog)
-        timed_out = False
+        timed_out = hung = False
         try:
             while qemu.poll() is None:
-                if time.monotonic() - t0 > timeout:
+                waited = time.monotonic() - t0
+                # dom0's init writes timings first thing: none by now means the boot hung (seen
+                # once under TCG: the dom0 kernel stopped after Xen's PCI scan, for 18 minutes).
+                hung = waited > boot_timeout and not (results / "timings").is_file()
+                if waited > timeout or hung:
                     timed_out = True
                     qemu.kill()
                     qemu.wait()
@@ -174,6 +181,8 @@ def boot(command: list[str], results: Path, timeout: float, show_console: bool) 
     (results / "wall").write_text(f"{wall:.1f}\n")
     if crashes:
         return Outcome(EXIT_CRASH, f"Xen panicked or dom0 crashed ({times})", crashes)
+    if hung:
+        return Outcome(EXIT_BOOT_FAILED, f"boot hung: dom0 init not started after {boot_timeout:.0f} s ({times})")
     if timed_out:
         return Outcome(EXIT_TIMEOUT, f"timed out after {timeout:.0f} s ({times})")
     if not status.is_file():
@@ -215,6 +224,8 @@ def default_results() -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds before QEMU is killed (default 1800)")
+    ap.add_argument("--boot-timeout", type=float, default=240,
+                    help="seconds for dom0's init to start before the boot counts as hung (default 240)")
     ap.add_argument("--results", type=Path, help="results folder (default: a new one under the lab cache)")
     ap.add_argument("--console", action="store_true", help="also stream the serial console to stderr")
     ap.add_argument("command", nargs="+", help="the command to run in dom0 (after --)")
@@ -222,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     results = (args.results or default_results()).resolve()
     try:
         image.ensure_tools({"qemu-system-x86_64": "qemu-system-x86"})
-        outcome = boot(args.command, results, args.timeout, args.console)
+        outcome = boot(args.command, results, args.timeout, args.console, args.boot_timeout)
     except image.Unavailable as e:
         image.log(f"lab unavailable: {e}")
         return EXIT_UNAVAILABLE
