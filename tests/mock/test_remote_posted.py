@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from xendmop.abi.evtchn import IOCTL_EVTCHN_NOTIFY, IOCTL_EVTCHN_RESET
 from xendmop.mock import MockXen
-from xendmop.mock.remote import MockHostServer, RemoteXen
+from xendmop.mock.remote import _IOCTL, MockHostServer, Msg, RemoteXen, _pack
 from xendmop.runtime.evtchn import EventChannel
 
 
@@ -58,3 +59,21 @@ def test_posted_write_on_a_closed_handle_is_ebadf_here(path: str) -> None:
             dev.write(b"\x01\x00\x00\x00")
         assert e.value.errno == errno.EBADF
         assert xen.call("ping")["pid"] == os.getpid()  # the connection is still in step
+
+
+def test_a_malformed_posted_notify_is_refused_and_logged(path: str, caplog: pytest.LogCaptureFixture) -> None:
+    with RemoteXen(path) as xen, EventChannel(xen.open_device) as ev:
+        local = ev.bind_unbound_port(0)
+        peer = ev.bind_interdomain(0, local)
+        handle = ev.device._handle  # type: ignore[attr-defined]
+        head = _IOCTL.pack(handle, IOCTL_EVTCHN_NOTIFY, 0, 0)
+        xen.post(_pack(Msg.IOCTL_POSTED, head, peer.to_bytes(2, "little")))  # a 2-byte NOTIFY argument
+        xen.post(_pack(Msg.IOCTL_POSTED, _IOCTL.pack(handle, IOCTL_EVTCHN_RESET, 0, 0)))  # not postable
+        assert xen.call("ping")["pid"] == os.getpid()  # handled in order, the connection still in step
+        refusals = [r.getMessage() for r in caplog.records if "posted request" in r.getMessage()]
+        assert len(refusals) == 2
+        assert "NOTIFY argument of 2 bytes" in refusals[0] and "cannot be posted" in refusals[1]
+        assert not [x for x in xen.events(50) if x["request"] == "IOCTL_EVTCHN_NOTIFY"]  # neither reached the device
+        ev.notify(peer)  # a well-formed one still goes through
+        assert select.select([ev], [], [], 2)[0] == [ev]
+        assert ev.pending() == local
