@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 from collections.abc import Callable
+from struct import Struct
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -59,11 +60,18 @@ class EvtchnDeviceFile(OsDevice):
     port is pending (the loop polls the fd first, as QEMU does).
     """
 
+    # The fd straight from the attribute: read, write and ioctl run once per guest access
+    # each, and fileno()'s closed check is one more Python call (a closed device's fd is
+    # -1, so the syscall fails with EBADF; EventChannel refuses a closed handle first).
+
     def read(self, nbytes: int) -> bytes:
-        return os.read(self.fileno(), nbytes)
+        return os.read(self._fd, nbytes)
 
     def write(self, data: bytes) -> int:
-        return os.write(self.fileno(), data)
+        return os.write(self._fd, data)
+
+    def ioctl(self, request: int, arg: Any) -> int:
+        return int(fcntl.ioctl(self._fd, request, arg, True))  # NOTIFY: once per access
 
 
 def open_evtchn_device(path: str = EVTCHN_PATH) -> EvtchnDevice:
@@ -85,6 +93,8 @@ def _set_nonblocking(device: EvtchnDevice) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
 
 
+#: one evtchn port as the device reads and writes it (``evtchn_port_t``, host order on x86)
+_PORT = Struct("<I")
 _CACHED_PORTS = 1024  # bounds the per-port caches (a DM binds one port per vCPU, plus one)
 
 
@@ -206,16 +216,17 @@ class EventChannel:
         """Up to ``limit`` pending ports in one ``read`` (``[]`` when none is pending): what
         ``pending`` gives one by one, without a failing read to learn that the ring is empty.
         Each port stays masked until ``unmask``; EFBIG means the ring overflowed."""
+        dev = self._dev
+        if dev is None:
+            raise ClosedHandleError("EventChannel is closed")
         try:
-            raw = self.device.read(4 * limit)
-        except BlockingIOError:
-            return []
-        except OSError as e:
+            raw = dev.read(4 * limit)
+        except OSError as e:  # BlockingIOError included: nothing pending
             if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
                 return []
             raise xen_error(e.errno or errno.EIO, "pending", layer="evtchn") from None
         if len(raw) == 4:  # the usual case: one port
-            return [int.from_bytes(raw, "little")]
+            return [_PORT.unpack(raw)[0]]
         usable = len(raw) & ~3
         return [int.from_bytes(raw[i : i + 4], "little") for i in range(0, usable, 4)]
 

@@ -550,31 +550,43 @@ class ServeLoop:
 
     def run(self, *, handle_signals: bool = True) -> int | None:
         previous: dict[signal.Signals, Any] = {}
-        sel = selectors.DefaultSelector()
+        # Two epolls: the loop waits on its own for the servers and the wake-up, and
+        # ``sel`` (where add_reader/remove_reader register the readers) sits inside it as
+        # one more fd, readable while any reader is.  A wake-up for an ioreq is then one
+        # epoll.poll and a dict lookup, without the selectors layer's key objects (0.7 us).
+        sel = selectors.EpollSelector()
+        poller = select.epoll()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         try:
             if handle_signals and threading.current_thread() is threading.main_thread():
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     previous[sig] = signal.signal(sig, self._on_signal)
+            handlers: dict[int, Callable[[], object]] = {}
             for s in self.servers:
                 s.start()
-                sel.register(s.fileno(), selectors.EVENT_READ, s)
-            sel.register(self._wake, selectors.EVENT_READ, None)
+                poller.register(s.fileno(), select.EPOLLIN)
+                handlers[s.fileno()] = s.handle_events
+            wake = self._wake
+            poller.register(wake, select.EPOLLIN)
             for fd, callback in self._readers.items():
                 sel.register(fd, selectors.EVENT_READ, callback)
+            poller.register(sel.fileno(), select.EPOLLIN)
             self._sel = sel
+            poll, tick, handler_for = poller.poll, self.tick, handlers.get
             while not self._stop:
-                ready = sel.select(self.tick)
-                for key, _ in ready:
-                    if key.data is None:
+                ready = poll(tick)
+                for fd, _events in ready:
+                    handle = handler_for(fd)
+                    if handle is not None:
+                        handle()
+                    elif fd == wake:
                         try:
-                            os.eventfd_read(self._wake)
+                            os.eventfd_read(wake)
                         except BlockingIOError:
                             pass
-                    elif isinstance(key.data, IoreqServer):
-                        key.data.handle_events()
-                    else:
-                        key.data()
+                    else:  # sel's epoll: some readers are readable
+                        for key, _ in sel.select(0):
+                            key.data()
                 if not ready:
                     for s in self.servers:
                         s.drain_buffered()
@@ -582,6 +594,7 @@ class ServeLoop:
         finally:
             self._sel = None
             sel.close()
+            poller.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             for s in reversed(self.servers):
