@@ -25,6 +25,12 @@ child process serving the same port with ``IoreqServer`` over ``RemoteXen``
 
 The floor is the same eventfd ping-pong between two processes (``eventfd2p``: the peer a
 child that inherited both eventfds).  Child processes run this module with ``--child``.
+
+The one-process candidates run on one CPU (``one_cpu``): between two CPUs a thread hand-off
+is a cross-CPU wake-up, which on this shared VM costs 5 to 40 us depending on where the
+scheduler put the two threads, and a candidate keeps its placement for the whole run, so
+one candidate could be 5x slower than its neighbour for no reason in its code.  On one CPU
+every hand-off is a context switch, the same for the floor and the candidates.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from . import child_env, interleave, median, ratio_samples, write_result
@@ -44,6 +52,18 @@ PORT = 0x3F8
 ROUNDS = 11
 #: seconds a child has to say it is ready (it imports xendmop and sets up a server)
 CHILD_START_TIMEOUT = 30.0
+
+
+@contextmanager
+def one_cpu() -> Iterator[int]:
+    """Pin this thread, and the threads it starts meanwhile, to one of its CPUs; restore after."""
+    allowed = os.sched_getaffinity(0)
+    cpu = max(allowed)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 class Sink:
@@ -488,6 +508,11 @@ def measure_across(rounds: int = ROUNDS) -> dict[str, list[float]]:
 
 
 def measure(rounds: int = ROUNDS) -> dict[str, list[float]]:
+    with one_cpu():  # every thread below is started on that CPU
+        return _measure(rounds)
+
+
+def _measure(rounds: int) -> dict[str, list[float]]:
     mock, wired, floor, event = MockRoundTrip(), WiredRoundTrip(), EventfdPingPong(), EventPingPong()
     selected = EventfdPingPong(selector=True)
     candidates = {
@@ -510,11 +535,12 @@ def measure(rounds: int = ROUNDS) -> dict[str, list[float]]:
 def measure_inline(rounds: int = ROUNDS) -> dict[str, Any]:
     """The device model's CPU per access with no thread hand-off, against the same
     eventfd syscalls done inline (``WiredRoundTrip.inline`` vs ``inline_floor``)."""
-    wired = WiredRoundTrip(threaded=False)
-    try:
-        s = interleave({"dm": wired.inline, "eventfd": inline_floor}, rounds, target_s=0.05)
-    finally:
-        wired.close()
+    with one_cpu():
+        wired = WiredRoundTrip(threaded=False)
+        try:
+            s = interleave({"dm": wired.inline, "eventfd": inline_floor}, rounds, target_s=0.05)
+        finally:
+            wired.close()
     return {
         "us_per_access": {name: round(median(v) * 1e6, 2) for name, v in s.items()},
         "dm/eventfd": round(ratio_samples(s["dm"], s["eventfd"]), 3),
@@ -626,6 +652,7 @@ def run(with_profile: bool = False) -> dict[str, Any]:
     us = {name: median(v) for name, v in s.items()}
     result: dict[str, Any] = {
         "rounds": ROUNDS,
+        "one_process_on_one_cpu": True,
         "one_process": {
             "us_per_round_trip": {name: round(v * 1e6, 2) for name, v in us.items()},
             "round_trips_per_s": {name: round(1 / v) for name, v in us.items()},
