@@ -336,16 +336,8 @@ BY_NAME = {s.name: s for s in SCENARIOS}
 
 # (scenario, step label) -> why the mock knowingly differs from Xen there, with the Xen source.
 KNOWN_DIFFERENCES: dict[tuple[str, str], str] = {
-    ("dirty vram, then modified memory", "modified beyond the highest gfn"): (
-        "the mock's track_dirty_vram turns the domain's log-dirty mode on (paging_log_dirty_enable); on "
-        "4.17.7 HAP VRAM tracking (hap_track_dirty_vram, xen/arch/x86/mm/hap/hap.c) left it off, so "
-        "modified_memory (xen/arch/x86/hvm/dm.c) returns 0 before checking extents"
-    ),
-    ("dirty vram, then modified memory", "modified zero pages"): "as for 'modified beyond the highest gfn'",
-    ("cache attributes", "UC without an IOMMU"): (
-        "the mock follows newer Xen, whose hvm_set_mem_pinned_cacheattr (xen/arch/x86/hvm/mtrr.c) refuses "
-        "UC/UCM/WC for a domain without an IOMMU or cache-flush permission (EPERM); 4.17.7 accepts it"
-    ),
+    # Empty: the three differences found in the lab (HAP VRAM tracking left log-dirty off;
+    # UC pins accepted without an IOMMU) were fixed in the mock, where Xen 4.17.7 wins.
 }
 
 # --- running ----------------------------------------------------------------------------------

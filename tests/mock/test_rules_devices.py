@@ -269,3 +269,23 @@ def test_evtchn_ring_grows_with_bound_ports() -> None:
         port = ev_ioctl(dev, IOCTL_EVTCHN_BIND_UNBOUND_PORT, ioctl_evtchn_bind_unbound_port(HVM))
         assert port > 0, port
         assert dev.ring_size == (64 if i < 64 else 128)
+
+
+def test_dm_op_zero_byte_buffer_page_aligned_is_efault_unaligned_is_fine() -> None:
+    """privcmd ``lock_pages`` pins DIV_ROUND_UP(offset_in_page(uptr) + size, PAGE_SIZE) pages:
+    none for a page-aligned 0-byte buffer, which is -EFAULT (HAZARD 2 on a 6.1 dom0)."""
+    import mmap
+
+    host = make_host()
+    raw = Raw(host)
+    page = mmap.mmap(-1, mmap.PAGESIZE)
+    try:
+        anchor = ctypes.c_char.from_buffer(page)
+        aligned = ctypes.addressof(anchor)
+        del anchor
+        raw.build("track_dirty_vram", first_pfn=0, nr=0)
+        op = raw.bufs()[0]
+        assert raw.ioctl_dm_op(HVM, [op, (aligned, 0)]) == E.EFAULT
+        assert raw.ioctl_dm_op(HVM, [op, (aligned + 16, 0)]) == 0  # stop tracking, as libxendevicemodel's
+    finally:
+        page.close()

@@ -115,7 +115,9 @@ class MockXen:
     ``dm_op_max_nr_bufs``/``dm_op_buf_max_size``, ``dm_op_ioctl=False`` for a kernel
     without IOCTL_PRIVCMD_DM_OP (callers fall back to IOCTL_PRIVCMD_HYPERCALL),
     ``hypercall_device=False`` for a kernel without ``/dev/xen/hypercall``,
-    ``paddr_bits``, ``vgic_num_irqs`` (Arm), ``ioreq_server_pages``.
+    ``paddr_bits``, ``vgic_num_irqs`` (Arm), ``ioreq_server_pages``,
+    ``pinned_uc_needs_iommu=True`` for newer Xen's refusal of UC/WC cache-attribute pins
+    without an IOMMU (4.17 accepts them).
 
     The host owns real resources (a memfd and a mapping per guest's RAM and per
     ioreq server's pages, an fd per opened device, an eventfd per evtchn open):
@@ -133,6 +135,7 @@ class MockXen:
         paddr_bits: int = 46,
         vgic_num_irqs: int = 256,
         ioreq_server_pages: int = 8,
+        pinned_uc_needs_iommu: bool = False,
     ) -> None:
         if arch not in ("x86", "arm"):
             raise ValueError(f"arch must be 'x86' or 'arm', not {arch!r}")
@@ -143,7 +146,7 @@ class MockXen:
         self.dm_op_ioctl = dm_op_ioctl
         self.hypercall_device = hypercall_device
         self.ioreq_server_pages = ioreq_server_pages
-        self.hypervisor = Hypervisor(arch, paddr_bits, vgic_num_irqs)
+        self.hypervisor = Hypervisor(arch, paddr_bits, vgic_num_irqs, pinned_uc_needs_iommu)
         self.memory = UserMemory()
         # the newest events only: a long-running mock must not grow without bound
         self.events: collections.deque[Event] = collections.deque(maxlen=EVENT_LOG_SIZE)
