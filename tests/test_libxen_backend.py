@@ -507,3 +507,34 @@ def test_values_c_would_normalise_are_refused_first(
         getattr(stub, method)(*args)
     assert caught.value.name == name
     assert calls.value == before, "refused before the library"
+
+
+def test_stop_tracking_never_hands_libxendevicemodel_a_page_aligned_empty_bitmap() -> None:
+    """HAZARD 2: a page-aligned 0-byte DM_OP buffer is EFAULT (and corrupted a 6.1 dom0)."""
+    import ctypes
+    import mmap
+
+    from xendmop.backends import libxen
+
+    page = mmap.mmap(-1, 2 * mmap.PAGESIZE)
+    try:
+        words = ctypes.c_ulong * 2
+        at_start = words.from_buffer(page, mmap.PAGESIZE)  # begins a page
+        before = words.from_buffer(page, mmap.PAGESIZE - ctypes.sizeof(ctypes.c_ulong))  # second word does
+        inside = words.from_buffer(page, 64)
+        for pair in (at_start, before, inside):
+            pointer = ctypes.cast(libxen.not_a_page_start(pair), ctypes.c_void_p).value or 0
+            assert pointer % mmap.PAGESIZE and ctypes.addressof(pair) <= pointer < ctypes.addressof(pair) + 16
+        del at_start, before, inside, pair
+    finally:
+        page.close()
+
+    seen: list[int] = []
+
+    class Recorder:
+        def c_call(self, name: str, op: str, domid: int, f: object, first_pfn: int, nr: int, bitmap: object) -> None:
+            assert (name, nr) == ("track_dirty_vram", 0)
+            seen.append(ctypes.cast(bitmap, ctypes.c_void_p).value or 0)
+
+    assert libxen._track_dirty_vram(Recorder(), "track_dirty_vram", 1, {"nr": 0}, None, None) == [b""]  # type: ignore[arg-type]
+    assert len(seen) == 1 and seen[0] % mmap.PAGESIZE

@@ -56,7 +56,7 @@ from ..abi.xen import DOMID_FIRST_RESERVED, domid_t, evtchn_port_t, xen_pfn_t
 from ..errors import ArgumentError, ClosedHandleError, NotXenHostError, UnsupportedError, XenError, xen_error
 from ..ops import OpDecl
 from .base import Limits
-from .device import NOT_XEN, PRIVCMD_PATH
+from .device import NOT_XEN, PAGE_SIZE, PRIVCMD_PATH
 
 __all__ = [
     "SONAMES",
@@ -436,9 +436,23 @@ def _simple(function: str, *names: str) -> _Handler:
     return handler
 
 
+def not_a_page_start(pair: Any) -> Any:
+    """A pointer into ``pair`` (two words) that does not start a page."""
+    address = ctypes.addressof(pair)
+    return ctypes.cast(address if address % PAGE_SIZE else address + ctypes.sizeof(c_ulong), POINTER(c_ulong))
+
+
 def _track_dirty_vram(b: LibxenBackend, op: str, domid: int, f: Mapping[str, int], out: Any, _: Any) -> _Outs:
     nr = f.get("nr", 0)
     nbytes = (nr + 7) // 8
+    if nbytes == 0:
+        # "Stop tracking": libxendevicemodel hands our pointer to privcmd as a 0-byte buffer,
+        # and a page-aligned one makes lock_pages pin nothing (EFAULT; it corrupted dom0
+        # memory on Linux 6.1: HAZARD 2 in integration/scenarios.py).  Of two adjacent words
+        # at most one starts a page: point at one that does not.
+        pair = (c_ulong * 2)()
+        b.c_call("track_dirty_vram", op, domid, f, f.get("first_pfn", 0), 0, not_a_page_start(pair))
+        return [b""]
     words = (c_ulong * -(-nbytes // ctypes.sizeof(c_ulong)))()  # C wants unsigned long[]
     b.c_call("track_dirty_vram", op, domid, f, f.get("first_pfn", 0), nr, words)
     return [bytes(words)[:nbytes]]
