@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 
 from xendmop import ArgumentError, ClosedHandleError, DeviceModel, Limits
-from xendmop.abi.privcmd import IOCTL_PRIVCMD_DM_OP, IOCTL_PRIVCMD_RESTRICT, privcmd_dm_op, privcmd_dm_op_buf
+from xendmop.abi.privcmd import (
+    IOCTL_PRIVCMD_DM_OP,
+    IOCTL_PRIVCMD_HYPERCALL,
+    IOCTL_PRIVCMD_RESTRICT,
+    privcmd_dm_op,
+    privcmd_dm_op_buf,
+    privcmd_hypercall,
+)
 from xendmop.backends import PrivcmdBackend
 from xendmop.ops import BY_NAME
 
@@ -207,3 +214,244 @@ def test_an_empty_slot_is_never_page_aligned() -> None:
     assert [size for _, size in device.slot_bufs] == [0, 0, 1]
     assert empty % mmap.PAGESIZE and generic_empty % mmap.PAGESIZE
     assert full % mmap.PAGESIZE == 0 and empty // mmap.PAGESIZE == full // mmap.PAGESIZE
+
+
+# --- zero-copy forms: the caller's memory handed to the DM_OP ioctl as it is ---------------
+
+
+def _address(buffer: Any) -> int:
+    if isinstance(buffer, (ctypes.Array, ctypes.Structure)):
+        return ctypes.addressof(buffer)
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+def _arena_ranges(dm: DeviceModel) -> list[range]:
+    return [range(a.base, a.base + len(a.view)) for a in dm.backend._buffers._all]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "make_out",
+    [
+        lambda: (ctypes.c_ulong * 2)(),
+        lambda: bytearray(16),
+        lambda: memoryview(bytearray(20))[4:],
+        lambda: (ctypes.c_uint8 * 13)(),
+    ],
+    ids=["c_ulong array", "bytearray", "memoryview slice", "exactly 13 bytes"],
+)
+def test_track_dirty_vram_writes_into_out_in_place(make_out: Any) -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    device.answer = bytes(range(1, 14))
+    out = make_out()
+    assert dm.track_dirty_vram(3, 0xF0000, 100, out=out) is out
+    assert device.slot_bufs == [(_address(out), 13)]  # Xen was pointed at it, 13 bytes as libxendevicemodel says
+    assert bytes(out)[:13] == bytes(range(1, 14))
+    assert dm.track_dirty_vram(3, 0xF0000, 100) == bytes(range(1, 14))  # the bytes form is unchanged
+    assert device.requests[0] == device.requests[1]  # same op, same (zero) bitmap bytes sent
+
+
+def test_track_dirty_vram_out_is_handed_over_as_it_is() -> None:
+    """Not zeroed first: libxendevicemodel hands the caller's bitmap over untouched, and Xen
+    writes the whole of it on success (the golden test compares the two)."""
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    out = bytearray(b"\x5a" * 13)
+    dm.track_dirty_vram(3, 0xF0000, 100, out=out)
+    assert device.requests[0][1][1] == b"\x5a" * 13
+    assert out == b"\x5a" * 13  # the capturing device wrote nothing
+
+
+@pytest.mark.parametrize(
+    "out, exc, words",
+    [
+        (b"\0" * 13, TypeError, ("out", "read-only", "EFAULT")),
+        (memoryview(bytearray(13)).toreadonly(), TypeError, ("out", "read-only", "EFAULT")),
+        (memoryview(bytearray(26))[::2], TypeError, ("out", "C-contiguous")),
+        (ctypes.pointer((ctypes.c_ulong * 2)()), TypeError, ("out", "pointer")),
+        (13, TypeError, ("out", "buffer")),
+        (bytearray(12), ArgumentError, ("out=12", "at least 13 bytes")),
+        ((ctypes.c_ulong * 1)(), ArgumentError, ("out=8", "at least 13 bytes")),
+    ],
+    ids=["bytes", "read-only view", "strided view", "ctypes pointer", "int", "short bytearray", "short ctypes"],
+)
+def test_bad_out_is_refused_before_the_kernel(out: Any, exc: type[Exception], words: tuple[str, ...]) -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    with pytest.raises(exc) as info:
+        dm.track_dirty_vram(3, 0xF0000, 100, out=out)
+    for word in words:
+        assert word in str(info.value)
+    if exc is ArgumentError:
+        assert info.value.name == "out"  # type: ignore[attr-defined]
+    assert device.requests == []
+
+
+def test_empty_out_is_never_sent_page_aligned() -> None:
+    """nr 0 (stop tracking) with a page-aligned out: the 0-byte buffer still points inside the
+    arena's slot page, never at the caller's aligned address (HAZARD 2, integration/scenarios.py)."""
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    page = mmap.mmap(-1, mmap.PAGESIZE)
+    out = (ctypes.c_char * mmap.PAGESIZE).from_buffer(page)
+    assert ctypes.addressof(out) % mmap.PAGESIZE == 0
+    assert dm.track_dirty_vram(3, 0x100, 0, out=out) is out
+    ((empty, size),) = device.slot_bufs
+    assert size == 0 and empty % mmap.PAGESIZE and empty != ctypes.addressof(out)
+    assert any(empty in arena for arena in _arena_ranges(dm))
+    del out
+    page.close()
+
+
+def test_split_track_dirty_vram_fills_each_slice_of_out_in_place() -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    per_call = 8 * 4096
+    device.answer = b"\x0f" * 4096
+    out = bytearray(b"\xff" * ((2 * per_call + 9 + 7) // 8 + 3))  # larger than needed: the tail is left alone
+    assert dm.track_dirty_vram(3, 0x100000, 2 * per_call + 9, out=out) is out
+    base = _address(out)
+    assert device.slot_bufs == [(base, 4096), (base + 4096, 4096), (base + 8192, 2)]
+    assert out == b"\x0f" * (2 * 4096 + 2) + b"\xff" * 3
+
+
+def test_split_track_dirty_vram_checks_out_before_any_call() -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    with pytest.raises(ArgumentError, match="out"):
+        dm.track_dirty_vram(3, 0x100000, 3 * 8 * 4096, out=bytearray(3 * 4096 - 1))
+    assert device.requests == []
+
+
+def _packed(n: int) -> Any:
+    array = (BY_NAME["modified_memory"].slots[0].ctype * n)()
+    for i in range(n):
+        array[i].first_pfn, array[i].nr = 0x1000 + 8 * i, 1 + i % 5
+    return array
+
+
+def test_packed_extents_in_writable_memory_are_pointed_at() -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    array = _packed(3)
+    as_bytearray = bytearray(array)
+    dm.modified_memory_bulk(3, array)
+    dm.modified_memory_bulk(3, array)  # a second time: the class's check is remembered
+    dm.modified_memory_bulk(3, as_bytearray)
+    dm.modified_memory_bulk(3, [(0x1000 + 8 * i, 1 + i % 5) for i in range(3)])
+    assert device.slot_bufs[:3] == [(ctypes.addressof(array), 48)] * 2 + [(_address(as_bytearray), 48)]
+    assert len({tuple(bufs) for _, bufs in device.requests}) == 1  # the same bytes, whatever the form
+
+
+def test_read_only_extents_are_copied_into_the_arena() -> None:
+    """privcmd pins every buffer for writing (FOLL_WRITE): bytes go through the hypercall buffer."""
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    data = bytes(_packed(3))
+    dm.modified_memory_bulk(3, data)
+    ((addr, size),) = device.slot_bufs
+    assert size == 48 and any(addr in arena for arena in _arena_ranges(dm))
+    assert device.requests[0][1][1] == data
+
+
+def test_split_extents_are_copied_chunk_by_chunk() -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    array = _packed(300)
+    dm.modified_memory_bulk(3, array)
+    assert [size for _, size in device.slot_bufs] == [4096, 44 * 16]
+    assert all(any(addr in arena for arena in _arena_ranges(dm)) for addr, _ in device.slot_bufs)
+    assert b"".join(bufs[1] for _, bufs in device.requests) == bytes(array)
+
+
+def test_extents_with_a_wider_item_are_taken_as_bytes() -> None:
+    import array as pyarray
+
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    words = pyarray.array("Q", bytes(_packed(3)))
+    dm.modified_memory_bulk(3, words)
+    assert device.slot_bufs == [(words.buffer_info()[0], 48)]
+    assert device.requests[0][1][1] == bytes(_packed(3))
+
+
+@pytest.mark.parametrize(
+    "extents, words",
+    [
+        (memoryview(bytearray(96))[::2], ("extents", "C-contiguous")),
+        (bytearray(40), ("extents=40", "multiple of 16")),
+        ([(1, 2), (3,)], ("extents[1]", "pair")),
+        ([(1, 2), (3, -1)], ("extents[1].nr", "out of range")),
+    ],
+    ids=["strided", "not a multiple", "not a pair", "negative nr"],
+)
+def test_bad_extents_are_refused_by_name(extents: Any, words: tuple[str, ...]) -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    with pytest.raises(ArgumentError) as info:
+        dm.modified_memory_bulk(3, extents)
+    for word in words:
+        assert word in str(info.value)
+    assert device.requests == []
+
+
+def test_extents_with_an_item_size_that_does_not_divide_16_are_refused() -> None:
+    class Twelve(ctypes.Structure):
+        _fields_ = [("a", ctypes.c_uint32), ("b", ctypes.c_uint32), ("c", ctypes.c_uint32)]
+
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    with pytest.raises(ArgumentError, match="item size 12"):
+        dm.modified_memory_bulk(3, memoryview((Twelve * 4)()))
+    assert device.requests == []
+
+
+class HypercallPrivcmd:
+    """A kernel without IOCTL_PRIVCMD_DM_OP (ENOTTY): DMOPs come as IOCTL_PRIVCMD_HYPERCALL.
+    Keeps each call's buffers (address, bytes) and can write an answer into bufs[1]."""
+
+    path = "/dev/xen/privcmd"
+
+    def __init__(self) -> None:
+        self.bufs: list[list[tuple[int, bytes]]] = []
+        self.answer: bytes | None = None
+
+    def fileno(self) -> int:
+        return -1
+
+    def ioctl(self, request: int, arg: Any) -> int:
+        if request == IOCTL_PRIVCMD_DM_OP:
+            raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
+        assert request == IOCTL_PRIVCMD_HYPERCALL
+        call = privcmd_hypercall.from_buffer_copy(arg)
+        bufs = (privcmd_dm_op_buf * call.arg[1]).from_address(call.arg[2])  # same layout as xen_dm_op_buf
+        self.bufs.append([(b.uptr, ctypes.string_at(b.uptr, b.size)) for b in bufs])
+        if self.answer is not None and call.arg[1] == 2:
+            ctypes.memmove(bufs[1].uptr, self.answer, min(len(self.answer), bufs[1].size))
+        return 0
+
+    def mmap(self, length: int, offset: int = 0) -> Any:
+        raise OSError(errno.ENODEV, "no mmap")
+
+    def close(self) -> None:
+        pass
+
+
+def test_hypercall_fallback_copies_the_zero_copy_forms_through_hypercall_buffers() -> None:
+    """IOCTL_PRIVCMD_HYPERCALL hands Xen the pointers themselves: only the hypercall
+    allocator's memory will do, so the caller's buffers are copied in (and the bitmap out)."""
+    device = HypercallPrivcmd()
+    dm = _open(device)  # type: ignore[arg-type]
+    assert dm.backend.uses_hypercall  # type: ignore[attr-defined]
+    device.answer = bytes(range(1, 14))
+    out = (ctypes.c_uint8 * 16)(*([0x5A] * 16))
+    assert dm.track_dirty_vram(3, 0xF0000, 100, out=out) is out
+    extents = _packed(3)
+    dm.modified_memory_bulk(3, extents)
+    dm.modified_memory_bulk(3, bytearray(extents))
+    arenas = _arena_ranges(dm)
+    for bufs in device.bufs:
+        assert all(any(addr in arena for arena in arenas) for addr, _ in bufs)
+    assert device.bufs[0][1][1] == b"\x5a" * 13  # the bounce starts as the caller's bytes
+    assert bytes(out) == bytes(range(1, 14)) + b"\x5a" * 3  # the answer copied back, 13 bytes only
+    assert device.bufs[1][1][1] == device.bufs[2][1][1] == bytes(extents)

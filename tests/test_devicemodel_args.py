@@ -174,3 +174,62 @@ def test_mock_backend_closes_the_host_it_made() -> None:
         DeviceModel.open("mock").close()
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+class AnsweringBackend:
+    """A backend without ``compile_call`` (as LibxenBackend): ``dm_op`` answers an OUT slot
+    with new bytes, and keeps what each call was given."""
+
+    name = "answering"
+    limits = Limits()
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, dict[str, int], list[Any]]] = []
+
+    def dm_op(self, decl: Any, domid: int, fields: Any, slot_data: Any = ()) -> tuple[Any, list[bytes]]:
+        self.calls.append((decl.name, domid, dict(fields), list(slot_data)))
+        if decl.name == "track_dirty_vram":
+            return None, [bytes(range(1, 1 + (fields["nr"] + 7) // 8))]
+        return None, []
+
+    def restrict(self, domid: int) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def test_generic_backend_fills_out_with_its_answer() -> None:
+    backend = AnsweringBackend()
+    dm = DeviceModel(backend)
+    out = bytearray(b"\xee" * 16)
+    assert dm.track_dirty_vram(1, 0x100, 100, out=out) is out
+    assert out == bytes(range(1, 14)) + b"\xee" * 3
+    assert backend.calls[0][3] == [None]  # the backend was asked for bytes, as before
+    assert dm.track_dirty_vram(1, 0x100, 100) == bytes(range(1, 14))
+
+
+def test_generic_backend_refuses_a_bad_out_before_calling() -> None:
+    backend = AnsweringBackend()
+    dm = DeviceModel(backend)
+    with pytest.raises(TypeError, match=r"out.*EFAULT"):
+        dm.track_dirty_vram(1, 0x100, 100, out=bytes(13))
+    with pytest.raises(ArgumentError, match="out=12"):
+        dm.track_dirty_vram(1, 0x100, 100, out=bytearray(12))
+    assert backend.calls == []
+
+
+def test_generic_backend_takes_packed_extents() -> None:
+    from xendmop.abi.dm_op import xen_dm_op_modified_memory_extent as extent
+
+    backend = AnsweringBackend()
+    dm = DeviceModel(backend)
+    array = (extent * 2)()
+    array[1].first_pfn, array[1].nr = 0x40, 3
+    dm.modified_memory_bulk(1, array)
+    ((name, domid, fields, (data,)),) = backend.calls
+    assert (name, domid, fields) == ("modified_memory", 1, {"nr_extents": 2})
+    assert bytes(memoryview(data).cast("B")) == bytes(array)

@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from .abi.dm_op import (
     XEN_DMOP_IO_RANGE_MEMORY,
@@ -30,7 +30,7 @@ from .abi.dm_op import (
 from .abi.xen import DOMID_FIRST_RESERVED
 from .backends.base import Backend, Limits
 from .errors import ArgumentError, ClosedHandleError, NotXenHostError
-from .ops import BY_NAME, OpDecl, check_domid
+from .ops import BY_NAME, CTYPES_MEMORY, OpDecl, caller_memory, check_domid
 from .types import BufIoreq, HvmMemType, IoreqServerInfo, MemAccess
 
 log = logging.getLogger("xendmop")
@@ -39,21 +39,48 @@ BACKENDS = ("auto", "privcmd", "libxen", "mock")
 _EXTENT = xen_dm_op_modified_memory_extent
 _EXTENT_SIZE = ctypes.sizeof(_EXTENT)
 _OP = BY_NAME  # short alias for the declarations used below
+_Buffer = TypeVar("_Buffer")
+_MAX_REMEMBERED = 64  # ctypes array classes are made per length: a bounded memo, the rest checked per call
 
 
 _check_domid = check_domid
 _COMPILED: list[str] = []  # attributes an _Op caches on a handle (dropped on close)
 
 
-def _generic_call(backend: Backend, decl: OpDecl, params: Sequence[str]) -> Callable[..., Any]:
-    """The op's call through ``Backend.dm_op``, for a backend without ``compile_call``."""
+def _generic_call(
+    backend: Backend, decl: OpDecl, params: Sequence[str], slot_params: Sequence[str] = ()
+) -> Callable[..., Any]:
+    """The op's call through ``Backend.dm_op``, for a backend without ``compile_call``.
+
+    Takes the slot data ``compile_call``'s calls take: a caller's buffer for an OUT slot
+    is checked before the call (writable, large enough) and gets the backend's bytes after it.
+    """
     n = len(params)
+    names = tuple(slot_params) or tuple(slot.name for slot in decl.slots)
 
     def call(domid: int, *args: Any) -> Any:
         fields = dict(zip(params, args[:n]))
         check_domid(decl.name, domid)
         decl.check(fields)
-        return backend.dm_op(decl, domid, fields, args[n:])
+        slot_data = list(args[n:])
+        targets: list[tuple[int, Any, int]] = []  # (index among OUT slots, buffer, address)
+        outs_seen = 0
+        for index, (slot, name, data) in enumerate(zip(decl.slots, names, slot_data)):
+            if slot.is_out and data is not None:
+                address, size, _keep = caller_memory(decl.name, name, data, writable=True)
+                needed = slot.nbytes(decl.struct(**fields))
+                if size < needed:
+                    raise ArgumentError(decl.name, name, size, f"must hold at least {needed} bytes")
+                targets.append((outs_seen, data, address))
+                slot_data[index] = None
+            outs_seen += slot.is_out
+        struct, outs = backend.dm_op(decl, domid, fields, slot_data)
+        for out_index, buffer, address in targets:
+            answer = outs[out_index]
+            if answer:
+                ctypes.memmove(address, answer, len(answer))
+            outs[out_index] = buffer
+        return struct, outs
 
     return call
 
@@ -66,9 +93,10 @@ class _Op:
     generated from the declaration), else the generic ``Backend.dm_op`` path.
     """
 
-    def __init__(self, op: str, *params: str) -> None:
+    def __init__(self, op: str, *params: str, slots: tuple[str, ...] = ()) -> None:
         self.decl = BY_NAME[op]
         self.params = params
+        self.slots = slots  # the slot arguments' names in DeviceModel's API, for errors
         self.decl.guard_source(params)  # every name is a scalar field of the op, checked at import
         self.attr = ""
 
@@ -82,9 +110,9 @@ class _Op:
         backend = dm.backend  # ClosedHandleError on a closed handle
         compile_call = getattr(backend, "compile_call", None)
         call: Callable[..., Any] = (
-            compile_call(self.decl, self.params)
+            compile_call(self.decl, self.params, self.slots)
             if compile_call is not None
-            else _generic_call(backend, self.decl, self.params)
+            else _generic_call(backend, self.decl, self.params, self.slots)
         )
         dm.__dict__[self.attr] = call
         return call
@@ -102,6 +130,11 @@ class DeviceModel:
     def __init__(self, backend: Backend) -> None:
         self._backend: Backend | None = backend
         self._max_buf_size = backend.limits.max_buf_size  # what one kernel-sized call carries
+        self._pages_per_call = 8 * self._max_buf_size  # track_dirty_vram: one bit per page
+        self._extent_bytes_per_call = self._max_buf_size // _EXTENT_SIZE * _EXTENT_SIZE
+        #: modified_memory_bulk: ctypes classes of packed extents checked once, by the
+        #: extents each holds when that fits one call (a ctypes class's size never changes)
+        self._one_call_extents: dict[type, int] = {}
 
     # --- opening ---------------------------------------------------------------
 
@@ -163,7 +196,7 @@ class DeviceModel:
     _set_pci_link_route = _Op("set_pci_link_route", "link", "isa_irq")
     _inject_msi = _Op("inject_msi", "addr", "data")
     _inject_event = _Op("inject_event", "vcpuid", "vector", "type", "error_code", "insn_len", "cr2")
-    _track_dirty_vram = _Op("track_dirty_vram", "first_pfn", "nr")
+    _track_dirty_vram = _Op("track_dirty_vram", "first_pfn", "nr", slots=("out",))
     _modified_memory = _Op("modified_memory", "nr_extents")
     _set_mem_type = _Op("set_mem_type", "mem_type", "first_pfn", "nr")
     _relocate_memory = _Op("relocate_memory", "size", "src_gfn", "dst_gfn")
@@ -284,9 +317,21 @@ class DeviceModel:
 
     # --- memory --------------------------------------------------------------------
 
-    def track_dirty_vram(self, domid: int, first_pfn: int, nr: int) -> bytes:
+    @overload
+    def track_dirty_vram(self, domid: int, first_pfn: int, nr: int, out: None = None) -> bytes: ...
+
+    @overload
+    def track_dirty_vram(self, domid: int, first_pfn: int, nr: int, out: _Buffer) -> _Buffer: ...
+
+    def track_dirty_vram(self, domid: int, first_pfn: int, nr: int, out: Any = None) -> Any:
         """XEN_DMOP_track_dirty_vram: the dirty bitmap of ``nr`` pages from ``first_pfn``
-        (bit ``i & 7`` of byte ``i >> 3`` is pfn ``first_pfn + i``).
+        (bit ``i & 7`` of byte ``i >> 3`` is pfn ``first_pfn + i``), as new ``bytes``.
+
+        ``out``: a writable buffer of at least ``(nr + 7) // 8`` bytes (a ctypes array,
+        ``bytearray``, writable ``memoryview``) that receives the bitmap instead, and is
+        returned.  On the DM_OP ioctl Xen writes into it directly, as libxendevicemodel's
+        caller's ``dirty_bitmap``: no copy, no new object.  A read-only buffer is a
+        ``TypeError`` (privcmd would refuse it with EFAULT), a short one an ``ArgumentError``.
 
         More pages than one privcmd buffer holds (``8 * max_buf_size``) are split into
         several calls and the bitmap reassembled.  Xen tracks one range per domain, so a
@@ -294,22 +339,31 @@ class DeviceModel:
         within one buffer for incremental tracking.  ``nr == 0`` stops tracking.
         """
         call = self._track_dirty_vram  # ClosedHandleError on a closed handle
-        per_call = 8 * self._max_buf_size
+        per_call = self._pages_per_call
         if nr <= per_call:
-            _, (bitmap,) = call(domid, first_pfn, nr, None)
-            return bytes(bitmap)  # already bytes from either path: no copy
+            _, (bitmap,) = call(domid, first_pfn, nr, out)
+            return bitmap  # out itself, or bytes from either path: no copy
         _OP["track_dirty_vram"].check({"first_pfn": first_pfn, "nr": nr})
+        if out is not None:  # checked whole before the first call: each chunk lands in its slice
+            _, size, _keep = caller_memory("track_dirty_vram", "out", out, writable=True)
+            if size < (nr + 7) // 8:
+                raise ArgumentError("track_dirty_vram", "out", size, f"must hold at least {(nr + 7) // 8} bytes")
+            view = memoryview(out).cast("B")
+            for done in range(0, nr, per_call):  # per_call is a multiple of 8: chunks meet at byte edges
+                n = min(per_call, nr - done)
+                call(domid, first_pfn + done, n, view[done // 8 : done // 8 + (n + 7) // 8])
+            return out
         # Assembled in a BytesIO sized once, whose getvalue() hands over its own bytes
         # object when it is exactly full: the bitmap exists once, not twice (a bytearray
         # turned into bytes at the end would double the peak).
-        out = io.BytesIO()
-        out.seek((nr + 7) // 8 - 1)
-        out.write(b"\0")
-        out.seek(0)
-        for done in range(0, nr, per_call):  # per_call is a multiple of 8: chunks meet at byte edges
+        assembled = io.BytesIO()
+        assembled.seek((nr + 7) // 8 - 1)
+        assembled.write(b"\0")
+        assembled.seek(0)
+        for done in range(0, nr, per_call):
             _, (bitmap,) = call(domid, first_pfn + done, min(per_call, nr - done), None)
-            out.write(bitmap)
-        return out.getvalue()
+            assembled.write(bitmap)
+        return assembled.getvalue()
 
     def modified_memory(self, domid: int, first_pfn: int, nr: int) -> None:
         """XEN_DMOP_modified_memory with one extent."""
@@ -318,39 +372,66 @@ class DeviceModel:
     def modified_memory_bulk(self, domid: int, extents: Iterable[tuple[int, int]] | Any) -> None:
         """XEN_DMOP_modified_memory: mark extents dirty for log-dirty.
 
-        ``extents``: ``(first_pfn, nr)`` pairs, or a ctypes array / bytes-like of
-        ``struct xen_dm_op_modified_memory_extent`` (no Python object per extent).
-        Split into calls of at most ``max_buf_size / 16`` extents.
+        ``extents``: ``(first_pfn, nr)`` pairs, or extents already packed as
+        ``struct xen_dm_op_modified_memory_extent``: a ctypes array of it, or any
+        C-contiguous buffer whose length is a multiple of its 16 bytes and whose item
+        size divides 16 or is a multiple of it (no Python object per extent).
+        Split into calls of at most ``max_buf_size / 16`` extents.  On the DM_OP ioctl,
+        packed extents in writable memory that fit one call are handed to the kernel
+        where they are, as libxendevicemodel does; read-only ones (``bytes``), split ones
+        and the HYPERCALL path go through the hypercall buffer.
         """
         call = self._modified_memory  # ClosedHandleError on a closed handle
-        buffer: Any = extents  # a bytes-like, or else pairs (TypeError below)
-        try:
-            raw = memoryview(buffer).cast("B")
-        except TypeError:
-            raw = self._pack_extents(_OP["modified_memory"], list(extents))  # pairs, not a buffer
-        total = raw.nbytes
-        if total % _EXTENT_SIZE:
-            raise ArgumentError(
-                "modified_memory", "extents", total, f"byte length must be a multiple of {_EXTENT_SIZE}"
-            )
-        step = self._max_buf_size // _EXTENT_SIZE * _EXTENT_SIZE
-        if 0 < total <= step:  # one kernel-sized call: the view as it is
-            call(domid, total // _EXTENT_SIZE, raw)
+        count = self._one_call_extents.get(extents.__class__)
+        if count is not None:  # a ctypes class checked before: one call, the memory as it is
+            call(domid, count, extents)
             return
-        _check_domid("modified_memory", domid)
+        op = "modified_memory"
+        data: Any = extents
+        ctypes_memory = isinstance(data, CTYPES_MEMORY)
+        if ctypes_memory:  # its own memory: its address is the extents'
+            total = ctypes.sizeof(data)
+        else:
+            try:
+                view = memoryview(data)
+            except TypeError:  # not a buffer: (first_pfn, nr) pairs
+                data = self._pack_extents(_OP[op], list(extents))
+                total = ctypes.sizeof(data)
+            else:
+                if not view.c_contiguous:
+                    raise ArgumentError(op, "extents", type(data).__name__, "must be C-contiguous memory")
+                if _EXTENT_SIZE % view.itemsize and view.itemsize % _EXTENT_SIZE:
+                    why = f"item size {view.itemsize} neither divides nor is a multiple of {_EXTENT_SIZE}"
+                    raise ArgumentError(op, "extents", view.format, why)
+                total = view.nbytes
+        if total % _EXTENT_SIZE:
+            raise ArgumentError(op, "extents", total, f"byte length must be a multiple of {_EXTENT_SIZE}")
+        step = self._extent_bytes_per_call
+        if 0 < total <= step:  # one kernel-sized call: the memory as it is
+            call(domid, total // _EXTENT_SIZE, data)
+            if ctypes_memory and len(self._one_call_extents) < _MAX_REMEMBERED:
+                self._one_call_extents[data.__class__] = total // _EXTENT_SIZE
+            return
+        _check_domid(op, domid)
+        # Split: each chunk is copied into the hypercall buffer (a read-only view says
+        # so), as taking a slice's address costs about what copying its 4 KiB does.
+        raw = memoryview(data).cast("B").toreadonly()
         for start in range(0, total, step):
             chunk = raw[start : start + step]
             call(domid, chunk.nbytes // _EXTENT_SIZE, chunk)
 
     @staticmethod
-    def _pack_extents(decl: OpDecl, items: list[Any]) -> memoryview:
+    def _pack_extents(decl: OpDecl, items: list[Any]) -> ctypes.Array[Any]:
         array = (_EXTENT * len(items))()
-        for i, (first_pfn, nr) in enumerate(items):
+        for i, item in enumerate(items):
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ArgumentError(decl.name, f"extents[{i}]", item, "must be a (first_pfn, nr) pair")
+            first_pfn, nr = item
             for name, value, top in (("first_pfn", first_pfn, 2**64 - 1), ("nr", nr, 2**32 - 1)):
                 if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
                     raise ArgumentError(decl.name, f"extents[{i}].{name}", value, "out of range")
             array[i].first_pfn, array[i].nr = first_pfn, nr
-        return memoryview(array).cast("B")
+        return array
 
     def set_mem_type(self, domid: int, mem_type: HvmMemType | int, first_pfn: int, nr: int) -> None:
         """XEN_DMOP_set_mem_type: change the p2m type of ``nr`` pages from ``first_pfn``."""

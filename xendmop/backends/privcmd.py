@@ -7,6 +7,7 @@ The device is injected: a real ``OsDevice`` on a dom0, or the mock host's device
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -19,7 +20,7 @@ from ..abi import CONSTANTS
 from ..abi.privcmd import IOCTL_PRIVCMD_DM_OP, IOCTL_PRIVCMD_HYPERCALL, IOCTL_PRIVCMD_RESTRICT, privcmd_dm_op
 from ..abi.xen import DOMID_FIRST_RESERVED, DOMID_INVALID, domid_t
 from ..errors import ArgumentError, ClosedHandleError, XenError, xen_error
-from ..ops import DM_OP_HEADER, CopyBack, OpDecl, check_domid
+from ..ops import CTYPES_MEMORY_CLASSES, DM_OP_HEADER, CopyBack, OpDecl, Slot, caller_memory, check_domid
 from .base import Limits
 from .buffers import EMPTY_SLOT_OFFSET, HEAD_AT, HYPERCALL_ARGS_AT, OP_AT, SLOT_BUF_AT, HypercallBuffers
 from .device import PAGE_SIZE, PRIVCMD_PATH, Device, Opener, OsDevice, open_device
@@ -78,19 +79,105 @@ def _fields_class_source(decl: OpDecl, params: Sequence[str]) -> str:
 _MADE: dict[tuple[Any, ...], tuple[CodeType, dict[str, Any]]] = {}
 
 
+def _in_slot_lines(slot: Slot, arg: str, label: str, op: str, room: int, in_place: bool) -> list[str]:
+    """An IN slot's marshalling: check its size, then point ``bufs[1]`` at it or copy it."""
+    empty = f"_arena.slot_addr + {EMPTY_SLOT_OFFSET}"  # see buffers.py: never a page-aligned 0-byte buffer
+    sized = f"_nbytes = _size // {slot.itemsize} * {slot.itemsize}" if slot.count is None else ""
+    why = "f'must be {_nbytes} bytes'"
+    if not in_place:  # the HYPERCALL path: Xen reads the pointer itself, so only hypercall memory will do
+        return [
+            f"_raw = {arg}",  # a byte view as is (the bulk path's slices), anything else cast to one
+            "if _raw.__class__ is not _memoryview or _raw.format != 'B':",
+            f"    _raw = _memoryview({arg}).cast('B')",
+            "_size = _raw.nbytes",
+            *([sized] if sized else []),
+            "if _size != _nbytes:",
+            f"    raise _ArgumentError({op!r}, {label!r}, _size, {why})",
+            f"if _nbytes > {room}:",
+            "    _arena.slot_offset(0, _nbytes)  # raises, naming the sizes",
+            f"_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _raw",
+            f"_pack_buf(_view, {SLOT_BUF_AT}, _arena.slot_addr if _nbytes else {empty}, _nbytes)",
+        ]
+    # DM_OP: privcmd pins the caller's pages itself (privcmd_ioctl_dm_op → lock_pages in Linux
+    # drivers/xen/privcmd.c), so writable memory is passed where it is; read-only memory,
+    # which that pin (FOLL_WRITE) refuses, is copied into the arena
+    return [
+        f"if {arg}.__class__ in _CTYPES_MEMORY_CLASSES:",  # a ctypes array met before (caller_memory adds it)
+        f"    _addr, _size = _addressof({arg}), _sizeof({arg})",  # never 0: _keep is not needed
+        "else:",
+        f"    _addr, _size, _keep = _caller_memory({op!r}, {label!r}, {arg}, False)",
+        *([sized] if sized else []),
+        "if _size != _nbytes:",
+        f"    raise _ArgumentError({op!r}, {label!r}, _size, {why})",
+        f"if _nbytes > {room}:",
+        "    _arena.slot_offset(0, _nbytes)  # raises, naming the sizes",
+        "if _addr and _nbytes:",
+        f"    _pack_buf(_view, {SLOT_BUF_AT}, _addr, _nbytes)",
+        "else:",
+        "    if _nbytes:",
+        f"        _view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _memoryview(_keep).cast('B')",
+        f"    _pack_buf(_view, {SLOT_BUF_AT}, _arena.slot_addr if _nbytes else {empty}, _nbytes)",
+    ]
+
+
+def _out_slot_lines(arg: str, label: str, op: str, room: int, in_place: bool) -> tuple[list[str], list[str]]:
+    """An OUT slot's marshalling, and what follows the ioctl: ``None`` gets a new ``bytes``,
+    a caller's writable buffer of at least ``_nbytes`` bytes gets Xen's answer in place."""
+    empty = f"_arena.slot_addr + {EMPTY_SLOT_OFFSET}"  # see buffers.py: never a page-aligned 0-byte buffer
+    why = "f'must hold at least {_nbytes} bytes'"
+    before = [
+        f"if _nbytes > {room}:",
+        "    _arena.slot_offset(0, _nbytes)  # raises, naming the sizes",
+        f"if {arg} is None:",  # never hand Xen a buffer holding the last call's answer
+        f"    _view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _zeros[:_nbytes]",
+        f"    _pack_buf(_view, {SLOT_BUF_AT}, _arena.slot_addr if _nbytes else {empty}, _nbytes)",
+        "else:",
+        f"    if {arg}.__class__ in _CTYPES_MEMORY_CLASSES:",  # a ctypes array met before (caller_memory adds it)
+        f"        _addr, _size = _addressof({arg}), _sizeof({arg})",
+        "    else:",
+        f"        _addr, _size, _keep = _caller_memory({op!r}, {label!r}, {arg}, True)",
+        "    if _size < _nbytes:",
+        f"        raise _ArgumentError({op!r}, {label!r}, _size, {why})",
+    ]
+    result = f"[_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes].tobytes()] if {arg} is None else [{arg}]"
+    if in_place:  # DM_OP: Xen writes through privcmd's pin of the caller's pages (lock_pages)
+        before += [f"    _pack_buf(_view, {SLOT_BUF_AT}, _addr if _nbytes else {empty}, _nbytes)"]
+        return before, [f"_outs = {result}"]
+    before += [  # HYPERCALL: through the arena, which starts as the caller's bytes (libxendevicemodel's bounce)
+        "    if _nbytes:",
+        "        _memmove(_arena.slot_addr, _addr, _nbytes)",
+        f"    _pack_buf(_view, {SLOT_BUF_AT}, _arena.slot_addr if _nbytes else {empty}, _nbytes)",
+    ]
+    after = [
+        f"if {arg} is not None and _nbytes:",
+        "    _memmove(_addr, _arena.slot_addr, _nbytes)",
+        f"_outs = {result}",
+    ]
+    return before, after
+
+
 def _make_call(
-    decl: OpDecl, params: tuple[str, ...], hypercall: bool, slot_room: int, os_device: bool
+    decl: OpDecl,
+    params: tuple[str, ...],
+    hypercall: bool,
+    slot_room: int,
+    os_device: bool,
+    slot_params: tuple[str, ...] = (),
 ) -> tuple[CodeType, dict[str, Any]]:
     """The code of one op's call (``_CALL_TEMPLATE`` filled from ``decl``) and the
     globals it needs that do not depend on the backend.  On a real device file
-    (``os_device``) it calls ``fcntl.ioctl`` on the fd itself, as ``OsDevice.ioctl`` would."""
+    (``os_device``) it calls ``fcntl.ioctl`` on the fd itself, as ``OsDevice.ioctl`` would.
+    ``slot_params`` name the slot arguments as the caller knows them (default: the slots' names)."""
     if len(decl.slots) > 1:
         raise TypeError(f"{decl.name}: the arena holds one slot; use dm_op")  # no DMOP has two
     slot = decl.slots[0] if decl.slots else None
+    slot_args = slot_params or tuple(s.name for s in decl.slots)
+    if len(slot_args) != len(decl.slots):
+        raise TypeError(f"{decl.name}: {len(decl.slots)} slot name(s) expected, got {slot_args!r}")
     request = IOCTL_PRIVCMD_HYPERCALL if hypercall else IOCTL_PRIVCMD_DM_OP
     arg = "hypercall" if hypercall else "dm_op"
-    for name in (*params, *(s.name for s in decl.slots)):
-        if name.startswith("_") or name == "domid":  # the generated code's own names
+    for name in (*params, *slot_args):
+        if not name.isidentifier() or name.startswith("_") or name == "domid":  # the generated code's own names
             raise TypeError(f"{decl.name}: {name!r} cannot be a parameter of a generated call")
 
     def slow_check(domid: int, fields: Mapping[str, int]) -> None:  # the typed error, or a bool/IntEnum's go-ahead
@@ -112,9 +199,16 @@ def _make_call(
         "_zeros": _ZEROS,
         "_memoryview": memoryview,
         "_fcntl_ioctl": fcntl.ioctl,
+        "_CTYPES_MEMORY_CLASSES": CTYPES_MEMORY_CLASSES,
+        "_addressof": ctypes.addressof,
+        "_sizeof": ctypes.sizeof,
+        "_caller_memory": caller_memory,
+        "_memmove": ctypes.memmove,
     }
     lines: list[str] = []
+    after: list[str] = []
     if slot is not None:
+        slot_arg = slot_args[0]
         if slot.count_expr is not None:  # the count rule, inline: fields not passed are 0
             names = compile(slot.count_expr, "<count>", "eval").co_names
             if not set(names) <= set(decl._order):
@@ -125,33 +219,20 @@ def _make_call(
             shared["_count"] = slot.count
             exec(_fields_class_source(decl, params), shared)
             lines.append(f"_nbytes = _count(_Fields({', '.join(params)})) * {slot.itemsize}")
-        if slot.is_in:  # a byte view as is (the bulk path's slices), anything else cast to one
-            lines.append(f"_raw = {slot.name}")
-            lines.append("if _raw.__class__ is not _memoryview or _raw.format != 'B':")
-            lines.append(f"    _raw = _memoryview({slot.name}).cast('B')")
-            if slot.count is None:
-                lines.append(f"_nbytes = _raw.nbytes // {slot.itemsize} * {slot.itemsize}")
-            lines.append("if _raw.nbytes != _nbytes:")
-            why = "f'must be {_nbytes} bytes'"
-            lines.append(f"    raise _ArgumentError({decl.name!r}, {slot.name!r}, _raw.nbytes, {why})")
-        elif slot.count is None:  # an OUT slot sized by the caller: an element count
-            lines.append(f"_nbytes = {slot.name} * {slot.itemsize}")
-        lines.append(f"if _nbytes > {slot_room}:")
-        lines.append("    _arena.slot_offset(0, _nbytes)  # raises, naming the sizes")
+        elif slot.is_out:  # an OUT slot sized by the caller: an element count, not a buffer
+            raise TypeError(f"{decl.name}: OUT slot {slot.name} has no count rule")
         if slot.is_in:
-            lines.append(f"_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _raw")
-        else:  # never hand Xen a buffer holding the last call's answer
-            lines.append(f"_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _zeros[:_nbytes]")
-        # an empty buffer points off the page boundary (see buffers.py: privcmd's lock_pages)
-        empty = f"_arena.slot_addr + {EMPTY_SLOT_OFFSET}"
-        lines.append(f"_pack_buf(_view, {SLOT_BUF_AT}, _arena.slot_addr if _nbytes else {empty}, _nbytes)")
+            lines += _in_slot_lines(slot, slot_arg, slot_arg, decl.name, slot_room, in_place=not hypercall)
+        else:
+            before, after = _out_slot_lines(slot_arg, slot_arg, decl.name, slot_room, in_place=not hypercall)
+            lines += before
     # the struct is a result only for ops Xen always copies back; ON_RESTART ops get it
     # back only as continuation progress, which privcmd finishes before returning
     result = f"_from_copy(_view, {OP_AT + DM_OP_HEADER})" if decl.copy_back is CopyBack.ALWAYS else "None"
-    outs = f"[_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes].tobytes()]" if slot is not None and slot.is_out else "[]"
+    outs = "_outs" if after else "[]"
     source = _CALL_TEMPLATE.format(
         name=decl.name,
-        params=", ".join([*params, *([slot.name] if slot is not None else [])]),
+        params=", ".join([*params, *slot_args]),
         guard=decl.guard_source(params),
         fields="{" + ", ".join(f"{p!r}: {p}" for p in params) + "}",
         op=decl.name,
@@ -164,7 +245,7 @@ def _make_call(
         ioctl=f"_fcntl_ioctl(_device._fd, {request}, _arena.{arg}, True)"
         if os_device
         else f"_device.ioctl({request}, _arena.{arg})",
-        read_back=f"return {result}, {outs}",
+        read_back="".join(f"{line}\n        " for line in after) + f"return {result}, {outs}",
     )
     scratch: dict[str, Any] = {}
     exec(compile(source, f"<xendmop dm_op {decl.name}>", "exec"), scratch)
@@ -243,28 +324,40 @@ class PrivcmdBackend:
         finally:
             self._buffers.release(arena)
 
-    def compile_call(self, decl: OpDecl, params: Sequence[str]) -> Callable[..., tuple[Any, list[bytes]]]:
+    def compile_call(
+        self, decl: OpDecl, params: Sequence[str], slot_params: Sequence[str] = ()
+    ) -> Callable[..., tuple[Any, list[Any]]]:
         """``dm_op`` for one op, generated from its declaration: ``call(domid, *values, *slot_data)``.
 
         ``params`` name the op's fields the caller passes, in the order it passes them
-        (the others are 0); the slot data (one value per slot, as for ``dm_op``) follows.
+        (the others are 0); the slot data (one value per slot) follows, under the names
+        ``slot_params`` (by default the slots' own) that its errors give.
         The same checks, typed errors and bytes as ``dm_op``, without the per-call dict,
         the Mapping walk or ctypes attribute writes: one ``Struct.pack_into`` for the op,
         one for the request header, the arena's fixed parts written once.  It returns
-        ``(op struct or None, OUT slot bytes)``: the struct only for an op Xen always copies
+        ``(op struct or None, OUT slot data)``: the struct only for an op Xen always copies
         back (``CopyBack.ALWAYS``), whose fields are results.
+
+        Slot data: an IN slot takes a buffer of exactly the count rule's size (a ctypes
+        array, or any C-contiguous buffer).  An OUT slot takes ``None``, and its answer
+        comes back as new ``bytes``, or a writable buffer of at least that size, which
+        gets the answer and comes back itself.  On the DM_OP ioctl a writable buffer is
+        handed to the kernel where it is, as libxendevicemodel hands over the caller's
+        pointers: privcmd pins the caller's pages itself.  On the HYPERCALL path, and
+        for read-only IN data, the bytes go through the arena (hypercall-safe memory).
         The code is made once per op and shape and bound to this backend's buffers.
         """
-        params = tuple(params)
+        params, slots = tuple(params), tuple(slot_params)
         os_device = type(self.device) is OsDevice
-        key = (decl.name, decl.number, params, self.uses_hypercall, self._buffers.slot_room, os_device)
+        room = self._buffers.slot_room
+        key = (decl.name, decl.number, params, slots, self.uses_hypercall, room, os_device)
         made = _MADE.get(key)
         if made is None:
-            made = _MADE[key] = _make_call(decl, params, self.uses_hypercall, self._buffers.slot_room, os_device)
+            made = _MADE[key] = _make_call(decl, params, self.uses_hypercall, room, os_device, slots)
         code, shared = made
         pool = self._buffers
         names = {"_backend": self, "_pop": pool._free.pop, "_acquire": pool.acquire, "_push": pool._free.append}
-        call: Callable[..., tuple[Any, list[bytes]]] = FunctionType(code, {**shared, **names})
+        call: Callable[..., tuple[Any, list[Any]]] = FunctionType(code, {**shared, **names})
         return call
 
     def restrict(self, domid: int) -> None:

@@ -1,6 +1,8 @@
 """Typed DMOP declarations: one per sub-op, and the slot machinery both sides use."""
 
 from .decl import (
+    CTYPES_MEMORY,
+    CTYPES_MEMORY_CLASSES,
     DM_OP_HEADER,
     DM_OP_SIZE,
     MANY,
@@ -14,12 +16,15 @@ from .decl import (
     Scratch,
     Slot,
     SlotAccess,
+    caller_memory,
     check_domid,
 )
 from .table import BY_NAME, DECLARATIONS, NR_OPS, OPS
 
 __all__ = [
     "BY_NAME",
+    "CTYPES_MEMORY",
+    "CTYPES_MEMORY_CLASSES",
     "DECLARATIONS",
     "DM_OP_HEADER",
     "DM_OP_SIZE",
@@ -36,5 +41,6 @@ __all__ = [
     "Scratch",
     "Slot",
     "SlotAccess",
+    "caller_memory",
     "check_domid",
 ]

@@ -31,6 +31,54 @@ DM_OP_HEADER = ctypes.sizeof(ctypes.c_uint32) * 2
 DM_OP_SIZE = ctypes.sizeof(xen_dm_op)
 
 
+#: ctypes instances whose bytes are their own memory: their address is the data's
+CTYPES_MEMORY = (ctypes.Array, ctypes.Structure, ctypes.Union)
+#: the CTYPES_MEMORY classes met so far: ``x.__class__ in`` it costs a third of
+#: ``isinstance(x, CTYPES_MEMORY)`` on the per-call path (ctypes' metaclasses make that slow)
+CTYPES_MEMORY_CLASSES: set[type] = set()
+_MAX_CLASSES = 256  # array types are made per length: keep the set small, the rest takes the slow path
+#: ctypes instances whose bytes are an address: passing one is a mistake for the memory it points to
+_CTYPES_POINTERS = (ctypes._Pointer, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_wchar_p)
+
+
+def caller_memory(op: str, name: str, data: Any, writable: bool) -> tuple[int, int, Any]:
+    """``(address, nbytes, keep)`` of the bytes of a caller's buffer, for a kernel to use in place.
+
+    ``data``: a ctypes array or structure, or any C-contiguous buffer (``bytearray``,
+    ``memoryview``, ``array.array``, ...).  ``keep`` holds the buffer exported while
+    the address is in use.  A read-only buffer is ``(0, nbytes, view)`` (to be copied),
+    or with ``writable`` a ``TypeError``: privcmd pins every DM_OP buffer for writing
+    (``lock_pages``' ``pin_user_pages_fast(FOLL_WRITE)`` in Linux ``drivers/xen/privcmd.c``)
+    and refuses read-only memory with EFAULT.  An empty buffer has address 0: a 0-byte
+    buffer is never handed to the kernel as it is (see ``backends/buffers.py``).
+    """
+    if isinstance(data, CTYPES_MEMORY):
+        if len(CTYPES_MEMORY_CLASSES) < _MAX_CLASSES:
+            CTYPES_MEMORY_CLASSES.add(data.__class__)
+        return ctypes.addressof(data), ctypes.sizeof(data), data
+    if isinstance(data, _CTYPES_POINTERS):
+        raise TypeError(f"{op}: {name} is a ctypes pointer ({type(data).__name__}): pass the memory it points to")
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(
+            f"{op}: {name} must be a buffer (ctypes array, bytearray, memoryview), not {type(data).__name__}"
+        ) from None
+    if not view.c_contiguous:
+        raise TypeError(f"{op}: {name} must be C-contiguous memory ({type(data).__name__} is not)")
+    if view.readonly:
+        if writable:
+            raise TypeError(
+                f"{op}: {name} is read-only ({type(data).__name__}): privcmd pins it for writing "
+                "and would refuse it with EFAULT; pass a bytearray or a ctypes array"
+            )
+        return 0, view.nbytes, view
+    if not view.nbytes:
+        return 0, 0, view
+    anchor = ctypes.c_char.from_buffer(view)  # the address of the first byte, held exported
+    return ctypes.addressof(anchor), view.nbytes, anchor
+
+
 def check_domid(op: str, domid: int) -> None:
     """Refuse a domid that is not an int or does not fit ``domid_t`` (uint16), naming the op."""
     if isinstance(domid, bool) or not isinstance(domid, int):
