@@ -25,16 +25,17 @@ asserting while a PCI link is routed to an ISA IRQ, and by ``set_pci_link_route`
 an asserted link: assert INTx only while every link route is 0.  Calls Xen rejects
 before the vIOAPIC (irq >= 16, level > 1, missing domid) are fine.
 
-HAZARD 2: never issue ``track_dirty_vram(domid, pfn, 0)`` ("stop tracking") through the
-privcmd backend in the lab.  xendmop passes the empty bitmap as a 0-byte buffer at a
-page-aligned address, and the Debian 6.1 dom0 kernel's privcmd (``lock_pages`` in
+HAZARD 2: never issue ``track_dirty_vram(domid, pfn, 0)`` ("stop tracking") with the empty
+bitmap as a 0-byte buffer at a page-aligned address (as xendmop's privcmd backend once
+did): the Debian 6.1 dom0 kernel's privcmd (``lock_pages`` in
 drivers/xen/privcmd.c) then asks ``pin_user_pages_fast`` for 0 pages: the call fails with
 EFAULT but corrupts kernel memory (seen: an oops in ``try_grab_folio`` with list corruption
 during a run; reproduced with raw ioctls, page-aligned 0-byte buffers: EFAULT, then a slab
 GPF in dom0 seconds later).  An unaligned 0-byte buffer pins one page and works (0), which
 is why libxendevicemodel's call usually succeeds.  A restricted fd can issue it: treat it
-as a possible security issue, not for public trackers.  No scenario stops tracking until
-the privcmd backend stops sending page-aligned 0-byte buffers.
+as a possible security issue, not for public trackers.  Both backends now point the empty
+bitmap inside a page (tests/test_compiled_calls.py, tests/test_libxen_backend.py), and the
+"dirty vram" scenario stops tracking through them.
 """
 
 from __future__ import annotations
@@ -266,7 +267,10 @@ SCENARIOS: tuple[Scenario, ...] = (
             # More than one privcmd buffer's bitmap (32768 pages): xendmop splits the call, and each
             # part is a new range for Xen (hap_track_dirty_vram), so all of it reads dirty.
             _s("32769 pages: two calls", "track_dirty_vram", RAM_PFN, 32769, expect="4097 x ff"),
-            # No "stop tracking" (nr 0) step: see HAZARD 2 in the module docstring.
+            # "Stop tracking": both backends now pass the empty bitmap at an address that does not
+            # start a page (HAZARD 2 in the module docstring was a page-aligned 0-byte buffer).
+            _s("stop tracking (nr 0)", "track_dirty_vram", RAM_PFN, 0, expect=""),
+            _s("track again: a new range, all dirty", "track_dirty_vram", RAM_PFN, 8, expect="ff"),
             # On 4.17.7 VRAM tracking leaves the domain out of log-dirty mode: modified_memory
             # still returns 0 before looking at its extents.
             _s("modified one page", "modified_memory", RAM_PFN, 1),

@@ -4,8 +4,8 @@ real Xen: every scenario of scenarios.py through ``DeviceModel.open("libxen")`` 
 the guest as it found it (else one fresh guest each); same values, same errnos, same outputs.
 
 HAZARD: the scenarios issue only REJECTED set_isa_irq_level calls (an accepted one against
-a PVH guest crashed Xen 4.17.7), and never track_dirty_vram with nr 0 through privcmd (a
-0-byte buffer oopsed the dom0 kernel once): see scenarios.py.
+a PVH guest crashed Xen 4.17.7), and stop VRAM tracking only with the empty bitmap inside a
+page (a page-aligned 0-byte buffer oopsed the dom0 kernel once): see scenarios.py.
 """
 
 from __future__ import annotations
