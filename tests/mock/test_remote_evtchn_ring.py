@@ -18,8 +18,18 @@ import pytest
 from xendmop.abi.evtchn import IOCTL_EVTCHN_RESET
 from xendmop.errors import XenError
 from xendmop.mock import MockXen
-from xendmop.mock.evtchn import RING_CONS, RING_ENTRIES, RING_OVERFLOW, RING_PROD, RING_SIZE, EvtchnDevice
-from xendmop.mock.remote import MockHostServer, RemoteEvtchn, RemoteXen
+from xendmop.mock.evtchn import (
+    PORT_FIRED,
+    PORT_MASKED,
+    RING_CONS,
+    RING_ENTRIES,
+    RING_MASKS,
+    RING_OVERFLOW,
+    RING_PROD,
+    RING_SIZE,
+    EvtchnDevice,
+)
+from xendmop.mock.remote import MockHostServer, Msg, RemoteEvtchn, RemoteXen
 from xendmop.runtime.evtchn import EventChannel
 
 WAIT = 2.0
@@ -257,3 +267,129 @@ def test_the_ring_memfd_is_sealed_and_the_host_does_not_read_it(tmp_path: Path) 
         dev.close()
         with pytest.raises(OSError):
             os.fstat(fd)  # the memfd went with the device
+
+
+# --- unmasks through the shared mask words -----------------------------------------------------
+
+
+def from_domain(xen: MockXen, ev: EventChannel, domid: int = 1) -> tuple[int, Any]:
+    """A dom0 port of ``ev`` bound to a port of ``domid``: ``(local, raise_it)``, where
+    ``raise_it()`` sends on the domain's side, as a guest's vCPU would."""
+    local = ev.bind_unbound_port(domid)
+    hv = xen.hypervisor
+    with xen.lock:
+        theirs = hv.bind_interdomain(hv.domains[domid], 0, local)
+    assert theirs > 0
+
+    def raise_it() -> None:
+        with xen.lock:
+            assert hv.evtchn_send(hv.domains[domid], theirs) == 0
+
+    return local, raise_it
+
+
+def count_posts(xen: RemoteXen, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    kinds: list[int] = []
+    real = xen.post
+
+    def counting(request: bytes) -> None:
+        kinds.append(int.from_bytes(request[:2], "little"))
+        real(request)
+
+    monkeypatch.setattr(xen, "post", counting)
+    return kinds
+
+
+def test_an_unmask_is_an_exchange_in_the_shared_page_with_no_message(
+    host: tuple[MockXen, str], remote: RemoteXen, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with EventChannel(remote.open_device) as ev:
+        local, raise_it = from_domain(host[0], ev)
+        words = device(ev)._words
+        if device(ev)._masks is None:
+            pytest.skip("no libatomic: unmasks go through the host")
+        posts = count_posts(remote, monkeypatch)
+        for _ in range(3):
+            raise_it()
+            assert words[RING_MASKS + local] == PORT_MASKED  # masked by the host at delivery
+            assert ev.pending_ports(8) == [local]
+            ev.unmask(local)
+            assert words[RING_MASKS + local] == 0
+        assert posts == []
+
+
+def test_a_port_that_fired_while_masked_is_asked_for_at_the_unmask(
+    host: tuple[MockXen, str], remote: RemoteXen, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with EventChannel(remote.open_device) as ev:
+        local, raise_it = from_domain(host[0], ev)
+        if device(ev)._masks is None:
+            pytest.skip("no libatomic: unmasks go through the host")
+        words = device(ev)._words
+        raise_it()
+        raise_it()  # masked: held in Xen, marked fired in the word
+        assert words[RING_MASKS + local] == PORT_MASKED | PORT_FIRED
+        assert ev.pending_ports(8) == [local]  # one entry, not two
+        posts = count_posts(remote, monkeypatch)
+        ev.unmask(local)
+        assert posts == [Msg.KICK_POSTED]
+        assert readable(ev, WAIT)
+        assert ev.pending_ports(8) == [local]  # the held event, delivered at the unmask
+
+
+def test_an_unmask_after_a_posted_notify_to_dom0_is_queued_behind_it(
+    remote: RemoteXen, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux's NOTIFY has raised the peer when it returns; a posted one has not, so an unmask
+    that follows it goes through the host, in order, until the host has answered anything."""
+    with EventChannel(remote.open_device) as ev:
+        local, peer = loopback(ev)
+        if device(ev)._masks is None:
+            pytest.skip("no libatomic: unmasks go through the host")
+        posts = count_posts(remote, monkeypatch)
+        ev.notify(peer)
+        ev.unmask(local)
+        assert posts == [Msg.IOCTL_POSTED, Msg.WRITE_POSTED]
+        sync(remote)
+        assert ev.pending_ports(8) == [local]
+        ev.unmask(local)  # the host answered since: nothing posted is outstanding
+        assert posts == [Msg.IOCTL_POSTED, Msg.WRITE_POSTED]
+
+
+def test_without_mask_words_the_client_posts_its_unmasks(
+    host: tuple[MockXen, str], remote: RemoteXen, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with EventChannel(remote.open_device) as ev:
+        local, raise_it = from_domain(host[0], ev)
+        device(ev)._masks = None  # as a client without libatomic
+        posts = count_posts(remote, monkeypatch)
+        raise_it()
+        raise_it()
+        assert ev.pending_ports(8) == [local]
+        ev.unmask(local)  # the host clears the word and delivers the held event
+        assert posts == [Msg.WRITE_POSTED]
+        assert readable(ev, WAIT)
+        assert ev.pending_ports(8) == [local]
+
+
+def test_a_client_that_sets_its_own_mask_words_holds_only_its_own_events(
+    host: tuple[MockXen, str], remote: RemoteXen
+) -> None:
+    xen, path = host
+    with (
+        EventChannel(remote.open_device) as ev,
+        RemoteXen(path) as other,
+        EventChannel(other.open_device) as good,
+    ):
+        local, raise_it = from_domain(xen, ev)
+        good_local, raise_good = from_domain(xen, good)
+        words = device(ev)._words
+        for port in range(4096):
+            words[RING_MASKS + port] = 0xFFFFFFFF  # every word, masked and fired
+        raise_it()  # held, not lost: chn.pending stays set in Xen
+        assert ev.pending_ports(8) == []
+        raise_good()
+        assert good.pending_ports(8) == [good_local]  # another client's fd is not touched
+        ev.unmask(local)
+        assert readable(ev, WAIT)
+        assert ev.pending_ports(8) == [local]

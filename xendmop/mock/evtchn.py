@@ -18,6 +18,7 @@ else; the host stays the only producer and never trusts what it reads back.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -71,13 +72,76 @@ RING_CONS = 16
 RING_SIZE = 32
 #: ``ring_overflow``: 1 from a lost port (or a ring the host found corrupt) until RESET
 RING_OVERFLOW = 33
+#: features the host offers: ``RING_FEATURE_MASKS`` when the port mask words below are in use
+RING_FEATURES = 34
+RING_FEATURE_MASKS = 1
 #: the first entry's word index: the entries start on the second page
 RING_ENTRIES = PAGE_SIZE // 4
 #: the most entries a ring can need: one per port of dom0, a power of two
 RING_CAPACITY = NR_EVTCHN_PORTS
-#: the memfd's length: header page + entries
-RING_BYTES = PAGE_SIZE + 4 * RING_CAPACITY
+#: the first port mask word's index: one word per port, after the entries
+RING_MASKS = RING_ENTRIES + RING_CAPACITY
+#: a port's mask word: masked since its last delivery (set by the host, cleared by the client's unmask)
+PORT_MASKED = 1
+#: a port's mask word: fired while masked (set by the host; the client's unmask then asks for it)
+PORT_FIRED = 2
+#: the memfd's length: header page, entries, mask words
+RING_BYTES = PAGE_SIZE + 4 * RING_CAPACITY + 4 * NR_EVTCHN_PORTS
 _U32 = 0xFFFFFFFF
+#: compare-and-swap attempts on a mask word the client keeps changing, before the event is held
+_CAS_ATTEMPTS = 8
+_ATOMIC_SEQ_CST = 5
+_libatomic_lib: Any = None
+
+
+def _libatomic() -> Any:
+    """libatomic, loaded once per process (``find_library`` runs ldconfig); None without it."""
+    global _libatomic_lib
+    if _libatomic_lib is None:
+        name = ctypes.util.find_library("atomic")
+        _libatomic_lib = ctypes.CDLL(name) if name else False
+    return _libatomic_lib or None
+
+
+class PortMaskWords:
+    """The port mask words of a mapped ring, changed with libatomic's ``__atomic_exchange_4`` and
+    ``__atomic_compare_exchange_4`` through ctypes (``xchg`` and ``lock cmpxchg`` on x86).
+
+    Why atomics: the host's delivery stores "fired while masked" then needs the client's
+    unmask; the client's unmask stores "unmasked" then needs the host's "fired".  A store
+    followed by a load of another word may be reordered even on x86 (the store buffer), and
+    both sides could miss the event.  A read-modify-write of one word is a full barrier and
+    totally ordered: either the host's swap sees the unmask and delivers, or the client's
+    exchange sees ``PORT_FIRED`` and asks for the event.  Raises OSError without libatomic.
+    """
+
+    def __init__(self, mapping: mmap.mmap) -> None:
+        lib = _libatomic()
+        if lib is None:
+            raise OSError(errno.ENOENT, "libatomic not found: evtchn unmasks go through the host")
+        self._xchg = lib["__atomic_exchange_4"]
+        self._xchg.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int]
+        self._xchg.restype = ctypes.c_uint32
+        self._cas = lib["__atomic_compare_exchange_4"]
+        self._cas.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_int]
+        self._cas.restype = ctypes.c_bool
+        self._cells: Any = (ctypes.c_uint32 * (RING_BYTES // 4)).from_buffer(mapping)  # an export: release()
+        self._base = ctypes.addressof(self._cells) + 4 * RING_MASKS
+        self._expected = ctypes.c_uint32()
+
+    def exchange(self, port: int, value: int) -> int:
+        """Store ``value`` into ``port``'s word; its old value."""
+        return int(self._xchg(self._base + 4 * port, value, _ATOMIC_SEQ_CST))
+
+    def compare_exchange(self, port: int, expected: int, desired: int) -> bool:
+        self._expected.value = expected
+        return bool(
+            self._cas(self._base + 4 * port, ctypes.byref(self._expected), desired, _ATOMIC_SEQ_CST, _ATOMIC_SEQ_CST)
+        )
+
+    def release(self) -> None:
+        """Give the mapping back (it cannot be closed while this holds it)."""
+        self._cells = None
 
 
 class SharedPortRing:
@@ -114,6 +178,12 @@ class SharedPortRing:
     A ring found outside that is treated as overflowed (the port is lost, EFBIG until
     RESET, which rewrites every index): a scribbling client hurts only itself.  The memfd
     is sealed against shrinking and growing, so the host's mapping cannot fault.
+
+    With libatomic, the fd's port masks live in the memfd too, one word per port
+    (``PortMaskWords``): the host masks a port at delivery, or marks it fired while masked
+    and holds the event in Xen; the client's unmask clears the word and asks the host for
+    the event only if it was marked.  The host reads these words too, but only as bits of
+    its own ports: a client that scribbles them delays or repeats its own events.
     """
 
     def __init__(self) -> None:
@@ -131,6 +201,38 @@ class SharedPortRing:
         self.size = 0  # host's own ring_size
         self._prod = 0  # host's own ring_prod
         self._shadow = [0] * RING_CAPACITY  # what the host stored at each entry
+        #: the mask words, when libatomic is there: the client unmasks without a message
+        self.masks: PortMaskWords | None = None
+        try:
+            self.masks = PortMaskWords(self._map)
+        except OSError:
+            pass  # unmasks are then written to the host (WRITE), as before
+        else:
+            self._words[RING_FEATURES] = RING_FEATURE_MASKS
+
+    def unmask_at_bind(self, port: int) -> None:
+        """A port bound by this fd starts unmasked (whatever a previous binding left in its word)."""
+        if self.masks is not None:
+            self.masks.exchange(port, 0)
+
+    def take_for_delivery(self, port: int) -> bool:
+        """``evtchn_interrupt`` on a port with a mask word: mask it and deliver (True), or, if the
+        client has not unmasked it since the last delivery, mark it fired and hold it (False).
+        A word the client keeps changing under the swap is held after a few attempts."""
+        masks = self.masks
+        assert masks is not None
+        words = self._words
+        for _ in range(_CAS_ATTEMPTS):
+            old = words[RING_MASKS + port]
+            held = bool(old & PORT_MASKED)
+            if masks.compare_exchange(port, old, old | (PORT_FIRED if held else PORT_MASKED)):
+                return not held
+        return False
+
+    def unmask(self, port: int) -> None:
+        """The host's unmask (a client's WRITE): clear the word; the caller re-delivers if pending."""
+        if self.masks is not None:
+            self.masks.exchange(port, 0)
 
     def used(self) -> int | None:
         """Entries queued (``prod - cons``), or None when the client's ``ring_cons`` is out of bounds."""
@@ -178,6 +280,8 @@ class SharedPortRing:
         words[RING_PROD] = len(ports)
 
     def close(self) -> None:
+        if self.masks is not None:
+            self.masks.release()
         self._words.release()
         self._map.close()
         os.close(self.fd)
@@ -231,11 +335,14 @@ class EvtchnDevice:
 
     def port_pending(self, port: int) -> None:
         """``evtchn_interrupt``: a bound port fired; queue it once and mask it until written back."""
-        if not self._ports.get(port, False):
-            return  # masked: stays pending in Xen until unmasked
-        self._ports[port] = False
-        self._host.dom0.ports[port].pending = False
         shared = self._shared
+        if shared is None or shared.masks is None:
+            if not self._ports.get(port, False):
+                return  # masked: stays pending in Xen until unmasked
+            self._ports[port] = False
+        elif port not in self._ports or not shared.take_for_delivery(port):
+            return  # masked (the mask is the client's word): stays pending until its unmask asks for it
+        self._host.dom0.ports[port].pending = False
         if shared is not None:
             if not shared.push(port):  # full, or a ring the client corrupted: lost, EFBIG until RESET
                 self.ring_overflow = True
@@ -284,15 +391,35 @@ class EvtchnDevice:
     def write(self, data: bytes) -> int:
         """``evtchn_write``: unmask each written port that this fd bound; re-deliver if pending."""
         nbytes = min(len(data) & ~3, PAGE_SIZE)
+        shared = self._shared
         with self._host.lock:
             for i in range(0, nbytes, 4):
                 port = int.from_bytes(data[i : i + 4], "little")
-                if port in self._ports and not self._ports[port]:
+                if shared is not None and shared.masks is not None:
+                    if port in self._ports:
+                        shared.unmask(port)
+                        self._redeliver(port)
+                elif port in self._ports and not self._ports[port]:
                     self._ports[port] = True
-                    chn = self._host.dom0.ports.get(port)
-                    if chn is not None and chn.pending:  # xen_irq_lateeoi: fires again
-                        self.port_pending(port)
+                    self._redeliver(port)
         return nbytes
+
+    def kick(self, data: bytes) -> int:
+        """A remote client's unmask of ports that fired while masked: it cleared their mask words
+        itself (``PortMaskWords``) and asks for the held events; each is delivered if still
+        pending and unmasked (the swap in ``port_pending`` decides).  Returns the bytes taken."""
+        nbytes = min(len(data) & ~3, PAGE_SIZE)
+        with self._host.lock:
+            for i in range(0, nbytes, 4):
+                port = int.from_bytes(data[i : i + 4], "little")
+                if port in self._ports:
+                    self._redeliver(port)
+        return nbytes
+
+    def _redeliver(self, port: int) -> None:
+        chn = self._host.dom0.ports.get(port)
+        if chn is not None and chn.pending:  # xen_irq_lateeoi: fires again
+            self.port_pending(port)
 
     def _drain_efd(self) -> None:
         try:
@@ -354,6 +481,8 @@ class EvtchnDevice:
             if self._shared is not None:  # evtchn_resize_ring: the queued ports move to the new ring
                 self._relayout_shared()
         self._ports[port] = True
+        if self._shared is not None:
+            self._shared.unmask_at_bind(port)
         self._host.dom0.ports[port].user = self
         if self._host.dom0.ports[port].pending:
             self.port_pending(port)

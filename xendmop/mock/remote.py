@@ -45,7 +45,11 @@ Every request is answered, except the two a device model makes on every access w
 result the client knows without the host: an evtchn unmask (``WRITE_POSTED``) and a
 NOTIFY on a port the fd bound (``IOCTL_POSTED``).  They are sent without waiting; the
 host handles them in order before the connection's next request, and logs a failure.
-The third per-access call, the evtchn ``read``, sends nothing: the ring is shared.
+The third per-access call, the evtchn ``read``, sends nothing: the ring is shared.  With
+libatomic on both sides the unmask sends nothing either: it clears the port's mask word in
+the same memfd, and only a port that fired while masked is sent (``KICK_POSTED``).  An
+unmask that follows a posted NOTIFY able to raise a dom0 port is still sent as
+``WRITE_POSTED``, so it cannot overtake that NOTIFY.
 
 Guest requests run ``xendmop.runtime.simguest.SimGuest`` in the host; that module is
 imported only when the first one arrives (the runtime layer stands on the mock, not
@@ -78,21 +82,28 @@ from ..abi.evtchn import (
     IOCTL_EVTCHN_BIND_VIRQ,
     IOCTL_EVTCHN_NOTIFY,
     IOCTL_EVTCHN_UNBIND,
+    ioctl_evtchn_bind_interdomain,
+    ioctl_evtchn_bind_unbound_port,
     ioctl_evtchn_notify,
     ioctl_evtchn_unbind,
 )
 from .evtchn import (
     EVTCHN_PATH,
+    PORT_FIRED,
     RING_BYTES,
     RING_CAPACITY,
     RING_CONS,
     RING_ENTRIES,
+    RING_FEATURE_MASKS,
+    RING_FEATURES,
     RING_OVERFLOW,
     RING_PROD,
     RING_SIZE,
     EvtchnDevice,
+    PortMaskWords,
 )
 from .privcmd import HYPERCALL_PATH, PRIVCMD_PATH, PrivcmdDevice
+from .state import NR_EVTCHN_PORTS
 from .usermem import PAGE_SIZE, UserMemory, access_ok, remap
 
 __all__ = [
@@ -155,6 +166,7 @@ class Msg(IntEnum):
     MEM_REPLY = 9  # _ERROR (0 = done) + data read
     WRITE_POSTED = 10  # _HANDLE + data, like WRITE but answered with nothing (an evtchn unmask)
     IOCTL_POSTED = 11  # like IOCTL (argument by value), answered with nothing (an evtchn notify)
+    KICK_POSTED = 12  # _HANDLE + ports: unmasked in the shared ring, fired meanwhile; answered with nothing
     OK = 100  # _OK + data (+ fds)
     ERROR = 101  # _ERROR + utf-8 message
     MEM_READ = 102  # copy_from_user
@@ -178,7 +190,7 @@ class _TooLong(_Broken):
     """A datagram longer than ``MAX_MESSAGE`` (already consumed: the connection can go on)."""
 
 
-_POSTED = (_KIND.pack(Msg.WRITE_POSTED), _KIND.pack(Msg.IOCTL_POSTED))
+_POSTED = (_KIND.pack(Msg.WRITE_POSTED), _KIND.pack(Msg.IOCTL_POSTED), _KIND.pack(Msg.KICK_POSTED))
 _NOTIFY_SIZE = ctypes.sizeof(ioctl_evtchn_notify)
 _OK_KIND = _KIND.pack(Msg.OK)
 
@@ -516,6 +528,13 @@ class _Connection:
             raise OSError(errno.EINVAL, f"WRITE: {dev.path} is not writable")
         return self._ok(dev.write(body[_HANDLE.size :]))
 
+    def _kick(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
+        (handle,) = _HANDLE.unpack_from(body)
+        dev = self._device(handle)
+        if not isinstance(dev, EvtchnDevice):
+            raise OSError(errno.EINVAL, f"KICK_POSTED: {dev.path} is not an event channel")
+        return self._ok(dev.kick(body[_HANDLE.size :]))
+
     def _close(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
         (handle,) = _HANDLE.unpack_from(body)
         dev = self._device(handle)
@@ -762,6 +781,7 @@ _HANDLERS: dict[int, Callable[[_Connection, bytes, Any], tuple[bytes, list[int]]
     Msg.WRITE: _Connection._write,
     Msg.WRITE_POSTED: _Connection._write,
     Msg.IOCTL_POSTED: _Connection._ioctl_posted,
+    Msg.KICK_POSTED: _Connection._kick,
     Msg.CLOSE: _Connection._close,
     Msg.CALL: _Connection._call,
 }
@@ -893,6 +913,9 @@ class RemoteXen:
         self.memory = UserMemory()
         self._lock = threading.Lock()
         self._vmas: list[tuple[mmap.mmap, int, int, int]] = []  # (mapping, start, length, handle)
+        #: a NOTIFY that may raise a dom0 port was posted and the host has not answered anything
+        #: since: an evtchn unmask must then be queued behind it (``RemoteEvtchn.write``)
+        self.dom0_notify_posted = False
         self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self._sock.connect(self.path)
@@ -921,6 +944,8 @@ class RemoteXen:
                     raise MockHostError(f"mock host at {self.path}: {e.strerror}") from None
                 kind = _KIND.unpack_from(data)[0] if len(data) >= _KIND.size else -1
                 body = data[_KIND.size :]
+                if kind in (Msg.OK, Msg.ERROR):
+                    self.dom0_notify_posted = False  # answered: every earlier posted request was handled
                 if kind == Msg.OK:
                     (value,) = _OK.unpack_from(body)
                     return value, body[_OK.size :], fds
@@ -1150,6 +1175,7 @@ class RemotePrivcmd(RemoteDevice):
 
 
 _BINDS = frozenset((IOCTL_EVTCHN_BIND_VIRQ, IOCTL_EVTCHN_BIND_INTERDOMAIN, IOCTL_EVTCHN_BIND_UNBOUND_PORT))
+_DOM0_BINDS = (ioctl_evtchn_bind_interdomain, ioctl_evtchn_bind_unbound_port)
 
 
 class RemoteEvtchn(RemoteDevice):
@@ -1175,6 +1201,14 @@ class RemoteEvtchn(RemoteDevice):
             self.close()
             raise
         self._words = memoryview(self._ring_map).cast("I")
+        #: the port mask words, if the host offers them and we have libatomic: an unmask is then
+        #: an exchange on our own mapping, and a message only for a port that fired while masked
+        self._masks: PortMaskWords | None = None
+        if self._words[RING_FEATURES] & RING_FEATURE_MASKS:
+            try:
+                self._masks = PortMaskWords(self._ring_map)
+            except OSError:
+                pass
         #: ``ring_cons_mutex``: one reader at a time, and no read while the host rewrites the ring
         self._cons_lock = threading.Lock()
         #: the O_NONBLOCK file flag, modelled here: a blocking read waits on the eventfd
@@ -1182,6 +1216,9 @@ class RemoteEvtchn(RemoteDevice):
         #: the ports this fd bound, as the kernel's per-fd port table (``get_port_user``);
         #: None once a bind or unbind went by address (its port is then unknown here)
         self._bound: set[int] | None = set()
+        #: bound ports whose peer may be a dom0 port (remote domain 0): a NOTIFY on one may raise
+        #: a port of ours, so an unmask after it must not overtake it
+        self._dom0_facing: set[int] = set()
 
     def ioctl(self, request: int, arg: Any = 0) -> int:
         """As ``RemoteDevice.ioctl``; a NOTIFY on a port this fd bound is posted.
@@ -1198,12 +1235,16 @@ class RemoteEvtchn(RemoteDevice):
                 raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
             head = _IOCTL.pack(self._handle, request & 0xFFFFFFFF, 0, 0)
             self._xen.post(_pack(Msg.IOCTL_POSTED, head, bytes(arg)))
+            if arg.port in self._dom0_facing:
+                self._xen.dom0_notify_posted = True
             return 0
         with self._cons_lock:
             rc = super().ioctl(request, arg)
         if bound is not None:
             if request in _BINDS:
                 bound.add(rc)
+                if arg.__class__ in _DOM0_BINDS and arg.remote_domain == 0:
+                    self._dom0_facing.add(rc)
             elif request == IOCTL_EVTCHN_UNBIND:
                 if arg.__class__ is ioctl_evtchn_unbind:
                     bound.discard(arg.port)
@@ -1266,12 +1307,28 @@ class RemoteEvtchn(RemoteDevice):
         there is one the kernel does not make."""
         self.fileno()  # EBADF on a closed handle, as before any syscall
         chunk = bytes(data[:PAGE_SIZE])
-        self._xen.post(_pack(Msg.WRITE_POSTED, _HANDLE.pack(self._handle), chunk))
-        return len(chunk) & ~3
+        nbytes = len(chunk) & ~3
+        masks = self._masks
+        if masks is None or self._xen.dom0_notify_posted:
+            # The host unmasks, in order after the posted NOTIFY that may be raising one of these
+            # ports (Linux's NOTIFY has delivered by the time it returns; a posted one has not).
+            self._xen.post(_pack(Msg.WRITE_POSTED, _HANDLE.pack(self._handle), chunk))
+            return nbytes
+        # Unmask in the shared mask words; only a port that fired while masked needs the host.
+        fired = []
+        for i in range(0, nbytes, 4):
+            port = int.from_bytes(chunk[i : i + 4], "little")
+            if port < NR_EVTCHN_PORTS and masks.exchange(port, 0) & PORT_FIRED:
+                fired.append(chunk[i : i + 4])
+        if fired:
+            self._xen.post(_pack(Msg.KICK_POSTED, _HANDLE.pack(self._handle), *fired))
+        return nbytes
 
     def close(self) -> None:
         words = getattr(self, "_words", None)
         if words is not None:
+            if self._masks is not None:
+                self._masks.release()
             words.release()
             self._ring_map.close()
             del self._words
