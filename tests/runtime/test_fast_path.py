@@ -23,7 +23,7 @@ from xendmop.abi.ioreq import (
 )
 from xendmop.runtime.dispatch import IOREQ_SIZE, STATE_BYTE, Dispatcher, Ioreq, RateLimitedLog
 
-from .helpers import FakeRam, Recorder, page, post, slot
+from .helpers import FakeRam, Producer, Recorder, page, post, slot
 
 PORTS = (0x3F8, 0x3FF)
 RAISING_PORTS = (0x70, 0x71)
@@ -31,6 +31,7 @@ JUNK_PORTS = (0x60, 0x64)  # the device answers reads with what is not an int
 MMIO = (0xFEB0_0000, 0xFEB0_0FFF)
 RAISING_MMIO = (0xFEC0_0000, 0xFEC0_00FF)
 TOP_MMIO = (2**64 - 0x100, 2**64 - 1)  # an 8-byte access at its end would wrap
+VGA = (0xA0000, 0xBFFFF)  # low enough for the buffered ring's 20-bit addresses
 MAX_REP = 16
 
 
@@ -84,7 +85,7 @@ class Setup:
         self.ram = FakeRam(0x4000)
         self.log = RecordingLog()
         self.d = Dispatcher(self.ram, max_rep=max_rep, ratelog=self.log)
-        self.devs = [Wide(), Exploding(), Junk(), Wide(), Exploding(), Recorder(), Recorder()]
+        self.devs = [Wide(), Exploding(), Junk(), Wide(), Exploding(), Recorder(), Recorder(), Recorder()]
         self.d.ports.add(*PORTS, self.devs[0], "uart")
         self.d.ports.add(*RAISING_PORTS, self.devs[1], "rtc")
         self.d.ports.add(*JUNK_PORTS, self.devs[2], "kbd")
@@ -92,6 +93,7 @@ class Setup:
         self.d.mmio.add(*RAISING_MMIO, self.devs[4], "broken")
         self.d.mmio.add(*TOP_MMIO, self.devs[5], "top")
         self.d.add_pci(0x18, self.devs[6], "pci")
+        self.d.mmio.add(*VGA, self.devs[7], "vga")
 
     def seen(self) -> tuple[Any, ...]:
         return (
@@ -239,3 +241,25 @@ def test_fast_path_does_not_answer_a_slot_taken_back() -> None:
     post(pg, 0, type=IOREQ_TYPE_COPY, addr=MMIO[0], size=4, dir=IOREQ_WRITE, data=9)
     assert d.handle_slot(pg, 0) is False
     assert slot(pg, 0).state == STATE_IOREQ_NONE and d.stats["badness"] == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    type_=st.sampled_from([IOREQ_TYPE_PIO, IOREQ_TYPE_COPY, 2, 7, 8, 99]),
+    addr=st.one_of(region_addr(PORTS), region_addr(RAISING_PORTS), region_addr(VGA), st.integers(0, 0xFFFFF)),
+    size=st.sampled_from([1, 2, 4, 8]),
+    data=u64,
+)
+def test_buffered_entry_is_handled_as_the_synchronous_write(type_: int, addr: int, size: int, data: int) -> None:
+    """Xen buffers single writes only: an entry drained from the ring must do what the same
+    write of one element does in a synchronous slot (QEMU's handle_buffered_iopage)."""
+    buffered, synchronous = Setup(), Setup()
+    ring = page()
+    assert Producer(ring).send(type_, addr, size, data)
+    assert buffered.d.drain_buffered(ring) == 1
+    sent = data if size == 8 else data & 0xFFFF_FFFF  # a one-slot entry carries 32 bits
+    pg = page()
+    post(pg, 0, type=type_, addr=addr, size=size, count=1, dir=IOREQ_WRITE, data=sent)
+    synchronous.d.handle_slot(pg, 0)
+    # the log lines name the ioreq with its state, READY in the ring's copy, INPROCESS in the slot's
+    assert buffered.seen()[:4] == synchronous.seen()[:4]

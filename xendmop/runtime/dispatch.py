@@ -104,6 +104,8 @@ _MMIO_SIZES = frozenset((1, 2, 4, 8))
 MAX_REP = 4096
 #: PCI Express extended configuration space.
 PCI_CONFIG_SPACE_SIZE = 4096
+#: byte 30 of a buffered entry's ioreq: READY, a write (``IOREQ_WRITE`` is 0), no data_is_ptr or df
+_BUFFERED_FLAGS = STATE_IOREQ_READY | (IOREQ_WRITE << 5)
 #: ``buffered_iopage``: read_pointer @0, write_pointer @4, slots of 8 bytes @8
 BUF_SLOT_BASE = 8
 
@@ -754,19 +756,9 @@ class Dispatcher:
             data = low
             if used == 2:
                 data |= slots[2 * ((rd + 1) % IOREQ_BUFFER_SLOT_NUM) + 1] << 32
-            req = Ioreq(
-                addr=(word >> 12) & 0xFFFFF,
-                data=data,
-                count=1,
-                size=size,
-                vp_eport=0,
-                state=STATE_IOREQ_READY,
-                data_is_ptr=False,
-                dir=IOREQ_WRITE,  # QEMU treats every buffered entry as a write, as Xen queues only writes
-                df=False,
-                type=word & 0xFF,
-            )
-            self.execute(req)
+            # A write (dir 0: QEMU treats every buffered entry as one, as Xen queues only
+            # writes) of one element, no data_is_ptr, no df: flags hold only the state.
+            self.execute(Ioreq.from_fields((word >> 12) & 0xFFFFF, data, 1, size, 0, _BUFFERED_FLAGS, word & 0xFF))
             pointer.advance(ptrs, rd, used)
             handled += 1
             budget += used
