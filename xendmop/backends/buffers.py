@@ -9,11 +9,16 @@ one arena from the pool and gives it back afterwards; no mmap per call.
 Arena layout (offsets in bytes):
 
     0     struct privcmd_dm_op                 (IOCTL_PRIVCMD_DM_OP argument)
-    16    privcmd_dm_op_buf / xen_dm_op_buf[16] (same 16-byte layout)
-    272   struct privcmd_hypercall             (fallback path)
-    320   struct xen_dm_op                     (bufs[0], 32 bytes)
+    16    privcmd_dm_op_buf / xen_dm_op_buf[2] (same 16-byte layout)
+    48    struct xen_dm_op                     (bufs[0], 32 bytes)
+    80    struct privcmd_hypercall             (fallback path)
     PAGE  slot data                            (bufs[1], up to max_buf_size)
     PAGE + EMPTY_SLOT_OFFSET                   (bufs[1] when it is 0 bytes long)
+
+Two buffers are all a DMOP uses, the op and at most one slot: Xen refuses more with
+E2BIG (``do_dm_op`` in ``xen/common/dm.c``; ``buf[2]`` in ``xen/include/xen/dm.h``).
+The DM_OP request, both buffers and the op are one run of 80 bytes, so a generated
+call writes them with one ``Struct.pack_into`` (``backends/privcmd.py``).
 
 A 0-byte buffer is never handed over page-aligned: privcmd's ``lock_pages``
 (Linux ``drivers/xen/privcmd.c``) pins the pages the buffer spans, which for an
@@ -23,8 +28,9 @@ unaligned pointer pinned one page and the call succeeded.
 
 Everything in it that no call changes is written once, when the arena is made:
 ``ubufs``, ``bufs[0]`` (the op, 32 bytes), and the hypercall's ``op`` and ``arg[2]``.
-The kernel only reads these (``copy_from_user`` in ``privcmd_ioctl_dm_op``), so a
-call writes just the domid, the buffer count, ``bufs[1]`` and the op itself.  The op
+The kernel only reads these (``copy_from_user`` in ``privcmd_ioctl_dm_op``).  A call on
+the HYPERCALL path writes just the domid, the buffer count, ``bufs[1]`` and the op; one
+on the DM_OP path writes the first 80 bytes whole, the fixed values as they were.  The op
 (``bufs[0]``) is always written whole: Xen writes progress back into it on a
 continuation (``do_dm_op``, ``xen/common/dm.c``).
 """
@@ -43,11 +49,11 @@ from .device import HYPERCALL_PATH, NOT_XEN, PAGE_SIZE, Device, Opener
 
 log = logging.getLogger(__name__)
 
-MAX_BUFS = 16
+MAX_BUFS = 2  # the op and one slot
 _BUFS_AT = 16
-_HYPERCALL_AT = _BUFS_AT + MAX_BUFS * ctypes.sizeof(privcmd_dm_op_buf)
-_OP_AT = _HYPERCALL_AT + ctypes.sizeof(privcmd_hypercall)
+_OP_AT = _BUFS_AT + MAX_BUFS * ctypes.sizeof(privcmd_dm_op_buf)
 _OP_SIZE = 32  # sizeof(struct xen_dm_op)
+_HYPERCALL_AT = _OP_AT + _OP_SIZE
 #: offsets of what a call writes: (dom, num) of the DM_OP request, bufs[1], arg[0..1] of the hypercall
 HEAD_AT = 0
 SLOT_BUF_AT = _BUFS_AT + ctypes.sizeof(privcmd_dm_op_buf)  # bufs[1]: uptr, size
@@ -86,6 +92,8 @@ class Arena:
         return PAGE_SIZE if nbytes else PAGE_SIZE + EMPTY_SLOT_OFFSET
 
     def set_bufs(self, bufs: list[tuple[int, int]]) -> None:
+        if len(bufs) > MAX_BUFS:
+            raise ValueError(f"{len(bufs)} buffers do not fit the arena ({MAX_BUFS})")
         for entry, (addr, size) in zip(self.bufs, bufs):
             entry.uptr = addr
             entry.size = size

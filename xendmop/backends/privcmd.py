@@ -20,7 +20,7 @@ from ..abi import CONSTANTS
 from ..abi.privcmd import IOCTL_PRIVCMD_DM_OP, IOCTL_PRIVCMD_HYPERCALL, IOCTL_PRIVCMD_RESTRICT, privcmd_dm_op
 from ..abi.xen import DOMID_FIRST_RESERVED, DOMID_INVALID, domid_t
 from ..errors import ArgumentError, ClosedHandleError, XenError, xen_error
-from ..ops import CTYPES_MEMORY_CLASSES, DM_OP_HEADER, CopyBack, OpDecl, Slot, caller_memory, check_domid
+from ..ops import CTYPES_MEMORY_CLASSES, DM_OP_HEADER, DM_OP_SIZE, CopyBack, OpDecl, Slot, caller_memory, check_domid
 from .base import Limits
 from .buffers import EMPTY_SLOT_OFFSET, HEAD_AT, HYPERCALL_ARGS_AT, OP_AT, SLOT_BUF_AT, HypercallBuffers
 from .device import PAGE_SIZE, PRIVCMD_PATH, Device, Opener, OsDevice, open_device
@@ -50,8 +50,7 @@ def {name}(domid, {params}):
         _arena = _acquire()
     _view = _arena.view
     try:
-        _pack_op(_view, {op_at}, {number}, {values})
-{slot}        _pack_head(_view, {head_at}, domid, {nbufs})
+{slot}        {pack}
         {ioctl}
         {read_back}
     except _XenError:
@@ -63,9 +62,11 @@ def {name}(domid, {params}):
 """
 
 
-_HEAD_DM_OP = Struct("<HH")  # privcmd_dm_op.dom, .num (ubufs is written once per arena)
 _HEAD_HYPERCALL = Struct("<QQ")  # privcmd_hypercall.arg[0] = domid, arg[1] = nr_bufs (arg[2] once per arena)
 _BUF = Struct("<QQ")  # bufs[1]: uptr, size
+#: the DM_OP request's first 48 bytes: dom, num, ubufs, bufs[0] and bufs[1]; the op follows
+_REQUEST_HEAD = "<HH4xQQQQQ"
+assert (SLOT_BUF_AT, OP_AT) == (32, 48), "the arena layout _REQUEST_HEAD is written for"
 
 
 def _fields_class_source(decl: OpDecl, params: Sequence[str]) -> str:
@@ -77,6 +78,11 @@ def _fields_class_source(decl: OpDecl, params: Sequence[str]) -> str:
 
 
 _MADE: dict[tuple[Any, ...], tuple[CodeType, dict[str, Any]]] = {}
+
+
+def _slot_buf(in_place: bool, addr: str, size: str) -> str:
+    """Where ``bufs[1]`` is set: packed with the whole request on the DM_OP path, alone on the HYPERCALL path."""
+    return f"_uptr, _usize = {addr}, {size}" if in_place else f"_pack_buf(_view, {SLOT_BUF_AT}, {addr}, {size})"
 
 
 def _in_slot_lines(slot: Slot, arg: str, label: str, op: str, room: int, in_place: bool) -> list[str]:
@@ -96,7 +102,7 @@ def _in_slot_lines(slot: Slot, arg: str, label: str, op: str, room: int, in_plac
             f"if _nbytes > {room}:",
             "    _arena.slot_offset(0, _nbytes)  # raises, naming the sizes",
             f"_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _raw",
-            f"_pack_buf(_view, {SLOT_BUF_AT}, _arena.slot_addr if _nbytes else {empty}, _nbytes)",
+            _slot_buf(in_place, f"_arena.slot_addr if _nbytes else {empty}", "_nbytes"),
         ]
     # DM_OP: privcmd pins the caller's pages itself (privcmd_ioctl_dm_op → lock_pages in Linux
     # drivers/xen/privcmd.c), so writable memory is passed where it is; read-only memory,
@@ -112,11 +118,11 @@ def _in_slot_lines(slot: Slot, arg: str, label: str, op: str, room: int, in_plac
         f"if _nbytes > {room}:",
         "    _arena.slot_offset(0, _nbytes)  # raises, naming the sizes",
         "if _addr and _nbytes:",
-        f"    _pack_buf(_view, {SLOT_BUF_AT}, _addr, _nbytes)",
+        "    " + _slot_buf(in_place, "_addr", "_nbytes"),
         "else:",
         "    if _nbytes:",
         f"        _view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _memoryview(_keep).cast('B')",
-        f"    _pack_buf(_view, {SLOT_BUF_AT}, _arena.slot_addr if _nbytes else {empty}, _nbytes)",
+        "    " + _slot_buf(in_place, f"_arena.slot_addr if _nbytes else {empty}", "_nbytes"),
     ]
 
 
@@ -130,7 +136,7 @@ def _out_slot_lines(arg: str, label: str, op: str, room: int, in_place: bool) ->
         "    _arena.slot_offset(0, _nbytes)  # raises, naming the sizes",
         f"if {arg} is None:",  # never hand Xen a buffer holding the last call's answer
         f"    _view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _zeros[:_nbytes]",
-        f"    _pack_buf(_view, {SLOT_BUF_AT}, _arena.slot_addr if _nbytes else {empty}, _nbytes)",
+        "    " + _slot_buf(in_place, f"_arena.slot_addr if _nbytes else {empty}", "_nbytes"),
         "else:",
         f"    if {arg}.__class__ in _CTYPES_MEMORY_CLASSES:",  # a ctypes array met before (caller_memory adds it)
         f"        _addr, _size = _addressof({arg}), _sizeof({arg})",
@@ -141,12 +147,12 @@ def _out_slot_lines(arg: str, label: str, op: str, room: int, in_place: bool) ->
     ]
     result = f"[_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes].tobytes()] if {arg} is None else [{arg}]"
     if in_place:  # DM_OP: Xen writes through privcmd's pin of the caller's pages (lock_pages)
-        before += [f"    _pack_buf(_view, {SLOT_BUF_AT}, _addr if _nbytes else {empty}, _nbytes)"]
+        before += ["    " + _slot_buf(in_place, f"_addr if _nbytes else {empty}", "_nbytes")]
         return before, [f"_outs = {result}"]
     before += [  # HYPERCALL: through the arena, which starts as the caller's bytes (libxendevicemodel's bounce)
         "    if _nbytes:",
         "        _memmove(_arena.slot_addr, _addr, _nbytes)",
-        f"    _pack_buf(_view, {SLOT_BUF_AT}, _arena.slot_addr if _nbytes else {empty}, _nbytes)",
+        "    " + _slot_buf(in_place, f"_arena.slot_addr if _nbytes else {empty}", "_nbytes"),
     ]
     after = [
         f"if {arg} is not None and _nbytes:",
@@ -193,7 +199,8 @@ def _make_call(
         "_EPERM": errno.EPERM,
         "_EIO": errno.EIO,
         "_pack_op": decl._packer.pack_into,
-        "_pack_head": (_HEAD_HYPERCALL if hypercall else _HEAD_DM_OP).pack_into,
+        "_pack_head": _HEAD_HYPERCALL.pack_into,
+        "_pack_request": Struct(_REQUEST_HEAD + decl._packer.format.lstrip("<")).pack_into,
         "_pack_buf": _BUF.pack_into,
         "_from_copy": decl.struct.from_buffer_copy,
         "_zeros": _ZEROS,
@@ -230,18 +237,27 @@ def _make_call(
     # back only as continuation progress, which privcmd finishes before returning
     result = f"_from_copy(_view, {OP_AT + DM_OP_HEADER})" if decl.copy_back is CopyBack.ALWAYS else "None"
     outs = "_outs" if after else "[]"
+    values = "".join(f", {p}" if p in params else ", 0" for p in decl._order)
+    nbufs = 2 if slot is not None else 1
+    if hypercall:  # the op, then the hypercall's domid and buffer count (bufs[1] is packed above)
+        pack = (
+            f"_pack_op(_view, {OP_AT}, {decl.number}{values})\n"
+            f"        _pack_head(_view, {HYPERCALL_ARGS_AT}, domid, {nbufs})"
+        )
+    else:  # one pack: dom, num, ubufs, bufs[0], bufs[1] and the op (see buffers.py's layout)
+        slot_buf = "_uptr, _usize" if slot is not None else "0, 0"
+        pack = (
+            f"_pack_request(_view, {HEAD_AT}, domid, {nbufs}, _arena.bufs_addr, _arena.op_addr, {DM_OP_SIZE}, "
+            f"{slot_buf}, {decl.number}{values})"
+        )
     source = _CALL_TEMPLATE.format(
         name=decl.name,
         params=", ".join([*params, *slot_args]),
         guard=decl.guard_source(params),
         fields="{" + ", ".join(f"{p!r}: {p}" for p in params) + "}",
         op=decl.name,
-        op_at=OP_AT,
-        number=decl.number,
-        values=", ".join(p if p in params else "0" for p in decl._order),
         slot="".join(f"        {line}\n" for line in lines),
-        head_at=HYPERCALL_ARGS_AT if hypercall else HEAD_AT,
-        nbufs=2 if slot is not None else 1,
+        pack=pack,
         ioctl=f"_fcntl_ioctl(_device._fd, {request}, _arena.{arg}, True)"
         if os_device
         else f"_device.ioctl({request}, _arena.{arg})",
