@@ -2,9 +2,12 @@
 
 Three ways to make the same three calls, in one subprocess under ``LD_PRELOAD``:
 
-- ``xendmop``: ``DeviceModel(PrivcmdBackend())`` (the extents as a prebuilt ctypes array);
+- ``xendmop``: ``DeviceModel(PrivcmdBackend())``, with the zero-copy forms of the bulk ops
+  (``FORMS``): the bitmap written into a caller's ctypes array (``out=``), the extents a
+  prebuilt ctypes array that the DM_OP ioctl is pointed at;
 - ``ctypes``: (a) Debian's ``libxendevicemodel.so.1`` through ctypes, argtypes declared,
-  arguments prebuilt, return value checked: what a Python user would otherwise write;
+  arguments prebuilt, return value checked: what a Python user would otherwise write.  It
+  too passes the caller's memory (the same kind of bitmap array, the same extents);
 - ``ioctl``: (b) the floor, ``fcntl.ioctl(fd, IOCTL_PRIVCMD_DM_OP, req, True)`` on a prebuilt
   request and prebuilt buffers.
 
@@ -40,6 +43,12 @@ OPS = ("set_isa_irq_level", "track_dirty_vram", "modified_memory_bulk")
 IMPLS = ("xendmop", "ctypes", "ioctl", "pycall", "sketch")
 MODES = {"userspace": {}, "syscall": {"FASTFAKE_SYSCALL": "1"}}
 ROUNDS = 15
+#: how the xendmop candidate makes the bulk calls (printed with the result)
+FORMS = {
+    "track_dirty_vram": "track_dirty_vram(domid, first_pfn, nr, out=<ctypes c_ulong array>): Xen writes into it",
+    "modified_memory_bulk": "modified_memory_bulk(domid, <ctypes array of extents>): the ioctl points at it",
+    "ctypes": "libxendevicemodel is passed the caller's memory too (a c_ulong bitmap array, the same extents)",
+}
 
 
 def _timer(call: Any, *args: Any) -> Any:
@@ -70,9 +79,10 @@ def _setup() -> tuple[dict[str, dict[str, Any]], Any]:
 
     dm = DeviceModel(PrivcmdBackend())
     assert dm.backend.uses_hypercall is False
+    out = (ctypes.c_ulong * (NR_PAGES // 64))()  # the same kind of bitmap the ctypes baseline passes
     xendmop = {
         "set_isa_irq_level": (dm.set_isa_irq_level, DOMID, 11, 1),
-        "track_dirty_vram": (dm.track_dirty_vram, DOMID, 0xF0000, NR_PAGES),
+        "track_dirty_vram": (dm.track_dirty_vram, DOMID, 0xF0000, NR_PAGES, out),
         "modified_memory_bulk": (dm.modified_memory_bulk, DOMID, extents),
     }
 
@@ -146,7 +156,7 @@ def _setup() -> tuple[dict[str, dict[str, Any]], Any]:
         "track_dirty_vram": (sk.track_dirty_vram, DOMID, 0xF0000, NR_PAGES),
         "modified_memory_bulk": (sk.modified_memory_bulk, DOMID, extents),
     }
-    keep.extend([extents, floor, sk])
+    keep.extend([extents, floor, sk, out])
     return {"xendmop": xendmop, "ctypes": creference, "ioctl": ioctl, "pycall": pycalls, "sketch": sketch}, keep
 
 
@@ -226,8 +236,9 @@ def child(profile: bool) -> dict[str, Any]:
         candidates = {impl: _timer(*calls[impl][op]) for impl in IMPLS}
         out[op] = interleave(candidates, ROUNDS)
     if profile:
-        out["profile"] = {op: profile_calls(calls["xendmop"][op], 20000 if op == "set_isa_irq_level" else 4000)
-                          for op in OPS}
+        out["profile"] = {
+            op: profile_calls(calls["xendmop"][op], 20000 if op == "set_isa_irq_level" else 4000) for op in OPS
+        }
     return out
 
 
@@ -286,7 +297,9 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(profile: bool = False) -> dict[str, Any]:
-    result: dict[str, Any] = {"unit": "us per call", "rounds": ROUNDS, "impls": list(IMPLS)}
+    result: dict[str, Any] = {"unit": "us per call", "rounds": ROUNDS, "impls": list(IMPLS), "xendmop_forms": FORMS}
+    for line in FORMS.values():  # which forms the ratios are of
+        print(f"[dmop_overhead: {line}]", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         fake = build_fake(Path(tmp))
         for mode in MODES:
