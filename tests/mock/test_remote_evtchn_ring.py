@@ -28,6 +28,7 @@ from xendmop.mock.evtchn import (
     RING_PROD,
     RING_SIZE,
     EvtchnDevice,
+    SharedPortRing,
 )
 from xendmop.mock.remote import MockHostServer, Msg, RemoteEvtchn, RemoteXen
 from xendmop.runtime.evtchn import EventChannel
@@ -393,3 +394,24 @@ def test_a_client_that_sets_its_own_mask_words_holds_only_its_own_events(
         ev.unmask(local)
         assert readable(ev, WAIT)
         assert ev.pending_ports(8) == [local]
+
+
+def test_mask_words_refuse_use_after_release() -> None:
+    ring = SharedPortRing()
+    try:
+        if ring.masks is None:
+            pytest.skip("no libatomic")
+        assert ring.masks.exchange(5, PORT_MASKED) == 0
+        assert ring.masks.compare_exchange(5, PORT_MASKED, PORT_MASKED | PORT_FIRED)
+        assert not ring.masks.compare_exchange(5, PORT_MASKED, 0)  # the word moved on: no swap
+        assert ring.masks.exchange(5, 0) == PORT_MASKED | PORT_FIRED
+    finally:
+        ring.close()
+    masks = ring.masks
+    assert masks is not None
+    with pytest.raises(OSError) as e:
+        masks.exchange(5, 0)
+    assert e.value.errno == errno.EBADF
+    with pytest.raises(OSError) as e:
+        masks.compare_exchange(5, 0, 1)
+    assert e.value.errno == errno.EBADF

@@ -130,10 +130,15 @@ class PortMaskWords:
         self._expected = ctypes.c_uint32()
 
     def exchange(self, port: int, value: int) -> int:
-        """Store ``value`` into ``port``'s word; its old value."""
+        """Store ``value`` into ``port``'s word; its old value.  EBADF once released (the
+        address would point into an unmapped page)."""
+        if self._cells is None:
+            raise OSError(errno.EBADF, "evtchn mask words already released")
         return int(self._xchg(self._base + 4 * port, value, _ATOMIC_SEQ_CST))
 
     def compare_exchange(self, port: int, expected: int, desired: int) -> bool:
+        if self._cells is None:
+            raise OSError(errno.EBADF, "evtchn mask words already released")
         self._expected.value = expected
         return bool(
             self._cas(self._base + 4 * port, ctypes.byref(self._expected), desired, _ATOMIC_SEQ_CST, _ATOMIC_SEQ_CST)
