@@ -289,3 +289,23 @@ def test_dm_op_zero_byte_buffer_page_aligned_is_efault_unaligned_is_fine() -> No
         assert raw.ioctl_dm_op(HVM, [op, (aligned + 16, 0)]) == 0  # stop tracking, as libxendevicemodel's
     finally:
         page.close()
+
+
+def test_evtchn_unbind_leaves_queued_entries_in_process_too() -> None:
+    """``evtchn_unbind_from_user`` (drivers/xen/evtchn.c) leaves the ring alone."""
+    import select
+
+    from xendmop.runtime.evtchn import EventChannel
+
+    host = make_host()
+    with EventChannel(host.open_device) as ev:
+        a = ev.bind_unbound_port(0)
+        a_peer = ev.bind_interdomain(0, a)
+        b = ev.bind_unbound_port(0)
+        b_peer = ev.bind_interdomain(0, b)
+        ev.notify(a_peer)
+        ev.notify(b_peer)
+        ev.unbind(a)
+        assert ev.pending_ports(8) == [a, b]
+        ev.device.write(a.to_bytes(4, "little"))  # not this fd's port any more: ignored
+        assert not select.select([ev], [], [], 0)[0]

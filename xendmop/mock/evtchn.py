@@ -534,25 +534,21 @@ class EvtchnDevice:
         return 0
 
     def _unbind_port(self, port: int) -> None:
+        # evtchn_unbind_from_user (drivers/xen/evtchn.c) unbinds the irq handler and forgets
+        # the port; entries already in the ring stay, so a read may still return it (a
+        # write to unmask it is then ignored: find_evtchn finds nothing).
         del self._ports[port]
-        if self._shared is not None:
-            if not self._closed:  # at close the ring goes with the fd
-                self._relayout_shared(drop=port)
-        else:
-            self._ring = [p for p in self._ring if p != port]
-            if not self._ring:
-                self._drain_efd()
         self._host.hypervisor.close_port(self._host.dom0, port)
 
-    def _relayout_shared(self, drop: int | None = None) -> None:
-        """The shared ring rewritten at ``ring_size`` with its queued ports but ``drop``'s, as
-        this mock's in-process ring drops an unbound port's entries.  A ring whose
-        ``ring_cons`` the client corrupted keeps nothing and stays overflowed until RESET."""
+    def _relayout_shared(self) -> None:
+        """The shared ring rewritten at ``ring_size`` with its queued ports (``evtchn_resize_ring``
+        copies them into the new ring).  A ring whose ``ring_cons`` the client corrupted keeps
+        nothing and stays overflowed until RESET."""
         shared = self._shared
         assert shared is not None
         if shared.used() is None:
             self.ring_overflow = True
-        shared.rewrite([p for p in shared.queued() if p != drop], self.ring_size, self.ring_overflow)
+        shared.rewrite(list(shared.queued()), self.ring_size, self.ring_overflow)
 
     def _notify(self, data: Any) -> int:
         return self._notify_port(data.port)
