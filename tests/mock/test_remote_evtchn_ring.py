@@ -419,3 +419,27 @@ def test_mask_words_refuse_use_after_release() -> None:
     with pytest.raises(OSError) as e:
         masks.compare_exchange(5, 0, 1)
     assert e.value.errno == errno.EBADF
+
+
+def test_a_client_that_blocks_and_fills_its_eventfd_cannot_hang_the_host(remote: RemoteXen) -> None:
+    """The eventfd's open file is shared: a client may clear O_NONBLOCK and push the counter
+    to its limit.  The host must then skip the wake-up (the fd is readable anyway), not block."""
+    import fcntl
+    import threading
+
+    with EventChannel(remote.open_device) as ev:
+        local, peer = loopback(ev)
+        fd = ev.fileno()
+        assert not readable(ev)  # counter 0
+        os.eventfd_write(fd, 0xFFFFFFFFFFFFFFFE)  # the counter's limit: another write of 1 would block
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        done = threading.Event()
+
+        def poke() -> None:
+            ev.notify(peer)  # the host's connection thread makes ``local`` pending: a wake-up
+            sync(remote)
+            done.set()
+
+        threading.Thread(target=poke, daemon=True).start()
+        assert done.wait(10), "the host blocked writing the client's full eventfd"
+        assert ev.pending_ports(8) == [local]

@@ -292,6 +292,13 @@ class SharedPortRing:
         os.close(self.fd)
 
 
+def _writable(fd: int) -> bool:
+    """An eventfd write of 1 would not block (its counter is below 0xfffffffffffffffe)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 class EvtchnDevice:
     """One open of ``/dev/xen/evtchn`` in dom0 (``evtchn_open``)."""
 
@@ -351,10 +358,15 @@ class EvtchnDevice:
         if shared is not None:
             if not shared.push(port):  # full, or a ring the client corrupted: lost, EFBIG until RESET
                 self.ring_overflow = True
-            try:  # also after an overflow: a full ring's fd is readable already, a corrupt one's now
-                os.eventfd_write(self._efd, 1)
-            except BlockingIOError:
-                pass  # the client pushed its counter to the limit: it is readable anyway
+            # Also after an overflow: a full ring's fd is readable already, a corrupt one's now.
+            # The eventfd's open file is shared with the client, which can clear O_NONBLOCK and
+            # push the counter to its limit: then a write would block this host thread.  Only
+            # a writable eventfd is written (a full one is readable anyway, nothing is lost).
+            if _writable(self._efd):
+                try:
+                    os.eventfd_write(self._efd, 1)
+                except BlockingIOError:
+                    pass  # filled between the poll and the write, with O_NONBLOCK still set
             return
         if len(self._ring) >= self.ring_size:  # the event is consumed and lost
             self.ring_overflow = True
