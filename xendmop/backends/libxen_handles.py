@@ -48,6 +48,7 @@ from ..abi.memory import XENMEM_resource_ioreq_server
 from ..abi.xen import DOMID_FIRST_RESERVED, domid_t, evtchn_port_t, xen_pfn_t
 from ..checks import check_domid, check_int, check_port
 from ..errors import ArgumentError, ClosedHandleError, NotXenHostError, XenError, xen_error
+from ..runtime.foreignmemory import FrameViews
 from .device import EVTCHN_PATH, NOT_XEN, PAGE_SIZE, PRIVCMD_PATH
 from .libxen import SONAMES, MissingFunctionError, QuietLogger, _describe_library, declare, load_library
 
@@ -286,7 +287,7 @@ def _pages_type(nbytes: int) -> type[ctypes.Array[ctypes.c_char]]:
     return type(f"Pages{nbytes}", (ctypes.c_char * nbytes,), {})
 
 
-class LibxenMapping:
+class LibxenMapping(FrameViews):
     """Foreign frames the library mapped.  ``view`` is the live memory (no copy);
     ``errors[i]`` is 0 or the ``-errno`` for frame ``i`` (``map`` only).
 
@@ -312,15 +313,6 @@ class LibxenMapping:
             unmap()
 
         return run
-
-    @property
-    def ok(self) -> bool:
-        return not any(self.errors)
-
-    def page(self, index: int) -> memoryview:
-        if not 0 <= index < self.nr_frames:
-            raise IndexError(f"frame {index} of {self.nr_frames}")
-        return self.view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
 
     @property
     def closed(self) -> bool:

@@ -51,8 +51,25 @@ def _address_of(mapping: mmap.mmap) -> int:
         del anchor  # drop the buffer export so the mapping can still be closed
 
 
+class FrameViews:
+    """What every mapping of foreign frames answers, over its ``view`` and ``errors``."""
+
+    nr_frames: int
+    errors: tuple[int, ...]
+    view: memoryview
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.errors)
+
+    def page(self, index: int) -> memoryview:
+        if not 0 <= index < self.nr_frames:
+            raise IndexError(f"frame {index} of {self.nr_frames}")
+        return self.view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
+
+
 @dataclass(eq=False)
-class Mapping:
+class Mapping(FrameViews):
     """Foreign frames mapped in this process.  ``view`` is the live memory (no copy);
     ``errors[i]`` is 0 or the ``-errno`` for frame ``i`` (``map`` only)."""
 
@@ -64,15 +81,6 @@ class Mapping:
 
     def __post_init__(self) -> None:
         self.view = memoryview(self.mm)
-
-    @property
-    def ok(self) -> bool:
-        return not any(self.errors)
-
-    def page(self, index: int) -> memoryview:
-        if not 0 <= index < self.nr_frames:
-            raise IndexError(f"frame {index} of {self.nr_frames}")
-        return self.view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
 
     @property
     def closed(self) -> bool:
