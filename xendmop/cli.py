@@ -206,11 +206,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="log backend selection")
     sub = p.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="what each backend finds on this host")
+    info = sub.add_parser(
+        "info", help="what each backend finds on this host", description="What each backend and Xen library finds here."
+    )
     info.add_argument("domid", type=_int, nargs="?", help="also show this domain's kind and state (libxenctrl)")
-    sub.add_parser("ops", help="the DMOP catalogue")
+    sub.add_parser("ops", help="the DMOP catalogue", description="Every DMOP: number, name, struct size, first Xen release, arch, copy-back rule, extra buffers.")
     sub.add_parser("depriv-check", help="inspect a device-model process's deprivileging (own --help)")
-    mh = sub.add_parser("mock-host", help="serve the mock Xen to other processes on a unix socket")
+    mh = sub.add_parser(
+        "mock-host",
+        help="serve the mock Xen to other processes on a unix socket",
+        description="Serve a simulated Xen host (dom0 plus guests) to device models and guests in other "
+        "processes: DeviceModel.open('mock') and the examples' --domid use it when XENDMOP_MOCK_SOCKET "
+        "names the socket. Runs until SIGTERM/SIGINT, then removes the socket.",
+    )
     mh.add_argument("--socket", required=True, help="where to listen (clients read $XENDMOP_MOCK_SOCKET)")
     mh.add_argument("--domains", choices=("default", "none"), default="default", help="default: dom1 HVM, dom2 PV")
     mh.add_argument("--mode", type=_mode, default=0o600, help="socket permissions, octal (default 0600)")
