@@ -210,7 +210,11 @@ def _parser() -> argparse.ArgumentParser:
         "info", help="what each backend finds on this host", description="What each backend and Xen library finds here."
     )
     info.add_argument("domid", type=_int, nargs="?", help="also show this domain's kind and state (libxenctrl)")
-    sub.add_parser("ops", help="the DMOP catalogue", description="Every DMOP: number, name, struct size, first Xen release, arch, copy-back rule, extra buffers.")
+    sub.add_parser(
+        "ops",
+        help="the DMOP catalogue",
+        description="Every DMOP: number, name, struct size, first Xen release, arch, copy-back rule, extra buffers.",
+    )
     sub.add_parser("depriv-check", help="inspect a device-model process's deprivileging (own --help)")
     mh = sub.add_parser(
         "mock-host",
