@@ -17,6 +17,7 @@ from xendmop import DeviceModel
 from xendmop.abi.ioreq import IOREQ_TYPE_COPY, IOREQ_TYPE_PIO, STATE_IORESP_READY
 from xendmop.abi.privcmd import IOCTL_PRIVCMD_MMAP_RESOURCE
 from xendmop.mock import MockXen
+from xendmop.runtime.dispatch import STATE_BYTE
 from xendmop.runtime.pci import Bar, PciFunction
 from xendmop.runtime.server import IoreqServer, ServeLoop
 from xendmop.runtime.simguest import GuestTimeout, SimGuest
@@ -249,7 +250,8 @@ def test_sigterm_during_an_access(dm: DeviceModel, host: MockXen, domid: int) ->
     """SIGTERM arrives while the device is handling an access: the handler only flags the
     loop, so the access completes (IORESP_READY, the vCPU gets its value), then the server
     is torn down.  A vCPU that posts after that finds no server and reads all-ones, as in
-    Xen where ioreq_server_select no longer finds it."""
+    Xen where ioreq_server_select no longer finds it.  (A vCPU still waiting when the
+    server goes: see the next test.)"""
 
     class KillsUs:
         def read(self, addr: int, size: int) -> int:
@@ -273,11 +275,36 @@ def test_sigterm_during_an_access(dm: DeviceModel, host: MockXen, domid: int) ->
     assert guest.inb(UART) == 0xFF
 
 
+def test_server_destroyed_while_a_vcpu_waits_completes_its_read_with_all_ones(
+    dm: DeviceModel, host: MockXen, domid: int
+) -> None:
+    """The DM is stopped (SIGTERM before it handled a posted access): teardown destroys the
+    server.  In xen/common/ioreq.c the destroy removes the server's ioreq_vcpus, so
+    vcpu_ioreq_handle_completion's get_pending_vcpu no longer finds the vCPU pending and
+    wait_for_io's "emulator is dying" path completes the read with ~0: the vCPU resumes
+    with all-ones, never stuck on a server that no longer exists."""
+    s = server(dm, host, domid)
+    s.add_port_range(UART, UART, Recorder({0: 0x33}))
+    s.start()  # serving nothing: the access stays posted and unanswered
+    guest = SimGuest(host, domid, timeout=10)
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(guest.inb(UART, vcpu=1)))
+    t.start()
+    assert s.id is not None
+    mock_server = host.hypervisor.domains[domid].servers[s.id]
+    deadline = time.monotonic() + 5
+    while mock_server.page[32 + STATE_BYTE] & 0xF != 1:  # vCPU 1's slot READY: the access is posted
+        assert time.monotonic() < deadline, "the guest never posted"
+        time.sleep(0.01)
+    s.close()  # what ServeLoop does on SIGTERM
+    t.join(5)
+    assert not t.is_alive() and got == [0xFF]
+    assert host.domain(domid).snapshot()["servers"] == (None,) * 8
+
+
 def test_hostile_slot_through_shared_page_then_honest_access(dm: DeviceModel, host: MockXen, domid: int) -> None:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
-
-    from xendmop.runtime.dispatch import STATE_BYTE
 
     s = server(dm, host, domid)
     s.add_port_range(UART, UART, Recorder({0: 0x33}))
