@@ -28,7 +28,7 @@ test: $(VENV)/.installed
 
 ## lint: ruff and mypy --strict over the package
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check xendmop tests integration fuzz
+	$(VENV)/bin/ruff check xendmop tests integration fuzz examples bench
 	$(VENV)/bin/mypy --strict xendmop
 
 check: lint test
