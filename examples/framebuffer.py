@@ -532,9 +532,14 @@ def serve_domain(connection: app.Connection, png: PngFile, interval: float) -> i
                         fb.poll()
 
                 loop.add_reader(timer.fileno(), tick)
-            log.info("framebuffer for dom%d on ports %#x/%#x; Ctrl-C to stop", connection.domid, INDEX_PORT, DATA_PORT)
+
+            def ready() -> None:  # only once the server is up: a refused domain is never announced
+                log.info(
+                    "framebuffer for dom%d on ports %#x/%#x; Ctrl-C to stop", connection.domid, INDEX_PORT, DATA_PORT
+                )
+
             try:
-                app.serve_until_signal(loop)
+                app.serve_until_signal(loop, on_ready=ready)
             finally:
                 fb.close()
     finally:

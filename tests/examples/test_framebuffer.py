@@ -382,3 +382,16 @@ def test_bad_domid_and_unreachable_host_are_reported_not_raised(tmp_path: Path) 
     assert gone.returncode == 1 and "Traceback" not in gone.stderr
     assert gone.stderr.startswith("framebuffer: dom1: ") and "No such file or directory" in gone.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_domain_that_cannot_be_served_is_not_announced_as_served(mock_host_process: str, tmp_path: Path) -> None:
+    refused = subprocess.run(
+        [sys.executable, str(SCRIPT), "--domid", "2", "--output", str(tmp_path / "fb.png")],  # dom2 is PV
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=example_env(XENDMOP_MOCK_SOCKET=mock_host_process),
+    )
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "framebuffer: dom2: " in refused.stderr and "Invalid argument" in refused.stderr
+    assert "Ctrl-C to stop" not in refused.stderr, refused.stderr
