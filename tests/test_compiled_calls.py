@@ -22,7 +22,7 @@ from xendmop.abi.privcmd import (
     privcmd_hypercall,
 )
 from xendmop.backends import PrivcmdBackend
-from xendmop.ops import BY_NAME
+from xendmop.ops import BY_NAME, CTYPES_MEMORY, caller_memory
 
 
 class CapturingPrivcmd:
@@ -455,3 +455,145 @@ def test_hypercall_fallback_copies_the_zero_copy_forms_through_hypercall_buffers
     assert device.bufs[0][1][1] == b"\x5a" * 13  # the bounce starts as the caller's bytes
     assert bytes(out) == bytes(range(1, 14)) + b"\x5a" * 3  # the answer copied back, 13 bytes only
     assert device.bufs[1][1][1] == device.bufs[2][1][1] == bytes(extents)
+
+
+# --- entries: the bulk methods' common form as the generated call itself -----------------
+
+_GENERAL = {name: getattr(DeviceModel, name) for name in ("track_dirty_vram", "modified_memory_bulk")}
+
+
+def _record(dm: DeviceModel, device: CapturingPrivcmd, call: Any) -> tuple[Any, Any, Any]:
+    """What one call returned or raised, and the requests it sent (bytes and bufs[1] sizes)."""
+    before = len(device.requests)
+    try:
+        result: Any = ("returned", call())
+    except Exception as e:  # the comparison is of the error itself
+        result = ("raised", type(e), str(e))
+    sent = device.requests[before:]
+    return result, sent, [size for _, size in device.slot_bufs[-len(sent) :]] if sent else []
+
+
+def test_bulk_methods_become_generated_entries_on_the_dm_op_path() -> None:
+    dm = _open(CapturingPrivcmd())
+    for name, general in _GENERAL.items():
+        entry = getattr(dm, name)
+        assert dm.__dict__[name] is entry  # the handle's own attribute: no method frame around it
+        assert entry.__code__.co_filename == f"<xendmop entry {name}>"
+        assert entry.__doc__ == general.__doc__
+    import inspect
+
+    assert str(inspect.signature(dm.track_dirty_vram)) == "(domid, first_pfn, nr, out=None)"
+    hypercall = _open(HypercallPrivcmd())  # type: ignore[arg-type]
+    assert hypercall.track_dirty_vram.__func__ is _GENERAL["track_dirty_vram"]  # type: ignore[attr-defined]
+    assert "track_dirty_vram" not in hypercall.__dict__
+
+
+class Pages(enum.IntEnum):
+    SOME = 77
+
+
+TRACK_FORMS = [
+    (3, 0x100, 77),
+    (3, 0x100, Pages.SOME),  # an IntEnum: the general path's full check lets it through
+    (3, 0x100, 0),  # stop tracking: the empty bitmap is never page-aligned
+    (3, 0x100, 8 * 4096),  # exactly one kernel-sized buffer
+    (3, 0x100, 8 * 4096 + 1),  # split
+    (3, 2**64 - 1, 1),
+    (3, 2**64, 1),
+    (3, 0x100, -1),
+    (0x10000, 0x100, 1),
+    (True, 0x100, 1),
+    (3, 0x100, 1.0),
+]
+
+
+@pytest.mark.parametrize("args", TRACK_FORMS, ids=[repr(a) for a in TRACK_FORMS])
+@pytest.mark.parametrize(
+    "make_out",
+    [
+        lambda: None,
+        lambda: (ctypes.c_ulong * 520)(),
+        lambda: bytearray(4200),
+        lambda: (ctypes.c_uint8 * 5)(),  # too short for most forms
+        lambda: b"\0" * 4200,  # read-only
+    ],
+    ids=["None", "ctypes", "bytearray", "short", "bytes"],
+)
+def test_track_dirty_vram_entry_does_what_the_method_does(args: tuple[Any, ...], make_out: Any) -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    device.answer = bytes(range(256)) * 16
+    out_entry, out_general = make_out(), make_out()
+    by_entry = _record(dm, device, lambda: dm.track_dirty_vram(*args, out=out_entry))
+    by_method = _record(dm, device, lambda: _GENERAL["track_dirty_vram"](dm, *args, out_general))
+    assert dm.__dict__["track_dirty_vram"].__code__.co_filename.startswith("<xendmop entry")
+    if by_entry[0][0] == "returned" and out_entry is not None:  # the caller's buffer, returned and filled
+        assert by_entry[0][1] is out_entry and by_method[0][1] is out_general
+        assert bytes(out_entry) == bytes(out_general)
+        by_entry, by_method = by_entry[1:], by_method[1:]
+    assert by_entry == by_method
+
+
+EXTENT_FORMS = {
+    "ctypes array": lambda: _packed(3),
+    "one extent (a Structure)": lambda: _packed(1)[0],
+    "bytes as c_char": lambda: (ctypes.c_char * 48).from_buffer_copy(bytes(_packed(3))),
+    "empty array": lambda: _packed(0),
+    "17 bytes": lambda: (ctypes.c_char * 17)(),
+    "one call exactly": lambda: _packed(256),
+    "split": lambda: _packed(257),
+    "pairs": lambda: [(0x100, 1), (0x300, 2)],
+    "bytearray": lambda: bytearray(_packed(2)),
+    "bytes": lambda: bytes(_packed(2)),
+}
+
+
+@pytest.mark.parametrize("make", EXTENT_FORMS.values(), ids=list(EXTENT_FORMS))
+@pytest.mark.parametrize("domid", [3, 0x10000, True])
+def test_modified_memory_bulk_entry_does_what_the_method_does(make: Any, domid: Any) -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    extents = make()
+    if isinstance(extents, CTYPES_MEMORY):  # its class met before (as any call with one would): the entry's form
+        caller_memory("test", "extents", extents, writable=True)
+    for _ in range(2):
+        by_entry = _record(dm, device, lambda: dm.modified_memory_bulk(domid, extents))
+        by_method = _record(dm, device, lambda: _GENERAL["modified_memory_bulk"](dm, domid, extents))
+        assert by_entry == by_method
+
+
+def test_entries_refuse_on_a_closed_or_restricted_handle() -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    track, bulk = dm.track_dirty_vram, dm.modified_memory_bulk
+    extents = _packed(2)
+    bulk(3, extents)
+    dm.restrict(3)
+    with pytest.raises(PermissionError, match="domid=4"):
+        track(4, 0x100, 8)
+    with pytest.raises(PermissionError, match="domid=4"):
+        bulk(4, extents)
+    dm.close()
+    assert "track_dirty_vram" not in dm.__dict__
+    for call in (lambda: track(3, 0x100, 8), lambda: bulk(3, extents), lambda: dm.track_dirty_vram(3, 0x100, 8)):
+        with pytest.raises(ClosedHandleError):
+            call()
+    assert len(device.requests) == 1
+
+
+def test_an_entry_keeps_no_reference_to_its_handle() -> None:
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        dm = _open(CapturingPrivcmd())
+        dm.track_dirty_vram(3, 0x100, 8)
+        bulk = dm.modified_memory_bulk
+        handle = weakref.ref(dm)
+        del dm
+        assert handle() is None  # freed by reference counting: no cycle through the entry
+        with pytest.raises(ClosedHandleError, match="gone"):
+            bulk(3, [(0x100, 1)])  # the general path needs the handle
+    finally:
+        gc.enable()

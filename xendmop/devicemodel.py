@@ -15,6 +15,7 @@ import ctypes
 import io
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -40,7 +41,7 @@ _EXTENT = xen_dm_op_modified_memory_extent
 _EXTENT_SIZE = ctypes.sizeof(_EXTENT)
 _OP = BY_NAME  # short alias for the declarations used below
 _Buffer = TypeVar("_Buffer")
-_MAX_REMEMBERED = 64  # ctypes array classes are made per length: a bounded memo, the rest checked per call
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 _check_domid = check_domid
@@ -118,6 +119,59 @@ class _Op:
         return call
 
 
+class _Entry:
+    """A public method whose common form is its op's generated call itself.
+
+    ``_entry(op, *params, slot=...)`` on a method: on a backend with ``compile_entry``
+    the handle's attribute becomes one generated function with the method's signature,
+    taking the form that needs nothing but the op (see ``PrivcmdBackend.compile_entry``)
+    and calling the method, as written, for every other form.  A bulk call then costs one
+    Python frame, as a ctypes call does; the method's body stays the reference."""
+
+    def __init__(self, general: Callable[..., Any], op: str, params: tuple[str, ...], slot: str) -> None:
+        self.general = general
+        self.decl = BY_NAME[op]
+        self.params = params
+        self.slot = slot
+        self.decl.guard_source(params)  # every name is a scalar field of the op, checked at import
+        self.attr = general.__name__
+        self.__doc__ = general.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = name
+        _COMPILED.append(name)
+
+    def __get__(self, dm: DeviceModel | None, owner: type | None = None) -> Callable[..., Any]:
+        if dm is None:
+            return self.general
+        bound: Callable[..., Any] = self.general.__get__(dm, owner)
+        compile_entry = getattr(dm._backend, "compile_entry", None)  # None on a closed handle
+        if compile_entry is None:
+            return bound
+        handle = weakref.ref(dm)  # the entry lives in the handle's dict: no cycle through it
+        general = self.general
+
+        def fallback(*args: Any) -> Any:
+            alive = handle()
+            if alive is None:
+                raise ClosedHandleError("the DeviceModel is gone")
+            return general(alive, *args)
+
+        entry: Callable[..., Any] | None = compile_entry(self.decl, self.params, self.slot, self.attr, fallback)
+        if entry is None:
+            return bound
+        entry.__doc__, entry.__qualname__ = self.general.__doc__, self.general.__qualname__
+        dm.__dict__[self.attr] = entry
+        return entry
+
+
+def _entry(op: str, *params: str, slot: str) -> Callable[[_Method], _Method]:
+    def wrap(general: _Method) -> _Method:
+        return _Entry(general, op, params, slot)  # type: ignore[return-value]
+
+    return wrap
+
+
 def _bool(op: str, name: str, value: object) -> int:
     if not isinstance(value, (bool, int)) or value not in (0, 1):
         raise ArgumentError(op, name, value, "must be a bool (0 or 1)")
@@ -132,9 +186,6 @@ class DeviceModel:
         self._max_buf_size = backend.limits.max_buf_size  # what one kernel-sized call carries
         self._pages_per_call = 8 * self._max_buf_size  # track_dirty_vram: one bit per page
         self._extent_bytes_per_call = self._max_buf_size // _EXTENT_SIZE * _EXTENT_SIZE
-        #: modified_memory_bulk: ctypes classes of packed extents checked once, by the
-        #: extents each holds when that fits one call (a ctypes class's size never changes)
-        self._one_call_extents: dict[type, int] = {}
 
     # --- opening ---------------------------------------------------------------
 
@@ -323,6 +374,7 @@ class DeviceModel:
     @overload
     def track_dirty_vram(self, domid: int, first_pfn: int, nr: int, out: _Buffer) -> _Buffer: ...
 
+    @_entry("track_dirty_vram", "first_pfn", "nr", slot="out")
     def track_dirty_vram(self, domid: int, first_pfn: int, nr: int, out: Any = None) -> Any:
         """XEN_DMOP_track_dirty_vram: the dirty bitmap of ``nr`` pages from ``first_pfn``
         (bit ``i & 7`` of byte ``i >> 3`` is pfn ``first_pfn + i``), as new ``bytes``.
@@ -369,6 +421,7 @@ class DeviceModel:
         """XEN_DMOP_modified_memory with one extent."""
         self.modified_memory_bulk(domid, [(first_pfn, nr)])
 
+    @_entry("modified_memory", slot="extents")
     def modified_memory_bulk(self, domid: int, extents: Iterable[tuple[int, int]] | Any) -> None:
         """XEN_DMOP_modified_memory: mark extents dirty for log-dirty.
 
@@ -382,10 +435,6 @@ class DeviceModel:
         and the HYPERCALL path go through the hypercall buffer.
         """
         call = self._modified_memory  # ClosedHandleError on a closed handle
-        count = self._one_call_extents.get(extents.__class__)
-        if count is not None:  # a ctypes class checked before: one call, the memory as it is
-            call(domid, count, extents)
-            return
         op = "modified_memory"
         data: Any = extents
         ctypes_memory = isinstance(data, CTYPES_MEMORY)
@@ -409,8 +458,6 @@ class DeviceModel:
         step = self._extent_bytes_per_call
         if 0 < total <= step:  # one kernel-sized call: the memory as it is
             call(domid, total // _EXTENT_SIZE, data)
-            if ctypes_memory and len(self._one_call_extents) < _MAX_REMEMBERED:
-                self._one_call_extents[data.__class__] = total // _EXTENT_SIZE
             return
         _check_domid(op, domid)
         # Split: each chunk is copied into the hypercall buffer (a read-only view says

@@ -162,29 +162,8 @@ def _out_slot_lines(arg: str, label: str, op: str, room: int, in_place: bool) ->
     return before, after
 
 
-def _make_call(
-    decl: OpDecl,
-    params: tuple[str, ...],
-    hypercall: bool,
-    slot_room: int,
-    os_device: bool,
-    slot_params: tuple[str, ...] = (),
-) -> tuple[CodeType, dict[str, Any]]:
-    """The code of one op's call (``_CALL_TEMPLATE`` filled from ``decl``) and the
-    globals it needs that do not depend on the backend.  On a real device file
-    (``os_device``) it calls ``fcntl.ioctl`` on the fd itself, as ``OsDevice.ioctl`` would.
-    ``slot_params`` name the slot arguments as the caller knows them (default: the slots' names)."""
-    if len(decl.slots) > 1:
-        raise TypeError(f"{decl.name}: the arena holds one slot; use dm_op")  # no DMOP has two
-    slot = decl.slots[0] if decl.slots else None
-    slot_args = slot_params or tuple(s.name for s in decl.slots)
-    if len(slot_args) != len(decl.slots):
-        raise TypeError(f"{decl.name}: {len(decl.slots)} slot name(s) expected, got {slot_args!r}")
-    request = IOCTL_PRIVCMD_HYPERCALL if hypercall else IOCTL_PRIVCMD_DM_OP
-    arg = "hypercall" if hypercall else "dm_op"
-    for name in (*params, *slot_args):
-        if not name.isidentifier() or name.startswith("_") or name == "domid":  # the generated code's own names
-            raise TypeError(f"{decl.name}: {name!r} cannot be a parameter of a generated call")
+def _call_globals(decl: OpDecl) -> dict[str, Any]:
+    """The names a generated call or entry of ``decl`` uses that depend on neither the backend nor the handle."""
 
     def slow_check(domid: int, fields: Mapping[str, int]) -> None:  # the typed error, or a bool/IntEnum's go-ahead
         check_domid(decl.name, domid)
@@ -212,6 +191,34 @@ def _make_call(
         "_caller_memory": caller_memory,
         "_memmove": ctypes.memmove,
     }
+    return shared
+
+
+def _make_call(
+    decl: OpDecl,
+    params: tuple[str, ...],
+    hypercall: bool,
+    slot_room: int,
+    os_device: bool,
+    slot_params: tuple[str, ...] = (),
+) -> tuple[CodeType, dict[str, Any]]:
+    """The code of one op's call (``_CALL_TEMPLATE`` filled from ``decl``) and the
+    globals it needs that do not depend on the backend.  On a real device file
+    (``os_device``) it calls ``fcntl.ioctl`` on the fd itself, as ``OsDevice.ioctl`` would.
+    ``slot_params`` name the slot arguments as the caller knows them (default: the slots' names)."""
+    if len(decl.slots) > 1:
+        raise TypeError(f"{decl.name}: the arena holds one slot; use dm_op")  # no DMOP has two
+    slot = decl.slots[0] if decl.slots else None
+    slot_args = slot_params or tuple(s.name for s in decl.slots)
+    if len(slot_args) != len(decl.slots):
+        raise TypeError(f"{decl.name}: {len(decl.slots)} slot name(s) expected, got {slot_args!r}")
+    request = IOCTL_PRIVCMD_HYPERCALL if hypercall else IOCTL_PRIVCMD_DM_OP
+    arg = "hypercall" if hypercall else "dm_op"
+    for name in (*params, *slot_args):
+        if not name.isidentifier() or name.startswith("_") or name == "domid":  # the generated code's own names
+            raise TypeError(f"{decl.name}: {name!r} cannot be a parameter of a generated call")
+
+    shared = _call_globals(decl)
     lines: list[str] = []
     after: list[str] = []
     if slot is not None:
@@ -267,6 +274,119 @@ def _make_call(
     exec(compile(source, f"<xendmop dm_op {decl.name}>", "exec"), scratch)
     code: CodeType = scratch[decl.name].__code__
     return code, shared
+
+
+# A public method's entry (``PrivcmdBackend.compile_entry``): the generated call with the
+# method's own signature, for the one form that needs nothing but the op, so that form
+# costs one Python frame, as a ctypes call into libxendevicemodel does.  Anything else
+# (a bool or IntEnum, a bad value, more than one kernel-sized buffer, memory not met
+# before as a ctypes object) goes to the method's general path, ``_general``.
+_ENTRY_TEMPLATE = """
+def {name}(domid, {params}):
+    if not (domid.__class__ is int and 0 <= domid <= 0xffff and {guard}):
+        return _general(domid, {args})
+{size}    if _nbytes > {max_bytes}:
+        return _general(domid, {args})
+    _restricted = _backend.restricted_to
+    if _restricted is not None and domid != _restricted:
+        raise _xen_error(_EPERM, {op!r}, domid, {fields}, layer="privcmd")
+    _device = _backend._device
+    if _device is None:
+        raise _ClosedHandleError("the privcmd handle is closed")
+    try:
+        _arena = _pop()
+    except IndexError:
+        _arena = _acquire()
+    _view = _arena.view
+    try:
+{slot}        {pack}
+        {ioctl}
+        return {result}
+    except _XenError:
+        raise
+    except OSError as _e:
+        raise _xen_error(_e.errno or _EIO, {op!r}, domid, {fields}) from None
+    finally:
+        _push(_arena)
+"""
+
+
+def _make_entry(
+    decl: OpDecl, params: tuple[str, ...], slot_param: str, name: str, max_bytes: int, os_device: bool
+) -> tuple[CodeType, dict[str, Any]]:
+    """The code of a public method's entry (``_ENTRY_TEMPLATE`` filled from ``decl``) for the
+    DM_OP ioctl, and the globals it needs that do not depend on the backend or the handle.
+
+    The op has one slot; its data is ``slot_param``.  An OUT slot defaults to ``None`` (new
+    ``bytes``) or takes a writable buffer that Xen writes into and that is returned.  An IN
+    slot takes a ctypes object of a class met before: when the count rule is one field the
+    caller does not pass (``nr_extents``), that field is the object's size in items.  Both
+    slots go to ``_general`` past ``max_bytes``, the most one kernel-sized buffer holds."""
+    if len(decl.slots) != 1:
+        raise TypeError(f"{decl.name}: an entry is for an op with one slot")
+    slot = decl.slots[0]
+    shared = _call_globals(decl)
+    expr = slot.count_expr
+    if expr is None:
+        raise TypeError(f"{decl.name}: an entry needs the slot's count rule as an expression")
+    derived = expr if expr.isidentifier() and expr not in params else None
+    if derived is not None and (slot.is_out or derived not in decl._order):
+        raise TypeError(f"{decl.name}: cannot size the op from {slot_param}")
+    fields = "{" + ", ".join(f"{p!r}: {p}" for p in params) + "}"
+    empty = f"_arena.slot_addr + {EMPTY_SLOT_OFFSET}"  # see buffers.py: never a page-aligned 0-byte buffer
+    if slot.is_in:
+        if derived is None:
+            raise TypeError(f"{decl.name}: an IN entry sizes the op from its data")
+        guard = f"{slot_param}.__class__ in _CTYPES_MEMORY_CLASSES"
+        size = [  # whole items, at least one: anything else is the general path's to refuse or split
+            f"_nbytes = _sizeof({slot_param})",
+            f"if _nbytes % {slot.itemsize} or not _nbytes:",
+            f"    return _general(domid, {slot_param})",
+            f"{derived} = _nbytes // {slot.itemsize}",
+        ]
+        lines = [f"_uptr = _addressof({slot_param})"]  # ctypes memory is writable: privcmd pins it as it is
+        result = "None"
+    else:
+        guard = decl.guard_source(params)
+        size = [f"_nbytes = ({expr}) * {slot.itemsize}"]
+        why = "f'must hold at least {_nbytes} bytes'"
+        lines = [
+            f"if {slot_param} is None:",  # never hand Xen a buffer holding the last call's answer
+            f"    _view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _zeros[:_nbytes]",
+            f"    _uptr = _arena.slot_addr if _nbytes else {empty}",
+            "else:",
+            f"    if {slot_param}.__class__ in _CTYPES_MEMORY_CLASSES:",
+            f"        _addr, _size = _addressof({slot_param}), _sizeof({slot_param})",
+            "    else:",
+            f"        _addr, _size, _keep = _caller_memory({decl.name!r}, {slot_param!r}, {slot_param}, True)",
+            "    if _size < _nbytes:",
+            f"        raise _ArgumentError({decl.name!r}, {slot_param!r}, _size, {why})",
+            f"    _uptr = _addr if _nbytes else {empty}",
+        ]
+        result = f"_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes].tobytes() if {slot_param} is None else {slot_param}"
+    values = ", ".join([str(decl.number), *(p if p in params or p == derived else "0" for p in decl._order)])
+    default = "=None" if slot.is_out else ""
+    source = _ENTRY_TEMPLATE.format(
+        name=name,
+        params=", ".join([*params, slot_param + default]),
+        args=", ".join([*params, slot_param]),
+        guard=guard,
+        size="".join(f"    {line}\n" for line in size),
+        max_bytes=max_bytes,
+        op=decl.name,
+        fields=fields,
+        slot="".join(f"        {line}\n" for line in lines),
+        pack=f"_pack_request(_view, {HEAD_AT}, domid, 2, _arena.bufs_addr, _arena.op_addr, {DM_OP_SIZE}, "
+        f"_uptr, _nbytes, {values})",
+        ioctl=f"_fcntl_ioctl(_device._fd, {IOCTL_PRIVCMD_DM_OP}, _arena.dm_op, True)"
+        if os_device
+        else f"_device.ioctl({IOCTL_PRIVCMD_DM_OP}, _arena.dm_op)",
+        result=result,
+    )
+    scratch: dict[str, Any] = {}
+    exec(compile(source, f"<xendmop entry {name}>", "exec"), scratch)
+    entry: CodeType = scratch[name].__code__
+    return entry, shared
 
 
 class PrivcmdBackend:
@@ -375,6 +495,35 @@ class PrivcmdBackend:
         names = {"_backend": self, "_pop": pool._free.pop, "_acquire": pool.acquire, "_push": pool._free.append}
         call: Callable[..., tuple[Any, list[Any]]] = FunctionType(code, {**shared, **names})
         return call
+
+    def compile_entry(
+        self, decl: OpDecl, params: Sequence[str], slot_param: str, name: str, general: Callable[..., Any]
+    ) -> Callable[..., Any] | None:
+        """A public method's common form as one generated function (see ``_ENTRY_TEMPLATE``):
+        ``name(domid, *params, slot_param)``, which calls ``general`` with the same arguments
+        for everything else.  ``None`` on the HYPERCALL path, where every buffer is copied
+        into hypercall memory anyway and the method's own path is as fast."""
+        if self.uses_hypercall:
+            return None
+        params = tuple(params)
+        os_device = type(self.device) is OsDevice
+        max_bytes = min(self.limits.max_buf_size, self._buffers.slot_room)
+        key = ("entry", decl.name, decl.number, params, slot_param, name, max_bytes, os_device)
+        made = _MADE.get(key)
+        if made is None:
+            made = _MADE[key] = _make_entry(decl, params, slot_param, name, max_bytes, os_device)
+        code, shared = made
+        pool = self._buffers
+        names = {
+            "_backend": self,
+            "_pop": pool._free.pop,
+            "_acquire": pool.acquire,
+            "_push": pool._free.append,
+            "_general": general,
+        }
+        defaults = (None,) if decl.slots[0].is_out else None  # FunctionType keeps none of the code's own
+        entry: Callable[..., Any] = FunctionType(code, {**shared, **names}, name, defaults)
+        return entry
 
     def restrict(self, domid: int) -> None:
         """``IOCTL_PRIVCMD_RESTRICT``: this fd may only target ``domid`` from now on."""
