@@ -156,7 +156,7 @@ def _setup() -> tuple[dict[str, dict[str, Any]], Any]:
         "track_dirty_vram": (sk.track_dirty_vram, DOMID, 0xF0000, NR_PAGES),
         "modified_memory_bulk": (sk.modified_memory_bulk, DOMID, extents),
     }
-    keep.extend([extents, floor, sk, out])
+    keep.extend([extents, floor, sk, out, dm])
     return {"xendmop": xendmop, "ctypes": creference, "ioctl": ioctl, "pycall": pycalls, "sketch": sketch}, keep
 
 

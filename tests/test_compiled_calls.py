@@ -459,7 +459,8 @@ def test_hypercall_fallback_copies_the_zero_copy_forms_through_hypercall_buffers
 
 # --- entries: the bulk methods' common form as the generated call itself -----------------
 
-_GENERAL = {name: getattr(DeviceModel, name) for name in ("track_dirty_vram", "modified_memory_bulk")}
+ENTRIES = ("track_dirty_vram", "modified_memory_bulk", "set_isa_irq_level", "set_pci_intx_level", "set_irq_level")
+_GENERAL = {name: getattr(DeviceModel, name) for name in (*ENTRIES, "inject_msi")}
 
 
 def _record(dm: DeviceModel, device: CapturingPrivcmd, call: Any) -> tuple[Any, Any, Any]:
@@ -473,7 +474,7 @@ def _record(dm: DeviceModel, device: CapturingPrivcmd, call: Any) -> tuple[Any, 
     return result, sent, [size for _, size in device.slot_bufs[-len(sent) :]] if sent else []
 
 
-def test_bulk_methods_become_generated_entries_on_the_dm_op_path() -> None:
+def test_bulk_and_interrupt_methods_become_generated_entries_on_the_dm_op_path() -> None:
     dm = _open(CapturingPrivcmd())
     for name, general in _GENERAL.items():
         entry = getattr(dm, name)
@@ -483,6 +484,9 @@ def test_bulk_methods_become_generated_entries_on_the_dm_op_path() -> None:
     import inspect
 
     assert str(inspect.signature(dm.track_dirty_vram)) == "(domid, first_pfn, nr, out=None)"
+    for name in _GENERAL:  # the method's own argument names: keyword callers see no difference
+        wanted = [p for p in inspect.signature(_GENERAL[name]).parameters if p != "self"]
+        assert list(inspect.signature(getattr(dm, name)).parameters) == wanted
     hypercall = _open(HypercallPrivcmd())  # type: ignore[arg-type]
     assert hypercall.track_dirty_vram.__func__ is _GENERAL["track_dirty_vram"]  # type: ignore[attr-defined]
     assert "track_dirty_vram" not in hypercall.__dict__
@@ -565,17 +569,22 @@ def test_modified_memory_bulk_entry_does_what_the_method_does(make: Any, domid: 
 def test_entries_refuse_on_a_closed_or_restricted_handle() -> None:
     device = CapturingPrivcmd()
     dm = _open(device)
-    track, bulk = dm.track_dirty_vram, dm.modified_memory_bulk
+    track, bulk, isa = dm.track_dirty_vram, dm.modified_memory_bulk, dm.set_isa_irq_level
     extents = _packed(2)
     bulk(3, extents)
     dm.restrict(3)
-    with pytest.raises(PermissionError, match="domid=4"):
-        track(4, 0x100, 8)
-    with pytest.raises(PermissionError, match="domid=4"):
-        bulk(4, extents)
+    for refused in (lambda: track(4, 0x100, 8), lambda: bulk(4, extents), lambda: isa(4, 11, 1)):
+        with pytest.raises(PermissionError, match="domid=4"):
+            refused()
     dm.close()
-    assert "track_dirty_vram" not in dm.__dict__
-    for call in (lambda: track(3, 0x100, 8), lambda: bulk(3, extents), lambda: dm.track_dirty_vram(3, 0x100, 8)):
+    assert not set(ENTRIES) & set(dm.__dict__)
+    for call in (
+        lambda: track(3, 0x100, 8),
+        lambda: bulk(3, extents),
+        lambda: isa(3, 11, 1),
+        lambda: dm.track_dirty_vram(3, 0x100, 8),
+        lambda: dm.set_isa_irq_level(3, 11, 1),
+    ):
         with pytest.raises(ClosedHandleError):
             call()
     assert len(device.requests) == 1
@@ -597,3 +606,35 @@ def test_an_entry_keeps_no_reference_to_its_handle() -> None:
             bulk(3, [(0x100, 1)])  # the general path needs the handle
     finally:
         gc.enable()
+
+
+INTERRUPT_FORMS = {
+    "set_isa_irq_level": [(3, 11, 1), (3, 11, True), (3, 11, Level.HIGH), (3, 16, 1), (3, 11, 2), (3, 11, 1.0)],
+    "set_pci_intx_level": [(3, 0, 1, 4, 2, 1), (3, 0, 1, 4, 4, 1), (3, 0x10000, 1, 4, 2, 1), (3, 0, 1, 0x20, 2, 0)],
+    "set_irq_level": [(3, 40, 1), (3, 40, 2), (3, -1, 0)],
+    "inject_msi": [(3, 0xFEE00000, 0x4041), (3, 2**64, 1), (3, 0xFEE00000, 2**32), (3, 0xFEE00000, "1")],
+}
+
+
+@pytest.mark.parametrize(
+    "name, args", [(n, a) for n, forms in INTERRUPT_FORMS.items() for a in [*forms, (0x10000, *forms[0][1:])]]
+)
+def test_interrupt_entries_do_what_the_methods_do(name: str, args: tuple[Any, ...]) -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    by_entry = _record(dm, device, lambda: getattr(dm, name)(*args))
+    by_method = _record(dm, device, lambda: _GENERAL[name](dm, *args))
+    assert by_entry == by_method
+    assert dm.__dict__[name].__code__.co_filename == f"<xendmop entry {name}>"
+
+
+def test_interrupt_entries_take_keywords_by_the_methods_names() -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    dm.set_isa_irq_level(domid=3, irq=11, level=1)
+    dm.set_pci_intx_level(3, segment=0, bus=1, device=4, intx=2, level=1)
+    dm.inject_msi(3, msi_addr=0xFEE00000, msi_data=0x4041)
+    dm.set_isa_irq_level(3, 11, 1)
+    dm.set_pci_intx_level(3, 0, 1, 4, 2, 1)
+    dm.inject_msi(3, 0xFEE00000, 0x4041)
+    assert device.requests[:3] == device.requests[3:]

@@ -125,15 +125,17 @@ class _Entry:
     ``_entry(op, *params, slot=...)`` on a method: on a backend with ``compile_entry``
     the handle's attribute becomes one generated function with the method's signature,
     taking the form that needs nothing but the op (see ``PrivcmdBackend.compile_entry``)
-    and calling the method, as written, for every other form.  A bulk call then costs one
-    Python frame, as a ctypes call does; the method's body stays the reference."""
+    and calling the method, as written, for every other form.  A call then costs one
+    Python frame, as a ctypes call does; the method's body stays the reference.
+    ``params`` name the method's arguments after ``domid`` in order, each the op field it
+    fills, or ``"argument=field"`` when the names differ."""
 
-    def __init__(self, general: Callable[..., Any], op: str, params: tuple[str, ...], slot: str) -> None:
+    def __init__(self, general: Callable[..., Any], op: str, params: tuple[str, ...], slot: str | None) -> None:
         self.general = general
         self.decl = BY_NAME[op]
-        self.params = params
+        self.params = tuple((p.partition("=")[0], p.partition("=")[2] or p) for p in params)
         self.slot = slot
-        self.decl.guard_source(params)  # every name is a scalar field of the op, checked at import
+        self.decl.guard_source([field for _, field in self.params])  # scalar fields of the op, checked at import
         self.attr = general.__name__
         self.__doc__ = general.__doc__
 
@@ -165,7 +167,7 @@ class _Entry:
         return entry
 
 
-def _entry(op: str, *params: str, slot: str) -> Callable[[_Method], _Method]:
+def _entry(op: str, *params: str, slot: str | None = None) -> Callable[[_Method], _Method]:
     def wrap(general: _Method) -> _Method:
         return _Entry(general, op, params, slot)  # type: ignore[return-value]
 
@@ -340,14 +342,17 @@ class DeviceModel:
 
     # --- interrupts ----------------------------------------------------------------
 
+    @_entry("set_pci_intx_level", "segment=domain", "bus", "device", "intx", "level")
     def set_pci_intx_level(self, domid: int, segment: int, bus: int, device: int, intx: int, level: int) -> None:
         """XEN_DMOP_set_pci_intx_level: assert (1) or deassert (0) INTx (0-3 = A-D)."""
         self._set_pci_intx_level(domid, segment, bus, device, intx, level)
 
+    @_entry("set_isa_irq_level", "irq=isa_irq", "level")
     def set_isa_irq_level(self, domid: int, irq: int, level: int) -> None:
         """XEN_DMOP_set_isa_irq_level: assert (1) or deassert (0) ISA IRQ ``irq``."""
         self._set_isa_irq_level(domid, irq, level)
 
+    @_entry("set_irq_level", "irq", "level")
     def set_irq_level(self, domid: int, irq: int, level: int) -> None:
         """XEN_DMOP_set_irq_level (Arm): set the level of SPI ``irq``; x86 Xen says EOPNOTSUPP."""
         self._set_irq_level(domid, irq, level)
@@ -356,6 +361,7 @@ class DeviceModel:
         """XEN_DMOP_set_pci_link_route: route PCI link 0-3 to ISA IRQ ``irq`` (0 disables)."""
         self._set_pci_link_route(domid, link, irq)
 
+    @_entry("inject_msi", "msi_addr=addr", "msi_data=data")
     def inject_msi(self, domid: int, msi_addr: int, msi_data: int) -> None:
         """XEN_DMOP_inject_msi."""
         self._inject_msi(domid, msi_addr, msi_data)

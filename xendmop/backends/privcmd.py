@@ -11,6 +11,7 @@ import ctypes
 import errno
 import fcntl
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from struct import Struct
 from types import CodeType, FunctionType
@@ -285,9 +286,7 @@ _ENTRY_TEMPLATE = """
 def {name}(domid, {params}):
     if not (domid.__class__ is int and 0 <= domid <= 0xffff and {guard}):
         return _general(domid, {args})
-{size}    if _nbytes > {max_bytes}:
-        return _general(domid, {args})
-    _restricted = _backend.restricted_to
+{size}    _restricted = _backend.restricted_to
     if _restricted is not None and domid != _restricted:
         raise _xen_error(_EPERM, {op!r}, domid, {fields}, layer="privcmd")
     _device = _backend._device
@@ -312,72 +311,94 @@ def {name}(domid, {params}):
 
 
 def _make_entry(
-    decl: OpDecl, params: tuple[str, ...], slot_param: str, name: str, max_bytes: int, os_device: bool
+    decl: OpDecl,
+    params: tuple[tuple[str, str], ...],
+    slot_param: str | None,
+    name: str,
+    max_bytes: int,
+    os_device: bool,
 ) -> tuple[CodeType, dict[str, Any]]:
     """The code of a public method's entry (``_ENTRY_TEMPLATE`` filled from ``decl``) for the
     DM_OP ioctl, and the globals it needs that do not depend on the backend or the handle.
 
-    The op has one slot; its data is ``slot_param``.  An OUT slot defaults to ``None`` (new
-    ``bytes``) or takes a writable buffer that Xen writes into and that is returned.  An IN
-    slot takes a ctypes object of a class met before: when the count rule is one field the
-    caller does not pass (``nr_extents``), that field is the object's size in items.  Both
-    slots go to ``_general`` past ``max_bytes``, the most one kernel-sized buffer holds."""
-    if len(decl.slots) != 1:
-        raise TypeError(f"{decl.name}: an entry is for an op with one slot")
-    slot = decl.slots[0]
+    ``params``: ``(argument, field)`` pairs, the method's arguments after ``domid`` and the
+    op fields they fill.  The op's result must be nothing or its slot's data.  A slot's data
+    is the argument ``slot_param``.  An OUT slot defaults to ``None`` (new ``bytes``) or takes
+    a writable buffer that Xen writes into and that is returned.  An IN slot takes a ctypes
+    object of a class met before: when the count rule is one field no argument fills
+    (``nr_extents``), that field is the object's size in items.  Both go to ``_general``
+    past ``max_bytes``, the most one kernel-sized buffer holds."""
+    if len(decl.slots) != (slot_param is not None) or decl.copy_back is CopyBack.ALWAYS:
+        raise TypeError(f"{decl.name}: an entry is for an op with at most one slot and no result struct")
+    args, filled = tuple(a for a, _ in params), tuple(f for _, f in params)
+    for arg in (*args, *([slot_param] if slot_param else [])):
+        if not arg.isidentifier() or arg.startswith("_") or arg == "domid":  # the generated code's own names
+            raise TypeError(f"{decl.name}: {arg!r} cannot be an argument of an entry")
+    var = dict(zip(filled, args))  # field -> the argument holding it
     shared = _call_globals(decl)
-    expr = slot.count_expr
-    if expr is None:
-        raise TypeError(f"{decl.name}: an entry needs the slot's count rule as an expression")
-    derived = expr if expr.isidentifier() and expr not in params else None
-    if derived is not None and (slot.is_out or derived not in decl._order):
-        raise TypeError(f"{decl.name}: cannot size the op from {slot_param}")
-    fields = "{" + ", ".join(f"{p!r}: {p}" for p in params) + "}"
-    empty = f"_arena.slot_addr + {EMPTY_SLOT_OFFSET}"  # see buffers.py: never a page-aligned 0-byte buffer
-    if slot.is_in:
-        if derived is None:
-            raise TypeError(f"{decl.name}: an IN entry sizes the op from its data")
-        guard = f"{slot_param}.__class__ in _CTYPES_MEMORY_CLASSES"
-        size = [  # whole items, at least one: anything else is the general path's to refuse or split
-            f"_nbytes = _sizeof({slot_param})",
-            f"if _nbytes % {slot.itemsize} or not _nbytes:",
-            f"    return _general(domid, {slot_param})",
-            f"{derived} = _nbytes // {slot.itemsize}",
-        ]
-        lines = [f"_uptr = _addressof({slot_param})"]  # ctypes memory is writable: privcmd pins it as it is
-        result = "None"
-    else:
-        guard = decl.guard_source(params)
-        size = [f"_nbytes = ({expr}) * {slot.itemsize}"]
-        why = "f'must hold at least {_nbytes} bytes'"
-        lines = [
-            f"if {slot_param} is None:",  # never hand Xen a buffer holding the last call's answer
-            f"    _view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _zeros[:_nbytes]",
-            f"    _uptr = _arena.slot_addr if _nbytes else {empty}",
-            "else:",
-            f"    if {slot_param}.__class__ in _CTYPES_MEMORY_CLASSES:",
-            f"        _addr, _size = _addressof({slot_param}), _sizeof({slot_param})",
-            "    else:",
-            f"        _addr, _size, _keep = _caller_memory({decl.name!r}, {slot_param!r}, {slot_param}, True)",
-            "    if _size < _nbytes:",
-            f"        raise _ArgumentError({decl.name!r}, {slot_param!r}, _size, {why})",
-            f"    _uptr = _addr if _nbytes else {empty}",
-        ]
-        result = f"_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes].tobytes() if {slot_param} is None else {slot_param}"
-    values = ", ".join([str(decl.number), *(p if p in params or p == derived else "0" for p in decl._order)])
-    default = "=None" if slot.is_out else ""
+    fields = "{" + ", ".join(f"{f!r}: {a}" for a, f in params) + "}"
+    guard = decl.guard_source(filled, args)
+    size: list[str] = []
+    lines: list[str] = []
+    result = "None"
+    nbufs, slot_buf = 1, "0, 0"
+    if slot_param is not None:
+        slot = decl.slots[0]
+        expr = slot.count_expr
+        if expr is None:
+            raise TypeError(f"{decl.name}: an entry needs the slot's count rule as an expression")
+        nbufs, slot_buf = 2, "_uptr, _nbytes"
+        empty = f"_arena.slot_addr + {EMPTY_SLOT_OFFSET}"  # see buffers.py: never a page-aligned 0-byte buffer
+        too_big = [f"if _nbytes > {max_bytes}:", f"    return _general(domid, {', '.join([*args, slot_param])})"]
+        if slot.is_in:
+            if not expr.isidentifier() or expr in var or expr not in decl._order:
+                raise TypeError(f"{decl.name}: an IN entry sizes the op from {slot_param}: count must be one field")
+            var[expr] = expr
+            guard = f"{guard} and {slot_param}.__class__ in _CTYPES_MEMORY_CLASSES"
+            size = [  # whole items, at least one: anything else is the general path's to refuse or split
+                f"_nbytes = _sizeof({slot_param})",
+                f"if _nbytes % {slot.itemsize} or not _nbytes:",
+                f"    return _general(domid, {', '.join([*args, slot_param])})",
+                *too_big,
+                f"{expr} = _nbytes // {slot.itemsize}",
+            ]
+            lines = [f"_uptr = _addressof({slot_param})"]  # ctypes memory is writable: privcmd pins it as it is
+        else:
+            names = compile(expr, "<count>", "eval").co_names
+            if not set(names) <= set(var):
+                raise TypeError(f"{decl.name}: count {expr!r} needs a field no argument fills")
+            count = expr
+            for field, arg in var.items():  # the count rule over the arguments' names
+                count = re.sub(rf"\b{field}\b", arg, count)
+            size = [f"_nbytes = ({count}) * {slot.itemsize}", *too_big]
+            why = "f'must hold at least {_nbytes} bytes'"
+            lines = [
+                f"if {slot_param} is None:",  # never hand Xen a buffer holding the last call's answer
+                f"    _view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _zeros[:_nbytes]",
+                f"    _uptr = _arena.slot_addr if _nbytes else {empty}",
+                "else:",
+                f"    if {slot_param}.__class__ in _CTYPES_MEMORY_CLASSES:",
+                f"        _addr, _size = _addressof({slot_param}), _sizeof({slot_param})",
+                "    else:",
+                f"        _addr, _size, _keep = _caller_memory({decl.name!r}, {slot_param!r}, {slot_param}, True)",
+                "    if _size < _nbytes:",
+                f"        raise _ArgumentError({decl.name!r}, {slot_param!r}, _size, {why})",
+                f"    _uptr = _addr if _nbytes else {empty}",
+            ]
+            result = f"_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes].tobytes() if {slot_param} is None else {slot_param}"
+    values = ", ".join([str(decl.number), *(var.get(f, "0") for f in decl._order)])
+    signature = [*args, *([slot_param + ("=None" if decl.slots[0].is_out else "")] if slot_param else [])]
     source = _ENTRY_TEMPLATE.format(
         name=name,
-        params=", ".join([*params, slot_param + default]),
-        args=", ".join([*params, slot_param]),
+        params=", ".join(signature),
+        args=", ".join([*args, *([slot_param] if slot_param else [])]),
         guard=guard,
         size="".join(f"    {line}\n" for line in size),
-        max_bytes=max_bytes,
         op=decl.name,
         fields=fields,
         slot="".join(f"        {line}\n" for line in lines),
-        pack=f"_pack_request(_view, {HEAD_AT}, domid, 2, _arena.bufs_addr, _arena.op_addr, {DM_OP_SIZE}, "
-        f"_uptr, _nbytes, {values})",
+        pack=f"_pack_request(_view, {HEAD_AT}, domid, {nbufs}, _arena.bufs_addr, _arena.op_addr, {DM_OP_SIZE}, "
+        f"{slot_buf}, {values})",
         ioctl=f"_fcntl_ioctl(_device._fd, {IOCTL_PRIVCMD_DM_OP}, _arena.dm_op, True)"
         if os_device
         else f"_device.ioctl({IOCTL_PRIVCMD_DM_OP}, _arena.dm_op)",
@@ -497,12 +518,18 @@ class PrivcmdBackend:
         return call
 
     def compile_entry(
-        self, decl: OpDecl, params: Sequence[str], slot_param: str, name: str, general: Callable[..., Any]
+        self,
+        decl: OpDecl,
+        params: Sequence[tuple[str, str]],
+        slot_param: str | None,
+        name: str,
+        general: Callable[..., Any],
     ) -> Callable[..., Any] | None:
         """A public method's common form as one generated function (see ``_ENTRY_TEMPLATE``):
-        ``name(domid, *params, slot_param)``, which calls ``general`` with the same arguments
-        for everything else.  ``None`` on the HYPERCALL path, where every buffer is copied
-        into hypercall memory anyway and the method's own path is as fast."""
+        ``name(domid, *arguments, slot_param)`` for ``params``' ``(argument, field)`` pairs,
+        which calls ``general`` with the same arguments for everything else.  ``None`` on the
+        HYPERCALL path, where every buffer is copied into hypercall memory anyway and the
+        method's own path is as fast."""
         if self.uses_hypercall:
             return None
         params = tuple(params)
@@ -521,7 +548,7 @@ class PrivcmdBackend:
             "_push": pool._free.append,
             "_general": general,
         }
-        defaults = (None,) if decl.slots[0].is_out else None  # FunctionType keeps none of the code's own
+        defaults = (None,) if decl.slots and decl.slots[0].is_out else None  # FunctionType keeps none of the code's
         entry: Callable[..., Any] = FunctionType(code, {**shared, **names}, name, defaults)
         return entry
 

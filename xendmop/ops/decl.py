@@ -360,20 +360,21 @@ class OpDecl(_Frozen):
                 why = f"must be 0..{top:#x}" if name in self.limits else f"does not fit uint{width}_t"
                 raise ArgumentError(self.name, name, value, why)
 
-    def guard_source(self, params: Sequence[str]) -> str:
+    def guard_source(self, params: Sequence[str], names: Sequence[str] | None = None) -> str:
         """A Python expression over variables named ``params`` (fields of this op) that is
         true when each is a plain ``int`` within the field's range: a generated fast path's
         whole argument check.  It accepts a strict subset of what ``check`` accepts, so a
         caller that finds it false calls ``check`` for the typed error (or, for a bool or
-        an ``IntEnum``, for the go-ahead)."""
+        an ``IntEnum``, for the go-ahead).  ``names``: the variables holding ``params``,
+        when they are named otherwise (a method's own argument names)."""
         terms = []
-        for name in params:
+        for name, var in zip(params, names or params):
             if name not in self._types:
                 raise TypeError(f"{self.name}: no field {name!r} in {self.struct.__name__}")
             top = self._tops[name]
             if top is None or not name.isidentifier():
                 raise TypeError(f"{self.name}: {name} is not a scalar field")
-            terms.append(f"{name}.__class__ is int and 0 <= {name} <= {top:#x}")
+            terms.append(f"{var}.__class__ is int and 0 <= {var} <= {top:#x}")
         return " and ".join(terms) or "True"
 
     def marshal(
