@@ -19,8 +19,8 @@ from . import interleave, median, write_result
 
 DOMID = 1
 SCALES = (1, 10, 100)
-N_EXTENTS = 256
-N_PAGES = 32768
+N_EXTENTS = 2560  # 10 kernel-sized calls: every scale is split alike
+N_PAGES = 327680  # 10 kernel-sized calls
 ROUNDS = 9
 TOLERANCE = 0.15
 

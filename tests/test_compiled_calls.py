@@ -143,6 +143,22 @@ def test_split_bitmap_is_reassembled_in_order() -> None:
     assert len(bitmap) == (2 * per_call + 9 + 7) // 8
     assert bitmap == b"\x0f" * (2 * 4096 + 2)
     assert [len(bufs[1]) for _, bufs in device.requests] == [4096, 4096, 2]
+    (first, _), *rest = device.slot_bufs  # Xen writes each chunk in place, one buffer after the other
+    assert [addr for addr, _ in rest] == [first + 4096, first + 8192]
+    assert not any(first in arena for arena in _arena_ranges(dm))
+
+
+def test_a_refused_chunk_of_a_split_bitmap_raises_its_own_error() -> None:
+    class RefusesTheSecond(CapturingPrivcmd):
+        def ioctl(self, request: int, arg: Any) -> int:
+            if len(self.requests) == 1:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            return super().ioctl(request, arg)
+
+    dm = _open(RefusesTheSecond())
+    with pytest.raises(OSError) as info:  # the XenError, from the chunk that failed
+        dm.track_dirty_vram(3, 0x100000, 3 * 8 * 4096)
+    assert info.value.errno == errno.EINVAL and "track_dirty_vram" in str(info.value)
 
 
 def test_restrict_after_first_use_still_applies() -> None:
@@ -354,14 +370,28 @@ def test_read_only_extents_are_copied_into_the_arena() -> None:
     assert device.requests[0][1][1] == data
 
 
-def test_split_extents_are_copied_chunk_by_chunk() -> None:
+def test_split_extents_in_writable_memory_are_pointed_at_chunk_by_chunk() -> None:
     device = CapturingPrivcmd()
     dm = _open(device)
     array = _packed(300)
+    as_bytearray = bytearray(array)
     dm.modified_memory_bulk(3, array)
+    dm.modified_memory_bulk(3, as_bytearray)
+    base = ctypes.addressof(array)
+    assert device.slot_bufs[:2] == [(base, 4096), (base + 4096, 44 * 16)]
+    assert device.slot_bufs[2:] == [(_address(as_bytearray), 4096), (_address(as_bytearray) + 4096, 44 * 16)]
+    assert b"".join(bufs[1] for _, bufs in device.requests[:2]) == bytes(array)
+    assert device.requests[:2] == device.requests[2:]
+
+
+def test_split_read_only_extents_are_copied_chunk_by_chunk() -> None:
+    device = CapturingPrivcmd()
+    dm = _open(device)
+    data = bytes(_packed(300))
+    dm.modified_memory_bulk(3, data)
     assert [size for _, size in device.slot_bufs] == [4096, 44 * 16]
     assert all(any(addr in arena for arena in _arena_ranges(dm)) for addr, _ in device.slot_bufs)
-    assert b"".join(bufs[1] for _, bufs in device.requests) == bytes(array)
+    assert b"".join(bufs[1] for _, bufs in device.requests) == data
 
 
 def test_extents_with_a_wider_item_are_taken_as_bytes() -> None:
