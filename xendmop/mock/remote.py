@@ -72,6 +72,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 from typing import Any
@@ -108,6 +109,9 @@ from .usermem import PAGE_SIZE, UserMemory, access_ok, remap
 
 __all__ = [
     "ENV_SOCKET",
+    "MAX_CLIENTS",
+    "MAX_COPY",
+    "MAX_MAP_COUNT",
     "MAX_MESSAGE",
     "MEMORY_TIMEOUT",
     "MockHostError",
@@ -136,6 +140,15 @@ MEMORY_TIMEOUT = 5.0
 MAX_HANDLES = 256
 #: the longest ioctl argument carried by value (the largest privcmd/evtchn struct is far smaller)
 MAX_ARG = 4096
+#: the most bytes one copy_{from,to}_user of a client may move (an MMAPBATCH of 2M frames, 8 GiB).
+#: Linux's gather_array (privcmd.c) takes any count its page allocator can serve; the host bounds
+#: it instead, so that a client's claimed length cannot make it gather gigabytes.
+MAX_COPY = 16 << 20
+#: privcmd VMAs one client may announce (MMAP): Linux's default ``vm.max_map_count``, beyond which
+#: mm/mmap.c's do_mmap fails with ENOMEM
+MAX_MAP_COUNT = 65530
+#: connected clients (one thread each); a further one is closed at once and logged
+MAX_CLIENTS = 128
 
 _KIND = struct.Struct("<H")
 _IOCTL = struct.Struct("<IIBQ")  # handle, request, arg is an address (1) or bytes (0), address
@@ -247,6 +260,12 @@ def _send(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
         sock.sendall(data)
 
 
+def _kind_name(data: bytes) -> str:
+    """The request kind of a message, for an error (a number when unknown)."""
+    kind = _KIND.unpack_from(data)[0] if len(data) >= _KIND.size else -1
+    return Msg(kind).name if kind in Msg._value2member_map_ else f"kind {kind}"
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return sorted(_jsonable(v) for v in value)
@@ -262,17 +281,25 @@ def _jsonable(value: Any) -> Any:
 # --- the host side ------------------------------------------------------------------------------
 
 
+def _check_copy(what: str, addr: int, nbytes: int) -> None:
+    """``access_ok`` (EFAULT), then the host's own bound on one copy (``MAX_COPY``, ENOMEM)."""
+    if not access_ok(addr, nbytes):
+        raise OSError(errno.EFAULT, f"{what}: {addr:#x}+{nbytes} outside user space")
+    if nbytes > MAX_COPY:
+        raise OSError(errno.ENOMEM, f"{what}: {nbytes} bytes at {addr:#x}, more than the host copies ({MAX_COPY})")
+
+
 class _ClientMemory:
     """A client process's memory as the host's devices reach it: each access is a
-    request to the client, answered from its own memory while its ioctl is in flight."""
+    request to the client, answered from its own memory while its ioctl is in flight.
+    No copy is larger than ``MAX_COPY``, checked before the first request."""
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
 
     def read(self, addr: int, nbytes: int) -> bytes:
         """copy_from_user, chunked: an absurd length faults at its first bad chunk."""
-        if not access_ok(addr, nbytes):
-            raise OSError(errno.EFAULT, f"{addr:#x}+{nbytes} outside user space")
+        _check_copy("copy_from_user", addr, nbytes)
         parts = []
         for off in range(0, nbytes, _CHUNK):
             n = min(_CHUNK, nbytes - off)
@@ -284,38 +311,42 @@ class _ClientMemory:
 
     def write(self, addr: int, data: bytes) -> None:
         """copy_to_user."""
-        if not access_ok(addr, len(data)):
-            raise OSError(errno.EFAULT, f"{addr:#x}+{len(data)} outside user space")
+        _check_copy("copy_to_user", addr, len(data))
         for off in range(0, len(data), _CHUNK):
             self._conn.rpc(_pack(Msg.MEM_WRITE, _ADDR.pack(addr + off), bytes(data[off : off + _CHUNK])))
 
     def clear(self, addr: int, nbytes: int) -> None:
         """clear_user."""
-        if not access_ok(addr, nbytes):
-            raise OSError(errno.EFAULT, f"{addr:#x}+{nbytes} outside user space")
+        _check_copy("clear_user", addr, nbytes)
         for off in range(0, nbytes, _CHUNK):
             self.write(addr + off, bytes(min(_CHUNK, nbytes - off)))
 
     def check_writable(self, addr: int, nbytes: int) -> None:
         """pin_user_pages_fast(FOLL_WRITE), probed by the client on its own memory."""
-        if not access_ok(addr, nbytes):
-            raise OSError(errno.EFAULT, f"{addr:#x}+{nbytes} outside user space")
+        _check_copy("pin_user_pages", addr, nbytes)
         for off in range(0, nbytes, _CHUNK):
             self._conn.rpc(_pack(Msg.MEM_CHECK, _ADDR_N.pack(addr + off, min(_CHUNK, nbytes - off))))
 
     def remap_pages(self, pages: Sequence[tuple[int, int, int]]) -> None:
-        """remap_pfn_range into the client: it maps each memfd page over its VMA itself."""
-        for start in range(0, len(pages), _REMAP_BATCH):
-            batch = pages[start : start + _REMAP_BATCH]
-            fds: list[int] = []
-            body = [_REMAP_HEAD.pack(len(batch))]
-            for addr, fd, offset in batch:
-                if fd not in fds:
-                    if len(fds) == _MAX_FDS:  # flush: one message carries at most _MAX_FDS fds
-                        raise OSError(errno.ENOMEM, "too many distinct page stores in one remap")
-                    fds.append(fd)
-                body.append(_REMAP_PAGE.pack(addr, fds.index(fd), offset))
-            self._conn.rpc(_pack(Msg.MEM_REMAP, *body), fds)
+        """The frames mapped into the client's privcmd VMA (privcmd.c: ``xen_remap_domain_gfn_array``
+        for MMAPBATCH, ``xen_remap_domain_mfn_array`` for MMAP_RESOURCE): the client maps each
+        memfd page over its VMA itself, up to ``_REMAP_BATCH`` pages and ``_MAX_FDS`` memfds a message."""
+        fds: list[int] = []
+        entries: list[bytes] = []
+
+        def flush() -> None:
+            if entries:
+                self._conn.rpc(_pack(Msg.MEM_REMAP, _REMAP_HEAD.pack(len(entries)), *entries), fds)
+            fds.clear()
+            entries.clear()
+
+        for addr, fd, offset in pages:
+            if (fd not in fds and len(fds) == _MAX_FDS) or len(entries) == _REMAP_BATCH:
+                flush()
+            if fd not in fds:
+                fds.append(fd)
+            entries.append(_REMAP_PAGE.pack(addr, fds.index(fd), offset))
+        flush()
 
 
 @dataclasses.dataclass
@@ -329,17 +360,34 @@ class ClientInfo:
 
 
 class _Connection:
-    """One client: its devices, its memory, and the thread that serves it."""
+    """One client: its devices, its memory, and the thread that serves it.
+
+    No lock of its own: ``devices``, ``_guests`` and the socket's reads belong to the
+    connection's thread alone (``MockHostServer.close`` only shuts the socket down, and the
+    ``clients`` request copies ``info.devices`` in one step).  Its requests take the host's
+    locks in the order given at ``MockHostServer.__init__``.
+    """
 
     def __init__(self, server: MockHostServer, sock: socket.socket) -> None:
         self.server = server
         self.sock = sock
         pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        # A client that stops reading fills its socket: a send then fails after MEMORY_TIMEOUT
+        # (EAGAIN) and the client is cut off, instead of blocking this thread forever, perhaps
+        # inside an ioctl that holds the host lock (a copy request of a DM_OP).
+        seconds = int(MEMORY_TIMEOUT)
+        sock.setsockopt(
+            socket.SOL_SOCKET,
+            socket.SO_SNDTIMEO,
+            struct.pack("ll", seconds, int((MEMORY_TIMEOUT - seconds) * 1_000_000)),
+        )
         self.info = ClientInfo(pid, uid, gid, {})
         self.memory = _ClientMemory(self)
         self.devices: dict[int, Any] = {}
         self._next_handle = 1
-        self._guests: dict[tuple[int, float], Any] = {}
+        #: one simulated guest per domain (a request's timeout is set on it each time: keyed by
+        #: the timeout too, a client could make the host keep one per distinct float)
+        self._guests: dict[int, Any] = {}
         self.broken = False
         self.thread = threading.Thread(target=self.run, name=f"mock-host client pid {pid}", daemon=True)
 
@@ -389,6 +437,9 @@ class _Connection:
                         if reply[: _KIND.size] != _OK_KIND:  # nobody waits for it: say it here
                             log.warning("posted request from pid %d failed: %r", self.info.pid, reply[_KIND.size :])
                         continue
+                    if len(reply) > MAX_MESSAGE:  # the client would refuse it (and lose the request's result)
+                        why = f"{_kind_name(data)}: reply of {len(reply)} bytes (limit {MAX_MESSAGE})"
+                        reply, fds = _error(errno.EMSGSIZE, why), []
                 try:
                     _send(self.sock, reply, fds)
                 except OSError:
@@ -449,12 +500,15 @@ class _Connection:
             path = body.decode()
         except UnicodeDecodeError:
             return _error(errno.EINVAL, "OPEN: path is not UTF-8"), []
-        if len(body) > 4096:
+        if len(body) >= 4096:  # fs/namei.c getname_flags: PATH_MAX (4096) counts the NUL
             return _error(errno.ENAMETOOLONG, f"OPEN: path of {len(body)} bytes"), []
-        if not self._privileged(cred):  # the device nodes are root's, mode 0600
+        # The device nodes are root's, mode 0600 (privcmd.c privcmd_dev and evtchn.c evtchn_miscdev
+        # are misc devices with no .mode): open's inode_permission (fs/namei.c may_open) is checked
+        # against the sender's uid of this message (SCM_CREDENTIALS), not the uid at connect time.
+        if not self._privileged(cred):
             uid = cred[1] if cred else self.info.uid
             return _error(errno.EACCES, f"OPEN {path}: uid {uid} may not open it (root's device)"), []
-        if len(self.devices) >= MAX_HANDLES:
+        if len(self.devices) >= MAX_HANDLES:  # fs/file.c alloc_fd: EMFILE at RLIMIT_NOFILE (here a fixed bound)
             return _error(errno.EMFILE, f"OPEN {path}: {MAX_HANDLES} devices already open"), []
         dev = self.server.xen.open_device(path, memory=self.memory)
         fds: list[int] = []
@@ -497,8 +551,13 @@ class _Connection:
         handle, addr, length, offset = _MMAP.unpack_from(body)
         dev = self._device(handle)
         if isinstance(dev, PrivcmdDevice):
-            if offset:  # privcmd_mmap: the VMA is filled by ioctls, there is nothing at an offset
-                raise OSError(errno.EINVAL, f"MMAP: offset {offset:#x} on privcmd")
+            # privcmd.c privcmd_mmap ignores vm_pgoff (the VMA is filled by ioctls later), as the
+            # in-process PrivcmdDevice.mmap does: any offset is accepted.
+            # mm/mmap.c do_mmap: ENOMEM past sysctl_max_map_count mappings in one process; here the
+            # VMAs this client announced and has not unmapped (each is a record the host keeps)
+            mapped = sum(len(d._vmas) for d in self.devices.values() if isinstance(d, PrivcmdDevice))
+            if mapped >= MAX_MAP_COUNT:
+                raise OSError(errno.ENOMEM, f"MMAP: {mapped} privcmd mappings already (limit {MAX_MAP_COUNT})")
             dev.adopt_vma(addr, length)
         elif dev.path == HYPERCALL_PATH:
             if length <= 0 or offset:  # privcmd_buf_mmap: the client's own zeroed shared pages
@@ -574,11 +633,11 @@ class _Connection:
     def _guest(self, domid: int, timeout: float) -> Any:
         from ..runtime.simguest import SimGuest
 
-        key = (domid, timeout)
-        guest = self._guests.get(key)
+        guest = self._guests.get(domid)
         if guest is None:
             self.server.xen.domain(domid)  # LookupError for a domain that does not exist
-            guest = self._guests[key] = SimGuest(self.server.xen, domid, timeout=timeout)
+            guest = self._guests[domid] = SimGuest(self.server.xen, domid, timeout=timeout)
+        guest.timeout = timeout  # only this connection's thread uses it
         return guest
 
 
@@ -801,6 +860,17 @@ class MockHostServer:
         self.xen = xen
         self.path = os.fspath(socket_path)
         self.closing = False
+        # Lock order, host side (outermost first):
+        #   1. a SimGuest's per-vCPU lock (a guest request: one vCPU's access at a time)
+        #   2. ``xen.lock``, the host lock (an RLock; an evtchn fd's Condition is built on it),
+        #      held across a whole ioctl, including the copy requests to its client
+        #   3. leaves, taken with nothing acquired under them: this ``_lock`` (the connection
+        #      list), an ioreq server's ``_notify_fds_lock``
+        # A connection has no lock (its thread alone touches its state), so no per-connection
+        # lock can invert with the host lock.  ``_lock`` is never held across a send, a join or
+        # ``xen.lock``; ``close`` copies the list and works on the copy.
+        # Client side (``RemoteXen``): ``RemoteEvtchn._cons_lock`` before ``RemoteXen._lock``;
+        # nothing takes ``_cons_lock`` while holding ``RemoteXen._lock``.
         self._lock = threading.Lock()
         self._conns: list[_Connection] = []
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -844,14 +914,32 @@ class MockHostServer:
     def _accept(self) -> None:
         try:
             sock, _ = self._listener.accept()
-        except OSError:
+        except OSError as e:
+            # Out of fds (EMFILE/ENFILE) or memory: the connection stays queued and the listener
+            # stays readable, so wait a little (or for stop()) instead of spinning on select.
+            log.warning("mock-host: accept failed (%s); retrying", e.strerror or e)
+            select.select([self._wake], [], [], 0.1)
             return
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the sender's ids on every message
-        conn = _Connection(self, sock)
+        if len(self.clients()) >= MAX_CLIENTS:
+            log.warning("mock-host: %d clients already; a new connection is closed", MAX_CLIENTS)
+            sock.close()
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # the sender's ids on every message
+            conn = _Connection(self, sock)
+        except OSError as e:
+            log.warning("mock-host: dropping a new connection: %s", e.strerror or e)
+            sock.close()
+            return
         with self._lock:
             self._conns.append(conn)
+        try:
+            conn.thread.start()
+        except RuntimeError:  # no thread to serve it: the host goes on without this client
+            log.exception("mock-host: cannot serve client pid %d", conn.info.pid)
+            conn.release()
+            return
         log.info("mock-host: client pid %d uid %d connected", conn.info.pid, conn.info.uid)
-        conn.thread.start()
 
     def _forget(self, conn: _Connection) -> None:
         with self._lock:
@@ -871,23 +959,35 @@ class MockHostServer:
             pass  # already closed: nothing left to wake
 
     def close(self) -> None:
-        """Stop, disconnect every client (their devices close), remove the socket."""
+        """Stop, disconnect every client (their devices close), remove the socket.
+
+        Every connection's socket is shut down first (a thread in recv, send or a copy
+        request wakes at once), then all threads are joined within one ``MEMORY_TIMEOUT + 1``
+        deadline; one still busy then (a guest request waiting for its device model) is a
+        daemon thread and does not hold the process's exit."""
         if self._listener.fileno() < 0:
             return
         self.stop()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
         self._listener.close()
-        for conn in self.clients():
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)  # its thread sees EOF and releases its devices
-            except OSError:
-                pass
-            conn.thread.join(MEMORY_TIMEOUT + 1)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        conns = self.clients()
+        for conn in conns:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)  # its thread sees EOF and releases its devices
+            except OSError:
+                pass
+        deadline = time.monotonic() + MEMORY_TIMEOUT + 1
+        for conn in conns:
+            if conn.thread.is_alive() and conn.thread is not threading.current_thread():
+                conn.thread.join(max(0.0, deadline - time.monotonic()))
+        late = [c.info.pid for c in conns if c.thread.is_alive()]
+        if late:
+            log.warning("mock-host: closing with requests of pids %s still running", late)
         os.close(self._wake)
 
     def __enter__(self) -> MockHostServer:
