@@ -35,11 +35,13 @@ _ZEROS = memoryview(bytes(1 << 16))  # read-only zeros to clear an OUT slot with
 # The generated per-op call (``PrivcmdBackend.compile_call``).  Its steps are those of
 # ``dm_op`` below, in the same order, with the declaration's facts written in as
 # constants.  ``{...}`` holes are filled from the declaration; nothing per op is hand-written.
+# A public method's entry (``compile_entry``) is the same code with the method's arguments,
+# its size rule first (``{size}``), and ``_general`` where the guard fails (``{unguarded}``).
 _CALL_TEMPLATE = """
 def {name}(domid, {params}):
     if not (domid.__class__ is int and 0 <= domid <= 0xffff and {guard}):
-        _check(domid, {fields})
-    _restricted = _backend.restricted_to
+        {unguarded}
+{size}    _restricted = _backend.restricted_to
     if _restricted is not None and domid != _restricted:
         raise _xen_error(_EPERM, {op!r}, domid, {fields}, layer="privcmd")
     _device = _backend._device
@@ -258,11 +260,14 @@ def _make_call(
             f"_pack_request(_view, {HEAD_AT}, domid, {nbufs}, _arena.bufs_addr, _arena.op_addr, {DM_OP_SIZE}, "
             f"{slot_buf}, {decl.number}{values})"
         )
+    fields = "{" + ", ".join(f"{p!r}: {p}" for p in params) + "}"
     source = _CALL_TEMPLATE.format(
         name=decl.name,
         params=", ".join([*params, *slot_args]),
         guard=decl.guard_source(params),
-        fields="{" + ", ".join(f"{p!r}: {p}" for p in params) + "}",
+        unguarded=f"_check(domid, {fields})",
+        size="",
+        fields=fields,
         op=decl.name,
         slot="".join(f"        {line}\n" for line in lines),
         pack=pack,
@@ -282,34 +287,6 @@ def _make_call(
 # costs one Python frame, as a ctypes call into libxendevicemodel does.  Anything else
 # (a bool or IntEnum, a bad value, more than one kernel-sized buffer, memory not met
 # before as a ctypes object) goes to the method's general path, ``_general``.
-_ENTRY_TEMPLATE = """
-def {name}(domid, {params}):
-    if not (domid.__class__ is int and 0 <= domid <= 0xffff and {guard}):
-        return _general(domid, {args})
-{size}    _restricted = _backend.restricted_to
-    if _restricted is not None and domid != _restricted:
-        raise _xen_error(_EPERM, {op!r}, domid, {fields}, layer="privcmd")
-    _device = _backend._device
-    if _device is None:
-        raise _ClosedHandleError("the privcmd handle is closed")
-    try:
-        _arena = _pop()
-    except IndexError:
-        _arena = _acquire()
-    _view = _arena.view
-    try:
-{slot}        {pack}
-        {ioctl}
-        return {result}
-    except _XenError:
-        raise
-    except OSError as _e:
-        raise _xen_error(_e.errno or _EIO, {op!r}, domid, {fields}) from None
-    finally:
-        _push(_arena)
-"""
-
-
 def _make_entry(
     decl: OpDecl,
     params: tuple[tuple[str, str], ...],
@@ -318,7 +295,7 @@ def _make_entry(
     max_bytes: int,
     os_device: bool,
 ) -> tuple[CodeType, dict[str, Any]]:
-    """The code of a public method's entry (``_ENTRY_TEMPLATE`` filled from ``decl``) for the
+    """The code of a public method's entry (``_CALL_TEMPLATE`` filled from ``decl``) for the
     DM_OP ioctl, and the globals it needs that do not depend on the backend or the handle.
 
     ``params``: ``(argument, field)`` pairs, the method's arguments after ``domid`` and the
@@ -388,10 +365,10 @@ def _make_entry(
             result = f"_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes].tobytes() if {slot_param} is None else {slot_param}"
     values = ", ".join([str(decl.number), *(var.get(f, "0") for f in decl._order)])
     signature = [*args, *([slot_param + ("=None" if decl.slots[0].is_out else "")] if slot_param else [])]
-    source = _ENTRY_TEMPLATE.format(
+    source = _CALL_TEMPLATE.format(
         name=name,
         params=", ".join(signature),
-        args=", ".join([*args, *([slot_param] if slot_param else [])]),
+        unguarded=f"return _general(domid, {', '.join([*args, *([slot_param] if slot_param else [])])})",
         guard=guard,
         size="".join(f"    {line}\n" for line in size),
         op=decl.name,
@@ -402,7 +379,7 @@ def _make_entry(
         ioctl=f"_fcntl_ioctl(_device._fd, {IOCTL_PRIVCMD_DM_OP}, _arena.dm_op, True)"
         if os_device
         else f"_device.ioctl({IOCTL_PRIVCMD_DM_OP}, _arena.dm_op)",
-        result=result,
+        read_back=f"return {result}",
     )
     scratch: dict[str, Any] = {}
     exec(compile(source, f"<xendmop entry {name}>", "exec"), scratch)
@@ -525,7 +502,7 @@ class PrivcmdBackend:
         name: str,
         general: Callable[..., Any],
     ) -> Callable[..., Any] | None:
-        """A public method's common form as one generated function (see ``_ENTRY_TEMPLATE``):
+        """A public method's common form as one generated function (see ``_make_entry``):
         ``name(domid, *arguments, slot_param)`` for ``params``' ``(argument, field)`` pairs,
         which calls ``general`` with the same arguments for everything else.  ``None`` on the
         HYPERCALL path, where every buffer is copied into hypercall memory anyway and the
