@@ -32,9 +32,12 @@ another process, so a device model and a guest can live in different processes:
   thread serving that connection) are a small JSON RPC with a fixed table of requests.
 
 The socket is a trust boundary: every message is parsed with ``struct``/``json``,
-sizes are bounded (``MAX_MESSAGE``), unknown requests are refused with an error naming
-them, fds a client sends are dropped, and a client that stops answering a memory request
-within ``MEMORY_TIMEOUT`` gets EFAULT and is disconnected.  Opening a device needs the
+sizes are bounded before anything is allocated for them (a message and a reply:
+``MAX_MESSAGE``; an ioctl argument: ``MAX_ARG``; one copy from or to the client's memory:
+``MAX_COPY``; open devices: ``MAX_HANDLES``; privcmd mappings: ``MAX_MAP_COUNT``; clients:
+``MAX_CLIENTS``), unknown requests are refused with an error naming them, fds a client
+sends are dropped, and a client that stops answering a memory request or reading its
+replies within ``MEMORY_TIMEOUT`` gets EFAULT and is disconnected.  Opening a device needs the
 sender's uid to be root or the host's own (``SCM_CREDENTIALS``, checked at every open):
 the device nodes are root's, so a device model that dropped privileges keeps its
 handles but cannot open new ones.  Admin and guest requests that change state need the
@@ -322,7 +325,7 @@ class _ClientMemory:
             self.write(addr + off, bytes(min(_CHUNK, nbytes - off)))
 
     def check_writable(self, addr: int, nbytes: int) -> None:
-        """pin_user_pages_fast(FOLL_WRITE), probed by the client on its own memory."""
+        """pin_user_pages_fast(FOLL_WRITE) of privcmd.c ``lock_pages``, probed by the client on its own memory."""
         _check_copy("pin_user_pages", addr, nbytes)
         for off in range(0, nbytes, _CHUNK):
             self._conn.rpc(_pack(Msg.MEM_CHECK, _ADDR_N.pack(addr + off, min(_CHUNK, nbytes - off))))
@@ -394,7 +397,11 @@ class _Connection:
     # --- memory requests while an ioctl is in flight ------------------------------------
 
     def rpc(self, request: bytes, fds: Sequence[int] = ()) -> bytes:
-        """Send a memory request and wait for the client's MEM_REPLY: its data, or OSError."""
+        """Send a memory request and wait for the client's MEM_REPLY: its data, or OSError.
+
+        Departs from Linux, where a copy cannot stall (the kernel reads the memory itself): a
+        client silent for ``MEMORY_TIMEOUT`` gets EFAULT (copy_from_user's answer for memory it
+        cannot reach) and is disconnected, so it holds the host lock for that long at most."""
         if self.broken:
             raise _Broken("client gone")
         try:
@@ -448,7 +455,10 @@ class _Connection:
             self.release()
 
     def release(self) -> None:
-        """The client's exit: close its devices as the kernel's release handlers would."""
+        """The client's exit: close its devices as the kernel does at exit (do_exit closes every
+        fd; privcmd.c ``privcmd_release``, evtchn.c ``evtchn_release`` unbinding its ports).
+        Its ioreq servers stay registered: Xen destroys a server only on request or with the
+        domain (xen/common/ioreq.c ``ioreq_server_destroy``/``ioreq_server_destroy_all``)."""
         self.broken = True
         for handle in list(self.devices):
             dev = self.devices.pop(handle)
@@ -526,7 +536,13 @@ class _Connection:
 
     def _ioctl_posted(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
         """A posted ioctl: only an evtchn NOTIFY with its argument by value (nothing to
-        copy from a client that is not waiting to answer)."""
+        copy from a client that is not waiting to answer).
+
+        Departs from Linux, where the NOTIFY returns only once ``evtchn_ioctl`` (evtchn.c) has
+        sent the event: its result depends only on the fd's own port table, which the client
+        keeps (``RemoteEvtchn._bound``), so it answers itself and does not wait a round trip
+        per access; the host runs it in order before the connection's next request, so no
+        later call of that client can see it undone."""
         handle, request, by_address, _ = _IOCTL.unpack_from(body)
         dev = self._device(handle)
         if by_address or request != IOCTL_EVTCHN_NOTIFY or not isinstance(dev, EvtchnDevice):
@@ -540,6 +556,8 @@ class _Connection:
     def _ioctl(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
         handle, request, by_address, address = _IOCTL.unpack_from(body)
         arg_bytes = body[_IOCTL.size :]
+        # Not a Linux rule (the kernel copies exactly the struct the request names): an argument
+        # carried by value longer than any privcmd/evtchn struct is refused before it is copied.
         if len(arg_bytes) > MAX_ARG:
             return _error(errno.EINVAL, f"IOCTL: argument of {len(arg_bytes)} bytes (limit {MAX_ARG})"), []
         dev = self._device(handle)
@@ -563,7 +581,7 @@ class _Connection:
             if length <= 0 or offset:  # privcmd_buf_mmap: the client's own zeroed shared pages
                 raise OSError(errno.EINVAL, f"MMAP: length {length} offset {offset} on {dev.path}")
         else:
-            dev.mmap(length, offset)  # evtchn: ENODEV
+            dev.mmap(length, offset)  # evtchn has no .mmap: mm/mmap.c do_mmap's ENODEV
         return self._ok()
 
     def _munmap(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
@@ -576,18 +594,23 @@ class _Connection:
     def _read(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
         handle, nbytes = _HANDLE_N.unpack_from(body)
         dev = self._device(handle)
-        if not isinstance(dev, EvtchnDevice):
+        if not isinstance(dev, EvtchnDevice):  # no .read: fs/read_write.c vfs_read's EINVAL (!FMODE_CAN_READ)
             raise OSError(errno.EINVAL, f"READ: {dev.path} is not readable")
-        return self._ok(0, dev.read(min(nbytes, PAGE_SIZE)))  # a shared ring's device refuses: EINVAL
+        # evtchn.c evtchn_read caps a read at PAGE_SIZE; a shared ring's device refuses (EINVAL):
+        # its client reads the ring itself
+        return self._ok(0, dev.read(min(nbytes, PAGE_SIZE)))
 
     def _write(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
         (handle,) = _HANDLE.unpack_from(body)
         dev = self._device(handle)
-        if not isinstance(dev, EvtchnDevice):
+        if not isinstance(dev, EvtchnDevice):  # no .write: fs/read_write.c vfs_write's EINVAL (!FMODE_CAN_WRITE)
             raise OSError(errno.EINVAL, f"WRITE: {dev.path} is not writable")
-        return self._ok(dev.write(body[_HANDLE.size :]))
+        return self._ok(dev.write(body[_HANDLE.size :]))  # evtchn.c evtchn_write, as WRITE_POSTED too
 
     def _kick(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
+        """The second half of an unmask the client did in the shared mask words (``evtchn_write``'s
+        re-delivery of a port that fired while masked): no Linux call of its own, posted for the
+        same reason as a NOTIFY (``_ioctl_posted``)."""
         (handle,) = _HANDLE.unpack_from(body)
         dev = self._device(handle)
         if not isinstance(dev, EvtchnDevice):
@@ -595,6 +618,7 @@ class _Connection:
         return self._ok(dev.kick(body[_HANDLE.size :]))
 
     def _close(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
+        """The last close of the fd: privcmd.c ``privcmd_release`` / evtchn.c ``evtchn_release``."""
         (handle,) = _HANDLE.unpack_from(body)
         dev = self._device(handle)
         del self.devices[handle]
