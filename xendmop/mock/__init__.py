@@ -28,7 +28,8 @@ Internal API for a simulated guest (thread-safe; hold ``xen.lock`` for compound 
 - ``server.page`` / ``server.bufpage``: live memoryviews of the shared ioreq pages
   (the same bytes a DM maps with MMAP_RESOURCE); ``server.vcpu_ports[v]``,
   ``server.bufioreq_port``; ``server.ranges[type]`` (``RangeSet``); ``server.enabled``
-- ``xen.evtchn_notify_from_xen(domid, port)``: Xen raises a server port (guest posted an ioreq)
+- ``xen.evtchn_notify_from_xen(domid, port)``: Xen raises a server port (guest posted an ioreq);
+  ``xen.evtchn_notify_from_xen_locked(domain, port)`` the same inside a host-lock section
 - ``domain.select_ioreq_server(range_type, first, last)``: Xen's routing of an access (cached per domain)
 - ``server.wait_dm_notify(vcpu, timeout)`` / ``server.dm_notify_count[v]``: the DM's NOTIFY
   (``server.notify_fd(v)``: the eventfd behind it, readable while a notify is not taken)
@@ -40,8 +41,9 @@ from __future__ import annotations
 import collections
 import errno
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from ..abi import evtchn as _evtchn_abi
 from ..abi import privcmd as _privcmd_abi
@@ -54,7 +56,7 @@ from .privcmd import HYPERCALL_PATH, PRIVCMD_PATH, HypercallDevice, PrivcmdDevic
 from .state import Domain, IoreqServer, P2m, Vcpu
 from .usermem import PAGE_SIZE, UserMemory
 
-__all__ = ["DomainView", "Event", "IoreqServer", "MockXen", "default_host"]
+__all__ = ["DomainView", "Event", "EventLog", "IoreqServer", "MockXen", "default_host"]
 
 #: how many ioctls ``MockXen.events`` keeps (the newest)
 EVENT_LOG_SIZE = 10_000
@@ -77,6 +79,67 @@ class Event:
     request: str
     args: dict[str, Any] = field(hash=False)
     result: int
+
+
+#: what ``EventLog`` keeps per ioctl: device, request number, arguments (or a NOTIFY's port), result
+_Record = tuple[str, int, Any, int]
+_NOTIFY = _evtchn_abi.IOCTL_EVTCHN_NOTIFY
+
+
+def _as_event(record: _Record) -> Event:
+    device, request, args, result = record
+    if args.__class__ is int:  # logged by ``EventLog.notified``: the NOTIFY's port
+        args = {"arg": {"port": args}}
+    return Event(device, _NAMES.get(request, hex(request)), args, result)
+
+
+class EventLog(Sequence[Event]):
+    """``MockXen.events``: the newest ``maxlen`` ioctls the mock saw, oldest first, as ``Event`` objects.
+
+    An entry is kept as the values it was logged with and made an ``Event`` when read, so
+    logging is one tuple appended (the evtchn NOTIFY that follows every ioreq keeps just
+    its port); each read builds a new ``Event`` with the same content.  Appends and reads
+    are each one step under the GIL: a reader never sees a half-written entry."""
+
+    def __init__(self, maxlen: int) -> None:
+        self._records: collections.deque[_Record] = collections.deque(maxlen=maxlen)
+
+    @property
+    def maxlen(self) -> int | None:
+        return self._records.maxlen
+
+    def log(self, device: str, request: int, args: dict[str, Any], result: int) -> None:
+        """One ioctl of ``device`` (``"privcmd"``, ``"evtchn"``): its request number, decoded
+        arguments and result (0, a port, or -errno)."""
+        self._records.append((device, request, args, result))
+
+    def notified(self, port: int, result: int) -> None:
+        """An evtchn ``IOCTL_EVTCHN_NOTIFY`` of ``port``: read back with ``{"arg": {"port": port}}``."""
+        self._records.append(("evtchn", _NOTIFY, port, result))
+
+    def clear(self) -> None:
+        self._records.clear()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @overload
+    def __getitem__(self, index: int) -> Event: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Event]: ...
+
+    def __getitem__(self, index: int | slice) -> Event | list[Event]:
+        if isinstance(index, slice):
+            return [_as_event(r) for r in list(self._records)[index]]
+        return _as_event(self._records[index])
+
+    def __iter__(self) -> Iterator[Event]:
+        # a copy first (one step): iterating the deque itself fails if an ioctl logs meanwhile
+        return map(_as_event, list(self._records))
+
+    def __repr__(self) -> str:
+        return f"EventLog({list(self)!r}, maxlen={self.maxlen})"
 
 
 class DomainView:
@@ -149,7 +212,7 @@ class MockXen:
         self.hypervisor = Hypervisor(arch, paddr_bits, vgic_num_irqs, pinned_uc_needs_iommu)
         self.memory = UserMemory()
         # the newest events only: a long-running mock must not grow without bound
-        self.events: collections.deque[Event] = collections.deque(maxlen=EVENT_LOG_SIZE)
+        self.events = EventLog(EVENT_LOG_SIZE)
         self.dom0 = Domain(0, hvm=False, max_vcpus=1, nr_pages=0, ram=None, vcpus=[Vcpu(0)])
         self.hypervisor.domains[0] = self.dom0
         #: the domain the calling process runs in (``current->domain`` of its hypercalls)
@@ -319,17 +382,20 @@ class MockXen:
     def evtchn_notify_from_xen(self, domid: int, port: int) -> None:
         """``notify_via_xen_event_channel``: Xen raises ``port`` of ``domid`` towards its peer (the DM)."""
         with self.lock:
-            d = self._dom(domid)
-            chn = d.ports.get(port)
-            if chn is None:
-                raise LookupError(f"dom{domid} has no port {port}")
-            if chn.state == "interdomain":
-                rd = self.hypervisor.domains.get(chn.remote_domid)
-                peer = rd.ports.get(chn.remote_port) if rd else None
-                if rd is not None and peer is not None:
-                    self.hypervisor._set_pending(rd, peer)
-            else:
-                chn.pending = True  # nobody bound yet: seen when the DM binds
+            self.evtchn_notify_from_xen_locked(self._dom(domid), port)
+
+    def evtchn_notify_from_xen_locked(self, d: Domain, port: int) -> None:
+        """``evtchn_notify_from_xen`` for a caller that holds the host lock and has the domain."""
+        chn = d.ports.get(port)
+        if chn is None:
+            raise LookupError(f"dom{d.domid} has no port {port}")
+        if chn.state == "interdomain":
+            rd = self.hypervisor.domains.get(chn.remote_domid)
+            peer = rd.ports.get(chn.remote_port) if rd else None
+            if rd is not None and peer is not None:
+                self.hypervisor._set_pending(rd, peer)
+        else:
+            chn.pending = True  # nobody bound yet: seen when the DM binds
 
     def deliver_event(self, domid: int, vcpu: int) -> dict[str, int] | None:
         """The vCPU's next VM entry: take the event latched by inject_event."""
@@ -400,7 +466,8 @@ class MockXen:
         return decl.name if decl else (None if op is None else f"op{op}")
 
     def log(self, device: str, request: int, args: dict[str, Any], result: int) -> None:
-        self.events.append(Event(device, _NAMES.get(request, hex(request)), args, result))
+        """Record one ioctl in ``events`` (``EventLog.log``)."""
+        self.events.log(device, request, args, result)
 
 
 def default_host() -> MockXen:

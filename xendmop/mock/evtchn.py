@@ -45,7 +45,7 @@ from ..abi.evtchn import (
 )
 from ..abi.xen import DOMID_FIRST_RESERVED
 from .privcmd import raise_errno, read_arg
-from .state import NR_EVTCHN_PORTS, EvtchnPort, WakeAfterUnlock
+from .state import NR_EVTCHN_PORTS, EvtchnPort, WakeAfterUnlock, defer_wakes, write_deferred_wakes
 from .usermem import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ UNRESTRICTED_DOMID = DOMID_FIRST_RESERVED
 #: ``evtchn_resize_ring``: the first ring holds 64 ports
 FIRST_RING_SIZE = 64
 _EAGAIN_TEXT = os.strerror(errno.EAGAIN)
+#: one pending port as ``read`` returns it (the common read: one port)
+_ONE_PORT = struct.Struct("<I")
 
 # --- the pending-port ring shared with a client process ------------------------------------------
 #
@@ -387,11 +389,13 @@ class EvtchnDevice:
             # The dispatch loop's common "anything more?" read: EAGAIN without taking the host
             # lock.  A port queued meanwhile is not lost: the eventfd stays readable for it.
             raise BlockingIOError(errno.EAGAIN, _EAGAIN_TEXT)
-        with self._cond:
+        # The condition's own lock, taken directly (Condition.__enter__ is one Python call more).
+        with self._host.lock:
             while True:
                 if self.ring_overflow:  # checked before the ring, every round
                     raise_errno(errno.EFBIG)
-                if self._ring:
+                ring = self._ring
+                if ring:
                     break
                 if self.nonblocking:
                     raise_errno(errno.EAGAIN)
@@ -400,24 +404,39 @@ class EvtchnDevice:
                     self._cond.wait()
                 finally:
                     self._sleepers -= 1
-            take, self._ring = self._ring[: nbytes // 4], self._ring[nbytes // 4 :]
-            if not self._ring:
-                self._drain_efd()
-            return struct.pack(f"<{len(take)}I", *take)  # one pack, not a bytes object per port
+            room = nbytes >> 2
+            if len(ring) <= room:  # the usual case: the read takes the whole ring
+                self._ring = []
+                try:  # the ring is empty: the fd is not readable any more
+                    os.eventfd_read(self._efd)
+                except BlockingIOError:
+                    pass
+                if len(ring) == 1:
+                    return _ONE_PORT.pack(ring[0])
+                return struct.pack(f"<{len(ring)}I", *ring)  # one pack, not a bytes object per port
+            self._ring = ring[room:]
+            return struct.pack(f"<{room}I", *ring[:room])
 
     def write(self, data: bytes) -> int:
         """``evtchn_write``: unmask each written port that this fd bound; re-deliver if pending."""
         nbytes = min(len(data) & ~3, PAGE_SIZE)
         shared = self._shared
+        ports = self._ports
         with self._host.lock:
+            if nbytes == 4 and shared is None:  # the device model's unmask after each event
+                port = int.from_bytes(data[:4], "little")
+                if ports.get(port) is False:  # bound and masked; any other port is ignored
+                    ports[port] = True
+                    self._redeliver(port)
+                return 4
             for i in range(0, nbytes, 4):
                 port = int.from_bytes(data[i : i + 4], "little")
                 if shared is not None and shared.masks is not None:
-                    if port in self._ports:
+                    if port in ports:
                         shared.unmask(port)
                         self._redeliver(port)
-                elif port in self._ports and not self._ports[port]:
-                    self._ports[port] = True
+                elif ports.get(port) is False:
+                    ports[port] = True
                     self._redeliver(port)
         return nbytes
 
@@ -464,11 +483,17 @@ class EvtchnDevice:
             raise_errno(errno.EBADF)
         if request == IOCTL_EVTCHN_NOTIFY and arg.__class__ is ioctl_evtchn_notify:
             # A device model's notify after each access: its one field is read as is (the
-            # struct is already the kernel's copy), then the same rule as _notify.
+            # struct is already the kernel's copy), then the same rule (_notify_port), and
+            # the same log entry as any NOTIFY, recorded as its port (``EventLog.notified``).
             port = arg.port
-            with WakeAfterUnlock(), self._host.lock:  # the vCPU's wake-up after the unlock
-                rc = self._notify_port(port)
-                self._host.log("evtchn", request, {"arg": {"port": port}}, rc)
+            host = self._host
+            wakes = defer_wakes()  # the vCPU's wake-up after the unlock (WakeAfterUnlock)
+            try:
+                with host.lock:
+                    rc = self._notify_port(port)
+                    host.events.notified(port, rc)
+            finally:
+                write_deferred_wakes(wakes)
         else:
             with WakeAfterUnlock(), self._host.lock:
                 rc = self._ioctl(request, arg)

@@ -49,20 +49,34 @@ class WakeAfterUnlock:
     wants the host lock first thing; woken while the notifier still holds it, it would
     block and be woken a second time.  The notify itself (its count, its order) is
     unchanged: only the wake-up comes a few instructions later.  Nests: the outermost
-    one writes."""
+    one writes.  ``defer_wakes``/``write_deferred_wakes`` are the same without a context
+    manager's calls, for the evtchn NOTIFY that runs on every access."""
 
     __slots__ = ("_outer",)
 
     def __enter__(self) -> None:
-        self._outer = getattr(_WAKES, "fds", None)
-        if self._outer is None:
-            _WAKES.fds = []
+        self._outer = defer_wakes()
 
     def __exit__(self, *exc: object) -> None:
-        if self._outer is None:
-            fds, _WAKES.fds = _WAKES.fds, None
-            for fd, _owner in fds:
-                os.eventfd_write(fd, 1)
+        write_deferred_wakes(self._outer)
+
+
+def defer_wakes() -> list[tuple[int, object]] | None:
+    """Start deferring this thread's ``wake`` calls; the list to hand to
+    ``write_deferred_wakes``, or None when an outer deferral already collects them."""
+    if getattr(_WAKES, "fds", None) is not None:
+        return None
+    fds: list[tuple[int, object]] = []
+    _WAKES.fds = fds
+    return fds
+
+
+def write_deferred_wakes(fds: list[tuple[int, object]] | None) -> None:
+    """End the deferral ``defer_wakes`` started (None: an outer one goes on) and write its wake-ups."""
+    if fds is not None:
+        _WAKES.fds = None
+        for fd, _owner in fds:
+            os.eventfd_write(fd, 1)
 
 
 def wake(fd: int, owner: object) -> None:
@@ -270,8 +284,12 @@ class IoreqServer:
         # channel (a threading.Event costs a Condition and a GIL hand-off more).  They are
         # closed with the server object, never under a vCPU that may still be polling one.
         self._notify_fds = [-1] * (nr_vcpus + 1)
+        # The vCPU's wait polls its eventfd through an epoll of its own, made at the first
+        # wait: epoll.poll costs less than half of select.select with a timeout, and several
+        # threads may wait in it at once (a poll object refuses a second one).
+        self._notify_pollers: list[select.epoll | None] = [None] * (nr_vcpus + 1)
         self._notify_fds_lock = threading.Lock()
-        self._close_notify_fds = weakref.finalize(self, _close_eventfds, self._notify_fds)
+        self._close_notify_fds = weakref.finalize(self, _close_eventfds, self._notify_fds, self._notify_pollers)
 
     @property
     def enabled(self) -> bool:
@@ -319,16 +337,29 @@ class IoreqServer:
         ``vcpu == nr_vcpus``), at most ``timeout`` seconds (None: no limit); take every
         notify so far and return True, or False on timeout.  Several notifies before one
         wait are one wake-up, as a pending event channel bit is."""
-        fd = self.notify_fd(vcpu)
+        poller = self._notify_pollers[vcpu]
+        if poller is None:
+            poller = self._notify_poller(vcpu)
         if timeout is not None and timeout < 0:
-            timeout = 0
-        if not select.select((fd,), (), (), timeout)[0]:
+            timeout = 0  # epoll's negative timeout would wait for ever
+        if not poller.poll(timeout):
             return False
         try:
-            os.eventfd_read(fd)
+            os.eventfd_read(self._notify_fds[vcpu])
         except BlockingIOError:  # another waiter on the same port took it first
             return False
         return True
+
+    def _notify_poller(self, index: int) -> select.epoll:
+        """The epoll watching ``notify_fd(index)`` for reading, made once."""
+        fd = self.notify_fd(index)
+        with self._notify_fds_lock:
+            poller = self._notify_pollers[index]
+            if poller is None:
+                poller = select.epoll()
+                poller.register(fd, select.EPOLLIN)
+                self._notify_pollers[index] = poller
+        return poller
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -344,7 +375,11 @@ class IoreqServer:
         }
 
 
-def _close_eventfds(fds: list[int]) -> None:
+def _close_eventfds(fds: list[int], pollers: list[select.epoll | None]) -> None:
+    for i, poller in enumerate(pollers):
+        if poller is not None:
+            pollers[i] = None
+            poller.close()
     for i, fd in enumerate(fds):
         if fd >= 0:
             fds[i] = -1
