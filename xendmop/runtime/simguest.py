@@ -40,8 +40,15 @@ __all__ = ["GuestCrash", "GuestTimeout", "SimGuest"]
 
 #: ``struct ioreq``: addr, data, count, size, vp_eport, 2 pad bytes, state/data_is_ptr/dir/df, type
 _SLOT = struct.Struct("<QQIII2xBB")
+#: ``vp_eport`` and the state byte of a slot, read in one step from its offset 24
+_EPORT_STATE = struct.Struct("<I2xB")
+#: ``data`` of a slot, at its offset 8
+_DATA = struct.Struct("<Q")
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
+_PORT_RANGE = int(IoRangeType.PORT)
+#: the longest single wait for the DM's notify: a destroyed server is noticed this often
+_WAIT_SLICE = 0.05
 
 
 def _route(type: int, addr: int, size: int, count: int) -> tuple[int, int, int] | None:
@@ -56,24 +63,6 @@ def _route(type: int, addr: int, size: int, count: int) -> tuple[int, int, int] 
         sbdf = addr >> 32  # the SBDF is in the address's upper half, the register below
         return IoRangeType.PCI, sbdf, sbdf
     return None
-
-
-class _Pending:
-    """An access issued by an instruction method, kept as plain fields (an ``Ioreq`` only if reported)."""
-
-    __slots__ = ("addr", "count", "data", "data_is_ptr", "df", "dir", "size", "type")
-
-    def __init__(
-        self, type: int, addr: int, data: int, count: int, size: int, data_is_ptr: bool, dir: int, df: bool
-    ) -> None:
-        self.type, self.addr, self.data, self.count, self.size = type, addr, data, count, size
-        self.data_is_ptr, self.dir, self.df = data_is_ptr, dir, df
-
-
-def _as_ioreq(req: Ioreq | _Pending) -> Ioreq:
-    if isinstance(req, Ioreq):
-        return req
-    return Ioreq(req.addr, req.data, req.count, req.size, 0, 0, req.data_is_ptr, req.dir, req.df, req.type)
 
 
 class GuestTimeout(TimeoutError):
@@ -138,17 +127,20 @@ class SimGuest:
         if lock is None:
             lock = self._vcpu_locks.setdefault(vcpu, threading.Lock())
         off = vcpu * IOREQ_SIZE
-        route = _route(type, addr, size, count)
+        # _route's answer for a port access, without the call
+        route = (_PORT_RANGE, addr, addr + size - 1) if type == IOREQ_TYPE_PIO else _route(type, addr, size, count)
+        xen = self.xen
         with lock:
             # One host-lock section routes, posts and raises the port (ioreq_send): the
             # server cannot change between the choice and the post.
-            with self.xen.lock:
-                server = None if route is None else self._domain().select_ioreq_server(*route)
+            with xen.lock:
+                domain = xen.hypervisor.domains[self.domid]
+                server = None if route is None else domain.select_ioreq_server(*route)
                 if server is None:
                     return all_ones(size) if dir == IOREQ_READ and not data_is_ptr else data
                 page = server.page
-                state = page[off + STATE_BYTE] & 0xF
-                eport = int.from_bytes(page[off + 24 : off + 28], "little")
+                eport, state = _EPORT_STATE.unpack_from(page, off + 24)
+                state &= 0xF
                 if state != STATE_IOREQ_NONE or eport != server.vcpu_ports[vcpu]:
                     raise GuestCrash(f"dom{self.domid} vCPU{vcpu}: device model set bad IO state {state}/port {eport}")
                 flags = STATE_IOREQ_NONE | (bool(data_is_ptr) << 4) | ((dir & 1) << 5) | (bool(df) << 6)
@@ -157,38 +149,37 @@ class SimGuest:
                 )
                 page[off + STATE_BYTE] = flags | STATE_IOREQ_READY  # after the body
                 server.notify_fd(vcpu)  # made before the DM can notify
-                self.xen.evtchn_notify_from_xen(self.domid, eport)
-            pending = _Pending(type, addr, data, count, size, data_is_ptr, dir, df) if req is None else req
-            return self._wait_for_io(server, page, off, vcpu, self.timeout if timeout is None else timeout, pending)
-
-    def _wait_for_io(
-        self, server: Any, page: memoryview, off: int, vcpu: int, timeout: float, req: Ioreq | _Pending
-    ) -> int:
-        """``wait_for_io``: sleep until the DM's notify, then look at the slot once."""
-        deadline = time.monotonic() + timeout
-        prev, state = STATE_IOREQ_READY, STATE_IOREQ_READY
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise GuestTimeout(self.domid, vcpu, _as_ioreq(req), timeout, state)
-            # Short waits only so that a destroyed server is noticed.
-            woken = server.wait_dm_notify(vcpu, min(remaining, 0.05))
-            with self.xen.lock:
-                # Like wait_on_xen_event_channel, the state is looked at only when the DM's
-                # notify wakes us: an answer without a notify is lost.  An answer notified
-                # before the server went away is still taken: the notify made the vCPU
-                # runnable before the destroy paused the domain.
-                state = page[off + STATE_BYTE] & 0xF if woken else prev
-                if state < prev or state > STATE_IORESP_READY:
-                    raise GuestCrash(f"dom{self.domid} vCPU{vcpu}: weird ioreq state transition {prev} -> {state}")
-                prev = state
-                if state == STATE_IORESP_READY:
-                    page[off + STATE_BYTE] = (page[off + STATE_BYTE] & 0xF0) | STATE_IOREQ_NONE
-                    return int.from_bytes(page[off + 8 : off + 16], "little")
-                if self._domain().server(server.id) is not server:
-                    # The emulator died under us: wait_for_io sees STATE_IOREQ_NONE and
-                    # completes the access with ~0 ("emulator is dying" in xen/common/ioreq.c).
-                    return all_ones(req.size) if req.dir == IOREQ_READ else req.data
+                xen.evtchn_notify_from_xen_locked(domain, eport)
+            # wait_for_io: sleep until the DM's notify, then look at the slot once.
+            if timeout is None:
+                timeout = self.timeout
+            deadline = time.monotonic() + timeout
+            prev = state = STATE_IOREQ_READY
+            wait = server.wait_dm_notify
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if req is None:
+                        req = Ioreq(addr, data, count, size, 0, 0, data_is_ptr, dir, df, type)
+                    raise GuestTimeout(self.domid, vcpu, req, timeout, state)
+                # Short waits only so that a destroyed server is noticed.
+                woken = wait(vcpu, remaining if remaining < _WAIT_SLICE else _WAIT_SLICE)
+                with xen.lock:
+                    # Like wait_on_xen_event_channel, the state is looked at only when the DM's
+                    # notify wakes us: an answer without a notify is lost.  An answer notified
+                    # before the server went away is still taken: the notify made the vCPU
+                    # runnable before the destroy paused the domain.
+                    state = page[off + STATE_BYTE] & 0xF if woken else prev
+                    if state < prev or state > STATE_IORESP_READY:
+                        raise GuestCrash(f"dom{self.domid} vCPU{vcpu}: weird ioreq state transition {prev} -> {state}")
+                    prev = state
+                    if state == STATE_IORESP_READY:
+                        page[off + STATE_BYTE] = (page[off + STATE_BYTE] & 0xF0) | STATE_IOREQ_NONE
+                        return int(_DATA.unpack_from(page, off + 8)[0])
+                    if self._domain().server(server.id) is not server:
+                        # The emulator died under us: wait_for_io sees STATE_IOREQ_NONE and
+                        # completes the access with ~0 ("emulator is dying" in xen/common/ioreq.c).
+                        return all_ones(size) if dir == IOREQ_READ else data
 
     # --- buffered writes (ioreq_send_buffered) --------------------------------------------------
 
