@@ -1,16 +1,22 @@
-"""Running an example's command line from a test: its environment, reading up to a line, a held run ended by signal."""
+"""Running an example's command line from a test: its environment, reading up to a line with a
+deadline, a held run ended by signal, a stand-in tool on PATH."""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
+import select
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parents[2]
+#: how long a test waits for a line an example is expected to print (it starts a Python and a server)
+READ_TIMEOUT = 30.0
 
 
 def example_env(**extra: str) -> dict[str, str]:
@@ -18,17 +24,39 @@ def example_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
 
 
-def read_until(stream: IO[str] | IO[bytes] | None, needle: str) -> str:
-    """Read ``stream`` (a process's pipe) line by line up to the first line holding ``needle``;
-    return all read.  ``AssertionError`` with what was read if the stream ends first."""
+def read_until(stream: IO[str] | IO[bytes] | None, needle: str, timeout: float = READ_TIMEOUT) -> str:
+    """Read ``stream`` (a process's pipe) up to the end of the first line holding ``needle``;
+    return all read, decoded as UTF-8.
+
+    ``AssertionError`` with what was read if the stream ends first, or if ``timeout``
+    seconds pass first: a missing line fails the test instead of hanging it.  The pipe's
+    fd is read directly, one byte at a time, so nothing past that line is consumed (a
+    later ``communicate()`` or ``read_until`` gets the rest) and no data can wait unseen in
+    the file object's buffer while ``select`` says the fd is empty; so read this stream
+    only through fds (``os.read``, ``communicate``), never its ``readline`` before this."""
     assert stream is not None, "the process has no such pipe"
+    fd = stream.fileno()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     seen = ""
-    while needle not in seen:
-        line = stream.readline()
-        text = line.decode() if isinstance(line, bytes) else line
-        assert text, f"no {needle!r} before end of output:\n{seen}"
+    line = ""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {needle!r} in {timeout}s; the output so far:\n{seen}"
+        readable, _, _ = select.select([fd], [], [], left)
+        if not readable:
+            continue  # the deadline check above fails the test
+        byte = os.read(fd, 1)  # readable: does not block
+        if not byte:
+            seen += decoder.decode(b"", final=True)
+            raise AssertionError(f"no {needle!r} before the end of the output:\n{seen}")
+        text = decoder.decode(byte)
         seen += text
-    return seen
+        line += text
+        if text == "\n":
+            if needle in line:
+                return seen
+            line = ""
 
 
 def hold_until_signal(script: Path, *args: str, signum: int) -> tuple[int, str, str]:
@@ -41,7 +69,6 @@ def hold_until_signal(script: Path, *args: str, signum: int) -> tuple[int, str, 
         env=example_env(),
     )
     try:
-        assert proc.stdout is not None
         seen = read_until(proc.stdout, "guest script done")
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=30)
@@ -78,3 +105,23 @@ def deprivileged(
     finally:
         proc.kill()
         proc.wait()
+
+
+def stand_in_tool(directory: Path, name: str, script: str) -> Path:
+    """An executable ``directory/name``: a ``/bin/sh`` script running ``script`` (a stand-in
+    for ``xenstore-read`` on PATH, say).
+
+    Written by a child process, not by this one: exec fails with ETXTBSY while any process
+    holds the file open for writing, and a process forked meanwhile by another thread of
+    this one (a test's serving thread, a library) would keep a copy of a writable fd of
+    ours until it execs or exits.  The writing child has exited before the tool is run,
+    and this process never opens the file for writing."""
+    tool = directory / name
+    subprocess.run(
+        ["/bin/sh", "-c", 'cat > "$1" && chmod 755 "$1"', "sh", str(tool)],
+        input=f"#!/bin/sh\n{script}\n",
+        text=True,
+        check=True,
+        timeout=READ_TIMEOUT,
+    )
+    return tool
