@@ -4,6 +4,7 @@ clients still connected.  The host is a real ``xendmop mock-host`` process, meas
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -328,3 +329,59 @@ def test_sigterm_with_busy_clients_exits_zero_and_removes_the_socket(host: Host)
             g.close()
         for x in idle:
             x.close()
+
+
+# --- the host out of fds ----------------------------------------------------------------------
+
+
+def _low_fd_limit() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+
+def test_out_of_fds_the_host_waits_for_one_instead_of_spinning(tmp_path: Path) -> None:
+    """A client that opens devices until the host has no fd left: a new connection cannot be
+    accepted (EMFILE) and stays queued.  The host refused the opens cleanly, does not spin on
+    its readable listener meanwhile, and serves the queued client once an fd is free."""
+    path = str(tmp_path / "xen.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xendmop", "mock-host", "--socket", path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+        cwd=str(REPO),
+        preexec_fn=_low_fd_limit,
+    )
+    try:
+        assert proc.stdout is not None
+        assert f"listening on {path}" in proc.stdout.readline().decode()
+        with RemoteXen(path) as hog:
+            devices = []
+            with pytest.raises(OSError) as e:
+                for _ in range(64):
+                    devices.append(hog.open_device(PRIVCMD_PATH))
+            assert e.value.errno == errno.EMFILE
+            queued = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                queued.connect(path)  # in the listener's backlog: the host cannot accept it
+                queued.settimeout(TIMEOUT)
+                queued.send(struct.pack("<H", Msg.CALL) + json.dumps({"op": "ping"}).encode())
+                ps = psutil.Process(proc.pid)
+                time.sleep(0.3)
+                before = sum(ps.cpu_times()[:2])
+                time.sleep(1.0)
+                spent = sum(ps.cpu_times()[:2]) - before
+                assert spent < 0.3, f"the host spent {spent:.2f}s of CPU in 1s waiting for an fd"
+                devices.pop().close()  # one fd free: the queued client is accepted and served
+                reply = queued.recv(MAX_MESSAGE)
+                assert struct.unpack_from("<H", reply)[0] == Msg.OK
+                assert json.loads(reply[10:])["ok"]["pid"] == proc.pid
+            finally:
+                queued.close()
+            for dev in devices:
+                dev.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        _reap(proc)

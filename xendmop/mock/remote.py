@@ -897,6 +897,7 @@ class MockHostServer:
         # nothing takes ``_cons_lock`` while holding ``RemoteXen._lock``.
         self._lock = threading.Lock()
         self._conns: list[_Connection] = []
+        self._accept_failing = False
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._thread: threading.Thread | None = None
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -941,9 +942,12 @@ class MockHostServer:
         except OSError as e:
             # Out of fds (EMFILE/ENFILE) or memory: the connection stays queued and the listener
             # stays readable, so wait a little (or for stop()) instead of spinning on select.
-            log.warning("mock-host: accept failed (%s); retrying", e.strerror or e)
+            if not self._accept_failing:  # once per streak: it may last
+                log.warning("mock-host: accept failed (%s); retrying every 0.1 s", e.strerror or e)
+                self._accept_failing = True
             select.select([self._wake], [], [], 0.1)
             return
+        self._accept_failing = False
         if len(self.clients()) >= MAX_CLIENTS:
             log.warning("mock-host: %d clients already; a new connection is closed", MAX_CLIENTS)
             sock.close()
