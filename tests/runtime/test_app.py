@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import signal
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -148,14 +149,23 @@ def test_connect_is_not_for_the_in_process_mock() -> None:
 
 
 def stand_in_xenstore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str | None) -> Path:
-    """Put a ``xenstore-read`` running ``script`` (None: no tool at all) alone on PATH; return its argv log."""
+    """Put a ``xenstore-read`` running ``script`` (None: no tool at all) alone on PATH; return its argv log.
+
+    The tool is written by a child process, never opened for writing by this one: exec
+    fails with ETXTBSY while any process holds the file open for writing, and a child that
+    another thread (or a library) of this process forked while the file was open here would
+    hold a copy of that fd until it execs (tests/examples/test_example_cli.py shows it)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls"
     if script is not None:
-        tool = bin_dir / "xenstore-read"
-        tool.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n{script}\n')
-        tool.chmod(0o755)
+        subprocess.run(
+            ["/bin/sh", "-c", 'cat > "$1" && chmod 755 "$1"', "sh", str(bin_dir / "xenstore-read")],
+            input=f'#!/bin/sh\necho "$@" >> {calls}\n{script}\n',
+            text=True,
+            check=True,
+            timeout=30,
+        )
     monkeypatch.setenv("PATH", str(bin_dir))
     return calls
 
