@@ -371,7 +371,7 @@ def test_timer_renders_what_the_guest_draws_without_a_flush(mock_host_process: s
 
 def test_bad_domid_and_unreachable_host_are_reported_not_raised(tmp_path: Path) -> None:
     bad = run("--domid", "0", cwd=tmp_path)
-    assert bad.returncode == 2 and "--domid '0': expected a guest domid, 1..32751" in bad.stderr
+    assert bad.returncode == 2 and "error: argument --domid: '0': expected a guest domid, 1..32751" in bad.stderr
     gone = subprocess.run(
         [sys.executable, str(SCRIPT), "--domid", "1", "--output", str(tmp_path / "fb.png")],
         capture_output=True,

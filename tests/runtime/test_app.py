@@ -44,22 +44,34 @@ def parser(**kw: bool) -> argparse.ArgumentParser:
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
-        (["--domid", "0"], "--domid '0': expected a guest domid, 1..32751"),
-        (["--domid", "32752"], "--domid '32752'"),
-        (["--domid", "-3"], "--domid '-3'"),
-        (["--domid", "5x"], "--domid '5x'"),
-        (["--depriv", "0:0"], "--depriv '0:0'"),
-        (["--depriv", "990"], "--depriv '990'"),
-        (["--depriv", "990:"], "--depriv '990:'"),
-        (["--depriv", "4294967295:1"], "--depriv '4294967295:1'"),  # (uid_t)-1: "unchanged" to setresuid
+        (["--domid", "0"], "--domid: '0': expected a guest domid, 1..32751"),
+        (["--domid", "32752"], "--domid: '32752': expected a guest domid"),
+        (["--domid", "-3"], "--domid: '-3': expected a guest domid"),
+        (["--domid", "5x"], "--domid: '5x': expected a guest domid"),
+        (["--domid", "²"], "--domid: '²': expected a guest domid"),  # isdigit() says yes, int() no
+        (["--depriv", "0:0"], "--depriv: '0:0': root (id 0) is no privilege drop"),
+        (["--depriv", "990:0"], "--depriv: '990:0': root (id 0) is no privilege drop"),
+        (["--depriv", "990"], "--depriv: '990': expected UID:GID, two numeric ids"),
+        (["--depriv", "990:"], "--depriv: '990:': expected UID:GID"),
+        (["--depriv", "²:1"], "--depriv: '²:1': expected UID:GID"),
+        (["--depriv", "4294967295:1"], "--depriv: '4294967295:1': an id above 4294967294"),  # (uid_t)-1: "unchanged"
+        (["--depriv", "1:" + "9" * 5000], "an id above 4294967294"),  # more digits than int() converts
+        (["--domid", "9" * 5000], "expected a guest domid, 1..32751"),
     ],
 )
-def test_bad_values_are_usage_errors_naming_the_value(
+def test_bad_values_are_usage_errors_naming_the_flag_once_and_the_value(
     argv: list[str], named: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exit_:
         parser().parse_args(argv)
-    assert exit_.value.code == 2 and named in capsys.readouterr().err
+    error = capsys.readouterr().err.splitlines()[-1]  # the lines before are the usage, which lists every flag
+    assert exit_.value.code == 2 and named in error
+    assert error.count(argv[0]) == 1, error
+
+
+def test_good_ids_parse() -> None:
+    args = parser().parse_args(["--domid", "32751", "--depriv", "4294967294:65534"])
+    assert args.domid == 32751 and args.depriv == (4294967294, 65534)
 
 
 def test_optional_flags_only_when_asked_for(capsys: pytest.CaptureFixture[str]) -> None:

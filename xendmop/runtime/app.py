@@ -114,19 +114,40 @@ class NotHvmError(RuntimeError):
 # --- the command line ---------------------------------------------------------------------------
 
 
+# argparse puts "argument --flag: " before an ArgumentTypeError's message: the messages
+# below name the value and why, not the flag again.
+
+
+def _decimal(text: str) -> int | None:
+    """``text`` as a decimal number of ASCII digits (``str.isdigit`` also takes "²", which
+    ``int`` refuses), else None; more than 20 digits (past 2**64, and past what ``int``
+    converts at all for thousands) is 2**64."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    return int(text) if len(text) <= 20 else 1 << 64
+
+
 def parse_domid(text: str) -> int:
     """A guest's domid (1..0x7fef) for ``--domid``; ``ArgumentTypeError`` names a bad value."""
-    if not text.isdigit() or not 1 <= int(text) < DOMID_FIRST_RESERVED:
-        raise argparse.ArgumentTypeError(f"--domid {text!r}: expected a guest domid, 1..{DOMID_FIRST_RESERVED - 1}")
-    return int(text)
+    domid = _decimal(text)
+    if domid is None or not 1 <= domid < DOMID_FIRST_RESERVED:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a guest domid, 1..{DOMID_FIRST_RESERVED - 1}")
+    return domid
 
 
 def parse_ids(text: str) -> tuple[int, int]:
-    """``UID:GID`` (non-root numeric ids) for ``--depriv``; ``ArgumentTypeError`` names a bad value."""
-    uid, sep, gid = text.partition(":")
-    if not sep or not uid.isdigit() or not gid.isdigit() or not 0 < int(uid) <= _ID_MAX or not 0 < int(gid) <= _ID_MAX:
-        raise argparse.ArgumentTypeError(f"--depriv {text!r}: expected UID:GID, two non-root numeric ids")
-    return int(uid), int(gid)
+    """``UID:GID`` (non-root numeric ids) for ``--depriv``; ``ArgumentTypeError`` names a bad value and why."""
+    uid_text, sep, gid_text = text.partition(":")
+    uid, gid = _decimal(uid_text), _decimal(gid_text)
+    if not sep or uid is None or gid is None:
+        why = "expected UID:GID, two numeric ids"
+    elif uid == 0 or gid == 0:
+        why = "root (id 0) is no privilege drop; expected UID:GID, two non-root ids"
+    elif uid > _ID_MAX or gid > _ID_MAX:
+        why = f"an id above {_ID_MAX} is not one setresuid/setresgid can drop to"
+    else:
+        return uid, gid
+    raise argparse.ArgumentTypeError(f"{text!r}: {why}")
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, hold: bool = False, assume_hvm: bool = False) -> None:
