@@ -218,3 +218,46 @@ def test_the_serving_thread_leaves_sigint_and_sigterm_to_the_main_thread() -> No
             in_serving_thread = blocked_signals(f"/proc/self/task/{serving._thread.native_id}/status")
         assert {signal.SIGINT, signal.SIGTERM} <= in_serving_thread
         assert signal.SIGTERM not in blocked_signals("/proc/thread-self/status")  # the caller's mask as it was
+
+
+def test_a_bad_xen_guest_marker_is_refused_naming_the_marker_and_the_value(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+import pytest
+
+@pytest.mark.xen_guest(timeout="x")
+def test_text(guest):
+    pass
+
+@pytest.mark.xen_guest(timeout=0)
+def test_zero(guest):
+    pass
+
+@pytest.mark.xen_guest(timeout=float("nan"))
+def test_nan(guest):
+    pass
+
+@pytest.mark.xen_guest(timeout=True)
+def test_bool(guest):
+    pass
+
+@pytest.mark.xen_guest(0.5, timout=1)
+def test_misspelt(guest):
+    pass
+
+@pytest.mark.xen_guest(timeout=0.25)
+def test_good(guest):
+    assert guest.timeout == 0.25
+"""
+    )
+    result = pytester.runpytest("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=5)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*xen_guest(timeout=...): 'x' is not a number of seconds above 0*",
+            "*xen_guest(timeout=...): 0 is not a number of seconds above 0*",
+            "*xen_guest(timeout=...): nan is not a number of seconds above 0*",
+            "*xen_guest(timeout=...): True is not a number of seconds above 0*",
+            "*xen_guest marker: takes timeout=SECONDS only, not 0.5, timout=*",
+        ]
+    )

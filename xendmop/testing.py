@@ -39,6 +39,7 @@ is loaded by every pytest run of anyone who installed xendmop.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -185,9 +186,21 @@ def guest(request: pytest.FixtureRequest, xen_host: MockXen, hvm_domain: int) ->
     """The simulated guest of ``hvm_domain`` (``@pytest.mark.xen_guest(timeout=)`` sets its patience)."""
     from .runtime.simguest import SimGuest
 
-    marker = request.node.get_closest_marker("xen_guest")
-    timeout = float(marker.kwargs.get("timeout", GUEST_TIMEOUT)) if marker is not None else GUEST_TIMEOUT
-    return SimGuest(xen_host, hvm_domain, timeout=timeout)
+    return SimGuest(xen_host, hvm_domain, timeout=_guest_timeout(request.node.get_closest_marker("xen_guest")))
+
+
+def _guest_timeout(marker: pytest.Mark | None) -> float:
+    """The ``xen_guest(timeout=)`` marker's seconds (``GUEST_TIMEOUT`` without one);
+    ``pytest.UsageError`` naming the marker and the value for anything but a number > 0."""
+    if marker is None:
+        return GUEST_TIMEOUT
+    unknown = [repr(a) for a in marker.args] + [f"{k}=" for k in marker.kwargs if k != "timeout"]
+    if unknown:
+        raise pytest.UsageError(f"xen_guest marker: takes timeout=SECONDS only, not {', '.join(unknown)}")
+    timeout = marker.kwargs.get("timeout", GUEST_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise pytest.UsageError(f"xen_guest(timeout=...): {timeout!r} is not a number of seconds above 0")
+    return float(timeout)
 
 
 @pytest.fixture
