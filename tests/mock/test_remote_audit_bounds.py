@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -227,3 +228,61 @@ def test_clients_beyond_max_clients_are_closed_and_the_rest_served(
         _others_are_served(server.path)  # a place is free again
     finally:
         second.close()
+
+
+def test_a_client_answering_each_copy_slowly_holds_the_host_lock_no_longer_than_memory_timeout(
+    server: MockHostServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An MMAPBATCH whose frame array takes 20 copy requests, each answered 0.2 s late (under
+    a 0.5 s MEMORY_TIMEOUT): the ioctl holds the host lock meanwhile, so the bound is on all
+    of one request's copies, not on each; another client's DM_OP waits that long at most."""
+    monkeypatch.setattr(remote, "MEMORY_TIMEOUT", 0.5)
+    chunks = 20
+    sock = _raw(server.path)
+    try:
+        kind, handle, _ = _request(sock, Msg.OPEN, PRIVCMD_PATH.encode())
+        vma = 0x7000_0000_0000
+        num = chunks * remote._CHUNK // 8
+        assert _request(sock, Msg.MMAP, struct.pack("<IQQQ", handle, vma, num * PAGE_SIZE, 0))[0] == Msg.OK
+        batch = privcmd_mmapbatch_v2(num=num, dom=DOMID, addr=vma, arr=0x7100_0000_0000, err=0x7200_0000_0000)
+        sock.send(
+            struct.pack("<H", Msg.IOCTL) + struct.pack("<IIBQ", handle, IOCTL_PRIVCMD_MMAPBATCH_V2, 0, 0) + bytes(batch)
+        )
+        started = time.monotonic()
+        other: list[float] = []
+
+        def other_client() -> None:
+            t0 = time.monotonic()
+            _others_are_served(server.path)
+            other.append(time.monotonic() - t0)
+
+        answered, helper, outcome = 0, None, "asked for everything"
+        while answered <= chunks:
+            data = sock.recv(MAX_MESSAGE + 1)
+            if not data:
+                outcome = "hung up"
+                break
+            kind = struct.unpack_from("<H", data)[0]
+            if kind != Msg.MEM_READ:
+                outcome = (
+                    "refused" if kind == Msg.ERROR and struct.unpack_from("<i", data, 2)[0] == errno.EFAULT else ""
+                )
+                break
+            if helper is None:
+                helper = threading.Thread(target=other_client)
+                helper.start()  # while the host holds its lock inside our ioctl
+            time.sleep(0.2)
+            _, n = struct.unpack_from("<QQ", data, 2)
+            try:
+                sock.send(struct.pack("<Hi", Msg.MEM_REPLY, 0) + bytes(n))
+            except OSError:
+                outcome = "hung up"
+                break
+            answered += 1
+        assert outcome in ("refused", "hung up") and answered < chunks, (outcome, answered)
+        assert time.monotonic() - started < 2.0
+        assert helper is not None
+        helper.join(TIMEOUT)
+        assert other and other[0] < 2.0, other
+    finally:
+        sock.close()

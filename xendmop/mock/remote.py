@@ -386,6 +386,8 @@ class _Connection:
         )
         self.info = ClientInfo(pid, uid, gid, {})
         self.memory = _ClientMemory(self)
+        #: when the copies of the request being handled must be answered by (``rpc``)
+        self._copy_deadline = time.monotonic() + MEMORY_TIMEOUT
         self.devices: dict[int, Any] = {}
         self._next_handle = 1
         #: one simulated guest per domain (a request's timeout is set on it each time: keyed by
@@ -400,15 +402,17 @@ class _Connection:
         """Send a memory request and wait for the client's MEM_REPLY: its data, or OSError.
 
         Departs from Linux, where a copy cannot stall (the kernel reads the memory itself): a
-        client silent for ``MEMORY_TIMEOUT`` gets EFAULT (copy_from_user's answer for memory it
-        cannot reach) and is disconnected, so it holds the host lock for that long at most."""
+        client that has not answered all the memory requests of one request of its own within
+        ``MEMORY_TIMEOUT`` gets EFAULT (copy_from_user's answer for memory it cannot reach) and
+        is disconnected, so it holds the host lock for that long at most, however many chunks
+        its ioctl copies and however slowly it answers each."""
         if self.broken:
             raise _Broken("client gone")
         try:
             _send(self.sock, request, fds)
-            ready, _, _ = select.select([self.sock], [], [], MEMORY_TIMEOUT)
+            ready, _, _ = select.select([self.sock], [], [], max(0.0, self._copy_deadline - time.monotonic()))
             if not ready:
-                raise _Broken(f"client did not answer a memory request in {MEMORY_TIMEOUT}s")
+                raise _Broken(f"client did not answer its memory requests within {MEMORY_TIMEOUT}s")
             data, _, _ = _recv(self.sock)
             if len(data) < _KIND.size + _ERROR.size or _KIND.unpack_from(data)[0] != Msg.MEM_REPLY:
                 raise _Broken("client sent something else than a memory reply")
@@ -480,6 +484,7 @@ class _Connection:
         handler = _HANDLERS.get(kind)
         if handler is None:
             return _error(errno.EPROTO, f"unknown request kind {kind}"), []
+        self._copy_deadline = time.monotonic() + MEMORY_TIMEOUT  # for every copy this request makes
         try:
             return handler(self, body, cred)
         except _Broken:
@@ -1266,7 +1271,7 @@ class RemoteDevice:
     def mmap(self, length: int, offset: int = 0) -> mmap.mmap:
         """Our own shared anonymous pages, announced to the host (privcmd fills them by ioctl)."""
         self.fileno()
-        if length <= 0 or offset < 0:
+        if length <= 0 or offset < 0:  # mm/mmap.c do_mmap: no length (or an offset that wraps) is EINVAL
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         mapping = mmap.mmap(-1, length, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         start = _address_of(mapping)
