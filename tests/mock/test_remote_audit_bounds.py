@@ -286,3 +286,21 @@ def test_a_client_answering_each_copy_slowly_holds_the_host_lock_no_longer_than_
         assert other and other[0] < 2.0, other
     finally:
         sock.close()
+
+
+def test_a_guest_access_on_a_vcpu_the_domain_lacks_is_refused_naming_it(server: MockHostServer) -> None:
+    """dom1 has 2 vCPUs: vCPU 5 is EINVAL naming it, whether or not a server claims the port
+    (unclaimed, the host answered all-ones as from a vCPU that existed; claimed, an IndexError
+    surfaced as EIO with a traceback in the host's log)."""
+    with RemoteXen(server.path) as xen, DeviceModel.open("mock", xen=xen) as dm:
+        guest = RemoteGuest(xen, DOMID, timeout=0.5)
+        for claimed in (False, True):
+            if claimed:
+                sid = dm.create_ioreq_server(DOMID, 0)
+                dm.get_ioreq_server_info(DOMID, sid, gfns=True)
+                dm.map_io_range_to_ioreq_server(DOMID, sid, False, 0x3FF, 0x3FF)
+                dm.set_ioreq_server_state(DOMID, sid, True)
+            with pytest.raises(OSError) as e:
+                guest.inb(0x3FF, vcpu=5)
+            assert e.value.errno == errno.EINVAL and "vcpu=5" in str(e.value) and "2 vCPUs" in str(e.value)
+        assert guest.inb(0x3FE, vcpu=1) == 0xFF  # an existing vCPU, an unclaimed port

@@ -804,6 +804,9 @@ def _guest_call(
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 60:
         raise TypeError(f"timeout={timeout!r}: want seconds in (0, 60]")
     guest = conn._guest(_int("domid", domid, 1, 0x7FEF), float(timeout))
+    vcpus = int(conn.server.xen.domain(guest.domid).max_vcpus)
+    if kw.get("vcpu", 0) >= vcpus:  # a vCPU the domain does not have (d->vcpu[] has max_vcpus entries)
+        raise TypeError(f"vcpu={kw['vcpu']}: dom{guest.domid} has {vcpus} vCPUs")
     if method == "write_ram":
         if not isinstance(data, str) or len(data) > 2 * _CHUNK:
             raise TypeError(f"write_ram: data must be a hex string of at most {_CHUNK} bytes")
