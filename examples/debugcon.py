@@ -13,7 +13,10 @@ Run it:
 
 On the mock, the simulated guest's vCPU writes an ioreq into the real shared page,
 notifies the server's event channel and waits for the answer, exactly as Xen would.
-The server is torn down on exit (also on Ctrl-C/SIGTERM), so no server is left in Xen.
+With ``--domid`` the guest's bytes go to stdout, and once the server is up (and
+deprivileged) ``debugcon: serving domN's port 0xe9; Ctrl-C to stop`` to stderr.
+The server is torn down on exit (also on Ctrl-C/SIGTERM), so no server is left in Xen;
+Ctrl-C and SIGTERM are the ordinary way to stop, and exit 0 (``--help`` lists the statuses).
 """
 
 from __future__ import annotations
@@ -66,15 +69,26 @@ def run_on_mock(banner: bytes, out: TextIO) -> bytes:
 
 
 def serve(connection: app.Connection) -> int:
-    """Serve the console to a real domain (or a mock host's) until SIGINT/SIGTERM."""
+    """Serve the console to a real domain (or a mock host's) until SIGINT/SIGTERM; 0 once the server is destroyed."""
     server = connection.ioreq_server()
     server.add_port_range(PORT, PORT, DebugConsole(sys.stdout), "debugcon")
-    app.serve_until_signal(ServeLoop(server))  # tears the server down on the way out
+
+    def ready() -> None:  # only once the server is up: a refused domain is never announced
+        drop = connection.drop
+        dropped = f"; deprivileged to uid {drop.uid} gid {drop.gid}" if drop else ""
+        print(
+            f"debugcon: serving dom{connection.domid}'s port {PORT:#x}{dropped}; Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    signum = app.serve_until_signal(ServeLoop(server), on_ready=ready)  # tears the server down on the way out
+    print(app.stopped_line("debugcon", signum), file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=app.EXIT_STATUS_HELP)
     app.add_arguments(p)
     _, target = app.parse(p, argv)
     if target.where is app.Where.MOCK:

@@ -496,3 +496,8 @@ def test_the_socket_variable_is_the_mock_hosts() -> None:
     from xendmop.mock import remote
 
     assert app.ENV_SOCKET == remote.ENV_SOCKET  # spelled here so that real Xen never imports the mock
+
+
+def test_stopped_line_names_the_signal() -> None:
+    assert app.stopped_line("dm", signal.SIGINT) == "dm: stopped (SIGINT); the ioreq server was destroyed"
+    assert app.stopped_line("dm", None) == "dm: stopped (done); the ioreq server was destroyed"

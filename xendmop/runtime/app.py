@@ -11,8 +11,15 @@ What every example under ``examples/`` needs around its device, written once:
 - ``run_target(target, body, ...)``: connect (``Connection``: the ``DeviceModel``, the
   device opener, the privilege drop), guard, run ``body``; a refusal from Xen, the kernel
   or the mock host becomes one line on stderr and exit status 1, not a traceback.
-- ``serve_until_signal(loop)``: start the servers (dropping privileges), serve in this
-  thread until SIGINT/SIGTERM, tear the servers down, also on errors.
+- ``serve_until_signal(loop, on_ready=...)``: start the servers (dropping privileges),
+  announce them (``on_ready``: the examples' "serving ...; Ctrl-C to stop" line), serve in
+  this thread until SIGINT/SIGTERM, tear the servers down, also on errors;
+  ``stopped_line`` says how it ended.
+- ``EXIT_STATUS_HELP``: the exit statuses every example has, for its ``--help`` epilog.
+  SIGINT and SIGTERM are how a device model is asked to stop, so a stop that destroyed
+  the ioreq server is a success, 0 (not 130/143, which a service manager counts as a
+  failure); 1 when Xen, the kernel or the mock host refused, or a server was left in the
+  domain; 2 for a usage error, including a domain refused as not HVM.
 - ``open_mock()`` and ``run_guest_while_serving(loop, guest)``: the in-process mock, a
   simulated guest in a thread of its own while this thread serves it;
   ``run_guest_script`` also tells what the guest's script found (``--hold`` demos).
@@ -48,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENV_SOCKET",
+    "EXIT_STATUS_HELP",
     "Connection",
     "GuestKind",
     "GuestRun",
@@ -68,6 +76,7 @@ __all__ = [
     "run_target",
     "serve_until_signal",
     "start_daemon_thread",
+    "stopped_line",
 ]
 
 log = logging.getLogger("xendmop.app")
@@ -83,6 +92,12 @@ XENSTORE_TIMEOUT = 10.0
 #: after a signal, how long the guest thread gets to finish (it may be blocked on the stopped device)
 SIGNAL_JOIN_TIMEOUT = 1.0
 _ID_MAX = 0xFFFFFFFE  # (uid_t)-1 means "unchanged" to setresuid
+#: what every example's ``--help`` says about how it exits (the same statuses for all of them)
+EXIT_STATUS_HELP = (
+    "Exit status: 0 when done, also when stopped by SIGINT (Ctrl-C) or SIGTERM with the ioreq server destroyed; "
+    "1 when Xen, the kernel or the mock host refused, or an ioreq server was left in the domain; "
+    "2 for a usage error, such as a domain that is not HVM for a device that sends interrupts."
+)
 
 T = TypeVar("T")
 
@@ -476,7 +491,8 @@ def _to_stderr(line: str) -> None:
 def serve_until_signal(loop: ServeLoop, *, on_ready: Callable[[], object] | None = None) -> int | None:
     """Start ``loop``'s servers (each drops privileges if it was built to), call ``on_ready``,
     then serve in this thread until SIGINT/SIGTERM (or ``loop.stop()``); return the signal.
-    The servers are torn down on the way out, also when starting or ``on_ready`` failed."""
+    The servers are torn down on the way out, also when starting or ``on_ready`` failed.
+    A signal is the ordinary way to stop: the caller exits 0 after it (``EXIT_STATUS_HELP``)."""
     try:
         for server in loop.servers:
             server.start()
@@ -486,6 +502,13 @@ def serve_until_signal(loop: ServeLoop, *, on_ready: Callable[[], object] | None
     finally:
         for server in reversed(loop.servers):
             server.close()  # idempotent: run() closes them too
+
+
+def stopped_line(name: str, signum: int | None) -> str:
+    """How serving ended, for the examples' last line: ``<name>: stopped (SIGTERM); the ioreq
+    server was destroyed`` (``done`` instead of a signal name when the loop was stopped)."""
+    how = signal.Signals(signum).name if signum is not None else "done"
+    return f"{name}: stopped ({how}); the ioreq server was destroyed"
 
 
 def start_daemon_thread(target: Callable[[], object], name: str) -> threading.Thread:
