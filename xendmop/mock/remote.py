@@ -36,8 +36,9 @@ sizes are bounded before anything is allocated for them (a message and a reply:
 ``MAX_MESSAGE``; an ioctl argument: ``MAX_ARG``; one copy from or to the client's memory:
 ``MAX_COPY``; open devices: ``MAX_HANDLES``; privcmd mappings: ``MAX_MAP_COUNT``; clients:
 ``MAX_CLIENTS``), unknown requests are refused with an error naming them, fds a client
-sends are dropped, and a client that stops answering a memory request or reading its
-replies within ``MEMORY_TIMEOUT`` gets EFAULT and is disconnected.  Opening a device needs the
+sends are dropped, and a client that has not answered the memory requests of its ioctl
+within ``MEMORY_TIMEOUT`` gets EFAULT and is disconnected, as is one that leaves its
+replies unread that long.  Opening a device needs the
 sender's uid to be root or the host's own (``SCM_CREDENTIALS``, checked at every open):
 the device nodes are root's, so a device model that dropped privileges keeps its
 handles but cannot open new ones.  Admin and guest requests that change state need the
@@ -1047,6 +1048,8 @@ class RemoteXen:
     def __init__(self, socket_path: str) -> None:
         self.path = os.fspath(socket_path)
         self.memory = UserMemory()
+        # One transaction at a time.  Lock order: an evtchn fd's ``_cons_lock`` (taken by its
+        # BIND/UNBIND/RESET) before this one, never the other way (MockHostServer.__init__).
         self._lock = threading.Lock()
         self._vmas: list[tuple[mmap.mmap, int, int, int]] = []  # (mapping, start, length, handle)
         #: a NOTIFY that may raise a dom0 port was posted and the host has not answered anything
@@ -1345,7 +1348,8 @@ class RemoteEvtchn(RemoteDevice):
                 self._masks = PortMaskWords(self._ring_map)
             except OSError:
                 pass
-        #: ``ring_cons_mutex``: one reader at a time, and no read while the host rewrites the ring
+        #: ``ring_cons_mutex``: one reader at a time, and no read while the host rewrites the ring;
+        #: taken before the connection's ``RemoteXen._lock`` (an ioctl under it transacts), never after
         self._cons_lock = threading.Lock()
         #: the O_NONBLOCK file flag, modelled here: a blocking read waits on the eventfd
         self.nonblocking = False
