@@ -348,3 +348,18 @@ def test_guest_crashes_on_a_slot_the_dm_left_busy_or_a_wrong_port(host: MockXen,
         with host.lock:
             page[24:28] = mock_server.vcpu_ports[0].to_bytes(4, "little")
         assert guest.inb(PORT) == 1  # neither crash posted its write
+
+
+def test_the_page_view_follows_the_ioreq_page(host: MockXen, dm: DeviceModel) -> None:
+    """``server.page`` is made when the page is set, not per access: it must still be the
+    frame ``ioreq_page`` names (before allocation, after the legacy gfn path, after destroy)."""
+    server = _server(host, dm)
+    assert server.ioreq_page is None and server.page is None
+    dm.get_ioreq_server_info(HVM, server.id, gfns=True)  # the legacy path: the pages at guest gfns
+    ref = server.ioreq_page
+    assert ref is not None and server.page is not None and len(server.page) == 4096
+    ref.view()[100] = 0x5A  # the frame itself, through another view
+    assert server.page[100] == 0x5A
+    assert host.guest_read(HVM, server.ioreq_gfn * 4096 + 100, 1) == b"\x5a"
+    dm.destroy_ioreq_server(HVM, server.id)
+    assert server.ioreq_page is None and server.page is None

@@ -427,7 +427,9 @@ class EvtchnDevice:
                 port = int.from_bytes(data[:4], "little")
                 if ports.get(port) is False:  # bound and masked; any other port is ignored
                     ports[port] = True
-                    self._redeliver(port)
+                    chn = self._host.dom0.ports.get(port)
+                    if chn is not None and chn.pending:  # _redeliver: fires again (xen_irq_lateeoi)
+                        self.port_pending(port)
                 return 4
             for i in range(0, nbytes, 4):
                 port = int.from_bytes(data[i : i + 4], "little")

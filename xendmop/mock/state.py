@@ -272,7 +272,8 @@ class IoreqServer:
         self.ranges = [RangeSet() for _ in range(NR_IO_RANGE_TYPES)]
         self.vcpu_ports: list[int] = []
         self.bufioreq_port: int | None = None
-        self.ioreq_page: PageRef | None = None
+        self._ioreq_page: PageRef | None = None
+        self._page: memoryview | None = None  # the ioreq page's bytes, made when it is set
         self.bufioreq_page: PageRef | None = None
         self.ioreq_gfn: int | None = None  # None = INVALID_GFN
         self.bufioreq_gfn: int | None = None
@@ -307,9 +308,20 @@ class IoreqServer:
         return self.bufioreq_handling != 0
 
     @property
+    def ioreq_page(self) -> PageRef | None:
+        return self._ioreq_page
+
+    @ioreq_page.setter
+    def ioreq_page(self, ref: PageRef | None) -> None:
+        # The view is made here, not at every access: a vCPU reads it on each ioreq.  It goes
+        # with the page (ioreq_server_free_pages sets None before the frames are freed).
+        self._ioreq_page = ref
+        self._page = None if ref is None else ref.view()
+
+    @property
     def page(self) -> memoryview | None:
         """The synchronous ioreq page (live shared bytes), or None before allocation."""
-        return self.ioreq_page.view() if self.ioreq_page else None
+        return self._page
 
     @property
     def bufpage(self) -> memoryview | None:
@@ -330,7 +342,8 @@ class IoreqServer:
         """Xen's consumer of port ``index`` ran (the DM's ``EVTCHNOP_send``): count it and
         wake the vCPU waiting for it."""
         self.dm_notify_count[index] += 1
-        wake(self.notify_fd(index), self)
+        fd = self._notify_fds[index]
+        wake(fd if fd >= 0 else self.notify_fd(index), self)
 
     def wait_dm_notify(self, vcpu: int, timeout: float | None = None) -> bool:
         """Block until the DM notifies vCPU ``vcpu``'s port (or the buffered port for
