@@ -98,9 +98,9 @@ def test_an_mmapbatch_count_past_the_copy_bound_is_refused_before_any_copy(serve
 def test_hostile_lengths_in_each_header_get_an_error_and_the_connection_goes_on(server: MockHostServer) -> None:
     sock = _raw(server.path)
     try:
-        kind, privcmd, _ = _request(sock, Msg.OPEN, PRIVCMD_PATH.encode())
-        kind, evtchn, _ = _request(sock, Msg.OPEN, b"/dev/xen/evtchn")  # its fds: dropped, no cmsg buffer here
-        assert kind == Msg.OK
+        opened = [_request(sock, Msg.OPEN, path) for path in (PRIVCMD_PATH.encode(), b"/dev/xen/evtchn")]
+        assert [kind for kind, _, _ in opened] == [Msg.OK, Msg.OK]  # evtchn's fds: dropped, no cmsg buffer here
+        (_, privcmd, _), (_, evtchn, _) = opened
         dm_op = struct.pack("<IIBQ", privcmd, IOCTL_PRIVCMD_DM_OP, 0, 0)
         deep = b"[" * 100_000
         cases = [
