@@ -24,8 +24,13 @@ class PageStore:
         self.name = name
         self.npages = npages
         self.fd = os.memfd_create(f"xendmop-mock-{name}", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, npages * PAGE_SIZE)  # sparse: untouched pages cost nothing
-        self._map = mmap.mmap(self.fd, npages * PAGE_SIZE, mmap.MAP_SHARED)
+        try:
+            os.ftruncate(self.fd, npages * PAGE_SIZE)  # sparse: untouched pages cost nothing
+            self._map = mmap.mmap(self.fd, npages * PAGE_SIZE, mmap.MAP_SHARED)
+        except BaseException:  # e.g. ENOMEM or EMFILE: the memfd goes with the failure
+            os.close(self.fd)
+            self.fd = -1
+            raise
         self.view = memoryview(self._map)
 
     def page(self, index: int) -> memoryview:
