@@ -143,7 +143,11 @@ class SimGuest:
                 state &= 0xF
                 if state != STATE_IOREQ_NONE or eport != server.vcpu_ports[vcpu]:
                     raise GuestCrash(f"dom{self.domid} vCPU{vcpu}: device model set bad IO state {state}/port {eport}")
-                flags = STATE_IOREQ_NONE | (bool(data_is_ptr) << 4) | ((dir & 1) << 5) | (bool(df) << 6)
+                flags = (dir & 1) << 5  # state NONE until the body is written; data_is_ptr, df:
+                if data_is_ptr:
+                    flags |= 0x10
+                if df:
+                    flags |= 0x40
                 _SLOT.pack_into(
                     page, off, addr & _U64, data & _U64, count & _U32, size & _U32, eport, flags, type & 0xFF
                 )
