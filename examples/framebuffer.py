@@ -42,11 +42,13 @@ With ``--domid`` the PNG is rewritten every ``--interval`` seconds when pages ch
 (0: only on FLUSH) and on every FLUSH; with ``--depriv`` the output directory, opened
 before the privileges drop, must be writable by that user, and the snapshot must stay
 under the deprivileged file-size limit (256 KiB; a failed write is logged, the
-display keeps running).  Ctrl-C or SIGTERM destroys the ioreq server and stops dirty
-tracking.  ``--depriv`` needs a real dom0 or a mock host in another process
-(``XENDMOP_MOCK_SOCKET``, then ``--domid`` serves that host's domain): the in-process
-mock shares this process, so it refuses the flag.  This example issues no interrupt
-DMOPs.
+display keeps running).  Once the server is up ``framebuffer: framebuffer for domN on
+ports 0x1ce/0x1cf; Ctrl-C to stop`` goes to stderr.  Ctrl-C or SIGTERM destroys the
+ioreq server, stops dirty tracking and exits 0, as after ``--hold`` on the mock
+(``--help`` lists the statuses).  ``--depriv`` needs a real dom0 or a mock host in
+another process (``XENDMOP_MOCK_SOCKET``, then ``--domid`` serves that host's domain):
+the in-process mock shares this process, so it refuses the flag.  This example issues
+no interrupt DMOPs.
 """
 
 from __future__ import annotations
@@ -539,9 +541,10 @@ def serve_domain(connection: app.Connection, png: PngFile, interval: float) -> i
                 )
 
             try:
-                app.serve_until_signal(loop, on_ready=ready)
+                signum = app.serve_until_signal(loop, on_ready=ready)
             finally:
                 fb.close()
+            print(app.stopped_line("framebuffer", signum), file=sys.stderr)
     finally:
         if timer is not None:
             timer.close()
@@ -549,7 +552,7 @@ def serve_domain(connection: app.Connection, png: PngFile, interval: float) -> i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], epilog=app.EXIT_STATUS_HELP)
     app.add_arguments(p, hold=True)
     p.add_argument("--output", default="framebuffer.png", help="the PNG snapshot (default: %(default)s)")
     p.add_argument("--interval", type=float, default=0.2, help="with --domid: seconds between polls (0: FLUSH only)")

@@ -36,8 +36,10 @@ Run it:
                                               # domain 1 of a mock host process (xendmop mock-host)
 
 The device sits at 0000:00:<--slot>.0; on a real dom0 start the device model while
-the domain is still paused so the guest's firmware finds it.  Ctrl-C or SIGTERM tears
-the ioreq server down (no server is left in Xen).  ``--depriv UID:GID`` restricts
+the domain is still paused so the guest's firmware finds it.  Once the server is up
+``pci_edu: edu at 0000:00:04.0 of domN; Ctrl-C to stop`` goes to stderr.  Ctrl-C or
+SIGTERM tears the ioreq server down (no server is left in Xen) and exits 0, as after
+``--hold`` on the mock (``--help`` lists the statuses).  ``--depriv UID:GID`` restricts
 every handle to the domain and drops to that user after bring-up; it needs a real
 dom0 or a mock host in another process (the in-process mock shares this process, so
 it refuses the flag).  With ``XENDMOP_MOCK_SOCKET`` set, ``--domid`` serves that mock
@@ -370,7 +372,7 @@ def run_on_mock(*, slot: int = 4, hold: bool = False, out: Callable[[str], None]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], epilog=app.EXIT_STATUS_HELP)
     app.add_arguments(p, hold=True, assume_hvm=True)
     p.add_argument("--slot", type=int, default=4, choices=range(1, 32), metavar="1..31", help="PCI slot on bus 0")
     args, target = app.parse(p, argv)
@@ -384,8 +386,12 @@ def main(argv: list[str] | None = None) -> int:
         server = connection.ioreq_server()
         edu = Edu(lambda: server.dispatcher.memory)
         server.add_pci(edu.pci, slot=args.slot, name="edu")
-        log.info("edu at 0000:00:%02x.0 of dom%d; Ctrl-C to stop", args.slot, connection.domid)
-        app.serve_until_signal(ServeLoop(server))
+
+        def ready() -> None:  # only once the server is up: a refused domain is never announced
+            log.info("edu at 0000:00:%02x.0 of dom%d; Ctrl-C to stop", args.slot, connection.domid)
+
+        signum = app.serve_until_signal(ServeLoop(server), on_ready=ready)
+        print(app.stopped_line("pci_edu", signum), file=sys.stderr)
         return 0
 
     # Interrupts go out (INTx, MSI): a domain that is not HVM is refused before anything is opened.

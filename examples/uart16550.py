@@ -22,7 +22,8 @@ tests the THRE interrupt, writes a banner, then takes a line of input by interru
 and writes it back — and you see its console output and every edge of IRQ 4
 (``[irq4 ↑ RX data]``).  On a real dom0 the terminal is put in raw mode (restored on
 exit; Ctrl-C still stops the device model) and is the guest's serial console.
-Either way the ioreq server is destroyed on exit, also on Ctrl-C and SIGTERM.
+Either way the ioreq server is destroyed on exit, also on Ctrl-C and SIGTERM, which
+are the ordinary way to stop it and exit 0 (``--help`` lists the statuses).
 
 HAZARD: ``set_isa_irq_level`` must only reach an HVM guest: on Xen 4.17.7 an
 accepted ISA IRQ level change for a PVH guest crashed the hypervisor, and ``dm_op``
@@ -53,7 +54,6 @@ import dataclasses
 import logging
 import os
 import select
-import signal
 import sys
 import termios
 import threading
@@ -762,7 +762,7 @@ def _mock_line(args: argparse.Namespace) -> bytes | Callable[[], bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], epilog=app.EXIT_STATUS_HELP)
     app.add_arguments(p, assume_hvm=True)
     p.add_argument("--line", help="on the mock: what the host types to the guest ('-': read it from stdin)")
     p.add_argument("--pty", action="store_true", help="on a real dom0: a new pty instead of this terminal")
@@ -784,9 +784,8 @@ def _main_mock(args: argparse.Namespace) -> int:
     if run.servers_left:
         print(f"uart16550: {stopped}{run.servers_left} ioreq server(s) left in dom{run.domid}", file=sys.stderr)
         return 1
-    if stopped:
+    if stopped:  # a signal is how a device model is asked to stop: a success once the server is gone
         print(f"uart16550: {stopped}the ioreq server was destroyed, none is left in dom{run.domid}", file=sys.stderr)
-        return 130
     return 0
 
 
@@ -816,8 +815,7 @@ def _main_domain(args: argparse.Namespace, connection: app.Connection) -> int:
             print(f"uart16550: serving dom{domid}'s COM1{dropped}; Ctrl-C to stop", file=sys.stderr, flush=True)
 
         signum = serve_domain(connection, input_fd=in_fd, output_fd=out_fd, on_ready=ready)
-    stopped = signal.Signals(signum).name if signum else "done"
-    print(f"\r\nuart16550: stopped ({stopped}); the ioreq server was destroyed", file=sys.stderr)
+    print("\r\n" + app.stopped_line("uart16550", signum), file=sys.stderr)  # \r: the terminal may have been raw
     return 0
 
 
