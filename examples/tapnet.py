@@ -34,9 +34,10 @@ closes, also after privileges are dropped or if the process is killed.
 
 Interrupts: ISA IRQ ``--irq`` (default 5) through ``set_isa_irq_level``, only for an
 HVM guest.  On real Xen the domain type comes from the hypervisor (libxenctrl), else
-Xenstore (``/libxl/<domid>/type``, read by ``xenstore-read``), else ``--guest-type`` or
-``--assume-hvm`` (``xendmop.runtime.app.guest_kind``): interrupt DMOPs are never sent
-to a PVH guest (an accepted ISA IRQ level change on one crashed Xen 4.17.7); use
+Xenstore (``/libxl/<domid>/type``, read by ``xenstore-read``); a PVH or PV domain is
+refused, and one whose type nothing can tell unless ``--assume-hvm`` is given
+(``xendmop.runtime.app.require_hvm``, as the other examples): interrupt DMOPs are never
+sent to a PVH guest (an accepted ISA IRQ level change on one crashed Xen 4.17.7); use
 ``--no-irq`` there (the guest then polls ISR).  A mock host process's PV domain is
 refused by the EINVAL its first DMOP gets.
 
@@ -57,7 +58,9 @@ Run it (as root: creating a tap needs CAP_NET_ADMIN):
 the server is up (the tap is opened before, and goes with its fd); it needs a real
 dom0 or a mock host process: the in-process mock shares this process.
 
-Ctrl-C or SIGTERM destroys the ioreq server and removes the tap if it was created here.
+Once the server is up ``tapnet: serving domN ... ; Ctrl-C to stop`` goes to stdout.
+Ctrl-C or SIGTERM destroys the ioreq server, removes the tap if it was created here and
+exits 0 (``--help`` lists the statuses).
 """
 
 from __future__ import annotations
@@ -646,7 +649,7 @@ def serve_mock(tap: Tap, out: TextIO, *, irq: int | None, ip: str, host_ip: str,
             stopping=stop,
         )
     out.write(
-        f"tapnet: ioreq server destroyed; {net.nic.tx_frames} frames sent, {net.nic.rx_frames} received, "
+        f"{app.stopped_line('tapnet', run.signal)}; {net.nic.tx_frames} frames sent, {net.nic.rx_frames} received, "
         f"{run.result or 0} answered\n"
     )
     return 0
@@ -697,7 +700,7 @@ def _megabytes(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], epilog=app.EXIT_STATUS_HELP)
     app.add_arguments(p, assume_hvm=True)
     p.add_argument("--tap", type=_ifname, default="xdmtap0", help="tap interface (created if missing)")
     p.add_argument("--netns", help="network namespace to run in (must exist)")
@@ -706,9 +709,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mac", default="02:58:44:00:00:01", help="the simulated guest's MAC (mock)")
     p.add_argument("--irq", type=_isa_irq, default=5, help="ISA IRQ of the card (HVM guests only)")
     p.add_argument("--no-irq", action="store_true", help="no interrupt: the guest polls ISR")
-    p.add_argument(
-        "--guest-type", choices=("hvm", "pvh", "pv"), help="real Xen: the domain type, when nothing else can tell"
-    )
     p.add_argument("--guest-ram-mb", type=_megabytes, help="real Xen: guest RAM size; descriptors above it are refused")
     return p
 
@@ -723,12 +723,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         p.error(f"--mac {args.mac!r}: not a MAC address (six hex bytes)")
     irq = None if args.no_irq else args.irq
-    if target.where is app.Where.XEN and irq is not None:  # refused before anything is opened
-        known = app.guest_kind(args.domid)
-        if known and args.guest_type and known != args.guest_type:
-            p.error(f"dom{args.domid}: the hypervisor or Xenstore says {known}, --guest-type says {args.guest_type}")
+    if target.where is app.Where.XEN and irq is not None:  # refused before anything is opened, the tap too
         try:
-            app.check_hvm(args.domid, known or args.guest_type, assume_hvm=args.assume_hvm)
+            app.require_hvm(args.domid, assume_hvm=args.assume_hvm)
         except app.NotHvmError as e:
             p.error(f"{e}; or use --no-irq")
     if args.netns:
@@ -777,12 +774,12 @@ def serve_domain(
         nic.memory = server.dispatcher.memory
         print(
             f"tapnet: serving dom{connection.domid} of {where.describe()} on tap {tap.name}, "
-            f"ports {PORT_BASE:#x}+{PORT_COUNT:#x}",
+            f"ports {PORT_BASE:#x}+{PORT_COUNT:#x}; Ctrl-C to stop",
             flush=True,
         )
 
-    app.serve_until_signal(loop, on_ready=ready)  # until SIGINT/SIGTERM; closes the server
-    print(f"tapnet: ioreq server destroyed; {nic.tx_frames} frames sent, {nic.rx_frames} received")
+    signum = app.serve_until_signal(loop, on_ready=ready)  # until SIGINT/SIGTERM; closes the server
+    print(f"{app.stopped_line('tapnet', signum)}; {nic.tx_frames} frames sent, {nic.rx_frames} received")
     return 0
 
 
