@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from example_cli import deprivileged, example_env, hold_until_signal
+from example_cli import deprivileged, example_env, hold_until_signal, stand_in_tool
 from runtime.helpers import FakeRam, RecordingPciHost  # tests/runtime: guest RAM that refuses what is not RAM
 
 from xendmop import DeviceModel
@@ -290,9 +290,7 @@ def test_depriv_on_the_in_process_mock_says_what_it_needs() -> None:
 @pytest.mark.parametrize("kind", ["pvh", "pv", None])
 def test_real_domain_that_is_not_hvm_is_refused(tmp_path: Path, kind: str | None) -> None:
     """The PVH hazard guard: the domain type comes from Xenstore (a stand-in xenstore-read here)."""
-    fake = tmp_path / "xenstore-read"
-    fake.write_text(f"#!/bin/sh\necho {kind}\n" if kind else "#!/bin/sh\nexit 1\n")
-    fake.chmod(0o755)
+    stand_in_tool(tmp_path, "xenstore-read", f"echo {kind}" if kind else "exit 1")
     done = run("--domid", "5", env={"PATH": f"{tmp_path}:{os.environ['PATH']}"})
     assert done.returncode == 2
     assert f"dom5 is {kind or 'of unknown type'}, not HVM" in done.stderr
