@@ -59,6 +59,24 @@ def read_until(stream: IO[str] | IO[bytes] | None, needle: str, timeout: float =
             line = ""
 
 
+def read_bytes(source: IO[bytes] | int | None, count: int, timeout: float = READ_TIMEOUT) -> bytes:
+    """Exactly ``count`` bytes from ``source`` (a process's binary pipe, or an fd: a pty's
+    master), read from its fd; ``AssertionError`` with what came if it ends, or if
+    ``timeout`` seconds pass, first."""
+    assert source is not None, "the process has no such pipe"
+    fd = source if isinstance(source, int) else source.fileno()
+    got = b""
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{len(got)} of {count} bytes in {timeout}s: {got!r}"
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, count - len(got))
+            assert chunk, f"the end of the output after {len(got)} of {count} bytes: {got!r}"
+            got += chunk
+    return got
+
+
 def hold_until_signal(script: Path, *args: str, signum: int) -> tuple[int, str, str]:
     """Run ``script --hold *args``, send ``signum`` once its guest script is done; (status, stdout, stderr)."""
     proc = subprocess.Popen(

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from example_cli import read_until, stand_in_tool
+from example_cli import read_bytes, read_until, stand_in_tool
 
 
 def python(code: str, *, text: bool = True) -> subprocess.Popen[str]:
@@ -57,6 +57,21 @@ def test_a_binary_pipe_reads_the_same(procs: list[subprocess.Popen[str]]) -> Non
     procs.append(proc := python("print('serving; Ctrl-C to stop', flush=True); print('after')", text=False))
     assert read_until(proc.stdout, "Ctrl-C") == "serving; Ctrl-C to stop\n"
     assert proc.communicate(timeout=30)[0] == b"after\n"
+
+
+def test_read_bytes_takes_exactly_that_many_and_fails_at_the_deadline(procs: list[subprocess.Popen[str]]) -> None:
+    code = "import os, time; os.write(1, b'ab'); time.sleep(0.2); os.write(1, b'cdef'); time.sleep(60)"
+    procs.append(proc := python(code, text=False))
+    assert read_bytes(proc.stdout, 4) == b"abcd"  # across two writes
+    with pytest.raises(AssertionError, match=r"2 of 3 bytes in 0\.5s: b'ef'"):
+        read_bytes(proc.stdout, 3, timeout=0.5)
+    master, slave = os.openpty()
+    try:
+        os.write(slave, b"xyz")
+        assert read_bytes(master, 3) == b"xyz"  # an fd too
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 def test_a_stand_in_tool_runs_at_once_while_other_threads_fork(tmp_path: Path) -> None:

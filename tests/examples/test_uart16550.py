@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from example_cli import deprivileged, example_env, read_until
+from example_cli import deprivileged, example_env, read_bytes, read_until
 
 from xendmop import DeviceModel
 from xendmop.mock import MockXen
@@ -480,7 +480,7 @@ def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process:
             fw.probe()
             fw.init()
             fw.puts(b"login: ")
-            assert proc.stdout.read(7) == b"login: "  # the guest's console on the device model's stdout
+            assert read_bytes(proc.stdout, 7) == b"login: "  # the guest's console on the device model's stdout
             proc.stdin.write(b"root\r")  # and its keyboard on stdin
             proc.stdin.flush()
             assert fw.readline() == b"root"
@@ -531,10 +531,7 @@ def test_the_terminal_is_the_guests_console_and_is_restored(mock_host_process: s
             fw = Firmware(RemoteGuest(remote, 1), lambda: remote.gsi_level(1, 4))
             fw.init()
             fw.puts(b"Password: ")
-            got = b""
-            while len(got) < 10:
-                got += os.read(master, 10 - len(got))
-            assert got == b"Password: "
+            assert read_bytes(master, 10) == b"Password: "
             os.write(master, b"s3cret\r")  # not echoed by the terminal, read by the guest
             assert fw.readline() == b"s3cret"
             proc.send_signal(signal.SIGINT)
