@@ -18,7 +18,7 @@ import pytest
 
 from xendmop import DeviceModel
 from xendmop.abi.privcmd import IOCTL_PRIVCMD_DM_OP, IOCTL_PRIVCMD_MMAPBATCH_V2, privcmd_dm_op, privcmd_mmapbatch_v2
-from xendmop.backends.device import PAGE_SIZE, PRIVCMD_PATH
+from xendmop.backends.device import HYPERCALL_PATH, PAGE_SIZE, PRIVCMD_PATH
 from xendmop.mock import default_host, remote
 from xendmop.mock.remote import MAX_MESSAGE, MockHostServer, Msg, RemoteGuest, RemoteXen
 
@@ -88,7 +88,7 @@ def test_an_mmapbatch_count_past_the_copy_bound_is_refused_before_any_copy(serve
         head = struct.pack("<IIBQ", handle, IOCTL_PRIVCMD_MMAPBATCH_V2, 0, 0)
         kind, err, _ = _request(sock, Msg.IOCTL, head + bytes(batch))
         assert kind == Msg.ERROR, f"the host asked for the array (message kind {kind}) instead of refusing it"
-        assert err == errno.EFAULT  # privcmd's gather_array failing: the mock's privcmd says EFAULT
+        assert err == errno.ENOMEM  # gather_array's answer when it cannot have the pages for the array
         assert _ping(sock)
     finally:
         sock.close()
@@ -162,12 +162,18 @@ def test_privcmd_mappings_past_max_map_count_are_enomem(
         dev.close()
 
 
-def test_a_privcmd_mapping_at_an_offset_is_accepted_as_linux_does(server: MockHostServer) -> None:
-    """privcmd_mmap ignores the offset (the in-process mock too); the host refused it with EINVAL."""
+@pytest.mark.parametrize("path", [PRIVCMD_PATH, HYPERCALL_PATH])
+def test_a_privcmd_mapping_at_an_offset_is_accepted_as_linux_does(server: MockHostServer, path: str) -> None:
+    """privcmd_mmap and privcmd_buf_mmap (vm_map_pages_zero) ignore the offset, in-process and
+    across; the host refused both with EINVAL.  A mapping with no length is still EINVAL."""
     with RemoteXen(server.path) as xen:
-        dev = xen.open_device(PRIVCMD_PATH)
+        dev = xen.open_device(path)
         mapping = dev.mmap(PAGE_SIZE, PAGE_SIZE)
+        mapping[:4] = b"xen!"  # the client's own writable shared pages
         mapping.close()
+        with pytest.raises(OSError) as e:
+            dev.mmap(0, 0)
+        assert e.value.errno == errno.EINVAL
         dev.close()
 
 

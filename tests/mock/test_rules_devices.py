@@ -309,3 +309,21 @@ def test_evtchn_unbind_leaves_queued_entries_in_process_too() -> None:
         assert ev.pending_ports(8) == [a, b]
         ev.device.write(a.to_bytes(4, "little"))  # not this fd's port any more: ignored
         assert not select.select([ev], [], [], 0)[0]
+
+
+def test_hypercall_buffers_map_at_any_offset_as_privcmd_buf_mmap() -> None:
+    """privcmd_buf_mmap (privcmd-buf.c) checks only VM_SHARED and maps zeroed pages with
+    vm_map_pages_zero, which ignores vm_pgoff; do_mmap refuses no length or a wrapping offset."""
+    host = make_host()
+    dev = host.open_device("/dev/xen/hypercall")
+    try:
+        mapping = dev.mmap(8192, 3 * 4096)
+        assert bytes(mapping[:8192]) == bytes(8192)
+        mapping.close()
+        for length, offset in ((0, 0), (4096, -4096)):
+            with pytest.raises(OSError) as e:
+                dev.mmap(length, offset)
+            assert e.value.errno == E.EINVAL
+    finally:
+        dev.close()
+        host.close()

@@ -141,8 +141,12 @@ class HypercallDevice(_DeviceBase):
         raise_errno(errno.ENOTTY)
 
     def mmap(self, length: int, offset: int = 0) -> mmap.mmap:
-        """``privcmd_buf_mmap``: anonymous shared zeroed pages (MAP_SHARED is the only mode offered)."""
-        if length <= 0 or offset:
+        """``privcmd_buf_mmap``: anonymous shared zeroed pages (MAP_SHARED is the only mode offered).
+
+        Linux ignores the offset: ``privcmd_buf_mmap`` (``drivers/xen/privcmd-buf.c``) checks
+        only VM_SHARED and maps fresh pages with ``vm_map_pages_zero``, which does not
+        read ``vm_pgoff``.  A negative offset never gets here (``do_mmap`` refuses it)."""
+        if length <= 0 or offset < 0:  # mm/mmap.c do_mmap: no length, or an offset that wraps
             raise_errno(errno.EINVAL)
         return mmap.mmap(-1, length, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
 
@@ -354,8 +358,8 @@ class PrivcmdDevice(_DeviceBase):
         try:  # gather_array, then clear_user(m.err)
             gfns = list((ctypes.c_uint64 * num).from_buffer_copy(memory.read(m.arr or 0, 8 * num)))
             memory.clear(m.err or 0, 4 * num)
-        except OSError:
-            return -errno.EFAULT
+        except OSError as e:  # gather_array: ENOMEM when its pages cannot be had, else copy_from_user's EFAULT
+            return -(errno.ENOMEM if e.errno == errno.ENOMEM else errno.EFAULT)
         vma = self.find_vma(addr)
         if vma is None:
             return -errno.EINVAL

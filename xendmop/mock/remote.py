@@ -584,8 +584,10 @@ class _Connection:
                 raise OSError(errno.ENOMEM, f"MMAP: {mapped} privcmd mappings already (limit {MAX_MAP_COUNT})")
             dev.adopt_vma(addr, length)
         elif dev.path == HYPERCALL_PATH:
-            if length <= 0 or offset:  # privcmd_buf_mmap: the client's own zeroed shared pages
-                raise OSError(errno.EINVAL, f"MMAP: length {length} offset {offset} on {dev.path}")
+            # privcmd_buf_mmap (privcmd-buf.c): the client maps its own zeroed shared pages; any
+            # offset is accepted (vm_map_pages_zero does not read vm_pgoff), as HypercallDevice.mmap
+            if length <= 0:  # mm/mmap.c do_mmap
+                raise OSError(errno.EINVAL, f"MMAP: length {length} on {dev.path}")
         else:
             dev.mmap(length, offset)  # evtchn has no .mmap: mm/mmap.c do_mmap's ENODEV
         return self._ok()
