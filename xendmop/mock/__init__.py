@@ -397,6 +397,20 @@ class MockXen:
         else:
             chn.pending = True  # nobody bound yet: seen when the DM binds
 
+    def dm_doorbell_locked(self, d: Domain, port: int, wanted: bool) -> Any:
+        """A vCPU of ``d`` starts (``wanted``) or stops waiting for the device model's NOTIFY on
+        the dom0 end of ``d``'s ``port``: the ``evtchn.Doorbell`` of the dom0 evtchn fd that bound
+        that end, if its client is in another process (``EvtchnDevice.want_doorbell``), else
+        None.  For a caller that holds the host lock."""
+        chn = d.ports.get(port)
+        if chn is None or chn.state != "interdomain" or chn.remote_domid != 0:
+            return None
+        peer = self.dom0.ports.get(chn.remote_port)
+        user = None if peer is None else peer.user
+        if user is None:
+            return None
+        return user.want_doorbell(chn.remote_port, wanted)
+
     def deliver_event(self, domid: int, vcpu: int) -> dict[str, int] | None:
         """The vCPU's next VM entry: take the event latched by inject_event."""
         with self.lock:

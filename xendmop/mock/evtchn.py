@@ -12,7 +12,10 @@ fails with EFBIG (and ``poll`` reports POLLERR) until ``IOCTL_EVTCHN_RESET``.
 For a client in another process (``xendmop.mock.remote``) ``share_ring()`` moves the
 ring into a sealed memfd (``SharedPortRing``) that the client maps and reads by itself,
 as Linux's ``evtchn_read`` copies out of the per-fd ring with no call into anything
-else; the host stays the only producer and never trusts what it reads back.
+else; the host stays the only producer and never trusts what it reads back.  The same
+memfd carries the client's NOTIFYs the other way while a vCPU of the host waits for one (the
+doorbell: ``SharedPortRing.take_doorbell``, ``Doorbell``), applied by that vCPU's thread with
+the rules of ``ioctl``'s NOTIFY.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import select
 import struct
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from ..abi.evtchn import (
@@ -50,6 +55,8 @@ from .usermem import PAGE_SIZE
 
 if TYPE_CHECKING:
     from . import MockXen
+
+log = logging.getLogger("xendmop.mock.evtchn")
 
 EVTCHN_PATH = "/dev/xen/evtchn"
 #: ``NR_VIRQS`` (xen/include/public/xen.h)
@@ -87,8 +94,29 @@ RING_MASKS = RING_ENTRIES + RING_CAPACITY
 PORT_MASKED = 1
 #: a port's mask word: fired while masked (set by the host; the client's unmask then asks for it)
 PORT_FIRED = 2
-#: the memfd's length: header page, entries, mask words
-RING_BYTES = PAGE_SIZE + 4 * RING_CAPACITY + 4 * NR_EVTCHN_PORTS
+#: features the host offers: the NOTIFY doorbell below is in use (``Doorbell``)
+RING_FEATURE_DOORBELL = 2
+# The NOTIFY doorbell: a second ring, the client produces and the host consumes (a header page,
+# then the entries, then one "a vCPU waits" word per port).
+#: the doorbell's header page
+DOORBELL_BASE = RING_MASKS + NR_EVTCHN_PORTS
+#: ``db_prod``: written by the client (the producer) only
+DOORBELL_PROD = DOORBELL_BASE
+#: ``db_cons``: written by the host (the consumer) only, from its own count
+DOORBELL_CONS = DOORBELL_BASE + 16
+#: 1 once the host found the doorbell corrupt: the client's NOTIFYs then go by message for good
+DOORBELL_BROKEN = DOORBELL_BASE + 32
+#: how many posted messages of this connection the host has handled (the client's NOTIFY may
+#: ring the doorbell only once every posted message sent before it was handled: it cannot overtake one)
+DOORBELL_POSTED_DONE = DOORBELL_BASE + 48
+#: the first doorbell entry's word index
+DOORBELL_ENTRIES = DOORBELL_BASE + PAGE_SIZE // 4
+#: doorbell entries: a power of two; a NOTIFY finding the doorbell full goes by message
+DOORBELL_CAPACITY = 256
+#: one word per port, set by the host while a vCPU waits for that port's NOTIFY in this process
+DOORBELL_WANTED = DOORBELL_ENTRIES + DOORBELL_CAPACITY
+#: the memfd's length: header page, entries, mask words, the doorbell's header, entries and wanted words
+RING_BYTES = 4 * (DOORBELL_WANTED + NR_EVTCHN_PORTS)
 _U32 = 0xFFFFFFFF
 #: compare-and-swap attempts on a mask word the client keeps changing, before the event is held
 _CAS_ATTEMPTS = 8
@@ -216,6 +244,47 @@ class SharedPortRing:
             pass  # unmasks are then written to the host (WRITE), as before
         else:
             self._words[RING_FEATURES] = RING_FEATURE_MASKS
+        self._words[RING_FEATURES] |= RING_FEATURE_DOORBELL
+        self._db_cons = 0  # host's own db_cons
+        #: the host's own verdict: a doorbell found corrupt is never read again (the client can
+        #: clear the shared ``DOORBELL_BROKEN`` word, not this)
+        self.doorbell_broken = False
+
+    def doorbell_queued(self) -> bool:
+        """The client's ``db_prod`` moved since the host last took entries (one word read, no check)."""
+        return self._words[DOORBELL_PROD] != self._db_cons and not self.doorbell_broken
+
+    def take_doorbell(self) -> list[int]:
+        """The ports the client queued since the last take, oldest first; [] when none, or for a
+        doorbell the client corrupted (``db_prod`` more than ``DOORBELL_CAPACITY`` ahead of the
+        host's own ``db_cons``): its entries are dropped and the doorbell is broken for good.
+        The host reads back ``db_prod`` and the entries alone, and each port read is only a
+        number a NOTIFY checks as any other (``EvtchnDevice._notify_port``)."""
+        if self.doorbell_broken:
+            return []
+        words = self._words
+        prod, cons = words[DOORBELL_PROD], self._db_cons
+        queued = (prod - cons) & _U32
+        if not queued:
+            return []
+        if queued > DOORBELL_CAPACITY:
+            self.doorbell_broken = True
+            words[DOORBELL_BROKEN] = 1
+            log.warning("evtchn doorbell corrupt: db_prod=%d db_cons=%d; its NOTIFYs go by message", prod, cons)
+            return []
+        mask = DOORBELL_CAPACITY - 1
+        ports = [words[DOORBELL_ENTRIES + ((cons + i) & mask)] for i in range(queued)]
+        self._db_cons = prod
+        words[DOORBELL_CONS] = prod  # after the entries are read: the client may reuse them
+        return ports
+
+    def want_doorbell(self, port: int, wanted: bool) -> None:
+        """Tell the client whether a vCPU of this process waits for ``port``'s NOTIFY (ring the doorbell)."""
+        self._words[DOORBELL_WANTED + port] = int(wanted)
+
+    def posted_done(self, count: int) -> None:
+        """Publish how many posted messages of the connection were handled."""
+        self._words[DOORBELL_POSTED_DONE] = count & _U32
 
     def unmask_at_bind(self, port: int) -> None:
         """A port bound by this fd starts unmasked (whatever a previous binding left in its word)."""
@@ -294,6 +363,31 @@ class SharedPortRing:
         os.close(self.fd)
 
 
+class Doorbell:
+    """The host's eventfd a client writes after queueing a NOTIFY in its doorbell ring.
+
+    Read by the vCPU thread waiting for that NOTIFY (``IoreqServer.wait_dm_notify``), which
+    then applies the queued NOTIFYs itself (``EvtchnDevice.answer_doorbell``): the connection
+    thread is off the path.  The fd is closed when the last reference goes, not at the
+    device's close: a vCPU may still be polling it then."""
+
+    def __init__(self, device: EvtchnDevice) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        #: None once the device is closed (its NOTIFYs were applied at the close)
+        self.device: EvtchnDevice | None = device
+        weakref.finalize(self, os.close, self.fd)
+
+    def answer(self) -> None:
+        """Drain the eventfd, then apply every queued NOTIFY (a forged write alone applies nothing)."""
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+        device = self.device
+        if device is not None:
+            device.answer_doorbell()
+
+
 def _writable(fd: int) -> bool:
     """An eventfd write of 1 would not block (its counter is below 0xfffffffffffffffe)."""
     poller = select.poll()
@@ -322,6 +416,8 @@ class EvtchnDevice:
         self._closed = False
         #: the ring in a memfd read by a client process (``share_ring``); None: ``_ring`` in-process
         self._shared: SharedPortRing | None = None
+        #: the NOTIFY doorbell of a shared ring (``share_ring``)
+        self.doorbell: Doorbell | None = None
 
     # --- the fd ---------------------------------------------------------------------
 
@@ -345,7 +441,59 @@ class EvtchnDevice:
             if self._ports or self._shared is not None:
                 raise OSError(errno.EBUSY, "share_ring: the fd already has ports or a shared ring")
             self._shared = SharedPortRing()
+            self.doorbell = Doorbell(self)
             return self._shared.fd
+
+    def answer_doorbell(self) -> None:
+        """Apply the NOTIFYs the client queued in its doorbell, in order, each as ``ioctl`` applies
+        a NOTIFY: ``_notify_port``'s rule (ENOTCONN for a port this fd did not bind, logged here as
+        the client does not wait for it, as a posted NOTIFY's failure is), then the same log entry.
+        Called by a waiting vCPU (``Doorbell.answer``), by the connection's thread before each
+        message of its client (so no later request overtakes them), and at the close.
+
+        Departs from Linux, where ``evtchn_ioctl`` (drivers/xen/evtchn.c) has sent the event when
+        the NOTIFY returns: here it is sent when one of those takes it, which is before anything
+        it affects can be seen (the vCPU it releases applies it itself; the client's next request
+        and its close come after it)."""
+        shared = self._shared
+        try:
+            if shared is None or not shared.doorbell_queued():
+                return
+        except ValueError:  # closed meanwhile (its mapping released): the close applied them
+            return
+        host = self._host
+        wakes = defer_wakes()  # the vCPUs' wake-ups after the unlock (WakeAfterUnlock)
+        try:
+            with host.lock:
+                if not self._closed:
+                    self._answer_doorbell_locked(shared)
+        finally:
+            write_deferred_wakes(wakes)
+
+    def _answer_doorbell_locked(self, shared: SharedPortRing) -> None:
+        events = self._host.events
+        for port in shared.take_doorbell():
+            rc = self._notify_port(port)
+            events.notified(port, rc)
+            if rc < 0:
+                log.warning("evtchn doorbell NOTIFY of port %d failed: %s", port, os.strerror(-rc))
+
+    def want_doorbell(self, port: int, wanted: bool) -> Doorbell | None:
+        """A vCPU starts (``wanted``) or stops waiting for the NOTIFY of ``port``, a port this fd
+        bound: with a shared ring, the client is told to ring the doorbell for it; the doorbell
+        to watch, or None (the NOTIFY then comes by message).  Under the host lock."""
+        shared = self._shared
+        if shared is None or self._closed:
+            return None
+        if shared.doorbell_broken or port not in self._ports:
+            wanted = False  # and a word left set by an earlier wait is cleared
+        shared.want_doorbell(port, wanted)
+        return self.doorbell if wanted else None
+
+    def posted_done(self, count: int) -> None:
+        """The connection handled ``count`` posted messages (``DOORBELL_POSTED_DONE``)."""
+        if self._shared is not None:
+            self._shared.posted_done(count)
 
     def port_pending(self, port: int) -> None:
         """``evtchn_interrupt``: a bound port fired; queue it once and mask it until written back."""
@@ -625,8 +773,12 @@ class EvtchnDevice:
         """``evtchn_release``: unbind every port, free the fd."""
         if self._closed:
             return
+        # The NOTIFYs the client queued returned to it before it closed: they happen first.
+        self.answer_doorbell()
         with self._host.lock:
             self._closed = True
+            if self.doorbell is not None:
+                self.doorbell.device = None
             for port in list(self._ports):
                 self._unbind_port(port)
             self._cond.notify_all()

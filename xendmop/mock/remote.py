@@ -53,7 +53,11 @@ The third per-access call, the evtchn ``read``, sends nothing: the ring is share
 libatomic on both sides the unmask sends nothing either: it clears the port's mask word in
 the same memfd, and only a port that fired while masked is sent (``KICK_POSTED``).  An
 unmask that follows a posted NOTIFY able to raise a dom0 port is still sent as
-``WRITE_POSTED``, so it cannot overtake that NOTIFY.
+``WRITE_POSTED``, so it cannot overtake that NOTIFY.  While a vCPU of the host waits for the
+NOTIFY of a port, the NOTIFY sends nothing either: the client queues the port in a second ring
+of the memfd and writes an eventfd (the doorbell, ``evtchn.Doorbell``) that the waiting vCPU
+thread watches and answers with the device's NOTIFY rules; the connection's thread takes what
+is queued there before each message, so no later request overtakes it.
 
 Guest requests run ``xendmop.runtime.simguest.SimGuest`` in the host; that module is
 imported only when the first one arrives (the runtime layer stands on the mock, not
@@ -93,12 +97,20 @@ from ..abi.evtchn import (
     ioctl_evtchn_unbind,
 )
 from .evtchn import (
+    DOORBELL_BROKEN,
+    DOORBELL_CAPACITY,
+    DOORBELL_CONS,
+    DOORBELL_ENTRIES,
+    DOORBELL_POSTED_DONE,
+    DOORBELL_PROD,
+    DOORBELL_WANTED,
     EVTCHN_PATH,
     PORT_FIRED,
     RING_BYTES,
     RING_CAPACITY,
     RING_CONS,
     RING_ENTRIES,
+    RING_FEATURE_DOORBELL,
     RING_FEATURE_MASKS,
     RING_FEATURES,
     RING_OVERFLOW,
@@ -394,6 +406,10 @@ class _Connection:
         #: one simulated guest per domain (a request's timeout is set on it each time: keyed by
         #: the timeout too, a client could make the host keep one per distinct float)
         self._guests: dict[int, Any] = {}
+        #: this client's evtchn fds with a NOTIFY doorbell, and how many posted messages it sent
+        #: that were handled (published in each one's ring: ``DOORBELL_POSTED_DONE``)
+        self._bells: list[EvtchnDevice] = []
+        self._posted_done = 0
         self.broken = False
         self.thread = threading.Thread(target=self.run, name=f"mock-host client pid {pid}", daemon=True)
 
@@ -441,6 +457,10 @@ class _Connection:
                 except OSError:
                     break
                 else:
+                    # NOTIFYs the client queued in a doorbell went before this message (each
+                    # returned before it was sent): applied first, if no waiting vCPU did already.
+                    for dev in self._bells:
+                        dev.answer_doorbell()
                     try:
                         reply, fds = self._handle(data, cred)
                     except _Broken:
@@ -448,6 +468,9 @@ class _Connection:
                     if data[: _KIND.size] in _POSTED:
                         if reply[: _KIND.size] != _OK_KIND:  # nobody waits for it: say it here
                             log.warning("posted request from pid %d failed: %r", self.info.pid, reply[_KIND.size :])
+                        self._posted_done += 1
+                        for dev in self._bells:
+                            dev.posted_done(self._posted_done)
                         continue
                     if len(reply) > MAX_MESSAGE:  # the client would refuse it (and lose the request's result)
                         why = f"{_kind_name(data)}: reply of {len(reply)} bytes (limit {MAX_MESSAGE})"
@@ -465,6 +488,7 @@ class _Connection:
         Its ioreq servers stay registered: Xen destroys a server only on request or with the
         domain (xen/common/ioreq.c ``ioreq_server_destroy``/``ioreq_server_destroy_all``)."""
         self.broken = True
+        self._bells = []
         for handle in list(self.devices):
             dev = self.devices.pop(handle)
             try:
@@ -532,9 +556,13 @@ class _Connection:
             dev.nonblocking = True  # the host thread never sleeps for a client
             try:
                 fds = [dev.fileno(), dev.share_ring()]  # the wake-up and the pending-port ring
+                assert dev.doorbell is not None
+                fds.append(dev.doorbell.fd)  # and the NOTIFY doorbell's eventfd
+                dev.posted_done(self._posted_done)
             except BaseException:
                 dev.close()
                 raise
+            self._bells.append(dev)
         handle, self._next_handle = self._next_handle, self._next_handle + 1
         self.devices[handle] = dev
         self.info.devices[handle] = path
@@ -631,6 +659,8 @@ class _Connection:
         dev = self._device(handle)
         del self.devices[handle]
         self.info.devices.pop(handle, None)
+        if dev in self._bells:
+            self._bells.remove(dev)
         dev.close()
         return self._ok()
 
@@ -1057,6 +1087,8 @@ class RemoteXen:
         #: a NOTIFY that may raise a dom0 port was posted and the host has not answered anything
         #: since: an evtchn unmask must then be queued behind it (``RemoteEvtchn.write``)
         self.dom0_notify_posted = False
+        #: posted messages sent (a NOTIFY rings a doorbell only once the host has handled them all)
+        self.posted = 0
         self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self._sock.connect(self.path)
@@ -1108,6 +1140,7 @@ class RemoteXen:
                 _send(self.sock, request)
             except OSError as e:
                 raise MockHostError(f"mock host at {self.path}: {e.strerror}") from None
+            self.posted = (self.posted + 1) & 0xFFFFFFFF
 
     def _serve_memory(self, kind: int, body: bytes, fds: list[int]) -> bytes:
         """The host's copy_{from,to}_user or remap during our ioctl, done on our own memory."""
@@ -1184,11 +1217,13 @@ class RemoteXen:
         """Open a device of the host (``/dev/xen/privcmd``, ``/dev/xen/hypercall``, ``/dev/xen/evtchn``)."""
         handle, _, fds = self.transact(_pack(Msg.OPEN, path.encode()))
         if path == EVTCHN_PATH:
-            if len(fds) != 2:
+            if len(fds) != 3:
                 _close_fds(fds)
-                raise MockHostError(f"mock host sent {len(fds)} fds for {path} (want the eventfd and the ring)")
+                raise MockHostError(
+                    f"mock host sent {len(fds)} fds for {path} (want the eventfd, the ring and the doorbell)"
+                )
             try:
-                return RemoteEvtchn(self, path, handle, fds[0], fds[1])
+                return RemoteEvtchn(self, path, handle, fds[0], fds[1], fds[2])
             finally:
                 os.close(fds[1])  # the ring's mapping holds its own reference
         _close_fds(fds)
@@ -1329,10 +1364,14 @@ class RemoteEvtchn(RemoteDevice):
     rewrites the ring only inside a BIND, UNBIND or RESET, which hold the same lock here.
     """
 
-    def __init__(self, xen: RemoteXen, path: str, handle: int, eventfd: int, ring_fd: int) -> None:
+    def __init__(self, xen: RemoteXen, path: str, handle: int, eventfd: int, ring_fd: int, doorbell_fd: int) -> None:
         super().__init__(xen, path, handle)
         os.close(self._fd)
         self._fd = eventfd
+        #: the NOTIFY doorbell's eventfd (written after an entry is queued), -1 once closed
+        self._bell = doorbell_fd
+        self._bell_lock = threading.Lock()  # one producer at a time
+        self._db_prod = 0  # our own db_prod
         try:
             size = os.fstat(ring_fd).st_size
             if size != RING_BYTES:
@@ -1342,6 +1381,9 @@ class RemoteEvtchn(RemoteDevice):
             self.close()
             raise
         self._words = memoryview(self._ring_map).cast("I")
+        if not self._words[RING_FEATURES] & RING_FEATURE_DOORBELL:
+            os.close(self._bell)
+            self._bell = -1
         #: the port mask words, if the host offers them and we have libatomic: an unmask is then
         #: an exchange on our own mapping, and a message only for a port that fired while masked
         self._masks: PortMaskWords | None = None
@@ -1373,8 +1415,19 @@ class RemoteEvtchn(RemoteDevice):
         bound = self._bound
         if request == IOCTL_EVTCHN_NOTIFY and arg.__class__ is ioctl_evtchn_notify and bound is not None:
             self.fileno()
-            if arg.port not in bound:
+            port = arg.port
+            if port not in bound:
                 raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+            words = self._words
+            if (
+                words[DOORBELL_WANTED + port]
+                and self._bell >= 0
+                and words[DOORBELL_POSTED_DONE] == self._xen.posted
+                and not words[DOORBELL_BROKEN]
+                and port not in self._dom0_facing
+                and self._ring_doorbell(port)
+            ):
+                return 0
             head = _IOCTL.pack(self._handle, request & 0xFFFFFFFF, 0, 0)
             self._xen.post(_pack(Msg.IOCTL_POSTED, head, bytes(arg)))
             if arg.port in self._dom0_facing:
@@ -1393,6 +1446,26 @@ class RemoteEvtchn(RemoteDevice):
                 else:
                     self._bound = None
         return rc
+
+    def _ring_doorbell(self, port: int) -> bool:
+        """Queue a NOTIFY of ``port`` in the doorbell and write its eventfd; False when it is full.
+
+        Only while a vCPU of the host waits for this port (``DOORBELL_WANTED``), every posted
+        message sent before was handled (``DOORBELL_POSTED_DONE``: it cannot overtake one), and
+        the port cannot raise a dom0 port (an unmask after it must not overtake it).  The host's
+        waiting vCPU thread applies it with the same rule and log entry as any NOTIFY, so the
+        connection thread is not on the path.  Entry, then ``db_prod``, then the eventfd: the
+        order ``SharedPortRing`` keeps for the ports the other way (x86 only, as it)."""
+        words = self._words
+        with self._bell_lock:
+            prod = self._db_prod
+            if (prod - words[DOORBELL_CONS]) & 0xFFFFFFFF >= DOORBELL_CAPACITY:
+                return False
+            words[DOORBELL_ENTRIES + (prod & (DOORBELL_CAPACITY - 1))] = port
+            self._db_prod = prod = (prod + 1) & 0xFFFFFFFF
+            words[DOORBELL_PROD] = prod
+            os.eventfd_write(self._bell, 1)
+        return True
 
     def read(self, nbytes: int) -> bytes:
         """``evtchn_read``: pending ports as native uint32s (count rounded down to 4, at most
@@ -1467,6 +1540,10 @@ class RemoteEvtchn(RemoteDevice):
         return nbytes
 
     def close(self) -> None:
+        with self._bell_lock:
+            bell, self._bell = self._bell, -1
+        if bell >= 0:
+            os.close(bell)
         words = getattr(self, "_words", None)
         if words is not None:
             if self._masks is not None:

@@ -289,6 +289,9 @@ class IoreqServer:
         # wait: epoll.poll costs less than half of select.select with a timeout, and several
         # threads may wait in it at once (a poll object refuses a second one).
         self._notify_pollers: list[select.epoll | None] = [None] * (nr_vcpus + 1)
+        #: the doorbell each poller also watches (``wait_dm_notify``): kept referenced, so its
+        #: eventfd stays open while it is registered
+        self._notify_doorbells: list[Any] = [None] * (nr_vcpus + 1)
         self._notify_fds_lock = threading.Lock()
         self._close_notify_fds = weakref.finalize(self, _close_eventfds, self._notify_fds, self._notify_pollers)
 
@@ -345,23 +348,44 @@ class IoreqServer:
         fd = self._notify_fds[index]
         wake(fd if fd >= 0 else self.notify_fd(index), self)
 
-    def wait_dm_notify(self, vcpu: int, timeout: float | None = None) -> bool:
+    def wait_dm_notify(self, vcpu: int, timeout: float | None = None, doorbell: Any = None) -> bool:
         """Block until the DM notifies vCPU ``vcpu``'s port (or the buffered port for
         ``vcpu == nr_vcpus``), at most ``timeout`` seconds (None: no limit); take every
         notify so far and return True, or False on timeout.  Several notifies before one
-        wait are one wake-up, as a pending event channel bit is."""
+        wait are one wake-up, as a pending event channel bit is.
+
+        ``doorbell`` (``evtchn.Doorbell``): a device model in another process rings it after
+        queueing its NOTIFY; the same wait watches it and applies what it finds (``answer``),
+        and only a NOTIFY so applied that reached this port (``dm_notified``) ends the wait:
+        a doorbell rung with nothing valid queued is a wake-up that returns False."""
         poller = self._notify_pollers[vcpu]
         if poller is None:
             poller = self._notify_poller(vcpu)
+        if doorbell is not self._notify_doorbells[vcpu]:
+            self._watch_doorbell(vcpu, poller, doorbell)
         if timeout is not None and timeout < 0:
             timeout = 0  # epoll's negative timeout would wait for ever
         if not poller.poll(timeout):
             return False
+        if doorbell is not None:
+            doorbell.answer()
         try:
             os.eventfd_read(self._notify_fds[vcpu])
         except BlockingIOError:  # another waiter on the same port took it first
             return False
         return True
+
+    def _watch_doorbell(self, index: int, poller: select.epoll, doorbell: Any) -> None:
+        """Make ``poller`` watch ``doorbell`` instead of the one it watched (either may be None)."""
+        with self._notify_fds_lock:
+            old = self._notify_doorbells[index]
+            if old is doorbell:
+                return
+            if old is not None:
+                poller.unregister(old.fd)  # still open: referenced until now
+            if doorbell is not None:
+                poller.register(doorbell.fd, select.EPOLLIN)
+            self._notify_doorbells[index] = doorbell
 
     def _notify_poller(self, index: int) -> select.epoll:
         """The epoll watching ``notify_fd(index)`` for reading, made once."""

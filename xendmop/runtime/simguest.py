@@ -153,6 +153,9 @@ class SimGuest:
                 )
                 page[off + STATE_BYTE] = flags | STATE_IOREQ_READY  # after the body
                 server.notify_fd(vcpu)  # made before the DM can notify
+                # A device model in another process rings a doorbell this thread watches (before
+                # the port is raised: it may notify at once); None: its NOTIFY comes as it did.
+                doorbell = xen.dm_doorbell_locked(domain, eport, True)
                 xen.evtchn_notify_from_xen_locked(domain, eport)
             # wait_for_io: sleep until the DM's notify, then look at the slot once.
             if timeout is None:
@@ -160,30 +163,40 @@ class SimGuest:
             deadline = time.monotonic() + timeout
             prev = state = STATE_IOREQ_READY
             wait = server.wait_dm_notify
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    if req is None:
-                        req = Ioreq(addr, data, count, size, 0, 0, data_is_ptr, dir, df, type)
-                    raise GuestTimeout(self.domid, vcpu, req, timeout, state)
-                # Short waits only so that a destroyed server is noticed.
-                woken = wait(vcpu, remaining if remaining < _WAIT_SLICE else _WAIT_SLICE)
-                with xen.lock:
-                    # Like wait_on_xen_event_channel, the state is looked at only when the DM's
-                    # notify wakes us: an answer without a notify is lost.  An answer notified
-                    # before the server went away is still taken: the notify made the vCPU
-                    # runnable before the destroy paused the domain.
-                    state = page[off + STATE_BYTE] & 0xF if woken else prev
-                    if state < prev or state > STATE_IORESP_READY:
-                        raise GuestCrash(f"dom{self.domid} vCPU{vcpu}: weird ioreq state transition {prev} -> {state}")
-                    prev = state
-                    if state == STATE_IORESP_READY:
-                        page[off + STATE_BYTE] = (page[off + STATE_BYTE] & 0xF0) | STATE_IOREQ_NONE
-                        return int(_DATA.unpack_from(page, off + 8)[0])
-                    if self._domain().server(server.id) is not server:
-                        # The emulator died under us: wait_for_io sees STATE_IOREQ_NONE and
-                        # completes the access with ~0 ("emulator is dying" in xen/common/ioreq.c).
-                        return all_ones(size) if dir == IOREQ_READ else data
+            try:
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        if req is None:
+                            req = Ioreq(addr, data, count, size, 0, 0, data_is_ptr, dir, df, type)
+                        raise GuestTimeout(self.domid, vcpu, req, timeout, state)
+                    # Short waits only so that a destroyed server is noticed.
+                    woken = wait(vcpu, remaining if remaining < _WAIT_SLICE else _WAIT_SLICE, doorbell)
+                    with xen.lock:
+                        # Like wait_on_xen_event_channel, the state is looked at only when the DM's
+                        # notify wakes us: an answer without a notify is lost.  An answer notified
+                        # before the server went away is still taken: the notify made the vCPU
+                        # runnable before the destroy paused the domain.
+                        state = page[off + STATE_BYTE] & 0xF if woken else prev
+                        if state < prev or state > STATE_IORESP_READY:
+                            raise GuestCrash(
+                                f"dom{self.domid} vCPU{vcpu}: weird ioreq state transition {prev} -> {state}"
+                            )
+                        prev = state
+                        if state == STATE_IORESP_READY:
+                            page[off + STATE_BYTE] = (page[off + STATE_BYTE] & 0xF0) | STATE_IOREQ_NONE
+                            if doorbell is not None:
+                                xen.dm_doorbell_locked(domain, eport, False)
+                                doorbell = None
+                            return int(_DATA.unpack_from(page, off + 8)[0])
+                        if self._domain().server(server.id) is not server:
+                            # The emulator died under us: wait_for_io sees STATE_IOREQ_NONE and
+                            # completes the access with ~0 ("emulator is dying" in xen/common/ioreq.c).
+                            return all_ones(size) if dir == IOREQ_READ else data
+            finally:
+                if doorbell is not None:  # no longer waiting: the NOTIFY goes by message again
+                    with xen.lock:
+                        xen.dm_doorbell_locked(domain, eport, False)
 
     # --- buffered writes (ioreq_send_buffered) --------------------------------------------------
 
