@@ -139,6 +139,7 @@ def test_a_device_model_killed_while_the_vcpu_waits_on_its_doorbell_leaves_a_tim
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(TIMEOUT)
     wait_for(lambda: not host.server.clients())  # its devices are closed
+    assert host.xen.shared_evtchn_rings == 0  # accesses look for no doorbell any more
     vcpu.join(TIMEOUT)
     assert isinstance(out[0], GuestTimeout) and out[0].vcpu == 0
     with host.xen.lock:

@@ -218,6 +218,9 @@ class MockXen:
         #: the domain the calling process runs in (``current->domain`` of its hypercalls)
         self.caller = 0
         self._devices: set[Any] = set()  # opened and not yet closed
+        #: evtchn fds whose ring is shared with a client process (``EvtchnDevice.share_ring``):
+        #: while there is none, a vCPU's access looks for no doorbell
+        self.shared_evtchn_rings = 0
         self.closed = False
 
     # --- lifetime -----------------------------------------------------------------------
@@ -402,6 +405,8 @@ class MockXen:
         the dom0 end of ``d``'s ``port``: the ``evtchn.Doorbell`` of the dom0 evtchn fd that bound
         that end, if its client is in another process (``EvtchnDevice.want_doorbell``), else
         None.  For a caller that holds the host lock."""
+        if not self.shared_evtchn_rings:
+            return None
         chn = d.ports.get(port)
         if chn is None or chn.state != "interdomain" or chn.remote_domid != 0:
             return None

@@ -441,6 +441,7 @@ class EvtchnDevice:
             if self._ports or self._shared is not None:
                 raise OSError(errno.EBUSY, "share_ring: the fd already has ports or a shared ring")
             self._shared = SharedPortRing()
+            self._host.shared_evtchn_rings += 1  # until the close
             self.doorbell = Doorbell(self)
             return self._shared.fd
 
@@ -784,6 +785,8 @@ class EvtchnDevice:
             self._cond.notify_all()
             self._host._forget(self)
             shared, self._shared = self._shared, None
+            if shared is not None:
+                self._host.shared_evtchn_rings -= 1
         if shared is not None:
             shared.close()
         os.close(self._efd)
