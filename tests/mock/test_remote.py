@@ -40,6 +40,8 @@ from xendmop.runtime.evtchn import EventChannel
 from xendmop.runtime.foreignmemory import ForeignMemory
 from xendmop.runtime.simguest import GuestTimeout
 
+from .remote_helpers import wait_for
+
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 20.0
 DOMID = 1
@@ -54,6 +56,7 @@ from xendmop import DeviceModel
 from xendmop.mock.remote import connect_from_env
 from xendmop.runtime.server import IoreqServer, ServeLoop
 from xendmop.types import BufIoreq
+
 
 
 class Regs:  # registers that read back what was written
@@ -193,14 +196,6 @@ def guest(host: Host) -> Iterator[RemoteGuest]:
         yield g
 
 
-def _wait_for(predicate: Any, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail("condition not reached in time")
-        time.sleep(0.02)
-
-
 # --- across processes ----------------------------------------------------------------------
 
 
@@ -275,7 +270,7 @@ def test_sigkill_leaves_the_server_registered_and_the_vcpu_times_out(spawn_dm: A
     proc.wait(TIMEOUT)
     with RemoteXen(host.path) as admin:
         # the host saw the connection close: the DM's evtchn ports are unbound, its server stays (as on Xen)
-        _wait_for(lambda: len(admin.call("clients")) == 1)
+        wait_for(lambda: len(admin.call("clients")) == 1, TIMEOUT)
         servers = admin.servers(DOMID)
         assert list(servers) == [ready["server"]] and servers[ready["server"]]["enabled"]
         ports = {p[0] for p in admin.snapshot(0)["ports"]}
@@ -471,7 +466,7 @@ def test_a_client_that_stops_answering_is_cut_off_without_holding_the_host(
         t.join(TIMEOUT)
         assert done.is_set()
         sock.close()
-        _wait_for(lambda: not server.clients())
+        wait_for(lambda: not server.clients(), TIMEOUT)
         assert xen._devices == set()  # its privcmd was released with the connection
 
 
@@ -482,7 +477,7 @@ def test_evtchn_ports_of_a_dead_client_are_unbound(tmp_path: Path) -> None:
         port = ev.bind_unbound_port(DOMID)
         assert port in xen.hypervisor.domains[0].ports
         client.close()  # as a crash would: no unbind, no close of the device
-        _wait_for(lambda: port not in xen.hypervisor.domains[0].ports)
+        wait_for(lambda: port not in xen.hypervisor.domains[0].ports, TIMEOUT)
         ev.close()  # only our copy of the eventfd is left to close: no error for a vanished host
 
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,8 @@ from xendmop.abi.privcmd import IOCTL_PRIVCMD_DM_OP, privcmd_dm_op
 from xendmop.backends.device import PRIVCMD_PATH
 from xendmop.mock.remote import MAX_MESSAGE, Msg, RemoteGuest, RemoteXen
 from xendmop.runtime.evtchn import EventChannel
+
+from .remote_helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 20.0
@@ -43,6 +45,7 @@ from xendmop.mock.remote import RemoteXen
 from xendmop.runtime.foreignmemory import ForeignMemory
 from xendmop.runtime.server import IoreqServer
 from xendmop.types import BufIoreq
+
 
 
 class Regs:
@@ -158,14 +161,6 @@ def _settles(host: Host, want: tuple[int, int], timeout: float = TIMEOUT) -> tup
     return got
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail("condition not reached in time")
-        time.sleep(0.02)
-
-
 # --- 1. what a client leaves behind ---------------------------------------------------------
 
 
@@ -195,7 +190,7 @@ def test_fifty_clients_closed_or_killed_leave_no_fd_and_no_thread(host: Host) ->
                 )
                 if mode == "kill":  # its server outlives it, as on Xen: the measure sees its pages
                     grew = max(grew, host.counts()[0] - baseline[0])
-                _wait_for(lambda: len(admin.call("clients")) == 1)
+                wait_for(lambda: len(admin.call("clients")) == 1, TIMEOUT)
                 admin.destroy_domain(domid)  # its ioreq servers and RAM go with it
         finally:
             if worker.stdin is not None:
@@ -234,7 +229,7 @@ def test_clients_dropping_mid_request_or_spamming_fds_leave_nothing(host: Host) 
         finally:
             for fd in spam:
                 os.close(fd)
-        _wait_for(lambda: len(admin.call("clients")) == 1)
+        wait_for(lambda: len(admin.call("clients")) == 1, TIMEOUT)
         assert _settles(host, baseline) == baseline
 
 
@@ -311,7 +306,7 @@ def test_sigterm_with_busy_clients_exits_zero_and_removes_the_socket(host: Host)
     for t in waiting:
         t.start()
     try:
-        _wait_for(lambda: len(idle[0].call("clients")) == 3 + 1 + 2)
+        wait_for(lambda: len(idle[0].call("clients")) == 3 + 1 + 2, TIMEOUT)
         time.sleep(0.2)  # the accesses are in their wait
         assert outcomes == [], outcomes
         started = time.monotonic()

@@ -22,6 +22,8 @@ from xendmop.backends.device import HYPERCALL_PATH, PAGE_SIZE, PRIVCMD_PATH
 from xendmop.mock import default_host, remote
 from xendmop.mock.remote import MAX_MESSAGE, MockHostServer, Msg, RemoteGuest, RemoteXen
 
+from .remote_helpers import wait_for
+
 DOMID = 1
 TIMEOUT = 20.0
 
@@ -65,14 +67,6 @@ def _ping(sock: socket.socket) -> bool:
 def _others_are_served(path: str) -> None:
     with DeviceModel.open("mock", xen=RemoteXen(path)) as dm:
         assert dm.nr_vcpus(DOMID) == 2
-
-
-def _wait_for(predicate: object, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            pytest.fail("condition not reached in time")
-        time.sleep(0.02)
 
 
 def test_an_mmapbatch_count_past_the_copy_bound_is_refused_before_any_copy(server: MockHostServer) -> None:
@@ -204,7 +198,7 @@ def test_a_client_that_does_not_read_its_replies_is_cut_off(
             pass  # the host stopped reading: its replies have filled our socket
         else:
             pytest.fail("100000 requests and the host still reads them")
-        _wait_for(lambda: not server.clients(), timeout=10)
+        wait_for(lambda: not server.clients(), timeout=10)
         _others_are_served(server.path)
     finally:
         sock.close()
@@ -229,7 +223,7 @@ def test_clients_beyond_max_clients_are_closed_and_the_rest_served(
         assert _ping(first) and _ping(second)
     finally:
         first.close()
-    _wait_for(lambda: len(server.clients()) == 1)
+    wait_for(lambda: len(server.clients()) == 1, TIMEOUT)
     try:
         _others_are_served(server.path)  # a place is free again
     finally:

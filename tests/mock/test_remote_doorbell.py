@@ -35,6 +35,8 @@ from xendmop.runtime.dispatch import STATE_BYTE
 from xendmop.runtime.server import IoreqServer, ServeLoop
 from xendmop.runtime.simguest import GuestTimeout, SimGuest
 
+from .remote_helpers import count_posts
+
 PORT = 0x3F8
 WAIT = 5.0
 
@@ -139,18 +141,6 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
         yield s
     finally:
         s.close()
-
-
-def count_posts(xen: RemoteXen, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    kinds: list[int] = []
-    real = xen.post
-
-    def counting(request: bytes) -> None:
-        kinds.append(int.from_bytes(request[:2], "little"))
-        real(request)
-
-    monkeypatch.setattr(xen, "post", counting)
-    return kinds
 
 
 def test_a_served_access_rings_the_doorbell_and_sends_no_notify_message(

@@ -34,6 +34,8 @@ from xendmop.mock.evtchn import (
 from xendmop.mock.remote import MockHostServer, Msg, RemoteEvtchn, RemoteXen
 from xendmop.runtime.evtchn import EventChannel
 
+from .remote_helpers import count_posts
+
 WAIT = 2.0
 
 
@@ -291,18 +293,6 @@ def from_domain(xen: MockXen, ev: EventChannel, domid: int = 1) -> tuple[int, An
             assert hv.evtchn_send(hv.domains[domid], theirs) == 0
 
     return local, raise_it
-
-
-def count_posts(xen: RemoteXen, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    kinds: list[int] = []
-    real = xen.post
-
-    def counting(request: bytes) -> None:
-        kinds.append(int.from_bytes(request[:2], "little"))
-        real(request)
-
-    monkeypatch.setattr(xen, "post", counting)
-    return kinds
 
 
 def test_an_unmask_is_an_exchange_in_the_shared_page_with_no_message(
