@@ -366,10 +366,16 @@ class SharedPortRing:
 class Doorbell:
     """The host's eventfd a client writes after queueing a NOTIFY in its doorbell ring.
 
-    Read by the vCPU thread waiting for that NOTIFY (``IoreqServer.wait_dm_notify``), which
+    Watched by the vCPU thread waiting for that NOTIFY (``IoreqServer.wait_dm_notify``), which
     then applies the queued NOTIFYs itself (``EvtchnDevice.answer_doorbell``): the connection
     thread is off the path.  The fd is closed when the last reference goes, not at the
-    device's close: a vCPU may still be polling it then."""
+    device's close: a vCPU may still be polling it then.
+
+    The host never reads the eventfd: it is watched edge-triggered (each write is one wake-up),
+    and what is queued is in the ring, not the counter.  Its open file is shared with the
+    client, which can clear O_NONBLOCK on it and drain it itself: a read by the host, after a
+    poll another waiter or the client had made stale, would then block that vCPU thread for
+    as long as the client likes, instead of letting its access time out."""
 
     def __init__(self, device: EvtchnDevice) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -378,11 +384,7 @@ class Doorbell:
         weakref.finalize(self, os.close, self.fd)
 
     def answer(self) -> None:
-        """Drain the eventfd, then apply every queued NOTIFY (a forged write alone applies nothing)."""
-        try:
-            os.eventfd_read(self.fd)
-        except BlockingIOError:
-            pass
+        """Apply every queued NOTIFY (a forged write alone applies nothing); the eventfd is left as is."""
         device = self.device
         if device is not None:
             device.answer_doorbell()

