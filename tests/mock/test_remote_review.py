@@ -12,6 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from xendmop.abi.evtchn import (
+    IOCTL_EVTCHN_BIND_INTERDOMAIN,
+    IOCTL_EVTCHN_UNBIND,
+    ioctl_evtchn_bind_interdomain,
+    ioctl_evtchn_unbind,
+)
+from xendmop.mock.evtchn import DOORBELL_WANTED
+from xendmop.mock.remote import Msg
+from xendmop.runtime.simguest import GuestTimeout
+
+from .remote_helpers import count_posts, wait_for
 from .test_remote_doorbell import PORT, WAIT, Setup
 
 
@@ -55,3 +66,26 @@ def test_an_access_completes_through_a_doorbell_its_client_made_blocking(setup: 
         thread.join(WAIT)
         assert out == [value]
     assert setup.notifies() == [(setup.port, 0)] * 2
+
+
+def test_a_ports_waiting_word_goes_with_its_binding(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    page = setup.server.page
+    assert page is not None
+    guest_port = int.from_bytes(page[24:28], "little")  # vCPU 0's vp_eport
+    setup.guest.timeout = 0.5
+    thread, out = setup.in_thread(lambda: setup.guest.inb(PORT))
+    setup.wait_posted()  # the vCPU waits; the port's word asks for the doorbell
+    setup.dev.ioctl(IOCTL_EVTCHN_UNBIND, ioctl_evtchn_unbind(port=setup.port))
+    thread.join(WAIT)
+    assert isinstance(out[0], GuestTimeout)
+    assert not setup.words[DOORBELL_WANTED + setup.port]  # nobody waits for this fd's NOTIFY of it
+    # Bound again (the lowest free dom0 port: the same number), nothing waits for it: its
+    # NOTIFY is posted and applied at once, not left in the doorbell until the next request.
+    again = setup.dev.ioctl(
+        IOCTL_EVTCHN_BIND_INTERDOMAIN, ioctl_evtchn_bind_interdomain(remote_domain=setup.domid, remote_port=guest_port)
+    )
+    assert again == setup.port
+    posts = count_posts(setup.remote, monkeypatch)
+    setup.notify(again)
+    assert posts == [Msg.IOCTL_POSTED]
+    wait_for(lambda: setup.notifies()[-1:] == [(again, 0)], WAIT)

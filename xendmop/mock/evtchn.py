@@ -678,6 +678,7 @@ class EvtchnDevice:
         self._ports[port] = True
         if self._shared is not None:
             self._shared.unmask_at_bind(port)
+            self._shared.want_doorbell(port, False)  # nobody waits for a new port's NOTIFY yet
         self._host.dom0.ports[port].user = self
         if self._host.dom0.ports[port].pending:
             self.port_pending(port)
@@ -728,6 +729,12 @@ class EvtchnDevice:
         # the port; entries already in the ring stay, so a read may still return it (a
         # write to unmask it is then ignored: find_evtchn finds nothing).
         del self._ports[port]
+        if self._shared is not None:
+            # A vCPU waiting for this port's NOTIFY can no longer get it from this fd, and the
+            # vCPU cannot find this fd again to say it stopped (its port is unbound now): the
+            # word is cleared here, or a later binding of the same number would ring a doorbell
+            # nobody waits on, its NOTIFY applied only at the client's next request.
+            self._shared.want_doorbell(port, False)
         self._host.hypervisor.close_port(self._host.dom0, port)
 
     def _relayout_shared(self) -> None:
