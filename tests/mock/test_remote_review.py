@@ -4,7 +4,9 @@ word does not outlive the port's binding; a client cannot flood the host's log."
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ from xendmop.abi.evtchn import (
     ioctl_evtchn_unbind,
 )
 from xendmop.mock.evtchn import DOORBELL_WANTED
-from xendmop.mock.remote import Msg
+from xendmop.mock.remote import _IOCTL, Msg, _pack
 from xendmop.runtime.simguest import GuestTimeout
 
 from .remote_helpers import count_posts, wait_for
@@ -89,3 +91,41 @@ def test_a_ports_waiting_word_goes_with_its_binding(setup: Setup, monkeypatch: p
     setup.notify(again)
     assert posts == [Msg.IOCTL_POSTED]
     wait_for(lambda: setup.notifies()[-1:] == [(again, 0)], WAIT)
+
+
+def _records(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def _disconnect(setup: Setup) -> None:
+    """Drop the device model's connection as at its death, and wait until the host let it go."""
+    setup.remote._sock.close()  # type: ignore[union-attr]
+    wait_for(lambda: not setup.host.clients(), WAIT)
+    setup.remote._sock = None
+
+
+def test_failed_posted_requests_are_logged_once_then_counted_at_the_disconnect(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = _pack(Msg.IOCTL_POSTED, _IOCTL.pack(999, 0, 0, 0), bytes(4))  # no device 999: EBADF
+    with caplog.at_level(logging.WARNING, logger="xendmop.mock.remote"):
+        for _ in range(50):
+            setup.remote.post(bad)
+        setup.remote.call("ping")  # every posted request was handled before it
+        assert len(_records(caplog, "posted request from pid")) == 1
+        _disconnect(setup)
+    assert _records(caplog, "49 more posted requests from pid") != []
+
+
+def test_failed_doorbell_notifies_are_logged_once_then_counted_at_the_close(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = setup.port + 1  # not bound by this fd: ENOTCONN each time
+    with caplog.at_level(logging.WARNING, logger="xendmop.mock.evtchn"):
+        for _ in range(50):
+            setup.forge_entry(other)
+        setup.remote.call("ping")  # the connection thread applied them before it
+        assert setup.notifies() == [(other, -errno.ENOTCONN)] * 50  # each still in the event log
+        assert len(_records(caplog, "doorbell NOTIFY of port")) == 1
+        _disconnect(setup)
+    assert _records(caplog, "49 more evtchn doorbell NOTIFYs failed") != []

@@ -420,6 +420,9 @@ class EvtchnDevice:
         self._shared: SharedPortRing | None = None
         #: the NOTIFY doorbell of a shared ring (``share_ring``)
         self.doorbell: Doorbell | None = None
+        #: doorbell NOTIFYs that failed: the first is logged, the rest counted and logged at the
+        #: close (a client queueing bad ports must not be able to flood the host's log)
+        self._doorbell_failed = 0
 
     # --- the fd ---------------------------------------------------------------------
 
@@ -479,7 +482,13 @@ class EvtchnDevice:
             rc = self._notify_port(port)
             events.notified(port, rc)
             if rc < 0:
-                log.warning("evtchn doorbell NOTIFY of port %d failed: %s", port, os.strerror(-rc))
+                self._doorbell_failed += 1
+                if self._doorbell_failed == 1:
+                    log.warning(
+                        "evtchn doorbell NOTIFY of port %d failed: %s (further failures are counted)",
+                        port,
+                        os.strerror(-rc),
+                    )
 
     def want_doorbell(self, port: int, wanted: bool) -> Doorbell | None:
         """A vCPU starts (``wanted``) or stops waiting for the NOTIFY of ``port``, a port this fd
@@ -796,6 +805,8 @@ class EvtchnDevice:
             shared, self._shared = self._shared, None
             if shared is not None:
                 self._host.shared_evtchn_rings -= 1
+        if self._doorbell_failed > 1:
+            log.warning("%d more evtchn doorbell NOTIFYs failed", self._doorbell_failed - 1)
         if shared is not None:
             shared.close()
         os.close(self._efd)

@@ -410,6 +410,9 @@ class _Connection:
         #: that were handled (published in each one's ring: ``DOORBELL_POSTED_DONE``)
         self._bells: list[EvtchnDevice] = []
         self._posted_done = 0
+        #: posted requests that failed: the first is logged, the rest counted and logged at the
+        #: disconnect (a client must not be able to flood the host's log)
+        self._posted_failed = 0
         self.broken = False
         self.thread = threading.Thread(target=self.run, name=f"mock-host client pid {pid}", daemon=True)
 
@@ -466,8 +469,14 @@ class _Connection:
                     except _Broken:
                         break
                     if data[: _KIND.size] in _POSTED:
-                        if reply[: _KIND.size] != _OK_KIND:  # nobody waits for it: say it here
-                            log.warning("posted request from pid %d failed: %r", self.info.pid, reply[_KIND.size :])
+                        if reply[: _KIND.size] != _OK_KIND:  # nobody waits for it: say it here, once
+                            self._posted_failed += 1
+                            if self._posted_failed == 1:
+                                log.warning(
+                                    "posted request from pid %d failed: %r (further failures are counted)",
+                                    self.info.pid,
+                                    reply[_KIND.size :],
+                                )
                         self._posted_done += 1
                         for dev in self._bells:
                             dev.posted_done(self._posted_done)
@@ -489,6 +498,8 @@ class _Connection:
         domain (xen/common/ioreq.c ``ioreq_server_destroy``/``ioreq_server_destroy_all``)."""
         self.broken = True
         self._bells = []
+        if self._posted_failed > 1:
+            log.warning("%d more posted requests from pid %d failed", self._posted_failed - 1, self.info.pid)
         for handle in list(self.devices):
             dev = self.devices.pop(handle)
             try:
