@@ -8,20 +8,30 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from xendmop import DeviceModel
 from xendmop.abi.evtchn import (
     IOCTL_EVTCHN_BIND_INTERDOMAIN,
+    IOCTL_EVTCHN_BIND_UNBOUND_PORT,
+    IOCTL_EVTCHN_NOTIFY,
     IOCTL_EVTCHN_UNBIND,
     ioctl_evtchn_bind_interdomain,
+    ioctl_evtchn_bind_unbound_port,
+    ioctl_evtchn_notify,
     ioctl_evtchn_unbind,
 )
-from xendmop.mock.evtchn import DOORBELL_WANTED
-from xendmop.mock.remote import _IOCTL, Msg, _pack
+from xendmop.mock import MockXen
+from xendmop.mock.evtchn import DOORBELL_WANTED, EVTCHN_PATH
+from xendmop.mock.remote import _IOCTL, MockHostServer, Msg, RemoteXen, _pack
+from xendmop.runtime.evtchn import EventChannel
 from xendmop.runtime.simguest import GuestTimeout
 
 from .remote_helpers import count_posts, wait_for
@@ -129,3 +139,68 @@ def test_failed_doorbell_notifies_are_logged_once_then_counted_at_the_close(
         assert len(_records(caplog, "doorbell NOTIFY of port")) == 1
         _disconnect(setup)
     assert _records(caplog, "49 more evtchn doorbell NOTIFYs failed") != []
+
+
+@pytest.fixture
+def high_fds() -> Iterator[None]:
+    """Hold fds 0..1100 or so, so the next ones opened are past select's FD_SETSIZE (1024)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1300:
+        pytest.skip(f"RLIMIT_NOFILE {soft}: too low to open fds past 1024")
+    fillers = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(1100)]
+    try:
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+
+
+def test_a_client_whose_socket_is_past_fd_1024_gets_its_copies_served(tmp_path: Path, high_fds: None) -> None:
+    # A host with many clients and devices has fds past 1024: select.select refuses those
+    # (ValueError), and each copy request of such a client's ioctl failed, out of step.
+    with MockXen() as xen:
+        domid = xen.create_domain(vcpus=3, hvm=True, memory_mb=4)
+        with MockHostServer(xen, str(tmp_path / "xen.sock")).start() as host:
+            with RemoteXen(host.path) as remote, DeviceModel.open("mock", xen=remote) as dm:
+                assert remote.sock.fileno() > 1024
+                assert dm.nr_vcpus(domid) == 3  # a DM_OP: its buffers are copied from this process
+                assert dm.nr_vcpus(domid) == 3  # and the connection is still in step
+
+
+def test_a_blocking_read_of_a_remote_evtchn_past_fd_1024_waits_for_its_port(tmp_path: Path, high_fds: None) -> None:
+    with MockXen() as xen, MockHostServer(xen, str(tmp_path / "xen.sock")).start() as host:
+        with RemoteXen(host.path) as remote, EventChannel(remote.open_device) as ev:
+            assert ev.fileno() > 1024
+            local = ev.bind_unbound_port(0)
+            peer = ev.bind_interdomain(0, local)
+            ev.device.nonblocking = False  # type: ignore[attr-defined]
+            out: list[Any] = []
+
+            def read() -> None:
+                try:
+                    out.append(ev.device.read(4))
+                except BaseException as e:  # handed to the test
+                    out.append(e)
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            time.sleep(0.1)  # the reader waits on the empty ring
+            ev.notify(peer)
+            reader.join(WAIT)
+            assert out == [local.to_bytes(4, "little")]
+
+
+def test_an_evtchn_fd_past_1024_says_whether_it_is_readable(high_fds: None) -> None:
+    with MockXen() as xen:
+        dev = xen.open_device(EVTCHN_PATH)
+        try:
+            assert dev.fileno() > 1024
+            local = dev.ioctl(IOCTL_EVTCHN_BIND_UNBOUND_PORT, ioctl_evtchn_bind_unbound_port(remote_domain=0))
+            peer = dev.ioctl(
+                IOCTL_EVTCHN_BIND_INTERDOMAIN, ioctl_evtchn_bind_interdomain(remote_domain=0, remote_port=local)
+            )
+            assert not dev.readable()
+            dev.ioctl(IOCTL_EVTCHN_NOTIFY, ioctl_evtchn_notify(port=peer))
+            assert dev.readable()
+        finally:
+            dev.close()

@@ -626,7 +626,9 @@ class EvtchnDevice:
             pass
 
     def readable(self) -> bool:
-        return bool(select.select([self._efd], [], [], 0)[0])
+        poller = select.poll()  # not select.select: it refuses an fd past FD_SETSIZE (1024)
+        poller.register(self._efd, select.POLLIN)
+        return bool(poller.poll(0))
 
     def poll(self) -> int:
         """``evtchn_poll``: POLLOUT always, POLLIN while ports are queued, only POLLERR after an overflow."""

@@ -72,6 +72,7 @@ import dataclasses
 import errno
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -269,6 +270,16 @@ def _recv(sock: socket.socket, *, want_fds: bool = False) -> tuple[bytes, list[i
     return data, fds, cred
 
 
+def _readable(fd: int, timeout: float | None) -> bool:
+    """``fd`` is readable (or at end of file) within ``timeout`` seconds (None: no limit).
+
+    ``poll``, not ``select.select``: select refuses an fd past ``FD_SETSIZE`` (1024, ValueError),
+    and a host serving many clients and devices, or a device model with many fds, reaches it."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0, math.ceil(timeout * 1000))))
+
+
 def _send(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
     if fds:
         sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
@@ -430,8 +441,7 @@ class _Connection:
             raise _Broken("client gone")
         try:
             _send(self.sock, request, fds)
-            ready, _, _ = select.select([self.sock], [], [], max(0.0, self._copy_deadline - time.monotonic()))
-            if not ready:
+            if not _readable(self.sock.fileno(), self._copy_deadline - time.monotonic()):
                 raise _Broken(f"client did not answer its memory requests within {MEMORY_TIMEOUT}s")
             data, _, _ = _recv(self.sock)
             if len(data) < _KIND.size + _ERROR.size or _KIND.unpack_from(data)[0] != Msg.MEM_REPLY:
@@ -997,7 +1007,7 @@ class MockHostServer:
             if not self._accept_failing:  # once per streak: it may last
                 log.warning("mock-host: accept failed (%s); retrying every 0.1 s", e.strerror or e)
                 self._accept_failing = True
-            select.select([self._wake], [], [], 0.1)
+            _readable(self._wake, 0.1)
             return
         self._accept_failing = False
         if len(self.clients()) >= MAX_CLIENTS:
@@ -1521,7 +1531,7 @@ class RemoteEvtchn(RemoteDevice):
                     return out
             if self.nonblocking:
                 raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
-            select.select([efd], [], [])
+            _readable(efd, None)
 
     def write(self, data: bytes) -> int:
         """``evtchn_write``: unmask the ports written; returns the bytes taken (whole ports,
