@@ -29,8 +29,9 @@ from xendmop.abi.evtchn import (
     ioctl_evtchn_unbind,
 )
 from xendmop.mock import MockXen
+from xendmop.mock import remote as remote_module
 from xendmop.mock.evtchn import DOORBELL_WANTED, EVTCHN_PATH
-from xendmop.mock.remote import _IOCTL, MockHostServer, Msg, RemoteXen, _pack
+from xendmop.mock.remote import _IOCTL, MockHostError, MockHostServer, Msg, RemoteXen, _pack
 from xendmop.runtime.evtchn import EventChannel
 from xendmop.runtime.simguest import GuestTimeout
 
@@ -204,3 +205,25 @@ def test_an_evtchn_fd_past_1024_says_whether_it_is_readable(high_fds: None) -> N
             assert dev.readable()
         finally:
             dev.close()
+
+
+def test_a_copy_request_that_fails_unexpectedly_cuts_the_client_off_instead_of_going_out_of_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with MockXen() as xen:
+        domid = xen.create_domain(vcpus=2, hvm=True, memory_mb=4)
+        with MockHostServer(xen, str(tmp_path / "xen.sock")).start() as host:
+            with RemoteXen(host.path) as remote, DeviceModel.open("mock", xen=remote) as dm:
+                assert dm.nr_vcpus(domid) == 2
+
+                def broken_wait(fd: int, timeout: float | None) -> bool:
+                    raise ValueError("a bug between a copy request and its reply")
+
+                monkeypatch.setattr(remote_module, "_readable", broken_wait)
+                with pytest.raises((OSError, MockHostError)):
+                    dm.nr_vcpus(domid)  # its copy request went out; the reply is never read
+                monkeypatch.undo()
+                # the client's reply to that request must not be taken as its next request
+                wait_for(lambda: not host.clients(), WAIT)
+                with pytest.raises((OSError, MockHostError)):  # refused or reset: the host let it go
+                    remote.call("ping")

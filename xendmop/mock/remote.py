@@ -446,11 +446,13 @@ class _Connection:
             data, _, _ = _recv(self.sock)
             if len(data) < _KIND.size + _ERROR.size or _KIND.unpack_from(data)[0] != Msg.MEM_REPLY:
                 raise _Broken("client sent something else than a memory reply")
-        except OSError as e:
+        except Exception as e:
+            # Any failure between the request and its reply leaves the exchange out of step (the
+            # client's reply would be read as its next request): the client is cut off.
             self.broken = True
             if isinstance(e, _Broken):
                 raise
-            raise _Broken(str(e)) from None
+            raise _Broken(f"{type(e).__name__}: {e}") from None
         (err,) = _ERROR.unpack_from(data, _KIND.size)
         if err:
             raise OSError(err, os.strerror(err) if 0 < err < 4096 else "error")
