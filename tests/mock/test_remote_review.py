@@ -28,15 +28,18 @@ from xendmop.abi.evtchn import (
     ioctl_evtchn_notify,
     ioctl_evtchn_unbind,
 )
+from xendmop.abi.ioreq import IOREQ_TYPE_COPY
 from xendmop.mock import MockXen
 from xendmop.mock import remote as remote_module
 from xendmop.mock.evtchn import DOORBELL_WANTED, EVTCHN_PATH
 from xendmop.mock.remote import _IOCTL, MockHostError, MockHostServer, Msg, RemoteXen, _pack
 from xendmop.runtime.evtchn import EventChannel
-from xendmop.runtime.simguest import GuestTimeout
+from xendmop.runtime.server import IoreqServer
+from xendmop.runtime.simguest import GuestTimeout, SimGuest
+from xendmop.types import BufIoreq
 
 from .remote_helpers import count_posts, wait_for
-from .test_remote_doorbell import PORT, WAIT, Setup
+from .test_remote_doorbell import PORT, WAIT, Regs, Setup
 
 
 @pytest.fixture
@@ -227,3 +230,43 @@ def test_a_copy_request_that_fails_unexpectedly_cuts_the_client_off_instead_of_g
                 wait_for(lambda: not host.clients(), WAIT)
                 with pytest.raises((OSError, MockHostError)):  # refused or reset: the host let it go
                     remote.call("ping")
+
+
+class _DestroyAtEnter:
+    """The host lock, with ``destroy`` run just before its ``at``-th acquisition (as a destroy
+    in another thread would win the lock there)."""
+
+    def __init__(self, real: Any, at: int, destroy: Any) -> None:
+        self.real, self.at, self.destroy, self.enters = real, at, destroy, 0
+
+    def __enter__(self) -> Any:
+        self.enters += 1
+        if self.enters == self.at and self.destroy is not None:
+            destroy, self.destroy = self.destroy, None
+            destroy()
+        return self.real.__enter__()
+
+    def __exit__(self, *exc: object) -> Any:
+        return self.real.__exit__(*exc)
+
+
+@pytest.mark.parametrize("at", [1, 2])
+def test_a_buffered_write_racing_its_servers_destroy_is_refused_or_written_whole(
+    at: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with MockXen() as xen, DeviceModel.open("mock", xen=xen) as dm:
+        domid = xen.create_domain(vcpus=1, hvm=True, memory_mb=4)
+        server = IoreqServer(dm, domid, opener=xen.open_device, bufioreq=BufIoreq.LEGACY)
+        server.add_mmio_range(0xA0000, 0xBFFFF, Regs(), "vga")
+        server.start()
+        guest = SimGuest(xen, domid)
+        lock = _DestroyAtEnter(xen.lock, at, server.close)
+        monkeypatch.setattr(xen, "lock", lock)
+        sent = guest.send_buffered(IOREQ_TYPE_COPY, 0xA0000, 2, 0x1234)  # no TypeError, no LookupError
+        monkeypatch.undo()
+        if lock.destroy is not None:  # the write's one lock section came first: it went in whole
+            assert sent
+            server.close()
+        else:
+            assert not sent  # the server went first: nobody takes the write
+        assert xen.domain(domid).snapshot()["servers"] == (None,) * 8

@@ -202,13 +202,21 @@ class SimGuest:
 
     def send_buffered(self, type: int, addr: int, size: int, data: int) -> bool:
         """Queue a write in the buffered ring of the server that claims it; False if the
-        ring is full or nobody can take it (Xen would then use the synchronous path)."""
-        req = Ioreq(addr, data, 1, size, 0, 0, False, IOREQ_WRITE, False, type)
-        server = self.select(req)
-        if server is None or server.bufpage is None or addr > 0xFFFFF or size not in (1, 2, 4, 8):
+        ring is full or nobody can take it (Xen would then use the synchronous path).
+
+        One host-lock section chooses the server, fills its ring and raises its port: a server
+        destroyed meanwhile is either not chosen or fully written to, as in Xen, where
+        ``ioreq_server_destroy`` (xen/common/ioreq.c) pauses the domain, so no vCPU is inside
+        ``ioreq_send_buffered`` while its server goes."""
+        route = _route(type, addr, size, 1)
+        if route is None or addr > 0xFFFFF or size not in (1, 2, 4, 8):
             return False
         with self.xen.lock:
-            pg = server.bufpage
+            domain = self._domain()
+            server = domain.select_ioreq_server(*route)
+            pg = None if server is None else server.bufpage
+            if server is None or pg is None:
+                return False
             ptrs = pg[:8].cast("I")
             rd, wr = ptrs[0], ptrs[1]
             need = 2 if size == 8 else 1
@@ -225,8 +233,7 @@ class SimGuest:
                 # Xen canonicalises both pointers with one cmpxchg of the pair.
                 n = ptrs[0] // IOREQ_BUFFER_SLOT_NUM
                 ptrs[0], ptrs[1] = ptrs[0] - n * IOREQ_BUFFER_SLOT_NUM, ptrs[1] - n * IOREQ_BUFFER_SLOT_NUM
-            port = server.bufioreq_port
-        self.xen.evtchn_notify_from_xen(self.domid, port)
+            self.xen.evtchn_notify_from_xen_locked(domain, server.bufioreq_port)
         return True
 
     # --- instructions ---------------------------------------------------------------------------
