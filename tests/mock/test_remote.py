@@ -40,9 +40,8 @@ from xendmop.runtime.evtchn import EventChannel
 from xendmop.runtime.foreignmemory import ForeignMemory
 from xendmop.runtime.simguest import GuestTimeout
 
-from .remote_helpers import wait_for
+from .remote_helpers import REPO, child_env, start_mock_host, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 20.0
 DOMID = 1
 SBDF = 3 << 3  # 0000:00:03.0
@@ -114,10 +113,6 @@ print(json.dumps({"signal": sig}), flush=True)
 """
 
 
-def _env(**extra: str) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO), **extra)
-
-
 def _line(proc: subprocess.Popen[bytes], timeout: float = TIMEOUT) -> str:
     """The next stdout line of ``proc``, failing the test if none comes in time."""
     assert proc.stdout is not None
@@ -143,13 +138,7 @@ class Host:
 def host(tmp_path: Path) -> Iterator[Host]:
     """``python -m xendmop mock-host`` in a child process; stopped with SIGTERM afterwards."""
     path = str(tmp_path / "xen.sock")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xendmop", "mock-host", "--socket", path],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=_env(),
-        cwd=str(REPO),
-    )
+    proc = start_mock_host(path)
     try:
         assert f"listening on {path}" in _line(proc)
         yield Host(path, proc)
@@ -179,7 +168,7 @@ def spawn_dm(host: Host) -> Iterator[Any]:
             [sys.executable, "-c", DM_CHILD, str(domid), *mode],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=_env(XENDMOP_MOCK_SOCKET=host.path),
+            env=child_env(XENDMOP_MOCK_SOCKET=host.path),
             cwd=str(REPO),
         )
         procs.append(proc)
@@ -514,7 +503,7 @@ def _unprivileged_client(path: str) -> None:
         done = subprocess.run(
             [sys.executable, "-c", UNPRIVILEGED_CLIENT, server.path],
             capture_output=True,
-            env=_env(),
+            env=child_env(),
             cwd=str(REPO),
             timeout=TIMEOUT,
         )

@@ -27,9 +27,8 @@ from xendmop.backends.device import PRIVCMD_PATH
 from xendmop.mock.remote import MAX_MESSAGE, Msg, RemoteGuest, RemoteXen
 from xendmop.runtime.evtchn import EventChannel
 
-from .remote_helpers import wait_for
+from .remote_helpers import REPO, child_env, start_mock_host, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 20.0
 DOMID = 1
 PORT = 0x3F8
@@ -103,10 +102,6 @@ for line in sys.stdin:
 """
 
 
-def _env(**extra: str) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO), **extra)
-
-
 @dataclass
 class Host:
     path: str
@@ -119,13 +114,7 @@ class Host:
 
 
 def _start_host(path: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xendmop", "mock-host", "--socket", path],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=_env(),
-        cwd=str(REPO),
-    )
+    proc = start_mock_host(path)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
     assert f"listening on {path}" in line, proc.stderr.read().decode() if proc.stderr else line
@@ -173,7 +162,7 @@ def test_fifty_clients_closed_or_killed_leave_no_fd_and_no_thread(host: Host) ->
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=_env(),
+            env=child_env(),
             cwd=str(REPO),
         )
         try:
@@ -340,14 +329,7 @@ def test_out_of_fds_the_host_waits_for_one_instead_of_spinning(tmp_path: Path) -
     accepted (EMFILE) and stays queued.  The host refused the opens cleanly, does not spin on
     its readable listener meanwhile, and serves the queued client once an fd is free."""
     path = str(tmp_path / "xen.sock")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xendmop", "mock-host", "--socket", path],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=_env(),
-        cwd=str(REPO),
-        preexec_fn=_low_fd_limit,
-    )
+    proc = start_mock_host(path, preexec_fn=_low_fd_limit)
     try:
         assert proc.stdout is not None
         assert f"listening on {path}" in proc.stdout.readline().decode()

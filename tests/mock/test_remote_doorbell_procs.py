@@ -23,7 +23,8 @@ from xendmop.mock.evtchn import DOORBELL_CONS, DOORBELL_PROD, DOORBELL_WANTED
 from xendmop.mock.remote import ENV_SOCKET, MockHostServer
 from xendmop.runtime.simguest import GuestTimeout, SimGuest
 
-REPO = Path(__file__).resolve().parents[2]
+from .remote_helpers import REPO, child_env
+
 TIMEOUT = 10.0
 PORT = 0x3F8
 
@@ -64,7 +65,7 @@ class Host:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def spawn(self, mode: str) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-        env = dict(os.environ, PYTHONPATH=str(REPO), **{ENV_SOCKET: self.server.path})
+        env = child_env(**{ENV_SOCKET: self.server.path})
         proc = subprocess.Popen(
             [sys.executable, "-c", DM_CHILD, str(self.domid), mode],
             stdout=subprocess.PIPE,
