@@ -11,7 +11,6 @@ import ctypes
 import errno
 import fcntl
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
 from struct import Struct
 from types import CodeType, FunctionType
@@ -129,14 +128,21 @@ def _in_slot_lines(slot: Slot, arg: str, label: str, op: str, room: int, in_plac
     ]
 
 
-def _out_slot_lines(arg: str, label: str, op: str, room: int, in_place: bool) -> tuple[list[str], list[str]]:
-    """An OUT slot's marshalling, and what follows the ioctl: ``None`` gets a new ``bytes``,
-    a caller's writable buffer of at least ``_nbytes`` bytes gets Xen's answer in place."""
+def _out_slot_lines(
+    arg: str, label: str, op: str, room: int | None, in_place: bool
+) -> tuple[list[str], list[str], str]:
+    """An OUT slot's marshalling, what follows the ioctl, and the answer (an expression):
+    ``None`` gets a new ``bytes``, a caller's writable buffer of at least ``_nbytes`` bytes
+    gets Xen's answer in place and is the answer itself.  ``room``: the arena's slot size,
+    or None where the caller has already bounded ``_nbytes`` by it."""
     empty = f"_arena.slot_addr + {EMPTY_SLOT_OFFSET}"  # see buffers.py: never a page-aligned 0-byte buffer
     why = "f'must hold at least {_nbytes} bytes'"
-    before = [
-        f"if _nbytes > {room}:",
-        "    _arena.slot_offset(0, _nbytes)  # raises, naming the sizes",
+    before = (
+        []
+        if room is None
+        else [f"if _nbytes > {room}:", "    _arena.slot_offset(0, _nbytes)  # raises, naming the sizes"]
+    )
+    before += [
         f"if {arg} is None:",  # never hand Xen a buffer holding the last call's answer
         f"    _view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _zeros[:_nbytes]",
         "    " + _slot_buf(in_place, f"_arena.slot_addr if _nbytes else {empty}", "_nbytes"),
@@ -148,10 +154,10 @@ def _out_slot_lines(arg: str, label: str, op: str, room: int, in_place: bool) ->
         "    if _size < _nbytes:",
         f"        raise _ArgumentError({op!r}, {label!r}, _size, {why})",
     ]
-    result = f"[_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes].tobytes()] if {arg} is None else [{arg}]"
+    answer = f"_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes].tobytes() if {arg} is None else {arg}"
     if in_place:  # DM_OP: Xen writes through privcmd's pin of the caller's pages (lock_pages)
         before += ["    " + _slot_buf(in_place, f"_addr if _nbytes else {empty}", "_nbytes")]
-        return before, [f"_outs = {result}"]
+        return before, [f"_outs = [{answer}]"], answer
     before += [  # HYPERCALL: through the arena, which starts as the caller's bytes (libxendevicemodel's bounce)
         "    if _nbytes:",
         "        _memmove(_arena.slot_addr, _addr, _nbytes)",
@@ -160,9 +166,9 @@ def _out_slot_lines(arg: str, label: str, op: str, room: int, in_place: bool) ->
     after = [
         f"if {arg} is not None and _nbytes:",
         "    _memmove(_addr, _arena.slot_addr, _nbytes)",
-        f"_outs = {result}",
+        f"_outs = [{answer}]",
     ]
-    return before, after
+    return before, after, answer
 
 
 def _call_globals(decl: OpDecl) -> dict[str, Any]:
@@ -241,7 +247,7 @@ def _make_call(
         if slot.is_in:
             lines += _in_slot_lines(slot, slot_arg, slot_arg, decl.name, slot_room, in_place=not hypercall)
         else:
-            before, after = _out_slot_lines(slot_arg, slot_arg, decl.name, slot_room, in_place=not hypercall)
+            before, after, _ = _out_slot_lines(slot_arg, slot_arg, decl.name, slot_room, in_place=not hypercall)
             lines += before
     # the struct is a result only for ops Xen always copies back; ON_RESTART ops get it
     # back only as continuation progress, which privcmd finishes before returning
@@ -324,8 +330,7 @@ def _make_entry(
         expr = slot.count_expr
         if expr is None:
             raise TypeError(f"{decl.name}: an entry needs the slot's count rule as an expression")
-        nbufs, slot_buf = 2, "_uptr, _nbytes"
-        empty = f"_arena.slot_addr + {EMPTY_SLOT_OFFSET}"  # see buffers.py: never a page-aligned 0-byte buffer
+        nbufs, slot_buf = 2, "_uptr, _usize"
         too_big = [f"if _nbytes > {max_bytes}:", f"    return _general(domid, {', '.join([*args, slot_param])})"]
         if slot.is_in:
             if not expr.isidentifier() or expr in var or expr not in decl._order:
@@ -339,30 +344,14 @@ def _make_entry(
                 *too_big,
                 f"{expr} = _nbytes // {slot.itemsize}",
             ]
-            lines = [f"_uptr = _addressof({slot_param})"]  # ctypes memory is writable: privcmd pins it as it is
+            lines = [f"_uptr, _usize = _addressof({slot_param}), _nbytes"]  # ctypes memory is writable: pinned as it is
         else:
             names = compile(expr, "<count>", "eval").co_names
             if not set(names) <= set(var):
                 raise TypeError(f"{decl.name}: count {expr!r} needs a field no argument fills")
-            count = expr
-            for field, arg in var.items():  # the count rule over the arguments' names
-                count = re.sub(rf"\b{field}\b", arg, count)
-            size = [f"_nbytes = ({count}) * {slot.itemsize}", *too_big]
-            why = "f'must hold at least {_nbytes} bytes'"
-            lines = [
-                f"if {slot_param} is None:",  # never hand Xen a buffer holding the last call's answer
-                f"    _view[{_SLOT_AT}:{_SLOT_AT} + _nbytes] = _zeros[:_nbytes]",
-                f"    _uptr = _arena.slot_addr if _nbytes else {empty}",
-                "else:",
-                f"    if {slot_param}.__class__ in _CTYPES_MEMORY_CLASSES:",
-                f"        _addr, _size = _addressof({slot_param}), _sizeof({slot_param})",
-                "    else:",
-                f"        _addr, _size, _keep = _caller_memory({decl.name!r}, {slot_param!r}, {slot_param}, True)",
-                "    if _size < _nbytes:",
-                f"        raise _ArgumentError({decl.name!r}, {slot_param!r}, _size, {why})",
-                f"    _uptr = _addr if _nbytes else {empty}",
-            ]
-            result = f"_view[{_SLOT_AT}:{_SLOT_AT} + _nbytes].tobytes() if {slot_param} is None else {slot_param}"
+            renamed = [f"{field} = {var[field]}" for field in names if var[field] != field]
+            size = [*renamed, f"_nbytes = ({expr}) * {slot.itemsize}", *too_big]
+            lines, _, result = _out_slot_lines(slot_param, slot_param, decl.name, None, in_place=True)  # too_big
     values = ", ".join([str(decl.number), *(var.get(f, "0") for f in decl._order)])
     signature = [*args, *([slot_param + ("=None" if decl.slots[0].is_out else "")] if slot_param else [])]
     source = _CALL_TEMPLATE.format(
