@@ -39,4 +39,4 @@ def test_debugcon_command_line() -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "Hello from the guest, through port 0xE9!\n"
+    assert done.stdout == "Hello from the guest, through port 0x402!\n"
