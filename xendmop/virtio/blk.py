@@ -48,7 +48,7 @@ DISCARD_SEG = struct.Struct("<QII")
 CHUNK = 65536
 SIZE_MAX = 1 << 16  # bytes per segment offered
 MAX_DISCARD_SEG = 16
-MAX_DISCARD_SECTORS = (1 << 32 - 1) // SECTOR
+MAX_DISCARD_SECTORS = 0xFFFFFFFF // SECTOR  # one segment's bytes fit 32 bits
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 BLKDISCARD = 0x1277  # _IO(0x12, 119)
 BLKGETSIZE64 = 0x80081272
@@ -109,16 +109,16 @@ class VirtioBlk(VirtioDevice):
         self.counts: dict[str, int] = {}
 
     def config(self) -> bytes:
-        """``struct virtio_blk_config`` up to write_zeroes_may_unmap."""
+        """``struct virtio_blk_config`` up to write_zeroes_may_unmap (60 bytes)."""
         return struct.pack(
-            "<QII HBB I BBHII I II III II B3x",
+            "<QII HBB I BBHI BBH III II B3x",
             self.size // SECTOR,  # capacity
             SIZE_MAX,
             self.seg_max,
             0, 0, 0,  # geometry
             SECTOR,  # blk_size
-            0, 0, 0, 0, 0,  # topology
-            0,  # writeback, unused
+            0, 0, 0, 0,  # topology
+            0, 0, 0,  # writeback, unused0, num_queues
             MAX_DISCARD_SECTORS,
             MAX_DISCARD_SEG,
             1,  # discard_sector_alignment
