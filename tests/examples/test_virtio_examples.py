@@ -1,0 +1,132 @@
+"""examples/virtio_*.py: the guest script on the mock, the command line, a signal's teardown, and a
+deprivileged device model serving a mock host process's domain."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from example_cli import deprivileged, example_env, hold_until_signal
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = {name: ROOT / "examples" / f"{name}.py" for name in ("virtio_rng", "virtio_blk", "virtio_console")}
+
+
+def load(name: str) -> dict[str, Any]:
+    return runpy.run_path(str(EXAMPLES[name]))
+
+
+def run(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES[name]), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=example_env(**(env or {})),
+    )
+
+
+def test_rng_guest_script_on_the_mock() -> None:
+    example = load("virtio_rng")["EXAMPLE"]
+    args = example.parser.parse_args([])
+    result = example.run_on_mock(args, out=lambda line: None)
+    assert result is not None
+    lines, transport = result
+    assert lines[0].startswith("virtio-rng: features 0x130000000, queue 0 of 64 entries, MSI-X vector 1")
+    assert lines[-1] == "two reads differ"
+    assert transport.device.served == 64 and transport.errors == []
+
+
+def test_blk_guest_script_on_a_file(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\xee" * (1 << 20))
+    example = load("virtio_blk")["EXAMPLE"]
+    args = example.parser.parse_args(["--file", str(disk), "--serial", "abc"])
+    result = example.run_on_mock(args, out=lambda line: None)
+    assert result is not None
+    lines, _ = result
+    assert "GET_ID: status 0, serial 'abc'" in lines
+    assert "the file holds the data at that offset" in lines
+    assert "discard: status 0, reads zeroes" in lines
+    assert lines[-1] == "read past the end: status 1 (1 = I/O error), device still up: True"
+    data = disk.read_bytes()
+    assert data[: 64 * 512] == b"\xee" * (64 * 512) and data[72 * 512 :] == b"\xee" * ((1 << 20) - 72 * 512)
+
+
+def test_blk_read_only_file_is_not_written(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    disk.chmod(0o444)
+    done = run("virtio_blk", "--file", str(disk), "--read-only")
+    assert done.returncode == 0, done.stderr
+    assert "write 4 KiB at sector 64: status 1" in done.stdout
+    assert disk.read_bytes() == bytes(1 << 20)
+
+
+@pytest.mark.parametrize("name", ["virtio_rng", "virtio_blk"])
+def test_command_line_on_the_mock(name: str) -> None:
+    done = run(name)
+    assert done.returncode == 0, done.stderr
+    assert "ioreq server 0 destroyed" in done.stderr
+    helped = run(name, "--help")
+    assert helped.returncode == 0 and "--depriv" in helped.stdout and "Exit status" in helped.stdout
+
+
+@pytest.mark.parametrize("name", ["virtio_rng", "virtio_blk"])
+def test_usage_errors(name: str) -> None:
+    done = run(name, "--depriv", "65534:65534")
+    assert done.returncode == 2 and "--depriv needs a real dom0" in done.stderr
+
+
+def test_blk_on_a_domain_needs_a_file() -> None:
+    done = run("virtio_blk", "--domid", "3")
+    assert done.returncode == 2 and "--domid needs --file PATH" in done.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_tears_the_server_down(signum: int) -> None:
+    status, out, err = hold_until_signal(EXAMPLES["virtio_rng"], signum=signum)
+    assert status == 0, err
+    assert "two reads differ" in out
+    assert f"signal {signum}: ioreq server destroyed, none left in the domain" in out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
+@pytest.mark.parametrize("name", ["virtio_rng", "virtio_blk"])
+def test_deprivileged_device_model_serves_a_mock_host_process(
+    name: str, mock_host_process: str, tmp_path: Path
+) -> None:
+    from xendmop.mock.remote import RemoteGuest, RemoteXen
+    from xendmop.virtio.driver import VirtioPciDriver, find_virtio
+
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    extra = ["--file", str(disk)] if name == "virtio_blk" else []
+    with deprivileged(EXAMPLES[name], mock_host_process, *extra, ready="deprivileged to uid 65534") as proc:
+        with RemoteXen(mock_host_process) as remote:
+            guest = RemoteGuest(remote, 1)
+            kind = 4 if name == "virtio_rng" else 2
+            driver = VirtioPciDriver(guest, find_virtio(guest, kind))
+            driver.bring_up()
+            q = driver.queues[0]
+            if name == "virtio_rng":
+                n, data = q.request([], [64])
+                assert n == 64 and data != bytes(64)
+            else:
+                header = (1).to_bytes(4, "little") + bytes(4) + (2).to_bytes(8, "little")  # OUT, sector 2
+                n, status = q.request([header, b"Z" * 512], [1])
+                assert (n, status) == (1, b"\0")
+            msis = remote.snapshot(1)["msis"]
+            assert [tuple(m) for m in msis][-1] == (0xFEE00000, driver.msi_vector_data(q.vector))
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+            assert remote.servers(1) == {}
+    if name == "virtio_blk":
+        assert disk.read_bytes()[1024:1536] == b"Z" * 512
