@@ -4,15 +4,19 @@ deprivileged device model serving a mock host process's domain."""
 from __future__ import annotations
 
 import os
+import re
 import runpy
+import select
 import signal
 import subprocess
 import sys
+import time
+import tty
 from pathlib import Path
 from typing import Any
 
 import pytest
-from example_cli import deprivileged, example_env, hold_until_signal
+from example_cli import deprivileged, example_env, hold_until_signal, read_until
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = {name: ROOT / "examples" / f"{name}.py" for name in ("virtio_rng", "virtio_blk", "virtio_console")}
@@ -69,7 +73,69 @@ def test_blk_read_only_file_is_not_written(tmp_path: Path) -> None:
     assert disk.read_bytes() == bytes(1 << 20)
 
 
-@pytest.mark.parametrize("name", ["virtio_rng", "virtio_blk"])
+def test_console_guest_writes_hvc0_and_reads_the_hosts_line() -> None:
+    done = run("virtio_console")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("[guest] hello from hvc0\n")  # the guest's output, on our stdout
+    assert "virtio-console: features 0x130000001, 80x25" in done.stdout
+    assert "the guest read b'hello hvc0, from the host\\n' from hvc0" in done.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
+def test_console_on_a_pty_both_ways_deprivileged(mock_host_process: str) -> None:
+    """hvc0 on a new pty, the device model dropped to nobody: what the guest writes is read from
+    the pty, what is typed on the pty reaches the guest."""
+    from xendmop.mock.remote import RemoteGuest, RemoteXen
+    from xendmop.virtio.driver import VirtioPciDriver, find_virtio
+
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES["virtio_console"]), "--domid", "1", "--depriv", "65534:65534", "--pty"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=example_env(XENDMOP_MOCK_SOCKET=mock_host_process),
+    )
+    try:
+        seen = read_until(proc.stderr, "hvc0 is on")
+        match = re.search(r"hvc0 is on (/dev/pts/\d+)", seen)
+        assert match, seen
+        read_until(proc.stderr, "deprivileged to uid 65534")
+        pty = os.open(match.group(1), os.O_RDWR | os.O_NOCTTY)
+        try:
+            tty.setraw(pty)
+            with RemoteXen(mock_host_process) as remote:
+                guest = RemoteGuest(remote, 1)
+                driver = VirtioPciDriver(guest, find_virtio(guest, 3))
+                driver.bring_up()
+                rx, tx = driver.queues[0], driver.queues[1]
+                rx.add([], [64])
+                rx.kick()
+                tx.request([b"login: "], [])
+                got = b""
+                deadline = time.monotonic() + 10
+                while len(got) < 7 and time.monotonic() < deadline:
+                    if select.select([pty], [], [], 0.1)[0]:
+                        got += os.read(pty, 64)
+                assert got == b"login: "
+                os.write(pty, b"root\n")
+                received = b""
+                while not received.endswith(b"\n") and time.monotonic() < deadline:
+                    for _, data in rx.take_data():
+                        received += data
+                    time.sleep(0.005)
+                assert received == b"root\n"
+                proc.send_signal(signal.SIGTERM)
+                _, err = proc.communicate(timeout=30)
+                assert proc.returncode == 0, err
+                assert remote.servers(1) == {}
+        finally:
+            os.close(pty)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("name", ["virtio_rng", "virtio_blk", "virtio_console"])
 def test_command_line_on_the_mock(name: str) -> None:
     done = run(name)
     assert done.returncode == 0, done.stderr
@@ -78,7 +144,7 @@ def test_command_line_on_the_mock(name: str) -> None:
     assert helped.returncode == 0 and "--depriv" in helped.stdout and "Exit status" in helped.stdout
 
 
-@pytest.mark.parametrize("name", ["virtio_rng", "virtio_blk"])
+@pytest.mark.parametrize("name", ["virtio_rng", "virtio_blk", "virtio_console"])
 def test_usage_errors(name: str) -> None:
     done = run(name, "--depriv", "65534:65534")
     assert done.returncode == 2 and "--depriv needs a real dom0" in done.stderr

@@ -144,6 +144,7 @@ class GuestQueue:
         self.last_used = 0
         self.kicked_at = 0  # avail_idx at the last kick
         self.requests: dict[int, Request] = {}
+        self.done: dict[int, Request] = {}  # what the last get_used gave back, by head
         self.kicks = 0
 
     @property
@@ -246,6 +247,7 @@ class GuestQueue:
         """The (head, written length) pairs the device used since the last call; their
         descriptors are free again.  With EVENT_IDX ``used_event`` asks for the next one."""
         out = []
+        self.done = {}
         idx = self.used_idx()
         while self.last_used != idx:
             elem = self.guest.read_ram(self.used + 4 + 8 * (self.last_used % self.size), 8)
@@ -254,9 +256,18 @@ class GuestQueue:
             req = self.requests.pop(head, None)
             if req is not None:
                 self.free.extend(req.descriptors)
+                self.done[head] = req
             out.append((head, length))
         if self.driver.event_idx:
             self._w16(self.avail + 4 + 2 * self.size, self.last_used)
+        return out
+
+    def take_data(self) -> list[tuple[int, bytes]]:
+        """``get_used``, with the bytes the device wrote into each request's writable buffers."""
+        out = []
+        for head, n in self.get_used():
+            req = self.done.get(head)
+            out.append((head, b"" if req is None else self.read_writable(head, n, req)))
         return out
 
     def wait_used(self, timeout: float = 5.0) -> list[tuple[int, int]]:

@@ -212,6 +212,11 @@ class Virtqueue:
         to ask for a notification at the next one."""
         while (chain := self.pop(memory)) is not None:
             yield chain
+        self.arm(memory)
+
+    def arm(self, memory: GuestMemory) -> None:
+        """With VIRTIO_F_EVENT_IDX, ask the driver to notify when it makes the next chain
+        available (``avail_event``); a device that stops taking chains early calls it too."""
         if self.event_idx:
             self._put(memory, self.used + 4 + 8 * self.size, self.last_avail.to_bytes(2, "little"), "avail_event")
 
