@@ -89,7 +89,7 @@ def _request(q: GuestQueue, kind: int, sector: int, data: bytes = b"", read: int
     return out[-1], out[:-1]
 
 
-def guest_script(driver: VirtioPciDriver, device: VirtioDevice) -> list[str]:
+def guest_script(driver: VirtioPciDriver, device: VirtioDevice, args: argparse.Namespace) -> list[str]:
     """What a guest does with a disk: read the capacity, write a block, flush, read it back, discard."""
     assert isinstance(device, VirtioBlk)
     fd = device.fd

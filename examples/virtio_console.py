@@ -74,7 +74,7 @@ def close(device: VirtioDevice) -> None:
             os.close(fd)
 
 
-def guest_script(driver: VirtioPciDriver, device: VirtioDevice) -> list[str]:
+def guest_script(driver: VirtioPciDriver, device: VirtioDevice, args: argparse.Namespace) -> list[str]:
     """What Linux's virtio_console does for hvc0: receive buffers posted, then write and read."""
     features = driver.bring_up(0xFFFFFFFF)
     rx, tx = driver.queues[RECEIVEQ], driver.queues[TRANSMITQ]

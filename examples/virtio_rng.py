@@ -33,7 +33,7 @@ def make_device(args: argparse.Namespace) -> VirtioRng:
     return VirtioRng()
 
 
-def guest_script(driver: VirtioPciDriver, device: VirtioDevice) -> list[str]:
+def guest_script(driver: VirtioPciDriver, device: VirtioDevice, args: argparse.Namespace) -> list[str]:
     """What the guest's virtio_rng does: bring the device up, ask for entropy twice."""
     features = driver.bring_up()
     q = driver.queues[0]

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 import tty
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +198,72 @@ def test_deprivileged_device_model_serves_a_mock_host_process(
             assert remote.servers(1) == {}
     if name == "virtio_blk":
         assert disk.read_bytes()[1024:1536] == b"Z" * 512
+
+
+# --- a real tap in a network namespace ------------------------------------------------------------
+
+
+#: two ICMP echo requests from a raw socket (no ping binary needed), each answered within 3 s
+PING = """
+import socket, struct, sys, time
+def csum(b):
+    t = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    t = (t & 0xFFFF) + (t >> 16)
+    return ~(t + (t >> 16)) & 0xFFFF
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.settimeout(3)
+for seq in (1, 2):
+    body = struct.pack("!BBHHH", 8, 0, 0, 0x7856, seq) + b"xendmop!" * 4
+    s.sendto(body[:2] + struct.pack("!H", csum(body)) + body[4:], (sys.argv[1], 0))
+    deadline = time.monotonic() + 3
+    while True:
+        data, (src, _) = s.recvfrom(2048)
+        icmp = data[(data[0] & 15) * 4:]
+        if icmp[0] == 0 and struct.unpack("!HH", icmp[4:8]) == (0x7856, seq):
+            print("echo reply from", src)
+            break
+        if time.monotonic() > deadline:
+            sys.exit("no reply")
+"""
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    if os.geteuid() != 0:
+        pytest.skip("a network namespace and a tap need root")
+    from pyroute2 import netns  # type: ignore[import-untyped]
+
+    name = f"xdmv-{uuid.uuid4().hex[:8]}"
+    netns.create(name)
+    try:
+        yield name
+    finally:
+        netns.remove(name)
+
+
+def test_guest_and_host_ping_each_other_through_a_real_tap(namespace: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "virtio_net.py"), "--netns", namespace, "--answer", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=example_env(),
+    )
+    try:
+        seen = read_until(proc.stdout, "the guest answers ARP and ping at 10.0.9.2")
+        assert "ping 10.0.9.1: reply in" in seen  # the guest pinged the host
+        ping = subprocess.run(
+            ["ip", "netns", "exec", namespace, sys.executable, "-c", PING, "10.0.9.2"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        assert ping.stdout.count("echo reply from 10.0.9.2") == 2  # the host pinged the guest
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "ioreq server 0 destroyed" in err
+    finally:
+        proc.kill()
+        proc.wait()

@@ -162,6 +162,8 @@ class GuestQueue:
     def add(self, readable: list[bytes], writable: list[int], *, indirect: bool = False) -> int:
         """Make one request available: ``readable`` buffers (copied into guest RAM), then
         device-writable ones of the given lengths.  Returns its head; ``kick()`` to notify."""
+        if not readable and not writable:
+            raise DriverError(f"queue {self.index}: a request needs at least one buffer")
         arena = self.driver.arena
         segs: list[tuple[int, int, int]] = []
         for data in readable:

@@ -25,7 +25,8 @@ MOCK_MEMORY_MB = 8
 
 class Example:
     """One virtio example: ``name``, its parser (from ``__doc__``), how to make the device from
-    the parsed arguments, and the simulated guest's script on the mock (lines to print).
+    the parsed arguments, and the simulated guest's script on the mock (``guest_script(driver,
+    device, args)``: lines to print).
 
     ``add_arguments(parser)``: the example's own flags; ``validate(args)``: a usage error's
     message or None; ``attach(device, loop)``: add the device's host fds to the loop;
@@ -36,7 +37,7 @@ class Example:
         name: str,
         doc: str | None,
         make_device: Callable[[argparse.Namespace], VirtioDevice],
-        guest_script: Callable[[VirtioPciDriver, VirtioDevice], list[str]],
+        guest_script: Callable[[VirtioPciDriver, VirtioDevice, argparse.Namespace], list[str]],
         *,
         add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
         validate: Callable[[argparse.Namespace], str | None] | None = None,
@@ -90,7 +91,7 @@ class Example:
             def guest() -> list[str]:
                 sim = SimGuest(mock.mock_xen, mock.domid, timeout=5)
                 driver = VirtioPciDriver(sim, find_virtio(sim, device.device_type))
-                return self.guest_script(driver, device)
+                return self.guest_script(driver, device, args)
 
             lines = app.run_guest_script(mock, loop, guest, lines=lambda lines: lines, hold=args.hold, out=out)
         return None if lines is None else (lines, transport)
