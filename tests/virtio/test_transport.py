@@ -5,6 +5,7 @@ from __future__ import annotations
 from xendmop.virtio.pci import MSIX_BAR, VIRTIO_BAR
 from xendmop.virtio.rng import VirtioRng
 from xendmop.virtio.spec import (
+    COMMON_DFSELECT,
     COMMON_GF,
     COMMON_GFSELECT,
     COMMON_Q_DESCLO,
@@ -20,6 +21,7 @@ from xendmop.virtio.spec import (
     VIRTIO_PCI_CAP_DEVICE_CFG,
     VIRTIO_PCI_CAP_ISR_CFG,
     VIRTIO_PCI_CAP_NOTIFY_CFG,
+    VIRTIO_PCI_CAP_PCI_CFG,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     Status,
 )
@@ -37,12 +39,36 @@ def test_config_space_is_a_modern_virtio_function(virtio: VirtioFactory) -> None
         VIRTIO_PCI_CAP_NOTIFY_CFG,
         VIRTIO_PCI_CAP_ISR_CFG,
         VIRTIO_PCI_CAP_DEVICE_CFG,
+        VIRTIO_PCI_CAP_PCI_CFG,
     }
-    assert {c.bar for c in d.caps.values()} == {VIRTIO_BAR}
+    assert {c.bar for c in d.caps.values() if c.cfg_type != VIRTIO_PCI_CAP_PCI_CFG} == {VIRTIO_BAR}
     assert d.notify_multiplier == 4
     assert d.msix_cap and (d.cfg_read(d.msix_cap + 2, 2) & 0x7FF) + 1 == 2  # one queue + config
     assert set(d.bars) == {MSIX_BAR, VIRTIO_BAR}
     assert d.bars[VIRTIO_BAR] % 0x4000 == 0 and d.bars[MSIX_BAR] % 0x1000 == 0
+
+
+def test_pci_cfg_window_reaches_the_bar_through_config_space(virtio: VirtioFactory) -> None:
+    s = virtio(VirtioRng())
+    d = s.driver
+    cap = d.caps[VIRTIO_PCI_CAP_PCI_CFG].at
+
+    def window(bar: int, offset: int, length: int) -> None:
+        d.cfg_write(cap + 4, 1, bar)
+        d.cfg_write(cap + 8, 4, offset)
+        d.cfg_write(cap + 12, 4, length)
+
+    window(VIRTIO_BAR, 0x0004, 4)  # common cfg: device_feature (select 0 after reset)
+    d.reset()
+    d.common_write(COMMON_DFSELECT, 4, 1)
+    assert d.cfg_read(cap + 16, 4) == 1  # VIRTIO_F_VERSION_1 is bit 32
+    window(VIRTIO_BAR, 0x0014, 1)  # device_status
+    d.cfg_write(cap + 16, 1, Status.ACKNOWLEDGE)
+    assert d.status == Status.ACKNOWLEDGE
+    window(VIRTIO_BAR, 0x0014, 2)  # a length that does not match the access: config space as it is
+    assert d.cfg_read(cap + 16, 1) == 0
+    window(7, 0, 4)  # no such BAR
+    assert d.cfg_read(cap + 16, 4) == 0
 
 
 def test_rng_request_delivers_entropy_and_the_queue_vector(virtio: VirtioFactory) -> None:

@@ -56,6 +56,7 @@ from .spec import (
     VIRTIO_PCI_CAP_DEVICE_CFG,
     VIRTIO_PCI_CAP_ISR_CFG,
     VIRTIO_PCI_CAP_NOTIFY_CFG,
+    VIRTIO_PCI_CAP_PCI_CFG,
     VIRTQ_DESC,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -366,7 +367,7 @@ class VirtioPciDriver:
         )
         self.device_cap = self.caps.get(VIRTIO_PCI_CAP_DEVICE_CFG)
         self.notify_multiplier = self.cfg_read(self.notify.at + 16, 4)
-        wanted = {c.bar for c in self.caps.values()}
+        wanted = {c.bar for c in self.caps.values() if c.cfg_type != VIRTIO_PCI_CAP_PCI_CFG}
         if self.msix_cap:
             wanted.add(self.cfg_read(self.msix_cap + 4, 4) & 7)
         base = bar_base

@@ -14,7 +14,9 @@ BAR      offset  what
 4        0x3000  notifications: queue ``n`` at ``n * 4`` (``queue_notify_off`` = n, multiplier 4)
 ======== ======= ============================================================================
 
-(QEMU's virtio-pci puts them in the same BARs.)  Interrupts go out as MSI-X messages
+(QEMU's virtio-pci puts them in the same BARs.)  A VIRTIO_PCI_CAP_PCI_CFG capability gives
+config-space access to any of them: the driver writes bar, offset and length into it, then
+reads or writes ``pci_cfg_data`` (spec 4.1.4.9).  Interrupts go out as MSI-X messages
 through ``inject_msi`` when the driver enabled MSI-X — a masked vector's message waits
 in the PBA until it is unmasked — else through the ISR and INTA#.
 
@@ -76,7 +78,7 @@ from .spec import (
     VIRTIO_PCI_CAP_DEVICE_CFG,
     VIRTIO_PCI_CAP_ISR_CFG,
     VIRTIO_PCI_CAP_NOTIFY_CFG,
-    VIRTIO_PCI_NOTIFY_CAP_LEN,
+    VIRTIO_PCI_CAP_PCI_CFG,
     Status,
     avail_size,
     desc_table_size,
@@ -94,7 +96,9 @@ COMMON_OFF, ISR_OFF, DEVICE_OFF, NOTIFY_OFF = 0x0000, 0x1000, 0x2000, 0x3000
 REGION_SIZE = 0x1000
 NOTIFY_MULTIPLIER = 4
 #: where the capabilities sit in config space
-MSIX_CAP, COMMON_CAP, NOTIFY_CAP, ISR_CAP, DEVICE_CAP = 0x40, 0x50, 0x60, 0x78, 0x88
+MSIX_CAP, COMMON_CAP, NOTIFY_CAP, ISR_CAP, DEVICE_CAP, PCI_CFG_CAP = 0x40, 0x50, 0x60, 0x78, 0x88, 0x98
+#: ``virtio_pci_cfg_cap.pci_cfg_data``: the window onto a BAR through config space (4.1.4.9)
+PCI_CFG_DATA = PCI_CFG_CAP + 16
 #: PCI class codes: what Linux and QEMU give each device type (network, SCSI storage, simple comm, other)
 _CLASS = {1: 0x020000, 2: 0x010000, 3: 0x078000, 4: 0x00FF00}
 _U32 = 0xFFFFFFFF
@@ -154,19 +158,61 @@ class VirtioPciFunction(PciFunction):
             (COMMON_CAP, VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFF, COMMON_CFG_SIZE, NOTIFY_CAP),
             (NOTIFY_CAP, VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFY_OFF, REGION_SIZE, ISR_CAP),
             (ISR_CAP, VIRTIO_PCI_CAP_ISR_CFG, ISR_OFF, 1, DEVICE_CAP),
-            (DEVICE_CAP, VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_OFF, REGION_SIZE, 0),
+            (DEVICE_CAP, VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_OFF, REGION_SIZE, PCI_CFG_CAP),
+            (PCI_CFG_CAP, VIRTIO_PCI_CAP_PCI_CFG, 0, 0, 0),
         ]
         for at, cfg_type, offset, length, nxt in caps:
-            cap_len = VIRTIO_PCI_NOTIFY_CAP_LEN if cfg_type == VIRTIO_PCI_CAP_NOTIFY_CFG else VIRTIO_PCI_CAP.size
-            raw = VIRTIO_PCI_CAP.pack(PCI_CAP_ID_VNDR, nxt, cap_len, cfg_type, VIRTIO_BAR, 0, offset, length)
+            cap_len = VIRTIO_PCI_CAP.size + (
+                4 if cfg_type in (VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_PCI_CAP_PCI_CFG) else 0
+            )
+            bar = 0 if cfg_type == VIRTIO_PCI_CAP_PCI_CFG else VIRTIO_BAR
+            raw = VIRTIO_PCI_CAP.pack(PCI_CAP_ID_VNDR, nxt, cap_len, cfg_type, bar, 0, offset, length)
             self.cfg[at : at + len(raw)] = raw
         self._put(NOTIFY_CAP + VIRTIO_PCI_CAP.size, 4, NOTIFY_MULTIPLIER)
+        # The driver picks the window with bar, offset and length, then accesses pci_cfg_data.
+        self._wm(PCI_CFG_CAP + 4, 1, 0xFF)
+        self._wm(PCI_CFG_CAP + 8, 4, 0xFFFFFFFF)
+        self._wm(PCI_CFG_CAP + 12, 4, 0xFFFFFFFF)
 
     @property
     def msix_control(self) -> int:
         return self._get(MSIX_CAP + 2, 2)
 
+    def _window(
+        self, addr: int, size: int
+    ) -> tuple[Callable[[int, int], int], Callable[[int, int, int], None], int, int] | None:
+        """An access to pci_cfg_data: the BAR's handlers, offset and length the driver chose,
+        or None when it is not one (4.1.4.9.1: lengths 1, 2, 4, aligned; a BAR of this function)."""
+        if addr != PCI_CFG_DATA:
+            return None
+        bar, offset, length = (
+            self._get(PCI_CFG_CAP + 4, 1),
+            self._get(PCI_CFG_CAP + 8, 4),
+            self._get(PCI_CFG_CAP + 12, 4),
+        )
+        target = self.bars[bar] if bar < 6 else None
+        if (
+            target is None
+            or length not in (1, 2, 4)
+            or size != length
+            or offset % length
+            or offset + length > target.size
+        ):
+            return None
+        region = target.device
+        return region.read, region.write, offset, length
+
+    def read(self, addr: int, size: int) -> int:
+        window = self._window(addr, size)
+        if window is not None:
+            return window[0](window[2], window[3])
+        return super().read(addr, size)
+
     def write(self, addr: int, size: int, value: int) -> None:
+        window = self._window(addr, size)
+        if window is not None:
+            window[1](window[2], window[3], value)
+            return
         before = self.msix_control
         super().write(addr, size, value)
         if self.msix_control != before:
