@@ -130,15 +130,17 @@ class VirtioConsole(VirtioDevice):
         if vq.index == TRANSMITQ:
             vq.process(memory, lambda chain: self._transmit(chain.iter_read(CHUNK)))
             return
-        while self.pending:  # receiveq: fill the guest's buffers while there is input
-            chain = vq.pop(memory)
-            if chain is None:
+        while True:
+            while self.pending:  # receiveq: fill the guest's buffers while there is input
+                chain = vq.pop(memory)
+                if chain is None:
+                    break
+                n = min(len(self.pending), chain.writable_len)
+                chain.write(bytes(self.pending[:n]))
+                del self.pending[:n]
+                vq.push(memory, chain.head, n)
+            if not vq.arm(memory) or not self.pending:
                 break
-            n = min(len(self.pending), chain.writable_len)
-            chain.write(bytes(self.pending[:n]))
-            del self.pending[:n]
-            vq.push(memory, chain.head, n)
-        vq.arm(memory)
         if len(self.pending) < self.max_pending:
             self._watch(True)
 

@@ -104,22 +104,24 @@ class VirtioNet(VirtioDevice):
         if vq.index == TRANSMITQ:
             vq.process(memory, self._transmit)
             return
-        while self.rx_frames:
-            chain, self._held = self._held or vq.pop(memory), None
-            if chain is None:
-                break
-            while self.rx_frames:  # a frame too long for this buffer is dropped; the buffer takes the next
-                frame = self.rx_frames.popleft()
-                if NET_HDR.size + len(frame) <= chain.writable_len:
-                    chain.write(NET_HDR.pack(0, 0, 0, 0, 0, 0, 1) + frame)
-                    self.stats["rx"] += 1
+        while True:
+            while self.rx_frames:
+                chain, self._held = self._held or vq.pop(memory), None
+                if chain is None:
                     break
-                self.stats["rx dropped: buffer too small"] += 1
-            if not chain.written:
-                self._held = chain  # kept for the next frame, not given back empty
-                break
-            vq.push(memory, chain.head, chain.written)
-        vq.arm(memory)
+                while self.rx_frames:  # a frame too long for this buffer is dropped; the buffer takes the next
+                    frame = self.rx_frames.popleft()
+                    if NET_HDR.size + len(frame) <= chain.writable_len:
+                        chain.write(NET_HDR.pack(0, 0, 0, 0, 0, 0, 1) + frame)
+                        self.stats["rx"] += 1
+                        break
+                    self.stats["rx dropped: buffer too small"] += 1
+                if not chain.written:
+                    self._held = chain  # kept for the next frame, not given back empty
+                    break
+                vq.push(memory, chain.head, chain.written)
+            if not vq.arm(memory) or not self.rx_frames:
+                return
 
     def _transmit(self, chain: Chain) -> int:
         size = chain.readable_len

@@ -210,15 +210,22 @@ class Virtqueue:
     def chains(self, memory: GuestMemory) -> Iterator[Chain]:
         """Every available chain, in order; then, with VIRTIO_F_EVENT_IDX, ``avail_event`` set
         to ask for a notification at the next one."""
-        while (chain := self.pop(memory)) is not None:
-            yield chain
-        self.arm(memory)
+        while True:
+            while (chain := self.pop(memory)) is not None:
+                yield chain
+            # A chain made available after the last look but before avail_event was written
+            # got no notification: look once more after writing it (as vhost does).
+            if not self.arm(memory):
+                return
 
-    def arm(self, memory: GuestMemory) -> None:
+    def arm(self, memory: GuestMemory) -> bool:
         """With VIRTIO_F_EVENT_IDX, ask the driver to notify when it makes the next chain
-        available (``avail_event``); a device that stops taking chains early calls it too."""
-        if self.event_idx:
-            self._put(memory, self.used + 4 + 8 * self.size, self.last_avail.to_bytes(2, "little"), "avail_event")
+        available (``avail_event``); a device that stops taking chains early calls it too.
+        True when chains became available meanwhile (the driver will not notify for them)."""
+        if not self.event_idx:
+            return False
+        self._put(memory, self.used + 4 + 8 * self.size, self.last_avail.to_bytes(2, "little"), "avail_event")
+        return bool(self.pending(memory))
 
     def _desc(self, memory: GuestMemory, gpa: int) -> tuple[int, int, int, int]:
         try:
