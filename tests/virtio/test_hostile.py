@@ -8,6 +8,8 @@ import os
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from xendmop.virtio.blk import VirtioBlk
 from xendmop.virtio.rng import VirtioRng
@@ -241,3 +243,37 @@ def test_broken_rings_are_logged_at_a_bounded_rate(virtio: VirtioFactory, caplog
     lines = [r for r in caplog.records if r.name == "test.virtio.rate"]
     assert 1 <= len(lines) <= 6
     assert len(s.transport.errors) == 16  # bounded memory too
+
+
+# --- hypothesis through the simulated guest -----------------------------------------------------------
+
+hostile_desc = st.tuples(
+    st.one_of(st.integers(BUF, BUF + 0x8000), st.integers(0, 1 << 40), st.integers((1 << 64) - 64, (1 << 64) - 1)),
+    st.one_of(st.integers(0, 256), st.integers(0, 1 << 20)),
+    st.integers(0, 7),
+    st.integers(0, 20),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    descs=st.dictionaries(st.integers(0, 15), hostile_desc, max_size=16),
+    head=st.integers(0, 20),
+    jump=st.one_of(st.just(0), st.integers(0, 0xFFFF)),
+)
+def test_any_hostile_ring_through_the_mock_guest(
+    rng: Setup, descs: dict[int, tuple[int, int, int, int]], head: int, jump: int
+) -> None:
+    """The device answers every notification (no GuestTimeout, no device error at teardown):
+    the chain is used or the device needs reset, and a reset always brings it back."""
+    d = rng.driver
+    if d.needs_reset or not d.queues:
+        d.bring_up()
+    q = d.queues[0]
+    q.add_raw(descs, head)
+    if jump:
+        q.set_avail_idx(q.avail_idx + jump)
+    q.kick(force=True)
+    assert d.needs_reset or q.used_idx() == q.avail_idx
+    d.bring_up()
+    assert d.queues[0].request([], [8])[0] == 8
