@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
+import pytest
+
+from xendmop.virtio import VirtioPci
+from xendmop.virtio.console import VirtioConsole
+from xendmop.virtio.net import VirtioNet
 from xendmop.virtio.pci import MSIX_BAR, VIRTIO_BAR
 from xendmop.virtio.rng import VirtioRng
 from xendmop.virtio.spec import (
@@ -233,3 +241,53 @@ def test_no_interrupt_flag_without_event_idx(virtio: VirtioFactory) -> None:
     q._w16(q.avail, 0)
     q.request([], [4])
     assert s.msis_for(q.vector) == 1
+
+
+def test_needs_reset_under_intx_sets_the_config_bit_of_the_isr(virtio: VirtioFactory) -> None:
+    s = virtio(VirtioRng(), msix=False)
+    s.driver.bring_up()
+    q = s.driver.queues[0]
+    q.add_raw({}, head=q.size)
+    q.kick(force=True)
+    assert s.driver.needs_reset and s.intx()
+    assert s.driver.read_isr() == 2  # configuration change, no used buffer
+    assert not s.intx()
+
+
+@pytest.mark.parametrize(
+    ("sizes", "features", "message"),
+    [
+        ((48,), 0, r"queue_sizes\[0\]=48: must be a power of two"),
+        ((64, 0), 0, r"queue_sizes\[1\]=0"),
+        ((1 << 16,), 0, r"queue_sizes\[0\]=65536"),
+        ((), 0, r"queue_sizes=\(\): a device has 1..1024 queues"),
+        ((64,), 1 << 64, r"features=0x10000000000000000: must fit 64 bits"),
+    ],
+)
+def test_a_device_the_transport_cannot_offer_is_refused_naming_the_field(
+    sizes: tuple[int, ...], features: int, message: str
+) -> None:
+    device = VirtioRng()
+    device.queue_sizes = sizes
+    device.features = features
+    with pytest.raises(ValueError, match=message):
+        VirtioPci(device, lambda: None)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda fd: VirtioRng(max_request=0), r"max_request=0: must be an integer in 1\.\.1048576"),
+        (lambda fd: VirtioConsole(fd, fd, max_pending=-1), r"max_pending=-1"),
+        (lambda fd: VirtioNet(fd, bytes(6), max_frames=True), r"max_frames=True"),
+    ],
+)
+def test_device_options_out_of_range_are_refused_naming_them(make: Any, message: str) -> None:
+    r, w = os.pipe()
+    try:
+        with pytest.raises(ValueError, match=message):
+            make(w)
+        assert os.get_blocking(w)  # refused before touching the fd
+    finally:
+        os.close(r)
+        os.close(w)

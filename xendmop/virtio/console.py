@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 from ..runtime import ServeLoop
 from ..runtime.dispatch import RateLimitedLog
-from .device import VirtioDevice
+from .device import VirtioDevice, check_count
 from .spec import VIRTIO_ID_CONSOLE
 from .virtqueue import Virtqueue
 
@@ -48,12 +48,12 @@ class VirtioConsole(VirtioDevice):
         max_pending: int = 1 << 16,
     ) -> None:
         super().__init__()
+        self.max_pending = check_count("max_pending", max_pending, 1, 1 << 24)
         self.in_fd, self.out_fd = in_fd, out_fd
         os.set_blocking(out_fd, False)
         self.size = size
         self.features = 1 << VIRTIO_CONSOLE_F_SIZE if size is not None else 0
         self.queue_sizes = (queue_size, queue_size)
-        self.max_pending = max_pending
         self.pending = bytearray()
         self.eof = False
         self.dropped = 0  # output bytes out_fd would not take

@@ -9,7 +9,14 @@ from .virtqueue import Chain, Virtqueue
 if TYPE_CHECKING:
     from .pci import VirtioPci
 
-__all__ = ["VirtioDevice"]
+__all__ = ["VirtioDevice", "check_count"]
+
+
+def check_count(name: str, value: object, low: int, high: int) -> int:
+    """``value`` if it is an int in ``low..high``, else ``ValueError`` naming ``name`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name}={value!r}: must be an integer in {low}..{high}")
+    return value
 
 
 class VirtioDevice:

@@ -21,7 +21,7 @@ import struct
 
 from ..runtime import ServeLoop
 from ..runtime.dispatch import RateLimitedLog
-from .device import VirtioDevice
+from .device import VirtioDevice, check_count
 from .spec import VIRTIO_ID_NET
 from .virtqueue import Chain, Virtqueue
 
@@ -48,12 +48,12 @@ class VirtioNet(VirtioDevice):
         super().__init__()
         if len(mac) != 6 or mac[0] & 1:
             raise ValueError(f"mac={mac.hex(':')}: must be 6 bytes, a unicast address")
+        self.max_frames = check_count("max_frames", max_frames, 1, 1 << 16)
         self.fd = fd
         os.set_blocking(fd, False)
         self.mac = mac
         self.queue_sizes = (queue_size, queue_size)
         self.features = 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
-        self.max_frames = max_frames
         self.rx_frames: collections.deque[bytes] = collections.deque()
         self.stats = collections.Counter[str]()
         self.loop: ServeLoop | None = None

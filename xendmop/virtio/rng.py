@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from .device import VirtioDevice
+from .device import VirtioDevice, check_count
 from .spec import VIRTIO_ID_RNG
 from .virtqueue import Chain, Virtqueue
 
@@ -25,7 +25,7 @@ class VirtioRng(VirtioDevice):
         super().__init__()
         self.queue_sizes = (queue_size,)
         self.source = source
-        self.max_request = max_request
+        self.max_request = check_count("max_request", max_request, 1, 1 << 20)
         self.served = 0  # bytes handed to the guest
 
     def handle(self, vq: Virtqueue, chain: Chain) -> int:
