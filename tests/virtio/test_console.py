@@ -144,3 +144,15 @@ def test_emergency_write(console: Make) -> None:
     _, driver, _, out_r = console()
     driver.bar_write(driver.device_cap.bar, driver.device_cap.offset + 8, 4, ord("!"))  # type: ignore[union-attr]
     assert read_all(out_r, 1) == b"!"
+
+
+def test_an_input_fd_that_fails_ends_input_instead_of_the_device_model(tmp_path: object) -> None:
+    broken = os.open(os.fspath(tmp_path), os.O_RDONLY | os.O_DIRECTORY)  # read(2) gives EISDIR
+    r, w = os.pipe()
+    try:
+        device = VirtioConsole(broken, w)
+        device.on_input()
+        assert device.eof and device.pending == bytearray()
+    finally:
+        for fd in (broken, r, w):
+            os.close(fd)

@@ -141,3 +141,19 @@ def test_bad_mac_is_refused() -> None:
     with a, b:
         with pytest.raises(ValueError, match="mac=01:00"):
             VirtioNet(a.fileno(), bytes.fromhex("010000000001"))
+
+
+def test_a_tap_that_fails_stops_being_read_instead_of_ending_the_device_model(tmp_path: object) -> None:
+    import os
+
+    from xendmop.runtime import ServeLoop
+
+    broken = os.open(os.fspath(tmp_path), os.O_RDONLY | os.O_DIRECTORY)  # read(2) gives EISDIR
+    try:
+        device = VirtioNet(broken, MAC)
+        device.attach(ServeLoop())  # watched (add_reader before the loop runs)
+        assert device._reading
+        device.on_readable()
+        assert not device._reading and not device.rx_frames  # remove_reader: the fd is let go
+    finally:
+        os.close(broken)

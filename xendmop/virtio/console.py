@@ -95,9 +95,9 @@ class VirtioConsole(VirtioDevice):
             data = os.read(self.in_fd, min(CHUNK, room)) if room > 0 else b""
         except BlockingIOError:
             return
-        except OSError as e:  # a pty whose other side closed reads EIO: the end of input
+        except OSError as e:  # EIO: a pty whose other side closed; anything else: the fd is broken
             if e.errno != errno.EIO:
-                raise
+                self._warn(logging.WARNING, "console input", "virtio-console: input: %s; no more input", e)
             data = b""
         if not data and room > 0:
             self._watch(False)

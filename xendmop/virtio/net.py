@@ -86,6 +86,10 @@ class VirtioNet(VirtioDevice):
                 frame = os.read(self.fd, MAX_FRAME)
             except BlockingIOError:
                 break
+            except OSError as e:  # the tap went away (EBADFD) or broke: stop reading it, keep serving
+                self._warn(logging.WARNING, "rx error", "virtio-net: reading the tap: %s; no more input", e)
+                self._watch(False)
+                break
             if not frame:
                 break
             if len(self.rx_frames) >= self.max_frames:
