@@ -90,7 +90,9 @@ class VirtioNet(VirtioDevice):
                 self._warn(logging.WARNING, "rx error", "virtio-net: reading the tap: %s; no more input", e)
                 self._watch(False)
                 break
-            if not frame:
+            if not frame:  # the other end closed (a packet socket's peer; a tap never reads 0)
+                self._warn(logging.WARNING, "rx end", "virtio-net: the host side closed; no more input")
+                self._watch(False)
                 break
             if len(self.rx_frames) >= self.max_frames:
                 self.stats["rx dropped: queue full"] += 1
