@@ -180,3 +180,43 @@ def test_a_filesystem_written_through_the_guest_is_whole_in_the_file(
     assert check.returncode == 0, check.stdout + check.stderr
     cat = subprocess.run(["debugfs", "-R", "cat /hello.txt", str(disk[0])], capture_output=True, text=True)
     assert cat.stdout == "written by the guest through virtio-blk\n"
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A loop block device over a 1 MiB file (root and losetup), detached afterwards."""
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("a loop device needs root and losetup")
+    backing = tmp_path / "backing.img"
+    backing.write_bytes(b"\x11" * DISK)
+    made = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"losetup: {made.stderr.strip()}")
+    dev = made.stdout.strip()
+    try:
+        yield dev, backing
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_a_block_device(virtio: VirtioFactory, loop_device: tuple[str, Path]) -> None:
+    dev, backing = loop_device
+    fd = os.open(dev, os.O_RDWR)
+    try:
+        device = VirtioBlk(fd)
+        assert device.block_device and device.size == DISK  # BLKGETSIZE64
+        s = virtio(device)
+        s.driver.bring_up(ALL)
+        q = s.driver.queues[0]
+        assert s.driver.config_read(0, 8) == DISK // 512
+        assert blk_request(q, VIRTIO_BLK_T_IN, 0, read=512) == (VIRTIO_BLK_S_OK, b"\x11" * 512)
+        assert blk_request(q, VIRTIO_BLK_T_OUT, 16, b"\x22" * 4096)[0] == VIRTIO_BLK_S_OK
+        assert blk_request(q, VIRTIO_BLK_T_DISCARD, 0, struct.pack("<QII", 0, 8, 0))[0] == VIRTIO_BLK_S_OK
+        assert blk_request(q, VIRTIO_BLK_T_WRITE_ZEROES, 0, struct.pack("<QII", 8, 8, 0))[0] == VIRTIO_BLK_S_OK
+        assert blk_request(q, VIRTIO_BLK_T_FLUSH, 0)[0] == VIRTIO_BLK_S_OK
+        assert blk_request(q, VIRTIO_BLK_T_IN, 16, read=4096) == (VIRTIO_BLK_S_OK, b"\x22" * 4096)
+    finally:
+        os.close(fd)
+    data = backing.read_bytes()
+    assert data[:8192] == bytes(8192)  # a loop device's discard punches the file: zeroes
+    assert data[8192 : 8192 + 4096] == b"\x22" * 4096 and data[12288:] == b"\x11" * (DISK - 12288)
