@@ -68,6 +68,10 @@ def validate(args: argparse.Namespace) -> str | None:
         ipaddress.IPv4Address(args.guest_addr)
     except ValueError as e:
         return f"bad address: {e}"
+    try:
+        _tapnet().check_ifname(args.tap)
+    except ValueError as e:
+        return str(e)
     if len(args.mac_bytes) != 6 or args.mac_bytes[0] & 1:
         return f"--mac {args.mac!r}: not a unicast MAC address (six hex bytes)"
     if not 0 <= args.answer <= 3600:
@@ -82,7 +86,12 @@ def make_device(args: argparse.Namespace) -> VirtioNet:
     tapnet = _tapnet()
     if args.netns:
         tapnet.enter_netns(args.netns)  # before any thread: setns applies to this thread only
-    tap = tapnet.Tap.open(args.tap, address=args.host_addr)
+    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+
+    try:
+        tap = tapnet.Tap.open(args.tap, address=args.host_addr)
+    except NetlinkError as e:  # not an OSError: without CAP_NET_ADMIN it is EPERM from the kernel
+        raise OSError(e.code, f"tap {args.tap!r}: {e} (creating a tap needs root)") from e
     try:
         device = VirtioNet(tap.fd, args.mac_bytes)
     except BaseException:

@@ -7,6 +7,7 @@ import os
 import re
 import runpy
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,9 @@ import pytest
 from example_cli import deprivileged, example_env, hold_until_signal, read_until
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = {name: ROOT / "examples" / f"{name}.py" for name in ("virtio_rng", "virtio_blk", "virtio_console")}
+EXAMPLES = {
+    name: ROOT / "examples" / f"{name}.py" for name in ("virtio_rng", "virtio_blk", "virtio_console", "virtio_net")
+}
 
 
 def load(name: str) -> dict[str, Any]:
@@ -150,6 +153,42 @@ def test_command_line_on_the_mock(name: str) -> None:
 def test_usage_errors(name: str) -> None:
     done = run(name, "--depriv", "65534:65534")
     assert done.returncode == 2 and "--depriv needs a real dom0" in done.stderr
+
+
+def test_a_device_that_cannot_be_set_up_is_one_line_and_status_1(tmp_path: Path) -> None:
+    done = run("virtio_blk", "--file", str(tmp_path / "missing.img"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().endswith(
+        f"virtio_blk: cannot set the device up: [Errno 2] No such file or directory: '{tmp_path / 'missing.img'}'"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="drops capabilities with setpriv")
+def test_net_without_cap_net_admin_says_so() -> None:
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set",
+            "-all",
+            "--inh-caps",
+            "-all",
+            sys.executable,
+            str(EXAMPLES["virtio_net"]),
+            "--tap",
+            "xdmvperm0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=example_env(),
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "virtio_net: cannot set the device up: [Errno 1]" in done.stderr and "needs root" in done.stderr
+
+
+def test_net_refuses_a_bad_tap_name() -> None:
+    done = run("virtio_net", "--tap", "bad name")
+    assert done.returncode == 2 and "tap='bad name': not a valid interface name" in done.stderr
 
 
 def test_blk_on_a_domain_needs_a_file() -> None:

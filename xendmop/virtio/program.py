@@ -15,12 +15,17 @@ from .device import VirtioDevice
 from .driver import VirtioPciDriver, find_virtio
 from .pci import VirtioPci
 
-__all__ = ["Example"]
+__all__ = ["DeviceSetupError", "Example"]
 
 log = logging.getLogger("xendmop.virtio")
 
 #: the mock domain's RAM for the examples; the guest driver's rings and buffers live in its 1-3 MiB
 MOCK_MEMORY_MB = 8
+
+
+class DeviceSetupError(RuntimeError):
+    """``make_device`` could not open the device's host side (an ``OSError``: a tap without
+    CAP_NET_ADMIN, a missing file); reported as one line and exit status 1."""
 
 
 class Example:
@@ -63,12 +68,18 @@ class Example:
         self.attach = attach
         self.close = close
 
+    def _make_device(self, args: argparse.Namespace) -> VirtioDevice:
+        try:
+            return self.make_device(args)
+        except OSError as e:
+            raise DeviceSetupError(f"cannot set the device up: {e}") from e
+
     def run_on_mock(
         self, args: argparse.Namespace, *, out: Callable[[str], None] = print
     ) -> tuple[list[str], VirtioPci] | None:
         """Serve the device to a simulated guest on the in-process mock and run the guest's
         script; returns its lines and the transport, or None when a signal ended the run first."""
-        device = self.make_device(args)
+        device = self._make_device(args)
         try:
             return self._run_on_mock(args, device, out)
         finally:
@@ -103,13 +114,17 @@ class Example:
             self.parser.error(problem)
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
         if target.where is app.Where.MOCK:
-            self.run_on_mock(args)
+            try:
+                self.run_on_mock(args)
+            except DeviceSetupError as e:  # the device's host side (a tap, a file) could not be opened
+                print(f"{self.name}: {e}", file=sys.stderr)
+                return 1
             return 0
 
         def serve(connection: app.Connection) -> int:
             """Serve the device until SIGINT/SIGTERM; the server is destroyed on the way out."""
             server = connection.ioreq_server()
-            device = self.make_device(args)
+            device = self._make_device(args)
             try:
                 transport = VirtioPci(device, lambda: server.dispatcher.memory)
                 server.add_pci(transport.pci, slot=args.slot, name=self.name)
