@@ -106,19 +106,33 @@ class Cap:
 
 
 class Arena:
-    """Guest RAM handed out in order, wrapping at the end (buffers are reused once the device
-    has given them back, as the tests use them)."""
+    """Guest RAM handed out in order.  Rings are kept (``keep=True``: below a floor that only
+    rises); buffers wrap back to that floor at the end (reused once the device has given them
+    back, as the tests use them), so a long run never writes buffers over a ring."""
 
     def __init__(self, base: int, size: int) -> None:
-        self.base, self.size, self.next = base, size, base
+        self.base, self.size = base, size
+        self.floor = self.next = base
 
-    def alloc(self, n: int, align: int = 16) -> int:
+    def release(self) -> None:
+        """Everything is free again (the device was reset: it holds no ring or buffer)."""
+        self.floor = self.next = self.base
+
+    def alloc(self, n: int, align: int = 16, *, keep: bool = False) -> int:
         n = max(n, 1)
-        if n > self.size:
-            raise DriverError(f"{n} bytes do not fit the guest's {self.size}-byte buffer arena")
+        end = self.base + self.size
+        if keep:
+            addr = _align(self.floor, align)
+            if addr + n > end:
+                raise DriverError(f"{n} bytes of rings do not fit the guest's {self.size}-byte arena")
+            self.floor = addr + n
+            self.next = max(self.next, self.floor)
+            return addr
         addr = _align(self.next, align)
-        if addr + n > self.base + self.size:
-            addr = self.base
+        if addr + n > end:
+            addr = _align(self.floor, align)
+            if addr + n > end:
+                raise DriverError(f"{n} bytes do not fit the guest's buffer arena above its rings")
         self.next = addr + n
         return addr
 
@@ -438,6 +452,7 @@ class VirtioPciDriver:
         else:
             raise DriverError("device_status did not read 0 after reset")
         self.queues.clear()
+        self.arena.release()  # the device has forgotten every ring and buffer
 
     def negotiate(self, wanted: int) -> int:
         """ACKNOWLEDGE, DRIVER, the features both want (plus VERSION_1), FEATURES_OK read back."""
@@ -506,9 +521,9 @@ class VirtioPciDriver:
         size = max_size if size is None else size
         if size != max_size:
             self.common_write(COMMON_Q_SIZE, 2, size)
-        desc = self.arena.alloc(desc_table_size(size), PAGE)
-        avail = self.arena.alloc(avail_size(size), 2)
-        used = self.arena.alloc(used_size(size), 4)
+        desc = self.arena.alloc(desc_table_size(size), PAGE, keep=True)
+        avail = self.arena.alloc(avail_size(size), 2, keep=True)
+        used = self.arena.alloc(used_size(size), 4, keep=True)
         for gpa, n in ((desc, desc_table_size(size)), (avail, avail_size(size)), (used, used_size(size))):
             self.guest.write_ram(gpa, bytes(n))
         for lo, hi, gpa in (
