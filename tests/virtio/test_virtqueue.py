@@ -1,0 +1,64 @@
+"""The split virtqueue alone, over a bytearray of guest RAM: orderings a concurrent driver can produce."""
+
+from __future__ import annotations
+
+from runtime.helpers import FakeRam
+
+from xendmop.virtio import Virtqueue
+from xendmop.virtio.spec import VIRTQ_DESC, VIRTQ_DESC_F_WRITE
+
+DESC, AVAIL, USED, BUF = 0x0000, 0x1000, 0x2000, 0x3000
+SIZE = 8
+
+
+class RacingRam(FakeRam):
+    """Guest RAM whose driver makes one more chain available just as the device writes avail_event."""
+
+    def __init__(self) -> None:
+        super().__init__(0x4000)
+        self.raced = False
+
+    def write(self, gpa: int, data: bytes) -> None:
+        super().write(gpa, data)
+        if gpa == USED + 4 + 8 * SIZE and not self.raced:  # avail_event
+            self.raced = True
+            publish(self, 1)
+
+
+def publish(ram: FakeRam, head: int) -> None:
+    idx = int.from_bytes(ram.mem[AVAIL + 2 : AVAIL + 4], "little")
+    ram.mem[AVAIL + 4 + 2 * (idx % SIZE) : AVAIL + 6 + 2 * (idx % SIZE)] = head.to_bytes(2, "little")
+    ram.mem[AVAIL + 2 : AVAIL + 4] = ((idx + 1) & 0xFFFF).to_bytes(2, "little")
+
+
+def queue(event_idx: bool) -> Virtqueue:
+    vq = Virtqueue(0, SIZE)
+    vq.desc, vq.avail, vq.used, vq.enabled, vq.event_idx = DESC, AVAIL, USED, True, event_idx
+    return vq
+
+
+def test_a_chain_made_available_while_avail_event_is_written_is_not_left_behind() -> None:
+    ram = RacingRam()
+    for i in range(2):
+        ram.mem[DESC + 16 * i : DESC + 16 * i + 16] = VIRTQ_DESC.pack(BUF + 64 * i, 64, VIRTQ_DESC_F_WRITE, 0)
+    publish(ram, 0)
+    vq = queue(event_idx=True)
+    heads = [chain.head for chain in vq.chains(ram)]
+    assert ram.raced and heads == [0, 1]
+    assert int.from_bytes(ram.mem[USED + 4 + 8 * SIZE : USED + 6 + 8 * SIZE], "little") == 2
+
+
+def test_used_ring_wraps_and_the_index_runs_modulo_2_16() -> None:
+    ram = FakeRam(0x4000)
+    ram.mem[DESC : DESC + 16] = VIRTQ_DESC.pack(BUF, 4, VIRTQ_DESC_F_WRITE, 0)
+    vq = queue(event_idx=False)
+    start = 0xFFFC
+    vq.last_avail = vq._avail_shadow = vq.used_idx = vq.signalled = start
+    ram.mem[AVAIL + 2 : AVAIL + 4] = start.to_bytes(2, "little")
+    for _ in range(10):
+        publish(ram, 0)
+        assert vq.process(ram, lambda chain: chain.write(b"abcd")) == 1
+    assert vq.used_idx == (start + 10) & 0xFFFF == int.from_bytes(ram.mem[USED + 2 : USED + 4], "little")
+    slot = (start + 9) % SIZE
+    assert ram.mem[USED + 4 + 8 * slot : USED + 12 + 8 * slot] == (0).to_bytes(4, "little") + (4).to_bytes(4, "little")
+    assert vq.needs_interrupt(ram) and not vq.needs_interrupt(ram)  # once per batch of used chains

@@ -1,0 +1,591 @@
+"""``VirtioPci``: the virtio 1.x PCI transport ("modern", no legacy interface; spec 4.1).
+
+The function is 1AF4:(1040 + device type), revision 1.  Its capability list holds the
+MSI-X capability and the virtio vendor capabilities, each naming a BAR and a range:
+
+======== ======= ============================================================================
+BAR      offset  what
+======== ======= ============================================================================
+1        0x000   MSI-X table (one entry per queue, plus one for configuration changes)
+1        0x800   MSI-X pending bit array
+4        0x0000  common configuration (``struct virtio_pci_common_cfg``)
+4        0x1000  ISR status (a read returns and clears it, and lowers INTx)
+4        0x2000  device-specific configuration
+4        0x3000  notifications: queue ``n`` at ``n * 4`` (``queue_notify_off`` = n, multiplier 4)
+======== ======= ============================================================================
+
+(QEMU's virtio-pci puts them in the same BARs.)  A VIRTIO_PCI_CAP_PCI_CFG capability gives
+config-space access to any of them: the driver writes bar, offset and length into it, then
+reads or writes ``pci_cfg_data`` (spec 4.1.4.9).  Interrupts go out as MSI-X messages
+through ``inject_msi`` when the driver enabled MSI-X — a masked vector's message waits
+in the PBA until it is unmasked — else through the ISR and INTA#.
+
+The driver is untrusted: an access of the wrong width, a queue programmed with a size
+that is not a power of two, misaligned rings, a broken ring or chain (``VirtqueueError``)
+never raises into the dispatcher.  Each is a rate-limited log line; a broken ring or queue
+setup also sets DEVICE_NEEDS_RESET and sends a configuration-change interrupt (spec 2.1.2,
+4.1.4.3.1), after which the device touches no queue until the driver resets it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from ..runtime.dispatch import GuestMemory, RateLimitedLog
+from ..runtime.pci import PCI_CAPABILITY_LIST, PCI_STATUS, PCI_STATUS_CAP_LIST, Bar, PciFunction
+from .device import VirtioDevice
+from .spec import (
+    AVAIL_ALIGN,
+    COMMON_CFG_SIZE,
+    COMMON_CFGGENERATION,
+    COMMON_DF,
+    COMMON_DFSELECT,
+    COMMON_GF,
+    COMMON_GFSELECT,
+    COMMON_MSIX,
+    COMMON_NUMQ,
+    COMMON_Q_AVAILLO,
+    COMMON_Q_DESCLO,
+    COMMON_Q_ENABLE,
+    COMMON_Q_MSIX,
+    COMMON_Q_NDATA,
+    COMMON_Q_NOFF,
+    COMMON_Q_RESET,
+    COMMON_Q_SELECT,
+    COMMON_Q_SIZE,
+    COMMON_Q_USEDLO,
+    COMMON_STATUS,
+    DESC_ALIGN,
+    ISR_CONFIG,
+    ISR_QUEUE,
+    MAX_QUEUE_SIZE,
+    PCI_CAP_ID_MSIX,
+    PCI_CAP_ID_VNDR,
+    PCI_DEVICE_ID_MODERN_BASE,
+    PCI_MSIX_ENTRY_CTRL_MASKBIT,
+    PCI_MSIX_ENTRY_SIZE,
+    PCI_MSIX_FLAGS_ENABLE,
+    PCI_MSIX_FLAGS_MASKALL,
+    PCI_VENDOR_ID_REDHAT_QUMRANET,
+    USED_ALIGN,
+    VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_MSI_NO_VECTOR,
+    VIRTIO_PCI_CAP,
+    VIRTIO_PCI_CAP_COMMON_CFG,
+    VIRTIO_PCI_CAP_DEVICE_CFG,
+    VIRTIO_PCI_CAP_ISR_CFG,
+    VIRTIO_PCI_CAP_NOTIFY_CFG,
+    VIRTIO_PCI_CAP_PCI_CFG,
+    Status,
+    avail_size,
+    desc_table_size,
+    used_size,
+)
+from .virtqueue import Virtqueue, VirtqueueError
+
+__all__ = ["MSIX_BAR", "VIRTIO_BAR", "VirtioPci"]
+
+log = logging.getLogger("xendmop.virtio")
+
+MSIX_BAR, MSIX_BAR_SIZE, MSIX_TABLE, MSIX_PBA = 1, 0x1000, 0x000, 0x800
+VIRTIO_BAR, VIRTIO_BAR_SIZE = 4, 0x4000
+COMMON_OFF, ISR_OFF, DEVICE_OFF, NOTIFY_OFF = 0x0000, 0x1000, 0x2000, 0x3000
+REGION_SIZE = 0x1000
+NOTIFY_MULTIPLIER = 4
+#: where the capabilities sit in config space
+MSIX_CAP, COMMON_CAP, NOTIFY_CAP, ISR_CAP, DEVICE_CAP, PCI_CFG_CAP = 0x40, 0x50, 0x60, 0x78, 0x88, 0x98
+#: ``virtio_pci_cfg_cap.pci_cfg_data``: the window onto a BAR through config space (4.1.4.9)
+PCI_CFG_DATA = PCI_CFG_CAP + 16
+#: PCI class codes: what Linux and QEMU give each device type (network, SCSI storage, simple comm, other)
+_CLASS = {1: 0x020000, 2: 0x010000, 3: 0x078000, 4: 0x00FF00}
+_U32 = 0xFFFFFFFF
+#: the 16-bit registers of ``virtio_pci_common_cfg`` and whether the driver may write them
+_COMMON16 = {
+    COMMON_MSIX: True,
+    COMMON_NUMQ: False,
+    COMMON_Q_SELECT: True,
+    COMMON_Q_SIZE: True,
+    COMMON_Q_MSIX: True,
+    COMMON_Q_ENABLE: True,
+    COMMON_Q_NOFF: False,
+    COMMON_Q_NDATA: False,
+    COMMON_Q_RESET: True,
+}
+_QUEUE_ADDRS = {COMMON_Q_DESCLO: "desc", COMMON_Q_AVAILLO: "avail", COMMON_Q_USEDLO: "used"}
+
+
+class _Region:
+    """One BAR, answering with its owner's method for accesses to it."""
+
+    def __init__(self, read: Callable[[int, int], int], write: Callable[[int, int, int], None]) -> None:
+        self.read = read
+        self.write = write
+
+
+class VirtioPciFunction(PciFunction):
+    """Config space of a virtio PCI function: the standard header, MSI-X and the virtio capabilities."""
+
+    def __init__(self, transport: VirtioPci, device_type: int, nr_vectors: int) -> None:
+        super().__init__(
+            PCI_VENDOR_ID_REDHAT_QUMRANET,
+            PCI_DEVICE_ID_MODERN_BASE + device_type,
+            _CLASS.get(device_type, 0xFF0000),
+            revision=1,  # non-transitional (4.1.2.1)
+            subsystem_vendor_id=PCI_VENDOR_ID_REDHAT_QUMRANET,
+            subsystem_id=0x40,  # 4.1.2.1: any value; QEMU uses 0x1100 (QEMU's id), Linux does not check
+            bars=[
+                None,
+                Bar(MSIX_BAR_SIZE, _Region(transport.msix_read, transport.msix_write)),
+                None,
+                None,
+                Bar(VIRTIO_BAR_SIZE, _Region(transport.bar_read, transport.bar_write)),
+            ],
+        )
+        self.transport = transport
+        self._put(PCI_STATUS, 2, PCI_STATUS_CAP_LIST)
+        self._put(PCI_CAPABILITY_LIST, 1, MSIX_CAP)
+        # MSI-X: table size - 1, table and PBA offsets with the BAR in the low 3 bits
+        self._put(MSIX_CAP, 1, PCI_CAP_ID_MSIX)
+        self._put(MSIX_CAP + 1, 1, COMMON_CAP)
+        self._put(MSIX_CAP + 2, 2, nr_vectors - 1)
+        self._wm(MSIX_CAP + 2, 2, PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL)
+        self._put(MSIX_CAP + 4, 4, MSIX_TABLE | MSIX_BAR)
+        self._put(MSIX_CAP + 8, 4, MSIX_PBA | MSIX_BAR)
+        caps = [
+            (COMMON_CAP, VIRTIO_PCI_CAP_COMMON_CFG, COMMON_OFF, COMMON_CFG_SIZE, NOTIFY_CAP),
+            (NOTIFY_CAP, VIRTIO_PCI_CAP_NOTIFY_CFG, NOTIFY_OFF, REGION_SIZE, ISR_CAP),
+            (ISR_CAP, VIRTIO_PCI_CAP_ISR_CFG, ISR_OFF, 1, DEVICE_CAP),
+            (DEVICE_CAP, VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_OFF, REGION_SIZE, PCI_CFG_CAP),
+            (PCI_CFG_CAP, VIRTIO_PCI_CAP_PCI_CFG, 0, 0, 0),
+        ]
+        for at, cfg_type, offset, length, nxt in caps:
+            cap_len = VIRTIO_PCI_CAP.size + (
+                4 if cfg_type in (VIRTIO_PCI_CAP_NOTIFY_CFG, VIRTIO_PCI_CAP_PCI_CFG) else 0
+            )
+            bar = 0 if cfg_type == VIRTIO_PCI_CAP_PCI_CFG else VIRTIO_BAR
+            raw = VIRTIO_PCI_CAP.pack(PCI_CAP_ID_VNDR, nxt, cap_len, cfg_type, bar, 0, offset, length)
+            self.cfg[at : at + len(raw)] = raw
+        self._put(NOTIFY_CAP + VIRTIO_PCI_CAP.size, 4, NOTIFY_MULTIPLIER)
+        # The driver picks the window with bar, offset and length, then accesses pci_cfg_data.
+        self._wm(PCI_CFG_CAP + 4, 1, 0xFF)
+        self._wm(PCI_CFG_CAP + 8, 4, 0xFFFFFFFF)
+        self._wm(PCI_CFG_CAP + 12, 4, 0xFFFFFFFF)
+
+    @property
+    def msix_control(self) -> int:
+        return self._get(MSIX_CAP + 2, 2)
+
+    def _window(
+        self, addr: int, size: int
+    ) -> tuple[Callable[[int, int], int], Callable[[int, int, int], None], int, int] | None:
+        """An access to pci_cfg_data: the BAR's handlers, offset and length the driver chose,
+        or None when it is not one (4.1.4.9.1: lengths 1, 2, 4, aligned; a BAR of this function)."""
+        if addr != PCI_CFG_DATA:
+            return None
+        bar, offset, length = (
+            self._get(PCI_CFG_CAP + 4, 1),
+            self._get(PCI_CFG_CAP + 8, 4),
+            self._get(PCI_CFG_CAP + 12, 4),
+        )
+        target = self.bars[bar] if bar < 6 else None
+        if (
+            target is None
+            or length not in (1, 2, 4)
+            or size != length
+            or offset % length
+            or offset + length > target.size
+        ):
+            return None
+        region = target.device
+        return region.read, region.write, offset, length
+
+    def read(self, addr: int, size: int) -> int:
+        window = self._window(addr, size)
+        if window is not None:
+            return window[0](window[2], window[3])
+        return super().read(addr, size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        window = self._window(addr, size)
+        if window is not None:
+            window[1](window[2], window[3], value)
+            return
+        before = self.msix_control
+        super().write(addr, size, value)
+        if self.msix_control != before:
+            self.transport.msix_changed()
+
+
+class VirtioPci:
+    """The PCI transport for one ``VirtioDevice``; add ``.pci`` to an ``IoreqServer``
+    (``server.add_pci(transport.pci, slot=...)``).
+
+    ``memory()``: the guest RAM the rings live in (``server.dispatcher.memory``), None
+    before the server is up.  ``ram_limit``: when given, buffers must end below it.
+    ``indirect``/``event_idx``: offer VIRTIO_F_RING_INDIRECT_DESC / VIRTIO_F_RING_EVENT_IDX.
+    """
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        memory: Callable[[], GuestMemory | None],
+        *,
+        indirect: bool = True,
+        event_idx: bool = True,
+        ram_limit: int | None = None,
+        logger: logging.Logger = log,
+    ) -> None:
+        sizes = device.queue_sizes
+        if not 1 <= len(sizes) <= 0x400:
+            raise ValueError(f"queue_sizes={sizes!r}: a device has 1..1024 queues")
+        for i, n in enumerate(sizes):
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_QUEUE_SIZE or n & (n - 1):
+                raise ValueError(f"queue_sizes[{i}]={n!r}: must be a power of two in 1..{MAX_QUEUE_SIZE}")
+        if device.features >> 64 or device.features < 0:
+            raise ValueError(f"features={device.features:#x}: must fit 64 bits")
+        self.device = device
+        self.memory = memory
+        self.offered = (
+            device.features
+            | 1 << VIRTIO_F_VERSION_1
+            | (1 << VIRTIO_F_RING_INDIRECT_DESC if indirect else 0)
+            | (1 << VIRTIO_F_RING_EVENT_IDX if event_idx else 0)
+        )
+        self.queues = [Virtqueue(i, n) for i, n in enumerate(sizes)]
+        for vq in self.queues:
+            vq.ram_limit = ram_limit
+        self.nr_vectors = len(sizes) + 1
+        self.msix_table = bytearray(PCI_MSIX_ENTRY_SIZE * self.nr_vectors)
+        self.msix_pba = bytearray((self.nr_vectors + 63) // 64 * 8)
+        for v in range(self.nr_vectors):  # entries come up masked (PCI 3.0 6.8.2.9)
+            self.msix_table[v * PCI_MSIX_ENTRY_SIZE + 12] = PCI_MSIX_ENTRY_CTRL_MASKBIT
+        self.warn = RateLimitedLog(logger)
+        self.pci = VirtioPciFunction(self, device.device_type, self.nr_vectors)
+        self.needs_reset_reason: str | None = None  # why the device last went NEEDS_RESET
+        self.errors: list[str] = []  # the driver's errors (newest last, at most 16)
+        self.config_generation = 0
+        self._reset_state()
+        device.transport = self
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def _reset_state(self) -> None:
+        self.status = 0
+        self.negotiated = 0
+        self.driver_features = 0
+        self.device_feature_select = self.driver_feature_select = 0
+        self.queue_select = 0
+        self.config_msix_vector = VIRTIO_MSI_NO_VECTOR
+        self.isr = 0
+        self.needs_reset_reason = None
+        for vq in self.queues:
+            vq.reset()
+
+    def reset(self) -> None:
+        """The driver wrote 0 to device_status (2.4): back to the initial state, INTx low."""
+        self._reset_state()
+        self.pci.set_irq(False)
+        self.device.reset()
+
+    @property
+    def live(self) -> bool:
+        """DRIVER_OK set and no NEEDS_RESET: the device may use its queues."""
+        return self.status & (Status.DRIVER_OK | Status.NEEDS_RESET) == Status.DRIVER_OK
+
+    def driver_error(self, e: VirtqueueError | str, key: str = "") -> None:
+        """The driver broke a rule: log it (rate-limited by its key), remember it, set
+        DEVICE_NEEDS_RESET and tell the driver with a configuration-change interrupt."""
+        key = e.key if isinstance(e, VirtqueueError) else key
+        self.errors = [*self.errors[-15:], str(e)]
+        self.warn(logging.WARNING, key, "virtio %s: %s; device needs reset", type(self.device).__name__, e)
+        if self.status & Status.NEEDS_RESET:
+            return
+        self.status |= Status.NEEDS_RESET
+        self.needs_reset_reason = str(e)
+        self.config_changed(bump=False)
+
+    def _ignored(self, key: str, detail: str) -> None:
+        """An access the transport ignores (log only: the spec leaves the device's answer open)."""
+        self.errors = [*self.errors[-15:], f"{key}: {detail}"]
+        self.warn(logging.WARNING, key, "virtio %s: %s: %s", type(self.device).__name__, key, detail)
+
+    # --- interrupts ------------------------------------------------------------------------------
+
+    @property
+    def msix_enabled(self) -> bool:
+        return bool(self.pci.msix_control & PCI_MSIX_FLAGS_ENABLE)
+
+    def _masked(self, vector: int) -> bool:
+        ctrl = self.msix_table[vector * PCI_MSIX_ENTRY_SIZE + 12]
+        return bool(self.pci.msix_control & PCI_MSIX_FLAGS_MASKALL or ctrl & PCI_MSIX_ENTRY_CTRL_MASKBIT)
+
+    def _send_msix(self, vector: int) -> None:
+        entry = self.msix_table[vector * PCI_MSIX_ENTRY_SIZE : (vector + 1) * PCI_MSIX_ENTRY_SIZE]
+        addr = int.from_bytes(entry[0:8], "little")
+        data = int.from_bytes(entry[8:12], "little")
+        host = self.pci.host
+        if host is not None:
+            host.inject_msi(self.pci, addr, data)
+
+    def _signal(self, vector: int, isr_bit: int) -> None:
+        if self.msix_enabled:
+            if vector == VIRTIO_MSI_NO_VECTOR or vector >= self.nr_vectors:
+                return
+            if self._masked(vector):
+                self.msix_pba[vector // 8] |= 1 << (vector % 8)
+                return
+            self._send_msix(vector)
+        else:
+            self.isr |= isr_bit
+            self.pci.set_irq(True)
+
+    def msix_changed(self) -> None:
+        """MSI-X was enabled, unmasked or masked: send what waits in the PBA and is now unmasked."""
+        if not self.msix_enabled:
+            return
+        for vector in range(self.nr_vectors):
+            if self.msix_pba[vector // 8] >> (vector % 8) & 1 and not self._masked(vector):
+                self.msix_pba[vector // 8] &= ~(1 << (vector % 8))
+                self._send_msix(vector)
+
+    def interrupt(self, vq: Virtqueue) -> None:
+        """Tell the driver about ``vq``'s used buffers, if it wants to hear (its flags or used_event)."""
+        memory = self.memory()
+        if memory is None:
+            return
+        try:
+            if vq.needs_interrupt(memory):
+                self._signal(vq.msix_vector, ISR_QUEUE)
+        except VirtqueueError as e:
+            self.driver_error(e)
+
+    def config_changed(self, *, bump: bool = True) -> None:
+        """The device configuration changed (or NEEDS_RESET was set): new generation, config interrupt."""
+        if bump:
+            self.config_generation = (self.config_generation + 1) & 0xFF
+        if self.status & Status.DRIVER_OK or self.status & Status.NEEDS_RESET:
+            self._signal(self.config_msix_vector, ISR_CONFIG)
+
+    # --- running queues ------------------------------------------------------------------------------
+
+    def kick(self, index: int) -> None:
+        """Serve queue ``index`` now (its notification, or host-side data for it), then interrupt
+        as the driver asked.  Nothing happens before DRIVER_OK, after NEEDS_RESET or on a disabled queue."""
+        if not 0 <= index < len(self.queues):
+            self._ignored("notify-bad-queue", f"queue {index} of {len(self.queues)}")
+            return
+        vq = self.queues[index]
+        if not self.live or not vq.enabled:
+            return
+        if self.memory() is None:
+            self._ignored("no-memory", "no guest memory mapping yet")
+            return
+        try:
+            self.device.queue_notify(vq)
+        except VirtqueueError as e:
+            self.driver_error(e)
+            return
+        self.interrupt(vq)
+
+    # --- BAR 4: the virtio structures ----------------------------------------------------------------
+
+    def bar_read(self, addr: int, size: int) -> int:
+        if COMMON_OFF <= addr < COMMON_OFF + REGION_SIZE:
+            return self._common_read(addr - COMMON_OFF, size)
+        if ISR_OFF <= addr < ISR_OFF + REGION_SIZE:
+            if addr != ISR_OFF or size != 1:
+                self._ignored("bad-isr-access", f"{size}-byte read at ISR+{addr - ISR_OFF:#x}")
+                return 0
+            isr, self.isr = self.isr, 0
+            self.pci.set_irq(False)
+            return isr
+        if DEVICE_OFF <= addr < DEVICE_OFF + REGION_SIZE:
+            off = addr - DEVICE_OFF
+            raw = self.device.config()
+            return int.from_bytes(raw[off : off + size].ljust(size, b"\0"), "little")
+        return 0  # notify region: write-only
+
+    def bar_write(self, addr: int, size: int, value: int) -> None:
+        if COMMON_OFF <= addr < COMMON_OFF + REGION_SIZE:
+            self._common_write(addr - COMMON_OFF, size, value)
+        elif DEVICE_OFF <= addr < DEVICE_OFF + REGION_SIZE:
+            self.device.write_config(addr - DEVICE_OFF, size, value)
+        elif NOTIFY_OFF <= addr < NOTIFY_OFF + REGION_SIZE:
+            off = addr - NOTIFY_OFF
+            if off % NOTIFY_MULTIPLIER:
+                self._ignored("bad-notify", f"{size}-byte write at notify+{off:#x}")
+                return
+            self.kick(off // NOTIFY_MULTIPLIER)
+        else:
+            self._ignored("bad-isr-access", f"{size}-byte write at ISR+{addr - ISR_OFF:#x}")
+
+    @property
+    def _vq(self) -> Virtqueue | None:
+        return self.queues[self.queue_select] if self.queue_select < len(self.queues) else None
+
+    def _common_read(self, off: int, size: int) -> int:
+        vq = self._vq
+        if size == 4 and off in (COMMON_DFSELECT, COMMON_DF, COMMON_GFSELECT, COMMON_GF):
+            if off == COMMON_DFSELECT:
+                return self.device_feature_select
+            if off == COMMON_DF:
+                sel = self.device_feature_select
+                return self.offered >> (32 * sel) & _U32 if sel < 2 else 0
+            if off == COMMON_GFSELECT:
+                return self.driver_feature_select
+            sel = self.driver_feature_select
+            return self.driver_features >> (32 * sel) & _U32 if sel < 2 else 0
+        if size == 1 and off == COMMON_STATUS:
+            return self.status
+        if size == 1 and off == COMMON_CFGGENERATION:
+            return self.config_generation
+        if size == 2 and off in _COMMON16:
+            if off == COMMON_MSIX:
+                return self.config_msix_vector
+            if off == COMMON_NUMQ:
+                return len(self.queues)
+            if off == COMMON_Q_SELECT:
+                return self.queue_select
+            if vq is None:  # 4.1.4.3.2: a queue that is not there reads size 0
+                return 0
+            return {
+                COMMON_Q_SIZE: vq.size,
+                COMMON_Q_MSIX: vq.msix_vector,
+                COMMON_Q_ENABLE: int(vq.enabled),
+                COMMON_Q_NOFF: vq.index,
+                COMMON_Q_NDATA: vq.index,
+                COMMON_Q_RESET: 0,
+            }[off]
+        for lo, name in _QUEUE_ADDRS.items():
+            if vq is not None and ((size == 8 and off == lo) or (size == 4 and off in (lo, lo + 4))):
+                value: int = getattr(vq, name)
+                return value if size == 8 else value >> (8 * (off - lo)) & _U32
+        self._ignored("bad-common-access", f"{size}-byte read at common+{off:#x}")
+        return 0
+
+    def _common_write(self, off: int, size: int, value: int) -> None:
+        vq = self._vq
+        if size == 4 and off == COMMON_DFSELECT:
+            self.device_feature_select = value
+        elif size == 4 and off == COMMON_GFSELECT:
+            self.driver_feature_select = value
+        elif size == 4 and off == COMMON_GF:
+            sel = self.driver_feature_select
+            if self.status & Status.FEATURES_OK:
+                self._ignored("features-after-ok", f"driver_feature[{sel}]={value:#x} after FEATURES_OK")
+            elif sel < 2:
+                mask = _U32 << (32 * sel)
+                self.driver_features = self.driver_features & ~mask | (value & _U32) << (32 * sel)
+        elif size == 1 and off == COMMON_STATUS:
+            self._write_status(value)
+        elif size == 2 and off == COMMON_MSIX:
+            self.config_msix_vector = value if value < self.nr_vectors else VIRTIO_MSI_NO_VECTOR
+        elif size == 2 and off == COMMON_Q_SELECT:
+            self.queue_select = value
+        elif size == 2 and off in (COMMON_Q_SIZE, COMMON_Q_MSIX, COMMON_Q_ENABLE) and vq is not None:
+            self._write_queue16(vq, off, value)
+        elif size == 2 and off in _COMMON16 and vq is None:
+            self._ignored("no-such-queue", f"queue_select {self.queue_select} of {len(self.queues)}")
+        elif vq is not None and any(
+            (size == 8 and off == lo) or (size == 4 and off in (lo, lo + 4)) for lo in _QUEUE_ADDRS
+        ):
+            lo = off & ~7
+            name = _QUEUE_ADDRS[lo]
+            if vq.enabled:
+                self._ignored("queue-enabled", f"queue {vq.index} {name} written while enabled")
+                return
+            old: int = getattr(vq, name)
+            if size == 8:
+                new = value
+            else:
+                shift = 8 * (off - lo)
+                new = old & ~(_U32 << shift) | (value & _U32) << shift
+            setattr(vq, name, new)
+        else:
+            self._ignored("bad-common-access", f"{size}-byte write of {value:#x} at common+{off:#x}")
+
+    def _write_queue16(self, vq: Virtqueue, off: int, value: int) -> None:
+        if off == COMMON_Q_MSIX:
+            vq.msix_vector = value if value < self.nr_vectors else VIRTIO_MSI_NO_VECTOR
+            return
+        if vq.enabled:
+            self._ignored("queue-enabled", f"queue {vq.index} register {off:#x} written while enabled")
+            return
+        if off == COMMON_Q_SIZE:
+            vq.size = value  # checked when the queue is enabled
+        elif value == 1:
+            self._enable_queue(vq)
+        else:
+            self._ignored("queue-disable", f"queue {vq.index}: queue_enable={value} (only 1 may be written)")
+
+    def _enable_queue(self, vq: Virtqueue) -> None:
+        n = vq.size
+        if not 1 <= n <= vq.max_size or n & (n - 1):
+            self.driver_error(f"queue {vq.index}: size {n} is not a power of two in 1..{vq.max_size}", "bad-queue-size")
+            return
+        for name, align, length in (
+            ("desc", DESC_ALIGN, desc_table_size(n)),
+            ("avail", AVAIL_ALIGN, avail_size(n)),
+            ("used", USED_ALIGN, used_size(n)),
+        ):
+            addr: int = getattr(vq, name)
+            if addr % align or addr + length > 1 << 64 or (vq.ram_limit is not None and addr + length > vq.ram_limit):
+                self.driver_error(
+                    f"queue {vq.index}: {name} area at {addr:#x} (+{length:#x}, align {align})", "bad-ring"
+                )
+                return
+        vq.indirect = bool(self.negotiated >> VIRTIO_F_RING_INDIRECT_DESC & 1)
+        vq.event_idx = bool(self.negotiated >> VIRTIO_F_RING_EVENT_IDX & 1)
+        vq.enabled = True
+
+    def _write_status(self, value: int) -> None:
+        value &= 0xFF
+        if value == 0:
+            self.reset()
+            return
+        old = self.status
+        new = value & ~Status.NEEDS_RESET | old & Status.NEEDS_RESET  # NEEDS_RESET is the device's bit
+        if new & Status.FEATURES_OK and not old & Status.FEATURES_OK:
+            unknown = self.driver_features & ~self.offered
+            if unknown or not self.driver_features >> VIRTIO_F_VERSION_1 & 1:
+                why = f"unoffered {unknown:#x}" if unknown else "no VIRTIO_F_VERSION_1"
+                self._ignored("features-refused", f"driver features {self.driver_features:#x}: {why}")
+                new &= ~Status.FEATURES_OK  # 3.1.1: the driver reads FEATURES_OK back and fails
+            else:
+                self.negotiated = self.driver_features
+        if new & Status.DRIVER_OK and not new & Status.FEATURES_OK:
+            self._ignored("driver-ok-early", f"status {value:#x}: DRIVER_OK without FEATURES_OK")
+            new &= ~Status.DRIVER_OK
+        self.status = new
+        if new & Status.DRIVER_OK and not old & Status.DRIVER_OK:
+            self.device.activate()
+            for vq in self.queues:  # buffers made available before DRIVER_OK are served now
+                self.kick(vq.index)
+
+    # --- BAR 1: MSI-X table and PBA -----------------------------------------------------------------
+
+    def msix_read(self, addr: int, size: int) -> int:
+        if size not in (4, 8) or addr % size:
+            self._ignored("bad-msix-access", f"{size}-byte read at MSI-X BAR+{addr:#x}")
+            return 0
+        if MSIX_TABLE <= addr < MSIX_TABLE + len(self.msix_table):
+            return int.from_bytes(self.msix_table[addr : addr + size], "little")
+        off = addr - MSIX_PBA
+        if 0 <= off < len(self.msix_pba):
+            return int.from_bytes(self.msix_pba[off : off + size], "little")
+        return 0
+
+    def msix_write(self, addr: int, size: int, value: int) -> None:
+        if size not in (4, 8) or addr % size or not MSIX_TABLE <= addr < MSIX_TABLE + len(self.msix_table):
+            self._ignored("bad-msix-access", f"{size}-byte write at MSI-X BAR+{addr:#x}")
+            return
+        for i in range(size // 4):
+            word = addr + 4 * i
+            part = value >> (32 * i) & _U32
+            if word % PCI_MSIX_ENTRY_SIZE == 12:
+                part &= PCI_MSIX_ENTRY_CTRL_MASKBIT
+            self.msix_table[word : word + 4] = part.to_bytes(4, "little")
+        self.msix_changed()

@@ -1,0 +1,317 @@
+"""Split virtqueues (virtio 1.x, 2.7) read and written in guest RAM.
+
+The driver (the guest) is untrusted.  Everything read from its rings is checked before
+it is used, and each check fails with ``VirtqueueError`` whose ``key`` is a fixed
+string (so a log keyed by it stays small whatever the guest does):
+
+====================== =====================================================================
+key                    what the driver did
+====================== =====================================================================
+avail-index-jump       moved the available index by more than the queue size
+bad-head               put a descriptor index >= queue size in the available ring
+bad-next               chained to a descriptor index >= queue size (or past an indirect table)
+chain-too-long         made a chain longer than the queue (a loop ends here too)
+indirect-off           used an indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC
+indirect-with-next     set INDIRECT and NEXT on one descriptor
+nested-indirect        put an indirect descriptor inside an indirect table
+bad-indirect-len       gave an indirect table of 0 bytes, not a multiple of 16, or too long
+readable-after-write   put a device-readable descriptor after a device-writable one
+bad-address            gave a buffer that wraps past 2**64 or ends above guest RAM
+guest-memory           gave a ring or buffer address that is not its RAM
+no-writable-room       gave a chain with less device-writable room than the request needs
+short-request          gave a chain with fewer device-readable bytes than the request needs
+====================== =====================================================================
+
+Work per chain is bounded by the queue size (``chain-too-long``) and per notification by
+what the driver made available (``avail-index-jump``); buffers are never gathered whole
+unless the device asks for at most so many bytes (``Chain.read``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from ..runtime.dispatch import GuestMemory, GuestMemoryError
+from .spec import (
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_ELEM,
+    need_event,
+)
+
+__all__ = ["MAX_INDIRECT", "Chain", "Virtqueue", "VirtqueueError"]
+
+#: the most entries an indirect table may hold (Linux's vhost allows UIO_MAXIOV = 1024 too)
+MAX_INDIRECT = 1024
+_U64 = 1 << 64
+
+
+class VirtqueueError(Exception):
+    """The driver broke a rule of the split virtqueue: ``key`` says which (fixed strings, see
+    the module's table), the message names the queue and the offending values."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        super().__init__(f"{key}: {detail}")
+        self.key = key
+
+
+def _mem_error(what: str, e: GuestMemoryError) -> VirtqueueError:
+    return VirtqueueError("guest-memory", f"{what}: {e}")
+
+
+@dataclass
+class Chain:
+    """One descriptor chain the driver made available: device-readable segments, then
+    device-writable ones, each ``(guest address, length)``.
+
+    ``read``/``write`` move bytes through the guest memory the chain was found in;
+    ``written`` is what the device wrote so far (it goes into the used ring)."""
+
+    head: int
+    readable: list[tuple[int, int]]
+    writable: list[tuple[int, int]]
+    memory: GuestMemory
+    written: int = 0
+    _read_pos: int = field(default=0, repr=False)
+
+    @property
+    def readable_len(self) -> int:
+        return sum(n for _, n in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(n for _, n in self.writable)
+
+    def read(self, max_bytes: int) -> bytes:
+        """The next at most ``max_bytes`` device-readable bytes (fewer at the chain's end)."""
+        out = bytearray()
+        pos = self._read_pos
+        for addr, n in self.readable:
+            if pos >= n:
+                pos -= n
+                continue
+            take = min(n - pos, max_bytes - len(out))
+            if take <= 0:
+                break
+            try:
+                out += self.memory.read(addr + pos, take)
+            except GuestMemoryError as e:
+                raise _mem_error(f"buffer {addr:#x}+{n:#x} of chain {self.head}", e) from None
+            pos = 0
+        self._read_pos += len(out)
+        return bytes(out)
+
+    def read_exact(self, n: int, what: str) -> bytes:
+        """Exactly ``n`` readable bytes, or ``VirtqueueError('short-request')`` naming ``what``."""
+        data = self.read(n)
+        if len(data) != n:
+            raise VirtqueueError("short-request", f"chain {self.head}: {what} needs {n} bytes, has {len(data)}")
+        return data
+
+    def iter_read(self, chunk: int = 65536) -> Iterator[bytes]:
+        """The rest of the readable bytes, ``chunk`` at a time (memory stays bounded)."""
+        while True:
+            data = self.read(chunk)
+            if not data:
+                return
+            yield data
+
+    def write(self, data: bytes) -> int:
+        """Append ``data`` to the device-writable segments; ``VirtqueueError('no-writable-room')``
+        (nothing written) when it does not fit.  Returns ``len(data)``."""
+        room = self.writable_len - self.written
+        if len(data) > room:
+            raise VirtqueueError(
+                "no-writable-room", f"chain {self.head}: {len(data)} bytes to write, {room} device-writable left"
+            )
+        pos, done = self.written, 0
+        for addr, n in self.writable:
+            if done == len(data):
+                break
+            if pos >= n:
+                pos -= n
+                continue
+            take = min(n - pos, len(data) - done)
+            try:
+                self.memory.write(addr + pos, data[done : done + take])
+            except GuestMemoryError as e:
+                raise _mem_error(f"buffer {addr:#x}+{n:#x} of chain {self.head}", e) from None
+            done += take
+            pos = 0
+        self.written += done
+        return done
+
+    def skip_writable(self, n: int) -> None:
+        """Leave ``n`` writable bytes as they are (counted as written: a device's reserved header)."""
+        room = self.writable_len - self.written
+        if n > room:
+            raise VirtqueueError("no-writable-room", f"chain {self.head}: skip {n}, {room} left")
+        self.written += n
+
+
+class Virtqueue:
+    """One split virtqueue: what the driver programmed through the transport, and the
+    device's indices.  ``index``: its number; ``max_size``: the largest size offered."""
+
+    def __init__(self, index: int, max_size: int) -> None:
+        self.index = index
+        self.max_size = max_size
+        self.ram_limit: int | None = None  # when known, buffers must end below it
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.msix_vector = 0xFFFF
+        self.enabled = False
+        self.desc = self.avail = self.used = 0
+        self.indirect = False
+        self.event_idx = False
+        self.last_avail = 0  # the next available-ring entry to take
+        self._avail_shadow = 0  # the driver's available index as last read
+        self.used_idx = 0
+        self.signalled = 0  # used index at the last notification (VIRTIO_F_EVENT_IDX)
+
+    # --- reading the driver's rings ------------------------------------------------------------
+
+    def _u16(self, memory: GuestMemory, gpa: int, what: str) -> int:
+        try:
+            return int.from_bytes(memory.read(gpa, 2), "little")
+        except GuestMemoryError as e:
+            raise _mem_error(f"queue {self.index} {what} at {gpa:#x}", e) from None
+
+    def pending(self, memory: GuestMemory) -> int:
+        """How many chains the driver has made available and the device not yet taken."""
+        if self.last_avail == self._avail_shadow:
+            idx = self._u16(memory, self.avail + 2, "avail idx")
+            n = (idx - self.last_avail) & 0xFFFF
+            if n > self.size:
+                raise VirtqueueError(
+                    "avail-index-jump",
+                    f"queue {self.index}: avail idx {idx} is {n} past {self.last_avail} (size {self.size})",
+                )
+            self._avail_shadow = idx
+        return (self._avail_shadow - self.last_avail) & 0xFFFF
+
+    def pop(self, memory: GuestMemory) -> Chain | None:
+        """The next available chain, walked and checked, or None when there is none."""
+        if not self.pending(memory):
+            return None
+        slot = self.avail + 4 + 2 * (self.last_avail % self.size)
+        head = self._u16(memory, slot, "avail ring")
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if head >= self.size:
+            raise VirtqueueError("bad-head", f"queue {self.index}: head {head} >= size {self.size}")
+        return self._walk(memory, head)
+
+    def chains(self, memory: GuestMemory) -> Iterator[Chain]:
+        """Every available chain, in order; then, with VIRTIO_F_EVENT_IDX, ``avail_event`` set
+        to ask for a notification at the next one."""
+        while True:
+            while (chain := self.pop(memory)) is not None:
+                yield chain
+            # A chain made available after the last look but before avail_event was written
+            # got no notification: look once more after writing it (as vhost does).
+            if not self.arm(memory):
+                return
+
+    def arm(self, memory: GuestMemory) -> bool:
+        """With VIRTIO_F_EVENT_IDX, ask the driver to notify when it makes the next chain
+        available (``avail_event``); a device that stops taking chains early calls it too.
+        True when chains became available meanwhile (the driver will not notify for them)."""
+        if not self.event_idx:
+            return False
+        self._put(memory, self.used + 4 + 8 * self.size, self.last_avail.to_bytes(2, "little"), "avail_event")
+        return bool(self.pending(memory))
+
+    def _desc(self, memory: GuestMemory, gpa: int) -> tuple[int, int, int, int]:
+        try:
+            raw = memory.read(gpa, VIRTQ_DESC.size)
+        except GuestMemoryError as e:
+            raise _mem_error(f"queue {self.index} descriptor at {gpa:#x}", e) from None
+        addr, length, flags, nxt = VIRTQ_DESC.unpack(raw)
+        return addr, length, flags, nxt
+
+    def _walk(self, memory: GuestMemory, head: int) -> Chain:
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        table, limit = self.desc, self.size  # the descriptor table being walked and its length
+        indirect = False
+        i, count = head, 0
+        budget = self.size  # direct descriptors; an indirect table brings its own (<= MAX_INDIRECT)
+        q = self.index
+        while True:
+            count += 1
+            if count > budget:
+                raise VirtqueueError("chain-too-long", f"queue {q}: chain at head {head} exceeds {budget} descriptors")
+            addr, length, flags, nxt = self._desc(memory, table + 16 * i)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if indirect:
+                    raise VirtqueueError("nested-indirect", f"queue {q}: indirect descriptor in an indirect table")
+                if not self.indirect:
+                    raise VirtqueueError("indirect-off", f"queue {q}: indirect descriptor {i} not negotiated")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise VirtqueueError("indirect-with-next", f"queue {q}: descriptor {i} has INDIRECT and NEXT")
+                n = length // 16
+                if length == 0 or length % 16 or n > MAX_INDIRECT:
+                    raise VirtqueueError("bad-indirect-len", f"queue {q}: indirect table of {length} bytes")
+                self._check_range(addr, length, head)
+                table, limit, indirect, i, count, budget = addr, n, True, 0, 0, n
+                continue
+            self._check_range(addr, length, head)
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.append((addr, length))
+            elif writable:
+                raise VirtqueueError("readable-after-write", f"queue {q}: chain at head {head}, descriptor {i}")
+            else:
+                readable.append((addr, length))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return Chain(head, readable, writable, memory)
+            if nxt >= limit:
+                raise VirtqueueError("bad-next", f"queue {q}: descriptor {i} chains to {nxt} (table of {limit})")
+            i = nxt
+
+    def _check_range(self, addr: int, length: int, head: int) -> None:
+        end = addr + length
+        if end > _U64 or (self.ram_limit is not None and end > self.ram_limit):
+            raise VirtqueueError(
+                "bad-address", f"queue {self.index}: chain at head {head}: buffer {addr:#x}+{length:#x}"
+            )
+
+    # --- the used ring -------------------------------------------------------------------------------
+
+    def _put(self, memory: GuestMemory, gpa: int, data: bytes, what: str) -> None:
+        try:
+            memory.write(gpa, data)
+        except GuestMemoryError as e:
+            raise _mem_error(f"queue {self.index} {what} at {gpa:#x}", e) from None
+
+    def push(self, memory: GuestMemory, head: int, written: int) -> None:
+        """Return chain ``head`` to the driver with ``written`` bytes written."""
+        slot = self.used + 4 + 8 * (self.used_idx % self.size)
+        self._put(memory, slot, VIRTQ_USED_ELEM.pack(head, written & 0xFFFFFFFF), "used ring")
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self._put(memory, self.used + 2, self.used_idx.to_bytes(2, "little"), "used idx")
+
+    def needs_interrupt(self, memory: GuestMemory) -> bool:
+        """Whether the driver wants to hear about the chains used since the last notification."""
+        old, new = self.signalled, self.used_idx
+        if old == new:
+            return False
+        self.signalled = new
+        if self.event_idx:
+            used_event = self._u16(memory, self.avail + 4 + 2 * self.size, "used_event")
+            return need_event(used_event, new, old)
+        return not self._u16(memory, self.avail, "avail flags") & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def process(self, memory: GuestMemory, handle: Callable[[Chain], int]) -> int:
+        """Run ``handle(chain)`` on each available chain and push it with what it returns
+        (bytes written); returns how many chains were used."""
+        n = 0
+        for chain in self.chains(memory):
+            self.push(memory, chain.head, handle(chain))
+            n += 1
+        return n
