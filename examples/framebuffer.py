@@ -39,8 +39,9 @@ Run it:
                                                       # domain 1 of a mock host process
 
 With ``--domid`` the PNG is rewritten every ``--interval`` seconds when pages changed
-(0: only on FLUSH) and on every FLUSH; with ``--depriv`` the output directory, opened
-before the privileges drop, must be writable by that user, and the snapshot must stay
+(0: only on FLUSH) and on every FLUSH, replaced atomically (a temporary file and a rename);
+with ``--depriv`` the output file is opened before the privileges drop and rewritten in
+place (an open directory would let the process out of its chroot), and the snapshot must stay
 under the deprivileged file-size limit (256 KiB; a failed write is logged, the
 display keeps running).  Once the server is up ``framebuffer: framebuffer for domN on
 ports 0x1ce/0x1cf; Ctrl-C to stop`` goes to stderr.  Ctrl-C or SIGTERM destroys the
@@ -162,14 +163,29 @@ def encode_png(width: int, height: int, rgb: bytes | bytearray | memoryview) -> 
 
 
 class PngFile:
-    """Writes snapshots to ``path`` atomically (temporary file + rename) through a directory
-    fd opened now, so it keeps working after a chroot."""
+    """Writes snapshots to ``path``.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    By default atomically (a temporary file, then a rename) through a directory fd opened
+    now.  ``in_place`` (what ``--depriv`` uses) instead opens the file itself now and
+    rewrites it in place (write, then truncate to the new length): a directory fd kept
+    across a chroot would let the deprivileged process ``fchdir`` out of it (``xendmop
+    depriv-check`` fails such a process), while an fd on a regular file reaches only that
+    file.  A reader may then see a snapshot being rewritten; read it between FLUSHes."""
+
+    def __init__(self, path: str | os.PathLike[str], *, in_place: bool = False) -> None:
         self.path = Path(path)
-        self._dir = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.in_place = in_place
+        self._dir = self._file = -1
+        if in_place:
+            self._file = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        else:
+            self._dir = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def __call__(self, png: bytes) -> None:
+        if self.in_place:
+            os.pwrite(self._file, png, 0)
+            os.ftruncate(self._file, len(png))
+            return
         tmp = f".{self.path.name}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644, dir_fd=self._dir)
         try:
@@ -179,9 +195,10 @@ class PngFile:
         os.replace(tmp, self.path.name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
 
     def close(self) -> None:
-        if self._dir >= 0:
-            os.close(self._dir)
-            self._dir = -1
+        for fd in (self._dir, self._file):
+            if fd >= 0:
+                os.close(fd)
+        self._dir = self._file = -1
 
 
 # --- the timer the serve loop watches -------------------------------------------------------------
@@ -561,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.interval != 0 and not 0.001 <= args.interval <= 3600:
         p.error(f"--interval {args.interval}: must be 0 (FLUSH only) or 0.001..3600 seconds")
     try:
-        png = PngFile(args.output)
+        png = PngFile(args.output, in_place=args.depriv is not None)
     except OSError as e:
         p.error(f"--output {args.output!r}: {e.strerror}")
     with contextlib.closing(png):

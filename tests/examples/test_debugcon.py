@@ -1,5 +1,5 @@
-"""examples/debugcon.py: the debug console (port 0x402 by default, any but Xen's 0xE9) on the mock, and as a program serving a mock host
-process's domain until a signal (plain and deprivileged)."""
+"""examples/debugcon.py: the debug console (port 0x402 by default, any but Xen's 0xE9) on the
+mock, and as a program serving a mock host process's domain until a signal (plain and deprivileged)."""
 
 from __future__ import annotations
 

@@ -107,6 +107,19 @@ def test_png_file_replaces_atomically(tmp_path: Path) -> None:
     assert (tmp_path / "shot.png").read_bytes() == b"second"
 
 
+def test_png_file_in_place_rewrites_the_file_it_opened_and_holds_no_directory(tmp_path: Path) -> None:
+    sink = fbmod["PngFile"](tmp_path / "shot.png", in_place=True)
+    try:
+        sink(b"a longer first snapshot")
+        sink(b"second")  # shorter: the file is truncated to it
+        held = [os.readlink(fd) for fd in Path("/proc/self/fd").iterdir() if os.path.exists(fd)]
+        assert str(tmp_path) not in held and str(tmp_path / "shot.png") in held
+    finally:
+        sink.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shot.png"]
+    assert (tmp_path / "shot.png").read_bytes() == b"second"
+
+
 def test_periodic_timer_is_a_real_fd() -> None:
     slow, fast = fbmod["PeriodicTimer"](5), fbmod["PeriodicTimer"](0.01)
     try:
@@ -310,8 +323,7 @@ def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process:
 
     shots = tmp_path / "shots"
     shots.mkdir()
-    shots.chmod(0o777)  # reached through a directory fd opened before the drop: no path lookups after it
-    png = shots / "fb.png"
+    png = shots / "fb.png"  # opened before the drop, rewritten in place: no path lookups after it
     with deprivileged(
         SCRIPT, mock_host_process, "--interval", "0", "--output", str(png), ready="deprivileged to uid 65534"
     ) as proc:
@@ -319,13 +331,17 @@ def test_deprivileged_device_model_serves_a_mock_host_process(mock_host_process:
             report = fbmod["guest_script"](RemoteGuest(remote, 1), lambda: remote.snapshot(1))
             assert report.pages_read == [report.nr_pages, square_pages(), 0, 1]
             assert report.tracking_after_disable is None
+            held = [os.readlink(fd) for fd in Path(f"/proc/{proc.pid}/fd").iterdir()]
+            # A directory fd would let the process fchdir out of its chroot (depriv-check fails it).
+            assert not [path for path in held if os.path.isdir(path)], held
+            assert str(png) in held
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=30)
             assert proc.returncode == 0, err
             assert remote.servers(1) == {}
     width, height = fbmod["MODE"]
     assert decode_png(png.read_bytes()) == (width, height, fbmod["expected_image"]())
-    assert png.stat().st_uid == 65534  # written after the privileges dropped
+    assert sorted(p.name for p in shots.iterdir()) == ["fb.png"]  # in place: no temporary file
 
 
 def detected(guest: Any) -> bool:
