@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import xenlab
@@ -20,6 +21,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason=xenlab.skip_reason())
     for item in items:
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def hvm_initramfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Linux HVM test guest's initramfs (hvmguest.build_initramfs), built once per session."""
+    import hvmguest
+
+    return hvmguest.build_initramfs(tmp_path_factory.mktemp("initramfs"))
 
 
 @pytest.fixture
