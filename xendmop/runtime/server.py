@@ -206,7 +206,10 @@ class IoreqServer:
         try:
             self._start()
         except BaseException:
-            self.close()
+            if self.takeover is not None:
+                self.detach()  # not ours to destroy: another attempt (or device model) may take it
+            else:
+                self.close()
             raise
         if self._drop is not None:
             self._deprivilege(self._drop)
