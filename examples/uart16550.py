@@ -40,6 +40,31 @@ set (``xendmop mock-host --socket PATH``), ``--domid N`` serves that host's doma
 (a PV one refuses the DMOPs, the mock has no PVH); the in-process mock lives in this
 very process, which cannot drop its privileges.
 
+A crash does not take the guest down (``--state-dir [DIR]``, default ``/run/xendmop``, with
+``--domid N``).  How to use it:
+
+    python examples/uart16550.py --domid 5 --state-dir      # serves; keeps dom5-uart16550.state
+    kill -9 <pid>                                            # the guest's vCPU waits, its server stays
+    python examples/uart16550.py --domid 5 --state-dir      # "taking over ioreq server 0 ...": it goes on
+
+The file holds the ioreq server's id (recorded as soon as Xen gives it) and, after every
+access, every register, both FIFOs and the IRQ line's level (``STATE_LAYOUT``), stored in
+place in a mapped file (about 1 us per access, no syscall) and double-buffered, so a kill in
+the middle of a store leaves the previous state whole.  Started again, the device model takes
+the server over if Xen still has it (``xendmop.runtime.restart``), answers the access a vCPU
+was waiting on, sends what the transmitter held, and the guest's 8250 driver finds the UART as
+it left it, its THRE interrupts still coming.  Guaranteed: nothing the guest was told was sent
+is lost — a byte written to THR is reported sent (LSR THRE/TEMT, the THRE interrupt) only once
+it was handed to the output and then removed from the FIFO by a store, one byte at a time, so
+a kill between the two repeats that one byte, never more.  An access the dead device model had
+taken but not answered is carried out again: a THR write caught so is also repeated (one
+byte), an RBR read so caught loses the character it had popped.  Typed input not yet in the
+receive FIFO was in the dead process and is gone.  A clean stop (SIGINT, SIGTERM) destroys the
+server and removes the file (empties it, when a --chroot or --depriv makes it unreachable); a
+record whose server or domain is gone is replaced, said in one line; a second device model for
+the same domain is refused while the first one runs (the file's lock).  Works with --depriv and
+--chroot: the file is opened before the privilege drop.
+
 A simplification: time passes between two guest accesses.  The transmitter sends
 what the TX FIFO holds before any access other than a THR write (and when the serve
 loop gets to it), and the 4-character-time receive timeout has always run out when

@@ -288,7 +288,7 @@ def test_state_dir_is_refused_on_the_in_process_mock() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
-def test_a_deprivileged_device_model_restarts_deprivileged(
+def test_a_deprivileged_device_model_restarts_deprivileged_and_chrooted(
     mock_host_process: str, remote: Any, tmp_path: Path, firmware: Any
 ) -> None:
     state_dir, output = tmp_path / "state", tmp_path / "com1.out"
@@ -299,12 +299,15 @@ def test_a_deprivileged_device_model_restarts_deprivileged(
     firmware.outb(SCR, 0x99)
     firmware.puts(b"before ")
     first.kill()
-    second = DeviceModelProcess(mock_host_process, state_dir, output, *depriv)
+    jail = tmp_path / "jail"
+    jail.mkdir(mode=0o755)
+    second = DeviceModelProcess(mock_host_process, state_dir, output, *depriv, "--chroot", str(jail))
     assert "taking over" in second.said and "deprivileged to uid 65534" in second.said
+    assert os.readlink(f"/proc/{second.proc.pid}/root") == str(jail)
     assert firmware.inb(SCR) == 0x99
     firmware.puts(b"after")
     assert output.read_bytes() == b"before after"
-    second.stop()  # deprivileged: the file cannot be unlinked, its record is emptied instead
+    second.stop()  # chrooted: the file cannot be unlinked, its record is emptied instead
     assert remote.servers(1) == {}
     third = DeviceModelProcess(mock_host_process, state_dir, output)
     assert "taking over" not in third.said and "starting afresh" not in third.said
