@@ -212,3 +212,15 @@ def test_resume_slot_by_state(state: int, notify: bool, calls: int) -> None:
     assert after.state == (STATE_IORESP_READY if state != STATE_IOREQ_NONE else STATE_IOREQ_NONE)
     if calls:
         assert after.data == 0x44
+
+
+def test_a_predecessor_killed_before_registering_its_ranges_leaves_nothing_missing(
+    dm: DeviceModel, host: MockXen, domid: int
+) -> None:
+    a = IoreqServer(dm, domid, opener=host.open_device).start()  # killed before any add_port_range
+    sid = a.id
+    a.detach()
+    assert host.domain(domid).server(sid)["ranges"][0] == ()  # type: ignore[index]
+    with new(dm, host, domid, Recorder({0: 0x77}), takeover=sid) as b, ServeThread(b):
+        assert SimGuest(host, domid, timeout=5).inb(PORT) == 0x77
+        assert host.domain(domid).server(sid)["ranges"][0] == ((PORT, PORT + 7),)  # type: ignore[index]

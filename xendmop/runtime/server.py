@@ -35,9 +35,12 @@ rests on, on Xen and Linux:
   (``wait_for_io`` in xen/common/ioreq.c only reads it), and an answer + notify
   releases the vCPU as any other.
 
-Ranges added before ``start()`` are taken as those the previous device model registered
-(the DMOPs cannot read Xen's rangesets back); the ioreq server stays enabled throughout
-(``set_ioreq_server_state`` is issued again, a no-op in Xen for an enabled server).
+Ranges added before ``start()`` are registered again, one refused with EEXIST (already in
+the server's rangeset) counting as registered: so a predecessor killed half-way through its
+bring-up leaves nothing missing.  The DMOPs cannot read Xen's rangesets back, so a range the
+previous device model registered and this one does not add stays routed to the server.  The
+server stays enabled throughout (``set_ioreq_server_state`` is issued again, a no-op in Xen
+for an enabled server).
 ``detach()`` is the other half: let go of the server without destroying it (a planned
 handover, or a test standing in for a crash).
 """
@@ -54,6 +57,7 @@ import selectors
 import signal
 import threading
 from collections.abc import Callable
+from functools import partial
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -262,14 +266,10 @@ class IoreqServer:
             self.buf_port = self._bind(buf_port, "the buffered port")
         self._ram = GuestRam(self._fmem, self.domid)
         self.dispatcher.memory = self._ram
-        if self.takeover is None:
-            for kind, region in self._regions():
-                self._xen_map(kind, region.start, region.end)
-            for sbdf in self._pci:
-                self._xen_map_pci(sbdf)
-        else:  # registered by the previous device model: only the local table is rebuilt
-            self._xen_ranges = [(kind, (r.start, r.end)) for kind, r in self._regions()]
-            self._xen_ranges += [("pci", (sbdf,)) for sbdf in self._pci]
+        for kind, region in self._regions():
+            self._registered(partial(self._xen_map, kind, region.start, region.end), (kind, (region.start, region.end)))
+        for sbdf in self._pci:
+            self._registered(partial(self._xen_map_pci, sbdf), ("pci", (sbdf,)))
         for device in self._pci.values():
             if isinstance(device, PciFunction):
                 device.update_mappings()
@@ -284,6 +284,18 @@ class IoreqServer:
         )
         if self.takeover is not None:
             self._resume()
+
+    def _registered(self, register: Callable[[], None], entry: tuple[str, tuple[int, ...]]) -> None:
+        """Register a range; on a takeover one the previous device model registered is kept:
+        ``rangeset_add_range`` refuses an overlap within one server with EEXIST
+        (``ioreq_server_map_io_range``, xen/common/ioreq.c), and a predecessor killed before it
+        registered them all leaves the rest to do."""
+        try:
+            register()
+        except XenError as e:
+            if self.takeover is None or e.errno != errno.EEXIST:
+                raise
+            self._xen_ranges.append(entry)
 
     def _bind(self, remote: int, what: str) -> int:
         assert self._evtchn is not None
