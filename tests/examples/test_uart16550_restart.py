@@ -139,6 +139,18 @@ class DeviceModelProcess:
                 env=example_env(XENDMOP_MOCK_SOCKET=sock),
             )
         self.said = read_until(self.proc.stderr, "Ctrl-C to stop")
+        # The line comes just before the serve loop installs its SIGTERM handler
+        # (app.serve_until_signal): a stop sent in between would find the default action.
+        deadline = time.monotonic() + 30
+        while not self._catches(signal.SIGTERM):
+            assert time.monotonic() < deadline, "the device model never handled SIGTERM"
+            time.sleep(0.01)
+
+    def _catches(self, signum: int) -> bool:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+        return False
 
     def kill(self) -> None:
         self.proc.kill()
