@@ -22,7 +22,11 @@ rests on, on Xen and Linux:
   a new process of dom0 passes every op's ``s->emulator == current->domain`` check.
 * Its pages map again by id: ``IOCTL_PRIVCMD_MMAP_RESOURCE`` (drivers/xen/privcmd.c
   ``privcmd_ioctl_mmap_resource``) → ``XENMEM_acquire_resource`` → ``acquire_ioreq_server``
-  / ``ioreq_server_get_frame``, which hand out the same domheap frames every time.
+  / ``ioreq_server_get_frame``, whose ``ioreq_server_alloc_mfn`` returns the frames already
+  allocated: the same domheap pages every time.  Only this path: a server brought up on
+  legacy gfns had them taken out of the guest's p2m when it was enabled
+  (``arch_ioreq_server_enable`` → ``hvm_remove_ioreq_gfn``, xen/arch/x86/hvm/ioreq.c), so they
+  cannot be mapped by gfn again: a takeover needs resource mapping (Xen 4.11, Linux 4.18).
 * Its ports can be bound again: the dead process's evtchn fd is released
   (drivers/xen/evtchn.c ``evtchn_release`` → ``evtchn_unbind_from_user`` →
   ``unbind_from_irqhandler``, which closes the port, drivers/xen/events/events_base.c),
