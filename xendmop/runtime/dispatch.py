@@ -500,6 +500,35 @@ class Dispatcher:
         req = Ioreq.from_bytes(page, off)  # the private copy, read once
         return self._respond(page, off, vcpu, self.execute(req))
 
+    def resume_slot(self, page: memoryview, vcpu: int) -> bool:
+        """Answer the slot a previous device model of this server left behind (a takeover);
+        True when the caller must notify the vCPU's port.
+
+        READY: not seen by the previous device model; handled as ``handle_slot`` does, once.
+        INPROCESS: taken by it, perhaps carried out, not answered; carried out again from the
+        slot's fields (the request stays in the slot until IORESP_READY: ``ioreq_send`` in
+        xen/common/ioreq.c wrote it, and only the device model writes ``data``, which for a
+        write it stores unchanged and for a read is an output) and answered.  The state is
+        never written back to READY: ``wait_for_io`` crashes the domain on a state that goes
+        backwards.  A device's write with side effects may so be applied twice.
+        IORESP_READY: answered, perhaps never notified: the caller notifies (a vCPU that
+        already took the answer ignores the event: ``wait_for_io`` looks only at its own slot).
+        NONE: nothing waits."""
+        off = vcpu * IOREQ_SIZE
+        if vcpu < 0 or off + IOREQ_SIZE > len(page):
+            raise IndexError(f"vCPU {vcpu} has no slot in a {len(page)}-byte page")
+        state = page[off + STATE_BYTE] & 0xF
+        if state == STATE_IOREQ_READY:
+            return self.handle_slot(page, vcpu)
+        if state == STATE_IOREQ_INPROCESS:
+            self.stats["resumed-inprocess"] += 1
+            req = Ioreq.from_bytes(page, off)  # the private copy, read once
+            return self._respond(page, off, vcpu, self.execute(req))
+        if state == STATE_IORESP_READY:
+            self.stats["resumed-answered"] += 1
+            return True
+        return False
+
     def _respond(self, page: memoryview, off: int, vcpu: int, data: int) -> bool:
         """Store ``data``, then IORESP_READY if the slot is still INPROCESS."""
         _DATA.pack_into(page, off + 8, data & _U64)  # one aligned 8-byte store

@@ -11,6 +11,42 @@ register the device ranges.  Teardown runs in reverse — unbind → disable →
 destroy — on ``close()``, on leaving ``with``/``async with``, on an exception, and
 when the loop stops for SIGTERM/SIGINT: Xen does not free a server when its device
 model dies, and a leaked one holds one of the domain's 8 slots.
+
+Takeover (``IoreqServer(..., takeover=ID)``): a device model started after another one
+of the same server died attaches to server ``ID`` instead of creating one.  What it
+rests on, on Xen and Linux:
+
+* The server outlives its device model: Xen frees it only on ``destroy_ioreq_server``
+  or with the domain (``ioreq_server_destroy``/``ioreq_server_destroy_all`` in
+  xen/common/ioreq.c); it belongs to the emulating domain (dom0), not to a process, so
+  a new process of dom0 passes every op's ``s->emulator == current->domain`` check.
+* Its pages map again by id: ``IOCTL_PRIVCMD_MMAP_RESOURCE`` (drivers/xen/privcmd.c
+  ``privcmd_ioctl_mmap_resource``) → ``XENMEM_acquire_resource`` → ``acquire_ioreq_server``
+  / ``ioreq_server_get_frame``, whose ``ioreq_server_alloc_mfn`` returns the frames already
+  allocated: the same domheap pages every time.  Only this path: a server brought up on
+  legacy gfns had them taken out of the guest's p2m when it was enabled
+  (``arch_ioreq_server_enable`` → ``hvm_remove_ioreq_gfn``, xen/arch/x86/hvm/ioreq.c), so they
+  cannot be mapped by gfn again: a takeover needs resource mapping (Xen 4.11, Linux 4.18).
+* Its ports can be bound again: the dead process's evtchn fd is released
+  (drivers/xen/evtchn.c ``evtchn_release`` → ``evtchn_unbind_from_user`` →
+  ``unbind_from_irqhandler``, which closes the port, drivers/xen/events/events_base.c),
+  and ``evtchn_close`` (xen/common/event_channel.c) puts each guest-side port back to
+  ECS_UNBOUND with dom0 as its remote domain, which ``evtchn_bind_interdomain`` accepts.
+  A vCPU's notification sent meanwhile was dropped (``notify_via_xen_event_channel``
+  raises only an ECS_INTERDOMAIN port), so the new device model looks at every slot
+  (``Dispatcher.resume_slot``) rather than waiting for events.
+* A waiting vCPU's slot is still READY, or INPROCESS if the dead one had taken it
+  (``wait_for_io`` in xen/common/ioreq.c only reads it), and an answer + notify
+  releases the vCPU as any other.
+
+Ranges added before ``start()`` are registered again, one refused with EEXIST (already in
+the server's rangeset) counting as registered: so a predecessor killed half-way through its
+bring-up leaves nothing missing.  The DMOPs cannot read Xen's rangesets back, so a range the
+previous device model registered and this one does not add stays routed to the server.  The
+server stays enabled throughout (``set_ioreq_server_state`` is issued again, a no-op in Xen
+for an enabled server).
+``detach()`` is the other half: let go of the server without destroying it (a planned
+handover, or a test standing in for a crash).
 """
 
 from __future__ import annotations
@@ -25,6 +61,7 @@ import selectors
 import signal
 import threading
 from collections.abc import Callable
+from functools import partial
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -50,7 +87,7 @@ from .pci import PciFunction
 
 log = logging.getLogger("xendmop.runtime")
 
-__all__ = ["IoreqServer", "ServeLoop", "serve_forever", "serve_forever_async"]
+__all__ = ["IoreqServer", "ServeLoop", "TakeoverError", "serve_forever", "serve_forever_async"]
 
 #: errno of MMAP_RESOURCE meaning "no resource mapping here" (QEMU falls back on EOPNOTSUPP;
 #: a kernel without the ioctl says ENOTTY, libxenforeignmemory turns that into EOPNOTSUPP).
@@ -74,6 +111,16 @@ def _sbdf(segment: int, bus: int, device: int, function: int) -> int:
     return (segment << 16) | (bus << 8) | (device << 3) | function
 
 
+class TakeoverError(RuntimeError):
+    """``IoreqServer(takeover=...)`` cannot attach to server ``server_id`` of ``domid``: ``why``."""
+
+    def __init__(self, domid: int, server_id: int, why: str) -> None:
+        super().__init__(f"dom{domid}: cannot take over ioreq server {server_id}: {why}")
+        self.domid = domid
+        self.server_id = server_id
+        self.why = why
+
+
 class IoreqServer:
     """An ioreq server for ``domid`` with the devices registered on it.
 
@@ -85,6 +132,12 @@ class IoreqServer:
     evtchn handles to ``domid`` before creating anything.
     ``handles``: ``"device"`` opens the devices itself (through ``opener``);
     ``"libxen"`` uses libxenforeignmemory and libxenevtchn (``backends.libxen_handles``).
+
+    ``takeover``: the id of an existing server of ``domid`` whose device model is gone;
+    ``start()`` then attaches to it instead of creating one (module docstring), and answers
+    the slots the previous device model left (``Dispatcher.resume_slot``).
+    ``on_created(server)``: called as soon as the server's id is known (created or taken
+    over), before anything else is set up: where a restart state records it.
 
     Register devices with ``add_port_range``/``add_mmio_range``/``add_pci`` before
     or after ``start()``; then ``serve_forever()`` or ``async with``.
@@ -103,7 +156,13 @@ class IoreqServer:
         on_timeoffset: Callable[[int], None] | None = None,
         deprivilege: DropConfig | None = None,
         handles: str = "device",
+        takeover: int | None = None,
+        on_created: Callable[[IoreqServer], None] | None = None,
     ) -> None:
+        if takeover is not None and (isinstance(takeover, bool) or not isinstance(takeover, int)):
+            raise TypeError(f"takeover={takeover!r}: expected an ioreq server id (int)")
+        if takeover is not None and not 0 <= takeover <= 0xFFFF:
+            raise ValueError(f"takeover={takeover}: not an ioreq server id (ioservid_t, 0..65535)")
         if handles not in ("device", "libxen"):
             raise ValueError(f"handles={handles!r}: must be 'device' or 'libxen'")
         if handles == "libxen" and opener is not None:
@@ -136,6 +195,10 @@ class IoreqServer:
         self._xen_ranges: list[tuple[str, tuple[int, ...]]] = []  # (kind, args) registered in Xen
         self._pci: dict[int, IoDevice] = {}
         self._lock = threading.RLock()  # one thread serves; close() may come from another
+        self.takeover = takeover
+        self._on_created = on_created
+        #: slots answered or notified again at a takeover (READY, INPROCESS or IORESP_READY ones)
+        self.resumed: list[int] = []
 
     # --- bring-up ----------------------------------------------------------------------
 
@@ -151,7 +214,10 @@ class IoreqServer:
         try:
             self._start()
         except BaseException:
-            self.close()
+            if self.takeover is not None:
+                self.detach()  # not ours to destroy: another attempt (or device model) may take it
+            else:
+                self.close()
             raise
         if self._drop is not None:
             self._deprivilege(self._drop)
@@ -184,7 +250,12 @@ class IoreqServer:
         nr_vcpus = self._nr_vcpus if self._nr_vcpus is not None else self.dm.nr_vcpus(self.domid)
         if not 0 < nr_vcpus <= PAGE_SIZE // IOREQ_SIZE:
             raise ValueError(f"dom{self.domid}: {nr_vcpus} vCPUs do not fit one ioreq page")
-        self.id = self.dm.create_ioreq_server(self.domid, self.bufioreq)
+        if self.takeover is None:
+            self.id = self.dm.create_ioreq_server(self.domid, self.bufioreq)
+        else:
+            self.id = self.takeover
+        if self._on_created is not None:
+            self._on_created(self)
         buf_port = self._map_pages()
         self.dm.set_ioreq_server_state(self.domid, self.id, True)
         self.enabled = True
@@ -192,28 +263,76 @@ class IoreqServer:
         # vp_eport is Xen's end of each vCPU's channel, written by ioreq_server_update_evtchn on enable.
         for vcpu in range(nr_vcpus):
             remote = int.from_bytes(self.page[vcpu * IOREQ_SIZE + 24 : vcpu * IOREQ_SIZE + 28], "little")
-            local = self._evtchn.bind_interdomain(self.domid, remote)
+            local = self._bind(remote, f"vCPU {vcpu}'s port")
             self.vcpu_ports.append(local)
             self._vcpu_by_port[local] = vcpu
         if buf_port is not None and self.bufpage is not None:
-            self.buf_port = self._evtchn.bind_interdomain(self.domid, buf_port)
+            self.buf_port = self._bind(buf_port, "the buffered port")
         self._ram = GuestRam(self._fmem, self.domid)
         self.dispatcher.memory = self._ram
         for kind, region in self._regions():
-            self._xen_map(kind, region.start, region.end)
+            self._registered(partial(self._xen_map, kind, region.start, region.end), (kind, (region.start, region.end)))
         for sbdf in self._pci:
-            self._xen_map_pci(sbdf)
+            self._registered(partial(self._xen_map_pci, sbdf), ("pci", (sbdf,)))
         for device in self._pci.values():
             if isinstance(device, PciFunction):
                 device.update_mappings()
         log.info(
-            "dom%d: ioreq server %d up (%s pages, %d vCPUs, bufioreq %s)",
+            "dom%d: ioreq server %d %s (%s pages, %d vCPUs, bufioreq %s)",
             self.domid,
             self.id,
+            "up" if self.takeover is None else "taken over",
             "legacy gfn" if self.legacy_gfns else "resource",
             nr_vcpus,
             self.bufioreq.name,
         )
+        if self.takeover is not None:
+            self._resume()
+
+    def _registered(self, register: Callable[[], None], entry: tuple[str, tuple[int, ...]]) -> None:
+        """Register a range; on a takeover one the previous device model registered is kept:
+        ``rangeset_add_range`` refuses an overlap within one server with EEXIST
+        (``ioreq_server_map_io_range``, xen/common/ioreq.c), and a predecessor killed before it
+        registered them all leaves the rest to do."""
+        try:
+            register()
+        except XenError as e:
+            if self.takeover is None or e.errno != errno.EEXIST:
+                raise
+            self._xen_ranges.append(entry)
+
+    def _bind(self, remote: int, what: str) -> int:
+        assert self._evtchn is not None
+        try:
+            return self._evtchn.bind_interdomain(self.domid, remote)
+        except XenError as e:
+            if self.takeover is None or e.errno != errno.EINVAL:
+                raise
+            # evtchn_bind_interdomain: EINVAL unless the port is ECS_UNBOUND towards dom0
+            raise TakeoverError(
+                self.domid, self.takeover, f"{what} {remote} is not free to bind (is its device model still running?)"
+            ) from e
+
+    def _resume(self) -> None:
+        """Answer what the previous device model left: every vCPU's slot, then the buffered ring."""
+        assert self._evtchn is not None and self.page is not None
+        for vcpu, port in enumerate(self.vcpu_ports):
+            if self.dispatcher.resume_slot(self.page, vcpu):
+                self._evtchn.notify(port)
+                self.resumed.append(vcpu)
+        if self.bufpage is not None:
+            self.drain_buffered()
+        if self.resumed:
+            log.info("dom%d: ioreq server %d: answered vCPU(s) %s left waiting", self.domid, self.id, self.resumed)
+
+    def detach(self) -> None:
+        """Let go of the server without destroying it: unbind the ports, unmap the pages, close
+        the handles, and leave the server enabled with its ranges in Xen, for a device model
+        started with ``takeover=`` this server's id (a planned handover; what a crash leaves)."""
+        with self._lock:
+            self.enabled = False  # not disabled in Xen: nothing is sent
+            self.id = None  # nor destroyed
+            self._close()
 
     def _map_pages(self) -> int | None:
         """Map the ioreq (and buffered) page; return Xen's buffered port or None."""
