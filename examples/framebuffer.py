@@ -338,7 +338,8 @@ class Framebuffer:
             try:
                 self.dm.track_dirty_vram(self.domid, 0, 0)  # nr == 0: stop tracking
             except XenError as e:
-                log.warning("framebuffer: stopping dirty tracking failed: %s", e)
+                if not app.means_gone(e):  # a domain gone tracks nothing: nothing to say then
+                    log.warning("framebuffer: stopping dirty tracking failed: %s", e)
             mapping, self._map = self._map, None
             if mapping is not None:
                 self.fmem.unmap(mapping)
@@ -355,6 +356,8 @@ class Framebuffer:
             try:
                 bitmap = self.dm.track_dirty_vram(self.domid, self.gfn, self.nr_pages)
             except XenError as e:
+                if app.means_gone(e):
+                    raise  # the serve loop asks whether the domain (or the host) is gone, and ends quietly if so
                 self._warn(logging.WARNING, "track failed", "framebuffer: track_dirty_vram: %s", e)
                 return Poll(0, False)
             dirty = [i for i in range(self.nr_pages) if bitmap[i >> 3] >> (i & 7) & 1]

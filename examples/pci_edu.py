@@ -371,6 +371,21 @@ def run_on_mock(*, slot: int = 4, hold: bool = False, out: Callable[[str], None]
 # --- a real dom0 -----------------------------------------------------------------------------
 
 
+def serve_domain(connection: app.Connection, slot: int = 4) -> int:
+    """Serve the edu device at ``slot`` of the connection's domain (a real dom0's, or a mock
+    host process's) until SIGINT/SIGTERM; the server is destroyed on the way out."""
+    server = connection.ioreq_server()
+    edu = Edu(lambda: server.dispatcher.memory)
+    server.add_pci(edu.pci, slot=slot, name="edu")
+
+    def ready() -> None:  # only once the server is up: a refused domain is never announced
+        log.info("edu at 0000:00:%02x.0 of dom%d; Ctrl-C to stop", slot, connection.domid)
+
+    signum = app.serve_until_signal(ServeLoop(server), on_ready=ready)
+    print(app.stopped_line("pci_edu", signum), file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], epilog=app.EXIT_STATUS_HELP)
     app.add_arguments(p, hold=True, assume_hvm=True)
@@ -380,22 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     if target.where is app.Where.MOCK:
         run_on_mock(slot=args.slot, hold=args.hold)
         return 0
-
-    def serve(connection: app.Connection) -> int:
-        """Serve the edu device until SIGINT/SIGTERM; the server is destroyed on the way out."""
-        server = connection.ioreq_server()
-        edu = Edu(lambda: server.dispatcher.memory)
-        server.add_pci(edu.pci, slot=args.slot, name="edu")
-
-        def ready() -> None:  # only once the server is up: a refused domain is never announced
-            log.info("edu at 0000:00:%02x.0 of dom%d; Ctrl-C to stop", args.slot, connection.domid)
-
-        signum = app.serve_until_signal(ServeLoop(server), on_ready=ready)
-        print(app.stopped_line("pci_edu", signum), file=sys.stderr)
-        return 0
-
     # Interrupts go out (INTx, MSI): a domain that is not HVM is refused before anything is opened.
-    return app.run_target(target, serve, name="pci_edu", parser=p, hvm_only=True)
+    return app.run_target(
+        target, lambda connection: serve_domain(connection, args.slot), name="pci_edu", parser=p, hvm_only=True
+    )
 
 
 if __name__ == "__main__":

@@ -739,7 +739,8 @@ def serve_domain(
     try:
         return app.serve_until_signal(loop, on_ready=on_ready)  # up (and deprivileged) before on_ready
     finally:
-        uart.release_irq()
+        with app.unless_gone():  # a domain gone has no IRQ to lower
+            uart.release_irq()
         close_wake()
 
 

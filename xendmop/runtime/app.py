@@ -46,7 +46,7 @@ from ..abi.xen import DOMID_FIRST_RESERVED
 from ..devicemodel import DeviceModel
 from ..errors import XenError
 from .foreignmemory import ForeignMemory
-from .server import IoreqServer, ServeLoop
+from .server import DOMAIN_GONE_ERRNOS, HOST_GONE_ERRNOS, DomainGone, HostGone, IoreqServer, ServeLoop
 
 if TYPE_CHECKING:
     from ..depriv import DropConfig
@@ -54,10 +54,14 @@ if TYPE_CHECKING:
     from ..mock.remote import RemoteXen
 
 __all__ = [
+    "DOMAIN_GONE_ERRNOS",
     "ENV_SOCKET",
     "EXIT_STATUS_HELP",
     "Connection",
+    "DomainGone",
     "GuestKind",
+    "HostGone",
+    "means_gone",
     "GuestRun",
     "NotHvmError",
     "Target",
@@ -72,11 +76,13 @@ __all__ = [
     "parse_ids",
     "require_hvm",
     "run_guest_script",
+    "run_connection",
     "run_guest_while_serving",
     "run_target",
     "serve_until_signal",
     "start_daemon_thread",
     "stopped_line",
+    "unless_gone",
 ]
 
 log = logging.getLogger("xendmop.app")
@@ -94,8 +100,10 @@ SIGNAL_JOIN_TIMEOUT = 1.0
 _ID_MAX = 0xFFFFFFFE  # (uid_t)-1 means "unchanged" to setresuid
 #: what every example's ``--help`` says about how it exits (the same statuses for all of them)
 EXIT_STATUS_HELP = (
-    "Exit status: 0 when done, also when stopped by SIGINT (Ctrl-C) or SIGTERM with the ioreq server destroyed; "
-    "1 when Xen, the kernel or the mock host refused, or an ioreq server was left in the domain; "
+    "Exit status: 0 when done, also when stopped by SIGINT (Ctrl-C) or SIGTERM with the ioreq server destroyed, "
+    "and when the domain is gone (destroyed or powered off: the normal end of a guest, and of its device model); "
+    "1 when Xen, the kernel or the mock host refused, an ioreq server was left in the domain, "
+    "or the mock host process is gone; "
     "2 for a usage error, such as a domain that is not HVM for a device that sends interrupts."
 )
 
@@ -474,14 +482,68 @@ def run_target(
         with target.connect() as connection:
             if hvm_only:
                 connection.require_hvm()
-            return body(connection)
+            return run_connection(connection, body, name=name, report=report)
     except NotHvmError as e:
         if parser is None:
             raise
         parser.error(str(e))
     except (OSError, ValueError, RuntimeError) as e:
+        if target.where is Where.MOCK_HOST and _host_gone(e):  # also while closing the connection
+            report(_host_gone_line(name))
+            return 1
         report(f"{name}: dom{target.domid}: {e}")
         return 1
+
+
+def run_connection(
+    connection: Connection, body: Callable[[Connection], int], *, name: str, report: Callable[[str], None] | None = None
+) -> int:
+    """``body(connection)``, ending well when the domain or the mock host went away meanwhile.
+
+    ``DomainGone`` (from ``ServeLoop.run``: the guest was destroyed or powered off while
+    served) is reported as one line, ``<name>: dom<N> is gone (destroyed or powered off);
+    stopped serving``, and gives 0: a guest's end is a device model's normal end (QEMU exits
+    0 then).  ``HostGone`` (a mock host process that died) gives ``<name>: the mock host is
+    gone; stopped serving`` and 1.  The teardown before either is quiet: what fails there
+    fails only because the domain or the host is gone.  Anything else ``body`` raises
+    propagates (``run_target`` reports it)."""
+    if report is None:
+        report = _to_stderr
+    try:
+        return body(connection)
+    except DomainGone as e:
+        report(f"{name}: {e}; stopped serving")
+        return 0
+    except HostGone:
+        report(_host_gone_line(name))
+        return 1
+
+
+def _host_gone(e: BaseException) -> bool:
+    return isinstance(e, HostGone) or (isinstance(e, OSError) and e.errno in HOST_GONE_ERRNOS)
+
+
+def _host_gone_line(name: str) -> str:
+    return f"{name}: the mock host is gone; stopped serving"
+
+
+def means_gone(e: BaseException) -> bool:
+    """Whether a failed call may say only that the domain is gone (ESRCH, ENOENT: see
+    ``DOMAIN_GONE_ERRNOS``) or that the mock host process is (a broken connection)."""
+    return isinstance(e, OSError) and (e.errno in DOMAIN_GONE_ERRNOS or e.errno in HOST_GONE_ERRNOS)
+
+
+@contextlib.contextmanager
+def unless_gone() -> Iterator[None]:
+    """For a device's own teardown DMOPs (lowering its IRQ, stopping dirty tracking): suppress
+    a failure that only says the domain or the mock host is gone (``DomainGone``'s errnos
+    ESRCH/ENOENT, a broken mock host connection); anything else propagates."""
+    try:
+        yield
+    except OSError as e:
+        if not means_gone(e):
+            raise
+        log.debug("teardown after the domain or host went away: %s", e)
 
 
 def _to_stderr(line: str) -> None:

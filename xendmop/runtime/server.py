@@ -24,6 +24,7 @@ import select
 import selectors
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any
@@ -50,7 +51,52 @@ from .pci import PciFunction
 
 log = logging.getLogger("xendmop.runtime")
 
-__all__ = ["IoreqServer", "ServeLoop", "serve_forever", "serve_forever_async"]
+__all__ = [
+    "DOMAIN_GONE_ERRNOS",
+    "HOST_GONE_ERRNOS",
+    "DomainGone",
+    "HostGone",
+    "IoreqServer",
+    "ServeLoop",
+    "serve_forever",
+    "serve_forever_async",
+]
+
+#: How Xen answers a DMOP about our own ioreq server once the domain is gone.  ESRCH: the
+#: domain no longer exists (``rcu_lock_remote_domain_by_id``, xen/common/domain.c, as
+#: ``dm_op`` in xen/arch/x86/hvm/dm.c looks it up).  ENOENT: the domain still exists but is
+#: dying, and ``domain_kill`` has already destroyed its ioreq servers
+#: (``domain_relinquish_resources`` → ``hvm_domain_relinquish_resources``,
+#: xen/arch/x86/hvm/hvm.c → ``ioreq_server_destroy_all``, xen/common/ioreq.c), so
+#: ``get_server`` finds no server by our id.  Xen sends no event for either.
+DOMAIN_GONE_ERRNOS = frozenset({errno.ESRCH, errno.ENOENT})
+#: How a call fails once a mock host process went away (its socket broken): never on real Xen.
+HOST_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED})
+#: seconds between ``ServeLoop``'s checks that each server's domain (and the host) is still there
+WATCH_INTERVAL = 1.0
+
+
+class DomainGone(Exception):
+    """The served domain is gone (destroyed, or dying with its ioreq servers already freed by Xen).
+
+    Raised by ``IoreqServer.check_alive`` and so by ``ServeLoop.run``, after which the servers
+    are torn down quietly (what fails then fails only because the domain is gone).  Not an
+    error for a device model: a guest powering off ends it, as it ends QEMU (exit 0)."""
+
+    def __init__(self, domid: int, cause: BaseException | None = None) -> None:
+        super().__init__(f"dom{domid} is gone (destroyed or powered off)")
+        self.domid = domid
+        self.cause = cause
+
+
+class HostGone(ConnectionError):
+    """The Xen the server talked to cannot be reached any more: a mock host process that died."""
+
+    def __init__(self, domid: int, cause: BaseException | None = None) -> None:
+        why = f": {cause.strerror if isinstance(cause, OSError) and cause.strerror else cause}" if cause else ""
+        super().__init__(errno.EPIPE, f"the host serving dom{domid} is gone{why}")
+        self.domid = domid
+        self.cause = cause
 
 #: errno of MMAP_RESOURCE meaning "no resource mapping here" (QEMU falls back on EOPNOTSUPP;
 #: a kernel without the ioctl says ENOTTY, libxenforeignmemory turns that into EOPNOTSUPP).
@@ -136,6 +182,8 @@ class IoreqServer:
         self._xen_ranges: list[tuple[str, tuple[int, ...]]] = []  # (kind, args) registered in Xen
         self._pci: dict[int, IoDevice] = {}
         self._lock = threading.RLock()  # one thread serves; close() may come from another
+        #: ``"domain"`` once ``check_alive`` found the domain gone, ``"host"`` once the host; teardown is then quiet
+        self.gone: str | None = None
 
     # --- bring-up ----------------------------------------------------------------------
 
@@ -249,6 +297,34 @@ class IoreqServer:
         self.bufpage = m.view[PAGE_SIZE : 2 * PAGE_SIZE] if buf else None
         return info.bufioreq_port if buf else None
 
+    # --- is the domain still there? ------------------------------------------------------
+
+    def check_alive(self) -> None:
+        """Ask Xen about this server (``get_ioreq_server_info`` without gfns: nothing is
+        allocated or mapped); raise ``DomainGone`` when it answers that the domain or the
+        server is gone (``DOMAIN_GONE_ERRNOS``), ``HostGone`` when a mock host process is
+        gone (``HOST_GONE_ERRNOS``), and any other refusal as it is.  Nothing on a server
+        not started.  ``ServeLoop`` calls it every ``WATCH_INTERVAL`` seconds."""
+        sid = self.id
+        if sid is None:
+            return
+        try:
+            self.dm.get_ioreq_server_info(self.domid, sid)
+        except XenError as e:
+            if e.errno in DOMAIN_GONE_ERRNOS:
+                self.gone = "domain"
+                raise DomainGone(self.domid, e) from None
+            if e.errno in HOST_GONE_ERRNOS:
+                self.gone = "host"
+                raise HostGone(self.domid, e) from None
+            raise
+
+    def _quiet(self, e: BaseException) -> bool:
+        """Whether a teardown failure is only the consequence of the domain or the host being gone."""
+        if self.gone == "host":
+            return True
+        return self.gone == "domain" and isinstance(e, OSError) and e.errno in DOMAIN_GONE_ERRNOS
+
     # --- teardown ------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -258,11 +334,14 @@ class IoreqServer:
             self._close()
 
     def _close(self) -> None:
-        def step(what: str, fn: Callable[[], object]) -> None:
+        def step(what: str, fn: Callable[[], object]) -> bool:
             try:
                 fn()
             except Exception as e:
-                log.error("dom%d: ioreq server %s: %s failed: %s", self.domid, self.id, what, e)
+                level = logging.DEBUG if self._quiet(e) else logging.ERROR
+                log.log(level, "dom%d: ioreq server %s: %s failed: %s", self.domid, self.id, what, e)
+                return False
+            return True
 
         evtchn, self._evtchn = self._evtchn, None
         if evtchn is not None:
@@ -288,8 +367,8 @@ class IoreqServer:
                 step("unmap pages", lambda m=m: fmem.unmap(m))  # type: ignore[misc]
         self._maps = []
         if sid is not None:
-            step("destroy", lambda: self.dm.destroy_ioreq_server(self.domid, sid))  # also frees its ranges
-            log.info("dom%d: ioreq server %d destroyed", self.domid, sid)
+            if step("destroy", lambda: self.dm.destroy_ioreq_server(self.domid, sid)):  # also frees its ranges
+                log.info("dom%d: ioreq server %d destroyed", self.domid, sid)
         self.id = None
         self._xen_ranges = []
         if fmem is not None:
@@ -490,11 +569,18 @@ class ServeLoop:
 
     ``stop()`` is safe from any thread and from signal handlers.  When ``run``
     returns — stopped, signalled or by an exception — every server is closed.
+
+    Xen tells a device model nothing when its domain is destroyed, so every ``watch``
+    seconds (default ``WATCH_INTERVAL``; None: never) the loop asks Xen whether each
+    server is still there (``IoreqServer.check_alive``, one DMOP), and also at once when
+    a callback fails with an errno that may mean so; ``run`` then raises ``DomainGone``
+    (or ``HostGone`` for a mock host process that died) after a quiet teardown.
     """
 
-    def __init__(self, *servers: IoreqServer, tick: float = 0.1) -> None:
+    def __init__(self, *servers: IoreqServer, tick: float = 0.1, watch: float | None = WATCH_INTERVAL) -> None:
         self.servers = servers
         self.tick = tick
+        self.watch = watch
         self.signal: int | None = None
         self._stop = False
         # The wake-up eventfd lives only while run() does: a loop never run leaks nothing,
@@ -548,7 +634,14 @@ class ServeLoop:
         self._stop = True
         self._poke()
 
+    def _check_alive(self) -> None:
+        for s in self.servers:
+            s.check_alive()
+
     def run(self, *, handle_signals: bool = True) -> int | None:
+        """Start the servers, serve until ``stop()`` or SIGTERM/SIGINT (returns the signal, or
+        None), close every server.  Raises ``DomainGone``/``HostGone`` when a server's domain or
+        its host went away (see the class), and what a server or callback raised."""
         previous: dict[signal.Signals, Any] = {}
         # Two epolls: the loop waits on its own for the servers and the wake-up, and
         # ``sel`` (where add_reader/remove_reader register the readers) sits inside it as
@@ -573,23 +666,33 @@ class ServeLoop:
             poller.register(sel.fileno(), select.EPOLLIN)
             self._sel = sel
             poll, tick, handler_for = poller.poll, self.tick, handlers.get
+            watch, monotonic = self.watch, time.monotonic
+            next_check = monotonic() + watch if watch is not None else None
             while not self._stop:
                 ready = poll(tick)
-                for fd, _events in ready:
-                    handle = handler_for(fd)
-                    if handle is not None:
-                        handle()
-                    elif fd == wake:
-                        try:
-                            os.eventfd_read(wake)
-                        except BlockingIOError:
-                            pass
-                    else:  # sel's epoll: some readers are readable
-                        for key, _ in sel.select(0):
-                            key.data()
-                if not ready:
-                    for s in self.servers:
-                        s.drain_buffered()
+                try:
+                    for fd, _events in ready:
+                        handle = handler_for(fd)
+                        if handle is not None:
+                            handle()
+                        elif fd == wake:
+                            try:
+                                os.eventfd_read(wake)
+                            except BlockingIOError:
+                                pass
+                        else:  # sel's epoll: some readers are readable
+                            for key, _ in sel.select(0):
+                                key.data()
+                    if not ready:
+                        for s in self.servers:
+                            s.drain_buffered()
+                except OSError as e:
+                    if e.errno in DOMAIN_GONE_ERRNOS or e.errno in HOST_GONE_ERRNOS:
+                        self._check_alive()  # a domain or host gone explains it: DomainGone or HostGone
+                    raise
+                if next_check is not None and monotonic() >= next_check:
+                    self._check_alive()
+                    next_check = monotonic() + (watch or 0.0)
             return self.signal
         finally:
             self._sel = None
