@@ -727,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             app.require_hvm(args.domid, assume_hvm=args.assume_hvm)
         except app.NotHvmError as e:
-            p.error(f"{e}; or use --no-irq")
+            said = app.not_xen_host(e) if e.kind is None else e
+            p.error(str(said) if said is not e else f"{e}; or use --no-irq")
     if args.netns:
         try:
             enter_netns(args.netns)

@@ -768,7 +768,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--line", help="on the mock: what the host types to the guest ('-': read it from stdin)")
     p.add_argument("--pty", action="store_true", help="on a real dom0: a new pty instead of this terminal")
     args, target = app.parse(p, argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if target.where is app.Where.MOCK:
         if args.pty:
             p.error("--pty is for a real dom0 (--domid N); on the mock the host types --line")

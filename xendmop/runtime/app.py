@@ -62,6 +62,7 @@ __all__ = [
     "GuestKind",
     "HostGone",
     "means_gone",
+    "not_xen_host",
     "GuestRun",
     "NotHvmError",
     "Target",
@@ -80,6 +81,7 @@ __all__ = [
     "run_guest_while_serving",
     "run_target",
     "serve_until_signal",
+    "setup_logging",
     "start_daemon_thread",
     "stopped_line",
     "unless_gone",
@@ -95,6 +97,7 @@ GuestKind = Literal["hvm", "pvh", "pv"]
 _KINDS: tuple[GuestKind, ...] = ("hvm", "pvh", "pv")
 #: how long ``xenstore-read`` may take before the kind counts as unknown
 XENSTORE_TIMEOUT = 10.0
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: after a signal, how long the guest thread gets to finish (it may be blocked on the stopped device)
 SIGNAL_JOIN_TIMEOUT = 1.0
 _ID_MAX = 0xFFFFFFFE  # (uid_t)-1 means "unchanged" to setresuid
@@ -183,10 +186,23 @@ def add_arguments(parser: argparse.ArgumentParser, *, hold: bool = False, assume
     )
     parser.add_argument("--depriv", type=parse_ids, metavar="UID:GID", help="drop to these ids after bring-up")
     parser.add_argument("--chroot", help="with --depriv: an empty root-owned directory to chroot into")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the device model does (INFO)")
+    parser.add_argument(
+        "--trace", action="store_true", help="also log every ioreq: vCPU, type, address, size, data, the answer"
+    )
     if hold:
         parser.add_argument("--hold", action="store_true", help="on the mock: keep serving after the guest script")
     if assume_hvm:
         parser.add_argument("--assume-hvm", action="store_true", help="serve even if the guest type cannot be read")
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """The examples' logging: warnings and errors only, as ``<logger>: <message>`` on stderr;
+    ``--verbose`` adds INFO, ``--trace`` also every ioreq (DEBUG on ``xendmop.ioreq``)."""
+    verbose, trace = bool(getattr(args, "verbose", False)), bool(getattr(args, "trace", False))
+    logging.basicConfig(level=logging.INFO if verbose or trace else logging.WARNING, format="%(name)s: %(message)s")
+    if trace:
+        logging.getLogger("xendmop.ioreq").setLevel(logging.DEBUG)
 
 
 def parse(
@@ -194,6 +210,7 @@ def parse(
 ) -> tuple[argparse.Namespace, Target]:
     """``parser.parse_args(argv)`` and its ``Target``; a ``UsageError`` exits through ``parser.error`` (status 2)."""
     args = parser.parse_args(argv)
+    setup_logging(args)
     try:
         return args, Target.from_args(args, environ)
     except UsageError as e:
@@ -484,8 +501,10 @@ def run_target(
                 connection.require_hvm()
             return run_connection(connection, body, name=name, report=report)
     except NotHvmError as e:
+        if e.kind is None and target.where is Where.XEN:
+            e = not_xen_host(e)
         if parser is None:
-            raise
+            raise e from None
         parser.error(str(e))
     except (OSError, ValueError, RuntimeError) as e:
         if target.where is Where.MOCK_HOST and _host_gone(e):  # also while closing the connection
@@ -517,6 +536,22 @@ def run_connection(
     except HostGone:
         report(_host_gone_line(name))
         return 1
+
+
+def not_xen_host(e: NotHvmError) -> NotHvmError:
+    """``e`` (a domain of unknown type) as what it is off Xen: no domain to serve at all, rather
+    than a hint to ``--assume-hvm``; ``e`` itself on a Xen host."""
+    from ..backends.device import xen_host_signs
+
+    if xen_host_signs():
+        return e
+    said = NotHvmError(e.domid, None)
+    said.args = (
+        f"--domid {e.domid}: this is not a Xen host (no /dev/xen/privcmd, no /proc/xen); --domid serves a domain "
+        f"of a real dom0, or of the mock host process ${ENV_SOCKET} names; without --domid the example runs on "
+        "the simulated Xen",
+    )
+    return said
 
 
 def _host_gone(e: BaseException) -> bool:
@@ -554,7 +589,15 @@ def serve_until_signal(loop: ServeLoop, *, on_ready: Callable[[], object] | None
     """Start ``loop``'s servers (each drops privileges if it was built to), call ``on_ready``,
     then serve in this thread until SIGINT/SIGTERM (or ``loop.stop()``); return the signal.
     The servers are torn down on the way out, also when starting or ``on_ready`` failed.
-    A signal is the ordinary way to stop: the caller exits 0 after it (``EXIT_STATUS_HELP``)."""
+    A signal is the ordinary way to stop: the caller exits 0 after it (``EXIT_STATUS_HELP``).
+
+    In the main thread SIGINT/SIGTERM only ask the loop to stop from the first server's
+    bring-up to the last one's teardown (a signal during bring-up stops it once up; a
+    KeyboardInterrupt can break neither), and once a signal has stopped the loop, later
+    ones are ignored for the rest of the program: it is on its way out, and its own
+    teardown (a tap, a terminal) must finish too."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, loop.on_signal) for sig in _STOP_SIGNALS} if main else {}
     try:
         for server in loop.servers:
             server.start()
@@ -564,6 +607,8 @@ def serve_until_signal(loop: ServeLoop, *, on_ready: Callable[[], object] | None
     finally:
         for server in reversed(loop.servers):
             server.close()  # idempotent: run() closes them too
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_IGN if loop.signal is not None else handler)
 
 
 def stopped_line(name: str, signum: int | None) -> str:

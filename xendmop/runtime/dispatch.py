@@ -79,6 +79,8 @@ from ..abi.ioreq import (
 )
 
 log = logging.getLogger("xendmop.runtime")
+#: every ioreq answered, at DEBUG, when enabled (``--trace``): see ``Dispatcher.handle_slot_traced``
+trace = logging.getLogger("xendmop.ioreq")
 
 IOREQ_SIZE = 32
 #: byte of ``struct ioreq`` holding ``state:4, data_is_ptr:1, dir:1, df:1``
@@ -486,6 +488,20 @@ class Dispatcher:
             return self._badness(vcpu, flags)
         page[state_at] = (flags & 0xF0) | STATE_IORESP_READY  # data before state: see the docstring
         return True
+
+    def handle_slot_traced(self, page: memoryview, vcpu: int) -> bool:
+        """``handle_slot``, logging each ioreq answered (vCPU, type, direction, address, size,
+        data, the answer) at DEBUG on the ``xendmop.ioreq`` logger: what ``--trace`` shows.
+        The slot is read once more for the log only; the access itself is ``handle_slot``'s."""
+        off = vcpu * IOREQ_SIZE
+        req = None
+        if 0 <= off and off + IOREQ_SIZE <= len(page) and page[off + STATE_BYTE] & 0xF == STATE_IOREQ_READY:
+            req = Ioreq.from_bytes(page, off)
+        notify = self.handle_slot(page, vcpu)
+        if req is not None:
+            (answer,) = _DATA.unpack_from(page, off + 8)
+            trace.debug("vCPU %d: %s -> data=%#x", vcpu, req, answer)
+        return notify
 
     def handle_slot_generic(self, page: memoryview, vcpu: int) -> bool:
         """``handle_slot`` with every ioreq through ``execute`` (no fast path): the

@@ -45,6 +45,7 @@ from .dispatch import (
     Region,
     StoreReadPointer,
 )
+from .dispatch import trace as ioreq_trace
 from .evtchn import EventChannel, open_evtchn_device
 from .foreignmemory import ForeignMemory, GuestRam, Mapping
 from .pci import PciFunction
@@ -435,7 +436,7 @@ class IoreqServer:
                     handled += 1
                     if handled >= limit:
                         return handled
-            unmask, notify, handle_slot = evtchn.unmask, evtchn.notify, self.dispatcher.handle_slot
+            unmask, notify, handle_slot = evtchn.unmask, evtchn.notify, self._slot_handler()
             vcpu_by_port, buffered = self._vcpu_by_port, self.bufpage is not None
             for port in ports:
                 # Unmask before handling, as QEMU's cpu_get_ioreq: an event raised from here
@@ -451,10 +452,17 @@ class IoreqServer:
                     notify(port)
             return handled + len(ports)
 
+    def _slot_handler(self) -> Callable[[memoryview, int], bool]:
+        """``handle_slot``, or its tracing form while the ``xendmop.ioreq`` logger is on at DEBUG."""
+        if ioreq_trace.isEnabledFor(logging.DEBUG):
+            return self.dispatcher.handle_slot_traced
+        return self.dispatcher.handle_slot
+
     def _rescan(self, evtchn: EventChannel, page: memoryview) -> None:
+        handle_slot = self._slot_handler()
         for vcpu, port in enumerate(self.vcpu_ports):
             evtchn.unmask(port)
-            if self.dispatcher.handle_slot(page, vcpu):
+            if handle_slot(page, vcpu):
                 evtchn.notify(port)
 
     def drain_buffered(self) -> int:
@@ -627,6 +635,11 @@ class ServeLoop:
             except OSError:  # counter saturated: the loop is being woken anyway
                 pass
 
+    def on_signal(self, signum: int, frame: FrameType | None = None) -> None:
+        """A signal handler that stops the loop and records ``signum`` (what ``run`` installs
+        for SIGINT/SIGTERM; a program may install it for longer, as ``app.serve_until_signal``)."""
+        self._on_signal(signum, frame)
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only a flag and a wake-up: the access in progress completes before teardown.
         # No lock: the handler runs in the main thread, which may hold it in run()'s finally.
@@ -698,10 +711,10 @@ class ServeLoop:
             self._sel = None
             sel.close()
             poller.close()
+            for s in reversed(self.servers):
+                s.close()  # before the previous handlers are back: a second signal cannot break the teardown
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            for s in reversed(self.servers):
-                s.close()
             with self._wake_lock:
                 fd, self._wake = self._wake, -1
                 os.close(fd)
