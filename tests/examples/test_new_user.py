@@ -19,6 +19,7 @@ from xendmop.backends.device import xen_host_signs
 from xendmop.runtime import ServeLoop, app
 
 ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_DIR = ROOT / "examples"
 EXAMPLES = ["debugcon", "uart16550", "pci_edu", "framebuffer", "tapnet"]
 
 
@@ -165,3 +166,28 @@ def test_trace_is_the_runtimes_logging_at_debug(caplog: pytest.LogCaptureFixture
                 t.join(0.01)
     lines = [r.getMessage() for r in caplog.records if r.name == "xendmop.ioreq"]
     assert lines == ["vCPU 0: pio write addr=0x510 data=0x5a size=1 count=1 state=1 -> data=0x5a"]
+
+
+# --- tapnet without CAP_NET_ADMIN ---------------------------------------------------------------------------------
+
+
+def test_tapnet_without_cap_net_admin_says_so_in_one_line() -> None:
+    """As root without CAP_NET_ADMIN (dropped from the bounding set), creating the tap is refused
+    by netlink (pyroute2's NetlinkError, not an OSError): one line and exit 1, no traceback."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs root, setpriv and /dev/net/tun to run tapnet without CAP_NET_ADMIN")
+    done = subprocess.run(
+        ["setpriv", "--bounding-set=-net_admin", sys.executable, str(EXAMPLE_DIR / "tapnet.py"), "--tap", "xdmc0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env={k: v for k, v in example_env().items() if k != "XENDMOP_MOCK_SOCKET"},
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "tapnet: cannot open tap 'xdmc0': [Errno 1] netlink: Operation not permitted (needs root and /dev/net/tun)"
+    ]
