@@ -386,6 +386,9 @@ class PrivcmdBackend:
     ) -> None:
         self.limits = limits
         self._on_close = on_close  # e.g. closing a mock host this backend owns
+        #: how this backend opened its devices: an IoreqServer on the same DeviceModel opens
+        #: privcmd and evtchn the same way (the real devices, or a mock's)
+        self.opener: Opener = opener
         self._device: Device | None = opener(PRIVCMD_PATH)
         try:
             self._buffers = HypercallBuffers(opener, limits.max_buf_size)

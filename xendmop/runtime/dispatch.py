@@ -471,7 +471,8 @@ class Dispatcher:
                     data = region.device.read(offset, size)
                     if data.__class__ is not int and not isinstance(data, int):
                         raise TypeError(f"read returned {type(data).__name__}, not int")
-                    data &= mask
+                    if data & ~mask:  # more bits than the access (or negative): the device's bug, not truncated
+                        raise ValueError(f"read returned {data:#x}, which does not fit {size} byte(s)")
                 except Exception:
                     data = self._read_failed(region, offset, size)
             else:
@@ -586,13 +587,17 @@ class Dispatcher:
             value = region.device.read(offset, size)
             if not isinstance(value, int):
                 raise TypeError(f"read returned {type(value).__name__}, not int")
-            return value & all_ones(size)  # an int subclass's & raising is the device's fault too
+            mask = all_ones(size)
+            if value & ~mask:  # an int subclass's & raising is the device's fault too
+                raise ValueError(f"read returned {value:#x}, which does not fit {size} byte(s)")
+            return value & mask
         except Exception:
             return self._read_failed(region, offset, size)
 
     def _read_failed(self, region: Region, offset: int, size: int) -> int:
         """Log the exception being handled (a device's read raised) and float the bus."""
         self.stats["device-error"] += 1
+        self.stats["device-error-read"] += 1
         self.ratelog(
             logging.ERROR, "device", "device %s raised on read(%#x, %d)", region.name, offset, size, exc_info=True
         )
@@ -608,6 +613,7 @@ class Dispatcher:
     def _write_failed(self, region: Region, offset: int, size: int, value: int) -> None:
         """Log the exception being handled (a device's write raised); the write is dropped."""
         self.stats["device-error"] += 1
+        self.stats["device-error-write"] += 1
         self.ratelog(
             logging.ERROR,
             "device",

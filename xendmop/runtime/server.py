@@ -126,7 +126,8 @@ class IoreqServer:
 
     ``dm``: the ``DeviceModel`` handle that issues the DMOPs (not closed here).
     ``opener``: opens ``/dev/xen/privcmd`` and ``/dev/xen/evtchn`` (the mock host's
-    ``open_device``); by default the real devices.  ``bufioreq``: OFF by default;
+    ``open_device``); by default the way ``dm`` opened its own (the real devices, or the
+    mock's that ``DeviceModel.open("mock", ...)`` was given).  ``bufioreq``: OFF by default;
     LEGACY drains the ring with plain stores; ATOMIC needs libatomic (see
     ``dispatch.StoreReadPointer``).  ``restrict``: restrict this server's privcmd and
     evtchn handles to ``domid`` before creating anything.
@@ -156,6 +157,10 @@ class IoreqServer:
         if handles == "libxen" and opener is not None:
             raise ValueError("handles='libxen' opens no device: it cannot take an opener")
         self._handles = handles
+        if opener is None and handles == "device":
+            # Reach Xen the way the DeviceModel does: a DeviceModel opened on a mock (in this
+            # process or a mock host's) hands its opener on, so privcmd and evtchn are the mock's.
+            opener = getattr(dm.backend, "opener", None)
         if deprivilege is not None:
             deprivilege.validate()  # DeprivConfigError now, before anything exists in Xen
         self.dm = dm
@@ -512,12 +517,16 @@ class IoreqServer:
 
     def add_port_range(self, start: int, end: int, device: IoDevice, name: str = "") -> None:
         """Route guest ports ``[start, end]`` to ``device`` (offsets from ``start``)."""
+        if start > end:
+            raise ValueError(f"port range [{start:#x}, {end:#x}] is reversed: the first port comes first")
         if not 0 <= start <= end <= 0xFFFF:
             raise ValueError(f"port range [{start:#x}, {end:#x}] outside 0..0xffff")
         self._add("port", start, end, device, name)
 
     def add_mmio_range(self, start: int, end: int, device: IoDevice, name: str = "") -> None:
         """Route guest-physical ``[start, end]`` to ``device`` (offsets from ``start``)."""
+        if start > end:
+            raise ValueError(f"MMIO range [{start:#x}, {end:#x}] is reversed: the first address comes first")
         self._add("mmio", start, end, device, name)
 
     def remove_range(self, is_mmio: bool, start: int, end: int) -> None:
