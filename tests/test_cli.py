@@ -111,3 +111,33 @@ def test_help_has_no_rest_markup() -> None:
     texts = [run("--help").stdout] + [run(name, "--help").stdout for name in ("get-ioreq-server-info", "inject-event")]
     for text in texts:
         assert "``" not in text and "Traceback" not in text, text
+
+
+def test_the_mock_host_logs_clients_and_the_servers_left_at_exit(tmp_path: Path) -> None:
+    import signal
+
+    from xendmop import DeviceModel
+    from xendmop.mock.remote import RemoteXen
+
+    sock = str(tmp_path / "xen.sock")
+    host = subprocess.Popen(
+        [sys.executable, "-m", "xendmop", "mock-host", "--socket", sock],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert host.stdout is not None and "listening" in host.stdout.readline()
+        with RemoteXen(sock) as remote, DeviceModel.open("mock", xen=remote) as dm:
+            sid = dm.create_ioreq_server(1, 0)  # left behind on purpose
+        host.send_signal(signal.SIGTERM)
+        _, err = host.communicate(timeout=30)
+    finally:
+        host.kill()
+        host.wait()
+    assert host.returncode == 0, err
+    lines = err.splitlines()
+    assert any("connected" in line and "disconnected" not in line for line in lines), err
+    assert any("disconnected" in line for line in lines), err
+    assert any(f"ioreq server(s) left: dom1 [{sid}]" in line for line in lines), err

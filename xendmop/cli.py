@@ -275,10 +275,20 @@ def _mock_host(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, lambda signum, frame: server.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
     print(f"xendmop mock-host: listening on {args.socket} (pid {os.getpid()}; clients: {ENV_SOCKET}={args.socket})")
     sys.stdout.flush()
+    log = logging.getLogger("xendmop.mock.remote")
+    if not args.quiet:  # a daemon's log is its output: who came and went, what they left
+        log.setLevel(logging.INFO)
     try:
         server.serve_forever()
     finally:
         server.close()
+        left = [
+            f"dom{domid} {ids}"
+            for domid in sorted(xen.hypervisor.domains)
+            if (ids := [i for i, s in enumerate(xen.domain(domid).snapshot()["servers"]) if s is not None])
+        ]
+        if left:
+            log.warning("mock-host: exiting with ioreq server(s) left: %s", ", ".join(left))
         xen.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
