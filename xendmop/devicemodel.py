@@ -568,12 +568,18 @@ def make_backend(name: str, *, xen: Any = None, limits: Limits = Limits()) -> Ba
                 remote.close()
                 raise
             log.info("xendmop: mock Xen host at %s (from XENDMOP_MOCK_SOCKET)", remote.path)
+            opener = remote.open_device
         elif xen is not None:
             backend = PrivcmdBackend(xen.open_device, limits=limits)
+            opener = xen.open_device
         else:  # a host of our own: closed with the backend
             host = default_host()
             backend = PrivcmdBackend(host.open_device, limits=limits, on_close=host.close)
+            opener = host.open_device
         backend.name = "mock"
+        # How the simulated host opens its devices: an IoreqServer on this DeviceModel opens its
+        # privcmd and evtchn the same way, not the real /dev/xen ones.
+        backend.host_opener = opener
         return backend
     raise ArgumentError("open", "backend", name, f"must be one of {', '.join(BACKENDS)}")
 

@@ -380,15 +380,15 @@ class PrivcmdBackend:
     """Owns a privcmd device and a pool of hypercall buffers."""
 
     name = "privcmd"
+    #: set on a simulated host's backend (``make_backend("mock")``): how that host opens its
+    #: devices, so that an IoreqServer on the same DeviceModel opens privcmd and evtchn there too
+    host_opener: Opener | None = None
 
     def __init__(
         self, opener: Opener = open_device, limits: Limits = Limits(), *, on_close: Callable[[], None] | None = None
     ) -> None:
         self.limits = limits
         self._on_close = on_close  # e.g. closing a mock host this backend owns
-        #: how this backend opened its devices: an IoreqServer on the same DeviceModel opens
-        #: privcmd and evtchn the same way (the real devices, or a mock's)
-        self.opener: Opener = opener
         self._device: Device | None = opener(PRIVCMD_PATH)
         try:
             self._buffers = HypercallBuffers(opener, limits.max_buf_size)

@@ -160,7 +160,7 @@ class IoreqServer:
         if opener is None and handles == "device":
             # Reach Xen the way the DeviceModel does: a DeviceModel opened on a mock (in this
             # process or a mock host's) hands its opener on, so privcmd and evtchn are the mock's.
-            opener = getattr(dm.backend, "opener", None)
+            opener = getattr(dm.backend, "host_opener", None)
         if deprivilege is not None:
             deprivilege.validate()  # DeprivConfigError now, before anything exists in Xen
         self.dm = dm
