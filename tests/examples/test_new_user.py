@@ -191,3 +191,32 @@ def test_tapnet_without_cap_net_admin_says_so_in_one_line() -> None:
     assert done.stderr.strip().splitlines() == [
         "tapnet: cannot open tap 'xdmc0': [Errno 1] netlink: Operation not permitted (needs root and /dev/net/tun)"
     ]
+
+
+def test_the_asyncio_form_also_notices_the_domain_gone() -> None:
+    """``serve_forever_async`` watches as ``ServeLoop`` does: DomainGone, the server torn down quietly."""
+    import asyncio
+
+    from xendmop.runtime.server import DomainGone, serve_forever_async
+
+    with app.open_mock() as mock:
+        server = mock.ioreq_server()
+        server.add_port_range(0x510, 0x511, _Nothing(), "nothing")
+
+        async def main() -> None:
+            async def destroy() -> None:
+                for _ in range(500):  # up to 5 s for the server to come up
+                    if server.id is not None:
+                        mock.mock_xen.destroy_domain(mock.domid)
+                        return
+                    await asyncio.sleep(0.01)
+
+            killer = asyncio.get_running_loop().create_task(destroy())
+            try:
+                await asyncio.wait_for(serve_forever_async(server, handle_signals=False, watch=0.1), 10)
+            finally:
+                await killer
+
+        with pytest.raises(DomainGone):
+            asyncio.run(main())
+        assert server.id is None and server.gone == "domain"

@@ -739,13 +739,29 @@ def _finish(done: asyncio.Future[int | None], signum: int) -> None:
         done.set_result(signum)
 
 
-async def serve_forever_async(*servers: IoreqServer, handle_signals: bool = True) -> int | None:
+async def serve_forever_async(
+    *servers: IoreqServer, handle_signals: bool = True, watch: float | None = WATCH_INTERVAL
+) -> int | None:
     """The asyncio form: readers on each server's fd; returns on SIGTERM/SIGINT (the
-    signal) or raises ``CancelledError`` when cancelled; servers are closed either way."""
+    signal) or raises ``CancelledError`` when cancelled; servers are closed either way.
+    As ``ServeLoop``, every ``watch`` seconds it asks Xen whether each server's domain is
+    still there, and raises ``DomainGone`` (``HostGone``) after a quiet teardown if not."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[int | None] = loop.create_future()
     installed: list[signal.Signals] = []
     entered: list[IoreqServer] = []
+
+    async def watching(interval: float) -> None:
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                for s in entered:
+                    s.check_alive()
+        except (DomainGone, HostGone, OSError) as e:
+            if not done.done():
+                done.set_exception(e)
+
+    watcher: asyncio.Task[None] | None = None
     try:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -757,8 +773,12 @@ async def serve_forever_async(*servers: IoreqServer, handle_signals: bool = True
         for s in servers:
             await s.__aenter__()
             entered.append(s)
+        if watch is not None:
+            watcher = loop.create_task(watching(watch))
         return await done
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for sig in installed:
             loop.remove_signal_handler(sig)
         for s in reversed(entered):
