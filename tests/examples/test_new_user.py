@@ -220,3 +220,27 @@ def test_the_asyncio_form_also_notices_the_domain_gone() -> None:
         with pytest.raises(DomainGone):
             asyncio.run(main())
         assert server.id is None and server.gone == "domain"
+
+
+def test_a_watch_xen_refuses_for_another_reason_is_dropped_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    """A Xen that refuses the watch's question for a reason that says nothing about the domain
+    (EINVAL: e.g. a flag it does not know) keeps the device model serving: one warning, no more asking."""
+    import errno
+
+    from xendmop.errors import XenError
+
+    with app.open_mock() as mock:
+        server = mock.ioreq_server()
+        server.add_port_range(0x510, 0x511, _Nothing(), "nothing")
+        with server:
+            asked: list[bool] = []
+
+            def refuse(domid: int, sid: int, *, gfns: bool = False) -> None:
+                asked.append(gfns)
+                raise XenError(errno.EINVAL, "get_ioreq_server_info", domid, {})
+
+            server.dm.get_ioreq_server_info = refuse  # type: ignore[method-assign]
+            server.check_alive()
+            server.check_alive()
+            assert asked == [server.legacy_gfns]  # asked once, in the form its pages were mapped
+            assert "its end will not be noticed" in caplog.text

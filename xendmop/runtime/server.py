@@ -190,6 +190,7 @@ class IoreqServer:
         self._lock = threading.RLock()  # one thread serves; close() may come from another
         #: ``"domain"`` once ``check_alive`` found the domain gone, ``"host"`` once the host; teardown is then quiet
         self.gone: str | None = None
+        self._unwatchable = False  # check_alive's question was refused for another reason: not asked again
 
     # --- bring-up ----------------------------------------------------------------------
 
@@ -309,13 +310,16 @@ class IoreqServer:
         """Ask Xen about this server (``get_ioreq_server_info`` without gfns: nothing is
         allocated or mapped); raise ``DomainGone`` when it answers that the domain or the
         server is gone (``DOMAIN_GONE_ERRNOS``), ``HostGone`` when a mock host process is
-        gone (``HOST_GONE_ERRNOS``), and any other refusal as it is.  Nothing on a server
-        not started.  ``ServeLoop`` calls it every ``WATCH_INTERVAL`` seconds."""
+        gone (``HOST_GONE_ERRNOS``).  Any other refusal is logged once and the server is not
+        asked again (serving goes on).  Nothing on a server not started.  ``ServeLoop``
+        calls it every ``WATCH_INTERVAL`` seconds."""
         sid = self.id
-        if sid is None:
+        if sid is None or self._unwatchable:
             return
         try:
-            self.dm.get_ioreq_server_info(self.domid, sid)
+            # A server on legacy gfns asks for them again (Xen before 4.12 has no XEN_DMOP_no_gfns
+            # flag: its pad must be 0); one on resource-mapped pages must not ask for gfns.
+            self.dm.get_ioreq_server_info(self.domid, sid, gfns=self.legacy_gfns)
         except XenError as e:
             if e.errno in DOMAIN_GONE_ERRNOS:
                 self.gone = "domain"
@@ -323,7 +327,11 @@ class IoreqServer:
             if e.errno in HOST_GONE_ERRNOS:
                 self.gone = "host"
                 raise HostGone(self.domid, e) from None
-            raise
+            # Anything else says nothing about the domain: keep serving, without the watch.
+            self._unwatchable = True
+            log.warning(
+                "dom%d: cannot ask Xen about ioreq server %d (%s); its end will not be noticed", self.domid, sid, e
+            )
 
     def _quiet(self, e: BaseException) -> bool:
         """Whether a teardown failure is only the consequence of the domain or the host being gone."""
