@@ -7,11 +7,17 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test lint typecheck check integration bench fuzz clean sysdeps
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# The editable install is setuptools' "compat" mode: a .pth naming this directory, which mypy and
+# other type checkers follow (the default mode, an import hook, hides py.typed from them) and which
+# sees a new module without a reinstall (the "strict" mode's link tree does not).  setuptools calls
+# the mode transitional at every install; that notice alone is silenced (if the mode goes, the
+# install fails, loudly).
+$(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	@./tools/sysdeps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	PYTHONWARNINGS='ignore:Compat editable installs' \
+		$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
 	@touch $@
 
 sysdeps:

@@ -43,8 +43,8 @@ With ``--domid`` the PNG is rewritten every ``--interval`` seconds when pages ch
 with ``--depriv`` the output file is opened before the privileges drop and rewritten in
 place (an open directory would let the process out of its chroot), and the snapshot must stay
 under the deprivileged file-size limit (256 KiB; a failed write is logged, the
-display keeps running).  Once the server is up ``framebuffer: framebuffer for domN on
-ports 0x1ce/0x1cf; Ctrl-C to stop`` goes to stderr.  Ctrl-C or SIGTERM destroys the
+display keeps running).  Once the server is up ``framebuffer: serving domN's display
+on ports 0x1ce/0x1cf; Ctrl-C to stop`` goes to stderr.  Ctrl-C or SIGTERM destroys the
 ioreq server, stops dirty tracking and exits 0, as after ``--hold`` on the mock
 (``--help`` lists the statuses).  ``--depriv`` needs a real dom0 or a mock host in
 another process (``XENDMOP_MOCK_SOCKET``, then ``--domid`` serves that host's domain):
@@ -58,6 +58,7 @@ import argparse
 import collections
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import struct
@@ -173,9 +174,13 @@ class PngFile:
     file.  A reader may then see a snapshot being rewritten; read it between FLUSHes."""
 
     def __init__(self, path: str | os.PathLike[str], *, in_place: bool = False) -> None:
-        self.path = Path(path)
+        text = os.fspath(path)
+        self.path = Path(text)
         self.in_place = in_place
         self._dir = self._file = -1
+        # A directory is no PNG file: refused now, not at every snapshot (Path drops a trailing "/").
+        if text.endswith(os.sep) or self.path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a directory; give the PNG file's name, e.g. DIR/shot.png", text)
         if in_place:
             self._file = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         else:
@@ -189,10 +194,15 @@ class PngFile:
         tmp = f".{self.path.name}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644, dir_fd=self._dir)
         try:
-            os.write(fd, png)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path.name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+            try:
+                os.write(fd, png)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path.name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
+        except OSError:
+            with contextlib.suppress(OSError):  # no half-written temporary file left behind
+                os.unlink(tmp, dir_fd=self._dir)
+            raise
 
     def close(self) -> None:
         for fd in (self._dir, self._file):
@@ -312,7 +322,8 @@ class Framebuffer:
 
     def _refuse(self, why: str) -> None:
         self.error = why
-        self._warn(logging.WARNING, "mode refused", "framebuffer: display not enabled: %s", why)
+        # A guest's mistake, not the device model's: told with --verbose (QEMU: -d guest_errors).
+        self._warn(logging.INFO, "mode refused", "the guest's mode is refused, display off: %s", why)
 
     def enable(self) -> bool:
         """Check the programmed mode, map the framebuffer, start tracking; False (and ``error``) if refused."""
@@ -343,7 +354,7 @@ class Framebuffer:
             self.width, self.height, self.gfn, self.nr_pages = width, height, gfn, nr_pages
             self.rgb = bytearray(width * height * 3)
             self.png = IncrementalPng(width, height)
-            log.info("framebuffer: %dx%dx%d at gfn %#x (%d pages)", width, height, bpp, gfn, nr_pages)
+            log.info("%dx%dx%d at gfn %#x (%d pages)", width, height, bpp, gfn, nr_pages)
             return True
 
     def disable(self) -> None:
@@ -355,7 +366,8 @@ class Framebuffer:
             try:
                 self.dm.track_dirty_vram(self.domid, 0, 0)  # nr == 0: stop tracking
             except XenError as e:
-                log.warning("framebuffer: stopping dirty tracking failed: %s", e)
+                if not app.means_gone(e):  # a domain gone tracks nothing: nothing to say then
+                    log.warning("stopping dirty tracking failed: %s", e)
             mapping, self._map = self._map, None
             if mapping is not None:
                 self.fmem.unmap(mapping)
@@ -372,7 +384,9 @@ class Framebuffer:
             try:
                 bitmap = self.dm.track_dirty_vram(self.domid, self.gfn, self.nr_pages)
             except XenError as e:
-                self._warn(logging.WARNING, "track failed", "framebuffer: track_dirty_vram: %s", e)
+                if app.means_gone(e):
+                    raise  # the serve loop asks whether the domain (or the host) is gone, and ends quietly if so
+                self._warn(logging.WARNING, "track failed", "track_dirty_vram: %s", e)
                 return Poll(0, False)
             dirty = [i for i in range(self.nr_pages) if bitmap[i >> 3] >> (i & 7) & 1]
             for page in dirty:
@@ -385,7 +399,7 @@ class Framebuffer:
                     self.output(self.png.encode(self.rgb))
                     wrote = True
                 except OSError as e:  # a full disk or the deprivileged file-size limit: keep serving
-                    self._warn(logging.WARNING, "png failed", "framebuffer: writing the snapshot: %s", e)
+                    self._warn(logging.WARNING, "png failed", "writing the snapshot: %s", e)
             result = Poll(len(dirty), wrote)
             self.polls.append(result)
             return result
@@ -470,7 +484,11 @@ def guest_script(guest: Any, domain_state: Callable[[], dict[str, Any]]) -> Gues
     reg(REG_FB_GFN_LO, (FB_GPA >> 12) & 0xFFFF)
     reg(REG_FB_GFN_HI, FB_GPA >> 28)
     reg(REG_ENABLE, 1)
-    r.lines.append(f"mode {width}x{height}x{BPP} at {FB_GPA:#x}, enabled: {bool(reg(REG_ENABLE))}")
+    bad = "wrongly enabled" if r.enabled_with_bad_mode else "refused"
+    r.lines.append(
+        f"mode {width}x{height}x{BPP} at {FB_GPA:#x}, enabled: {bool(reg(REG_ENABLE))} "
+        f"(a bad mode tried first on purpose, xres=5000: {bad})"
+    )
 
     store(FB_GPA, xrgb(BACKGROUND) * (width * height))
     flush("background")
@@ -553,8 +571,13 @@ def serve_domain(connection: app.Connection, png: PngFile, interval: float) -> i
                 loop.add_reader(timer.fileno(), tick)
 
             def ready() -> None:  # only once the server is up: a refused domain is never announced
-                log.info(
-                    "framebuffer for dom%d on ports %#x/%#x; Ctrl-C to stop", connection.domid, INDEX_PORT, DATA_PORT
+                drop = connection.drop
+                dropped = f"; deprivileged to uid {drop.uid} gid {drop.gid}" if drop else ""
+                print(
+                    f"framebuffer: serving dom{connection.domid}'s display on ports {INDEX_PORT:#x}/{DATA_PORT:#x}"
+                    f"{dropped}; Ctrl-C to stop",
+                    file=sys.stderr,
+                    flush=True,
                 )
 
             try:
@@ -574,7 +597,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="framebuffer.png", help="the PNG snapshot (default: %(default)s)")
     p.add_argument("--interval", type=float, default=0.2, help="with --domid: seconds between polls (0: FLUSH only)")
     args, target = app.parse(p, argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if args.interval != 0 and not 0.001 <= args.interval <= 3600:
         p.error(f"--interval {args.interval}: must be 0 (FLUSH only) or 0.001..3600 seconds")
     try:

@@ -37,7 +37,7 @@ Run it:
 
 The device sits at 0000:00:<--slot>.0; on a real dom0 start the device model while
 the domain is still paused so the guest's firmware finds it.  Once the server is up
-``pci_edu: edu at 0000:00:04.0 of domN; Ctrl-C to stop`` goes to stderr.  Ctrl-C or
+``pci_edu: serving domN's edu at 0000:00:04.0; Ctrl-C to stop`` goes to stderr.  Ctrl-C or
 SIGTERM tears the ioreq server down (no server is left in Xen) and exits 0, as after
 ``--hold`` on the mock (``--help`` lists the statuses).  ``--depriv UID:GID`` restricts
 every handle to the domain and drops to that user after bring-up; it needs a real
@@ -196,7 +196,7 @@ class Edu:
 
     def _refuse(self, why: str) -> None:
         self.refused = [*self.refused[-15:], why]
-        self._warn(logging.WARNING, "dma refused", "edu: DMA refused: %s", why)
+        self._warn(logging.WARNING, "dma refused", "DMA refused: %s", why)
 
     def _run_dma(self) -> None:
         """One transfer, checked before any byte moves; the command's start bit clears either way."""
@@ -371,31 +371,39 @@ def run_on_mock(*, slot: int = 4, hold: bool = False, out: Callable[[str], None]
 # --- a real dom0 -----------------------------------------------------------------------------
 
 
+def serve_domain(connection: app.Connection, slot: int = 4) -> int:
+    """Serve the edu device at ``slot`` of the connection's domain (a real dom0's, or a mock
+    host process's) until SIGINT/SIGTERM; the server is destroyed on the way out."""
+    server = connection.ioreq_server()
+    edu = Edu(lambda: server.dispatcher.memory)
+    server.add_pci(edu.pci, slot=slot, name="edu")
+
+    def ready() -> None:  # only once the server is up: a refused domain is never announced
+        drop = connection.drop
+        dropped = f"; deprivileged to uid {drop.uid} gid {drop.gid}" if drop else ""
+        print(
+            f"pci_edu: serving dom{connection.domid}'s edu at 0000:00:{slot:02x}.0{dropped}; Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    signum = app.serve_until_signal(ServeLoop(server), on_ready=ready)
+    print(app.stopped_line("pci_edu", signum), file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], epilog=app.EXIT_STATUS_HELP)
     app.add_arguments(p, hold=True, assume_hvm=True)
     p.add_argument("--slot", type=int, default=4, choices=range(1, 32), metavar="1..31", help="PCI slot on bus 0")
     args, target = app.parse(p, argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if target.where is app.Where.MOCK:
         run_on_mock(slot=args.slot, hold=args.hold)
         return 0
-
-    def serve(connection: app.Connection) -> int:
-        """Serve the edu device until SIGINT/SIGTERM; the server is destroyed on the way out."""
-        server = connection.ioreq_server()
-        edu = Edu(lambda: server.dispatcher.memory)
-        server.add_pci(edu.pci, slot=args.slot, name="edu")
-
-        def ready() -> None:  # only once the server is up: a refused domain is never announced
-            log.info("edu at 0000:00:%02x.0 of dom%d; Ctrl-C to stop", args.slot, connection.domid)
-
-        signum = app.serve_until_signal(ServeLoop(server), on_ready=ready)
-        print(app.stopped_line("pci_edu", signum), file=sys.stderr)
-        return 0
-
     # Interrupts go out (INTx, MSI): a domain that is not HVM is refused before anything is opened.
-    return app.run_target(target, serve, name="pci_edu", parser=p, hvm_only=True)
+    return app.run_target(
+        target, lambda connection: serve_domain(connection, args.slot), name="pci_edu", parser=p, hvm_only=True
+    )
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TextIO
 
-from pyroute2 import IPRoute, netns  # type: ignore[import-untyped]
+from pyroute2 import IPRoute, NetlinkError, netns  # type: ignore[import-untyped]
 
 from xendmop import DeviceModel
 from xendmop.runtime import GuestMemory, GuestMemoryError, IoreqServer, ServeLoop, app
@@ -326,6 +326,16 @@ class Tap:
 
     @classmethod
     def open(cls, name: str, *, address: str | None = None) -> Tap:
+        """Open (creating if missing) the tap ``name``.  Raises ``OSError``, also for what netlink
+        refuses (pyroute2's ``NetlinkError``, e.g. EPERM without CAP_NET_ADMIN)."""
+        try:
+            return cls._open(name, address)
+        except NetlinkError as e:
+            code = e.code if isinstance(e.code, int) and e.code > 0 else errno.EIO
+            raise OSError(code, f"netlink: {os.strerror(code)}") from None
+
+    @classmethod
+    def _open(cls, name: str, address: str | None) -> Tap:
         check_ifname(name)
         iface = ipaddress.ip_interface(address) if address else None
         with IPRoute() as ipr:
@@ -727,7 +737,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             app.require_hvm(args.domid, assume_hvm=args.assume_hvm)
         except app.NotHvmError as e:
-            p.error(f"{e}; or use --no-irq")
+            said = app.not_xen_host(e) if e.kind is None else e
+            p.error(str(said) if said is not e else f"{e}; or use --no-irq")
     if args.netns:
         try:
             enter_netns(args.netns)

@@ -908,7 +908,8 @@ def serve_domain(
         try:
             return app.serve_until_signal(loop, on_ready=ready)  # up (and deprivileged) before on_ready
         finally:
-            uart.release_irq()
+            with app.unless_gone():  # a domain gone has no IRQ to lower
+                uart.release_irq()
             close_wake()
             if restart is not None and (started or server.takeover is None):
                 restart.clear()  # the server is destroyed (or was never ours): nothing to take over
@@ -950,7 +951,6 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     args, target = app.parse(p, argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     if target.where is app.Where.MOCK:
         if args.pty:
             p.error("--pty is for a real dom0 (--domid N); on the mock the host types --line")

@@ -86,12 +86,10 @@ def make_device(args: argparse.Namespace) -> VirtioNet:
     tapnet = _tapnet()
     if args.netns:
         tapnet.enter_netns(args.netns)  # before any thread: setns applies to this thread only
-    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
-
     try:
-        tap = tapnet.Tap.open(args.tap, address=args.host_addr)
-    except NetlinkError as e:  # not an OSError: without CAP_NET_ADMIN it is EPERM from the kernel
-        raise OSError(e.code, f"tap {args.tap!r}: {e} (creating a tap needs root)") from e
+        tap = tapnet.Tap.open(args.tap, address=args.host_addr)  # netlink's refusals come as OSError
+    except OSError as e:  # without CAP_NET_ADMIN: EPERM from the kernel
+        raise OSError(e.errno, f"tap {args.tap!r}: {e.strerror} (creating a tap needs root)") from e
     try:
         device = VirtioNet(tap.fd, args.mac_bytes)
     except BaseException:

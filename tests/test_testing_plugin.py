@@ -124,7 +124,7 @@ def test_buggy_expected(serve, guest):
     )
     result = pytester.runpytest("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, errors=1)
-    result.stdout.fnmatch_lines(["*ERROR at teardown of test_buggy*", "*a device raised 1 time(s)*"])
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_buggy*", "*1 read(s) raised*the guest read all-ones*"])
     result.stdout.no_fnmatch_line("*teardown of test_buggy_expected*")
 
 
@@ -186,7 +186,7 @@ def test_the_readme_example_passes_as_a_test_file(pytester: pytest.Pytester) -> 
     assert block is not None, "README lost its plugin example"
     pytester.makepyfile(block.group(1))
     result = pytester.runpytest("-q", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=2)
 
 
 def test_mock_host_process_serves_another_process(mock_host_process: str) -> None:

@@ -1,7 +1,7 @@
 """xendmop: Xen device-model operations (DMOP) from a Linux dom0, in Python."""
 
 from .backends.base import Limits
-from .devicemodel import DeviceModel
+from .devicemodel import DeviceModel, MockFallbackWarning
 from .errors import ArgumentError, ClosedHandleError, NotXenHostError, UnsupportedError, XenError
 from .types import BufIoreq, CacheAttr, EventType, HvmMemType, IoRangeType, IoreqServerInfo, MemAccess, ShutdownReason
 
@@ -19,6 +19,7 @@ __all__ = [
     "IoreqServerInfo",
     "Limits",
     "MemAccess",
+    "MockFallbackWarning",
     "NotXenHostError",
     "ShutdownReason",
     "UnsupportedError",

@@ -1,73 +1,157 @@
-"""The ``xendmop`` command: backend info, the DMOP catalogue, and simple ops.
+"""The ``xendmop`` command: backend info, the DMOP catalogue, and one subcommand per op.
 
     xendmop info [DOMID]              what each backend finds on this host (and, with
                                       libxenctrl, what kind of guest DOMID is)
     xendmop ops                       every DMOP, from the declarations
-    xendmop nr-vcpus DOMID            one subcommand per read-only or simple op
+    xendmop nr-vcpus DOMID            one subcommand per libxendevicemodel function, its
+    xendmop shutdown DOMID poweroff   arguments in C order, enums by name or number
     xendmop depriv-check PID          is a device-model process deprivileged? (see xendmop.depriv.check)
     xendmop mock-host --socket PATH   serve the mock Xen to other processes (see xendmop.mock.remote)
-    xendmop --json …                  machine-readable output
 
-``--backend`` (or ``$XENDMOP_BACKEND``) chooses privcmd, libxen or mock; the default
-is auto (privcmd, then libxen, then the mock, with the choice logged).
+Every subcommand takes ``--json``, ``--backend``, ``--verbose`` and ``--quiet``, before or
+after its name.  ``--backend`` (or ``$XENDMOP_BACKEND``) chooses privcmd, libxen or mock;
+the default is auto (privcmd, then libxen, then, off Xen only, the mock, which it says on
+stderr unless ``--quiet``).  Exit status: 0 done, 1 refused (by Xen, the kernel, the mock
+host, or this machine), 2 a usage error; one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
+import errno
+import inspect
 import json
 import logging
 import os
 import platform
+import re
 import sys
+import typing
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
+from .abi.xen import DOMID_FIRST_RESERVED
 from .backends.libxen import LIBDIR_ENV, LibxenCtrl, library_report
-from .devicemodel import BACKENDS, DeviceModel, make_backend
+from .devicemodel import BACKENDS, DeviceModel, MockFallbackWarning, make_backend
 from .errors import ArgumentError, UnsupportedError, XenError
 from .ops import DECLARATIONS
+from .types import BufIoreq, CacheAttr, EventType, HvmMemType, MemAccess, ShutdownReason
+
+ENV_SOCKET = "XENDMOP_MOCK_SOCKET"  # as xendmop.mock.remote.ENV_SOCKET (the mock stays unloaded on Xen)
 
 
-def _int(text: str) -> int:
-    return int(text, 0)
+# argparse names a type function in "invalid <name> value: 'x'": these are named for a user.
+def integer(text: str) -> int:
+    """An integer, decimal or with a 0x/0o/0b prefix."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer (decimal, or 0x… hex)") from None
 
 
-# subcommand -> (DeviceModel method, [(argument, help)]); all arguments are integers
-SIMPLE_OPS: dict[str, tuple[str, list[tuple[str, str]]]] = {
-    "nr-vcpus": ("nr_vcpus", [("domid", "target domain")]),
-    "set-isa-irq-level": (
-        "set_isa_irq_level",
-        [("domid", "target domain"), ("irq", "ISA IRQ 0-15"), ("level", "0 or 1")],
-    ),
-    "set-pci-intx-level": (
-        "set_pci_intx_level",
-        [
-            ("domid", "target domain"),
-            ("segment", "PCI segment"),
-            ("bus", "bus"),
-            ("device", "device 0-31"),
-            ("intx", "INTx 0-3 (A-D)"),
-            ("level", "0 or 1"),
-        ],
-    ),
-    "set-pci-link-route": (
-        "set_pci_link_route",
-        [("domid", "target domain"), ("link", "link 0-3"), ("irq", "ISA IRQ, 0 disables")],
-    ),
-    "inject-msi": ("inject_msi", [("domid", "target domain"), ("msi_addr", "MSI address"), ("msi_data", "MSI data")]),
-    "shutdown": ("shutdown", [("domid", "target domain"), ("reason", "SHUTDOWN_* reason (0 poweroff, 1 reboot, …)")]),
-    "create-ioreq-server": (
-        "create_ioreq_server",
-        [("domid", "target domain"), ("handle_bufioreq", "0 off, 1 legacy, 2 atomic")],
-    ),
-    "destroy-ioreq-server": ("destroy_ioreq_server", [("domid", "target domain"), ("id", "ioreq server id")]),
-    "set-ioreq-server-state": (
-        "set_ioreq_server_state",
-        [("domid", "target domain"), ("id", "server id"), ("enabled", "0 or 1")],
-    ),
+def domid(text: str) -> int:
+    """A domain id, 0..0x7fef (the ids above are Xen's reserved ones)."""
+    value = integer(text)
+    if not 0 <= value < DOMID_FIRST_RESERVED:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a domid, 0..{DOMID_FIRST_RESERVED - 1}")
+    return value
+
+
+def _enum_type(cls: type[enum.Enum]) -> Callable[[str], int]:
+    names = {m.name.lower(): m for m in cls}
+
+    def parse(text: str) -> int:
+        member = names.get(text.lower())
+        if member is not None:
+            return int(member.value)
+        try:
+            return int(cls(integer(text)).value)
+        except (ValueError, argparse.ArgumentTypeError):
+            pass
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(names)} (or its number)")
+
+    parse.__name__ = cls.__name__
+    return parse
+
+
+def _extent(text: str) -> tuple[int, int]:
+    first, sep, nr = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIRST_PFN:NR")
+    return integer(first), integer(nr)
+
+
+_extent.__name__ = "extent"
+
+#: arguments whose C type is an enum: the CLI takes the member's name (``shutdown 1 poweroff``) or its number
+ENUM_ARGS: dict[tuple[str, str], type[enum.Enum]] = {
+    ("create_ioreq_server", "handle_bufioreq"): BufIoreq,
+    ("map_mem_type_to_ioreq_server", "type"): HvmMemType,
+    ("map_mem_type_to_ioreq_server", "flags"): MemAccess,
+    ("set_mem_type", "mem_type"): HvmMemType,
+    ("pin_memory_cacheattr", "type"): CacheAttr,
+    ("inject_event", "type"): EventType,
+    ("shutdown", "reason"): ShutdownReason,
 }
+#: DeviceModel's public methods that are not one libxendevicemodel call each, or make no sense once
+NOT_COMMANDS = {"open", "close", "describe", "restrict", "backend", "closed"}
+
+
+def _plain(text: str) -> str:
+    """A docstring's text for a terminal: no reST double backquotes."""
+    return re.sub(r"``([^`]*)``", r"\1", text)
+
+
+def _summary(doc: str) -> str:
+    """A docstring's first sentence, on one line, for ``--help``."""
+    paragraph = " ".join(_plain(doc).strip().split("\n\n")[0].split())
+    head, dot, _ = paragraph.partition(". ")
+    return head + "." if dot else paragraph
+
+
+def _commands() -> dict[str, tuple[str, list[inspect.Parameter]]]:
+    """subcommand -> (DeviceModel method, its parameters): one per libxendevicemodel function,
+    read from the methods themselves so that a new op's method brings its subcommand."""
+    found: dict[str, tuple[str, list[inspect.Parameter]]] = {}
+    for name, attr in sorted(vars(DeviceModel).items()):
+        if name.startswith("_") or name in NOT_COMMANDS or isinstance(attr, (classmethod, staticmethod, property)):
+            continue
+        fn = getattr(DeviceModel, name)  # an _Entry (a generated call) reads as the method it stands for
+        if not callable(fn):
+            continue
+        params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+        if params and params[0].name == "domid":
+            found[name.replace("_", "-")] = (name, params)
+    return found
+
+
+COMMANDS = _commands()
+
+
+def _argument(method: str, param: inspect.Parameter, hints: dict[str, Any]) -> tuple[list[str], dict[str, Any]] | None:
+    """How ``param`` of ``method`` is given on the command line, or None for one it cannot take (a buffer)."""
+    if param.name == "domid":
+        return [param.name], {"type": domid, "help": "the target domain"}
+    cls = ENUM_ARGS.get((method, param.name))
+    if cls is not None:
+        choices = ", ".join(m.name.lower() for m in cls)
+        kw: dict[str, Any] = {"type": _enum_type(cls), "metavar": param.name.upper(), "help": f"{choices} (or number)"}
+        if param.default is not inspect.Parameter.empty:
+            return [f"--{param.name.replace('_', '-')}"], {**kw, "default": int(param.default)}
+        return [param.name], kw
+    if param.name == "extents":
+        return [param.name], {"type": _extent, "nargs": "+", "metavar": "FIRST_PFN:NR", "help": "the extents"}
+    hint = hints.get(param.name)
+    if hint is bool and param.default is not inspect.Parameter.empty:
+        return [f"--{param.name.replace('_', '-')}"], {"action": "store_true", "help": f"set {param.name}"}
+    if param.default is not inspect.Parameter.empty:
+        return None  # an optional buffer (track_dirty_vram's out=): the library's own
+    if hint is bool:
+        return [param.name], {"type": integer, "choices": (0, 1), "metavar": param.name.upper(), "help": "0 or 1"}
+    return [param.name], {"type": integer, "metavar": param.name.upper(), "help": param.name.replace("_", " ")}
 
 
 def _catalogue() -> list[dict[str, Any]]:
@@ -109,6 +193,7 @@ def _info(args: argparse.Namespace) -> dict[str, Any]:
         "xendmop": __version__,
         "kernel": platform.release(),
         "chosen": chosen,
+        "mock_host": os.environ.get(ENV_SOCKET) or None if chosen == "mock" else None,
         "backends": found,
         "libraries": library_report(libdir),
     }
@@ -130,7 +215,8 @@ def _domain(domid: int, libdir: str | None) -> dict[str, Any]:
 
 
 def _print_info(info: dict[str, Any]) -> None:
-    print(f"xendmop {info['xendmop']} on Linux {info['kernel']}: backend in use: {info['chosen']}")
+    where = f" (the mock host at {info['mock_host']}, from {ENV_SOCKET})" if info.get("mock_host") else ""
+    print(f"xendmop {info['xendmop']} on Linux {info['kernel']}: backend in use: {info['chosen']}{where}")
     for name, found in info["backends"].items():
         if found["available"]:
             detail = ", ".join(f"{k}={v}" for k, v in found.items() if k not in ("available", "backend"))
@@ -189,31 +275,62 @@ def _mock_host(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, lambda signum, frame: server.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
     print(f"xendmop mock-host: listening on {args.socket} (pid {os.getpid()}; clients: {ENV_SOCKET}={args.socket})")
     sys.stdout.flush()
+    log = logging.getLogger("xendmop.mock.remote")
+    if not args.quiet:  # a daemon's log is its output: who came and went, what they left
+        log.setLevel(logging.INFO)
     try:
         server.serve_forever()
     finally:
         server.close()
+        left = [
+            f"dom{domid} {ids}"
+            for domid in sorted(xen.hypervisor.domains)
+            if (ids := [i for i, s in enumerate(xen.domain(domid).snapshot()["servers"]) if s is not None])
+        ]
+        if left:
+            log.warning("mock-host: exiting with ioreq server(s) left: %s", ", ".join(left))
         xen.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xendmop", description="Xen device-model operations from dom0.")
-    p.add_argument("--version", action="version", version=f"xendmop {__version__}")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="how to reach Xen (default: auto)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("-v", "--verbose", action="store_true", help="log backend selection")
-    sub = p.add_subparsers(dest="command", required=True)
-    info = sub.add_parser(
-        "info", help="what each backend finds on this host", description="What each backend and Xen library finds here."
+def _common(defaults: bool) -> argparse.ArgumentParser:
+    """The options every subcommand takes, before or after its name (``--json``, ``--backend``, …);
+    after it, only when given (``SUPPRESS``), so that one given before is not reset."""
+    c = argparse.ArgumentParser(add_help=False)
+
+    def d(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    c.add_argument("--backend", choices=BACKENDS, default=d("auto"), help="how to reach Xen (default: auto)")
+    c.add_argument("--json", action="store_true", default=d(False), help="print JSON")
+    c.add_argument("-v", "--verbose", action="store_true", default=d(False), help="log what is chosen and done")
+    c.add_argument(
+        "-q", "--quiet", action="store_true", default=d(False), help="do not warn that auto chose the simulated Xen"
     )
-    info.add_argument("domid", type=_int, nargs="?", help="also show this domain's kind and state (libxenctrl)")
+    return c
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="xendmop", description="Xen device-model operations from dom0.", parents=[_common(True)]
+    )
+    p.add_argument("--version", action="version", version=f"xendmop {__version__}")
+    common = _common(False)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    info = sub.add_parser(
+        "info",
+        help="what each backend finds on this host",
+        description="What each backend and Xen library finds here.",
+        parents=[common],
+    )
+    info.add_argument("domid", type=domid, nargs="?", help="also show this domain's kind and state (libxenctrl)")
     sub.add_parser(
         "ops",
         help="the DMOP catalogue",
         description="Every DMOP: number, name, struct size, first Xen release, arch, copy-back rule, extra buffers.",
+        parents=[common],
     )
     sub.add_parser("depriv-check", help="inspect a device-model process's deprivileging (own --help)")
     mh = sub.add_parser(
@@ -222,26 +339,122 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve a simulated Xen host (dom0 plus guests) to device models and guests in other "
         "processes: DeviceModel.open('mock') and the examples' --domid use it when XENDMOP_MOCK_SOCKET "
         "names the socket. Runs until SIGTERM/SIGINT, then removes the socket.",
+        parents=[common],
     )
     mh.add_argument("--socket", required=True, help="where to listen (clients read $XENDMOP_MOCK_SOCKET)")
     mh.add_argument("--domains", choices=("default", "none"), default="default", help="default: dom1 HVM, dom2 PV")
     mh.add_argument("--mode", type=_mode, default=0o600, help="socket permissions, octal (default 0600)")
-    for command, (method, params) in SIMPLE_OPS.items():
-        doc = (getattr(DeviceModel, method).__doc__ or "").strip().splitlines()[0]
-        sp = sub.add_parser(command, help=doc, description=doc)
-        for name, help_text in params:
-            sp.add_argument(name, type=_int, help=help_text)
+    for command, (method, params) in COMMANDS.items():
+        doc = _summary(getattr(DeviceModel, method).__doc__ or "")
+        sp = sub.add_parser(command, help=doc.replace("%", "%%"), description=doc, parents=[common])
+        sp.set_defaults(parser=sp)
+        hints = typing.get_type_hints(getattr(DeviceModel, method))
+        for param in params:
+            spec = _argument(method, param, hints)
+            if spec is not None:
+                sp.add_argument(*spec[0], **spec[1])
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["depriv-check"]:  # its own parser: options of its own, exit codes 0/1/2
-        from .depriv.check import main as depriv_check
+def _call(args: argparse.Namespace) -> Any:
+    method, params = COMMANDS[args.command]
+    positional, keyword = [], {}
+    for param in params:
+        if not hasattr(args, param.name):
+            continue  # a buffer the command line does not take
+        if param.kind is inspect.Parameter.KEYWORD_ONLY or param.default is not inspect.Parameter.empty:
+            keyword[param.name] = getattr(args, param.name)
+        else:
+            positional.append(getattr(args, param.name))
+    with DeviceModel.open(args.backend) as dm:
+        value = getattr(dm, method)(*positional, **keyword)
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        value = value._asdict()
+    elif isinstance(value, (bytes, bytearray)):
+        value = value.hex()
+    return {"op": method, "result": value}
 
-        return depriv_check(argv[1:])
-    args = _parser().parse_args(argv)
+
+def _print_result(result: dict[str, Any]) -> None:
+    value = result["result"]
+    if value is None:
+        print("ok")
+    elif isinstance(value, dict):
+        print(" ".join(f"{k}={'-' if v is None else v}" for k, v in value.items()))
+    else:
+        print(value)
+
+
+def _depriv_check(argv: list[str]) -> int:
+    from .depriv.check import main as depriv_check
+
+    return depriv_check(argv)
+
+
+def _split_depriv_check(argv: list[str]) -> list[str] | None:
+    """``depriv-check``'s own arguments when it is the command (after global options only), else None;
+    a global ``--json`` is handed on to it."""
+    if "depriv-check" not in argv:
+        return None
+    at = argv.index("depriv-check")
+    before = argv[:at]
+    flags = {"--json", "-q", "--quiet", "-v", "--verbose"}
+    i = 0
+    while i < len(before):
+        if before[i] in flags:
+            i += 1
+        elif before[i] == "--backend" and i + 1 < len(before):
+            i += 2
+        elif before[i].startswith("--backend="):
+            i += 1
+        else:
+            return None  # something else before it: let the main parser say what
+    return argv[at + 1 :] + (["--json"] if "--json" in before and "--json" not in argv[at + 1 :] else [])
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _show_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    if issubclass(category, MockFallbackWarning):
+        _say(str(message))  # a line for a person, not a warnings dump
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``xendmop`` command.  Exit status: 0 done, 1 refused (by Xen, the kernel, the mock host,
+    or the machine: not a Xen host, no access), 2 a usage error (argparse's, or an argument the
+    library refused before any syscall).  Never a traceback."""
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `xendmop ops | head -3`: the reader went away; say nothing more
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(argv: list[str]) -> int:
+    depriv = _split_depriv_check(argv)
+    if depriv is not None:  # its own parser: options of its own, exit codes 0/1/2
+        return _depriv_check(depriv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    warnings.showwarning = _show_warning
+    if args.quiet:
+        warnings.simplefilter("ignore", MockFallbackWarning)
     if args.command == "mock-host":
         return _mock_host(args)
     out: Callable[[Any], None]
@@ -252,19 +465,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "ops":
             result, out = _catalogue(), _print_ops
         else:
-            method, params = SIMPLE_OPS[args.command]
-            with DeviceModel.open(args.backend) as dm:
-                value = getattr(dm, method)(*(getattr(args, name) for name, _ in params))
-            result = {"op": method, "result": value}
-            out = lambda r: print(r["result"] if r["result"] is not None else "ok")  # noqa: E731
-    except (XenError, ArgumentError) as e:
+            result, out = _call(args), _print_result
+    except ArgumentError as e:  # refused before any syscall: the value given is the problem
+        sub: argparse.ArgumentParser = getattr(args, "parser", parser)
+        sub.error(str(e))
+    except (OSError, ValueError, RuntimeError) as e:
+        message = _why(e)
         if args.json:
-            print(json.dumps({"error": str(e), "errno": getattr(e, "errno", None)}))
+            print(json.dumps({"error": message, "errno": getattr(e, "errno", None)}))
         else:
-            print(f"xendmop: {e}", file=sys.stderr)
+            _say(f"xendmop {args.command}: {message}")
         return 1
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
         out(result)
     return 0
+
+
+def _why(e: BaseException) -> str:
+    """One line for a refusal; a mock host socket that cannot be reached is named, with its variable."""
+    socket_path = os.environ.get(ENV_SOCKET)
+    if (
+        socket_path
+        and isinstance(e, OSError)
+        and not isinstance(e, XenError)
+        and e.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.EACCES, errno.ENOTSOCK)
+    ):
+        return f"the mock host socket {ENV_SOCKET}={socket_path}: {e.strerror or e}"
+    if isinstance(e, OSError) and not isinstance(e, XenError) and e.strerror:
+        named = f" ({e.filename})" if e.filename and str(e.filename) not in e.strerror else ""
+        return e.strerror + named  # without "[Errno N]": the message already says why
+    return str(e)

@@ -205,11 +205,17 @@ def _guest_timeout(marker: pytest.Mark | None) -> float:
 
 @pytest.fixture
 def device_model(xen_host: MockXen) -> Iterator[DeviceModel]:
-    """A ``DeviceModel`` handle on ``xen_host``, closed after the test."""
+    """A ``DeviceModel`` handle on ``xen_host``, closed after the test, which fails if any
+    ioreq server is left in any domain of the host then."""
     from .devicemodel import DeviceModel
 
     with DeviceModel.open("mock", xen=xen_host) as dm:
         yield dm
+        # Every server of every domain, also those made with this handle directly (not through
+        # serve): each holds one of Xen's 8 slots per domain, and Xen frees none by itself.
+        left = _all_servers_left(xen_host)
+        if left:
+            pytest.fail(f"{'; '.join(left)} left behind after the test (destroy_ioreq_server them)", pytrace=False)
 
 
 @pytest.fixture
@@ -252,12 +258,9 @@ def serve(xen_host: MockXen, hvm_domain: int, device_model: DeviceModel) -> Iter
         except BaseException as e:
             problems.append(f"serving loop failed: {type(e).__name__}: {e}")
         for s in thread.servers:
-            errors = s.dispatcher.stats["device-error"]
-            if errors and not allow_device_errors:
-                problems.append(
-                    f"dom{s.domid}: a device raised {errors} time(s) while serving the guest "
-                    "(the guest read all-ones; see the captured log for the traceback)"
-                )
+            stats = s.dispatcher.stats
+            if stats["device-error"] and not allow_device_errors:
+                problems.append(f"dom{s.domid}: {_device_errors(stats)} (see the captured log for the traceback)")
     for domid in sorted({s.domid for thread, _ in running for s in thread.servers} | {hvm_domain}):
         if domid not in xen_host.hypervisor.domains:
             continue  # the test destroyed the domain, and its servers with it
@@ -267,6 +270,31 @@ def serve(xen_host: MockXen, hvm_domain: int, device_model: DeviceModel) -> Iter
             problems.append(str(e))
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)
+
+
+def _device_errors(stats: Mapping[str, int]) -> str:
+    """What a device's failures did to the guest, told apart: a failed read floats the bus
+    (all-ones), a failed write is dropped, a failed timeoffset callback is ignored."""
+    reads, writes = stats["device-error-read"], stats["device-error-write"]
+    other = stats["device-error"] - reads - writes
+    said = []
+    if reads:
+        said.append(f"{reads} read(s) raised or returned a value wider than the access (the guest read all-ones)")
+    if writes:
+        said.append(f"{writes} write(s) raised (the write was dropped)")
+    if other:
+        said.append(f"{other} other callback(s) raised")
+    return "a device failed while serving the guest: " + "; ".join(said)
+
+
+def _all_servers_left(xen: MockXen) -> list[str]:
+    """Every ioreq server still registered in any domain of ``xen``, as ``domN: [ids]``."""
+    left = []
+    for domid in sorted(xen.hypervisor.domains):
+        servers = [i for i, s in enumerate(xen.domain(domid).snapshot()["servers"]) if s is not None]
+        if servers:
+            left.append(f"dom{domid}: ioreq server(s) {servers}")
+    return left
 
 
 def _name(device: object) -> str:

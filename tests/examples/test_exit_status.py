@@ -43,8 +43,12 @@ def test_help_states_the_shared_exit_statuses(name: str) -> None:
     ("name", "args", "serving"),
     [
         ("uart16550", [], "uart16550: serving dom1's COM1; Ctrl-C to stop"),
-        ("pci_edu", [], "pci_edu: edu at 0000:00:04.0 of dom1; Ctrl-C to stop"),
-        ("framebuffer", ["--interval", "0"], "framebuffer: framebuffer for dom1 on ports 0x1ce/0x1cf; Ctrl-C to stop"),
+        ("pci_edu", [], "pci_edu: serving dom1's edu at 0000:00:04.0; Ctrl-C to stop"),
+        (
+            "framebuffer",
+            ["--interval", "0"],
+            "framebuffer: serving dom1's display on ports 0x1ce/0x1cf; Ctrl-C to stop",
+        ),
     ],
 )
 def test_serving_a_domain_until_a_signal_exits_0_and_leaves_no_server(

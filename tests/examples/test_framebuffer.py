@@ -286,7 +286,7 @@ def run(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProce
 
 
 def test_command_line_writes_the_snapshot(tmp_path: Path) -> None:
-    done = run("--output", str(tmp_path / "out.png"), cwd=tmp_path)
+    done = run("--verbose", "--output", str(tmp_path / "out.png"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"square: re-read {square_pages()} of 63 pages" in done.stdout
     assert "ioreq server 0 destroyed" in done.stderr
@@ -308,7 +308,7 @@ def test_command_line_refusals(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_tears_the_server_down(tmp_path: Path, signum: int) -> None:
-    status, out, err = hold_until_signal(SCRIPT, "--output", str(tmp_path / "fb.png"), signum=signum)
+    status, out, err = hold_until_signal(SCRIPT, "--verbose", "--output", str(tmp_path / "fb.png"), signum=signum)
     assert status == 0, err
     assert f"signal {signum}: ioreq server destroyed, none left in the domain" in out
     assert "ioreq server 0 destroyed" in err

@@ -142,7 +142,7 @@ def test_console_on_a_pty_both_ways_deprivileged(mock_host_process: str) -> None
 
 @pytest.mark.parametrize("name", ["virtio_rng", "virtio_blk", "virtio_console"])
 def test_command_line_on_the_mock(name: str) -> None:
-    done = run(name)
+    done = run(name, "--verbose")  # the runtime's INFO lines only with --verbose, as in every example
     assert done.returncode == 0, done.stderr
     assert "ioreq server 0 destroyed" in done.stderr
     helped = run(name, "--help")
@@ -282,7 +282,7 @@ def namespace() -> Iterator[str]:
 
 def test_guest_and_host_ping_each_other_through_a_real_tap(namespace: str) -> None:
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "examples" / "virtio_net.py"), "--netns", namespace, "--answer", "20"],
+        [sys.executable, str(ROOT / "examples" / "virtio_net.py"), "--netns", namespace, "--answer", "20", "--verbose"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -302,7 +302,7 @@ def test_guest_and_host_ping_each_other_through_a_real_tap(namespace: str) -> No
         proc.terminate()
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
-        assert "ioreq server 0 destroyed" in err
+        assert "ioreq server 0 destroyed" in err  # the runtime's INFO line (--verbose)
     finally:
         proc.kill()
         proc.wait()

@@ -74,6 +74,26 @@ class OsDevice:
         return f"OsDevice({self.path!r}, fd={self._fd})"
 
 
+def xen_host_signs(root: str = "/") -> list[str]:
+    """What shows this machine is a Xen host (a dom0, or a guest of Xen), even when nothing of
+    Xen can be opened by this user: the privcmd device node, ``/proc/xen`` (the xenfs mount
+    point Linux creates when it runs on Xen) and ``/sys/hypervisor/type`` reading ``xen``.
+    Empty off Xen.  ``root``: where ``/`` is (tests)."""
+    signs = []
+    if os.path.exists(os.path.join(root, PRIVCMD_PATH.lstrip("/"))):
+        signs.append(f"{PRIVCMD_PATH} exists")
+    if os.path.exists(os.path.join(root, "proc/xen")):
+        signs.append("/proc/xen exists")
+    try:
+        with open(os.path.join(root, "sys/hypervisor/type")) as f:
+            kind = f.read().strip()
+    except OSError:
+        kind = ""
+    if kind == "xen":
+        signs.append("/sys/hypervisor/type is xen")
+    return signs
+
+
 def open_device(path: str) -> Device:
     """Open a Xen device read-write, close-on-exec, as libxencall and libxendevicemodel do."""
     try:

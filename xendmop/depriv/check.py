@@ -416,9 +416,19 @@ def _rlimit_arg(text: str) -> tuple[str, int]:
     return name, int(value, 0)
 
 
+def _pid(text: str) -> int:
+    """A process id (a positive integer): psutil would raise ValueError on the rest, a traceback."""
+    if not (text.isascii() and text.isdigit()) or int(text) <= 0 or len(text) > 10:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a process id, a positive integer")
+    return int(text)
+
+
+_pid.__name__ = "pid"
+
+
 def parser(prog: str = "xendmop depriv-check") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Audit a running, deprivileged device-model process.")
-    p.add_argument("pid", type=int, help="process to inspect")
+    p.add_argument("pid", type=_pid, help="process to inspect")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--domid", type=int, help="the domain its privcmd fds must be restricted to")
     p.add_argument("--uid", type=int, help="expected uid")

@@ -425,6 +425,7 @@ class _Connection:
         #: disconnect (a client must not be able to flood the host's log)
         self._posted_failed = 0
         self.broken = False
+        self._released = False
         self.thread = threading.Thread(target=self.run, name=f"mock-host client pid {pid}", daemon=True)
 
     # --- memory requests while an ioctl is in flight ------------------------------------
@@ -508,6 +509,9 @@ class _Connection:
         fd; privcmd.c ``privcmd_release``, evtchn.c ``evtchn_release`` unbinding its ports).
         Its ioreq servers stay registered: Xen destroys a server only on request or with the
         domain (xen/common/ioreq.c ``ioreq_server_destroy``/``ioreq_server_destroy_all``)."""
+        if not self._released:
+            self._released = True
+            log.info("mock-host: client pid %d uid %d disconnected", self.info.pid, self.info.uid)
         self.broken = True
         self._bells = []
         if self._posted_failed > 1:

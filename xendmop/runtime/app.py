@@ -46,7 +46,7 @@ from ..abi.xen import DOMID_FIRST_RESERVED
 from ..devicemodel import DeviceModel
 from ..errors import XenError
 from .foreignmemory import ForeignMemory
-from .server import IoreqServer, ServeLoop
+from .server import DOMAIN_GONE_ERRNOS, HOST_GONE_ERRNOS, DomainGone, HostGone, IoreqServer, ServeLoop
 
 if TYPE_CHECKING:
     from ..depriv import DropConfig
@@ -54,10 +54,15 @@ if TYPE_CHECKING:
     from ..mock.remote import RemoteXen
 
 __all__ = [
+    "DOMAIN_GONE_ERRNOS",
     "ENV_SOCKET",
     "EXIT_STATUS_HELP",
     "Connection",
+    "DomainGone",
     "GuestKind",
+    "HostGone",
+    "means_gone",
+    "not_xen_host",
     "GuestRun",
     "NotHvmError",
     "Target",
@@ -72,11 +77,14 @@ __all__ = [
     "parse_ids",
     "require_hvm",
     "run_guest_script",
+    "run_connection",
     "run_guest_while_serving",
     "run_target",
     "serve_until_signal",
+    "setup_logging",
     "start_daemon_thread",
     "stopped_line",
+    "unless_gone",
 ]
 
 log = logging.getLogger("xendmop.app")
@@ -89,13 +97,16 @@ GuestKind = Literal["hvm", "pvh", "pv"]
 _KINDS: tuple[GuestKind, ...] = ("hvm", "pvh", "pv")
 #: how long ``xenstore-read`` may take before the kind counts as unknown
 XENSTORE_TIMEOUT = 10.0
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: after a signal, how long the guest thread gets to finish (it may be blocked on the stopped device)
 SIGNAL_JOIN_TIMEOUT = 1.0
 _ID_MAX = 0xFFFFFFFE  # (uid_t)-1 means "unchanged" to setresuid
 #: what every example's ``--help`` says about how it exits (the same statuses for all of them)
 EXIT_STATUS_HELP = (
-    "Exit status: 0 when done, also when stopped by SIGINT (Ctrl-C) or SIGTERM with the ioreq server destroyed; "
-    "1 when Xen, the kernel or the mock host refused, or an ioreq server was left in the domain; "
+    "Exit status: 0 when done, also when stopped by SIGINT (Ctrl-C) or SIGTERM with the ioreq server destroyed, "
+    "and when the domain is gone (destroyed or powered off: the normal end of a guest, and of its device model); "
+    "1 when Xen, the kernel or the mock host refused, an ioreq server was left in the domain, "
+    "or the mock host process is gone; "
     "2 for a usage error, such as a domain that is not HVM for a device that sends interrupts."
 )
 
@@ -175,10 +186,23 @@ def add_arguments(parser: argparse.ArgumentParser, *, hold: bool = False, assume
     )
     parser.add_argument("--depriv", type=parse_ids, metavar="UID:GID", help="drop to these ids after bring-up")
     parser.add_argument("--chroot", help="with --depriv: an empty root-owned directory to chroot into")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the device model does (INFO)")
+    parser.add_argument(
+        "--trace", action="store_true", help="also log every ioreq: vCPU, type, address, size, data, the answer"
+    )
     if hold:
         parser.add_argument("--hold", action="store_true", help="on the mock: keep serving after the guest script")
     if assume_hvm:
         parser.add_argument("--assume-hvm", action="store_true", help="serve even if the guest type cannot be read")
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """The examples' logging: warnings and errors only, as ``<logger>: <message>`` on stderr;
+    ``--verbose`` adds INFO, ``--trace`` also every ioreq (DEBUG on ``xendmop.ioreq``)."""
+    verbose, trace = bool(getattr(args, "verbose", False)), bool(getattr(args, "trace", False))
+    logging.basicConfig(level=logging.INFO if verbose or trace else logging.WARNING, format="%(name)s: %(message)s")
+    if trace:
+        logging.getLogger("xendmop.ioreq").setLevel(logging.DEBUG)
 
 
 def parse(
@@ -186,6 +210,7 @@ def parse(
 ) -> tuple[argparse.Namespace, Target]:
     """``parser.parse_args(argv)`` and its ``Target``; a ``UsageError`` exits through ``parser.error`` (status 2)."""
     args = parser.parse_args(argv)
+    setup_logging(args)
     try:
         return args, Target.from_args(args, environ)
     except UsageError as e:
@@ -474,14 +499,86 @@ def run_target(
         with target.connect() as connection:
             if hvm_only:
                 connection.require_hvm()
-            return body(connection)
+            return run_connection(connection, body, name=name, report=report)
     except NotHvmError as e:
+        if e.kind is None and target.where is Where.XEN:
+            e = not_xen_host(e)
         if parser is None:
-            raise
+            raise e from None
         parser.error(str(e))
     except (OSError, ValueError, RuntimeError) as e:
+        if target.where is Where.MOCK_HOST and _host_gone(e):  # also while closing the connection
+            report(_host_gone_line(name))
+            return 1
         report(f"{name}: dom{target.domid}: {e}")
         return 1
+
+
+def run_connection(
+    connection: Connection, body: Callable[[Connection], int], *, name: str, report: Callable[[str], None] | None = None
+) -> int:
+    """``body(connection)``, ending well when the domain or the mock host went away meanwhile.
+
+    ``DomainGone`` (from ``ServeLoop.run``: the guest was destroyed or powered off while
+    served) is reported as one line, ``<name>: dom<N> is gone (destroyed or powered off);
+    stopped serving``, and gives 0: a guest's end is a device model's normal end (QEMU exits
+    0 then).  ``HostGone`` (a mock host process that died) gives ``<name>: the mock host is
+    gone; stopped serving`` and 1.  The teardown before either is quiet: what fails there
+    fails only because the domain or the host is gone.  Anything else ``body`` raises
+    propagates (``run_target`` reports it)."""
+    if report is None:
+        report = _to_stderr
+    try:
+        return body(connection)
+    except DomainGone as e:
+        report(f"{name}: {e}; stopped serving")
+        return 0
+    except HostGone:
+        report(_host_gone_line(name))
+        return 1
+
+
+def not_xen_host(e: NotHvmError) -> NotHvmError:
+    """``e`` (a domain of unknown type) as what it is off Xen: no domain to serve at all, rather
+    than a hint to ``--assume-hvm``; ``e`` itself on a Xen host."""
+    from ..backends.device import xen_host_signs
+
+    if xen_host_signs():
+        return e
+    said = NotHvmError(e.domid, None)
+    said.args = (
+        f"--domid {e.domid}: this is not a Xen host (no /dev/xen/privcmd, no /proc/xen); --domid serves a domain "
+        f"of a real dom0, or of the mock host process ${ENV_SOCKET} names; without --domid the example runs on "
+        "the simulated Xen",
+    )
+    return said
+
+
+def _host_gone(e: BaseException) -> bool:
+    return isinstance(e, HostGone) or (isinstance(e, OSError) and e.errno in HOST_GONE_ERRNOS)
+
+
+def _host_gone_line(name: str) -> str:
+    return f"{name}: the mock host is gone; stopped serving"
+
+
+def means_gone(e: BaseException) -> bool:
+    """Whether a failed call may say only that the domain is gone (ESRCH, ENOENT: see
+    ``DOMAIN_GONE_ERRNOS``) or that the mock host process is (a broken connection)."""
+    return isinstance(e, OSError) and (e.errno in DOMAIN_GONE_ERRNOS or e.errno in HOST_GONE_ERRNOS)
+
+
+@contextlib.contextmanager
+def unless_gone() -> Iterator[None]:
+    """For a device's own teardown DMOPs (lowering its IRQ, stopping dirty tracking): suppress
+    a failure that only says the domain or the mock host is gone (``DomainGone``'s errnos
+    ESRCH/ENOENT, a broken mock host connection); anything else propagates."""
+    try:
+        yield
+    except OSError as e:
+        if not means_gone(e):
+            raise
+        log.debug("teardown after the domain or host went away: %s", e)
 
 
 def _to_stderr(line: str) -> None:
@@ -492,7 +589,15 @@ def serve_until_signal(loop: ServeLoop, *, on_ready: Callable[[], object] | None
     """Start ``loop``'s servers (each drops privileges if it was built to), call ``on_ready``,
     then serve in this thread until SIGINT/SIGTERM (or ``loop.stop()``); return the signal.
     The servers are torn down on the way out, also when starting or ``on_ready`` failed.
-    A signal is the ordinary way to stop: the caller exits 0 after it (``EXIT_STATUS_HELP``)."""
+    A signal is the ordinary way to stop: the caller exits 0 after it (``EXIT_STATUS_HELP``).
+
+    In the main thread SIGINT/SIGTERM only ask the loop to stop from the first server's
+    bring-up to the last one's teardown (a signal during bring-up stops it once up; a
+    KeyboardInterrupt can break neither), and once a signal has stopped the loop, later
+    ones are ignored for the rest of the program: it is on its way out, and its own
+    teardown (a tap, a terminal) must finish too."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, loop.on_signal) for sig in _STOP_SIGNALS} if main else {}
     try:
         for server in loop.servers:
             server.start()
@@ -502,6 +607,8 @@ def serve_until_signal(loop: ServeLoop, *, on_ready: Callable[[], object] | None
     finally:
         for server in reversed(loop.servers):
             server.close()  # idempotent: run() closes them too
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_IGN if loop.signal is not None else handler)
 
 
 def stopped_line(name: str, signum: int | None) -> str:

@@ -79,6 +79,8 @@ from ..abi.ioreq import (
 )
 
 log = logging.getLogger("xendmop.runtime")
+#: every ioreq answered, at DEBUG, when enabled (``--trace``): see ``Dispatcher.handle_slot_traced``
+trace = logging.getLogger("xendmop.ioreq")
 
 IOREQ_SIZE = 32
 #: byte of ``struct ioreq`` holding ``state:4, data_is_ptr:1, dir:1, df:1``
@@ -469,7 +471,8 @@ class Dispatcher:
                     data = region.device.read(offset, size)
                     if data.__class__ is not int and not isinstance(data, int):
                         raise TypeError(f"read returned {type(data).__name__}, not int")
-                    data &= mask
+                    if data & ~mask:  # more bits than the access (or negative): the device's bug, not truncated
+                        raise ValueError(f"read returned {data:#x}, which does not fit {size} byte(s)")
                 except Exception:
                     data = self._read_failed(region, offset, size)
             else:
@@ -486,6 +489,20 @@ class Dispatcher:
             return self._badness(vcpu, flags)
         page[state_at] = (flags & 0xF0) | STATE_IORESP_READY  # data before state: see the docstring
         return True
+
+    def handle_slot_traced(self, page: memoryview, vcpu: int) -> bool:
+        """``handle_slot``, logging each ioreq answered (vCPU, type, direction, address, size,
+        data, the answer) at DEBUG on the ``xendmop.ioreq`` logger: what ``--trace`` shows.
+        The slot is read once more for the log only; the access itself is ``handle_slot``'s."""
+        off = vcpu * IOREQ_SIZE
+        req = None
+        if 0 <= off and off + IOREQ_SIZE <= len(page) and page[off + STATE_BYTE] & 0xF == STATE_IOREQ_READY:
+            req = Ioreq.from_bytes(page, off)
+        notify = self.handle_slot(page, vcpu)
+        if req is not None:
+            (answer,) = _DATA.unpack_from(page, off + 8)
+            trace.debug("vCPU %d: %s -> data=%#x", vcpu, req, answer)
+        return notify
 
     def handle_slot_generic(self, page: memoryview, vcpu: int) -> bool:
         """``handle_slot`` with every ioreq through ``execute`` (no fast path): the
@@ -599,13 +616,17 @@ class Dispatcher:
             value = region.device.read(offset, size)
             if not isinstance(value, int):
                 raise TypeError(f"read returned {type(value).__name__}, not int")
-            return value & all_ones(size)  # an int subclass's & raising is the device's fault too
+            mask = all_ones(size)
+            if value & ~mask:  # an int subclass's & raising is the device's fault too
+                raise ValueError(f"read returned {value:#x}, which does not fit {size} byte(s)")
+            return value & mask
         except Exception:
             return self._read_failed(region, offset, size)
 
     def _read_failed(self, region: Region, offset: int, size: int) -> int:
         """Log the exception being handled (a device's read raised) and float the bus."""
         self.stats["device-error"] += 1
+        self.stats["device-error-read"] += 1
         self.ratelog(
             logging.ERROR, "device", "device %s raised on read(%#x, %d)", region.name, offset, size, exc_info=True
         )
@@ -621,6 +642,7 @@ class Dispatcher:
     def _write_failed(self, region: Region, offset: int, size: int, value: int) -> None:
         """Log the exception being handled (a device's write raised); the write is dropped."""
         self.stats["device-error"] += 1
+        self.stats["device-error-write"] += 1
         self.ratelog(
             logging.ERROR,
             "device",

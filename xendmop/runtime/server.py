@@ -60,6 +60,7 @@ import select
 import selectors
 import signal
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
 from types import FrameType, TracebackType
@@ -81,13 +82,60 @@ from .dispatch import (
     Region,
     StoreReadPointer,
 )
+from .dispatch import trace as ioreq_trace
 from .evtchn import EventChannel, open_evtchn_device
 from .foreignmemory import ForeignMemory, GuestRam, Mapping
 from .pci import PciFunction
 
 log = logging.getLogger("xendmop.runtime")
 
-__all__ = ["IoreqServer", "ServeLoop", "TakeoverError", "serve_forever", "serve_forever_async"]
+__all__ = [
+    "DOMAIN_GONE_ERRNOS",
+    "HOST_GONE_ERRNOS",
+    "DomainGone",
+    "HostGone",
+    "IoreqServer",
+    "ServeLoop",
+    "TakeoverError",
+    "serve_forever",
+    "serve_forever_async",
+]
+
+#: How Xen answers a DMOP about our own ioreq server once the domain is gone.  ESRCH: the
+#: domain no longer exists (``rcu_lock_remote_domain_by_id``, xen/common/domain.c, as
+#: ``dm_op`` in xen/arch/x86/hvm/dm.c looks it up).  ENOENT: the domain still exists but is
+#: dying, and ``domain_kill`` has already destroyed its ioreq servers
+#: (``domain_relinquish_resources`` → ``hvm_domain_relinquish_resources``,
+#: xen/arch/x86/hvm/hvm.c → ``ioreq_server_destroy_all``, xen/common/ioreq.c), so
+#: ``get_server`` finds no server by our id.  Xen sends no event for either.
+DOMAIN_GONE_ERRNOS = frozenset({errno.ESRCH, errno.ENOENT})
+#: How a call fails once a mock host process went away (its socket broken): never on real Xen.
+HOST_GONE_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED})
+#: seconds between ``ServeLoop``'s checks that each server's domain (and the host) is still there
+WATCH_INTERVAL = 1.0
+
+
+class DomainGone(Exception):
+    """The served domain is gone (destroyed, or dying with its ioreq servers already freed by Xen).
+
+    Raised by ``IoreqServer.check_alive`` and so by ``ServeLoop.run``, after which the servers
+    are torn down quietly (what fails then fails only because the domain is gone).  Not an
+    error for a device model: a guest powering off ends it, as it ends QEMU (exit 0)."""
+
+    def __init__(self, domid: int, cause: BaseException | None = None) -> None:
+        super().__init__(f"dom{domid} is gone (destroyed or powered off)")
+        self.domid = domid
+        self.cause = cause
+
+
+class HostGone(ConnectionError):
+    """The Xen the server talked to cannot be reached any more: a mock host process that died."""
+
+    def __init__(self, domid: int, cause: BaseException | None = None) -> None:
+        why = f": {cause.strerror if isinstance(cause, OSError) and cause.strerror else cause}" if cause else ""
+        super().__init__(errno.EPIPE, f"the host serving dom{domid} is gone{why}")
+        self.domid = domid
+        self.cause = cause
 
 #: errno of MMAP_RESOURCE meaning "no resource mapping here" (QEMU falls back on EOPNOTSUPP;
 #: a kernel without the ioctl says ENOTTY, libxenforeignmemory turns that into EOPNOTSUPP).
@@ -126,7 +174,8 @@ class IoreqServer:
 
     ``dm``: the ``DeviceModel`` handle that issues the DMOPs (not closed here).
     ``opener``: opens ``/dev/xen/privcmd`` and ``/dev/xen/evtchn`` (the mock host's
-    ``open_device``); by default the real devices.  ``bufioreq``: OFF by default;
+    ``open_device``); by default the way ``dm`` opened its own (the real devices, or the
+    mock's that ``DeviceModel.open("mock", ...)`` was given).  ``bufioreq``: OFF by default;
     LEGACY drains the ring with plain stores; ATOMIC needs libatomic (see
     ``dispatch.StoreReadPointer``).  ``restrict``: restrict this server's privcmd and
     evtchn handles to ``domid`` before creating anything.
@@ -168,6 +217,10 @@ class IoreqServer:
         if handles == "libxen" and opener is not None:
             raise ValueError("handles='libxen' opens no device: it cannot take an opener")
         self._handles = handles
+        if opener is None and handles == "device":
+            # Reach Xen the way the DeviceModel does: a DeviceModel opened on a mock (in this
+            # process or a mock host's) hands its opener on, so privcmd and evtchn are the mock's.
+            opener = getattr(dm.backend, "host_opener", None)
         if deprivilege is not None:
             deprivilege.validate()  # DeprivConfigError now, before anything exists in Xen
         self.dm = dm
@@ -199,6 +252,9 @@ class IoreqServer:
         self._on_created = on_created
         #: slots answered or notified again at a takeover (READY, INPROCESS or IORESP_READY ones)
         self.resumed: list[int] = []
+        #: ``"domain"`` once ``check_alive`` found the domain gone, ``"host"`` once the host; teardown is then quiet
+        self.gone: str | None = None
+        self._unwatchable = False  # check_alive's question was refused for another reason: not asked again
 
     # --- bring-up ----------------------------------------------------------------------
 
@@ -368,6 +424,41 @@ class IoreqServer:
         self.bufpage = m.view[PAGE_SIZE : 2 * PAGE_SIZE] if buf else None
         return info.bufioreq_port if buf else None
 
+    # --- is the domain still there? ------------------------------------------------------
+
+    def check_alive(self) -> None:
+        """Ask Xen about this server (``get_ioreq_server_info`` without gfns: nothing is
+        allocated or mapped); raise ``DomainGone`` when it answers that the domain or the
+        server is gone (``DOMAIN_GONE_ERRNOS``), ``HostGone`` when a mock host process is
+        gone (``HOST_GONE_ERRNOS``).  Any other refusal is logged once and the server is not
+        asked again (serving goes on).  Nothing on a server not started.  ``ServeLoop``
+        calls it every ``WATCH_INTERVAL`` seconds."""
+        sid = self.id
+        if sid is None or self._unwatchable:
+            return
+        try:
+            # A server on legacy gfns asks for them again (Xen before 4.12 has no XEN_DMOP_no_gfns
+            # flag: its pad must be 0); one on resource-mapped pages must not ask for gfns.
+            self.dm.get_ioreq_server_info(self.domid, sid, gfns=self.legacy_gfns)
+        except XenError as e:
+            if e.errno in DOMAIN_GONE_ERRNOS:
+                self.gone = "domain"
+                raise DomainGone(self.domid, e) from None
+            if e.errno in HOST_GONE_ERRNOS:
+                self.gone = "host"
+                raise HostGone(self.domid, e) from None
+            # Anything else says nothing about the domain: keep serving, without the watch.
+            self._unwatchable = True
+            log.warning(
+                "dom%d: cannot ask Xen about ioreq server %d (%s); its end will not be noticed", self.domid, sid, e
+            )
+
+    def _quiet(self, e: BaseException) -> bool:
+        """Whether a teardown failure is only the consequence of the domain or the host being gone."""
+        if self.gone == "host":
+            return True
+        return self.gone == "domain" and isinstance(e, OSError) and e.errno in DOMAIN_GONE_ERRNOS
+
     # --- teardown ------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -377,11 +468,14 @@ class IoreqServer:
             self._close()
 
     def _close(self) -> None:
-        def step(what: str, fn: Callable[[], object]) -> None:
+        def step(what: str, fn: Callable[[], object]) -> bool:
             try:
                 fn()
             except Exception as e:
-                log.error("dom%d: ioreq server %s: %s failed: %s", self.domid, self.id, what, e)
+                level = logging.DEBUG if self._quiet(e) else logging.ERROR
+                log.log(level, "dom%d: ioreq server %s: %s failed: %s", self.domid, self.id, what, e)
+                return False
+            return True
 
         evtchn, self._evtchn = self._evtchn, None
         if evtchn is not None:
@@ -407,8 +501,8 @@ class IoreqServer:
                 step("unmap pages", lambda m=m: fmem.unmap(m))  # type: ignore[misc]
         self._maps = []
         if sid is not None:
-            step("destroy", lambda: self.dm.destroy_ioreq_server(self.domid, sid))  # also frees its ranges
-            log.info("dom%d: ioreq server %d destroyed", self.domid, sid)
+            if step("destroy", lambda: self.dm.destroy_ioreq_server(self.domid, sid)):  # also frees its ranges
+                log.info("dom%d: ioreq server %d destroyed", self.domid, sid)
         self.id = None
         self._xen_ranges = []
         if fmem is not None:
@@ -475,7 +569,7 @@ class IoreqServer:
                     handled += 1
                     if handled >= limit:
                         return handled
-            unmask, notify, handle_slot = evtchn.unmask, evtchn.notify, self.dispatcher.handle_slot
+            unmask, notify, handle_slot = evtchn.unmask, evtchn.notify, self._slot_handler()
             vcpu_by_port, buffered = self._vcpu_by_port, self.bufpage is not None
             for port in ports:
                 # Unmask before handling, as QEMU's cpu_get_ioreq: an event raised from here
@@ -491,10 +585,17 @@ class IoreqServer:
                     notify(port)
             return handled + len(ports)
 
+    def _slot_handler(self) -> Callable[[memoryview, int], bool]:
+        """``handle_slot``, or its tracing form while the ``xendmop.ioreq`` logger is on at DEBUG."""
+        if ioreq_trace.isEnabledFor(logging.DEBUG):
+            return self.dispatcher.handle_slot_traced
+        return self.dispatcher.handle_slot
+
     def _rescan(self, evtchn: EventChannel, page: memoryview) -> None:
+        handle_slot = self._slot_handler()
         for vcpu, port in enumerate(self.vcpu_ports):
             evtchn.unmask(port)
-            if self.dispatcher.handle_slot(page, vcpu):
+            if handle_slot(page, vcpu):
                 evtchn.notify(port)
 
     def drain_buffered(self) -> int:
@@ -544,12 +645,16 @@ class IoreqServer:
 
     def add_port_range(self, start: int, end: int, device: IoDevice, name: str = "") -> None:
         """Route guest ports ``[start, end]`` to ``device`` (offsets from ``start``)."""
+        if start > end:
+            raise ValueError(f"port range [{start:#x}, {end:#x}] is reversed: the first port comes first")
         if not 0 <= start <= end <= 0xFFFF:
             raise ValueError(f"port range [{start:#x}, {end:#x}] outside 0..0xffff")
         self._add("port", start, end, device, name)
 
     def add_mmio_range(self, start: int, end: int, device: IoDevice, name: str = "") -> None:
         """Route guest-physical ``[start, end]`` to ``device`` (offsets from ``start``)."""
+        if start > end:
+            raise ValueError(f"MMIO range [{start:#x}, {end:#x}] is reversed: the first address comes first")
         self._add("mmio", start, end, device, name)
 
     def remove_range(self, is_mmio: bool, start: int, end: int) -> None:
@@ -609,11 +714,18 @@ class ServeLoop:
 
     ``stop()`` is safe from any thread and from signal handlers.  When ``run``
     returns — stopped, signalled or by an exception — every server is closed.
+
+    Xen tells a device model nothing when its domain is destroyed, so every ``watch``
+    seconds (default ``WATCH_INTERVAL``; None: never) the loop asks Xen whether each
+    server is still there (``IoreqServer.check_alive``, one DMOP), and also at once when
+    a callback fails with an errno that may mean so; ``run`` then raises ``DomainGone``
+    (or ``HostGone`` for a mock host process that died) after a quiet teardown.
     """
 
-    def __init__(self, *servers: IoreqServer, tick: float = 0.1) -> None:
+    def __init__(self, *servers: IoreqServer, tick: float = 0.1, watch: float | None = WATCH_INTERVAL) -> None:
         self.servers = servers
         self.tick = tick
+        self.watch = watch
         self.signal: int | None = None
         self._stop = False
         # The wake-up eventfd lives only while run() does: a loop never run leaks nothing,
@@ -660,6 +772,11 @@ class ServeLoop:
             except OSError:  # counter saturated: the loop is being woken anyway
                 pass
 
+    def on_signal(self, signum: int, frame: FrameType | None = None) -> None:
+        """A signal handler that stops the loop and records ``signum`` (what ``run`` installs
+        for SIGINT/SIGTERM; a program may install it for longer, as ``app.serve_until_signal``)."""
+        self._on_signal(signum, frame)
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only a flag and a wake-up: the access in progress completes before teardown.
         # No lock: the handler runs in the main thread, which may hold it in run()'s finally.
@@ -667,7 +784,14 @@ class ServeLoop:
         self._stop = True
         self._poke()
 
+    def _check_alive(self) -> None:
+        for s in self.servers:
+            s.check_alive()
+
     def run(self, *, handle_signals: bool = True) -> int | None:
+        """Start the servers, serve until ``stop()`` or SIGTERM/SIGINT (returns the signal, or
+        None), close every server.  Raises ``DomainGone``/``HostGone`` when a server's domain or
+        its host went away (see the class), and what a server or callback raised."""
         previous: dict[signal.Signals, Any] = {}
         # Two epolls: the loop waits on its own for the servers and the wake-up, and
         # ``sel`` (where add_reader/remove_reader register the readers) sits inside it as
@@ -692,32 +816,42 @@ class ServeLoop:
             poller.register(sel.fileno(), select.EPOLLIN)
             self._sel = sel
             poll, tick, handler_for = poller.poll, self.tick, handlers.get
+            watch, monotonic = self.watch, time.monotonic
+            next_check = monotonic() + watch if watch is not None else None
             while not self._stop:
                 ready = poll(tick)
-                for fd, _events in ready:
-                    handle = handler_for(fd)
-                    if handle is not None:
-                        handle()
-                    elif fd == wake:
-                        try:
-                            os.eventfd_read(wake)
-                        except BlockingIOError:
-                            pass
-                    else:  # sel's epoll: some readers are readable
-                        for key, _ in sel.select(0):
-                            key.data()
-                if not ready:
-                    for s in self.servers:
-                        s.drain_buffered()
+                try:
+                    for fd, _events in ready:
+                        handle = handler_for(fd)
+                        if handle is not None:
+                            handle()
+                        elif fd == wake:
+                            try:
+                                os.eventfd_read(wake)
+                            except BlockingIOError:
+                                pass
+                        else:  # sel's epoll: some readers are readable
+                            for key, _ in sel.select(0):
+                                key.data()
+                    if not ready:
+                        for s in self.servers:
+                            s.drain_buffered()
+                except OSError as e:
+                    if e.errno in DOMAIN_GONE_ERRNOS or e.errno in HOST_GONE_ERRNOS:
+                        self._check_alive()  # a domain or host gone explains it: DomainGone or HostGone
+                    raise
+                if next_check is not None and monotonic() >= next_check:
+                    self._check_alive()
+                    next_check = monotonic() + (watch or 0.0)
             return self.signal
         finally:
             self._sel = None
             sel.close()
             poller.close()
+            for s in reversed(self.servers):
+                s.close()  # before the previous handlers are back: a second signal cannot break the teardown
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            for s in reversed(self.servers):
-                s.close()
             with self._wake_lock:
                 fd, self._wake = self._wake, -1
                 os.close(fd)
@@ -733,13 +867,29 @@ def _finish(done: asyncio.Future[int | None], signum: int) -> None:
         done.set_result(signum)
 
 
-async def serve_forever_async(*servers: IoreqServer, handle_signals: bool = True) -> int | None:
+async def serve_forever_async(
+    *servers: IoreqServer, handle_signals: bool = True, watch: float | None = WATCH_INTERVAL
+) -> int | None:
     """The asyncio form: readers on each server's fd; returns on SIGTERM/SIGINT (the
-    signal) or raises ``CancelledError`` when cancelled; servers are closed either way."""
+    signal) or raises ``CancelledError`` when cancelled; servers are closed either way.
+    As ``ServeLoop``, every ``watch`` seconds it asks Xen whether each server's domain is
+    still there, and raises ``DomainGone`` (``HostGone``) after a quiet teardown if not."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[int | None] = loop.create_future()
     installed: list[signal.Signals] = []
     entered: list[IoreqServer] = []
+
+    async def watching(interval: float) -> None:
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                for s in entered:
+                    s.check_alive()
+        except (DomainGone, HostGone, OSError) as e:
+            if not done.done():
+                done.set_exception(e)
+
+    watcher: asyncio.Task[None] | None = None
     try:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -751,8 +901,12 @@ async def serve_forever_async(*servers: IoreqServer, handle_signals: bool = True
         for s in servers:
             await s.__aenter__()
             entered.append(s)
+        if watch is not None:
+            watcher = loop.create_task(watching(watch))
         return await done
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for sig in installed:
             loop.remove_signal_handler(sig)
         for s in reversed(entered):

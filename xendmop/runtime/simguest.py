@@ -33,6 +33,7 @@ from ..abi.ioreq import (
     STATE_IOREQ_READY,
     STATE_IORESP_READY,
 )
+from ..errors import ArgumentError
 from ..types import BufIoreq, IoRangeType
 from .dispatch import IOREQ_SIZE, STATE_BYTE, Ioreq, all_ones
 
@@ -49,6 +50,17 @@ _U32 = (1 << 32) - 1
 _PORT_RANGE = int(IoRangeType.PORT)
 #: the longest single wait for the DM's notify: a destroyed server is noticed this often
 _WAIT_SLICE = 0.05
+_MMIO_SIZES = (1, 2, 4, 8)
+_PCI_SIZES = (1, 2, 4)
+# pytest leaves this module's frames out of a failing test's traceback: a GuestTimeout then
+# shows the test's line and the message, not the simulated guest's source.
+__tracebackhide__ = True
+
+
+def _check_size(op: str, size: int, allowed: tuple[int, ...]) -> None:
+    """Refuse an access size no guest instruction has (a 3-byte load would otherwise float to all-ones)."""
+    if size not in allowed or isinstance(size, bool):
+        raise ArgumentError(op, "size", size, f"must be {', '.join(map(str, allowed[:-1]))} or {allowed[-1]} bytes")
 
 
 def _route(type: int, addr: int, size: int, count: int) -> tuple[int, int, int] | None:
@@ -241,52 +253,79 @@ class SimGuest:
     def _pio(self, port: int, size: int, dir: int, value: int = 0, vcpu: int = 0) -> int:
         return self._access(IOREQ_TYPE_PIO, port, value, 1, size, False, dir, False, vcpu)
 
+    # Every access below: vCPU ``vcpu`` issues it as a guest instruction would, through the
+    # domain's ioreq server for that address (the shared page, the vCPU's event channel) and
+    # waits for the answer; an access no server claims reads all-ones and writes go nowhere,
+    # as on Xen.  ``GuestTimeout`` (naming the vCPU and the access) when no answer comes in
+    # ``timeout`` seconds; ``ArgumentError`` for a size no instruction has.
+
     def outb(self, port: int, value: int, vcpu: int = 0) -> None:
+        """``out`` of one byte ``value`` to I/O port ``port``."""
         self._access(IOREQ_TYPE_PIO, port, value, 1, 1, False, IOREQ_WRITE, False, vcpu)
 
     def outw(self, port: int, value: int, vcpu: int = 0) -> None:
+        """``out`` of a 2-byte ``value`` to I/O port ``port``."""
         self._access(IOREQ_TYPE_PIO, port, value, 1, 2, False, IOREQ_WRITE, False, vcpu)
 
     def outl(self, port: int, value: int, vcpu: int = 0) -> None:
+        """``out`` of a 4-byte ``value`` to I/O port ``port``."""
         self._access(IOREQ_TYPE_PIO, port, value, 1, 4, False, IOREQ_WRITE, False, vcpu)
 
     def inb(self, port: int, vcpu: int = 0) -> int:
+        """``in`` of one byte from I/O port ``port``; returns it."""
         return self._access(IOREQ_TYPE_PIO, port, 0, 1, 1, False, IOREQ_READ, False, vcpu)
 
     def inw(self, port: int, vcpu: int = 0) -> int:
+        """``in`` of 2 bytes from I/O port ``port``; returns them as an int."""
         return self._access(IOREQ_TYPE_PIO, port, 0, 1, 2, False, IOREQ_READ, False, vcpu)
 
     def inl(self, port: int, vcpu: int = 0) -> int:
+        """``in`` of 4 bytes from I/O port ``port``; returns them as an int."""
         return self._access(IOREQ_TYPE_PIO, port, 0, 1, 4, False, IOREQ_READ, False, vcpu)
 
     def mmio_read(self, addr: int, size: int, vcpu: int = 0) -> int:
+        """A load of ``size`` bytes (1, 2, 4 or 8) from guest-physical ``addr``; returns it as an int."""
+        _check_size("mmio_read", size, _MMIO_SIZES)
         return self._access(IOREQ_TYPE_COPY, addr, 0, 1, size, False, IOREQ_READ, False, vcpu)
 
     def mmio_write(self, addr: int, size: int, value: int, vcpu: int = 0) -> None:
+        """A store of ``value`` in ``size`` bytes (1, 2, 4 or 8) to guest-physical ``addr``."""
+        _check_size("mmio_write", size, _MMIO_SIZES)
         self._access(IOREQ_TYPE_COPY, addr, value, 1, size, False, IOREQ_WRITE, False, vcpu)
 
     def pci_config_read(self, sbdf: int, reg: int, size: int, vcpu: int = 0) -> int:
+        """A read of ``size`` bytes (1, 2 or 4) of PCI function ``sbdf``'s config space at ``reg``,
+        as Xen forwards the guest's 0xCF8/0xCFC access (``IOREQ_TYPE_PCI_CONFIG``)."""
+        _check_size("pci_config_read", size, _PCI_SIZES)
         addr = (sbdf << 32) | reg
         return self._access(IOREQ_TYPE_PCI_CONFIG, addr, 0, 1, size, False, IOREQ_READ, False, vcpu)
 
     def pci_config_write(self, sbdf: int, reg: int, size: int, value: int, vcpu: int = 0) -> None:
+        """A write of ``value`` in ``size`` bytes (1, 2 or 4) to PCI function ``sbdf``'s config space at ``reg``."""
+        _check_size("pci_config_write", size, _PCI_SIZES)
         addr = (sbdf << 32) | reg
         self._access(IOREQ_TYPE_PCI_CONFIG, addr, value, 1, size, False, IOREQ_WRITE, False, vcpu)
 
     def rep_outsb(self, port: int, gpa: int, count: int, *, df: bool = False, vcpu: int = 0) -> None:
-        """``rep outsb`` from guest RAM at ``gpa`` (the last byte when ``df``)."""
+        """``rep outsb``: ``count`` bytes from guest RAM at ``gpa`` (the last byte first when ``df``) to ``port``."""
         self._access(IOREQ_TYPE_PIO, port, gpa, count, 1, True, IOREQ_WRITE, df, vcpu)
 
     def rep_insb(self, port: int, gpa: int, count: int, *, df: bool = False, vcpu: int = 0) -> None:
+        """``rep insb``: ``count`` bytes from ``port`` into guest RAM at ``gpa`` (downwards when ``df``)."""
         self._access(IOREQ_TYPE_PIO, port, gpa, count, 1, True, IOREQ_READ, df, vcpu)
 
     def rep_movs_to_mmio(self, addr: int, gpa: int, size: int, count: int, *, df: bool = False, vcpu: int = 0) -> None:
+        """``rep movs`` of ``count`` elements of ``size`` bytes (1, 2, 4 or 8) from guest RAM at
+        ``gpa`` to MMIO at ``addr`` (one ioreq with ``data_is_ptr``, as Xen sends it)."""
+        _check_size("rep_movs_to_mmio", size, _MMIO_SIZES)
         self._access(IOREQ_TYPE_COPY, addr, gpa, count, size, True, IOREQ_WRITE, df, vcpu)
 
     # --- RAM --------------------------------------------------------------------------------------
 
     def write_ram(self, gpa: int, data: bytes) -> None:
+        """Store ``data`` in the guest's RAM at guest-physical ``gpa`` (no ioreq: RAM is the guest's own)."""
         self.xen.guest_write(self.domid, gpa, data)
 
     def read_ram(self, gpa: int, n: int) -> bytes:
+        """``n`` bytes of the guest's RAM from guest-physical ``gpa``."""
         return bytes(self.xen.guest_read(self.domid, gpa, n))

@@ -112,7 +112,6 @@ class Example:
         problem = self.validate(args) if self.validate is not None else None
         if problem is not None:
             self.parser.error(problem)
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
         if target.where is app.Where.MOCK:
             try:
                 self.run_on_mock(args)
@@ -132,8 +131,15 @@ class Example:
                 if self.attach is not None:
                     self.attach(device, loop)
 
-                def ready() -> None:
-                    log.info("%s at 0000:00:%02x.0 of dom%d; Ctrl-C to stop", self.name, args.slot, connection.domid)
+                def ready() -> None:  # once the server is up (and deprivileged): a refused domain is never announced
+                    drop = connection.drop
+                    dropped = f"; deprivileged to uid {drop.uid} gid {drop.gid}" if drop else ""
+                    print(
+                        f"{self.name}: serving dom{connection.domid}'s {self.name} at 0000:00:{args.slot:02x}.0"
+                        f"{dropped}; Ctrl-C to stop",
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
                 signum = app.serve_until_signal(loop, on_ready=ready)
             finally:
