@@ -353,10 +353,13 @@ class PrivcmdDevice(_DeviceBase):
             return -errno.EFAULT
         if self._restricted and m.dom != self.restrict_domid:
             return -errno.EPERM
-        if num <= 0 or num > (1 << 31):  # (m.num <= 0) || nr_pages > (LONG_MAX >> PAGE_SHIFT)
+        # (m.num <= 0) || nr_pages > (LONG_MAX >> PAGE_SHIFT): m.num is an unsigned int, so
+        # nr_pages (DIV_ROUND_UP(m.num, XEN_PFN_PER_PAGE)) never exceeds the bound: only 0 is
+        # EINVAL (the lab: num 2**31+1 over a short array is EFAULT, "raw mmapbatch array bounds")
+        if num == 0:
             return -errno.EINVAL
         try:  # gather_array, then clear_user(m.err)
-            gfns = list((ctypes.c_uint64 * num).from_buffer_copy(memory.read(m.arr or 0, 8 * num)))
+            gfns = _gather_array(memory, m.arr or 0, num)
             memory.clear(m.err or 0, 4 * num)
         except OSError as e:  # gather_array: ENOMEM when its pages cannot be had, else copy_from_user's EFAULT
             return -(errno.ENOMEM if e.errno == errno.ENOMEM else errno.EFAULT)
@@ -375,6 +378,27 @@ class PrivcmdDevice(_DeviceBase):
             if -errno.ENOENT in errs:
                 return -errno.ENOENT
         return 0
+
+
+#: the most bytes of frame numbers one MMAPBATCH gathers (2M frames, 8 GiB of guest memory):
+#: Linux's ``gather_array`` (drivers/xen/privcmd.c) copies the array a page at a time into pages
+#: from ``alloc_page`` and fails with ENOMEM when they run out; the mock runs out here, instead of
+#: allocating what a caller's ``num`` claims (``num=0x17727a23`` was 3 GiB and a MemoryError)
+GATHER_MAX = 16 << 20
+_GATHER_CHUNK = 16 * PAGE_SIZE
+
+
+def _gather_array(memory: Any, arr: int, num: int) -> list[int]:
+    """``gather_array(&pagelist, num, sizeof(xen_pfn_t), arr)``: the array copied in order, so a
+    short array faults (EFAULT) where its memory ends, whatever ``num`` claims; an array still
+    readable after ``GATHER_MAX`` bytes is ENOMEM (the kernel's pages ran out first)."""
+    parts: list[bytes] = []
+    total = 8 * num
+    for off in range(0, min(total, GATHER_MAX), _GATHER_CHUNK):
+        parts.append(memory.read(arr + off, min(_GATHER_CHUNK, total - off)))
+    if total > GATHER_MAX:
+        raise OSError(errno.ENOMEM, f"MMAPBATCH: {num} frames, more than the mock gathers ({GATHER_MAX // 8})")
+    return list(memoryview(b"".join(parts)).cast("Q"))
 
 
 class _domid_box(ctypes.Structure):
