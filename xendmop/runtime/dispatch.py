@@ -399,9 +399,9 @@ class Dispatcher:
     ) -> None:
         self.memory = memory
         self.on_timeoffset = on_timeoffset
-        # ioreq.count is a uint32 (xen/include/public/hvm/ioreq.h); below 1 no rep access is
-        # served, and past MAX_REP_LIMIT one ioreq could make the core gather 8 MiB or more
-        self.max_rep = check_int("Dispatcher", "max_rep", max_rep, 1, MAX_REP_LIMIT)
+        # ioreq.count is a uint32 (xen/include/public/hvm/ioreq.h); 0 refuses every counted
+        # access, and past MAX_REP_LIMIT one ioreq could make the core gather 8 MiB or more
+        self.max_rep = check_int("Dispatcher", "max_rep", max_rep, 0, MAX_REP_LIMIT)
         self.ports = RangeMap("port")
         self.mmio = RangeMap("mmio")
         self.pci: dict[int, Region] = {}
