@@ -14,6 +14,7 @@ from xendmop import ArgumentError, ClosedHandleError, DeviceModel
 from xendmop.mock import MockXen
 from xendmop.types import BufIoreq, CacheAttr, EventType, HvmMemType, ShutdownReason
 
+
 class Recorder:
     def read(self, offset: int, size: int) -> int:
         return 0

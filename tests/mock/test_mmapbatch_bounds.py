@@ -23,6 +23,7 @@ from .raw import errno_of
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
+
 @pytest.fixture
 def host() -> Iterator[MockXen]:
     with MockXen() as xen:

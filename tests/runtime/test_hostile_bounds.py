@@ -80,7 +80,7 @@ def test_pending_ports_limit_is_an_int(evtchn: EventChannel, limit: Any) -> None
 def test_pending_ports_takes_up_to_a_page_of_ports(evtchn: EventChannel) -> None:
     assert evtchn.pending_ports(1024) == []
     evtchn.close()
-    with pytest.raises(ClosedHandleError, match="^pending_ports: "):
+    with pytest.raises(ClosedHandleError, match=r"^pending_ports: "):
         evtchn.pending_ports(1)
 
 
