@@ -32,6 +32,7 @@ SEED = int(os.environ.get("XENDMOP_FUZZ_SEED", "17"))
 SECONDS = float(os.environ.get("XENDMOP_FUZZ_SECONDS", "5"))
 DOMID = 1
 HOSTILE = 4  # clients at once
+MAX_CLIENTS = 12  # the host's places: idle connections try to take all but the good client's
 #: the good client's slowest call allowed: well below MEMORY_TIMEOUT, which a stall used to cost it
 GOOD_LATENCY = 0.5
 
@@ -55,6 +56,7 @@ PATHS = [b"/dev/xen/privcmd", b"/dev/xen/evtchn", b"/dev/xen/hypercall", b"/etc/
 def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MockHostServer]:
     monkeypatch.setattr(remote, "MEMORY_TIMEOUT", 1.5)
     monkeypatch.setattr(remote, "IDLE_TIMEOUT", 0.5, raising=False)  # raising: absent before the bound
+    monkeypatch.setattr(remote, "MAX_CLIENTS", MAX_CLIENTS)
     with default_host() as xen, MockHostServer(xen, str(tmp_path / "xen.sock")).start() as s:
         yield s
 
@@ -142,7 +144,7 @@ def test_fuzz_mock_host_messages(server: MockHostServer) -> None:
             t.start()
         started = time.monotonic()
         while time.monotonic() - started < SECONDS:
-            if len(idle) < 8 and rng.random() < 0.1:  # connections that never say anything
+            if len(idle) < MAX_CLIENTS - 1 and rng.random() < 0.1:  # connections that never say anything
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 s.connect(server.path)
                 idle.append(s)
@@ -156,6 +158,27 @@ def test_fuzz_mock_host_messages(server: MockHostServer) -> None:
         stop.set()
         for t in hostile:
             t.join(10)
+        for _ in range(MAX_CLIENTS):  # every place left taken by a silent connection
+            if len(server.clients()) >= MAX_CLIENTS:
+                break
+            before = len(server.clients())
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.connect(server.path)
+            idle.append(s)
+            until = time.monotonic() + 1
+            while len(server.clients()) == before and time.monotonic() < until:
+                time.sleep(0.01)  # accepted (or closed at once: then the loop ends full)
+        late: list[int] = []
+
+        def newcomer() -> bool:  # a new client is served once the idle ones are closed
+            try:
+                with RemoteXen(server.path) as x, DeviceModel.open("mock", xen=x) as other:
+                    late.append(other.nr_vcpus(DOMID))
+            except OSError:
+                return False
+            return True
+
+        wait_for(newcomer, 10)
         for s in idle:
             s.close()
         assert not errors, errors
