@@ -97,6 +97,7 @@ from ..abi.evtchn import (
     ioctl_evtchn_notify,
     ioctl_evtchn_unbind,
 )
+from ..abi.ioctl import _IOC_SIZE
 from ..abi.privcmd import (
     IOCTL_PRIVCMD_DM_OP,
     IOCTL_PRIVCMD_HYPERCALL,
@@ -434,7 +435,10 @@ class _ClientMemory:
     def write(self, addr: int, data: bytes) -> None:
         """copy_to_user (held until ``end`` inside memory checked writable ahead)."""
         _check_copy("copy_to_user", addr, len(data))
-        hold = self._ahead is not None and self._checked_answer(addr, len(data)) == 0
+        answer = self._checked_answer(addr, len(data)) if self._ahead is not None else None
+        if answer:  # pinned for writing ahead, and refused: copy_to_user's fault, without asking again
+            raise OSError(answer, os.strerror(answer))
+        hold = answer == 0
         if self._ahead is not None:
             found = self._found(addr, len(data))
             if found is not None:  # later reads of the ioctl see what it wrote
@@ -764,14 +768,25 @@ class _Connection:
     def _read_ahead(self, dev: Any, request: int, address: int | None, arg_bytes: bytes) -> None:
         """Ask the client now, without the host lock, for what the ioctl will read: the same
         copies in the same order as the device's path (privcmd.c ``privcmd_ioctl_dm_op``,
-        ``privcmd_ioctl_hypercall`` with Xen's ``do_dm_op``, ``privcmd_ioctl_mmap_batch``;
-        evtchn.c's argument).  A fault is recorded and met again where the device meets it."""
+        ``privcmd_ioctl_hypercall`` with Xen's ``do_dm_op``, ``privcmd_ioctl_mmap_batch``; any
+        ioctl's argument).  A fault is recorded and met again where the device meets it."""
         memory = self.memory
+        if address is not None:
+            # the argument itself, as large as the request says (privcmd and evtchn copy their
+            # struct in, MMAP_RESOURCE's size query copies ``num`` back out): read and pinned ahead
+            size = min(_IOC_SIZE(request), MAX_ARG)
+            if size and access_ok(address, size) and memory.prefetch(address, size) is not None:
+                memory.prefetch_check(address, size)
 
         def argument(struct_type: Any) -> Any:
             size = ctypes.sizeof(struct_type)
-            raw = memory.prefetch(address, size) if address is not None else arg_bytes[:size]
-            return struct_type.from_buffer_copy(raw) if raw is not None and len(raw) >= size else None
+            try:
+                raw = memory.read(address, size) if address is not None else arg_bytes[:size]
+            except OSError as e:
+                if isinstance(e, _Broken):
+                    raise
+                return None  # a faulting argument: the device fails on it, nothing more to read ahead
+            return struct_type.from_buffer_copy(raw) if len(raw) >= size else None
 
         def buffers(ubufs: int, num: int, limit: int) -> None:
             raw = memory.prefetch(ubufs, 16 * num)
@@ -801,8 +816,6 @@ class _Connection:
                             break
                     if 8 * m.num <= GATHER_MAX:
                         memory.prefetch_check(m.err or 0, 4 * m.num)
-        elif isinstance(dev, EvtchnDevice) and address is not None:
-            memory.prefetch(address, 8)  # every evtchn ioctl argument is at most 8 bytes
 
     def _mmap(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
         handle, addr, length, offset = _MMAP.unpack_from(body)
