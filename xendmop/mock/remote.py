@@ -35,10 +35,12 @@ The socket is a trust boundary: every message is parsed with ``struct``/``json``
 sizes are bounded before anything is allocated for them (a message and a reply:
 ``MAX_MESSAGE``; an ioctl argument: ``MAX_ARG``; one copy from or to the client's memory:
 ``MAX_COPY``; open devices: ``MAX_HANDLES``; privcmd mappings: ``MAX_MAP_COUNT``; clients:
-``MAX_CLIENTS``), unknown requests are refused with an error naming them, fds a client
-sends are dropped, and a client that has not answered the memory requests of its ioctl
-within ``MEMORY_TIMEOUT`` gets EFAULT and is disconnected, as is one that leaves its
-replies unread that long.  Opening a device needs the
+``MAX_CLIENTS``, of one uid ``MAX_CLIENTS_PER_UID``), unknown requests are refused with an
+error naming them, fds a client sends are dropped, a client that has taken ``MEMORY_TIMEOUT``
+in all to answer the memory requests of its ioctl gets EFAULT and is disconnected, as is one
+that leaves its replies unread that long, and a connection holding no device that sends
+nothing for ``IDLE_TIMEOUT`` is closed.  An ioctl's copies are read ahead of the host lock and
+its writes sent after it (``_ClientMemory``): one client's stall holds up nobody else.  Opening a device needs the
 sender's uid to be root or the host's own (``SCM_CREDENTIALS``, checked at every open):
 the device nodes are root's, so a device model that dropped privileges keeps its
 handles but cannot open new ones.  Admin and guest requests that change state need the
