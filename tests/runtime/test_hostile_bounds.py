@@ -82,6 +82,9 @@ def test_pending_ports_takes_up_to_a_page_of_ports(evtchn: EventChannel) -> None
     evtchn.close()
     with pytest.raises(ClosedHandleError, match=r"^pending_ports: "):
         evtchn.pending_ports(1)
+    for call, op in ((lambda: evtchn.notify(5), "notify"), (lambda: evtchn.unmask(5), "unmask")):
+        with pytest.raises(ClosedHandleError, match=rf"^{op}: "):  # the hot path's calls name themselves
+            call()
 
 
 @pytest.mark.parametrize("max_rep", [-1, -(2**70), MAX_REP_LIMIT + 1])

@@ -189,7 +189,7 @@ class EventChannel:
                 self._notify_args[port] = arg
         dev = self._dev
         if dev is None:
-            raise ClosedHandleError("EventChannel is closed")
+            raise ClosedHandleError("EventChannel is closed", "notify")
         try:
             dev.ioctl(IOCTL_EVTCHN_NOTIFY, arg)
         except OSError as e:
@@ -255,7 +255,7 @@ class EventChannel:
                 self._port_bytes[port] = raw
         dev = self._dev
         if dev is None:
-            raise ClosedHandleError("EventChannel is closed")
+            raise ClosedHandleError("EventChannel is closed", "unmask")
         try:
             dev.write(raw)
         except OSError as e:
