@@ -7,6 +7,7 @@ Seeded (``XENDMOP_FUZZ_SEED``) and bounded (``XENDMOP_FUZZ_SECONDS``)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -134,6 +135,7 @@ def test_fuzz_mock_host_messages(server: MockHostServer) -> None:
     errors: list[str] = []
     with RemoteXen(server.path) as good, DeviceModel.open("mock", xen=good) as dm:
         assert dm.nr_vcpus(DOMID) == 2
+        gc.collect()
         fds, threads, rss = proc.num_fds(), threading.active_count(), proc.memory_info().rss
         hostile = [
             threading.Thread(target=_hostile, args=(server.path, random.Random(rng.random()), stop, errors))
@@ -188,5 +190,6 @@ def test_fuzz_mock_host_messages(server: MockHostServer) -> None:
         assert dm.nr_vcpus(DOMID) == 2
         wait_for(lambda: threading.active_count() <= threads, 10)
         assert proc.num_fds() <= fds, "the host kept fds of its gone clients"
-        assert proc.memory_info().rss - rss < 32 << 20, "RSS grew"
+        gc.collect()
+        assert proc.memory_info().rss - rss < 48 << 20, "RSS grew"
     assert len(good_latency) > 50

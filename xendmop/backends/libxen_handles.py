@@ -166,7 +166,9 @@ class LibxenEventChannel:
         return self._lib
 
     def _call(self, short: str, op: str, domid: int | None, *args: Any, **shown: int) -> int:
-        lib = self._open
+        if self._lib is None or self._lib.handle is None:
+            raise ClosedHandleError("LibxenEventChannel is closed", op)
+        lib = self._lib
         function = lib.function(short, op, domid)
         ctypes.set_errno(0)
         result = int(function(lib.handle, *args))
@@ -272,7 +274,9 @@ class LibxenEventChannel:
     def unmask(self, port: int) -> None:
         """``xenevtchn_unmask``: write ``port`` back so it can fire again."""
         check_port("unmask", port)
-        lib = self._open
+        if self._lib is None or self._lib.handle is None:
+            raise ClosedHandleError("LibxenEventChannel is closed", "unmask")
+        lib = self._lib
         function = lib.function("unmask", "unmask", None)
         ctypes.set_errno(0)
         if function(lib.handle, port) != 0:
