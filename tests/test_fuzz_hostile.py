@@ -57,9 +57,14 @@ def _int(rng: random.Random) -> int:
 
 
 def _value(rng: random.Random, kind: str) -> object:
-    """A hostile value for an argument of ``kind``: mostly ints at the edges, some not ints."""
+    """A hostile value for an argument of ``kind``: mostly ints at the edges, some not ints.
+    A "pages" argument (set_mem_type's nr, relocate_memory's size) is at most 4096 when an int:
+    Xen does that work page by page, with continuations, for as many pages as the guest's p2m
+    spans (holes included: HVMMEM_mmio_dm), so a large one is legitimately long, here as there."""
     if rng.random() < 0.25:
         return rng.choice(ODD)
+    if kind == "pages":
+        return rng.choice([0, 1, 2, 255, 256, 4096])
     if kind in ENUMS and rng.random() < 0.5:
         return rng.choice(list(ENUMS[kind]))
     return _int(rng)
@@ -93,8 +98,8 @@ METHODS: dict[str, tuple[str, ...]] = {
     "inject_event": ("int", "int", "event", "int", "int", "int"),
     "track_dirty_vram": ("int", "int"),
     "modified_memory": ("int", "int"),
-    "set_mem_type": ("memtype", "int", "int"),
-    "relocate_memory": ("int", "int", "int"),
+    "set_mem_type": ("memtype", "int", "pages"),
+    "relocate_memory": ("pages", "int", "int"),
     "pin_memory_cacheattr": ("int", "int", "cache"),
     "shutdown": ("reason",),
     "nr_vcpus": (),
@@ -111,7 +116,7 @@ def _acceptable(kind: str, value: object) -> bool:
         return True
     if kind in ENUMS and isinstance(value, ENUMS[kind]):
         return True
-    if kind == "int" and isinstance(value, int):  # a plain field: any int, a level's bool, an IntEnum
+    if kind in ("int", "pages") and isinstance(value, int):  # a plain field: any int, a level's bool, an IntEnum
         return True
     return False
 
