@@ -324,6 +324,47 @@ SCENARIOS: tuple[Scenario, ...] = (
             _s("delete again", "pin_memory_cacheattr", RAM_PFN, RAM_PFN + 15, CACHE_DELETE, expect="ENOENT"),
         ),
     ),
+    # Issue 17: raw ioctls whose errno was read from Linux, then measured in the lab (Linux 6.1,
+    # Xen 4.17.7).  ``raw_*`` steps are the functions in RAW_STEPS below, not DeviceModel methods.
+    Scenario(
+        "raw privcmd hypercall",
+        (
+            # privcmd_ioctl_hypercall passes the op on; Xen answers ENOSYS for an op it lacks
+            _s("op 200 (no such hypercall)", "raw_hypercall", 200, expect="ENOSYS"),
+            # __u64 op 2**32+41 is not truncated into a dm_op (41) on the way: still ENOSYS
+            _s("op 2**32+41, no buffers", "raw_hypercall", 2**32 + 41, expect="ENOSYS"),
+            # the dm_op itself with no buffers: do_dm_op's nr_bufs == 0 check (XSA-506)
+            _s("op 41 (dm_op), no buffers", "raw_hypercall", 41, expect="ENODATA"),
+        ),
+    ),
+    Scenario(
+        "raw mmapbatch array bounds",
+        (
+            # one gfn, its 8 bytes end a page that a PROT_NONE page follows
+            _s("num 1", "raw_mmapbatch", 1),
+            # gather_array copies m.num entries whatever the array holds: EFAULT where it ends
+            _s("num 2", "raw_mmapbatch", 2, expect="EFAULT"),
+            # nr_pages of an unsigned int never exceeds LONG_MAX >> PAGE_SHIFT: not EINVAL
+            _s("num 2**31+1", "raw_mmapbatch", 2**31 + 1, expect="EFAULT"),
+            _s("num 2**32-1", "raw_mmapbatch", 2**32 - 1, expect="EFAULT"),
+            _s("num 0", "raw_mmapbatch", 0, expect="EINVAL"),
+        ),
+    ),
+    Scenario(
+        "evtchn truncation",
+        (
+            # evtchn.c assigns the unsigned int remote_domain to a domid_t: 0x10000|D is D
+            _s("unbound, remote D", "raw_bind_unbound", 0),
+            _s("unbound, remote 0x10000|D", "raw_bind_unbound", 0x10000),
+            # evtchn_alloc_unbound records remote_dom without looking it up
+            _s("unbound, remote missing", "raw_bind_unbound", 0, dom=MISSING),
+            _s("unbound, remote 0xffff0000|D", "raw_bind_unbound", 0xFFFF0000),
+            _s("interdomain 0x10000|D, no such port", "raw_bind_interdomain", 0x10000, False, expect="EINVAL"),
+            _s("interdomain 0x10000|D, the bufioreq port", "raw_bind_interdomain", 0x10000, True),
+            _s("interdomain D, the bufioreq port", "raw_bind_interdomain", 0, True),
+            _s("interdomain 0x10000|missing", "raw_bind_interdomain", 0x10000, False, expect="ESRCH", dom=MISSING),
+        ),
+    ),
     Scenario(
         "relocate memory (refusals)",
         (
@@ -342,6 +383,108 @@ BY_NAME = {s.name: s for s in SCENARIOS}
 KNOWN_DIFFERENCES: dict[tuple[str, str], str] = {
     # Empty: the three differences found in the lab (HAP VRAM tracking left log-dirty off;
     # UC pins accepted without an IOMMU) were fixed in the mock, where Xen 4.17.7 wins.
+}
+
+# --- raw ioctls ----------------------------------------------------------------------------------
+# What a ``raw_*`` step does, through the devices ``api.raw_open`` opens (the mock's own devices
+# on a MockLab handle; the real /dev/xen nodes otherwise): ``fn(api, domid, *args)``.  A success
+# returns None (OK): port numbers and the like differ between the two sides and mean nothing here.
+
+
+def _raw_open(api: Any, path: str) -> Any:
+    opener = getattr(api, "raw_open", None)
+    if opener is None:
+        from xendmop.backends.device import open_device
+
+        opener = open_device
+    return opener(path)
+
+
+def raw_hypercall(api: Any, domid: int, op: int) -> None:
+    """IOCTL_PRIVCMD_HYPERCALL ``op`` with arg[0] = domid and no buffers."""
+    from xendmop.abi.privcmd import IOCTL_PRIVCMD_HYPERCALL, privcmd_hypercall
+
+    dev = _raw_open(api, "/dev/xen/privcmd")
+    try:
+        call = privcmd_hypercall()
+        call.op, call.arg[0] = op, domid
+        dev.ioctl(IOCTL_PRIVCMD_HYPERCALL, call)
+    finally:
+        dev.close()
+
+
+def raw_mmapbatch(api: Any, domid: int, num: int) -> None:
+    """IOCTL_PRIVCMD_MMAPBATCH_V2 of ``num`` frames into a one-page privcmd VMA, from an array
+    holding one gfn (RAM_PFN) in the last 8 bytes of a page that a PROT_NONE page follows."""
+    import ctypes
+    import ctypes.util
+    import mmap
+
+    from xendmop.abi.privcmd import IOCTL_PRIVCMD_MMAPBATCH_V2, privcmd_mmapbatch_v2
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    page = mmap.PAGESIZE
+    base = libc.mmap(None, 2 * page, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if base in (None, ctypes.c_void_p(-1).value):
+        raise RuntimeError("mmap of the guard pages failed")
+    dev = _raw_open(api, "/dev/xen/privcmd")
+    try:
+        if libc.mprotect(base + page, page, 0) != 0:  # PROT_NONE
+            raise RuntimeError("mprotect of the guard page failed")
+        arr = base + page - 8
+        ctypes.c_uint64.from_address(arr).value = RAM_PFN
+        vma = dev.mmap(page)
+        err = (ctypes.c_int * 4)()
+        anchor = ctypes.c_char.from_buffer(vma)
+        try:
+            m = privcmd_mmapbatch_v2(num, domid, ctypes.addressof(anchor), arr, ctypes.addressof(err))
+            dev.ioctl(IOCTL_PRIVCMD_MMAPBATCH_V2, m)
+        finally:
+            del anchor
+            vma.close()
+    finally:
+        dev.close()
+        libc.munmap(base, 2 * page)
+
+
+def raw_bind_unbound(api: Any, domid: int, high: int) -> None:
+    """IOCTL_EVTCHN_BIND_UNBOUND_PORT with ``remote_domain = high | domid``."""
+    from xendmop.abi.evtchn import IOCTL_EVTCHN_BIND_UNBOUND_PORT, ioctl_evtchn_bind_unbound_port
+
+    dev = _raw_open(api, "/dev/xen/evtchn")
+    try:
+        dev.ioctl(IOCTL_EVTCHN_BIND_UNBOUND_PORT, ioctl_evtchn_bind_unbound_port(high | domid))
+    finally:
+        dev.close()
+
+
+def raw_bind_interdomain(api: Any, domid: int, high: int, real_port: bool) -> None:
+    """IOCTL_EVTCHN_BIND_INTERDOMAIN to ``high | domid``: its remote port a new server's
+    bufioreq port (``real_port``, awaiting dom0) or 1000 (not allocated in the lab guest)."""
+    from xendmop.abi.evtchn import IOCTL_EVTCHN_BIND_INTERDOMAIN, ioctl_evtchn_bind_interdomain
+
+    sid = port = None
+    if real_port:
+        sid = api.create_ioreq_server(domid, 1)
+        port = api.get_ioreq_server_info(domid, sid).bufioreq_port
+    dev = _raw_open(api, "/dev/xen/evtchn")
+    try:
+        dev.ioctl(IOCTL_EVTCHN_BIND_INTERDOMAIN, ioctl_evtchn_bind_interdomain(high | domid, port or 1000))
+    finally:
+        dev.close()
+        if sid is not None:
+            api.destroy_ioreq_server(domid, sid)
+
+
+RAW_STEPS: dict[str, Callable[..., None]] = {
+    "raw_hypercall": raw_hypercall,
+    "raw_mmapbatch": raw_mmapbatch,
+    "raw_bind_unbound": raw_bind_unbound,
+    "raw_bind_interdomain": raw_bind_interdomain,
 }
 
 # --- running ----------------------------------------------------------------------------------
@@ -409,8 +552,12 @@ def run_step(api: Any, step: Step, domids: Mapping[str, int], saved: dict[str, A
     if missing:
         return Outcome(step.label, error=f"skipped:no {missing[0]} saved")
     args = [saved[a.name] if isinstance(a, Ref) else a for a in step.args]
+    raw = RAW_STEPS.get(step.call)
     try:
-        value = getattr(api, step.call)(domids[step.dom], *args)
+        if raw is not None:
+            value = raw(api, domids[step.dom], *args)
+        else:
+            value = getattr(api, step.call)(domids[step.dom], *args)
     except OSError as e:
         return Outcome(step.label, error=_errno_name(e.errno or 0))
     except ValueError as e:  # xendmop.ArgumentError: refused before any syscall
@@ -570,7 +717,9 @@ class MockLab:
     def open(self) -> Any:
         from xendmop import DeviceModel
 
-        return DeviceModel.open("mock", xen=self.host)
+        dm = DeviceModel.open("mock", xen=self.host)
+        dm.raw_open = self.host.open_device  # type: ignore[attr-defined]  # for the raw_* steps
+        return dm
 
     def run(self, scenarios: tuple[Scenario, ...] = SCENARIOS) -> Runs:
         return run_all(self.open, self.new_guest, self.domids, scenarios)

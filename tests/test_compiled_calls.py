@@ -197,10 +197,10 @@ def test_bool_and_intenum_go_through_the_full_check() -> None:
     "args, exc, field",
     [
         ((3, 4, 1.0), TypeError, "level"),  # no silent int(): 1.7 would have become 1
-        ((3, 4.0, 1), TypeError, "isa_irq"),
+        ((3, 4.0, 1), TypeError, ": irq must be an int"),  # the argument's name, not the C field isa_irq
         ((True, 4, 1), TypeError, "domid"),
         ((0x10000, 4, 1), ArgumentError, "domid"),
-        ((3, 256, 1), ArgumentError, "isa_irq"),
+        ((3, 256, 1), ArgumentError, ": irq=256"),
         ((3, 4, 2), ArgumentError, "level"),
     ],
 )

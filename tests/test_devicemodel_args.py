@@ -60,7 +60,7 @@ def _open(device: RecordingPrivcmd, limits: Limits | None = None) -> DeviceModel
 
 
 BAD_CALLS = [
-    ("set_isa_irq_level", (1, 256, 1), "isa_irq"),
+    ("set_isa_irq_level", (1, 256, 1), "irq"),
     ("set_isa_irq_level", (1, 3, 2), "level"),
     ("set_pci_intx_level", (1, 0, 0, 0x20, 0, 1), "device"),
     ("set_pci_intx_level", (1, 0, 0, 1, 4, 1), "intx"),
@@ -73,8 +73,8 @@ BAD_CALLS = [
     ("map_io_range_to_ioreq_server", (1, 0, True, 0, 2**64), "end"),
     ("create_ioreq_server", (1, 3), "handle_bufioreq"),
     ("set_pci_link_route", (1, 4, 5), "link"),
-    ("inject_msi", (1, 2**64, 0), "addr"),
-    ("inject_event", (1, 2**32, 14, 3, 0, 0, 0), "vcpuid"),
+    ("inject_msi", (1, 2**64, 0), "msi_addr"),
+    ("inject_event", (1, 2**32, 14, 3, 0, 0, 0), "vcpu"),
     ("set_mem_type", (1, 0, 0, 2**32), "nr"),
     ("map_mem_type_to_ioreq_server", (1, 0, 1, 2), "type"),
     ("map_mem_type_to_ioreq_server", (1, 0, 4, 1), "flags"),

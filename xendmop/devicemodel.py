@@ -20,22 +20,25 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .abi.dm_op import (
     XEN_DMOP_IO_RANGE_MEMORY,
     XEN_DMOP_IO_RANGE_PCI,
     XEN_DMOP_IO_RANGE_PORT,
-    XEN_DMOP_PCI_SBDF,
     XEN_DMOP_no_gfns,
     xen_dm_op_modified_memory_extent,
 )
 from .abi.xen import DOMID_FIRST_RESERVED
 from .backends.base import Backend, Limits
 from .backends.device import PRIVCMD_PATH, xen_host_signs
+from .checks import check_int_or_enum, check_sbdf
 from .errors import ArgumentError, ClosedHandleError, NotXenHostError
 from .ops import BY_NAME, CTYPES_MEMORY, OpDecl, caller_memory, check_domid
-from .types import BufIoreq, HvmMemType, IoreqServerInfo, MemAccess
+from .types import BufIoreq, CacheAttr, EventType, HvmMemType, IoreqServerInfo, MemAccess, ShutdownReason
+
+if TYPE_CHECKING:
+    from .types import Buffer
 
 log = logging.getLogger("xendmop")
 
@@ -43,11 +46,15 @@ BACKENDS = ("auto", "privcmd", "libxen", "mock")
 _EXTENT = xen_dm_op_modified_memory_extent
 _EXTENT_SIZE = ctypes.sizeof(_EXTENT)
 _OP = BY_NAME  # short alias for the declarations used below
-_Buffer = TypeVar("_Buffer")
+_Buffer = TypeVar("_Buffer", bound="Buffer")
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 _check_domid = check_domid
+#: ``GB(1) >> PAGE_SHIFT``: the most pages Xen's ``track_dirty_vram`` (xen/arch/x86/hvm/dm.c)
+#: takes in one call; more is EINVAL.  A larger ``nr`` is refused before any DMOP (split into
+#: kernel-sized calls, 2**32-1 pages was 131072 DMOPs and a 512 MiB bitmap of nothing usable).
+VRAM_MAX_PAGES = (1 << 30) >> 12
 _COMPILED: list[str] = []  # attributes an _Op caches on a handle (dropped on close)
 
 
@@ -97,8 +104,9 @@ class _Op:
     generated from the declaration), else the generic ``Backend.dm_op`` path.
     """
 
-    def __init__(self, op: str, *params: str, slots: tuple[str, ...] = ()) -> None:
+    def __init__(self, op: str, *params: str, slots: tuple[str, ...] = (), method: str = "") -> None:
         self.decl = BY_NAME[op]
+        self.method = method or op  # the public method, for a ClosedHandleError
         self.params = params
         self.slots = slots  # the slot arguments' names in DeviceModel's API, for errors
         self.decl.guard_source(params)  # every name is a scalar field of the op, checked at import
@@ -111,7 +119,9 @@ class _Op:
     def __get__(self, dm: DeviceModel | None, owner: type | None = None) -> Callable[..., Any]:
         if dm is None:
             return self  # type: ignore[return-value]
-        backend = dm.backend  # ClosedHandleError on a closed handle
+        backend = dm._backend
+        if backend is None:
+            raise ClosedHandleError("the DeviceModel is closed", self.method)
         compile_call = getattr(backend, "compile_call", None)
         call: Callable[..., Any] = (
             compile_call(self.decl, self.params, self.slots)
@@ -159,7 +169,7 @@ class _Entry:
         def fallback(*args: Any) -> Any:
             alive = handle()
             if alive is None:
-                raise ClosedHandleError("the DeviceModel is gone")
+                raise ClosedHandleError("the DeviceModel is gone", self.attr)
             return general(alive, *args)
 
         entry: Callable[..., Any] | None = compile_entry(self.decl, self.params, self.slot, self.attr, fallback)
@@ -215,8 +225,11 @@ class DeviceModel:
 
     @property
     def backend(self) -> Backend:
+        return self._open_backend("backend")
+
+    def _open_backend(self, op: str) -> Backend:
         if self._backend is None:
-            raise ClosedHandleError("DeviceModel is closed")
+            raise ClosedHandleError("the DeviceModel is closed", op)
         return self._backend
 
     def close(self) -> None:
@@ -241,7 +254,7 @@ class DeviceModel:
         """Any op with any fields, through ``Backend.dm_op`` (the methods use the ``_Op`` calls below)."""
         _check_domid(decl.name, domid)
         decl.check(fields)
-        return self.backend.dm_op(decl, domid, fields, slots)
+        return self._open_backend(decl.name).dm_op(decl, domid, fields, slots)
 
     _create_ioreq_server = _Op("create_ioreq_server", "handle_bufioreq")
     _get_ioreq_server_info = _Op("get_ioreq_server_info", "id", "flags")
@@ -261,14 +274,15 @@ class DeviceModel:
     _set_mem_type = _Op("set_mem_type", "mem_type", "first_pfn", "nr")
     _relocate_memory = _Op("relocate_memory", "size", "src_gfn", "dst_gfn")
     _pin_memory_cacheattr = _Op("pin_memory_cacheattr", "start", "end", "type")
-    _remote_shutdown = _Op("remote_shutdown", "reason")
+    _remote_shutdown = _Op("remote_shutdown", "reason", method="shutdown")
     _nr_vcpus = _Op("nr_vcpus")
 
     # --- ioreq servers -----------------------------------------------------------
 
     def create_ioreq_server(self, domid: int, handle_bufioreq: BufIoreq | int = BufIoreq.OFF) -> int:
         """XEN_DMOP_create_ioreq_server: a new, disabled server; returns its id."""
-        out, _ = self._create_ioreq_server(domid, int(handle_bufioreq))
+        bufioreq = check_int_or_enum("create_ioreq_server", "handle_bufioreq", handle_bufioreq, BufIoreq)
+        out, _ = self._create_ioreq_server(domid, bufioreq)
         return int(out.id)
 
     def get_ioreq_server_info(self, domid: int, id: int, *, gfns: bool = False) -> IoreqServerInfo:
@@ -299,44 +313,31 @@ class DeviceModel:
         )
         self._unmap_io_range(domid, id, kind, start, end)
 
-    def _sbdf(self, op: str, segment: int, bus: int, device: int, function: int) -> int:
-        # XEN_DMOP_PCI_SBDF masks; refuse what it would silently truncate (as
-        # libxendevicemodel does for device and function).
-        for name, value, top in (
-            ("segment", segment, 0xFFFF),
-            ("bus", bus, 0xFF),
-            ("device", device, 0x1F),
-            ("function", function, 7),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{op}: {name} must be an int")
-            if not 0 <= value <= top:
-                raise ArgumentError(op, name, value, f"must be 0..{top:#x}")
-        return XEN_DMOP_PCI_SBDF(segment, bus, device, function)
-
     def map_pcidev_to_ioreq_server(
         self, domid: int, id: int, segment: int, bus: int, device: int, function: int
     ) -> None:
         """XEN_DMOP_map_io_range_to_ioreq_server with one PCI function (config space)."""
-        sbdf = self._sbdf("map_pcidev_to_ioreq_server", segment, bus, device, function)
+        sbdf = check_sbdf("map_pcidev_to_ioreq_server", segment, bus, device, function)
         self._map_io_range(domid, id, XEN_DMOP_IO_RANGE_PCI, sbdf, sbdf)
 
     def unmap_pcidev_from_ioreq_server(
         self, domid: int, id: int, segment: int, bus: int, device: int, function: int
     ) -> None:
         """XEN_DMOP_unmap_io_range_from_ioreq_server with one PCI function."""
-        sbdf = self._sbdf("unmap_pcidev_from_ioreq_server", segment, bus, device, function)
+        sbdf = check_sbdf("unmap_pcidev_from_ioreq_server", segment, bus, device, function)
         self._unmap_io_range(domid, id, XEN_DMOP_IO_RANGE_PCI, sbdf, sbdf)
 
     def map_mem_type_to_ioreq_server(self, domid: int, id: int, type: HvmMemType | int, flags: MemAccess | int) -> None:
         """XEN_DMOP_map_mem_type_to_ioreq_server: claim HVMMEM_ioreq_server pages
         (``flags=MemAccess.WRITE``) or release them (``flags=0``)."""
         op = "map_mem_type_to_ioreq_server"
+        type = check_int_or_enum(op, "type", type, HvmMemType)
+        flags = check_int_or_enum(op, "flags", flags, MemAccess)
         if type != HvmMemType.ioreq_server:
             raise ArgumentError(op, "type", type, "must be HVMMEM_ioreq_server")
         if flags & ~MemAccess.WRITE:
             raise ArgumentError(op, "flags", flags, "only XEN_DMOP_IOREQ_MEM_ACCESS_WRITE is supported")
-        self._map_mem_type(domid, id, int(type), int(flags))
+        self._map_mem_type(domid, id, type, flags)
 
     def set_ioreq_server_state(self, domid: int, id: int, enabled: bool) -> None:
         """XEN_DMOP_set_ioreq_server_state: enable or disable the server."""
@@ -374,10 +375,11 @@ class DeviceModel:
         self._inject_msi(domid, msi_addr, msi_data)
 
     def inject_event(
-        self, domid: int, vcpu: int, vector: int, type: int, error_code: int, insn_len: int, extra: int
+        self, domid: int, vcpu: int, vector: int, type: EventType | int, error_code: int, insn_len: int, extra: int
     ) -> None:
         """XEN_DMOP_inject_event: latch an event for ``vcpu`` (``extra`` is %cr2 for #PF)."""
-        self._inject_event(domid, vcpu, vector, int(type), error_code, insn_len, extra)
+        kind = check_int_or_enum("inject_event", "type", type, EventType)
+        self._inject_event(domid, vcpu, vector, kind, error_code, insn_len, extra)
 
     # --- memory --------------------------------------------------------------------
 
@@ -401,7 +403,9 @@ class DeviceModel:
         More pages than one privcmd buffer holds (``8 * max_buf_size``) are split into
         several calls and the bitmap reassembled.  Xen tracks one range per domain, so a
         split call re-arms tracking per chunk and reports every page dirty: keep ``nr``
-        within one buffer for incremental tracking.  ``nr == 0`` stops tracking.
+        within one buffer for incremental tracking.  ``nr == 0`` stops tracking.  More than
+        ``VRAM_MAX_PAGES`` (1 GiB of frames, Xen's own per-call limit) is an ``ArgumentError``
+        before any DMOP.
         """
         call = self._track_dirty_vram  # ClosedHandleError on a closed handle
         per_call = self._pages_per_call
@@ -409,6 +413,14 @@ class DeviceModel:
             _, (bitmap,) = call(domid, first_pfn, nr, out)
             return bitmap  # out itself, or bytes from either path: no copy
         _OP["track_dirty_vram"].check({"first_pfn": first_pfn, "nr": nr})
+        if nr > VRAM_MAX_PAGES:  # before any DMOP or bitmap: no split call could track it anyway
+            raise ArgumentError(
+                "track_dirty_vram",
+                "nr",
+                nr,
+                f"more than the {VRAM_MAX_PAGES} pages (1 GiB) Xen tracks in one call "
+                "(track_dirty_vram in xen/arch/x86/hvm/dm.c refuses more with EINVAL)",
+            )
         nbytes = (nr + 7) // 8
         if out is not None:  # checked whole before the first call: each chunk lands in its slice
             address, size, keep = caller_memory("track_dirty_vram", "out", out, writable=True)
@@ -445,7 +457,7 @@ class DeviceModel:
         self.modified_memory_bulk(domid, [(first_pfn, nr)])
 
     @_entry("modified_memory", slot="extents")
-    def modified_memory_bulk(self, domid: int, extents: Iterable[tuple[int, int]] | Any) -> None:
+    def modified_memory_bulk(self, domid: int, extents: Iterable[tuple[int, int]] | Buffer) -> None:
         """XEN_DMOP_modified_memory: mark extents dirty for log-dirty.
 
         ``extents``: ``(first_pfn, nr)`` pairs, or extents already packed as
@@ -467,7 +479,7 @@ class DeviceModel:
             try:
                 view = memoryview(data)
             except TypeError:  # not a buffer: (first_pfn, nr) pairs
-                data = self._pack_extents(_OP[op], list(extents))
+                data = self._pack_extents(_OP[op], list(extents))  # type: ignore[arg-type]  # pairs, not a buffer
                 total = ctypes.sizeof(data)
             else:
                 if not view.c_contiguous:
@@ -510,21 +522,23 @@ class DeviceModel:
 
     def set_mem_type(self, domid: int, mem_type: HvmMemType | int, first_pfn: int, nr: int) -> None:
         """XEN_DMOP_set_mem_type: change the p2m type of ``nr`` pages from ``first_pfn``."""
-        self._set_mem_type(domid, int(mem_type), first_pfn, nr)
+        kind = check_int_or_enum("set_mem_type", "mem_type", mem_type, HvmMemType)
+        self._set_mem_type(domid, kind, first_pfn, nr)
 
     def relocate_memory(self, domid: int, size: int, src_gfn: int, dst_gfn: int) -> None:
         """XEN_DMOP_relocate_memory: move ``size`` pages from ``src_gfn`` to ``dst_gfn``."""
         self._relocate_memory(domid, size, src_gfn, dst_gfn)
 
-    def pin_memory_cacheattr(self, domid: int, start: int, end: int, type: int) -> None:
+    def pin_memory_cacheattr(self, domid: int, start: int, end: int, type: CacheAttr | int) -> None:
         """XEN_DMOP_pin_memory_cacheattr: pin gfns [start, end] to a cache type (CacheAttr)."""
-        self._pin_memory_cacheattr(domid, start, end, int(type))
+        kind = check_int_or_enum("pin_memory_cacheattr", "type", type, CacheAttr)
+        self._pin_memory_cacheattr(domid, start, end, kind)
 
     # --- domain --------------------------------------------------------------------
 
-    def shutdown(self, domid: int, reason: int) -> None:
+    def shutdown(self, domid: int, reason: ShutdownReason | int) -> None:
         """XEN_DMOP_remote_shutdown with a ShutdownReason."""
-        self._remote_shutdown(domid, int(reason))
+        self._remote_shutdown(domid, check_int_or_enum("shutdown", "reason", reason, ShutdownReason))
 
     def nr_vcpus(self, domid: int) -> int:
         """XEN_DMOP_nr_vcpus: the domain's maximum vCPU count."""
@@ -537,11 +551,11 @@ class DeviceModel:
         _check_domid("restrict", domid)
         if domid >= DOMID_FIRST_RESERVED:
             raise ArgumentError("restrict", "domid", domid, "must be a guest domid (< 0x7ff0)")
-        self.backend.restrict(domid)
+        self._open_backend("restrict").restrict(domid)
 
     def describe(self) -> dict[str, Any]:
         """What the backend found: device, ioctl path, buffers, restriction, limits."""
-        return self.backend.describe()
+        return self._open_backend("describe").describe()
 
 
 def make_backend(name: str, *, xen: Any = None, limits: Limits = Limits()) -> Backend:

@@ -125,7 +125,11 @@ class ArgumentError(ValueError):
 
 
 class ClosedHandleError(ValueError):
-    """A call on a handle that was already closed."""
+    """A call on a handle that was already closed; ``op`` names the call when known."""
+
+    def __init__(self, message: str, op: str | None = None) -> None:
+        super().__init__(f"{op}: {message}" if op else message)
+        self.op = op
 
 
 class NotXenHostError(OSError):

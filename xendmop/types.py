@@ -5,9 +5,14 @@ every constant of its prefix, so the two cannot drift."""
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from .abi import CONSTANTS as C
+
+if TYPE_CHECKING:
+    # A buffer (PEP 688): ctypes arrays, bytearray, memoryview, array.array...  For type
+    # checkers only (collections.abc.Buffer is Python 3.12's; typeshed carries this one).
+    from typing_extensions import Buffer as Buffer
 
 
 class BufIoreq(enum.IntEnum):

@@ -66,7 +66,8 @@ def test_evtchn_loopback_pending_and_unmask(evtchn: EventChannel, domid: int) ->
         (lambda e: e.unbind(99), errno.ENOTCONN),
         (lambda e: e.notify(99), errno.ENOTCONN),
         (lambda e: e.bind_interdomain(0x7000, 1), errno.ESRCH),
-        (lambda e: e.bind_unbound_port(0x7000), errno.ESRCH),
+        # (bind_unbound_port to a missing domain is no error: Xen's evtchn_alloc_unbound records
+        # the remote domid without looking it up, as the lab measured: "evtchn truncation")
     ],
 )
 def test_evtchn_errors_carry_context(evtchn: EventChannel, call: object, err: int) -> None:

@@ -31,3 +31,8 @@ def _IOC(direction: int, kind: str | int, nr: int, size: int) -> int:
 def _IOW(kind: str | int, nr: int, ctype: type[ctypes._CData]) -> int:
     """``_IOW(type, nr, T)``: user space writes a T to the kernel."""
     return _IOC(_IOC_WRITE, kind, nr, ctypes.sizeof(ctype))
+
+
+def _IOC_SIZE(request: int) -> int:
+    """The argument size a request encodes (``_IOC_SIZE`` of ``ioctl.h``)."""
+    return (request >> _size_shift) & _size_max

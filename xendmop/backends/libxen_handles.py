@@ -46,7 +46,7 @@ from typing import Any
 from ..abi.evtchn import IOCTL_EVTCHN_RESET
 from ..abi.memory import XENMEM_resource_ioreq_server
 from ..abi.xen import DOMID_FIRST_RESERVED, domid_t, evtchn_port_t, xen_pfn_t
-from ..checks import check_domid, check_int, check_port
+from ..checks import MAX_PENDING_PORTS, check_domid, check_int, check_port
 from ..errors import ArgumentError, ClosedHandleError, NotXenHostError, XenError, xen_error
 from ..runtime.foreignmemory import FrameViews
 from .device import EVTCHN_PATH, NOT_XEN, PAGE_SIZE, PRIVCMD_PATH
@@ -166,7 +166,9 @@ class LibxenEventChannel:
         return self._lib
 
     def _call(self, short: str, op: str, domid: int | None, *args: Any, **shown: int) -> int:
-        lib = self._open
+        if self._lib is None or self._lib.handle is None:
+            raise ClosedHandleError("LibxenEventChannel is closed", op)
+        lib = self._lib
         function = lib.function(short, op, domid)
         ctypes.set_errno(0)
         result = int(function(lib.handle, *args))
@@ -257,6 +259,7 @@ class LibxenEventChannel:
     def pending_ports(self, limit: int) -> list[int]:
         """Up to ``limit`` pending ports in one ``read`` of the handle's fd (``[]`` when none
         is pending).  Each port stays masked until ``unmask``; EFBIG: the ring overflowed."""
+        check_int("pending_ports", "limit", limit, 1, MAX_PENDING_PORTS)
         try:
             raw = os.read(self.fileno(), 4 * limit)
         except BlockingIOError:
@@ -271,7 +274,9 @@ class LibxenEventChannel:
     def unmask(self, port: int) -> None:
         """``xenevtchn_unmask``: write ``port`` back so it can fire again."""
         check_port("unmask", port)
-        lib = self._open
+        if self._lib is None or self._lib.handle is None:
+            raise ClosedHandleError("LibxenEventChannel is closed", "unmask")
+        lib = self._lib
         function = lib.function("unmask", "unmask", None)
         ctypes.set_errno(0)
         if function(lib.handle, port) != 0:

@@ -45,7 +45,7 @@ def {name}(domid, {params}):
         raise _xen_error(_EPERM, {op!r}, domid, {fields}, layer="privcmd")
     _device = _backend._device
     if _device is None:
-        raise _ClosedHandleError("the privcmd handle is closed")
+        raise _ClosedHandleError("the privcmd handle is closed", {name!r})
     try:
         _arena = _pop()
     except IndexError:

@@ -35,10 +35,12 @@ The socket is a trust boundary: every message is parsed with ``struct``/``json``
 sizes are bounded before anything is allocated for them (a message and a reply:
 ``MAX_MESSAGE``; an ioctl argument: ``MAX_ARG``; one copy from or to the client's memory:
 ``MAX_COPY``; open devices: ``MAX_HANDLES``; privcmd mappings: ``MAX_MAP_COUNT``; clients:
-``MAX_CLIENTS``), unknown requests are refused with an error naming them, fds a client
-sends are dropped, and a client that has not answered the memory requests of its ioctl
-within ``MEMORY_TIMEOUT`` gets EFAULT and is disconnected, as is one that leaves its
-replies unread that long.  Opening a device needs the
+``MAX_CLIENTS``, of one uid ``MAX_CLIENTS_PER_UID``), unknown requests are refused with an
+error naming them, fds a client sends are dropped, a client that has taken ``MEMORY_TIMEOUT``
+in all to answer the memory requests of its ioctl gets EFAULT and is disconnected, as is one
+that leaves its replies unread that long, and a connection holding no device that sends
+nothing for ``IDLE_TIMEOUT`` is closed.  An ioctl's copies are read ahead of the host lock and
+its writes sent after it (``_ClientMemory``): one client's stall holds up nobody else.  Opening a device needs the
 sender's uid to be root or the host's own (``SCM_CREDENTIALS``, checked at every open):
 the device nodes are root's, so a device model that dropped privileges keeps its
 handles but cannot open new ones.  Admin and guest requests that change state need the
@@ -97,6 +99,16 @@ from ..abi.evtchn import (
     ioctl_evtchn_notify,
     ioctl_evtchn_unbind,
 )
+from ..abi.ioctl import _IOC_SIZE
+from ..abi.privcmd import (
+    IOCTL_PRIVCMD_DM_OP,
+    IOCTL_PRIVCMD_HYPERCALL,
+    IOCTL_PRIVCMD_MMAPBATCH_V2,
+    privcmd_dm_op,
+    privcmd_hypercall,
+    privcmd_mmapbatch_v2,
+)
+from ..abi.xen import __HYPERVISOR_dm_op as _HYPERVISOR_DM_OP
 from .evtchn import (
     DOORBELL_BROKEN,
     DOORBELL_CAPACITY,
@@ -120,13 +132,15 @@ from .evtchn import (
     EvtchnDevice,
     PortMaskWords,
 )
-from .privcmd import HYPERCALL_PATH, PRIVCMD_PATH, PrivcmdDevice
+from .privcmd import GATHER_MAX, HYPERCALL_PATH, PRIVCMD_PATH, PrivcmdDevice, gather_chunks
 from .state import NR_EVTCHN_PORTS
 from .usermem import PAGE_SIZE, UserMemory, access_ok, remap
 
 __all__ = [
     "ENV_SOCKET",
+    "IDLE_TIMEOUT",
     "MAX_CLIENTS",
+    "MAX_CLIENTS_PER_UID",
     "MAX_COPY",
     "MAX_MAP_COUNT",
     "MAX_MESSAGE",
@@ -166,6 +180,14 @@ MAX_COPY = 16 << 20
 MAX_MAP_COUNT = 65530
 #: connected clients (one thread each); a further one is closed at once and logged
 MAX_CLIENTS = 128
+#: connections one uid may hold (``SO_PEERCRED``), so that one user cannot take every place
+MAX_CLIENTS_PER_UID = 64
+#: seconds a connection with no open device may stay silent before the host closes it (one with
+#: devices keeps them, as a process keeps its fds: a device model waiting for events sends nothing)
+IDLE_TIMEOUT = 60.0
+#: the largest dm_op buffer the host reads ahead of an ioctl on the HYPERCALL path (privcmd's own
+#: DM_OP bounds each by ``dm_op_buf_max_size``)
+_PREFETCH_BUF_MAX = 64 * 1024
 
 _KIND = struct.Struct("<H")
 _IOCTL = struct.Struct("<IIBQ")  # handle, request, arg is an address (1) or bytes (0), address
@@ -319,13 +341,89 @@ def _check_copy(what: str, addr: int, nbytes: int) -> None:
 class _ClientMemory:
     """A client process's memory as the host's devices reach it: each access is a
     request to the client, answered from its own memory while its ioctl is in flight.
-    No copy is larger than ``MAX_COPY``, checked before the first request."""
+    No copy is larger than ``MAX_COPY``, checked before the first request.
+
+    Read-ahead (``prefetch``/``prefetch_check`` between ``begin`` and ``end``): what an ioctl
+    will read is asked for before it takes the host lock, and what it writes is sent after
+    the lock is released, so a client that stalls on its copies stalls alone.  Under the
+    lock, an access inside what was read ahead is served from it (a fault recorded then is
+    raised again); anything else is asked for as before."""
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
+        #: read ahead: (addr, bytes) and (addr, nbytes, errno) of the reads that faulted
+        self._ahead: list[tuple[int, bytearray]] | None = None
+        self._faults: list[tuple[int, int, int]] = []
+        #: pinned-for-writing answers: (addr, nbytes, errno or 0)
+        self._checked: list[tuple[int, int, int]] = []
+        #: copy_to_user / remap requests held until ``end`` (in their order)
+        self._held: list[tuple[bytes, list[int]]] = []
+
+    # --- read-ahead ----------------------------------------------------------------------
+
+    def begin(self) -> None:
+        self._ahead, self._faults, self._checked, self._held = [], [], [], []
+
+    def prefetch(self, addr: int, nbytes: int) -> bytes | None:
+        """Read ahead (None when it faults: the fault is recorded and raised at its use)."""
+        assert self._ahead is not None
+        try:
+            data = self._fetch(addr, nbytes)
+        except OSError as e:
+            if isinstance(e, _Broken):
+                raise
+            self._faults.append((addr, nbytes, e.errno or errno.EFAULT))
+            return None
+        self._ahead.append((addr, bytearray(data)))
+        return data
+
+    def prefetch_check(self, addr: int, nbytes: int) -> None:
+        """Ask now whether ``check_writable`` will pass, and remember the answer."""
+        try:
+            self._check(addr, nbytes)
+        except OSError as e:
+            if isinstance(e, _Broken):
+                raise
+            self._checked.append((addr, nbytes, e.errno or errno.EFAULT))
+        else:
+            self._checked.append((addr, nbytes, 0))
+
+    def end(self) -> None:
+        """Send the held writes and remaps (the ioctl is done, the host lock released)."""
+        held, self._held = self._held, []
+        self._ahead, self._faults, self._checked = None, [], []
+        if self._conn.broken:
+            return  # nobody left to write to
+        for request, fds in held:
+            self._conn.rpc(request, fds)
+
+    def _found(self, addr: int, nbytes: int) -> tuple[bytearray, int] | None:
+        for start, data in self._ahead or ():
+            if start <= addr and addr + nbytes <= start + len(data):
+                return data, addr - start
+        return None
+
+    def _checked_answer(self, addr: int, nbytes: int) -> int | None:
+        for start, n, err in self._checked:
+            if start <= addr and addr + nbytes <= start + n:
+                return err
+        return None
+
+    # --- the kernel's accessors ------------------------------------------------------------
 
     def read(self, addr: int, nbytes: int) -> bytes:
         """copy_from_user, chunked: an absurd length faults at its first bad chunk."""
+        if self._ahead is not None:
+            found = self._found(addr, nbytes)
+            if found is not None:
+                data, at = found
+                return bytes(data[at : at + nbytes])
+            for start, n, err in self._faults:
+                if start <= addr and addr + nbytes <= start + n:
+                    raise OSError(err, os.strerror(err))
+        return self._fetch(addr, nbytes)
+
+    def _fetch(self, addr: int, nbytes: int) -> bytes:
         _check_copy("copy_from_user", addr, nbytes)
         parts = []
         for off in range(0, nbytes, _CHUNK):
@@ -337,10 +435,23 @@ class _ClientMemory:
         return b"".join(parts)
 
     def write(self, addr: int, data: bytes) -> None:
-        """copy_to_user."""
+        """copy_to_user (held until ``end`` inside memory checked writable ahead)."""
         _check_copy("copy_to_user", addr, len(data))
+        answer = self._checked_answer(addr, len(data)) if self._ahead is not None else None
+        if answer:  # pinned for writing ahead, and refused: copy_to_user's fault, without asking again
+            raise OSError(answer, os.strerror(answer))
+        hold = answer == 0
+        if self._ahead is not None:
+            found = self._found(addr, len(data))
+            if found is not None:  # later reads of the ioctl see what it wrote
+                mirror, at = found
+                mirror[at : at + len(data)] = data
         for off in range(0, len(data), _CHUNK):
-            self._conn.rpc(_pack(Msg.MEM_WRITE, _ADDR.pack(addr + off), bytes(data[off : off + _CHUNK])))
+            request = _pack(Msg.MEM_WRITE, _ADDR.pack(addr + off), bytes(data[off : off + _CHUNK]))
+            if hold:
+                self._held.append((request, []))
+            else:
+                self._conn.rpc(request)
 
     def clear(self, addr: int, nbytes: int) -> None:
         """clear_user."""
@@ -350,6 +461,15 @@ class _ClientMemory:
 
     def check_writable(self, addr: int, nbytes: int) -> None:
         """pin_user_pages_fast(FOLL_WRITE) of privcmd.c ``lock_pages``, probed by the client on its own memory."""
+        if self._ahead is not None:
+            err = self._checked_answer(addr, nbytes)
+            if err == 0:
+                return
+            if err is not None:
+                raise OSError(err, os.strerror(err))
+        self._check(addr, nbytes)
+
+    def _check(self, addr: int, nbytes: int) -> None:
         _check_copy("pin_user_pages", addr, nbytes)
         for off in range(0, nbytes, _CHUNK):
             self._conn.rpc(_pack(Msg.MEM_CHECK, _ADDR_N.pack(addr + off, min(_CHUNK, nbytes - off))))
@@ -363,7 +483,11 @@ class _ClientMemory:
 
         def flush() -> None:
             if entries:
-                self._conn.rpc(_pack(Msg.MEM_REMAP, _REMAP_HEAD.pack(len(entries)), *entries), fds)
+                request = _pack(Msg.MEM_REMAP, _REMAP_HEAD.pack(len(entries)), *entries)
+                if self._ahead is not None:  # after the lock too (the memfds stay open: the frames hold them)
+                    self._held.append((request, list(fds)))
+                else:
+                    self._conn.rpc(request, fds)
             fds.clear()
             entries.clear()
 
@@ -410,8 +534,9 @@ class _Connection:
         )
         self.info = ClientInfo(pid, uid, gid, {})
         self.memory = _ClientMemory(self)
-        #: when the copies of the request being handled must be answered by (``rpc``)
-        self._copy_deadline = time.monotonic() + MEMORY_TIMEOUT
+        #: seconds left for the client to answer the copies of the request being handled: only
+        #: its own answering time is charged (``rpc``), never a wait for the host lock
+        self._copy_budget = MEMORY_TIMEOUT
         self.devices: dict[int, Any] = {}
         self._next_handle = 1
         #: one simulated guest per domain (a request's timeout is set on it each time: keyed by
@@ -434,15 +559,21 @@ class _Connection:
         """Send a memory request and wait for the client's MEM_REPLY: its data, or OSError.
 
         Departs from Linux, where a copy cannot stall (the kernel reads the memory itself): a
-        client that has not answered all the memory requests of one request of its own within
-        ``MEMORY_TIMEOUT`` gets EFAULT (copy_from_user's answer for memory it cannot reach) and
-        is disconnected, so it holds the host lock for that long at most, however many chunks
-        its ioctl copies and however slowly it answers each."""
+        client that has taken more than ``MEMORY_TIMEOUT`` in all to answer the memory requests
+        of one request of its own gets EFAULT (copy_from_user's answer for memory it cannot
+        reach) and is disconnected, however many chunks its ioctl copies and however slowly it
+        answers each.  Only its own answering time counts: a request that waited for the host
+        lock behind another client is not charged for it.  The copies of the ioctls that matter
+        (DM_OP, the dm_op hypercall, MMAPBATCH, evtchn arguments) are read ahead of the host
+        lock and written after it (``_ClientMemory``), so a stall holds no lock."""
         if self.broken:
             raise _Broken("client gone")
         try:
+            started = time.monotonic()
             _send(self.sock, request, fds)
-            if not _readable(self.sock.fileno(), self._copy_deadline - time.monotonic()):
+            answered = _readable(self.sock.fileno(), self._copy_budget)
+            self._copy_budget -= time.monotonic() - started
+            if not answered:
                 raise _Broken(f"client did not answer its memory requests within {MEMORY_TIMEOUT}s")
             data, _, _ = _recv(self.sock)
             if len(data) < _KIND.size + _ERROR.size or _KIND.unpack_from(data)[0] != Msg.MEM_REPLY:
@@ -466,6 +597,11 @@ class _Connection:
         fds: list[int]
         try:
             while not self.broken and not self.server.closing:
+                if not self.devices and not _readable(self.sock.fileno(), IDLE_TIMEOUT):
+                    # a silent connection holding nothing: closed, so that idle ones cannot
+                    # keep every place (MAX_CLIENTS) from the clients that would use them
+                    log.info("mock-host: client pid %d silent for %.0f s: closed", self.info.pid, IDLE_TIMEOUT)
+                    break
                 try:
                     data, _, cred = _recv(self.sock)
                 except _TooLong as e:  # refused; the client may go on
@@ -536,7 +672,7 @@ class _Connection:
         handler = _HANDLERS.get(kind)
         if handler is None:
             return _error(errno.EPROTO, f"unknown request kind {kind}"), []
-        self._copy_deadline = time.monotonic() + MEMORY_TIMEOUT  # for every copy this request makes
+        self._copy_budget = MEMORY_TIMEOUT  # for every copy this request makes
         try:
             return handler(self, body, cred)
         except _Broken:
@@ -623,8 +759,69 @@ class _Connection:
             return _error(errno.EINVAL, f"IOCTL: argument of {len(arg_bytes)} bytes (limit {MAX_ARG})"), []
         dev = self._device(handle)
         arg: Any = address if by_address else bytearray(arg_bytes)
-        rc = dev.ioctl(request, arg)
+        memory = self.memory
+        memory.begin()
+        try:
+            try:
+                self._read_ahead(dev, request, address if by_address else None, arg_bytes)
+            except _Broken as e:  # it stalled or broke step: EFAULT, as its copy would, then cut off
+                return _error(errno.EFAULT, f"IOCTL: {e.strerror}"), []
+            rc = dev.ioctl(request, arg)  # the host lock is taken and released in here
+        finally:
+            memory.end()  # the writes it held, whether it succeeded or not (as copy_to_user did)
         return self._ok(rc, b"" if by_address else bytes(arg))
+
+    def _read_ahead(self, dev: Any, request: int, address: int | None, arg_bytes: bytes) -> None:
+        """Ask the client now, without the host lock, for what the ioctl will read: the same
+        copies in the same order as the device's path (privcmd.c ``privcmd_ioctl_dm_op``,
+        ``privcmd_ioctl_hypercall`` with Xen's ``do_dm_op``, ``privcmd_ioctl_mmap_batch``; any
+        ioctl's argument).  A fault is recorded and met again where the device meets it."""
+        memory = self.memory
+        if address is not None:
+            # the argument itself, as large as the request says (privcmd and evtchn copy their
+            # struct in, MMAP_RESOURCE's size query copies ``num`` back out): read and pinned ahead
+            size = min(_IOC_SIZE(request), MAX_ARG)
+            if size and access_ok(address, size) and memory.prefetch(address, size) is not None:
+                memory.prefetch_check(address, size)
+
+        def argument(struct_type: Any) -> Any:
+            size = ctypes.sizeof(struct_type)
+            try:
+                raw = memory.read(address, size) if address is not None else arg_bytes[:size]
+            except OSError as e:
+                if isinstance(e, _Broken):
+                    raise
+                return None  # a faulting argument: the device fails on it, nothing more to read ahead
+            return struct_type.from_buffer_copy(raw) if len(raw) >= size else None
+
+        def buffers(ubufs: int, num: int, limit: int) -> None:
+            raw = memory.prefetch(ubufs, 16 * num)
+            if raw is None:
+                return
+            for i in range(num):
+                uptr, size = struct.unpack_from("<QQ", raw, 16 * i)
+                if 0 < size <= limit and access_ok(uptr, size):
+                    memory.prefetch_check(uptr, size)
+                    memory.prefetch(uptr, size)
+
+        if isinstance(dev, PrivcmdDevice):
+            xen = self.server.xen
+            if request == IOCTL_PRIVCMD_DM_OP:
+                kdata = argument(privcmd_dm_op)
+                if kdata is not None and 0 < kdata.num <= xen.dm_op_max_nr_bufs:
+                    buffers(kdata.ubufs or 0, kdata.num, xen.dm_op_buf_max_size)
+            elif request == IOCTL_PRIVCMD_HYPERCALL:
+                call = argument(privcmd_hypercall)
+                if call is not None and call.op == _HYPERVISOR_DM_OP and 0 < call.arg[1] <= xen.dm_op_max_nr_bufs:
+                    buffers(int(call.arg[2]), int(call.arg[1]), _PREFETCH_BUF_MAX)
+            elif request == IOCTL_PRIVCMD_MMAPBATCH_V2:
+                m = argument(privcmd_mmapbatch_v2)
+                if m is not None and m.num > 0:
+                    for addr, n in gather_chunks(m.arr or 0, m.num):  # up to its first fault
+                        if memory.prefetch(addr, n) is None:
+                            break
+                    if 8 * m.num <= GATHER_MAX:
+                        memory.prefetch_check(m.err or 0, 4 * m.num)
 
     def _mmap(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
         handle, addr, length, offset = _MMAP.unpack_from(body)
@@ -1025,6 +1222,11 @@ class MockHostServer:
             conn = _Connection(self, sock)
         except OSError as e:
             log.warning("mock-host: dropping a new connection: %s", e.strerror or e)
+            sock.close()
+            return
+        same_uid = sum(c.info.uid == conn.info.uid for c in self.clients())
+        if same_uid >= min(MAX_CLIENTS_PER_UID, MAX_CLIENTS):
+            log.warning("mock-host: uid %d has %d clients already; a new connection is closed", conn.info.uid, same_uid)
             sock.close()
             return
         with self._lock:

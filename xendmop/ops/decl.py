@@ -267,6 +267,7 @@ class OpDecl(_Frozen):
         "_tops",
         "_types",
         "arch",
+        "arg_names",
         "continuation",
         "copy_back",
         "doc",
@@ -289,6 +290,7 @@ class OpDecl(_Frozen):
         "slots",
         "continuation",
         "limits",
+        "arg_names",
         "doc",
     )
     number: int
@@ -302,6 +304,9 @@ class OpDecl(_Frozen):
     continuation: bool  # Xen may preempt and rewrite the request
     #: API-side limits narrower than the field type (name -> max inclusive)
     limits: Mapping[str, int]
+    #: field -> the argument libxendevicemodel's function (and ``DeviceModel``'s method) names
+    #: it, where the two differ (``isa_irq`` is ``irq``): what errors call it
+    arg_names: Mapping[str, str]
     doc: str
     _types: dict[str, Any]
     _tops: dict[str, int | None]
@@ -321,10 +326,12 @@ class OpDecl(_Frozen):
         slots: tuple[Slot, ...] = (),
         continuation: bool = False,
         limits: Mapping[str, int] | None = None,
+        arg_names: Mapping[str, str] | None = None,
         doc: str = "",
     ) -> None:
         self._set(number=number, name=name, struct=struct, out=out, copy_back=copy_back, since=since, arch=arch)
         self._set(slots=slots, continuation=continuation, limits={} if limits is None else limits, doc=doc)
+        self._set(arg_names={} if arg_names is None else arg_names)
         self._derive()
 
     @property
@@ -346,19 +353,21 @@ class OpDecl(_Frozen):
         self._set(_types=types, _tops=tops, _reads_back=reads_back, _order=order, _packer=packer)
 
     def check(self, fields: Mapping[str, int]) -> None:
-        """Refuse a value the struct cannot carry, naming the field, before any syscall."""
+        """Refuse a value the struct cannot carry before any syscall, naming the argument as
+        the caller knows it (``arg_names``; the field's own name where they agree)."""
         tops = self._tops
         for name, value in fields.items():
             if name not in tops:
                 raise TypeError(f"{self.name}: no field {name!r} in {self.struct.__name__}")
+            shown = self.arg_names.get(name, name)
             if not isinstance(value, int):
-                raise TypeError(f"{self.name}: {name} must be an int, not {type(value).__name__}")
+                raise TypeError(f"{self.name}: {shown} must be an int, not {type(value).__name__}")
             top = tops[name]
             if top is not None and not 0 <= value <= top:
                 ctype = self._types[name]
                 width = ctypes.sizeof(ctype) * 8
                 why = f"must be 0..{top:#x}" if name in self.limits else f"does not fit uint{width}_t"
-                raise ArgumentError(self.name, name, value, why)
+                raise ArgumentError(self.name, shown, value, why)
 
     def guard_source(self, params: Sequence[str], names: Sequence[str] | None = None) -> str:
         """A Python expression over variables named ``params`` (fields of this op) that is

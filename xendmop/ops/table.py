@@ -1,5 +1,7 @@
 """Every DMOP sub-op (1-20), declared once.
 
+``arg_names`` give a field's argument name in libxendevicemodel (``tools/libs/devicemodel/core.c``)
+where the two differ: ``DeviceModel`` takes C's argument names, and its errors use them.
 The source of each fact: ``xen/include/public/hvm/dm_op.h`` (structs, directions),
 ``xen/arch/x86/hvm/dm.c`` and ``xen/common/ioreq.c`` (``const_op``, continuations),
 and ``git tag --contains`` for ``since`` (see the project's DMOP reference, §1.3, §2).
@@ -78,6 +80,7 @@ DECLARATIONS: tuple[OpDecl, ...] = (
         "set_pci_intx_level",
         d.xen_dm_op_set_pci_intx_level,
         limits={"device": 0x1F, "intx": 3, "level": 1},
+        arg_names={"domain": "segment"},
         doc="Assert or deassert a PCI device's INTx line.",
     ),
     OpDecl(
@@ -85,6 +88,7 @@ DECLARATIONS: tuple[OpDecl, ...] = (
         "set_isa_irq_level",
         d.xen_dm_op_set_isa_irq_level,
         limits={"level": 1},
+        arg_names={"isa_irq": "irq"},
         doc="Assert or deassert an ISA IRQ line (0-15).",
     ),
     OpDecl(
@@ -92,6 +96,7 @@ DECLARATIONS: tuple[OpDecl, ...] = (
         "set_pci_link_route",
         d.xen_dm_op_set_pci_link_route,
         limits={"link": 3},
+        arg_names={"isa_irq": "irq"},
         doc="Route PCI link 0-3 to an ISA IRQ (0 disables).",
     ),
     OpDecl(
@@ -117,12 +122,14 @@ DECLARATIONS: tuple[OpDecl, ...] = (
         d.XEN_DMOP_inject_event,
         "inject_event",
         d.xen_dm_op_inject_event,
+        arg_names={"vcpuid": "vcpu", "cr2": "extra"},
         doc="Latch an event (interrupt, exception) for a vCPU's next entry.",
     ),
     OpDecl(
         d.XEN_DMOP_inject_msi,
         "inject_msi",
         d.xen_dm_op_inject_msi,
+        arg_names={"addr": "msi_addr", "data": "msi_data"},
         doc="Deliver an MSI (address/data) to the guest.",
     ),
     OpDecl(

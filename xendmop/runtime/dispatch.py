@@ -77,6 +77,7 @@ from ..abi.ioreq import (
     STATE_IOREQ_READY,
     STATE_IORESP_READY,
 )
+from ..checks import check_int
 
 log = logging.getLogger("xendmop.runtime")
 #: every ioreq answered, at DEBUG, when enabled (``--trace``): see ``Dispatcher.handle_slot_traced``
@@ -104,6 +105,8 @@ _MMIO_SIZES = frozenset((1, 2, 4, 8))
 #: that its guest-side span stays within one page (``hvmemul_*`` rep handlers), so
 #: an honest count never exceeds 4096; anything larger is refused whole.
 MAX_REP = 4096
+#: the largest ``max_rep`` a dispatcher takes: 2**20 elements of at most 8 bytes, 8 MiB per ioreq
+MAX_REP_LIMIT = 1 << 20
 #: PCI Express extended configuration space.
 PCI_CONFIG_SPACE_SIZE = 4096
 #: byte 30 of a buffered entry's ioreq: READY, a write (``IOREQ_WRITE`` is 0), no data_is_ptr or df
@@ -398,7 +401,9 @@ class Dispatcher:
     ) -> None:
         self.memory = memory
         self.on_timeoffset = on_timeoffset
-        self.max_rep = max_rep
+        # ioreq.count is a uint32 (xen/include/public/hvm/ioreq.h); 0 refuses every counted
+        # access, and past MAX_REP_LIMIT one ioreq could make the core gather 8 MiB or more
+        self.max_rep = check_int("Dispatcher", "max_rep", max_rep, 0, MAX_REP_LIMIT)
         self.ports = RangeMap("port")
         self.mmio = RangeMap("mmio")
         self.pci: dict[int, Region] = {}

@@ -31,7 +31,7 @@ from ..abi.evtchn import (
     ioctl_evtchn_unbind,
 )
 from ..backends.device import EVTCHN_PATH, NOT_XEN, OsDevice
-from ..checks import check_domid, check_port
+from ..checks import MAX_PENDING_PORTS, check_domid, check_int, check_port
 from ..errors import ArgumentError, ClosedHandleError, NotXenHostError, XenError, xen_error
 
 __all__ = ["EVTCHN_PATH", "EventChannel", "EvtchnDevice", "EvtchnDeviceFile", "open_evtchn_device"]
@@ -189,7 +189,7 @@ class EventChannel:
                 self._notify_args[port] = arg
         dev = self._dev
         if dev is None:
-            raise ClosedHandleError("EventChannel is closed")
+            raise ClosedHandleError("EventChannel is closed", "notify")
         try:
             dev.ioctl(IOCTL_EVTCHN_NOTIFY, arg)
         except OSError as e:
@@ -216,9 +216,10 @@ class EventChannel:
         """Up to ``limit`` pending ports in one ``read`` (``[]`` when none is pending): what
         ``pending`` gives one by one, without a failing read to learn that the ring is empty.
         Each port stays masked until ``unmask``; EFBIG means the ring overflowed."""
+        check_int("pending_ports", "limit", limit, 1, MAX_PENDING_PORTS)
         dev = self._dev
         if dev is None:
-            raise ClosedHandleError("EventChannel is closed")
+            raise ClosedHandleError("EventChannel is closed", "pending_ports")
         try:
             raw = dev.read(4 * limit)
         except OSError as e:  # BlockingIOError included: nothing pending
@@ -254,7 +255,7 @@ class EventChannel:
                 self._port_bytes[port] = raw
         dev = self._dev
         if dev is None:
-            raise ClosedHandleError("EventChannel is closed")
+            raise ClosedHandleError("EventChannel is closed", "unmask")
         try:
             dev.write(raw)
         except OSError as e:

@@ -16,7 +16,7 @@ import errno
 import mmap
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -260,22 +260,38 @@ class GuestRam:
             self.fmem.unmap(old)
         return m.view
 
-    def _chunks(self, gpa: int, size: int) -> list[tuple[int, int, int]]:
+    def _check_range(self, gpa: int, size: int) -> None:
+        """Refuse a range that is not all guest RAM before anything is allocated for it: outside
+        ``limit``, or (when it spans pages) one whose last page Xen will not map, so that
+        ``read(0, 2**40)`` costs one mapping, not gigabytes gathered until the first hole."""
+        for name, value in (("gpa", gpa), ("size", size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"GuestRam: {name} must be an int, not {type(value).__name__}")
         if gpa < 0 or size < 0 or (self.limit is not None and gpa + size > self.limit):
             raise GuestMemoryError(f"gpa {gpa:#x}+{size} outside guest RAM")
-        out = []
+        if size > PAGE_SIZE - (gpa & (PAGE_SIZE - 1)):
+            self._page((gpa + size - 1) >> _PAGE_SHIFT)  # GuestMemoryError when it is not RAM
+
+    def _chunks(self, gpa: int, size: int) -> Iterator[tuple[int, int, int]]:
+        """``(gfn, offset, nbytes)`` page by page, made as they are used."""
         while size:
             gfn, off = gpa >> _PAGE_SHIFT, gpa & (PAGE_SIZE - 1)
             n = min(size, PAGE_SIZE - off)
-            out.append((gfn, off, n))
+            yield gfn, off, n
             gpa, size = gpa + n, size - n
-        return out
 
     def read(self, gpa: int, size: int) -> bytes:
-        return b"".join(bytes(self._page(gfn)[off : off + n]) for gfn, off, n in self._chunks(gpa, size))
+        """``size`` bytes of guest RAM at ``gpa``: ``GuestMemoryError`` when any of it is not RAM
+        (a range past the guest's last page before anything is read or allocated)."""
+        self._check_range(gpa, size)
+        out = bytearray()  # grows with what was read: a hole midway costs what came before it
+        for gfn, off, n in self._chunks(gpa, size):
+            out += self._page(gfn)[off : off + n]
+        return bytes(out)
 
     def write(self, gpa: int, data: bytes) -> None:
-        chunks = self._chunks(gpa, len(data))
+        self._check_range(gpa, len(data))
+        chunks = list(self._chunks(gpa, len(data)))
         views = [self._page(gfn) for gfn, _, _ in chunks]  # map every page first: all or nothing
         done = 0
         for view, (_, off, n) in zip(views, chunks):

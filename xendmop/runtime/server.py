@@ -68,6 +68,7 @@ from typing import Any
 
 from ..abi.memory import XENMEM_resource_ioreq_server
 from ..backends.device import PAGE_SIZE, open_device
+from ..checks import check_sbdf
 from ..depriv import DeprivReport, DropConfig, deprivilege, fail_closed
 from ..devicemodel import DeviceModel
 from ..errors import XenError
@@ -153,10 +154,6 @@ def _warn_arch() -> None:
             platform.machine(),
         )
         _warned_arch = True
-
-
-def _sbdf(segment: int, bus: int, device: int, function: int) -> int:
-    return (segment << 16) | (bus << 8) | (device << 3) | function
 
 
 class TakeoverError(RuntimeError):
@@ -668,7 +665,9 @@ class IoreqServer:
     ) -> int:
         """Route config space of ``segment:bus:slot.function`` to ``device``; a
         ``PciFunction`` also gets its BARs mapped and its interrupts wired.  Returns the SBDF."""
-        sbdf = _sbdf(segment, bus, slot, function)
+        # The check DeviceModel.map_pcidev_to_ioreq_server makes: a part out of its field would
+        # alias another function (slot 32 is 01:00.0) in the dispatcher and in Xen alike.
+        sbdf = check_sbdf("add_pci", segment, bus, slot, function, ("segment", "bus", "slot", "function"))
         with self._lock:
             self.dispatcher.add_pci(sbdf, device, name)
             self._pci[sbdf] = device
