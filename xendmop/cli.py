@@ -348,7 +348,8 @@ def _parser() -> argparse.ArgumentParser:
         doc = _summary(getattr(DeviceModel, method).__doc__ or "")
         sp = sub.add_parser(command, help=doc.replace("%", "%%"), description=doc, parents=[common])
         sp.set_defaults(parser=sp)
-        hints = typing.get_type_hints(getattr(DeviceModel, method))
+        # ``Buffer`` (out=, extents=) is a name for type checkers only; no subcommand takes one.
+        hints = typing.get_type_hints(getattr(DeviceModel, method), localns={"Buffer": object})
         for param in params:
             spec = _argument(method, param, hints)
             if spec is not None:
