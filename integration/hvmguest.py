@@ -344,10 +344,16 @@ class Example:
 
 
 def start_example(
-    script: str, args: Sequence[str], *, pipes: bool = False, env: dict[str, str] | None = None
+    script: str,
+    args: Sequence[str],
+    *,
+    pipes: bool = False,
+    env: dict[str, str] | None = None,
+    python_args: Sequence[str] = (),
 ) -> Example:
-    """``examples/<script>`` as a process (stdin/stdout pipes with ``pipes``, else /dev/null)."""
-    cmd = [sys.executable, str(EXAMPLES / script), *args]
+    """``examples/<script>`` as a process (stdin/stdout pipes with ``pipes``, else /dev/null);
+    ``python_args`` go to the interpreter first (e.g. ``-m cProfile -o FILE``)."""
+    cmd = [sys.executable, *python_args, str(EXAMPLES / script), *args]
     stdio = subprocess.PIPE if pipes else subprocess.DEVNULL
     proc = subprocess.Popen(
         cmd, stdin=stdio, stdout=stdio, stderr=subprocess.PIPE, env={**os.environ, **(env or {})}, bufsize=0
