@@ -388,8 +388,12 @@ class Uart16550:
             self.tx.popleft()  # once it is out: a kill before this store sends it again, never loses it
         self.tx.append(value)
         self.thr_ipending = False  # a THR write clears the THRE interrupt
-        if self.wakeup is not None:
-            self.wakeup()
+        # The line is infinitely fast, as QEMU's: the byte goes out now and THRE is back before
+        # the access ends, so the IRQ line, updated at the end of each access, stays up through
+        # a burst of THR writes instead of pulsing down and up for every byte (two
+        # set_isa_irq_level DMOPs and a spurious interrupt each); the driver's IIR read in its
+        # handler lowers it, and its next THR write raises it again.
+        self._transmit()
 
     def _write_fcr(self, value: int) -> None:
         if not value & FCR_ENABLE:
