@@ -146,8 +146,8 @@ class Uart16550:
     ``output(data)``: bytes the UART puts on the line (not called in loopback).
     ``set_irq(level, source)``: the PC's IRQ line changed — called on edges only;
     ``source`` names the interrupt that raised it ("" when lowered).
-    ``wakeup()``: optional; asks the serve loop to call ``transmit()`` soon (the
-    line's time passing when the guest makes no further access).
+    The line is infinitely fast (as QEMU's): a byte written to THR goes to ``output``
+    during the write, so the transmitter is empty again before the access ends.
 
     Host side: ``receive(data)`` — characters arrive on the line now (they can
     overrun the FIFO); ``queue_input(data)`` — characters arrive no faster than the
@@ -169,12 +169,10 @@ class Uart16550:
         output: Callable[[bytes], None],
         set_irq: Callable[[bool, str], None] | None = None,
         *,
-        wakeup: Callable[[], None] | None = None,
         state: DeviceState | None = None,
     ) -> None:
         self.output = output
         self.set_irq = set_irq
-        self.wakeup = wakeup
         #: where every register is stored after each access, for a restarted device model
         #: (``restore``); with it the transmitter hands the line one byte at a time
         self.state = state
@@ -427,7 +425,7 @@ class Uart16550:
     # --- the line -------------------------------------------------------------------------------
 
     def transmit(self) -> None:
-        """Send what the transmitter holds (the serve loop calls this after ``wakeup``)."""
+        """Send what the transmitter holds: after a restart, what the predecessor left in the FIFO."""
         with self._lock:
             self._transmit()
             self._update_irq()
@@ -559,17 +557,8 @@ def isa_irq_setter(
 
 
 def attach(loop: ServeLoop, uart: Uart16550, input_fd: int | None) -> Callable[[], None]:
-    """Watch a wake-up eventfd (the transmitter's ``wakeup``) and ``input_fd`` (the
-    keyboard) from ``loop``'s thread.  Returns the function that closes the eventfd."""
-    wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-
-    def on_wake() -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(wake)
-        uart.transmit()
-
-    uart.wakeup = lambda: os.eventfd_write(wake, 1)
-    loop.add_reader(wake, on_wake)
+    """Watch ``input_fd`` (the keyboard) from ``loop``'s thread.  Returns the function that
+    closes what this opened."""
     quiet_ends: list[int] = []
     if input_fd is not None and not _pollable(input_fd):
         # A regular file or /dev/null (epoll refuses them): everything it holds is typed at once.
@@ -599,8 +588,7 @@ def attach(loop: ServeLoop, uart: Uart16550, input_fd: int | None) -> Callable[[
         loop.add_reader(fd, on_input)
 
     def close() -> None:
-        uart.wakeup = None
-        for end in [wake, *quiet_ends]:
+        for end in quiet_ends:
             os.close(end)
 
     return close
@@ -795,7 +783,7 @@ def run_on_mock(
         server.add_port_range(COM1, COM1 + 7, uart, "uart16550")
         keyboard_r, keyboard_w = os.pipe()  # the host's terminal, as on real Xen
         loop = ServeLoop(server)
-        close_wake = attach(loop, uart, keyboard_r)
+        close_input = attach(loop, uart, keyboard_r)
 
         def firmware() -> bytes:
             fw = Firmware(SimGuest(host, domid, timeout=5), lambda: host.domain(domid).gsi_level(IRQ))
@@ -814,7 +802,7 @@ def run_on_mock(
             run = app.run_guest_while_serving(loop, firmware, signal_grace=0)
         finally:
             uart.release_irq()
-            close_wake()
+            close_input()
             os.close(keyboard_r)
             os.close(keyboard_w)
         return MockRun(bytes(view.text), run.result or b"", view.irq, len(mock.servers_left()), domid, run.signal)
@@ -899,7 +887,7 @@ def serve_domain(
                 uart.resync_irq()
         server.add_port_range(COM1, COM1 + 7, uart, "uart16550")
         loop = ServeLoop(server)
-        close_wake = attach(loop, uart, input_fd)
+        close_input = attach(loop, uart, input_fd)
         started = False
 
         def ready() -> None:
@@ -914,7 +902,7 @@ def serve_domain(
         finally:
             with app.unless_gone():  # a domain gone has no IRQ to lower
                 uart.release_irq()
-            close_wake()
+            close_input()
             if restart is not None and (started or server.takeover is None):
                 restart.clear()  # the server is destroyed (or was never ours): nothing to take over
     return None  # not reached: the with block returns or raises
