@@ -39,6 +39,8 @@ from .types import BufIoreq, CacheAttr, EventType, HvmMemType, IoreqServerInfo, 
 
 if TYPE_CHECKING:
     from .types import Buffer
+else:  # what get_type_hints (the CLI builds its arguments from the hints) finds at run time
+    Buffer = Any
 
 log = logging.getLogger("xendmop")
 
