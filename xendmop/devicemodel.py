@@ -12,11 +12,8 @@ come back as ``XenError`` subclasses carrying the op and the domid.
 from __future__ import annotations
 
 import ctypes
-import errno
 import io
 import logging
-import os
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -31,9 +28,9 @@ from .abi.dm_op import (
 )
 from .abi.xen import DOMID_FIRST_RESERVED
 from .backends.base import Backend, Limits
-from .backends.device import PRIVCMD_PATH, xen_host_signs
+from .backends.selection import BACKENDS, auto_backend, make_backend
 from .checks import check_int_or_enum, check_sbdf
-from .errors import ArgumentError, ClosedHandleError, NotXenHostError
+from .errors import ArgumentError, ClosedHandleError
 from .ops import BY_NAME, CTYPES_MEMORY, OpDecl, caller_memory, check_domid
 from .types import BufIoreq, CacheAttr, EventType, HvmMemType, IoreqServerInfo, MemAccess, ShutdownReason
 
@@ -44,7 +41,6 @@ else:  # what get_type_hints (the CLI builds its arguments from the hints) finds
 
 log = logging.getLogger("xendmop")
 
-BACKENDS = ("auto", "privcmd", "libxen", "mock")
 _EXTENT = xen_dm_op_modified_memory_extent
 _EXTENT_SIZE = ctypes.sizeof(_EXTENT)
 _OP = BY_NAME  # short alias for the declarations used below
@@ -222,7 +218,7 @@ class DeviceModel:
         if backend not in BACKENDS:
             raise ArgumentError("open", "backend", backend, f"must be one of {', '.join(BACKENDS)}")
         if backend == "auto":
-            return cls(_auto_backend(xen, limits))
+            return cls(auto_backend(xen, limits))
         return cls(make_backend(backend, xen=xen, limits=limits))
 
     @property
@@ -558,100 +554,3 @@ class DeviceModel:
     def describe(self) -> dict[str, Any]:
         """What the backend found: device, ioctl path, buffers, restriction, limits."""
         return self._open_backend("describe").describe()
-
-
-def make_backend(name: str, *, xen: Any = None, limits: Limits = Limits()) -> Backend:
-    """Construct one named backend (no fallback)."""
-    if name == "privcmd":
-        from .backends.privcmd import PrivcmdBackend
-
-        return PrivcmdBackend(limits=limits)
-    if name == "libxen":
-        from .backends.libxen import LibxenBackend
-
-        return LibxenBackend.from_env(limits=limits)
-    if name == "mock":
-        from .backends.privcmd import PrivcmdBackend
-        from .mock import default_host
-
-        if xen is None and os.environ.get("XENDMOP_MOCK_SOCKET"):  # a mock host process (xendmop mock-host)
-            from .mock.remote import connect_from_env
-
-            remote = connect_from_env()
-            try:
-                backend = PrivcmdBackend(remote.open_device, limits=limits, on_close=remote.close)
-            except BaseException:
-                remote.close()
-                raise
-            log.info("xendmop: mock Xen host at %s (from XENDMOP_MOCK_SOCKET)", remote.path)
-            opener = remote.open_device
-        elif xen is not None:
-            backend = PrivcmdBackend(xen.open_device, limits=limits)
-            opener = xen.open_device
-        else:  # a host of our own: closed with the backend
-            host = default_host()
-            backend = PrivcmdBackend(host.open_device, limits=limits, on_close=host.close)
-            opener = host.open_device
-        backend.name = "mock"
-        # How the simulated host opens its devices: an IoreqServer on this DeviceModel opens its
-        # privcmd and evtchn the same way, not the real /dev/xen ones.
-        backend.host_opener = opener
-        return backend
-    raise ArgumentError("open", "backend", name, f"must be one of {', '.join(BACKENDS)}")
-
-
-class MockFallbackWarning(UserWarning):
-    """``backend="auto"`` chose the mock because this is not a Xen host: nothing reaches a real
-    guest.  Said once per process; ``warnings.simplefilter("ignore", MockFallbackWarning)``
-    (the CLI's ``--quiet``) silences it."""
-
-
-_mock_warned = False
-
-
-def _auto_backend(xen: Any, limits: Limits) -> Backend:
-    """``$XENDMOP_BACKEND`` if set; else privcmd, then libxen; the mock only where nothing shows a
-    Xen host (``xen_host_signs``), with a ``MockFallbackWarning``.  On a Xen host where neither
-    real backend opens, the privcmd failure is raised again (its errno's ``OSError`` subclass:
-    ``PermissionError`` for a user without access), naming the device and what to do."""
-    global _mock_warned
-    forced = os.environ.get("XENDMOP_BACKEND")
-    if forced:
-        if forced not in BACKENDS or forced == "auto":
-            raise ArgumentError(
-                "open", "$XENDMOP_BACKEND", forced, f"must be one of {', '.join(b for b in BACKENDS if b != 'auto')}"
-            )
-        log.info("xendmop: backend %s (from XENDMOP_BACKEND)", forced)
-        return make_backend(forced, xen=xen, limits=limits)
-    failures: list[tuple[str, BaseException]] = []
-    for name in ("privcmd", "libxen"):
-        try:
-            backend = make_backend(name, xen=xen, limits=limits)
-        except (NotXenHostError, OSError, ImportError) as e:
-            failures.append((name, e))
-            continue
-        log.info("xendmop: backend %s", name)
-        return backend
-    reasons = "; ".join(f"{name}: {e}" for name, e in failures)
-    signs = xen_host_signs()
-    if signs:
-        first = failures[0][1]
-        err = first.errno if isinstance(first, OSError) and first.errno else errno.EACCES
-        raise OSError(
-            err,
-            f"this is a Xen host ({', '.join(signs)}) but {PRIVCMD_PATH} cannot be used ({reasons}); "
-            f"run as root or as a user given access to {PRIVCMD_PATH}, or ask for the simulated Xen by name "
-            "(backend='mock', XENDMOP_BACKEND=mock, --backend mock)",
-            PRIVCMD_PATH,
-        ) from None
-    log.info("xendmop: not a Xen host (%s); using the mock Xen", reasons)
-    if not _mock_warned:
-        _mock_warned = True
-        warnings.warn(
-            MockFallbackWarning(
-                f"xendmop: not a Xen host (no {PRIVCMD_PATH}, no /proc/xen, /sys/hypervisor/type not xen): "
-                "using the simulated Xen (the mock); nothing reaches a real guest"
-            ),
-            stacklevel=3,
-        )
-    return make_backend("mock", xen=xen, limits=limits)
