@@ -26,6 +26,23 @@ EVTCHN_PATH = "/dev/xen/evtchn"
 NOT_XEN = {errno.ENOENT, errno.ENXIO, errno.ENODEV}
 
 
+class FrameViews:
+    """What every mapping of foreign frames answers, over its ``view`` and ``errors``."""
+
+    nr_frames: int
+    errors: tuple[int, ...]
+    view: memoryview
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.errors)
+
+    def page(self, index: int) -> memoryview:
+        if not 0 <= index < self.nr_frames:
+            raise IndexError(f"frame {index} of {self.nr_frames}")
+        return self.view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
+
+
 class Device(Protocol):
     """One open Xen device file."""
 

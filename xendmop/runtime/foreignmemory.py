@@ -30,7 +30,7 @@ from ..abi.privcmd import (
     privcmd_mmapbatch_v2,
 )
 from ..abi.xen import DOMID_FIRST_RESERVED, domid_t
-from ..backends.device import PAGE_SIZE, PRIVCMD_PATH, Device, open_device
+from ..backends.device import PAGE_SIZE, PRIVCMD_PATH, Device, FrameViews, open_device
 from ..checks import check_domid, check_int
 from ..errors import ArgumentError, ClosedHandleError, XenError, xen_error
 from .dispatch import GuestMemoryError
@@ -49,23 +49,6 @@ def _address_of(mapping: mmap.mmap) -> int:
         return ctypes.addressof(anchor)
     finally:
         del anchor  # drop the buffer export so the mapping can still be closed
-
-
-class FrameViews:
-    """What every mapping of foreign frames answers, over its ``view`` and ``errors``."""
-
-    nr_frames: int
-    errors: tuple[int, ...]
-    view: memoryview
-
-    @property
-    def ok(self) -> bool:
-        return not any(self.errors)
-
-    def page(self, index: int) -> memoryview:
-        if not 0 <= index < self.nr_frames:
-            raise IndexError(f"frame {index} of {self.nr_frames}")
-        return self.view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
 
 
 @dataclass(eq=False)
