@@ -526,7 +526,7 @@ def run_on_mock(
     Returns None when a signal ended the run first; raises what the script raised, or
     ``RuntimeError`` if an ioreq server is left behind.
     """
-    from xendmop.runtime.simguest import SimGuest
+    from xendmop.mock.simguest import SimGuest
 
     with app.open_mock() as mock, mock.foreign_memory() as fmem:
         fmem.restrict(mock.domid)

@@ -36,9 +36,9 @@ from xendmop.abi.privcmd import (
 from xendmop.backends.device import PAGE_SIZE, PRIVCMD_PATH
 from xendmop.mock import default_host, remote
 from xendmop.mock.remote import MAX_MESSAGE, MockHostServer, Msg, RemoteGuest, RemoteXen
+from xendmop.mock.simguest import GuestTimeout
 from xendmop.runtime.evtchn import EventChannel
 from xendmop.runtime.foreignmemory import ForeignMemory
-from xendmop.runtime.simguest import GuestTimeout
 
 from .remote_helpers import REPO, child_env, start_mock_host, wait_for
 

@@ -33,9 +33,9 @@ from xendmop.mock import MockXen
 from xendmop.mock import remote as remote_module
 from xendmop.mock.evtchn import DOORBELL_WANTED, EVTCHN_PATH
 from xendmop.mock.remote import _IOCTL, MockHostError, MockHostServer, Msg, RemoteXen, _pack
+from xendmop.mock.simguest import GuestTimeout, SimGuest
 from xendmop.runtime.evtchn import EventChannel
 from xendmop.runtime.server import IoreqServer
-from xendmop.runtime.simguest import GuestTimeout, SimGuest
 from xendmop.types import BufIoreq
 
 from .remote_helpers import count_posts, wait_for

@@ -25,13 +25,13 @@ from xendmop.abi.evtchn import (
     ioctl_evtchn_notify,
     ioctl_evtchn_unbind,
 )
+from xendmop.abi.ioreq_slot import STATE_BYTE
 from xendmop.abi.privcmd import IOCTL_PRIVCMD_HYPERCALL
 from xendmop.mock import Event, EventLog, MockXen
 from xendmop.mock.evtchn import EvtchnDevice
+from xendmop.mock.simguest import GuestCrash, SimGuest
 from xendmop.mock.state import IoreqServer, WakeAfterUnlock, defer_wakes, wake, write_deferred_wakes
-from xendmop.runtime.dispatch import STATE_BYTE
 from xendmop.runtime.server import IoreqServer as RuntimeServer
-from xendmop.runtime.simguest import GuestCrash, SimGuest
 from xendmop.testing import ServeThread
 
 HVM = 1

@@ -61,9 +61,8 @@ of the memfd and writes an eventfd (the doorbell, ``evtchn.Doorbell``) that the 
 thread watches and answers with the device's NOTIFY rules; the connection's thread takes what
 is queued there before each message, so no later request overtakes it.
 
-Guest requests run ``xendmop.runtime.simguest.SimGuest`` in the host; that module is
-imported only when the first one arrives (the runtime layer stands on the mock, not
-the other way round).
+Guest requests run ``xendmop.mock.simguest.SimGuest`` in the host; that module is
+imported only when the first one arrives.
 """
 
 from __future__ import annotations
@@ -917,7 +916,7 @@ class _Connection:
     # --- admin and guest requests -------------------------------------------------------
 
     def _guest(self, domid: int, timeout: float) -> Any:
-        from ..runtime.simguest import SimGuest
+        from .simguest import SimGuest
 
         guest = self._guests.get(domid)
         if guest is None:
@@ -1043,7 +1042,7 @@ def _guest_call(
     data: str | None = None,
 ) -> Any:
     """Run one ``SimGuest`` method in this thread (the guest's vCPU); its exceptions travel back typed."""
-    from ..runtime.simguest import GuestCrash, GuestTimeout
+    from .simguest import GuestCrash, GuestTimeout
 
     shape = _GUEST_METHODS.get(method) if isinstance(method, str) else None
     if shape is None:
@@ -1494,8 +1493,8 @@ def connect_from_env() -> RemoteXen:
 
 
 def _rebuild(reply: dict[str, Any]) -> Exception:
-    from ..runtime.dispatch import Ioreq
-    from ..runtime.simguest import GuestCrash, GuestTimeout
+    from ..abi.ioreq_slot import Ioreq
+    from .simguest import GuestCrash, GuestTimeout
 
     name, message = reply.get("raise"), str(reply.get("message", ""))
     if name == "GuestTimeout":
@@ -1786,7 +1785,7 @@ class RemoteEvtchn(RemoteDevice):
 class RemoteGuest:
     """A guest's vCPUs driven from this process, run by the host (``SimGuest`` there).
 
-    Same methods as ``xendmop.runtime.simguest.SimGuest``; ``GuestTimeout`` and
+    Same methods as ``xendmop.mock.simguest.SimGuest``; ``GuestTimeout`` and
     ``GuestCrash`` come back as themselves, naming the vCPU and the ioreq.
     """
 

@@ -66,6 +66,7 @@ from functools import partial
 from types import FrameType, TracebackType
 from typing import Any
 
+from ..abi.ioreq_slot import IOREQ_SIZE
 from ..abi.memory import XENMEM_resource_ioreq_server
 from ..backends.device import PAGE_SIZE, open_device
 from ..checks import check_sbdf
@@ -74,7 +75,6 @@ from ..devicemodel import DeviceModel
 from ..errors import XenError
 from ..types import BufIoreq
 from .dispatch import (
-    IOREQ_SIZE,
     MAX_REP,
     AtomicAddReadPointer,
     Dispatcher,
