@@ -574,7 +574,7 @@ def _profile_across(n: int) -> str:
     import io
     import pstats
 
-    from xendmop.mock import remote
+    from xendmop.mock.remote import server as remote
 
     conn_profiles: list[cProfile.Profile] = []
     plain_run = remote._Connection.run

@@ -30,9 +30,10 @@ from xendmop.abi.evtchn import (
 )
 from xendmop.abi.ioreq import IOREQ_TYPE_COPY
 from xendmop.mock import MockXen
-from xendmop.mock import remote as remote_module
 from xendmop.mock.evtchn import DOORBELL_WANTED, EVTCHN_PATH
-from xendmop.mock.remote import _IOCTL, MockHostError, MockHostServer, Msg, RemoteXen, _pack
+from xendmop.mock.remote import MockHostError, MockHostServer, Msg, RemoteXen
+from xendmop.mock.remote import server as remote_module
+from xendmop.mock.remote.wire import _IOCTL, _pack
 from xendmop.mock.simguest import GuestTimeout, SimGuest
 from xendmop.runtime.evtchn import EventChannel
 from xendmop.runtime.server import IoreqServer
