@@ -29,9 +29,9 @@ from .abi.dm_op import (
 from .abi.xen import DOMID_FIRST_RESERVED
 from .backends.base import Backend, Limits
 from .backends.selection import BACKENDS, auto_backend, make_backend
-from .checks import check_int_or_enum, check_sbdf
+from .checks import check_domid, check_int_or_enum, check_sbdf
 from .errors import ArgumentError, ClosedHandleError
-from .ops import BY_NAME, CTYPES_MEMORY, OpDecl, caller_memory, check_domid
+from .ops import BY_NAME, CTYPES_MEMORY, OpDecl, caller_memory
 from .types import BufIoreq, CacheAttr, EventType, HvmMemType, IoreqServerInfo, MemAccess, ShutdownReason
 
 if TYPE_CHECKING:
@@ -43,12 +43,10 @@ log = logging.getLogger("xendmop")
 
 _EXTENT = xen_dm_op_modified_memory_extent
 _EXTENT_SIZE = ctypes.sizeof(_EXTENT)
-_OP = BY_NAME  # short alias for the declarations used below
 _Buffer = TypeVar("_Buffer", bound="Buffer")
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
-_check_domid = check_domid
 #: ``GB(1) >> PAGE_SHIFT``: the most pages Xen's ``track_dirty_vram`` (xen/arch/x86/hvm/dm.c)
 #: takes in one call; more is EINVAL.  A larger ``nr`` is refused before any DMOP (split into
 #: kernel-sized calls, 2**32-1 pages was 131072 DMOPs and a 512 MiB bitmap of nothing usable).
@@ -250,7 +248,7 @@ class DeviceModel:
 
     def _call(self, decl: OpDecl, domid: int, fields: Mapping[str, int], slots: Sequence[Any] = ()) -> Any:
         """Any op with any fields, through ``Backend.dm_op`` (the methods use the ``_Op`` calls below)."""
-        _check_domid(decl.name, domid)
+        check_domid(decl.name, domid)
         decl.check(fields)
         return self._open_backend(decl.name).dm_op(decl, domid, fields, slots)
 
@@ -410,7 +408,7 @@ class DeviceModel:
         if nr <= per_call:
             _, (bitmap,) = call(domid, first_pfn, nr, out)
             return bitmap  # out itself, or bytes from either path: no copy
-        _OP["track_dirty_vram"].check({"first_pfn": first_pfn, "nr": nr})
+        BY_NAME["track_dirty_vram"].check({"first_pfn": first_pfn, "nr": nr})
         if nr > VRAM_MAX_PAGES:  # before any DMOP or bitmap: no split call could track it anyway
             raise ArgumentError(
                 "track_dirty_vram",
@@ -477,7 +475,7 @@ class DeviceModel:
             try:
                 view = memoryview(data)
             except TypeError:  # not a buffer: (first_pfn, nr) pairs
-                data = self._pack_extents(_OP[op], list(extents))  # type: ignore[arg-type]  # pairs, not a buffer
+                data = self._pack_extents(BY_NAME[op], list(extents))  # type: ignore[arg-type]  # pairs, not a buffer
                 total = ctypes.sizeof(data)
             else:
                 if not view.c_contiguous:
@@ -492,7 +490,7 @@ class DeviceModel:
         if 0 < total <= step:  # one kernel-sized call: the memory as it is
             call(domid, total // _EXTENT_SIZE, data)
             return
-        _check_domid(op, domid)
+        check_domid(op, domid)
         # Split.  Writable memory: each chunk is a ctypes view made at its address
         # (``from_address``, about 0.1 us; a memoryview slice and its export cost 0.7),
         # handed over where it is like a one-call buffer.  Read-only memory (``bytes``),
@@ -546,7 +544,7 @@ class DeviceModel:
     def restrict(self, domid: int) -> None:
         """IOCTL_PRIVCMD_RESTRICT: from now on this handle may only target ``domid``;
         calls for other domains raise ``PermissionError`` before reaching the kernel."""
-        _check_domid("restrict", domid)
+        check_domid("restrict", domid)
         if domid >= DOMID_FIRST_RESERVED:
             raise ArgumentError("restrict", "domid", domid, "must be a guest domid (< 0x7ff0)")
         self._open_backend("restrict").restrict(domid)
