@@ -85,7 +85,7 @@ from .dispatch import (
 )
 from .dispatch import trace as ioreq_trace
 from .evtchn import EventChannel, open_evtchn_device
-from .foreignmemory import ForeignMemory, GuestRam, Mapping
+from .foreignmemory import ForeignMapping, ForeignMemory, GuestRam
 from .pci import PciFunction
 
 log = logging.getLogger("xendmop.runtime")
@@ -238,7 +238,7 @@ class IoreqServer:
         self._fmem: ForeignMemory | None = None
         self._evtchn: EventChannel | None = None
         self._ram: GuestRam | None = None
-        self._maps: list[Mapping] = []
+        self._maps: list[ForeignMapping] = []
         self._vcpu_by_port: dict[int, int] = {}
         self.vcpu_ports: list[int] = []
         self.buf_port: int | None = None
