@@ -19,6 +19,7 @@ import pytest
 
 from xendmop import DeviceModel
 from xendmop.abi.evtchn import (
+    EVTCHN_PATH,
     IOCTL_EVTCHN_BIND_INTERDOMAIN,
     IOCTL_EVTCHN_BIND_UNBOUND_PORT,
     IOCTL_EVTCHN_NOTIFY,
@@ -30,7 +31,7 @@ from xendmop.abi.evtchn import (
 )
 from xendmop.abi.ioreq import IOREQ_TYPE_COPY
 from xendmop.mock import MockXen
-from xendmop.mock.evtchn import DOORBELL_WANTED, EVTCHN_PATH
+from xendmop.mock.evtchn import DOORBELL_WANTED
 from xendmop.mock.remote import MockHostError, MockHostServer, Msg, RemoteXen
 from xendmop.mock.remote import server as remote_module
 from xendmop.mock.remote.wire import _IOCTL, _pack

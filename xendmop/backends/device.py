@@ -14,13 +14,13 @@ import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ..abi.evtchn import EVTCHN_PATH as EVTCHN_PATH
+from ..abi.privcmd import HYPERCALL_PATH as HYPERCALL_PATH
+from ..abi.privcmd import PRIVCMD_PATH as PRIVCMD_PATH
 from ..errors import ClosedHandleError, NotXenHostError
 
 PAGE_SIZE = mmap.PAGESIZE
 
-PRIVCMD_PATH = "/dev/xen/privcmd"
-HYPERCALL_PATH = "/dev/xen/hypercall"
-EVTCHN_PATH = "/dev/xen/evtchn"
 
 #: errno of ``open()`` that means "this kernel is not running under Xen"
 NOT_XEN = {errno.ENOENT, errno.ENXIO, errno.ENODEV}

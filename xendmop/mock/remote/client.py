@@ -19,6 +19,7 @@ import threading
 from typing import Any
 
 from ...abi.evtchn import (
+    EVTCHN_PATH,
     IOCTL_EVTCHN_BIND_INTERDOMAIN,
     IOCTL_EVTCHN_BIND_UNBOUND_PORT,
     IOCTL_EVTCHN_BIND_VIRQ,
@@ -29,6 +30,7 @@ from ...abi.evtchn import (
     ioctl_evtchn_notify,
     ioctl_evtchn_unbind,
 )
+from ...abi.privcmd import PRIVCMD_PATH
 from ..evtchn import (
     DOORBELL_BROKEN,
     DOORBELL_CAPACITY,
@@ -37,7 +39,6 @@ from ..evtchn import (
     DOORBELL_POSTED_DONE,
     DOORBELL_PROD,
     DOORBELL_WANTED,
-    EVTCHN_PATH,
     PORT_FIRED,
     RING_BYTES,
     RING_CAPACITY,
@@ -51,7 +52,6 @@ from ..evtchn import (
     RING_SIZE,
     PortMaskWords,
 )
-from ..privcmd import PRIVCMD_PATH
 from ..state import NR_EVTCHN_PORTS
 from ..usermem import PAGE_SIZE, UserMemory, remap
 from .wire import (

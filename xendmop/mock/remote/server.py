@@ -29,6 +29,7 @@ from ...abi.evtchn import (
 )
 from ...abi.ioctl import _IOC_SIZE
 from ...abi.privcmd import (
+    HYPERCALL_PATH,
     IOCTL_PRIVCMD_DM_OP,
     IOCTL_PRIVCMD_HYPERCALL,
     IOCTL_PRIVCMD_MMAPBATCH_V2,
@@ -38,9 +39,9 @@ from ...abi.privcmd import (
 )
 from ...abi.xen import __HYPERVISOR_dm_op as _HYPERVISOR_DM_OP
 from ..evtchn import (
-    EvtchnDevice,
+    MockEvtchnDevice,
 )
-from ..privcmd import GATHER_MAX, HYPERCALL_PATH, PrivcmdDevice, gather_chunks
+from ..privcmd import GATHER_MAX, PrivcmdDevice, gather_chunks
 from ..usermem import PAGE_SIZE, access_ok
 from .admin import _CALLS, _GuestRaised
 from .wire import (
@@ -318,7 +319,7 @@ class _Connection:
         self._guests: dict[int, Any] = {}
         #: this client's evtchn fds with a NOTIFY doorbell, and how many posted messages it sent
         #: that were handled (published in each one's ring: ``DOORBELL_POSTED_DONE``)
-        self._bells: list[EvtchnDevice] = []
+        self._bells: list[MockEvtchnDevice] = []
         self._posted_done = 0
         #: posted requests that failed: the first is logged, the rest counted and logged at the
         #: disconnect (a client must not be able to flood the host's log)
@@ -489,7 +490,7 @@ class _Connection:
             return _error(errno.EMFILE, f"OPEN {path}: {MAX_HANDLES} devices already open"), []
         dev = self.server.xen.open_device(path, memory=self.memory)
         fds: list[int] = []
-        if isinstance(dev, EvtchnDevice):
+        if isinstance(dev, MockEvtchnDevice):
             dev.nonblocking = True  # the host thread never sleeps for a client
             try:
                 fds = [dev.fileno(), dev.share_ring()]  # the wake-up and the pending-port ring
@@ -516,7 +517,7 @@ class _Connection:
         later call of that client can see it undone."""
         handle, request, by_address, _ = _IOCTL.unpack_from(body)
         dev = self._device(handle)
-        if by_address or request != IOCTL_EVTCHN_NOTIFY or not isinstance(dev, EvtchnDevice):
+        if by_address or request != IOCTL_EVTCHN_NOTIFY or not isinstance(dev, MockEvtchnDevice):
             raise OSError(errno.EINVAL, f"IOCTL_POSTED: request {request:#x} cannot be posted")
         arg = body[_IOCTL.size :]
         if len(arg) != _NOTIFY_SIZE:
@@ -628,7 +629,7 @@ class _Connection:
     def _read(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
         handle, nbytes = _HANDLE_N.unpack_from(body)
         dev = self._device(handle)
-        if not isinstance(dev, EvtchnDevice):  # no .read: fs/read_write.c vfs_read's EINVAL (!FMODE_CAN_READ)
+        if not isinstance(dev, MockEvtchnDevice):  # no .read: fs/read_write.c vfs_read's EINVAL (!FMODE_CAN_READ)
             raise OSError(errno.EINVAL, f"READ: {dev.path} is not readable")
         # evtchn.c evtchn_read caps a read at PAGE_SIZE; a shared ring's device refuses (EINVAL):
         # its client reads the ring itself
@@ -637,7 +638,7 @@ class _Connection:
     def _write(self, body: bytes, cred: tuple[int, int, int] | None) -> tuple[bytes, list[int]]:
         (handle,) = _HANDLE.unpack_from(body)
         dev = self._device(handle)
-        if not isinstance(dev, EvtchnDevice):  # no .write: fs/read_write.c vfs_write's EINVAL (!FMODE_CAN_WRITE)
+        if not isinstance(dev, MockEvtchnDevice):  # no .write: fs/read_write.c vfs_write's EINVAL (!FMODE_CAN_WRITE)
             raise OSError(errno.EINVAL, f"WRITE: {dev.path} is not writable")
         return self._ok(dev.write(body[_HANDLE.size :]))  # evtchn.c evtchn_write, as WRITE_POSTED too
 
@@ -647,7 +648,7 @@ class _Connection:
         same reason as a NOTIFY (``_ioctl_posted``)."""
         (handle,) = _HANDLE.unpack_from(body)
         dev = self._device(handle)
-        if not isinstance(dev, EvtchnDevice):
+        if not isinstance(dev, MockEvtchnDevice):
             raise OSError(errno.EINVAL, f"KICK_POSTED: {dev.path} is not an event channel")
         return self._ok(dev.kick(body[_HANDLE.size :]))
 
