@@ -212,9 +212,9 @@ class WiredRoundTrip:
 
     def __init__(self, threaded: bool = True) -> None:
         from xendmop import DeviceModel
+        from xendmop.abi.ioreq_slot import IOREQ_SIZE, STATE_BYTE, Ioreq
         from xendmop.backends.device import EVTCHN_PATH
         from xendmop.mock import MockXen
-        from xendmop.runtime.dispatch import IOREQ_SIZE, STATE_BYTE, Ioreq
         from xendmop.runtime.server import IoreqServer, ServeLoop
 
         self.host = MockXen()
@@ -311,8 +311,8 @@ class MockRoundTrip:
     def __init__(self) -> None:
         from xendmop import DeviceModel
         from xendmop.mock import MockXen
+        from xendmop.mock.simguest import SimGuest
         from xendmop.runtime.server import IoreqServer, ServeLoop
-        from xendmop.runtime.simguest import SimGuest
 
         self.host = MockXen()
         self.domid = self.host.create_domain(vcpus=1, hvm=True, memory_mb=4)
@@ -416,7 +416,7 @@ class AcrossProcesses:
     def __init__(self) -> None:
         from xendmop.mock import MockXen
         from xendmop.mock.remote import MockHostServer
-        from xendmop.runtime.simguest import SimGuest
+        from xendmop.mock.simguest import SimGuest
 
         self.tmp = tempfile.mkdtemp(prefix="xendmop-bench-")
         self.path = os.path.join(self.tmp, "xen.sock")
@@ -574,7 +574,7 @@ def _profile_across(n: int) -> str:
     import io
     import pstats
 
-    from xendmop.mock import remote
+    from xendmop.mock.remote import server as remote
 
     conn_profiles: list[cProfile.Profile] = []
     plain_run = remote._Connection.run

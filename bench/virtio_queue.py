@@ -31,8 +31,8 @@ VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_RING_EVENT_IDX = 28, 29
 
 
 def _bench_one(kind: str, size: int, xen: Any, dm: Any, disk_fd: int) -> tuple[Callable[[int], float], Any]:
+    from xendmop.mock.simguest import SimGuest
     from xendmop.runtime import IoreqServer
-    from xendmop.runtime.simguest import SimGuest
     from xendmop.testing import ServeThread
     from xendmop.virtio import VirtioPci
     from xendmop.virtio.blk import VirtioBlk

@@ -75,7 +75,7 @@ class DebugConsole:
 
 def run_on_mock(banner: bytes, out: TextIO, port: int = DEFAULT_PORT) -> bytes:
     """Serve a simulated guest on the mock Xen; return what the console received."""
-    from xendmop.runtime.simguest import SimGuest
+    from xendmop.mock.simguest import SimGuest
 
     console = DebugConsole(out)
     with app.open_mock() as mock:

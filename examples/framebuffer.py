@@ -72,7 +72,7 @@ from typing import Any
 
 from xendmop import DeviceModel
 from xendmop.errors import ArgumentError, XenError
-from xendmop.runtime import ForeignMemory, Mapping, ServeLoop, app
+from xendmop.runtime import ForeignMapping, ForeignMemory, ServeLoop, app
 from xendmop.runtime.dispatch import RateLimitedLog
 
 log = logging.getLogger("framebuffer")
@@ -290,7 +290,7 @@ class Framebuffer:
         self.png: IncrementalPng | None = None
         self.polls: collections.deque[Poll] = collections.deque(maxlen=64)
         self.pages_read = 0
-        self._map: Mapping | None = None
+        self._map: ForeignMapping | None = None
         self._lock = threading.Lock()  # the loop's thread polls; close() may come from another
         self._warn = RateLimitedLog(log)
 
@@ -526,7 +526,7 @@ def run_on_mock(
     Returns None when a signal ended the run first; raises what the script raised, or
     ``RuntimeError`` if an ioreq server is left behind.
     """
-    from xendmop.runtime.simguest import SimGuest
+    from xendmop.mock.simguest import SimGuest
 
     with app.open_mock() as mock, mock.foreign_memory() as fmem:
         fmem.restrict(mock.domid)

@@ -352,7 +352,7 @@ def run_on_mock(*, slot: int = 4, hold: bool = False, out: Callable[[str], None]
     script until a signal.  Returns None when a signal ended the run before the script
     finished; raises what the script raised, or ``RuntimeError`` if a server is left behind.
     """
-    from xendmop.runtime.simguest import SimGuest
+    from xendmop.mock.simguest import SimGuest
 
     with app.open_mock() as mock:
         server = mock.ioreq_server()

@@ -591,7 +591,7 @@ class MockNetwork:
         return self.irq is not None and bool(self.xen.domain(self.domid).gsi_level(self.irq))
 
     def guest(self, timeout: float = 5.0) -> GuestDriver:
-        from xendmop.runtime.simguest import SimGuest
+        from xendmop.mock.simguest import SimGuest
 
         return GuestDriver(SimGuest(self.xen, self.domid, timeout=timeout), self.line if self.irq is not None else None)
 

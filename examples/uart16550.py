@@ -772,7 +772,7 @@ def run_on_mock(
     the host types ``line`` (or what calling it returns, once the guest asks) when the guest
     asks for input.  The loop serves in this thread, the firmware runs in another; SIGINT or
     SIGTERM ends the run early (``MockRun.signal``).  Raises ``NotHvmError`` for a PV domain."""
-    from xendmop.runtime.simguest import SimGuest
+    from xendmop.mock.simguest import SimGuest
 
     view = MockConsole(out)
     with app.open_mock(xen, domid) as mock:

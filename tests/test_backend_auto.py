@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from xendmop import devicemodel
-from xendmop.backends import device
-from xendmop.devicemodel import DeviceModel, MockFallbackWarning
+from xendmop.backends import device, selection
+from xendmop.backends.selection import MockFallbackWarning
+from xendmop.devicemodel import DeviceModel
 from xendmop.errors import ArgumentError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,14 +49,14 @@ def test_the_signs_of_a_xen_host(tmp_path: Path, shape: dict[str, Any], signs: l
 
 
 def refuse_real_backends(monkeypatch: pytest.MonkeyPatch, err: int) -> None:
-    real = devicemodel.make_backend
+    real = selection.make_backend
 
     def make(name: str, **kw: Any) -> Any:
         if name in ("privcmd", "libxen"):
             raise OSError(err, f"{name}: {os.strerror(err)}", device.PRIVCMD_PATH)
         return real(name, **kw)
 
-    monkeypatch.setattr(devicemodel, "make_backend", make)
+    monkeypatch.setattr(selection, "make_backend", make)
     monkeypatch.delenv("XENDMOP_BACKEND", raising=False)
     monkeypatch.delenv("XENDMOP_MOCK_SOCKET", raising=False)
 
@@ -65,7 +65,7 @@ def test_on_a_xen_host_a_privcmd_that_cannot_be_opened_is_an_error_not_the_mock(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     refuse_real_backends(monkeypatch, errno.EACCES)
-    monkeypatch.setattr(devicemodel, "xen_host_signs", lambda: ["/proc/xen exists"])
+    monkeypatch.setattr(selection, "xen_host_signs", lambda: ["/proc/xen exists"])
     with pytest.raises(PermissionError) as caught:
         DeviceModel.open()
     message = str(caught.value)
@@ -75,8 +75,8 @@ def test_on_a_xen_host_a_privcmd_that_cannot_be_opened_is_an_error_not_the_mock(
 
 def test_off_xen_auto_picks_the_mock_and_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
     refuse_real_backends(monkeypatch, errno.ENOENT)
-    monkeypatch.setattr(devicemodel, "xen_host_signs", lambda: [])
-    monkeypatch.setattr(devicemodel, "_mock_warned", False)
+    monkeypatch.setattr(selection, "xen_host_signs", lambda: [])
+    monkeypatch.setattr(selection, "_mock_warned", False)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with DeviceModel.open() as dm:

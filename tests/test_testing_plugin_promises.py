@@ -10,8 +10,8 @@ import pytest
 from xendmop import DeviceModel
 from xendmop.errors import ArgumentError
 from xendmop.mock import MockXen
+from xendmop.mock.simguest import SimGuest
 from xendmop.runtime.server import IoreqServer
-from xendmop.runtime.simguest import SimGuest
 
 pytest_plugins = ["pytester"]
 

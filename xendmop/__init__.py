@@ -1,7 +1,8 @@
 """xendmop: Xen device-model operations (DMOP) from a Linux dom0, in Python."""
 
 from .backends.base import Limits
-from .devicemodel import DeviceModel, MockFallbackWarning
+from .backends.selection import MockFallbackWarning
+from .devicemodel import DeviceModel
 from .errors import ArgumentError, ClosedHandleError, NotXenHostError, UnsupportedError, XenError
 from .types import BufIoreq, CacheAttr, EventType, HvmMemType, IoRangeType, IoreqServerInfo, MemAccess, ShutdownReason
 

@@ -37,8 +37,16 @@ def check_port(op: str, port: object) -> int:
 
 
 def check_domid(op: str, domid: object, *, guest_only: bool = False) -> int:
-    """A domid_t; ``guest_only``: no DOMID_SELF/IO/XEN… (what restriction can name)."""
-    return check_int(op, "domid", domid, 0, DOMID_FIRST_RESERVED - 1 if guest_only else 0xFFFF)
+    """A ``domid_t`` (uint16), the one domid check of every handle and of ``DeviceModel``;
+    ``guest_only``: no DOMID_SELF/IO/XEN… (what restriction can name)."""
+    if isinstance(domid, bool) or not isinstance(domid, int):
+        raise TypeError(f"{op}: domid must be an int, not {type(domid).__name__}")
+    if guest_only:
+        if not 0 <= domid < DOMID_FIRST_RESERVED:
+            raise ArgumentError(op, "domid", domid, f"must be 0..{DOMID_FIRST_RESERVED - 1:#x}")
+    elif not 0 <= domid <= 0xFFFF:
+        raise ArgumentError(op, "domid", domid, "does not fit domid_t (uint16)")
+    return domid
 
 
 def check_int_or_enum(op: str, name: str, value: object, kind: type[enum.Enum] | None = None) -> int:

@@ -35,7 +35,8 @@ from typing import Any
 from . import __version__
 from .abi.xen import DOMID_FIRST_RESERVED
 from .backends.libxen import LIBDIR_ENV, LibxenCtrl, library_report
-from .devicemodel import BACKENDS, DeviceModel, MockFallbackWarning, make_backend
+from .backends.selection import BACKENDS, MockFallbackWarning, make_backend
+from .devicemodel import DeviceModel
 from .errors import ArgumentError, UnsupportedError, XenError
 from .ops import DECLARATIONS
 from .types import BufIoreq, CacheAttr, EventType, HvmMemType, MemAccess, ShutdownReason

@@ -12,11 +12,8 @@ come back as ``XenError`` subclasses carrying the op and the domid.
 from __future__ import annotations
 
 import ctypes
-import errno
 import io
 import logging
-import os
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -31,26 +28,25 @@ from .abi.dm_op import (
 )
 from .abi.xen import DOMID_FIRST_RESERVED
 from .backends.base import Backend, Limits
-from .backends.device import PRIVCMD_PATH, xen_host_signs
-from .checks import check_int_or_enum, check_sbdf
-from .errors import ArgumentError, ClosedHandleError, NotXenHostError
-from .ops import BY_NAME, CTYPES_MEMORY, OpDecl, caller_memory, check_domid
+from .backends.selection import BACKENDS, auto_backend, make_backend
+from .checks import check_domid, check_int_or_enum, check_sbdf
+from .errors import ArgumentError, ClosedHandleError
+from .ops import BY_NAME, CTYPES_MEMORY, OpDecl, caller_memory
 from .types import BufIoreq, CacheAttr, EventType, HvmMemType, IoreqServerInfo, MemAccess, ShutdownReason
 
 if TYPE_CHECKING:
     from .types import Buffer
+else:  # what get_type_hints (the CLI builds its arguments from the hints) finds at run time
+    Buffer = Any
 
 log = logging.getLogger("xendmop")
 
-BACKENDS = ("auto", "privcmd", "libxen", "mock")
 _EXTENT = xen_dm_op_modified_memory_extent
 _EXTENT_SIZE = ctypes.sizeof(_EXTENT)
-_OP = BY_NAME  # short alias for the declarations used below
 _Buffer = TypeVar("_Buffer", bound="Buffer")
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
-_check_domid = check_domid
 #: ``GB(1) >> PAGE_SHIFT``: the most pages Xen's ``track_dirty_vram`` (xen/arch/x86/hvm/dm.c)
 #: takes in one call; more is EINVAL.  A larger ``nr`` is refused before any DMOP (split into
 #: kernel-sized calls, 2**32-1 pages was 131072 DMOPs and a 512 MiB bitmap of nothing usable).
@@ -220,7 +216,7 @@ class DeviceModel:
         if backend not in BACKENDS:
             raise ArgumentError("open", "backend", backend, f"must be one of {', '.join(BACKENDS)}")
         if backend == "auto":
-            return cls(_auto_backend(xen, limits))
+            return cls(auto_backend(xen, limits))
         return cls(make_backend(backend, xen=xen, limits=limits))
 
     @property
@@ -252,7 +248,7 @@ class DeviceModel:
 
     def _call(self, decl: OpDecl, domid: int, fields: Mapping[str, int], slots: Sequence[Any] = ()) -> Any:
         """Any op with any fields, through ``Backend.dm_op`` (the methods use the ``_Op`` calls below)."""
-        _check_domid(decl.name, domid)
+        check_domid(decl.name, domid)
         decl.check(fields)
         return self._open_backend(decl.name).dm_op(decl, domid, fields, slots)
 
@@ -412,7 +408,7 @@ class DeviceModel:
         if nr <= per_call:
             _, (bitmap,) = call(domid, first_pfn, nr, out)
             return bitmap  # out itself, or bytes from either path: no copy
-        _OP["track_dirty_vram"].check({"first_pfn": first_pfn, "nr": nr})
+        BY_NAME["track_dirty_vram"].check({"first_pfn": first_pfn, "nr": nr})
         if nr > VRAM_MAX_PAGES:  # before any DMOP or bitmap: no split call could track it anyway
             raise ArgumentError(
                 "track_dirty_vram",
@@ -479,7 +475,7 @@ class DeviceModel:
             try:
                 view = memoryview(data)
             except TypeError:  # not a buffer: (first_pfn, nr) pairs
-                data = self._pack_extents(_OP[op], list(extents))  # type: ignore[arg-type]  # pairs, not a buffer
+                data = self._pack_extents(BY_NAME[op], list(extents))  # type: ignore[arg-type]  # pairs, not a buffer
                 total = ctypes.sizeof(data)
             else:
                 if not view.c_contiguous:
@@ -494,7 +490,7 @@ class DeviceModel:
         if 0 < total <= step:  # one kernel-sized call: the memory as it is
             call(domid, total // _EXTENT_SIZE, data)
             return
-        _check_domid(op, domid)
+        check_domid(op, domid)
         # Split.  Writable memory: each chunk is a ctypes view made at its address
         # (``from_address``, about 0.1 us; a memoryview slice and its export cost 0.7),
         # handed over where it is like a one-call buffer.  Read-only memory (``bytes``),
@@ -548,7 +544,7 @@ class DeviceModel:
     def restrict(self, domid: int) -> None:
         """IOCTL_PRIVCMD_RESTRICT: from now on this handle may only target ``domid``;
         calls for other domains raise ``PermissionError`` before reaching the kernel."""
-        _check_domid("restrict", domid)
+        check_domid("restrict", domid)
         if domid >= DOMID_FIRST_RESERVED:
             raise ArgumentError("restrict", "domid", domid, "must be a guest domid (< 0x7ff0)")
         self._open_backend("restrict").restrict(domid)
@@ -556,100 +552,3 @@ class DeviceModel:
     def describe(self) -> dict[str, Any]:
         """What the backend found: device, ioctl path, buffers, restriction, limits."""
         return self._open_backend("describe").describe()
-
-
-def make_backend(name: str, *, xen: Any = None, limits: Limits = Limits()) -> Backend:
-    """Construct one named backend (no fallback)."""
-    if name == "privcmd":
-        from .backends.privcmd import PrivcmdBackend
-
-        return PrivcmdBackend(limits=limits)
-    if name == "libxen":
-        from .backends.libxen import LibxenBackend
-
-        return LibxenBackend.from_env(limits=limits)
-    if name == "mock":
-        from .backends.privcmd import PrivcmdBackend
-        from .mock import default_host
-
-        if xen is None and os.environ.get("XENDMOP_MOCK_SOCKET"):  # a mock host process (xendmop mock-host)
-            from .mock.remote import connect_from_env
-
-            remote = connect_from_env()
-            try:
-                backend = PrivcmdBackend(remote.open_device, limits=limits, on_close=remote.close)
-            except BaseException:
-                remote.close()
-                raise
-            log.info("xendmop: mock Xen host at %s (from XENDMOP_MOCK_SOCKET)", remote.path)
-            opener = remote.open_device
-        elif xen is not None:
-            backend = PrivcmdBackend(xen.open_device, limits=limits)
-            opener = xen.open_device
-        else:  # a host of our own: closed with the backend
-            host = default_host()
-            backend = PrivcmdBackend(host.open_device, limits=limits, on_close=host.close)
-            opener = host.open_device
-        backend.name = "mock"
-        # How the simulated host opens its devices: an IoreqServer on this DeviceModel opens its
-        # privcmd and evtchn the same way, not the real /dev/xen ones.
-        backend.host_opener = opener
-        return backend
-    raise ArgumentError("open", "backend", name, f"must be one of {', '.join(BACKENDS)}")
-
-
-class MockFallbackWarning(UserWarning):
-    """``backend="auto"`` chose the mock because this is not a Xen host: nothing reaches a real
-    guest.  Said once per process; ``warnings.simplefilter("ignore", MockFallbackWarning)``
-    (the CLI's ``--quiet``) silences it."""
-
-
-_mock_warned = False
-
-
-def _auto_backend(xen: Any, limits: Limits) -> Backend:
-    """``$XENDMOP_BACKEND`` if set; else privcmd, then libxen; the mock only where nothing shows a
-    Xen host (``xen_host_signs``), with a ``MockFallbackWarning``.  On a Xen host where neither
-    real backend opens, the privcmd failure is raised again (its errno's ``OSError`` subclass:
-    ``PermissionError`` for a user without access), naming the device and what to do."""
-    global _mock_warned
-    forced = os.environ.get("XENDMOP_BACKEND")
-    if forced:
-        if forced not in BACKENDS or forced == "auto":
-            raise ArgumentError(
-                "open", "$XENDMOP_BACKEND", forced, f"must be one of {', '.join(b for b in BACKENDS if b != 'auto')}"
-            )
-        log.info("xendmop: backend %s (from XENDMOP_BACKEND)", forced)
-        return make_backend(forced, xen=xen, limits=limits)
-    failures: list[tuple[str, BaseException]] = []
-    for name in ("privcmd", "libxen"):
-        try:
-            backend = make_backend(name, xen=xen, limits=limits)
-        except (NotXenHostError, OSError, ImportError) as e:
-            failures.append((name, e))
-            continue
-        log.info("xendmop: backend %s", name)
-        return backend
-    reasons = "; ".join(f"{name}: {e}" for name, e in failures)
-    signs = xen_host_signs()
-    if signs:
-        first = failures[0][1]
-        err = first.errno if isinstance(first, OSError) and first.errno else errno.EACCES
-        raise OSError(
-            err,
-            f"this is a Xen host ({', '.join(signs)}) but {PRIVCMD_PATH} cannot be used ({reasons}); "
-            f"run as root or as a user given access to {PRIVCMD_PATH}, or ask for the simulated Xen by name "
-            "(backend='mock', XENDMOP_BACKEND=mock, --backend mock)",
-            PRIVCMD_PATH,
-        ) from None
-    log.info("xendmop: not a Xen host (%s); using the mock Xen", reasons)
-    if not _mock_warned:
-        _mock_warned = True
-        warnings.warn(
-            MockFallbackWarning(
-                f"xendmop: not a Xen host (no {PRIVCMD_PATH}, no /proc/xen, /sys/hypervisor/type not xen): "
-                "using the simulated Xen (the mock); nothing reaches a real guest"
-            ),
-            stacklevel=3,
-        )
-    return make_backend("mock", xen=xen, limits=limits)

@@ -50,9 +50,9 @@ import pytest
 if TYPE_CHECKING:
     from .devicemodel import DeviceModel
     from .mock import MockXen
+    from .mock.simguest import SimGuest
     from .runtime.dispatch import IoDevice
     from .runtime.server import IoreqServer, ServeLoop
-    from .runtime.simguest import SimGuest
 
 __all__ = ["DomainFactory", "ServeFactory", "ServeThread", "assert_no_ioreq_server"]
 
@@ -184,7 +184,7 @@ def hvm_domain(request: pytest.FixtureRequest, make_domain: DomainFactory) -> in
 @pytest.fixture
 def guest(request: pytest.FixtureRequest, xen_host: MockXen, hvm_domain: int) -> SimGuest:
     """The simulated guest of ``hvm_domain`` (``@pytest.mark.xen_guest(timeout=)`` sets its patience)."""
-    from .runtime.simguest import SimGuest
+    from .mock.simguest import SimGuest
 
     return SimGuest(xen_host, hvm_domain, timeout=_guest_timeout(request.node.get_closest_marker("xen_guest")))
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from example_cli import deprivileged, example_env, read_until
 
-from xendmop.runtime.simguest import SimGuest
+from xendmop.mock.simguest import SimGuest
 from xendmop.testing import ServeFactory
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,8 +21,8 @@ from example_cli import deprivileged, example_env, hold_until_signal
 
 from xendmop import DeviceModel
 from xendmop.mock import MockXen
+from xendmop.mock.simguest import SimGuest
 from xendmop.runtime import ForeignMemory
-from xendmop.runtime.simguest import SimGuest
 from xendmop.testing import ServeFactory
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -149,7 +149,7 @@ def test_trace_shows_every_ioreq_with_its_answer(name: str, tmp_path: Path) -> N
 
 
 def test_trace_is_the_runtimes_logging_at_debug(caplog: pytest.LogCaptureFixture) -> None:
-    from xendmop.runtime.simguest import SimGuest
+    from xendmop.mock.simguest import SimGuest
 
     caplog.set_level(logging.DEBUG, logger="xendmop.ioreq")
     with app.open_mock() as mock:

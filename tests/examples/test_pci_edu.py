@@ -18,9 +18,9 @@ from runtime.helpers import FakeRam, RecordingPciHost  # tests/runtime: guest RA
 from xendmop import DeviceModel
 from xendmop.backends.device import xen_host_signs
 from xendmop.mock import MockXen
+from xendmop.mock.simguest import SimGuest
 from xendmop.runtime import IoreqServer
 from xendmop.runtime.pci import PciFunction
-from xendmop.runtime.simguest import SimGuest
 from xendmop.testing import ServeFactory, ServeThread
 
 ROOT = Path(__file__).resolve().parents[2]

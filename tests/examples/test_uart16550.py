@@ -22,8 +22,8 @@ from example_cli import deprivileged, example_env, read_bytes, read_until
 from xendmop import DeviceModel
 from xendmop.backends.device import xen_host_signs
 from xendmop.mock import MockXen
+from xendmop.mock.simguest import SimGuest
 from xendmop.runtime import ServeLoop, app
-from xendmop.runtime.simguest import SimGuest
 from xendmop.testing import DomainFactory, ServeFactory
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -24,8 +24,9 @@ import pytest
 from xendmop import DeviceModel
 from xendmop.abi import evtchn as evtchn_abi
 from xendmop.abi import privcmd as privcmd_abi
-from xendmop.mock import default_host, remote
+from xendmop.mock import default_host
 from xendmop.mock.remote import MAX_MESSAGE, MockHostServer, Msg, RemoteXen
+from xendmop.mock.remote import server as remote
 
 from .remote_helpers import wait_for
 

@@ -13,10 +13,10 @@ import pytest
 
 from xendmop import BufIoreq, DeviceModel
 from xendmop.abi.ioreq import IOREQ_READ, IOREQ_TYPE_PIO
+from xendmop.abi.ioreq_slot import Ioreq
 from xendmop.mock import MockXen
+from xendmop.mock.simguest import GuestTimeout, SimGuest
 from xendmop.mock.state import WakeAfterUnlock
-from xendmop.runtime.dispatch import Ioreq
-from xendmop.runtime.simguest import GuestTimeout, SimGuest
 from xendmop.types import IoRangeType
 
 PORT = 0x3F8

@@ -34,11 +34,12 @@ from xendmop.abi.privcmd import (
     privcmd_mmapbatch_v2,
 )
 from xendmop.backends.device import PAGE_SIZE, PRIVCMD_PATH
-from xendmop.mock import default_host, remote
+from xendmop.mock import default_host
 from xendmop.mock.remote import MAX_MESSAGE, MockHostServer, Msg, RemoteGuest, RemoteXen
+from xendmop.mock.remote import server as remote
+from xendmop.mock.simguest import GuestTimeout
 from xendmop.runtime.evtchn import EventChannel
 from xendmop.runtime.foreignmemory import ForeignMemory
-from xendmop.runtime.simguest import GuestTimeout
 
 from .remote_helpers import REPO, child_env, start_mock_host, wait_for
 

@@ -19,8 +19,9 @@ import pytest
 from xendmop import DeviceModel
 from xendmop.abi.privcmd import IOCTL_PRIVCMD_DM_OP, IOCTL_PRIVCMD_MMAPBATCH_V2, privcmd_dm_op, privcmd_mmapbatch_v2
 from xendmop.backends.device import HYPERCALL_PATH, PAGE_SIZE, PRIVCMD_PATH
-from xendmop.mock import default_host, remote
+from xendmop.mock import default_host
 from xendmop.mock.remote import MAX_MESSAGE, MockHostServer, Msg, RemoteGuest, RemoteXen
+from xendmop.mock.remote import server as remote
 
 from .remote_helpers import wait_for
 

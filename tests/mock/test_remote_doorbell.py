@@ -20,6 +20,7 @@ import pytest
 from xendmop import DeviceModel
 from xendmop.abi.evtchn import IOCTL_EVTCHN_NOTIFY, IOCTL_EVTCHN_UNBIND, ioctl_evtchn_notify, ioctl_evtchn_unbind
 from xendmop.abi.ioreq import STATE_IOREQ_READY, STATE_IORESP_READY
+from xendmop.abi.ioreq_slot import STATE_BYTE
 from xendmop.mock import MockXen
 from xendmop.mock.evtchn import (
     DOORBELL_BROKEN,
@@ -31,9 +32,8 @@ from xendmop.mock.evtchn import (
     DOORBELL_WANTED,
 )
 from xendmop.mock.remote import MockHostServer, Msg, RemoteEvtchn, RemoteXen
-from xendmop.runtime.dispatch import STATE_BYTE
+from xendmop.mock.simguest import GuestTimeout, SimGuest
 from xendmop.runtime.server import IoreqServer, ServeLoop
-from xendmop.runtime.simguest import GuestTimeout, SimGuest
 
 from .remote_helpers import count_posts
 

@@ -21,7 +21,7 @@ import pytest
 from xendmop.mock import MockXen
 from xendmop.mock.evtchn import DOORBELL_CONS, DOORBELL_PROD, DOORBELL_WANTED
 from xendmop.mock.remote import ENV_SOCKET, MockHostServer
-from xendmop.runtime.simguest import GuestTimeout, SimGuest
+from xendmop.mock.simguest import GuestTimeout, SimGuest
 
 from .remote_helpers import REPO, child_env
 

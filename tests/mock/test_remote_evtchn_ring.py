@@ -28,7 +28,7 @@ from xendmop.mock.evtchn import (
     RING_OVERFLOW,
     RING_PROD,
     RING_SIZE,
-    EvtchnDevice,
+    MockEvtchnDevice,
     SharedPortRing,
 )
 from xendmop.mock.remote import MockHostServer, Msg, RemoteEvtchn, RemoteXen
@@ -228,7 +228,7 @@ def test_a_client_that_corrupts_its_ring_only_hurts_itself(host: tuple[MockXen, 
         words[RING_ENTRIES] = 0xFFFFFFFF
         ev.notify(peer)  # the host reads ring_cons back, bounds it, and loses the port
         sync(remote)
-        evdev = next(d for d in xen._devices if isinstance(d, EvtchnDevice) and local in d.bound_ports)
+        evdev = next(d for d in xen._devices if isinstance(d, MockEvtchnDevice) and local in d.bound_ports)
         assert evdev.ring_overflow
         with pytest.raises(XenError) as e:
             ev.pending_ports(8)
@@ -258,7 +258,7 @@ def test_a_client_that_corrupts_its_ring_only_hurts_itself(host: tuple[MockXen, 
 def test_the_ring_memfd_is_sealed_and_the_host_does_not_read_it(tmp_path: Path) -> None:
     with MockXen() as xen:
         dev = xen.open_device("/dev/xen/evtchn")
-        assert isinstance(dev, EvtchnDevice)
+        assert isinstance(dev, MockEvtchnDevice)
         fd = dev.share_ring()
         with pytest.raises(OSError) as e:
             os.ftruncate(fd, 0)  # would make the host's own mapping fault (SIGBUS)

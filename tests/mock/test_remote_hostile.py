@@ -16,8 +16,9 @@ import pytest
 from xendmop import DeviceModel
 from xendmop.abi.privcmd import IOCTL_PRIVCMD_DM_OP
 from xendmop.backends.device import PRIVCMD_PATH
-from xendmop.mock import default_host, remote
+from xendmop.mock import default_host
 from xendmop.mock.remote import MAX_MESSAGE, MockHostServer, Msg, RemoteXen
+from xendmop.mock.remote import server as remote
 
 from .remote_helpers import wait_for
 

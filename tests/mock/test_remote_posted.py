@@ -13,7 +13,8 @@ import pytest
 
 from xendmop.abi.evtchn import IOCTL_EVTCHN_NOTIFY, IOCTL_EVTCHN_RESET
 from xendmop.mock import MockXen
-from xendmop.mock.remote import _IOCTL, MockHostServer, Msg, RemoteXen, _pack
+from xendmop.mock.remote import MockHostServer, Msg, RemoteXen
+from xendmop.mock.remote.wire import _IOCTL, _pack
 from xendmop.runtime.evtchn import EventChannel
 
 from .remote_helpers import wait_for

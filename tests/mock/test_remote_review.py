@@ -19,6 +19,7 @@ import pytest
 
 from xendmop import DeviceModel
 from xendmop.abi.evtchn import (
+    EVTCHN_PATH,
     IOCTL_EVTCHN_BIND_INTERDOMAIN,
     IOCTL_EVTCHN_BIND_UNBOUND_PORT,
     IOCTL_EVTCHN_NOTIFY,
@@ -30,12 +31,13 @@ from xendmop.abi.evtchn import (
 )
 from xendmop.abi.ioreq import IOREQ_TYPE_COPY
 from xendmop.mock import MockXen
-from xendmop.mock import remote as remote_module
-from xendmop.mock.evtchn import DOORBELL_WANTED, EVTCHN_PATH
-from xendmop.mock.remote import _IOCTL, MockHostError, MockHostServer, Msg, RemoteXen, _pack
+from xendmop.mock.evtchn import DOORBELL_WANTED
+from xendmop.mock.remote import MockHostError, MockHostServer, Msg, RemoteXen
+from xendmop.mock.remote import server as remote_module
+from xendmop.mock.remote.wire import _IOCTL, _pack
+from xendmop.mock.simguest import GuestTimeout, SimGuest
 from xendmop.runtime.evtchn import EventChannel
 from xendmop.runtime.server import IoreqServer
-from xendmop.runtime.simguest import GuestTimeout, SimGuest
 from xendmop.types import BufIoreq
 
 from .remote_helpers import count_posts, wait_for

@@ -25,13 +25,13 @@ from xendmop.abi.evtchn import (
     ioctl_evtchn_notify,
     ioctl_evtchn_unbind,
 )
+from xendmop.abi.ioreq_slot import STATE_BYTE
 from xendmop.abi.privcmd import IOCTL_PRIVCMD_HYPERCALL
 from xendmop.mock import Event, EventLog, MockXen
-from xendmop.mock.evtchn import EvtchnDevice
-from xendmop.mock.state import IoreqServer, WakeAfterUnlock, defer_wakes, wake, write_deferred_wakes
-from xendmop.runtime.dispatch import STATE_BYTE
+from xendmop.mock.evtchn import MockEvtchnDevice
+from xendmop.mock.simguest import GuestCrash, SimGuest
+from xendmop.mock.state import IoreqServerState, WakeAfterUnlock, defer_wakes, wake, write_deferred_wakes
 from xendmop.runtime.server import IoreqServer as RuntimeServer
-from xendmop.runtime.simguest import GuestCrash, SimGuest
 from xendmop.testing import ServeThread
 
 HVM = 1
@@ -51,14 +51,14 @@ def dm(host: MockXen) -> Iterator[DeviceModel]:
         yield handle
 
 
-def _server(host: MockXen, dm: DeviceModel) -> IoreqServer:
+def _server(host: MockXen, dm: DeviceModel) -> IoreqServerState:
     sid = dm.create_ioreq_server(HVM, BufIoreq.OFF)
     server = host.hypervisor.domains[HVM].servers[sid]
-    assert isinstance(server, IoreqServer)
+    assert isinstance(server, IoreqServerState)
     return server
 
 
-def _bind(host: MockXen, dev: EvtchnDevice, server: IoreqServer, vcpu: int) -> int:
+def _bind(host: MockXen, dev: MockEvtchnDevice, server: IoreqServerState, vcpu: int) -> int:
     """Bind vCPU ``vcpu``'s ioreq port on ``dev``; the local port."""
     arg = ioctl_evtchn_bind_interdomain(HVM, server.vcpu_ports[vcpu])
     return int(dev.ioctl(IOCTL_EVTCHN_BIND_INTERDOMAIN, arg))

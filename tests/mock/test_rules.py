@@ -19,7 +19,7 @@ import pytest
 from xendmop.abi.privcmd import IOCTL_PRIVCMD_RESTRICT, IOCTL_PRIVCMD_UNIMPLEMENTED
 from xendmop.abi.xen import domid_t
 from xendmop.mock import MockXen
-from xendmop.mock.state import IoreqServer
+from xendmop.mock.state import IoreqServerState
 
 from .conftest import HVM, NOHAP, PV, make_host
 from .raw import BAD, Raw, errno_of, snapshot
@@ -618,7 +618,7 @@ def test_every_op_has_a_case() -> None:
 
 
 def test_server_type_is_exported() -> None:
-    assert IoreqServer.__name__ == "IoreqServer"
+    assert IoreqServerState.__name__ == "IoreqServerState"
 
 
 # --- §1.2#11 and #14: faults inside buf[0], after the header ------------------------------------

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xendmop.abi.ioreq import IOREQ_BUFFER_SLOT_NUM, IOREQ_READ, STATE_IOREQ_READY
-from xendmop.runtime.dispatch import IOREQ_SIZE, GuestMemoryError, Ioreq
+from xendmop.abi.ioreq_slot import IOREQ_SIZE, Ioreq
+from xendmop.runtime.dispatch import GuestMemoryError
 
 PAGE = 4096
 

@@ -334,7 +334,7 @@ def test_run_target_checks_a_real_domain_before_opening_anything(
 
 
 def test_serve_until_signal_serves_then_tears_down_on_sigterm() -> None:
-    from xendmop.runtime.simguest import SimGuest
+    from xendmop.mock.simguest import SimGuest
 
     seen: list[int] = []
     with app.open_mock() as conn:
@@ -387,7 +387,7 @@ def test_the_guest_thread_leaves_signals_to_the_caller() -> None:
 
 
 def test_run_guest_while_serving_returns_what_the_guest_found() -> None:
-    from xendmop.runtime.simguest import SimGuest
+    from xendmop.mock.simguest import SimGuest
 
     stopping = threading.Event()
     with app.open_mock() as conn:

@@ -21,12 +21,11 @@ from xendmop.abi.ioreq import (
     STATE_IOREQ_READY,
     STATE_IORESP_READY,
 )
+from xendmop.abi.ioreq_slot import IOREQ_SIZE, Ioreq
 from xendmop.runtime.dispatch import (
-    IOREQ_SIZE,
     MAX_REP,
     AtomicAddReadPointer,
     Dispatcher,
-    Ioreq,
     RangeMap,
     RateLimitedLog,
     StoreReadPointer,

@@ -14,7 +14,8 @@ from xendmop.abi.ioreq import (
     STATE_IOREQ_READY,
     STATE_IORESP_READY,
 )
-from xendmop.runtime.dispatch import IOREQ_SIZE, STATE_BYTE, Dispatcher, Ioreq, RateLimitedLog
+from xendmop.abi.ioreq_slot import IOREQ_SIZE, STATE_BYTE, Ioreq
+from xendmop.runtime.dispatch import Dispatcher, RateLimitedLog
 
 from .helpers import FakeRam, Recorder, page, post, slot
 

@@ -15,12 +15,12 @@ import pytest
 
 from xendmop import DeviceModel
 from xendmop.abi.ioreq import IOREQ_TYPE_COPY, IOREQ_TYPE_PIO, STATE_IORESP_READY
+from xendmop.abi.ioreq_slot import STATE_BYTE
 from xendmop.abi.privcmd import IOCTL_PRIVCMD_MMAP_RESOURCE
 from xendmop.mock import MockXen
-from xendmop.runtime.dispatch import STATE_BYTE
+from xendmop.mock.simguest import GuestTimeout, SimGuest
 from xendmop.runtime.pci import Bar, PciFunction
 from xendmop.runtime.server import IoreqServer, ServeLoop
-from xendmop.runtime.simguest import GuestTimeout, SimGuest
 from xendmop.testing import ServeThread
 from xendmop.types import BufIoreq, IoRangeType
 

@@ -19,8 +19,8 @@ from depriv.helpers import Child, needs_root
 from xendmop import DeviceModel
 from xendmop.depriv import DeprivConfigError, DropConfig
 from xendmop.mock import MockXen
+from xendmop.mock.simguest import SimGuest
 from xendmop.runtime.server import IoreqServer, ServeLoop
-from xendmop.runtime.simguest import SimGuest
 
 from .helpers import Recorder
 
@@ -31,7 +31,7 @@ from xendmop.abi.ioreq import IOREQ_READ, IOREQ_TYPE_PIO, STATE_IOREQ_READY, STA
 from xendmop.depriv import DropConfig
 from xendmop.errors import XenError
 from xendmop.mock import MockXen
-from xendmop.runtime.dispatch import IOREQ_SIZE, STATE_BYTE, Ioreq
+from xendmop.abi.ioreq_slot import IOREQ_SIZE, STATE_BYTE, Ioreq
 from xendmop.runtime.server import IoreqServer
 
 class Answer:

@@ -13,11 +13,12 @@ import pytest
 
 from xendmop import DeviceModel
 from xendmop.abi.ioreq import STATE_IOREQ_INPROCESS, STATE_IOREQ_NONE, STATE_IOREQ_READY, STATE_IORESP_READY
+from xendmop.abi.ioreq_slot import STATE_BYTE
 from xendmop.errors import XenError
 from xendmop.mock import MockXen
-from xendmop.runtime.dispatch import STATE_BYTE, Dispatcher
+from xendmop.mock.simguest import SimGuest
+from xendmop.runtime.dispatch import Dispatcher
 from xendmop.runtime.server import IoreqServer, TakeoverError
-from xendmop.runtime.simguest import SimGuest
 from xendmop.testing import ServeThread
 
 from .helpers import Recorder, page, post, slot

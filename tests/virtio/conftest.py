@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from xendmop.mock import MockXen
-from xendmop.runtime.simguest import SimGuest
+from xendmop.mock.simguest import SimGuest
 from xendmop.testing import ServeFactory
 from xendmop.virtio import VirtioDevice, VirtioPci
 from xendmop.virtio.driver import VirtioPciDriver, find_virtio

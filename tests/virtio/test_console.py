@@ -11,8 +11,8 @@ import pytest
 
 from xendmop.devicemodel import DeviceModel
 from xendmop.mock import MockXen
+from xendmop.mock.simguest import SimGuest
 from xendmop.runtime import IoreqServer
-from xendmop.runtime.simguest import SimGuest
 from xendmop.testing import ServeThread, assert_no_ioreq_server
 from xendmop.virtio import VirtioPci
 from xendmop.virtio.console import RECEIVEQ, TRANSMITQ, VirtioConsole

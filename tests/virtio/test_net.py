@@ -11,8 +11,8 @@ import pytest
 
 from xendmop.devicemodel import DeviceModel
 from xendmop.mock import MockXen
+from xendmop.mock.simguest import SimGuest
 from xendmop.runtime import IoreqServer
-from xendmop.runtime.simguest import SimGuest
 from xendmop.testing import ServeThread
 from xendmop.virtio import VirtioPci
 from xendmop.virtio.driver import GuestQueue, VirtioPciDriver, find_virtio

@@ -13,6 +13,9 @@ from .ioctl import _IOC, _IOC_NONE
 from .xen import domid_t
 
 HEADERS = ("xen/evtchn.h",)
+
+#: the device node (Linux drivers/xen/evtchn.c); defined here once
+EVTCHN_PATH = "/dev/xen/evtchn"
 COMPLETE = True
 
 PROVENANCE = {

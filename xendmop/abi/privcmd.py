@@ -17,6 +17,11 @@ from .ioctl import _IOC, _IOC_NONE, _IOW
 from .xen import domid_t
 
 HEADERS = ("xen/privcmd.h",)
+
+#: the device nodes (Linux drivers/xen/privcmd.c, privcmd-buf.c); defined here once for the
+#: backends, the mock and depriv (not C names: ``abi``'s registries take only ints and types)
+PRIVCMD_PATH = "/dev/xen/privcmd"
+HYPERCALL_PATH = "/dev/xen/hypercall"
 COMPLETE = True
 
 PROVENANCE = {

@@ -14,16 +14,33 @@ import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ..abi.evtchn import EVTCHN_PATH as EVTCHN_PATH
+from ..abi.privcmd import HYPERCALL_PATH as HYPERCALL_PATH
+from ..abi.privcmd import PRIVCMD_PATH as PRIVCMD_PATH
 from ..errors import ClosedHandleError, NotXenHostError
 
 PAGE_SIZE = mmap.PAGESIZE
 
-PRIVCMD_PATH = "/dev/xen/privcmd"
-HYPERCALL_PATH = "/dev/xen/hypercall"
-EVTCHN_PATH = "/dev/xen/evtchn"
 
 #: errno of ``open()`` that means "this kernel is not running under Xen"
 NOT_XEN = {errno.ENOENT, errno.ENXIO, errno.ENODEV}
+
+
+class FrameViews:
+    """What every mapping of foreign frames answers, over its ``view`` and ``errors``."""
+
+    nr_frames: int
+    errors: tuple[int, ...]
+    view: memoryview
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.errors)
+
+    def page(self, index: int) -> memoryview:
+        if not 0 <= index < self.nr_frames:
+            raise IndexError(f"frame {index} of {self.nr_frames}")
+        return self.view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
 
 
 class Device(Protocol):

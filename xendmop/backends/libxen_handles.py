@@ -48,8 +48,7 @@ from ..abi.memory import XENMEM_resource_ioreq_server
 from ..abi.xen import DOMID_FIRST_RESERVED, domid_t, evtchn_port_t, xen_pfn_t
 from ..checks import MAX_PENDING_PORTS, check_domid, check_int, check_port
 from ..errors import ArgumentError, ClosedHandleError, NotXenHostError, XenError, xen_error
-from ..runtime.foreignmemory import FrameViews
-from .device import EVTCHN_PATH, NOT_XEN, PAGE_SIZE, PRIVCMD_PATH
+from .device import EVTCHN_PATH, NOT_XEN, PAGE_SIZE, PRIVCMD_PATH, FrameViews
 from .libxen import SONAMES, MissingFunctionError, QuietLogger, _describe_library, declare, load_library
 
 __all__ = [

@@ -19,8 +19,9 @@ from typing import Any
 from ..abi import CONSTANTS
 from ..abi.privcmd import IOCTL_PRIVCMD_DM_OP, IOCTL_PRIVCMD_HYPERCALL, IOCTL_PRIVCMD_RESTRICT, privcmd_dm_op
 from ..abi.xen import DOMID_FIRST_RESERVED, DOMID_INVALID, domid_t
+from ..checks import check_domid
 from ..errors import ArgumentError, ClosedHandleError, XenError, xen_error
-from ..ops import CTYPES_MEMORY_CLASSES, DM_OP_HEADER, DM_OP_SIZE, CopyBack, OpDecl, Slot, caller_memory, check_domid
+from ..ops import CTYPES_MEMORY_CLASSES, DM_OP_HEADER, DM_OP_SIZE, CopyBack, OpDecl, Slot, caller_memory
 from .base import Limits
 from .buffers import EMPTY_SLOT_OFFSET, HEAD_AT, HYPERCALL_ARGS_AT, OP_AT, SLOT_BUF_AT, HypercallBuffers
 from .device import PAGE_SIZE, PRIVCMD_PATH, Device, Opener, OsDevice, open_device

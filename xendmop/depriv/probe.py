@@ -44,12 +44,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..abi.evtchn import (
+    EVTCHN_PATH,
     IOCTL_EVTCHN_BIND_INTERDOMAIN,
     IOCTL_EVTCHN_UNBIND,
     ioctl_evtchn_bind_interdomain,
     ioctl_evtchn_unbind,
 )
-from ..abi.privcmd import IOCTL_PRIVCMD_DM_OP, IOCTL_PRIVCMD_HYPERCALL, privcmd_dm_op, privcmd_hypercall
+from ..abi.privcmd import (
+    HYPERCALL_PATH,
+    IOCTL_PRIVCMD_DM_OP,
+    IOCTL_PRIVCMD_HYPERCALL,
+    PRIVCMD_PATH,
+    privcmd_dm_op,
+    privcmd_hypercall,
+)
 from ..abi.xen import DOMID_INVALID
 
 __all__ = [
@@ -103,10 +111,10 @@ class FdKind(enum.Enum):
 #: well-known device paths; matched by device number first, so a node with
 #: another name (made inside a chroot) is still recognised
 DEVICE_PATHS: Mapping[str, FdKind] = {
-    "/dev/xen/privcmd": FdKind.PRIVCMD,
+    PRIVCMD_PATH: FdKind.PRIVCMD,
     "/proc/xen/privcmd": FdKind.PRIVCMD,
-    "/dev/xen/evtchn": FdKind.EVTCHN,
-    "/dev/xen/hypercall": FdKind.HYPERCALL,
+    EVTCHN_PATH: FdKind.EVTCHN,
+    HYPERCALL_PATH: FdKind.HYPERCALL,
     "/dev/xen/gntdev": FdKind.GNTDEV,
     "/dev/xen/gntalloc": FdKind.GNTALLOC,
     "/dev/xen/xenbus": FdKind.XENBUS,

@@ -24,7 +24,7 @@ object it was opened with (this process's ``UserMemory`` by default).
 
 Internal API for a simulated guest (thread-safe; hold ``xen.lock`` for compound steps):
 
-- ``xen.hypervisor.domains[domid]`` → ``state.Domain``; ``domain.servers`` → {id: ``IoreqServer``}
+- ``xen.hypervisor.domains[domid]`` → ``state.Domain``; ``domain.servers`` → {id: ``IoreqServerState``}
 - ``server.page`` / ``server.bufpage``: live memoryviews of the shared ioreq pages
   (the same bytes a DM maps with MMAP_RESOURCE); ``server.vcpu_ports[v]``,
   ``server.bufioreq_port``; ``server.ranges[type]`` (``RangeSet``); ``server.enabled``
@@ -47,16 +47,18 @@ from typing import Any, overload
 
 from ..abi import evtchn as _evtchn_abi
 from ..abi import privcmd as _privcmd_abi
+from ..abi.evtchn import EVTCHN_PATH
 from ..abi.hvm import HVMMEM_ram_ro
+from ..abi.privcmd import HYPERCALL_PATH, PRIVCMD_PATH
 from ..ops import OPS
-from .evtchn import EVTCHN_PATH, EvtchnDevice
+from .evtchn import MockEvtchnDevice
 from .hypervisor import Hypervisor, destroy_server
 from .pages import PageStore
-from .privcmd import HYPERCALL_PATH, PRIVCMD_PATH, HypercallDevice, PrivcmdDevice
-from .state import Domain, IoreqServer, P2m, Vcpu
+from .privcmd import HypercallDevice, PrivcmdDevice
+from .state import Domain, IoreqServerState, P2m, Vcpu
 from .usermem import PAGE_SIZE, UserMemory
 
-__all__ = ["DomainView", "Event", "EventLog", "IoreqServer", "MockXen", "default_host"]
+__all__ = ["DomainView", "Event", "EventLog", "IoreqServerState", "MockXen", "default_host"]
 
 #: how many ioctls ``MockXen.events`` keeps (the newest)
 EVENT_LOG_SIZE = 10_000
@@ -218,7 +220,7 @@ class MockXen:
         #: the domain the calling process runs in (``current->domain`` of its hypercalls)
         self.caller = 0
         self._devices: set[Any] = set()  # opened and not yet closed
-        #: evtchn fds whose ring is shared with a client process (``EvtchnDevice.share_ring``):
+        #: evtchn fds whose ring is shared with a client process (``MockEvtchnDevice.share_ring``):
         #: while there is none, a vCPU's access looks for no doorbell
         self.shared_evtchn_rings = 0
         self.closed = False
@@ -403,7 +405,7 @@ class MockXen:
     def dm_doorbell_locked(self, d: Domain, port: int, wanted: bool) -> Any:
         """A vCPU of ``d`` starts (``wanted``) or stops waiting for the device model's NOTIFY on
         the dom0 end of ``d``'s ``port``: the ``evtchn.Doorbell`` of the dom0 evtchn fd that bound
-        that end, if its client is in another process (``EvtchnDevice.want_doorbell``), else
+        that end, if its client is in another process (``MockEvtchnDevice.want_doorbell``), else
         None.  For a caller that holds the host lock."""
         if not self.shared_evtchn_rings:
             return None
@@ -439,13 +441,13 @@ class MockXen:
         """
         with self.lock:
             self._check_open()
-            dev: PrivcmdDevice | HypercallDevice | EvtchnDevice
+            dev: PrivcmdDevice | HypercallDevice | MockEvtchnDevice
             if path == PRIVCMD_PATH:
                 dev = PrivcmdDevice(self, memory)
             elif path == HYPERCALL_PATH and self.hypercall_device:
                 dev = HypercallDevice(self, memory)
             elif path == EVTCHN_PATH:
-                dev = EvtchnDevice(self, memory)
+                dev = MockEvtchnDevice(self, memory)
             else:
                 raise FileNotFoundError(errno.ENOENT, f"mock Xen host has no {path}", path)
             self._devices.add(dev)

@@ -34,6 +34,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from ..abi.evtchn import (
+    EVTCHN_PATH,
     IOCTL_EVTCHN_BIND_INTERDOMAIN,
     IOCTL_EVTCHN_BIND_UNBOUND_PORT,
     IOCTL_EVTCHN_BIND_VIRQ,
@@ -58,7 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("xendmop.mock.evtchn")
 
-EVTCHN_PATH = "/dev/xen/evtchn"
 #: ``NR_VIRQS`` (xen/include/public/xen.h)
 NR_VIRQS = 24
 UNRESTRICTED_DOMID = DOMID_FIRST_RESERVED
@@ -259,7 +259,7 @@ class SharedPortRing:
         doorbell the client corrupted (``db_prod`` more than ``DOORBELL_CAPACITY`` ahead of the
         host's own ``db_cons``): its entries are dropped and the doorbell is broken for good.
         The host reads back ``db_prod`` and the entries alone, and each port read is only a
-        number a NOTIFY checks as any other (``EvtchnDevice._notify_port``)."""
+        number a NOTIFY checks as any other (``MockEvtchnDevice._notify_port``)."""
         if self.doorbell_broken:
             return []
         words = self._words
@@ -366,8 +366,8 @@ class SharedPortRing:
 class Doorbell:
     """The host's eventfd a client writes after queueing a NOTIFY in its doorbell ring.
 
-    Watched by the vCPU thread waiting for that NOTIFY (``IoreqServer.wait_dm_notify``), which
-    then applies the queued NOTIFYs itself (``EvtchnDevice.answer_doorbell``): the connection
+    Watched by the vCPU thread waiting for that NOTIFY (``IoreqServerState.wait_dm_notify``), which
+    then applies the queued NOTIFYs itself (``MockEvtchnDevice.answer_doorbell``): the connection
     thread is off the path.  The fd is closed when the last reference goes, not at the
     device's close: a vCPU may still be polling it then.
 
@@ -377,10 +377,10 @@ class Doorbell:
     poll another waiter or the client had made stale, would then block that vCPU thread for
     as long as the client likes, instead of letting its access time out."""
 
-    def __init__(self, device: EvtchnDevice) -> None:
+    def __init__(self, device: MockEvtchnDevice) -> None:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         #: None once the device is closed (its NOTIFYs were applied at the close)
-        self.device: EvtchnDevice | None = device
+        self.device: MockEvtchnDevice | None = device
         weakref.finalize(self, os.close, self.fd)
 
     def answer(self) -> None:
@@ -405,7 +405,7 @@ def _domid(value: int, caller: int) -> int:
     return caller if domid == DOMID_SELF else domid
 
 
-class EvtchnDevice:
+class MockEvtchnDevice:
     """One open of ``/dev/xen/evtchn`` in dom0 (``evtchn_open``)."""
 
     path = EVTCHN_PATH
@@ -834,11 +834,11 @@ def _show(arg: Any) -> Any:
 
 
 _IOCTLS: dict[int, tuple[type[ctypes.Structure] | None, Any]] = {
-    IOCTL_EVTCHN_BIND_VIRQ: (ioctl_evtchn_bind_virq, EvtchnDevice._bind_virq),
-    IOCTL_EVTCHN_BIND_INTERDOMAIN: (ioctl_evtchn_bind_interdomain, EvtchnDevice._bind_interdomain),
-    IOCTL_EVTCHN_BIND_UNBOUND_PORT: (ioctl_evtchn_bind_unbound_port, EvtchnDevice._bind_unbound),
-    IOCTL_EVTCHN_UNBIND: (ioctl_evtchn_unbind, EvtchnDevice._unbind),
-    IOCTL_EVTCHN_NOTIFY: (ioctl_evtchn_notify, EvtchnDevice._notify),
-    IOCTL_EVTCHN_RESET: (None, EvtchnDevice._reset),
-    IOCTL_EVTCHN_RESTRICT_DOMID: (ioctl_evtchn_restrict_domid, EvtchnDevice._restrict),
+    IOCTL_EVTCHN_BIND_VIRQ: (ioctl_evtchn_bind_virq, MockEvtchnDevice._bind_virq),
+    IOCTL_EVTCHN_BIND_INTERDOMAIN: (ioctl_evtchn_bind_interdomain, MockEvtchnDevice._bind_interdomain),
+    IOCTL_EVTCHN_BIND_UNBOUND_PORT: (ioctl_evtchn_bind_unbound_port, MockEvtchnDevice._bind_unbound),
+    IOCTL_EVTCHN_UNBIND: (ioctl_evtchn_unbind, MockEvtchnDevice._unbind),
+    IOCTL_EVTCHN_NOTIFY: (ioctl_evtchn_notify, MockEvtchnDevice._notify),
+    IOCTL_EVTCHN_RESET: (None, MockEvtchnDevice._reset),
+    IOCTL_EVTCHN_RESTRICT_DOMID: (ioctl_evtchn_restrict_domid, MockEvtchnDevice._restrict),
 }

@@ -40,7 +40,7 @@ from .state import (
     NR_ISA_IRQS,
     Domain,
     EvtchnPort,
-    IoreqServer,
+    IoreqServerState,
     P2mEntry,
 )
 from .usermem import PAGE_SIZE
@@ -302,7 +302,7 @@ class Hypervisor:
 
     # --- ioreq-server pages (xen/common/ioreq.c, xen/arch/x86/hvm/ioreq.c) -----------
 
-    def map_ioreq_gfn(self, d: Domain, s: IoreqServer, buf: bool) -> int:
+    def map_ioreq_gfn(self, d: Domain, s: IoreqServerState, buf: bool) -> int:
         """``hvm_map_ioreq_gfn``: put the page at a spare guest gfn (legacy get_info path)."""
         if (s.bufioreq_page if buf else s.ioreq_page) is not None:
             # already allocated by ioreq_server_get_frame: no guest frame allowed
@@ -323,7 +323,7 @@ class Hypervisor:
             s.ioreq_page, s.ioreq_gfn = entry.page, gfn
         return 0
 
-    def unmap_ioreq_gfn(self, d: Domain, s: IoreqServer, buf: bool) -> None:
+    def unmap_ioreq_gfn(self, d: Domain, s: IoreqServerState, buf: bool) -> None:
         """``hvm_unmap_ioreq_gfn``: give the gfn back to the pool."""
         gfn = s.bufioreq_gfn if buf else s.ioreq_gfn
         if gfn is None:
@@ -334,7 +334,7 @@ class Hypervisor:
         else:
             s.ioreq_page, s.ioreq_gfn = None, None
 
-    def alloc_ioreq_pages(self, s: IoreqServer) -> int:
+    def alloc_ioreq_pages(self, s: IoreqServerState) -> int:
         """``ioreq_server_alloc_pages``/``ioreq_server_alloc_mfn``: domheap pages never in the p2m."""
         for buf in (False, True) if s.handles_bufioreq else (False,):
             page = s.bufioreq_page if buf else s.ioreq_page
@@ -352,7 +352,7 @@ class Hypervisor:
                 s.ioreq_page = ref
         return 0
 
-    def update_evtchn(self, s: IoreqServer) -> None:
+    def update_evtchn(self, s: IoreqServerState) -> None:
         """``ioreq_server_update_evtchn``: write each vCPU's ``vp_eport`` into its ioreq slot, if the page exists."""
         page = s.page
         if page is None:
@@ -430,7 +430,7 @@ def _free_ioreq_gfn(d: Domain, gfn: int) -> None:
     pool.sort()
 
 
-def _server(call: Call, sid: int) -> IoreqServer | int:
+def _server(call: Call, sid: int) -> IoreqServerState | int:
     """The ``get_ioreq_server`` + emulator check every ioreq op makes (xen/common/ioreq.c)."""
     s = call.d.server(sid)
     if s is None:
@@ -456,7 +456,7 @@ def create_ioreq_server(call: Call) -> int:
     free = [i for i in range(MAX_NR_IOREQ_SERVERS) if d.ioreq_servers[i] is None]
     if not free:
         return -errno.ENOSPC
-    s = IoreqServer(free[0], call.caller, data.handle_bufioreq, d.max_vcpus)
+    s = IoreqServerState(free[0], call.caller, data.handle_bufioreq, d.max_vcpus)
     rc = _add_vcpus(hv, d, s)
     if rc < 0:
         _remove_vcpus(hv, d, s)
@@ -466,7 +466,7 @@ def create_ioreq_server(call: Call) -> int:
     return 0
 
 
-def _add_vcpus(hv: Hypervisor, d: Domain, s: IoreqServer) -> int:
+def _add_vcpus(hv: Hypervisor, d: Domain, s: IoreqServerState) -> int:
     """``ioreq_server_add_vcpu`` for each vCPU: one Xen-attached unbound port, plus the buffered one on vCPU0."""
     for v in d.vcpus:
         port = hv.alloc_unbound(d, s.emulator, v.vcpu_id, _dm_notify(s, v.vcpu_id))
@@ -481,14 +481,14 @@ def _add_vcpus(hv: Hypervisor, d: Domain, s: IoreqServer) -> int:
     return 0
 
 
-def _dm_notify(s: IoreqServer, index: int) -> Callable[[], None]:
+def _dm_notify(s: IoreqServerState, index: int) -> Callable[[], None]:
     def notified() -> None:  # Xen's consumer of the ioreq port (ioreq.c): wakes the waiting vCPU
         s.dm_notified(index)
 
     return notified
 
 
-def _remove_vcpus(hv: Hypervisor, d: Domain, s: IoreqServer) -> None:
+def _remove_vcpus(hv: Hypervisor, d: Domain, s: IoreqServerState) -> None:
     """``ioreq_server_remove_all_vcpus``: ``free_xen_event_channel`` for every port."""
     for port in [*s.vcpu_ports, *([s.bufioreq_port] if s.bufioreq_port is not None else [])]:
         hv.close_port(d, port)
@@ -577,7 +577,7 @@ def set_ioreq_server_state(call: Call) -> int:
     return 0
 
 
-def _enable(hv: Hypervisor, d: Domain, s: IoreqServer) -> None:
+def _enable(hv: Hypervisor, d: Domain, s: IoreqServerState) -> None:
     if s.enabled:
         return
     for ref, gfn in ((s.ioreq_page, s.ioreq_gfn), (s.bufioreq_page, s.bufioreq_gfn)):
@@ -588,7 +588,7 @@ def _enable(hv: Hypervisor, d: Domain, s: IoreqServer) -> None:
     hv.update_evtchn(s)
 
 
-def _disable(d: Domain, s: IoreqServer) -> None:
+def _disable(d: Domain, s: IoreqServerState) -> None:
     if not s.enabled:
         return
     for ref, gfn in ((s.bufioreq_page, s.bufioreq_gfn), (s.ioreq_page, s.ioreq_gfn)):
@@ -611,7 +611,7 @@ def destroy_ioreq_server(call: Call) -> int:
     return 0
 
 
-def destroy_server(hv: Hypervisor, d: Domain, s: IoreqServer) -> None:
+def destroy_server(hv: Hypervisor, d: Domain, s: IoreqServerState) -> None:
     """``ioreq_server_destroy``: drop the p2m claim, disable, free ports, pages and ranges."""
     if d.p2m_ioreq_server == s.id:  # arch_ioreq_server_destroy → p2m_set_ioreq_server(d, 0, s)
         d.p2m_ioreq_server, d.p2m_ioreq_flags = None, 0

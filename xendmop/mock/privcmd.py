@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from ..abi.privcmd import (
+    HYPERCALL_PATH,
     IOCTL_PRIVCMD_DM_OP,
     IOCTL_PRIVCMD_HYPERCALL,
     IOCTL_PRIVCMD_MMAP_RESOURCE,
     IOCTL_PRIVCMD_MMAPBATCH_V2,
     IOCTL_PRIVCMD_RESTRICT,
+    PRIVCMD_PATH,
     privcmd_dm_op,
     privcmd_dm_op_buf,
     privcmd_hypercall,
@@ -35,8 +37,6 @@ from .usermem import PAGE_SIZE, access_ok
 if TYPE_CHECKING:
     from . import MockXen
 
-PRIVCMD_PATH = "/dev/xen/privcmd"
-HYPERCALL_PATH = "/dev/xen/hypercall"
 
 S = TypeVar("S", bound=ctypes.Structure)
 

@@ -256,7 +256,7 @@ class Vcpu:
     pending_event: dict[str, int] | None = None
 
 
-class IoreqServer:
+class IoreqServerState:
     """``struct ioreq_server`` (xen/include/xen/ioreq.h), as the runtime engineer may read it.
 
     Pages: ``ioreq_page`` (one ``ioreq_t`` per vCPU, indexed by vcpu id) and
@@ -447,7 +447,7 @@ class Domain:
     dirty: set[int] = field(default_factory=set)  # log-dirty bitmap
     vram: tuple[int, int] | None = None  # (first_pfn, nr) tracked by track_dirty_vram
     vram_dirty: set[int] = field(default_factory=set)
-    ioreq_servers: list[IoreqServer | None] = field(default_factory=lambda: [None] * MAX_NR_IOREQ_SERVERS)
+    ioreq_servers: list[IoreqServerState | None] = field(default_factory=lambda: [None] * MAX_NR_IOREQ_SERVERS)
     ioreq_gfn_free: list[int] = field(default_factory=list)  # d->arch.hvm.ioreq_gfn.mask
     ioreq_gfn_legacy_free: list[int] = field(default_factory=list)  # HVM_PARAM_{,BUF}IOREQ_PFN
     legacy_gfns: tuple[int, ...] = ()  # the values of those two params
@@ -465,19 +465,21 @@ class Domain:
     irq_levels: dict[int, int] = field(default_factory=dict)  # Arm SPIs
     ports: dict[int, EvtchnPort] = field(default_factory=dict)
     #: (range type, first, last) -> the server ``select_ioreq_server`` chose, for ``_routes_epoch``
-    _routes: dict[tuple[int, int, int], IoreqServer | None] = field(default_factory=dict, repr=False, compare=False)
+    _routes: dict[tuple[int, int, int], IoreqServerState | None] = field(
+        default_factory=dict, repr=False, compare=False
+    )
     _routes_epoch: int = field(default=-1, repr=False, compare=False)
 
-    def server(self, sid: int) -> IoreqServer | None:
+    def server(self, sid: int) -> IoreqServerState | None:
         """``get_ioreq_server``: None for an id out of range or an empty slot."""
         return self.ioreq_servers[sid] if 0 <= sid < MAX_NR_IOREQ_SERVERS else None
 
-    def set_server(self, sid: int, s: IoreqServer | None) -> None:
+    def set_server(self, sid: int, s: IoreqServerState | None) -> None:
         """Fill or empty server slot ``sid`` (create, destroy): routes may change."""
         self.ioreq_servers[sid] = s
         RoutingEpoch.bump()
 
-    def select_ioreq_server(self, rtype: int, first: int, last: int) -> IoreqServer | None:
+    def select_ioreq_server(self, rtype: int, first: int, last: int) -> IoreqServerState | None:
         """``ioreq_server_select`` (xen/common/ioreq.c): the server an access of range type
         ``rtype`` covering ``[first, last]`` goes to, or None (Xen's null handler then).
 
@@ -507,7 +509,7 @@ class Domain:
         return found
 
     @property
-    def servers(self) -> dict[int, IoreqServer]:
+    def servers(self) -> dict[int, IoreqServerState]:
         return {s.id: s for s in self.ioreq_servers if s is not None}
 
     def p2m_type(self, gfn: int) -> int | None:

@@ -17,7 +17,6 @@ from .decl import (
     Slot,
     SlotAccess,
     caller_memory,
-    check_domid,
 )
 from .table import BY_NAME, DECLARATIONS, NR_OPS, OPS
 
@@ -42,5 +41,4 @@ __all__ = [
     "Slot",
     "SlotAccess",
     "caller_memory",
-    "check_domid",
 ]

@@ -79,14 +79,6 @@ def caller_memory(op: str, name: str, data: Any, writable: bool) -> tuple[int, i
     return ctypes.addressof(anchor), view.nbytes, anchor
 
 
-def check_domid(op: str, domid: int) -> None:
-    """Refuse a domid that is not an int or does not fit ``domid_t`` (uint16), naming the op."""
-    if isinstance(domid, bool) or not isinstance(domid, int):
-        raise TypeError(f"{op}: domid must be an int, not {type(domid).__name__}")
-    if not 0 <= domid <= 0xFFFF:
-        raise ArgumentError(op, "domid", domid, "does not fit domid_t (uint16)")
-
-
 class Dir(enum.Flag):
     """Direction of a field or slot, seen from the caller."""
 

@@ -1,9 +1,10 @@
 """Run a device model: ioreq servers, event channels, foreign memory and the dispatch loop."""
 
+from ..abi.ioreq_slot import Ioreq
 from .app import Connection, GuestRun, NotHvmError, Target, UsageError
-from .dispatch import Dispatcher, GuestMemory, GuestMemoryError, IoDevice, Ioreq, RateLimitedLog
+from .dispatch import Dispatcher, GuestMemory, GuestMemoryError, IoDevice, RateLimitedLog
 from .evtchn import EventChannel
-from .foreignmemory import ForeignMemory, GuestRam, Mapping
+from .foreignmemory import ForeignMapping, ForeignMemory, GuestRam
 from .pci import Bar, PciFunction
 from .server import IoreqServer, ServeLoop, serve_forever, serve_forever_async
 
@@ -27,6 +28,6 @@ __all__ = [
     "GuestRam",
     "IoDevice",
     "Ioreq",
-    "Mapping",
+    "ForeignMapping",
     "RateLimitedLog",
 ]

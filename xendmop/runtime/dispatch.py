@@ -77,25 +77,18 @@ from ..abi.ioreq import (
     STATE_IOREQ_READY,
     STATE_IORESP_READY,
 )
+from ..abi.ioreq_slot import IOREQ_SIZE, IOREQ_SLOT, STATE_BYTE, Ioreq, all_ones
 from ..checks import check_int
 
 log = logging.getLogger("xendmop.runtime")
 #: every ioreq answered, at DEBUG, when enabled (``--trace``): see ``Dispatcher.handle_slot_traced``
 trace = logging.getLogger("xendmop.ioreq")
 
-IOREQ_SIZE = 32
-#: byte of ``struct ioreq`` holding ``state:4, data_is_ptr:1, dir:1, df:1``
-STATE_BYTE = 30
-TYPE_BYTE = 31
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
-#: struct ioreq in one unpack: addr, data, count, size, vp_eport, (2 pad bytes), flags, type
-_IOREQ = Struct("<QQIII2xBB")
-assert _IOREQ.size == 32
 #: the data field at offset 8; native "Q" packs with one 8-byte memcpy (one aligned store on
 #: x86), where "<Q" would write byte by byte
 _DATA = Struct("Q")
-_new_object = object.__new__
 #: the value mask per access size (index = size in bytes), for the sizes the fast path takes
 _SIZE_MASK = (0, 0xFF, 0xFFFF, 0, 0xFFFF_FFFF, 0, 0, 0, _U64)
 #: access sizes accepted for ports and PCI config (32 bits at most) and for MMIO (``data``'s width)
@@ -113,11 +106,6 @@ PCI_CONFIG_SPACE_SIZE = 4096
 _BUFFERED_FLAGS = STATE_IOREQ_READY | (IOREQ_WRITE << 5)
 #: ``buffered_iopage``: read_pointer @0, write_pointer @4, slots of 8 bytes @8
 BUF_SLOT_BASE = 8
-
-
-def all_ones(size: int) -> int:
-    """What a read from nothing returns (x86 floating bus): ``size`` bytes of 0xff."""
-    return (1 << (8 * size)) - 1 if 1 <= size <= 8 else _U64
 
 
 # --- the device protocol -----------------------------------------------------------
@@ -211,75 +199,7 @@ class RangeMap:
         return len(self._regions)
 
 
-# --- the ioreq copy ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Ioreq:
-    """A private copy of one ``struct ioreq`` (decoded from its 32 bytes)."""
-
-    addr: int
-    data: int
-    count: int
-    size: int
-    vp_eport: int
-    state: int
-    data_is_ptr: bool
-    dir: int
-    df: bool
-    type: int
-
-    @classmethod
-    def from_bytes(cls, raw: bytes | memoryview, offset: int = 0) -> Ioreq:
-        """Decode the 32 bytes at ``offset``, each read exactly once (one ``unpack_from``),
-        so a guest rewriting the shared slot meanwhile cannot make two reads disagree."""
-        return cls.from_fields(*_IOREQ.unpack_from(raw, offset))
-
-    @classmethod
-    def from_fields(cls, addr: int, data: int, count: int, size: int, vp_eport: int, flags: int, type_: int) -> Ioreq:
-        """The copy from fields already read out of the slot (``flags`` is byte 30 whole)."""
-        # The fields straight into the new instance's __dict__: what the generated frozen
-        # __init__ does one object.__setattr__ at a time, at twice the cost (no __post_init__
-        # or slots here to skip).
-        req = _new_object(cls)
-        req.__dict__.update(
-            addr=addr,
-            data=data,
-            count=count,
-            size=size,
-            vp_eport=vp_eport,
-            state=flags & 0xF,
-            data_is_ptr=bool(flags & 0x10),
-            dir=(flags >> 5) & 1,
-            df=bool(flags & 0x40),
-            type=type_,
-        )
-        return req
-
-    def to_bytes(self) -> bytes:
-        """The 32 bytes of this ioreq (for tests and the simulated guest)."""
-        flags = (self.state & 0xF) | (self.data_is_ptr << 4) | ((self.dir & 1) << 5) | (self.df << 6)
-        return b"".join(
-            (
-                (self.addr & _U64).to_bytes(8, "little"),
-                (self.data & _U64).to_bytes(8, "little"),
-                (self.count & _U32).to_bytes(4, "little"),
-                (self.size & _U32).to_bytes(4, "little"),
-                (self.vp_eport & _U32).to_bytes(4, "little"),
-                b"\0\0",
-                bytes((flags, self.type & 0xFF)),
-            )
-        )
-
-    def __str__(self) -> str:
-        kind = {0: "pio", 1: "copy", 2: "pci", 7: "timeoffset", 8: "invalidate"}.get(self.type, f"type{self.type}")
-        d = "read" if self.dir == IOREQ_READ else "write"
-        ptr = " ptr" if self.data_is_ptr else ""
-        df = " df" if self.df else ""
-        return (
-            f"{kind} {d}{ptr}{df} addr={self.addr:#x} data={self.data:#x} size={self.size} "
-            f"count={self.count} state={self.state}"
-        )
+# --- refusals ---------------------------------------------------------------------
 
 
 class Refused(Exception):
@@ -445,7 +365,7 @@ class Dispatcher:
         # READY seen; on x86 the later loads are not reordered before this one (QEMU: xen_rmb).
         page[state_at] = (flags & 0xF0) | STATE_IOREQ_INPROCESS
         # The private copy, every byte read once (no double fetch): only these locals are used.
-        addr, data, count, size, vp_eport, flags, type_ = _IOREQ.unpack_from(page, off)
+        addr, data, count, size, vp_eport, flags, type_ = IOREQ_SLOT.unpack_from(page, off)
         region = None
         if not flags & 0x10:  # data in the slot (no data_is_ptr)
             # The size checks are _pio's and _copy's; count is not looked at for a port

@@ -5,7 +5,7 @@ Linux privcmd maps foreign frames into a VMA that an ``mmap`` of the device made
 first the ``mmap``, then an ioctl naming that VMA's address
 (``IOCTL_PRIVCMD_MMAP_RESOURCE`` or ``IOCTL_PRIVCMD_MMAPBATCH_V2``), as
 ``xenforeignmemory_map_resource``/``xenforeignmemory_map`` do in
-``tools/libs/foreignmemory/linux.c``.  Mappings are returned as ``Mapping``
+``tools/libs/foreignmemory/linux.c``.  Mappings are returned as ``ForeignMapping``
 objects that expose the bytes as a ``memoryview`` without copying.
 """
 
@@ -30,12 +30,12 @@ from ..abi.privcmd import (
     privcmd_mmapbatch_v2,
 )
 from ..abi.xen import DOMID_FIRST_RESERVED, domid_t
-from ..backends.device import PAGE_SIZE, PRIVCMD_PATH, Device, open_device
+from ..backends.device import PAGE_SIZE, PRIVCMD_PATH, Device, FrameViews, open_device
 from ..checks import check_domid, check_int
 from ..errors import ArgumentError, ClosedHandleError, XenError, xen_error
 from .dispatch import GuestMemoryError
 
-__all__ = ["ForeignMemory", "GuestRam", "Mapping"]
+__all__ = ["ForeignMemory", "GuestRam", "ForeignMapping"]
 
 _PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 #: frames per MMAPBATCH_V2 call (the kernel's ``num`` is an unsigned int; keep calls small)
@@ -51,25 +51,8 @@ def _address_of(mapping: mmap.mmap) -> int:
         del anchor  # drop the buffer export so the mapping can still be closed
 
 
-class FrameViews:
-    """What every mapping of foreign frames answers, over its ``view`` and ``errors``."""
-
-    nr_frames: int
-    errors: tuple[int, ...]
-    view: memoryview
-
-    @property
-    def ok(self) -> bool:
-        return not any(self.errors)
-
-    def page(self, index: int) -> memoryview:
-        if not 0 <= index < self.nr_frames:
-            raise IndexError(f"frame {index} of {self.nr_frames}")
-        return self.view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
-
-
 @dataclass(eq=False)
-class Mapping(FrameViews):
+class ForeignMapping(FrameViews):
     """Foreign frames mapped in this process.  ``view`` is the live memory (no copy);
     ``errors[i]`` is 0 or the ``-errno`` for frame ``i`` (``map`` only)."""
 
@@ -104,7 +87,7 @@ class ForeignMemory:
 
     def __init__(self, opener: Callable[[str], Any] = open_device, path: str = PRIVCMD_PATH) -> None:
         self._dev: Device | None = opener(path)
-        self._maps: list[Mapping] = []
+        self._maps: list[ForeignMapping] = []
         self.restricted_to: int | None = None
 
     @property
@@ -133,7 +116,7 @@ class ForeignMemory:
 
     def map_resource(
         self, domid: int, type: int = XENMEM_resource_ioreq_server, id: int = 0, frame: int = 0, nr_frames: int = 1
-    ) -> Mapping:
+    ) -> ForeignMapping:
         """IOCTL_PRIVCMD_MMAP_RESOURCE (XENMEM_acquire_resource): map ``nr_frames`` frames
         of resource ``type``/``id`` from ``frame`` (ioreq server: frame 0 is the
         buffered page, 1 the synchronous page).  EOPNOTSUPP/ENOTTY: no resource
@@ -151,12 +134,12 @@ class ForeignMemory:
         except BaseException:
             mm.close()
             raise
-        return self._track(Mapping(domid, nr_frames, mm))
+        return self._track(ForeignMapping(domid, nr_frames, mm))
 
-    def map(self, domid: int, gfns: Sequence[int]) -> Mapping:
+    def map(self, domid: int, gfns: Sequence[int]) -> ForeignMapping:
         """IOCTL_PRIVCMD_MMAPBATCH_V2: map guest frames ``gfns`` contiguously.
 
-        Per-frame failures do not raise: they are in ``Mapping.errors`` (``-errno``
+        Per-frame failures do not raise: they are in ``ForeignMapping.errors`` (``-errno``
         per frame; touching such a page faults).  Raises when the whole call fails
         (``ENOENT`` too: a frame is paged out, retry later)."""
         check_domid("map", domid)
@@ -175,15 +158,15 @@ class ForeignMemory:
         except BaseException:
             mm.close()
             raise
-        return self._track(Mapping(domid, n, mm, tuple(int(e) for e in err)))
+        return self._track(ForeignMapping(domid, n, mm, tuple(int(e) for e in err)))
 
-    def unmap(self, mapping: Mapping) -> None:
+    def unmap(self, mapping: ForeignMapping) -> None:
         """munmap a mapping made by this handle."""
         if mapping in self._maps:
             self._maps.remove(mapping)
         mapping.close()
 
-    def _track(self, m: Mapping) -> Mapping:
+    def _track(self, m: ForeignMapping) -> ForeignMapping:
         self._maps = [x for x in self._maps if not x.closed]
         self._maps.append(m)
         return m
@@ -237,7 +220,7 @@ class GuestRam:
         self.domid = domid
         self.max_pages = max_pages
         self.limit = limit
-        self._pages: OrderedDict[int, Mapping] = OrderedDict()
+        self._pages: OrderedDict[int, ForeignMapping] = OrderedDict()
 
     def _page(self, gfn: int) -> memoryview:
         m = self._pages.get(gfn)

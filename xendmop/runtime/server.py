@@ -66,6 +66,7 @@ from functools import partial
 from types import FrameType, TracebackType
 from typing import Any
 
+from ..abi.ioreq_slot import IOREQ_SIZE
 from ..abi.memory import XENMEM_resource_ioreq_server
 from ..backends.device import PAGE_SIZE, open_device
 from ..checks import check_sbdf
@@ -74,7 +75,6 @@ from ..devicemodel import DeviceModel
 from ..errors import XenError
 from ..types import BufIoreq
 from .dispatch import (
-    IOREQ_SIZE,
     MAX_REP,
     AtomicAddReadPointer,
     Dispatcher,
@@ -85,7 +85,7 @@ from .dispatch import (
 )
 from .dispatch import trace as ioreq_trace
 from .evtchn import EventChannel, open_evtchn_device
-from .foreignmemory import ForeignMemory, GuestRam, Mapping
+from .foreignmemory import ForeignMapping, ForeignMemory, GuestRam
 from .pci import PciFunction
 
 log = logging.getLogger("xendmop.runtime")
@@ -238,7 +238,7 @@ class IoreqServer:
         self._fmem: ForeignMemory | None = None
         self._evtchn: EventChannel | None = None
         self._ram: GuestRam | None = None
-        self._maps: list[Mapping] = []
+        self._maps: list[ForeignMapping] = []
         self._vcpu_by_port: dict[int, int] = {}
         self.vcpu_ports: list[int] = []
         self.buf_port: int | None = None

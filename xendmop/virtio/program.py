@@ -89,7 +89,7 @@ class Example:
     def _run_on_mock(
         self, args: argparse.Namespace, device: VirtioDevice, out: Callable[[str], None]
     ) -> tuple[list[str], VirtioPci] | None:
-        from ..runtime.simguest import SimGuest
+        from ..mock.simguest import SimGuest
 
         with app.open_mock(memory_mb=MOCK_MEMORY_MB) as mock:
             server = mock.ioreq_server()

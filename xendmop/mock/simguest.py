@@ -33,14 +33,12 @@ from ..abi.ioreq import (
     STATE_IOREQ_READY,
     STATE_IORESP_READY,
 )
+from ..abi.ioreq_slot import IOREQ_SIZE, IOREQ_SLOT, STATE_BYTE, Ioreq, all_ones
 from ..errors import ArgumentError
 from ..types import BufIoreq, IoRangeType
-from .dispatch import IOREQ_SIZE, STATE_BYTE, Ioreq, all_ones
 
 __all__ = ["GuestCrash", "GuestTimeout", "SimGuest"]
 
-#: ``struct ioreq``: addr, data, count, size, vp_eport, 2 pad bytes, state/data_is_ptr/dir/df, type
-_SLOT = struct.Struct("<QQIII2xBB")
 #: ``vp_eport`` and the state byte of a slot, read in one step from its offset 24
 _EPORT_STATE = struct.Struct("<I2xB")
 #: ``data`` of a slot, at its offset 8
@@ -160,7 +158,7 @@ class SimGuest:
                     flags |= 0x10
                 if df:
                     flags |= 0x40
-                _SLOT.pack_into(
+                IOREQ_SLOT.pack_into(
                     page, off, addr & _U64, data & _U64, count & _U32, size & _U32, eport, flags, type & 0xFF
                 )
                 page[off + STATE_BYTE] = flags | STATE_IOREQ_READY  # after the body
