@@ -224,41 +224,60 @@ class ForeignMemory:
 
 
 class GuestRam:
-    """Guest-physical memory for the dispatch core, one foreign-mapped page at a time.
+    """Guest-physical memory for the dispatch core, foreign-mapped on first use.
 
-    Pages are mapped on first use and kept in a small LRU (``max_pages``), so the
-    memory held never depends on what the guest asks for.  A frame Xen refuses
-    (not RAM, not the guest's) raises ``GuestMemoryError``; so does an address
-    above ``limit`` (when given) before any mapping is tried.
+    Frames are mapped ``bucket`` at a time (an aligned group, one ``MMAPBATCH`` call, as
+    QEMU's mapcache maps buckets: a device streaming through a guest's buffers pays one
+    mapping per group, not per page) and kept in a small LRU of at most ``max_pages`` pages
+    in all, so the memory held never depends on what the guest asks for.  A frame Xen
+    refuses (not RAM, not the guest's) raises ``GuestMemoryError`` when it is touched, not
+    its neighbours; so does an address above ``limit`` (when given) before any mapping is
+    tried.  ``max_pages`` must hold two buckets (an access may straddle two).
     """
 
-    def __init__(self, fmem: ForeignMemory, domid: int, *, max_pages: int = 64, limit: int | None = None) -> None:
+    def __init__(
+        self, fmem: ForeignMemory, domid: int, *, max_pages: int = 64, limit: int | None = None, bucket: int = 1
+    ) -> None:
+        if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1 or bucket & (bucket - 1):
+            raise ValueError(f"bucket={bucket!r}: must be a power of two >= 1 (frames)")
+        if isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages < 2 * bucket:
+            raise ValueError(f"max_pages={max_pages!r}: must hold two buckets of {bucket} frames")
         self.fmem = fmem
         self.domid = domid
         self.max_pages = max_pages
         self.limit = limit
-        self._pages: OrderedDict[int, Mapping] = OrderedDict()
+        self.bucket = bucket
+        self._shift = bucket.bit_length() - 1
+        self._pages: OrderedDict[int, Mapping] = OrderedDict()  # bucket number -> its mapping
 
     def _page(self, gfn: int) -> memoryview:
-        m = self._pages.get(gfn)
+        number = gfn >> self._shift
+        m = self._pages.get(number)
         if m is not None:
-            self._pages.move_to_end(gfn)
-            return m.view
-        try:
-            m = self.fmem.map(self.domid, [gfn])
-        except (XenError, ArgumentError) as e:
-            raise GuestMemoryError(f"dom{self.domid} gfn {gfn:#x}: {e}") from None
-        if not m.ok:
-            self.fmem.unmap(m)
-            err = -m.errors[0]
+            self._pages.move_to_end(number)
+        else:
+            first = number << self._shift
+            try:
+                m = self.fmem.map(self.domid, range(first, first + self.bucket))
+            except (XenError, ArgumentError) as e:
+                raise GuestMemoryError(f"dom{self.domid} gfn {gfn:#x}: {e}") from None
+            if not any(e == 0 for e in m.errors):  # nothing there is the guest's RAM: keep nothing
+                err = -m.errors[0]
+                self.fmem.unmap(m)
+                raise GuestMemoryError(
+                    f"dom{self.domid} gfn {gfn:#x}: {os.strerror(err)} [{errno.errorcode.get(err, err)}]"
+                )
+            self._pages[number] = m
+            while len(self._pages) > self.max_pages >> self._shift:
+                _, old = self._pages.popitem(last=False)
+                self.fmem.unmap(old)
+        index = gfn - (number << self._shift)
+        err = -m.errors[index]
+        if err:
             raise GuestMemoryError(
                 f"dom{self.domid} gfn {gfn:#x}: {os.strerror(err)} [{errno.errorcode.get(err, err)}]"
             )
-        self._pages[gfn] = m
-        while len(self._pages) > self.max_pages:
-            _, old = self._pages.popitem(last=False)
-            self.fmem.unmap(old)
-        return m.view
+        return m.view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE] if self.bucket > 1 else m.view
 
     def _chunks(self, gpa: int, size: int) -> list[tuple[int, int, int]]:
         if gpa < 0 or size < 0 or (self.limit is not None and gpa + size > self.limit):
@@ -276,10 +295,11 @@ class GuestRam:
 
     def write(self, gpa: int, data: bytes) -> None:
         chunks = self._chunks(gpa, len(data))
-        views = [self._page(gfn) for gfn, _, _ in chunks]  # map every page first: all or nothing
+        for gfn, _, _ in chunks:  # every page first: all or nothing (no view is kept meanwhile, so
+            self._page(gfn)  # a mapping the LRU lets go is never one still in use)
         done = 0
-        for view, (_, off, n) in zip(views, chunks):
-            view[off : off + n] = data[done : done + n]
+        for gfn, off, n in chunks:
+            self._page(gfn)[off : off + n] = data[done : done + n]
             done += n
 
     def invalidate(self) -> None:
