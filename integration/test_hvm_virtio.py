@@ -54,6 +54,7 @@ MODULES = (
     "drivers/net/net_failover",
     "drivers/net/virtio_net",
     "lib/crc16",
+    "crypto/crc32c_generic",  # ext4 loads "crc32c" at every mount, ext2 too
     "fs/mbcache",
     "fs/jbd2/jbd2",
     "fs/ext4/ext4",
@@ -497,8 +498,10 @@ def test_every_device_interrupted_through_msix(vguest: VirtioGuest) -> None:
 def test_each_virtio_example_passes_depriv_check_while_serving(vguest: VirtioGuest, name: str) -> None:
     example = vguest.examples[name]
     assert any("deprivileged to uid 990 gid 990" in line for line in example.lines), example.lines
+    # A writable disk's RLIMIT_FSIZE is its size (program.drop_for); everything else is the default's.
+    fsize = ["--rlimit", f"FSIZE={DISK_SIZE}"] if name == "virtio_blk" else []
     done = subprocess.run(
-        [sys.executable, "-m", "xendmop", "depriv-check", str(example.proc.pid)],
+        [sys.executable, "-m", "xendmop", "depriv-check", str(example.proc.pid), *fsize],
         capture_output=True,
         text=True,
         timeout=120,
@@ -506,10 +509,13 @@ def test_each_virtio_example_passes_depriv_check_while_serving(vguest: VirtioGue
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_guest_powering_off_ends_every_example_cleanly(vguest: VirtioGuest) -> None:
+def test_guest_powering_off_ends_every_virtio_example_cleanly(vguest: VirtioGuest) -> None:
     vguest.console.send(b"poweroff -f\n")
     assert vguest.guest.wait_gone(120), "the guest did not power off"
+    # (uart16550's own exit when the guest goes is test_hvm_linux.py's to check.)
     for name, example in vguest.examples.items():
+        if not name.startswith("virtio_"):
+            continue
         status = example.proc.wait(60)
         text = "\n".join(example.lines)
         assert status == 0, f"{name} exited {status}:\n{text}"
