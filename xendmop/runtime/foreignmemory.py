@@ -270,14 +270,18 @@ class GuestRam:
             self._pages[number] = m
             while len(self._pages) > self.max_pages >> self._shift:
                 _, old = self._pages.popitem(last=False)
-                self.fmem.unmap(old)
+                try:
+                    self.fmem.unmap(old)
+                except BufferError:  # a view of it is still in use (an access wider than the
+                    pass  # cache): it goes when that view does, as ForeignMemory.close leaves it
         index = gfn - (number << self._shift)
         err = -m.errors[index]
         if err:
             raise GuestMemoryError(
                 f"dom{self.domid} gfn {gfn:#x}: {os.strerror(err)} [{errno.errorcode.get(err, err)}]"
             )
-        return m.view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE] if self.bucket > 1 else m.view
+        # A slice, not ``m.view``: it stays usable if the LRU lets ``m`` go before it is dropped.
+        return m.view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
 
     def _chunks(self, gpa: int, size: int) -> list[tuple[int, int, int]]:
         if gpa < 0 or size < 0 or (self.limit is not None and gpa + size > self.limit):
@@ -295,11 +299,10 @@ class GuestRam:
 
     def write(self, gpa: int, data: bytes) -> None:
         chunks = self._chunks(gpa, len(data))
-        for gfn, _, _ in chunks:  # every page first: all or nothing (no view is kept meanwhile, so
-            self._page(gfn)  # a mapping the LRU lets go is never one still in use)
+        views = [self._page(gfn) for gfn, _, _ in chunks]  # map every page first: all or nothing
         done = 0
-        for gfn, off, n in chunks:
-            self._page(gfn)[off : off + n] = data[done : done + n]
+        for view, (_, off, n) in zip(views, chunks):
+            view[off : off + n] = data[done : done + n]
             done += n
 
     def invalidate(self) -> None:
