@@ -14,7 +14,7 @@ from xendmop.errors import ArgumentError, ClosedHandleError, XenError
 from xendmop.mock import MockXen
 from xendmop.runtime.dispatch import GuestMemoryError
 from xendmop.runtime.evtchn import EventChannel, EvtchnDeviceFile
-from xendmop.runtime.foreignmemory import ForeignMemory, GuestRam, Mapping
+from xendmop.runtime.foreignmemory import ForeignMemory, GuestRam
 from xendmop.runtime.pci import Bar, PciFunction
 from xendmop.types import BufIoreq
 
@@ -219,7 +219,7 @@ def test_guest_ram_in_buckets_maps_a_group_once_and_stays_bounded(
     calls: list[list[int]] = []
     real_map = fmem.map
 
-    def counting_map(d: int, gfns: Sequence[int]) -> Mapping:
+    def counting_map(d: int, gfns: Sequence[int]) -> object:  # the handle's own mapping type
         calls.append(list(gfns))
         return real_map(d, gfns)
 
