@@ -227,7 +227,7 @@ def test_guest_ram_in_buckets_maps_a_group_once_and_stays_bounded(
     ram = GuestRam(fmem, domid, max_pages=8, bucket=4)
     host.guest_write(domid, 4 * PAGE - 2, b"abcd")
     assert ram.read(4 * PAGE - 2, 4) == b"abcd"  # straddles buckets 0 and 1
-    assert calls == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert sorted(calls) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # one MMAPBATCH per bucket, in either order
     for gfn in range(8):  # the same two buckets: no more mapping
         ram.read(gfn * PAGE, 8)
     assert len(calls) == 2
