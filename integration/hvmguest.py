@@ -123,8 +123,10 @@ def build_edu_module(workdir: Path) -> bytes:
     return (src / "edu.ko").read_bytes()
 
 
-def build_initramfs(workdir: Path) -> Path:
-    """The guest's initramfs (about 1.5 MB gzip'd); built once per test session."""
+def build_initramfs(workdir: Path, modules: Sequence[str] = ()) -> Path:
+    """The guest's initramfs (about 1.5 MB gzip'd); built once per test session.  ``modules``:
+    more of the kernel's modules, as paths under ``kernel/`` without the suffix (e.g.
+    ``drivers/virtio/virtio``), each put in ``/mods/`` under its own name for ``insmod``."""
     d, x = 0o040755, 0o100755
     files: dict[str, tuple[int, bytes]] = {p: (d, b"") for p in ("bin", "dev", "proc", "sys", "tmp", "lib", "mods")}
     files["init"] = (x, (HVM_SRC / "init").read_bytes())
@@ -133,6 +135,8 @@ def build_initramfs(workdir: Path) -> Path:
     files["mods/uio.ko"] = (0o100644, kernel_module("drivers/uio/uio"))
     files["mods/uio_pci_generic.ko"] = (0o100644, kernel_module("drivers/uio/uio_pci_generic"))
     files["mods/xendmop_edu.ko"] = (0o100644, build_edu_module(workdir))
+    for relpath in modules:
+        files[f"mods/{Path(relpath).name}.ko"] = (0o100644, kernel_module(relpath))
     image = workdir / "initramfs.gz"
     image.write_bytes(pack_cpio(files, {"dev/console": (5, 1)}))
     return image
@@ -141,7 +145,10 @@ def build_initramfs(workdir: Path) -> Path:
 # --- the guest ----------------------------------------------------------------------------------
 
 
-def hvm_config(name: str, ramdisk: Path, extra_cmdline: str = "", serial_pty: bool = False) -> str:
+def hvm_config(
+    name: str, ramdisk: Path, extra_cmdline: str = "", serial_pty: bool = False, extra_config: Sequence[str] = ()
+) -> str:
+    """The xl configuration; ``extra_config``: more lines, as written (e.g. ``device_model_args_hvm``)."""
     kernel = Path("/boot") / f"vmlinuz-{kernel_release()}"
     cmdline = f"{CMDLINE} {extra_cmdline}".strip()
     lines = [
@@ -163,6 +170,7 @@ def hvm_config(name: str, ramdisk: Path, extra_cmdline: str = "", serial_pty: bo
     # No serial= line: QEMU gets no -serial and COM1 is ours.  The peer run asks QEMU for its own.
     if serial_pty:
         lines.append('serial = "pty"')
+    lines.extend(extra_config)
     return "\n".join(lines) + "\n"
 
 
@@ -206,13 +214,15 @@ class HvmGuest:
 _serial = 0
 
 
-def create(initramfs: Path, extra_cmdline: str = "", serial_pty: bool = False) -> HvmGuest:
+def create(
+    initramfs: Path, extra_cmdline: str = "", serial_pty: bool = False, extra_config: Sequence[str] = ()
+) -> HvmGuest:
     global _serial
     _serial += 1
     name = f"xendmop-hvm{os.getpid()}-{_serial}"
     workdir = Path(tempfile.mkdtemp(prefix=name + "-"))
     cfg = workdir / "guest.cfg"
-    cfg.write_text(hvm_config(name, initramfs, extra_cmdline, serial_pty))
+    cfg.write_text(hvm_config(name, initramfs, extra_cmdline, serial_pty, extra_config))
     xenlab.xl("create", "-p", str(cfg))
     return HvmGuest(name, int(xenlab.xl("domid", name).strip()), workdir)
 

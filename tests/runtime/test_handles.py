@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -212,6 +212,59 @@ def test_guest_ram_across_pages_and_bounded_cache(host: MockXen, fmem: ForeignMe
     assert len(ram._pages) == 2
     ram.invalidate()
     assert not ram._pages
+
+
+def test_guest_ram_in_buckets_maps_a_group_once_and_stays_bounded(
+    host: MockXen, fmem: ForeignMemory, domid: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[list[int]] = []
+    real_map = fmem.map
+
+    def counting_map(d: int, gfns: Sequence[int]) -> object:  # the handle's own mapping type
+        calls.append(list(gfns))
+        return real_map(d, gfns)
+
+    monkeypatch.setattr(fmem, "map", counting_map)
+    ram = GuestRam(fmem, domid, max_pages=8, bucket=4)
+    host.guest_write(domid, 4 * PAGE - 2, b"abcd")
+    assert ram.read(4 * PAGE - 2, 4) == b"abcd"  # straddles buckets 0 and 1
+    assert sorted(calls) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # one MMAPBATCH per bucket, in either order
+    for gfn in range(8):  # the same two buckets: no more mapping
+        ram.read(gfn * PAGE, 8)
+    assert len(calls) == 2
+    ram.write(PAGE - 1, b"XYZ" * PAGE)  # 3 pages from the end of frame 0: buckets 0-1 again
+    assert len(calls) == 2
+    assert host.guest_read(domid, PAGE - 1, 3 * PAGE) == b"XYZ" * PAGE
+    # A write wider than the whole cache still lands: no view is held across mappings.
+    ram.write(0, bytes(range(256)) * (16 * PAGE // 256))
+    assert host.guest_read(domid, 0, 16 * PAGE) == bytes(range(256)) * (16 * PAGE // 256)
+    assert len(ram._pages) == 2
+    ram.invalidate()
+    assert not ram._pages
+
+
+def test_guest_ram_bucket_refusals_are_per_frame(fmem: ForeignMemory, domid: int, host: MockXen) -> None:
+    top = host.hypervisor.domains[domid].max_mapped_pfn  # the domain's last frame
+    assert (top + 1) % 64, "the test wants a bucket with frames on both sides of the end"
+    ram = GuestRam(fmem, domid, max_pages=128, bucket=64)
+    host.guest_write(domid, top * PAGE, b"last")
+    with pytest.raises(GuestMemoryError, match=f"gfn {top + 1:#x}"):
+        ram.read((top + 1) * PAGE, 4)  # past the end, in the same bucket as the last frame
+    assert ram.read(top * PAGE, 4) == b"last"  # its neighbour in that bucket still reads
+    assert len(ram._pages) == 1
+    with pytest.raises(GuestMemoryError):
+        ram.read(1 << 40, 4)  # a bucket with no frame of the guest's is not kept
+    assert len(ram._pages) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"), [({"bucket": 3}, "bucket=3"), ({"bucket": 8, "max_pages": 8}, "max_pages=8")]
+)
+def test_guest_ram_bad_bucket_options_are_refused_naming_them(
+    fmem: ForeignMemory, domid: int, kwargs: dict[str, int], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        GuestRam(fmem, domid, **kwargs)
 
 
 def test_guest_ram_outside_refused(fmem: ForeignMemory, domid: int) -> None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from xendmop.depriv import DropConfig
 from xendmop.virtio.blk import (
     VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH,
@@ -27,6 +30,7 @@ from xendmop.virtio.blk import (
     VirtioBlk,
 )
 from xendmop.virtio.driver import GuestQueue
+from xendmop.virtio.program import drop_for
 
 from .conftest import Setup, VirtioFactory
 
@@ -220,3 +224,43 @@ def test_a_block_device(virtio: VirtioFactory, loop_device: tuple[str, Path]) ->
     data = backing.read_bytes()
     assert data[:8192] == bytes(8192)  # a loop device's discard punches the file: zeroes
     assert data[8192 : 8192 + 4096] == b"\x22" * 4096 and data[12288:] == b"\x11" * (DISK - 12288)
+
+
+_WRITE_LAST_SECTOR = """
+import errno, os, resource, sys
+path, size, fsize = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fd = os.open(path, os.O_RDWR)
+resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+try:
+    os.pwrite(fd, b"x" * 512, size - 512)
+except OSError as e:
+    sys.exit(1 if e.errno == errno.EFBIG else 2)
+"""
+
+
+def test_a_deprivileged_writable_disk_gets_an_fsize_limit_reaching_its_end(tmp_path: Path) -> None:
+    """A privilege drop's default RLIMIT_FSIZE (256 KiB) made every write past it fail with
+    EFBIG: a real guest's virtio_blk, deprivileged, got an I/O error for each write.
+    ``drop_for`` raises the limit to a writable disk's size, and leaves everything else."""
+    size = 1 << 20
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(size))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        base = DropConfig(uid=990, gid=990, chroot="/var/empty")
+        assert base.rlimits is not None and base.rlimits.fsize is not None and base.rlimits.fsize < size
+        drop = drop_for(VirtioBlk(fd), base)
+        assert drop is not None and drop.rlimits is not None
+        assert drop.rlimits.fsize == size
+        assert drop == dataclasses.replace(base, rlimits=dataclasses.replace(base.rlimits, fsize=size))
+        assert drop_for(VirtioBlk(fd, read_only=True), base) is base  # writes nothing: nothing raised
+        assert drop_for(VirtioBlk(fd), None) is None  # not deprivileged
+        assert drop_for(VirtioBlk(fd), DropConfig(uid=990, gid=990, rlimits=None)).rlimits is None  # type: ignore[union-attr]
+        # What the two limits mean for the disk's last sector, in a process of their own.
+        for fsize, status in ((base.rlimits.fsize, 1), (drop.rlimits.fsize, 0)):
+            done = subprocess.run(
+                [sys.executable, "-c", _WRITE_LAST_SECTOR, str(path), str(size), str(fsize)], check=False
+            )
+            assert done.returncode == status, fsize
+    finally:
+        os.close(fd)

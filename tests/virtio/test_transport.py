@@ -121,6 +121,49 @@ def test_masked_vector_waits_in_the_pba_until_unmasked(virtio: VirtioFactory) ->
     assert d.bar_read(MSIX_BAR, 0x800, 4) == 0
 
 
+def test_a_xen_pirq_message_is_sent_though_its_entry_stays_masked(virtio: VirtioFactory) -> None:
+    """Linux as a Xen HVM guest writes a PIRQ message into each entry (vector field 0, the
+    pirq in the destination bits, delivery mode ExtINT) and never clears the mask bits
+    (pci_msi_ignore_mask): the real guest's virtio_pci got no interrupt at all until this."""
+    s = virtio(VirtioRng())
+    d = s.driver
+    d.bring_up()
+    q = d.queues[0]
+    pirq = 0x55  # below the domain's nr_pirqs
+    addr = 0xFEE00000 | (pirq & 0xFF) << 12 | (pirq >> 8 << 8) << 32
+    entry = 16 * q.vector
+    d.bar_write(MSIX_BAR, entry + 12, 4, 1)  # masked, as the entry came up
+    d.bar_write(MSIX_BAR, entry, 8, addr)
+    d.bar_write(MSIX_BAR, entry + 8, 4, 0x700)
+    ctrl = d.cfg_read(d.msix_cap + 2, 2)
+    d.cfg_write(d.msix_cap + 2, 2, ctrl | 0x4000)  # and the whole function masked too
+    q.request([], [4])
+    assert (addr, 0x700) in s.msis()
+    assert d.bar_read(MSIX_BAR, 0x800, 4) == 0  # nothing left pending
+    # An entry never programmed (address 0, data 0) is no PIRQ message: its mask bit holds it.
+    d.cfg_write(d.msix_cap + 2, 2, ctrl)
+    d.bar_write(MSIX_BAR, entry, 8, 0)
+    d.bar_write(MSIX_BAR, entry + 8, 4, 0)
+    before = len(s.msis())
+    q.request([], [4])
+    assert len(s.msis()) == before
+    assert d.bar_read(MSIX_BAR, 0x800, 4) == 1 << q.vector
+    assert s.transport.errors == []
+
+
+def test_a_message_xen_refuses_is_a_logged_error_not_an_exception(virtio: VirtioFactory) -> None:
+    s = virtio(VirtioRng())
+    d = s.driver
+    d.bring_up()
+    q = d.queues[0]
+    d.bar_write(MSIX_BAR, 16 * q.vector, 8, 0xFEE00000 | 0x34 << 12 | 0x1200 << 32)  # pirq 0x1234: past nr_pirqs
+    d.bar_write(MSIX_BAR, 16 * q.vector + 8, 4, 0x700)
+    assert q.request([], [4])[0] == 4  # the request is served; the interrupt is lost
+    assert s.msis() == ()
+    assert any("inject-msi" in e and "EINVAL" in e for e in s.transport.errors), s.transport.errors
+    assert not d.needs_reset
+
+
 def test_a_vector_beyond_the_table_reads_back_no_vector(virtio: VirtioFactory) -> None:
     s = virtio(VirtioRng())
     d = s.driver

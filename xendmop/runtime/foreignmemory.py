@@ -207,41 +207,64 @@ class ForeignMemory:
 
 
 class GuestRam:
-    """Guest-physical memory for the dispatch core, one foreign-mapped page at a time.
+    """Guest-physical memory for the dispatch core, foreign-mapped on first use.
 
-    Pages are mapped on first use and kept in a small LRU (``max_pages``), so the
-    memory held never depends on what the guest asks for.  A frame Xen refuses
-    (not RAM, not the guest's) raises ``GuestMemoryError``; so does an address
-    above ``limit`` (when given) before any mapping is tried.
+    Frames are mapped ``bucket`` at a time (an aligned group, one ``MMAPBATCH`` call, as
+    QEMU's mapcache maps buckets: a device streaming through a guest's buffers pays one
+    mapping per group, not per page) and kept in a small LRU of at most ``max_pages`` pages
+    in all, so the memory held never depends on what the guest asks for.  A frame Xen
+    refuses (not RAM, not the guest's) raises ``GuestMemoryError`` when it is touched, not
+    its neighbours; so does an address above ``limit`` (when given) before any mapping is
+    tried.  ``max_pages`` must hold two buckets (an access may straddle two).
     """
 
-    def __init__(self, fmem: ForeignMemory, domid: int, *, max_pages: int = 64, limit: int | None = None) -> None:
+    def __init__(
+        self, fmem: ForeignMemory, domid: int, *, max_pages: int = 64, limit: int | None = None, bucket: int = 1
+    ) -> None:
+        if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1 or bucket & (bucket - 1):
+            raise ValueError(f"bucket={bucket!r}: must be a power of two >= 1 (frames)")
+        if isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages < 2 * bucket:
+            raise ValueError(f"max_pages={max_pages!r}: must hold two buckets of {bucket} frames")
         self.fmem = fmem
         self.domid = domid
         self.max_pages = max_pages
         self.limit = limit
-        self._pages: OrderedDict[int, ForeignMapping] = OrderedDict()
+        self.bucket = bucket
+        self._shift = bucket.bit_length() - 1
+        self._pages: OrderedDict[int, ForeignMapping] = OrderedDict()  # bucket number -> its mapping
 
     def _page(self, gfn: int) -> memoryview:
-        m = self._pages.get(gfn)
+        number = gfn >> self._shift
+        m = self._pages.get(number)
         if m is not None:
-            self._pages.move_to_end(gfn)
-            return m.view
-        try:
-            m = self.fmem.map(self.domid, [gfn])
-        except (XenError, ArgumentError) as e:
-            raise GuestMemoryError(f"dom{self.domid} gfn {gfn:#x}: {e}") from None
-        if not m.ok:
-            self.fmem.unmap(m)
-            err = -m.errors[0]
+            self._pages.move_to_end(number)
+        else:
+            first = number << self._shift
+            try:
+                m = self.fmem.map(self.domid, range(first, first + self.bucket))
+            except (XenError, ArgumentError) as e:
+                raise GuestMemoryError(f"dom{self.domid} gfn {gfn:#x}: {e}") from None
+            if not any(e == 0 for e in m.errors):  # nothing there is the guest's RAM: keep nothing
+                err = -m.errors[0]
+                self.fmem.unmap(m)
+                raise GuestMemoryError(
+                    f"dom{self.domid} gfn {gfn:#x}: {os.strerror(err)} [{errno.errorcode.get(err, err)}]"
+                )
+            self._pages[number] = m
+            while len(self._pages) > self.max_pages >> self._shift:
+                _, old = self._pages.popitem(last=False)
+                try:
+                    self.fmem.unmap(old)
+                except BufferError:  # a view of it is still in use (an access wider than the
+                    pass  # cache): it goes when that view does, as ForeignMemory.close leaves it
+        index = gfn - (number << self._shift)
+        err = -m.errors[index]
+        if err:
             raise GuestMemoryError(
                 f"dom{self.domid} gfn {gfn:#x}: {os.strerror(err)} [{errno.errorcode.get(err, err)}]"
             )
-        self._pages[gfn] = m
-        while len(self._pages) > self.max_pages:
-            _, old = self._pages.popitem(last=False)
-            self.fmem.unmap(old)
-        return m.view
+        # A slice, not ``m.view``: it stays usable if the LRU lets ``m`` go before it is dropped.
+        return m.view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
 
     def _check_range(self, gpa: int, size: int) -> None:
         """Refuse a range that is not all guest RAM before anything is allocated for it: outside

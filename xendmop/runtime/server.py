@@ -141,6 +141,10 @@ class HostGone(ConnectionError):
 #: errno of MMAP_RESOURCE meaning "no resource mapping here" (QEMU falls back on EOPNOTSUPP;
 #: a kernel without the ioctl says ENOTTY, libxenforeignmemory turns that into EOPNOTSUPP).
 _NO_RESOURCE = {errno.EOPNOTSUPP, errno.ENOTTY}
+#: guest RAM is mapped 64 frames (256 KiB) at a time, at most 4096 frames (16 MiB) kept: a
+#: device moving a guest's buffers (virtio-blk's 4 KiB segments) then pays one MMAPBATCH per
+#: group, where a page at a time was one per page, and as many munmaps
+RAM_BUCKET_FRAMES, RAM_CACHE_FRAMES = 64, 4096
 _X86 = {"x86_64", "amd64", "i386", "i686"}
 _warned_arch = False
 
@@ -321,7 +325,7 @@ class IoreqServer:
             self._vcpu_by_port[local] = vcpu
         if buf_port is not None and self.bufpage is not None:
             self.buf_port = self._bind(buf_port, "the buffered port")
-        self._ram = GuestRam(self._fmem, self.domid)
+        self._ram = GuestRam(self._fmem, self.domid, max_pages=RAM_CACHE_FRAMES, bucket=RAM_BUCKET_FRAMES)
         self.dispatcher.memory = self._ram
         for kind, region in self._regions():
             self._registered(partial(self._xen_map, kind, region.start, region.end), (kind, (region.start, region.end)))

@@ -106,6 +106,7 @@ class VirtioBlk(VirtioDevice):
             | (1 << VIRTIO_BLK_F_RO if read_only else 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES)
         )
         self._fallocate = None if self.block_device else _fallocate()
+        self.host_write_extent = 0 if read_only else size
         self.counts: dict[str, int] = {}
 
     def config(self) -> bytes:

@@ -31,6 +31,9 @@ class VirtioDevice:
     device_type: ClassVar[int] = 0
     queue_sizes: tuple[int, ...] = ()
     features: int = 0
+    #: how far into a host file the device writes (a disk's size): a deprivileged device
+    #: model's RLIMIT_FSIZE must reach it, or every write past the limit fails with EFBIG
+    host_write_extent: int = 0
 
     def __init__(self) -> None:
         self.transport: VirtioPci | None = None

@@ -18,7 +18,8 @@ BAR      offset  what
 config-space access to any of them: the driver writes bar, offset and length into it, then
 reads or writes ``pci_cfg_data`` (spec 4.1.4.9).  Interrupts go out as MSI-X messages
 through ``inject_msi`` when the driver enabled MSI-X — a masked vector's message waits
-in the PBA until it is unmasked — else through the ISR and INTA#.
+in the PBA until it is unmasked (except a Xen PIRQ message, which Linux on Xen programs
+and never unmasks: it is always sent, as QEMU sends it) — else through the ISR and INTA#.
 
 The driver is untrusted: an access of the wrong width, a queue programmed with a size
 that is not a power of two, misaligned rings, a broken ring or chain (``VirtqueueError``)
@@ -95,6 +96,8 @@ VIRTIO_BAR, VIRTIO_BAR_SIZE = 4, 0x4000
 COMMON_OFF, ISR_OFF, DEVICE_OFF, NOTIFY_OFF = 0x0000, 0x1000, 0x2000, 0x3000
 REGION_SIZE = 0x1000
 NOTIFY_MULTIPLIER = 4
+#: x86 MSI addresses: 0xFEEx_xxxx (the local APICs' window)
+MSI_ADDRESS_BASE = 0xFEE00000
 #: where the capabilities sit in config space
 MSIX_CAP, COMMON_CAP, NOTIFY_CAP, ISR_CAP, DEVICE_CAP, PCI_CFG_CAP = 0x40, 0x50, 0x60, 0x78, 0x88, 0x98
 #: ``virtio_pci_cfg_cap.pci_cfg_data``: the window onto a BAR through config space (4.1.4.9)
@@ -318,17 +321,34 @@ class VirtioPci:
     def msix_enabled(self) -> bool:
         return bool(self.pci.msix_control & PCI_MSIX_FLAGS_ENABLE)
 
+    def _message(self, vector: int) -> tuple[int, int]:
+        """The (address, data) the driver programmed into ``vector``'s table entry."""
+        entry = self.msix_table[vector * PCI_MSIX_ENTRY_SIZE : (vector + 1) * PCI_MSIX_ENTRY_SIZE]
+        return int.from_bytes(entry[0:8], "little"), int.from_bytes(entry[8:12], "little")
+
+    def _xen_pirq(self, vector: int) -> bool:
+        """The entry holds a Xen PIRQ message: an MSI address (0xFEEx_xxxx) with vector field 0,
+        the pirq in the destination bits.  Linux as a Xen HVM guest programs its vectors so
+        (``xen_hvm_setup_msi_irqs``) and never touches the mask bits (``pci_msi_ignore_mask``):
+        masking is the event channel's, and Xen's ``hvm_inject_msi`` routes the message there."""
+        addr, data = self._message(vector)
+        return addr & 0xFFF00000 == MSI_ADDRESS_BASE and data & 0xFF == 0
+
     def _masked(self, vector: int) -> bool:
+        if self._xen_pirq(vector):  # as QEMU's msix_vector_masked: the entry's bits do not hold it
+            return False
         ctrl = self.msix_table[vector * PCI_MSIX_ENTRY_SIZE + 12]
         return bool(self.pci.msix_control & PCI_MSIX_FLAGS_MASKALL or ctrl & PCI_MSIX_ENTRY_CTRL_MASKBIT)
 
     def _send_msix(self, vector: int) -> None:
-        entry = self.msix_table[vector * PCI_MSIX_ENTRY_SIZE : (vector + 1) * PCI_MSIX_ENTRY_SIZE]
-        addr = int.from_bytes(entry[0:8], "little")
-        data = int.from_bytes(entry[8:12], "little")
+        addr, data = self._message(vector)
         host = self.pci.host
-        if host is not None:
+        if host is None:
+            return
+        try:
             host.inject_msi(self.pci, addr, data)
+        except OSError as e:  # Xen refused the message (a bad address or pirq): the driver's doing
+            self._ignored("inject-msi", f"vector {vector} ({addr:#x}, {data:#x}): {e}")
 
     def _signal(self, vector: int, isr_bit: int) -> None:
         if self.msix_enabled:

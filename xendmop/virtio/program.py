@@ -6,16 +6,21 @@ a simulated guest whose virtio driver (``driver.VirtioPciDriver``) uses the devi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..runtime import ServeLoop, app
 from .device import VirtioDevice
 from .driver import VirtioPciDriver, find_virtio
 from .pci import VirtioPci
 
-__all__ = ["DeviceSetupError", "Example"]
+if TYPE_CHECKING:
+    from ..depriv import DropConfig
+
+__all__ = ["DeviceSetupError", "Example", "drop_for"]
 
 log = logging.getLogger("xendmop.virtio")
 
@@ -26,6 +31,18 @@ MOCK_MEMORY_MB = 8
 class DeviceSetupError(RuntimeError):
     """``make_device`` could not open the device's host side (an ``OSError``: a tap without
     CAP_NET_ADMIN, a missing file); reported as one line and exit status 1."""
+
+
+def drop_for(device: VirtioDevice, drop: DropConfig | None) -> DropConfig | None:
+    """``drop`` with RLIMIT_FSIZE raised to what ``device`` writes on the host
+    (``host_write_extent``: a disk's size), when the default would be lower.  The default
+    (256 KiB, from Xen's qemu-deprivilege.md) made every write past it fail with EFBIG: a
+    deprivileged virtio_blk served reads and answered each guest write with an I/O error."""
+    need = device.host_write_extent
+    if drop is None or drop.rlimits is None or drop.rlimits.fsize is None or drop.rlimits.fsize >= need:
+        return drop
+    log.info("RLIMIT_FSIZE %d -> %d: the device writes that far into its file", drop.rlimits.fsize, need)
+    return dataclasses.replace(drop, rlimits=dataclasses.replace(drop.rlimits, fsize=need))
 
 
 class Example:
@@ -122,9 +139,9 @@ class Example:
 
         def serve(connection: app.Connection) -> int:
             """Serve the device until SIGINT/SIGTERM; the server is destroyed on the way out."""
-            server = connection.ioreq_server()
             device = self._make_device(args)
             try:
+                server = connection.ioreq_server(deprivilege=drop_for(device, connection.drop))
                 transport = VirtioPci(device, lambda: server.dispatcher.memory)
                 server.add_pci(transport.pci, slot=args.slot, name=self.name)
                 loop = ServeLoop(server)
