@@ -200,6 +200,18 @@ class HvmGuest:
         if self.exists():
             xenlab.xl("destroy", self.name, check=False)
 
+    def qemu_pid(self) -> int:
+        """The device-model QEMU libxl started for this guest (``-xen-domid N`` on its command line)."""
+        import psutil
+
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if "-xen-domid" in cmd and cmd[cmd.index("-xen-domid") + 1 : cmd.index("-xen-domid") + 2] == [
+                str(self.domid)
+            ]:
+                return int(proc.pid)
+        raise AssertionError(f"no QEMU for dom{self.domid}")
+
     def qemu_pty(self) -> str:
         """The pty QEMU gave the guest's COM1 (``serial="pty"``), from Xenstore."""
         path = f"/local/domain/{self.domid}/serial/0/tty"
@@ -244,6 +256,7 @@ class Console:
         self.data = bytearray()
         self.arrivals: list[tuple[float, int]] = []  # (time, len(data) after it): for throughput
         self.closed = False
+        self.error: OSError | None = None
         self._cond = threading.Condition()
         self._seq = 0
         self._thread = threading.Thread(target=self._pump, name=name, daemon=True)
@@ -253,7 +266,8 @@ class Console:
         while True:
             try:
                 chunk = self._read()
-            except OSError:
+            except OSError as e:  # kept: a closed console says why
+                self.error = e
                 chunk = b""
             with self._cond:
                 if not chunk:
@@ -279,7 +293,7 @@ class Console:
                 left = end - time.monotonic()
                 if left <= 0 or self.closed:
                     tail = self.data[-2000:].decode(errors="replace")
-                    why = "closed" if self.closed else f"not seen in {timeout:.0f} s"
+                    why = f"closed ({self.error or 'end of file'})" if self.closed else f"not seen in {timeout:.0f} s"
                     raise TimeoutError(f"{pattern.pattern!r} {why}; the console's last bytes:\n{tail}")
                 self._cond.wait(left)
 

@@ -526,17 +526,6 @@ def test_guest_powering_off_ends_every_virtio_example_cleanly(vguest: VirtioGues
 # --- QEMU's own virtio-blk and virtio-net, the peer -------------------------------------------------------------
 
 
-def qemu_pid(domid: int) -> int:
-    """The device-model QEMU libxl started for ``domid`` (``-xen-domid N`` on its command line)."""
-    import psutil
-
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if "-xen-domid" in cmd and cmd[cmd.index("-xen-domid") + 1 : cmd.index("-xen-domid") + 2] == [str(domid)]:
-            return int(proc.pid)
-    raise AssertionError(f"no QEMU for dom{domid}")
-
-
 @dataclass
 class QemuGuest:
     guest: HvmGuest
@@ -581,7 +570,7 @@ def qemu_guest(tmp_path_factory: pytest.TempPathFactory, virtio_initramfs: Path)
         console.wait_for(hvmguest.READY, BOOT_TIMEOUT)
         loaded = _load_modules(console)
         assert "failed" not in loaded, loaded
-        yield QemuGuest(guest, console, ns, qemu_pid(guest.domid), time.monotonic() - t0)
+        yield QemuGuest(guest, console, ns, guest.qemu_pid(), time.monotonic() - t0)
     finally:
         guest.destroy()
         close()
