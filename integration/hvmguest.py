@@ -165,6 +165,9 @@ def hvm_config(
         "sdl = 0",
         "xen_platform_pci = 1",
         'on_poweroff = "destroy"',
+        # A guest that reboots (panic=-1) is gone, not restarted by xl under a new domid that
+        # no fixture knows: a restarted guest outlived its test and loaded the next ones.
+        'on_reboot = "destroy"',
         'on_crash = "preserve"',
     ]
     # No serial= line: QEMU gets no -serial and COM1 is ours.  The peer run asks QEMU for its own.
