@@ -41,7 +41,7 @@ check: lint test
 
 ## integration: boot real Xen under QEMU and run integration/ in dom0
 integration: $(VENV)/.installed
-	$(PY) integration/lab/run.py -- python3 -m pytest -p no:cacheprovider -q integration
+	$(PY) integration/lab/run.py -- python3 integration/run_tests.py -p no:cacheprovider -q integration
 
 bench: $(VENV)/.installed
 	$(PY) -m bench

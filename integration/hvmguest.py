@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,6 +228,30 @@ class HvmGuest:
 
 _serial = 0
 
+#: (test module, domid) of every guest ``create`` made in this process: which module's guest a
+#: triple fault in Xen's log belongs to (``crashed_guests``).
+created: list[tuple[str, int]] = []
+
+
+def _current_module() -> str:
+    # pytest sets PYTEST_CURRENT_TEST ("path::test (phase)") while a test or fixture runs.
+    return os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[0]
+
+
+def triple_faults(domids: Sequence[int]) -> list[str]:
+    """Xen's own lines saying one of ``domids`` triple-faulted (hvm_triple_fault in
+    xen/arch/x86/hvm/hvm.c logs "dNvM Triple fault"), from ``xl dmesg``."""
+    if not domids:
+        return []
+    log = subprocess.run(["xl", "dmesg"], capture_output=True, text=True, check=False).stdout
+    wanted = re.compile(r"\bd(" + "|".join(str(d) for d in domids) + r")v\d+ Triple fault")
+    return [line.strip() for line in log.splitlines() if wanted.search(line)]
+
+
+def crashed_guests(module: str) -> list[str]:
+    """Xen's triple-fault lines for the guests that ``module`` (a test file) created."""
+    return triple_faults([domid for mod, domid in created if mod == module])
+
 
 def create(
     initramfs: Path, extra_cmdline: str = "", serial_pty: bool = False, extra_config: Sequence[str] = ()
@@ -239,7 +263,9 @@ def create(
     cfg = workdir / "guest.cfg"
     cfg.write_text(hvm_config(name, initramfs, extra_cmdline, serial_pty, extra_config))
     xenlab.xl("create", "-p", str(cfg))
-    return HvmGuest(name, int(xenlab.xl("domid", name).strip()), workdir)
+    guest = HvmGuest(name, int(xenlab.xl("domid", name).strip()), workdir)
+    created.append((_current_module(), guest.domid))
+    return guest
 
 
 # --- the console ----------------------------------------------------------------------------------
@@ -441,7 +467,7 @@ def measure_uart(console: Console, dm_pid: int) -> dict[str, float]:
 
     def cpu() -> float:
         times = dm.cpu_times()
-        return times.user + times.system
+        return float(times.user + times.system)
 
     with console._cond:
         start = len(console.data)
@@ -465,7 +491,7 @@ def measure_uart(console: Console, dm_pid: int) -> dict[str, float]:
     }
 
 
-def record_timing(key: str, values: dict[str, float | str]) -> None:
+def record_timing(key: str, values: Mapping[str, float | str]) -> None:
     """Add ``key`` to the lab's ``out/timing.json`` (or print it outside the lab)."""
     import json
 

@@ -10,7 +10,7 @@ set -u
 cd "$(dirname "$0")/../.."
 lab() {
     python3 integration/lab/run.py --timeout "${XENDMOP_LAB_TIMEOUT:-2700}" -- \
-        python3 -m pytest -p no:cacheprovider -q -rs integration/
+        python3 integration/run_tests.py -p no:cacheprovider -q -rs integration/
 }
 lab
 rc=$?
