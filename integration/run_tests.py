@@ -42,7 +42,8 @@ def main(argv: list[str]) -> int:
             failures = _failures(record)
             if rc == 0 or not failures or any(not f["crashes"] for f in failures):
                 return rc
-            nodeids = sorted({str(f["nodeid"]) for f in failures})
+            # In the order they ran: a module's last test may end its guest (powering it off).
+            nodeids = list(dict.fromkeys(str(f["nodeid"]) for f in failures))
             crashes = sorted({str(c) for f in failures for c in f["crashes"]})  # type: ignore[attr-defined]
             if attempt == ATTEMPTS:
                 print(f"run_tests: guests still triple-faulting after {ATTEMPTS} attempts: {crashes}")

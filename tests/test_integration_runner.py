@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = REPO / "integration" / "run_tests.py"
@@ -33,6 +34,8 @@ def _run(name, crashes, real_failure=False):
     runs = Path(f"RUNS_{name}")
     n = int(runs.read_text()) + 1 if runs.exists() else 1
     runs.write_text(str(n))
+    with open("ORDER", "a") as f:
+        f.write(name + "\\n")
     Path(f"CRASHED_{name}").unlink(missing_ok=True)
     if n <= crashes:
         Path(f"CRASHED_{name}").touch()
@@ -47,24 +50,31 @@ def test_crashes_once():
 
 def test_buggy():
     _run("test_buggy", 0, real_failure={buggy})
+
+def test_a_crashes_after_them():
+    _run("test_a_crashes_after_them", {once})
 """
 
 
-def run(tmp_path: Path, once: int, buggy: bool) -> tuple[int, str, dict[str, int]]:
+def run(tmp_path: Path, once: int, buggy: bool) -> tuple[int, str, dict[str, Any]]:
     (tmp_path / "conftest.py").write_text(CONFTEST)
     (tmp_path / "test_guest.py").write_text(TESTS.replace("{once}", str(once)).replace("{buggy}", str(buggy)))
     done = subprocess.run(
         [sys.executable, str(RUNNER), "-p", "no:cacheprovider", "-q", "test_guest.py"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    runs = {p.name[5:]: int(p.read_text()) for p in tmp_path.glob("RUNS_*")}
+    runs: dict[str, Any] = {p.name[5:]: int(p.read_text()) for p in tmp_path.glob("RUNS_*")}
+    runs["order"] = (tmp_path / "ORDER").read_text().split()
     return done.returncode, done.stdout, runs
 
 
 def test_a_crashed_guests_tests_run_again_and_only_they(tmp_path: Path) -> None:
     rc, out, runs = run(tmp_path, once=1, buggy=False)
     assert rc == 0, out
-    assert runs == {"test_fine": 1, "test_crashes_once": 2, "test_buggy": 1}
+    order = runs.pop("order")
+    assert runs == {"test_fine": 1, "test_crashes_once": 2, "test_buggy": 1, "test_a_crashes_after_them": 2}
+    # Run again in the order they first ran (a module's last test may power its guest off).
+    assert order[4:] == ["test_crashes_once", "test_a_crashes_after_them"], order
     assert "Triple fault" in out and "test_guest.py::test_crashes_once" in out
 
 
@@ -78,5 +88,6 @@ def test_three_crashes_in_a_row_fail_the_run(tmp_path: Path) -> None:
 def test_a_failure_without_a_crash_is_never_retried(tmp_path: Path) -> None:
     rc, out, runs = run(tmp_path, once=1, buggy=True)
     assert rc == 1, out
-    assert runs == {"test_fine": 1, "test_crashes_once": 1, "test_buggy": 1}
+    runs.pop("order")
+    assert runs == {"test_fine": 1, "test_crashes_once": 1, "test_buggy": 1, "test_a_crashes_after_them": 1}
     assert "running them again" not in out
