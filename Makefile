@@ -34,7 +34,7 @@ test: $(VENV)/.installed
 
 ## lint: ruff and mypy --strict over the package
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check xendmop tests integration fuzz examples bench
+	$(VENV)/bin/ruff check xendmop tests integration fuzz examples bench tools
 	$(VENV)/bin/mypy --strict xendmop
 
 check: lint test

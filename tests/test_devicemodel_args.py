@@ -12,7 +12,7 @@ import pytest
 from xendmop import ArgumentError, ClosedHandleError, DeviceModel, Limits, XenError
 from xendmop.abi.dm_op import xen_dm_op
 from xendmop.abi.privcmd import IOCTL_PRIVCMD_DM_OP, IOCTL_PRIVCMD_RESTRICT, privcmd_dm_op, privcmd_dm_op_buf
-from xendmop.backends import PrivcmdBackend
+from xendmop.backends import Backend, PrivcmdBackend
 
 
 class RecordingPrivcmd:
@@ -176,8 +176,8 @@ def test_mock_backend_closes_the_host_it_made() -> None:
     assert len(os.listdir("/proc/self/fd")) == fds
 
 
-class AnsweringBackend:
-    """A backend without ``compile_call`` (as LibxenBackend): ``dm_op`` answers an OUT slot
+class AnsweringBackend(Backend):
+    """A backend with the generic ``compile_call`` (as LibxenBackend): ``dm_op`` answers an OUT slot
     with new bytes, and keeps what each call was given."""
 
     name = "answering"

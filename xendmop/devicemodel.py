@@ -54,50 +54,12 @@ VRAM_MAX_PAGES = (1 << 30) >> 12
 _COMPILED: list[str] = []  # attributes an _Op caches on a handle (dropped on close)
 
 
-def _generic_call(
-    backend: Backend, decl: OpDecl, params: Sequence[str], slot_params: Sequence[str] = ()
-) -> Callable[..., Any]:
-    """The op's call through ``Backend.dm_op``, for a backend without ``compile_call``.
-
-    Takes the slot data ``compile_call``'s calls take: a caller's buffer for an OUT slot
-    is checked before the call (writable, large enough) and gets the backend's bytes after it.
-    """
-    n = len(params)
-    names = tuple(slot_params) or tuple(slot.name for slot in decl.slots)
-
-    def call(domid: int, *args: Any) -> Any:
-        fields = dict(zip(params, args[:n]))
-        check_domid(decl.name, domid)
-        decl.check(fields)
-        slot_data = list(args[n:])
-        targets: list[tuple[int, Any, int]] = []  # (index among OUT slots, buffer, address)
-        outs_seen = 0
-        for index, (slot, name, data) in enumerate(zip(decl.slots, names, slot_data)):
-            if slot.is_out and data is not None:
-                address, size, _keep = caller_memory(decl.name, name, data, writable=True)
-                needed = slot.nbytes(decl.struct(**fields))
-                if size < needed:
-                    raise ArgumentError(decl.name, name, size, f"must hold at least {needed} bytes")
-                targets.append((outs_seen, data, address))
-                slot_data[index] = None
-            outs_seen += slot.is_out
-        struct, outs = backend.dm_op(decl, domid, fields, slot_data)
-        for out_index, buffer, address in targets:
-            answer = outs[out_index]
-            if answer:
-                ctypes.memmove(address, answer, len(answer))
-            outs[out_index] = buffer
-        return struct, outs
-
-    return call
-
-
 class _Op:
     """A ``DeviceModel`` attribute: one op's call ``(domid, *params, *slot_data)``.
 
     Made for the handle's backend at first use and cached on the handle, so later
-    calls find it in the instance dict: the backend's ``compile_call`` (a call
-    generated from the declaration), else the generic ``Backend.dm_op`` path.
+    calls find it in the instance dict: the backend's ``compile_call`` (privcmd's is
+    written out from the declaration; a backend without one of its own calls ``dm_op``).
     """
 
     def __init__(self, op: str, *params: str, slots: tuple[str, ...] = (), method: str = "") -> None:
@@ -118,12 +80,7 @@ class _Op:
         backend = dm._backend
         if backend is None:
             raise ClosedHandleError("the DeviceModel is closed", self.method)
-        compile_call = getattr(backend, "compile_call", None)
-        call: Callable[..., Any] = (
-            compile_call(self.decl, self.params, self.slots)
-            if compile_call is not None
-            else _generic_call(backend, self.decl, self.params, self.slots)
-        )
+        call: Callable[..., Any] = backend.compile_call(self.decl, self.params, self.slots)
         dm.__dict__[self.attr] = call
         return call
 
@@ -131,8 +88,8 @@ class _Op:
 class _Entry:
     """A public method whose common form is its op's generated call itself.
 
-    ``_entry(op, *params, slot=...)`` on a method: on a backend with ``compile_entry``
-    the handle's attribute becomes one generated function with the method's signature,
+    ``_entry(op, *params, slot=...)`` on a method: where the backend's ``compile_entry``
+    has one, the handle's attribute becomes one function with the method's signature,
     taking the form that needs nothing but the op (see ``PrivcmdBackend.compile_entry``)
     and calling the method, as written, for every other form.  A call then costs one
     Python frame, as a ctypes call does; the method's body stays the reference.
@@ -156,8 +113,8 @@ class _Entry:
         if dm is None:
             return self.general
         bound: Callable[..., Any] = self.general.__get__(dm, owner)
-        compile_entry = getattr(dm._backend, "compile_entry", None)  # None on a closed handle
-        if compile_entry is None:
+        backend = dm._backend
+        if backend is None:  # closed: the method as written says so
             return bound
         handle = weakref.ref(dm)  # the entry lives in the handle's dict: no cycle through it
         general = self.general
@@ -168,7 +125,7 @@ class _Entry:
                 raise ClosedHandleError("the DeviceModel is gone", self.attr)
             return general(alive, *args)
 
-        entry: Callable[..., Any] | None = compile_entry(self.decl, self.params, self.slot, self.attr, fallback)
+        entry = backend.compile_entry(self.decl, self.params, self.slot, self.attr, fallback)
         if entry is None:
             return bound
         entry.__doc__, entry.__qualname__ = self.general.__doc__, self.general.__qualname__

@@ -55,7 +55,7 @@ from ..abi.hvm import hvmmem_type_t
 from ..abi.xen import DOMID_FIRST_RESERVED, domid_t, evtchn_port_t, xen_pfn_t
 from ..errors import ArgumentError, ClosedHandleError, NotXenHostError, UnsupportedError, XenError, xen_error
 from ..ops import OpDecl
-from .base import Limits
+from .base import Backend, Limits
 from .device import NOT_XEN, PAGE_SIZE, PRIVCMD_PATH
 
 __all__ = [
@@ -228,8 +228,9 @@ def _describe_library(lib: ctypes.CDLL, soname: str, symbol: str) -> dict[str, A
     return {"soname": soname, "file": path, "version": version}
 
 
-class LibxenBackend:
-    """A ``xendevicemodel_handle`` and the C functions to use it."""
+class LibxenBackend(Backend):
+    """A ``xendevicemodel_handle`` and the C functions to use it.  Each op's call is the
+    generic one over ``dm_op`` (``Backend.compile_call``): the C function is the marshaller."""
 
     name = "libxen"
 
