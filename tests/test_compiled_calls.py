@@ -215,7 +215,7 @@ def test_generated_call_raises_the_typed_errors(args: tuple[Any, ...], exc: type
 def test_extents_of_the_wrong_size_are_refused_by_name() -> None:
     dm = _open(CapturingPrivcmd())
     with pytest.raises(ArgumentError, match="extents"):
-        dm._modified_memory(3, 2, memoryview(EXTENTS).cast("B"))  # three extents, two declared
+        dm._calls.modified_memory(3, 2, memoryview(EXTENTS).cast("B"))  # three extents, two declared
 
 
 def test_an_empty_slot_is_never_page_aligned() -> None:

@@ -4,8 +4,8 @@
     python tools/gen_privcmd_calls.py           # rewrite the module
     python tools/gen_privcmd_calls.py --check   # exit 1 if it is not what this tool writes now
 
-Run it after changing an op's declaration (``xendmop/ops/table.py``), the calls ``DeviceModel``
-makes (its ``_Op`` attributes and ``@_entry`` methods) or this tool; ``tests/test_privcmd_calls.py``
+Run it after changing an op's declaration (``xendmop/ops/table.py``), the methods ``DeviceModel``
+marks ``@_entry``, or this tool; ``tests/test_privcmd_calls.py``
 fails while the checked-in module differs from what it writes.
 
 What it writes, per op, is the steps of ``PrivcmdBackend.dm_op`` (check, restriction, arena,
@@ -345,16 +345,16 @@ Entry = tuple[str, tuple[tuple[str, str], ...], str | None, str]  # op, (argumen
 
 
 def shapes() -> tuple[list[Call], list[Entry]]:
-    """The calls and entries ``DeviceModel`` makes, read from its ``_Op`` and ``_Entry`` attributes."""
-    from xendmop.devicemodel import DeviceModel, _Entry, _Op
+    """The calls ``DeviceModel`` makes (one per declaration: its ``params``, its slots' arguments)
+    and its entries (the methods marked ``@_entry``)."""
+    from xendmop.devicemodel import _ENTRIES, entry_shape
+    from xendmop.ops import BY_NAME
 
-    calls: list[Call] = []
+    calls: list[Call] = [(decl.name, decl.params, decl.slot_args) for decl in BY_NAME.values()]
     entries: list[Entry] = []
-    for attr in vars(DeviceModel).values():
-        if isinstance(attr, _Op):
-            calls.append((attr.decl.name, attr.params, attr.slots))
-        elif isinstance(attr, _Entry):
-            entries.append((attr.decl.name, attr.params, attr.slot, attr.attr))
+    for method, op in _ENTRIES.items():
+        _, pairs, slot = entry_shape(op)
+        entries.append((op, pairs, slot, method))
     return sorted(calls), sorted(entries, key=lambda e: e[3])
 
 

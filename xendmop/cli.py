@@ -39,7 +39,6 @@ from .backends.selection import BACKENDS, MockFallbackWarning, make_backend
 from .devicemodel import DeviceModel
 from .errors import ArgumentError, UnsupportedError, XenError
 from .ops import DECLARATIONS
-from .types import BufIoreq, CacheAttr, EventType, HvmMemType, MemAccess, ShutdownReason
 
 ENV_SOCKET = "XENDMOP_MOCK_SOCKET"  # as xendmop.mock.remote.ENV_SOCKET (the mock stays unloaded on Xen)
 
@@ -87,18 +86,18 @@ def _extent(text: str) -> tuple[int, int]:
 
 _extent.__name__ = "extent"
 
-#: arguments whose C type is an enum: the CLI takes the member's name (``shutdown 1 poweroff``) or its number
-ENUM_ARGS: dict[tuple[str, str], type[enum.Enum]] = {
-    ("create_ioreq_server", "handle_bufioreq"): BufIoreq,
-    ("map_mem_type_to_ioreq_server", "type"): HvmMemType,
-    ("map_mem_type_to_ioreq_server", "flags"): MemAccess,
-    ("set_mem_type", "mem_type"): HvmMemType,
-    ("pin_memory_cacheattr", "type"): CacheAttr,
-    ("inject_event", "type"): EventType,
-    ("shutdown", "reason"): ShutdownReason,
-}
 #: DeviceModel's public methods that are not one libxendevicemodel call each, or make no sense once
 NOT_COMMANDS = {"open", "close", "describe", "restrict", "backend", "closed"}
+
+
+def _enum_of(hint: Any) -> type[enum.Enum] | None:
+    """The enum a method's argument takes (``ShutdownReason | int``): the CLI takes the member's
+    name (``shutdown 1 poweroff``) or its number.  Read from the method's own hints, so that a
+    new op's method brings its subcommand's arguments."""
+    for kind in typing.get_args(hint) or (hint,):
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            return kind
+    return None
 
 
 def _plain(text: str) -> str:
@@ -120,7 +119,7 @@ def _commands() -> dict[str, tuple[str, list[inspect.Parameter]]]:
     for name, attr in sorted(vars(DeviceModel).items()):
         if name.startswith("_") or name in NOT_COMMANDS or isinstance(attr, (classmethod, staticmethod, property)):
             continue
-        fn = getattr(DeviceModel, name)  # an _Entry (a generated call) reads as the method it stands for
+        fn = getattr(DeviceModel, name)
         if not callable(fn):
             continue
         params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
@@ -136,7 +135,7 @@ def _argument(method: str, param: inspect.Parameter, hints: dict[str, Any]) -> t
     """How ``param`` of ``method`` is given on the command line, or None for one it cannot take (a buffer)."""
     if param.name == "domid":
         return [param.name], {"type": domid, "help": "the target domain"}
-    cls = ENUM_ARGS.get((method, param.name))
+    cls = _enum_of(hints.get(param.name))
     if cls is not None:
         choices = ", ".join(m.name.lower() for m in cls)
         kw: dict[str, Any] = {"type": _enum_type(cls), "metavar": param.name.upper(), "help": f"{choices} (or number)"}

@@ -3,10 +3,10 @@
 Each method is named as in C without the ``xendevicemodel_`` prefix, takes the
 domid first and the other arguments in C order with C's names, validates them
 against the ABI before any syscall (``ArgumentError``), and funnels into one
-call per op, made from the op's declaration by the backend (``compile_call``) the
-first time a handle uses it, or, for a backend that cannot, the generic ``_call``
-that hands the declaration to ``Backend.dm_op``.  Xen's and the kernel's refusals
-come back as ``XenError`` subclasses carrying the op and the domid.
+call per op (``_Calls``), made from the op's declaration by the backend
+(``Backend.compile_call``) when the handle opens; ``_call`` hands any declaration
+to ``Backend.dm_op``.  Xen's and the kernel's refusals come back as ``XenError``
+subclasses carrying the op and the domid.
 """
 
 from __future__ import annotations
@@ -51,93 +51,55 @@ _Method = TypeVar("_Method", bound=Callable[..., Any])
 #: takes in one call; more is EINVAL.  A larger ``nr`` is refused before any DMOP (split into
 #: kernel-sized calls, 2**32-1 pages was 131072 DMOPs and a 512 MiB bitmap of nothing usable).
 VRAM_MAX_PAGES = (1 << 30) >> 12
-_COMPILED: list[str] = []  # attributes an _Op caches on a handle (dropped on close)
 
 
-class _Op:
-    """A ``DeviceModel`` attribute: one op's call ``(domid, *params, *slot_data)``.
+class _Calls:
+    """One handle's call per op, ``calls.<op>(domid, *params, *slot_data)``: the op's ``params``
+    from its declaration (libxendevicemodel's argument order), then its slots' data.
 
-    Made for the handle's backend at first use and cached on the handle, so later
-    calls find it in the instance dict: the backend's ``compile_call`` (privcmd's is
-    written out from the declaration; a backend without one of its own calls ``dm_op``).
-    """
+    Each is made by the backend when the handle opens (``Backend.compile_call``: privcmd's are
+    the functions of ``backends/privcmd_calls.py``, libxen's the generic call over ``dm_op``).
+    A closed handle's ``_Calls`` has none: asking it for one is a ``ClosedHandleError``."""
 
-    def __init__(self, op: str, *params: str, slots: tuple[str, ...] = (), method: str = "") -> None:
-        self.decl = BY_NAME[op]
-        self.method = method or op  # the public method, for a ClosedHandleError
-        self.params = params
-        self.slots = slots  # the slot arguments' names in DeviceModel's API, for errors
-        self.decl.guard_source(params)  # every name is a scalar field of the op, checked at import
-        self.attr = ""
+    def __init__(self, backend: Backend | None) -> None:
+        if backend is not None:
+            for decl in BY_NAME.values():
+                self.__dict__[decl.name] = backend.compile_call(decl, decl.params, decl.slot_args)
 
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.attr = name
-        _COMPILED.append(name)
-
-    def __get__(self, dm: DeviceModel | None, owner: type | None = None) -> Callable[..., Any]:
-        if dm is None:
-            return self  # type: ignore[return-value]
-        backend = dm._backend
-        if backend is None:
-            raise ClosedHandleError("the DeviceModel is closed", self.method)
-        call: Callable[..., Any] = backend.compile_call(self.decl, self.params, self.slots)
-        dm.__dict__[self.attr] = call
-        return call
+    def __getattr__(self, op: str) -> Callable[..., Any]:  # only for an op not made: closed, or none such
+        decl = BY_NAME.get(op)
+        if decl is None:
+            raise AttributeError(op)
+        raise ClosedHandleError("the DeviceModel is closed", decl.function)
 
 
-class _Entry:
-    """A public method whose common form is its op's generated call itself.
-
-    ``_entry(op, *params, slot=...)`` on a method: where the backend's ``compile_entry``
-    has one, the handle's attribute becomes one function with the method's signature,
-    taking the form that needs nothing but the op (see ``PrivcmdBackend.compile_entry``)
-    and calling the method, as written, for every other form.  A call then costs one
-    Python frame, as a ctypes call does; the method's body stays the reference.
-    ``params`` name the method's arguments after ``domid`` in order, each the op field it
-    fills, or ``"argument=field"`` when the names differ."""
-
-    def __init__(self, general: Callable[..., Any], op: str, params: tuple[str, ...], slot: str | None) -> None:
-        self.general = general
-        self.decl = BY_NAME[op]
-        self.params = tuple((p.partition("=")[0], p.partition("=")[2] or p) for p in params)
-        self.slot = slot
-        self.decl.guard_source([field for _, field in self.params])  # scalar fields of the op, checked at import
-        self.attr = general.__name__
-        self.__doc__ = general.__doc__
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.attr = name
-        _COMPILED.append(name)
-
-    def __get__(self, dm: DeviceModel | None, owner: type | None = None) -> Callable[..., Any]:
-        if dm is None:
-            return self.general
-        bound: Callable[..., Any] = self.general.__get__(dm, owner)
-        backend = dm._backend
-        if backend is None:  # closed: the method as written says so
-            return bound
-        handle = weakref.ref(dm)  # the entry lives in the handle's dict: no cycle through it
-        general = self.general
-
-        def fallback(*args: Any) -> Any:
-            alive = handle()
-            if alive is None:
-                raise ClosedHandleError("the DeviceModel is gone", self.attr)
-            return general(alive, *args)
-
-        entry = backend.compile_entry(self.decl, self.params, self.slot, self.attr, fallback)
-        if entry is None:
-            return bound
-        entry.__doc__, entry.__qualname__ = self.general.__doc__, self.general.__qualname__
-        dm.__dict__[self.attr] = entry
-        return entry
+#: public method -> its op, for the methods whose common form is the op's call itself (``@_entry``)
+_ENTRIES: dict[str, str] = {}
 
 
-def _entry(op: str, *params: str, slot: str | None = None) -> Callable[[_Method], _Method]:
-    def wrap(general: _Method) -> _Method:
-        return _Entry(general, op, params, slot)  # type: ignore[return-value]
+def _entry(op: str) -> Callable[[_Method], _Method]:
+    """Mark a method whose common form can be its op's call itself.
 
-    return wrap
+    Where the backend's ``compile_entry`` has one (privcmd's DM_OP path), a handle's attribute
+    is then one function with the method's signature, taking the form that needs nothing but
+    the op and calling the method, as written, for every other form: a call costs one Python
+    frame, as a ctypes call does, and the method's body stays the reference.  The method takes
+    the op's ``params`` in order under their C names (``arg_names``), then its slot's data."""
+
+    def mark(general: _Method) -> _Method:
+        _ENTRIES[general.__name__] = op
+        return general
+
+    return mark
+
+
+def entry_shape(op: str) -> tuple[OpDecl, tuple[tuple[str, str], ...], str | None]:
+    """An entry's ``(declaration, (argument, field) pairs, slot argument)``: the op's params under
+    their C names, without a field an IN slot's size gives (``modified_memory``'s ``nr_extents``)."""
+    decl = BY_NAME[op]
+    sized = {decl.slots[0].count_expr} if decl.slots and decl.slots[0].is_in else set()
+    pairs = tuple((decl.arg_names.get(field, field), field) for field in decl.params if field not in sized)
+    return decl, pairs, (decl.slot_args[0] if decl.slots else None)
 
 
 def _bool(op: str, name: str, value: object) -> int:
@@ -154,6 +116,28 @@ class DeviceModel:
         self._max_buf_size = backend.limits.max_buf_size  # what one kernel-sized call carries
         self._pages_per_call = 8 * self._max_buf_size  # track_dirty_vram: one bit per page
         self._extent_bytes_per_call = self._max_buf_size // _EXTENT_SIZE * _EXTENT_SIZE
+        self._calls = _Calls(backend)
+        for method, op in _ENTRIES.items():
+            self._bind_entry(backend, method, op)
+
+    def _bind_entry(self, backend: Backend, method: str, op: str) -> None:
+        """The handle's ``method`` as its op's call itself, where the backend has one (``@_entry``)."""
+        general = DeviceModel.__dict__[method]
+        if getattr(type(self), method) is not general:  # a subclass's own method stays as it is
+            return
+        handle = weakref.ref(self)  # the entry lives in the handle's dict: no cycle through it
+
+        def fallback(*args: Any) -> Any:
+            alive = handle()
+            if alive is None:
+                raise ClosedHandleError("the DeviceModel is gone", method)
+            return general(alive, *args)
+
+        decl, pairs, slot = entry_shape(op)
+        entry = backend.compile_entry(decl, pairs, slot, method, fallback)
+        if entry is not None:
+            entry.__doc__, entry.__qualname__ = general.__doc__, general.__qualname__
+            self.__dict__[method] = entry
 
     # --- opening ---------------------------------------------------------------
 
@@ -186,8 +170,9 @@ class DeviceModel:
         return self._backend
 
     def close(self) -> None:
-        for attr in _COMPILED:  # the compiled calls hold the backend
-            self.__dict__.pop(attr, None)
+        self._calls = _Calls(None)  # the calls hold the backend
+        for method in _ENTRIES:
+            self.__dict__.pop(method, None)
         backend, self._backend = self._backend, None
         if backend is not None:
             backend.close()
@@ -204,38 +189,17 @@ class DeviceModel:
     # --- the funnel --------------------------------------------------------------
 
     def _call(self, decl: OpDecl, domid: int, fields: Mapping[str, int], slots: Sequence[Any] = ()) -> Any:
-        """Any op with any fields, through ``Backend.dm_op`` (the methods use the ``_Op`` calls below)."""
+        """Any op with any fields, through ``Backend.dm_op`` (the methods use ``self._calls``)."""
         check_domid(decl.name, domid)
         decl.check(fields)
         return self._open_backend(decl.name).dm_op(decl, domid, fields, slots)
-
-    _create_ioreq_server = _Op("create_ioreq_server", "handle_bufioreq")
-    _get_ioreq_server_info = _Op("get_ioreq_server_info", "id", "flags")
-    _map_io_range = _Op("map_io_range_to_ioreq_server", "id", "type", "start", "end")
-    _unmap_io_range = _Op("unmap_io_range_from_ioreq_server", "id", "type", "start", "end")
-    _map_mem_type = _Op("map_mem_type_to_ioreq_server", "id", "type", "flags")
-    _set_ioreq_server_state = _Op("set_ioreq_server_state", "id", "enabled")
-    _destroy_ioreq_server = _Op("destroy_ioreq_server", "id")
-    _set_pci_intx_level = _Op("set_pci_intx_level", "domain", "bus", "device", "intx", "level")
-    _set_isa_irq_level = _Op("set_isa_irq_level", "isa_irq", "level")
-    _set_irq_level = _Op("set_irq_level", "irq", "level")
-    _set_pci_link_route = _Op("set_pci_link_route", "link", "isa_irq")
-    _inject_msi = _Op("inject_msi", "addr", "data")
-    _inject_event = _Op("inject_event", "vcpuid", "vector", "type", "error_code", "insn_len", "cr2")
-    _track_dirty_vram = _Op("track_dirty_vram", "first_pfn", "nr", slots=("out",))
-    _modified_memory = _Op("modified_memory", "nr_extents")
-    _set_mem_type = _Op("set_mem_type", "mem_type", "first_pfn", "nr")
-    _relocate_memory = _Op("relocate_memory", "size", "src_gfn", "dst_gfn")
-    _pin_memory_cacheattr = _Op("pin_memory_cacheattr", "start", "end", "type")
-    _remote_shutdown = _Op("remote_shutdown", "reason", method="shutdown")
-    _nr_vcpus = _Op("nr_vcpus")
 
     # --- ioreq servers -----------------------------------------------------------
 
     def create_ioreq_server(self, domid: int, handle_bufioreq: BufIoreq | int = BufIoreq.OFF) -> int:
         """XEN_DMOP_create_ioreq_server: a new, disabled server; returns its id."""
         bufioreq = check_int_or_enum("create_ioreq_server", "handle_bufioreq", handle_bufioreq, BufIoreq)
-        out, _ = self._create_ioreq_server(domid, bufioreq)
+        out, _ = self._calls.create_ioreq_server(domid, bufioreq)
         return int(out.id)
 
     def get_ioreq_server_info(self, domid: int, id: int, *, gfns: bool = False) -> IoreqServerInfo:
@@ -243,7 +207,7 @@ class DeviceModel:
         (pages are then reached by resource mapping), as libxendevicemodel does when
         both gfn pointers are NULL; ``gfns=True`` asks Xen for legacy gfns."""
         flags = 0 if gfns else XEN_DMOP_no_gfns
-        out, _ = self._get_ioreq_server_info(domid, id, flags)
+        out, _ = self._calls.get_ioreq_server_info(domid, id, flags)
         if gfns:
             return IoreqServerInfo(int(out.ioreq_gfn), int(out.bufioreq_gfn), int(out.bufioreq_port))
         return IoreqServerInfo(None, None, int(out.bufioreq_port))
@@ -255,7 +219,7 @@ class DeviceModel:
             if _bool("map_io_range_to_ioreq_server", "is_mmio", is_mmio)
             else XEN_DMOP_IO_RANGE_PORT
         )
-        self._map_io_range(domid, id, kind, start, end)
+        self._calls.map_io_range_to_ioreq_server(domid, id, kind, start, end)
 
     def unmap_io_range_from_ioreq_server(self, domid: int, id: int, is_mmio: bool, start: int, end: int) -> None:
         """XEN_DMOP_unmap_io_range_from_ioreq_server: stop routing a fully mapped range."""
@@ -264,21 +228,21 @@ class DeviceModel:
             if _bool("unmap_io_range_from_ioreq_server", "is_mmio", is_mmio)
             else XEN_DMOP_IO_RANGE_PORT
         )
-        self._unmap_io_range(domid, id, kind, start, end)
+        self._calls.unmap_io_range_from_ioreq_server(domid, id, kind, start, end)
 
     def map_pcidev_to_ioreq_server(
         self, domid: int, id: int, segment: int, bus: int, device: int, function: int
     ) -> None:
         """XEN_DMOP_map_io_range_to_ioreq_server with one PCI function (config space)."""
         sbdf = check_sbdf("map_pcidev_to_ioreq_server", segment, bus, device, function)
-        self._map_io_range(domid, id, XEN_DMOP_IO_RANGE_PCI, sbdf, sbdf)
+        self._calls.map_io_range_to_ioreq_server(domid, id, XEN_DMOP_IO_RANGE_PCI, sbdf, sbdf)
 
     def unmap_pcidev_from_ioreq_server(
         self, domid: int, id: int, segment: int, bus: int, device: int, function: int
     ) -> None:
         """XEN_DMOP_unmap_io_range_from_ioreq_server with one PCI function."""
         sbdf = check_sbdf("unmap_pcidev_from_ioreq_server", segment, bus, device, function)
-        self._unmap_io_range(domid, id, XEN_DMOP_IO_RANGE_PCI, sbdf, sbdf)
+        self._calls.unmap_io_range_from_ioreq_server(domid, id, XEN_DMOP_IO_RANGE_PCI, sbdf, sbdf)
 
     def map_mem_type_to_ioreq_server(self, domid: int, id: int, type: HvmMemType | int, flags: MemAccess | int) -> None:
         """XEN_DMOP_map_mem_type_to_ioreq_server: claim HVMMEM_ioreq_server pages
@@ -290,49 +254,49 @@ class DeviceModel:
             raise ArgumentError(op, "type", type, "must be HVMMEM_ioreq_server")
         if flags & ~MemAccess.WRITE:
             raise ArgumentError(op, "flags", flags, "only XEN_DMOP_IOREQ_MEM_ACCESS_WRITE is supported")
-        self._map_mem_type(domid, id, type, flags)
+        self._calls.map_mem_type_to_ioreq_server(domid, id, type, flags)
 
     def set_ioreq_server_state(self, domid: int, id: int, enabled: bool) -> None:
         """XEN_DMOP_set_ioreq_server_state: enable or disable the server."""
         on = _bool("set_ioreq_server_state", "enabled", enabled)
-        self._set_ioreq_server_state(domid, id, on)
+        self._calls.set_ioreq_server_state(domid, id, on)
 
     def destroy_ioreq_server(self, domid: int, id: int) -> None:
         """XEN_DMOP_destroy_ioreq_server."""
-        self._destroy_ioreq_server(domid, id)
+        self._calls.destroy_ioreq_server(domid, id)
 
     # --- interrupts ----------------------------------------------------------------
 
-    @_entry("set_pci_intx_level", "segment=domain", "bus", "device", "intx", "level")
+    @_entry("set_pci_intx_level")
     def set_pci_intx_level(self, domid: int, segment: int, bus: int, device: int, intx: int, level: int) -> None:
         """XEN_DMOP_set_pci_intx_level: assert (1) or deassert (0) INTx (0-3 = A-D)."""
-        self._set_pci_intx_level(domid, segment, bus, device, intx, level)
+        self._calls.set_pci_intx_level(domid, segment, bus, device, intx, level)
 
-    @_entry("set_isa_irq_level", "irq=isa_irq", "level")
+    @_entry("set_isa_irq_level")
     def set_isa_irq_level(self, domid: int, irq: int, level: int) -> None:
         """XEN_DMOP_set_isa_irq_level: assert (1) or deassert (0) ISA IRQ ``irq``."""
-        self._set_isa_irq_level(domid, irq, level)
+        self._calls.set_isa_irq_level(domid, irq, level)
 
-    @_entry("set_irq_level", "irq", "level")
+    @_entry("set_irq_level")
     def set_irq_level(self, domid: int, irq: int, level: int) -> None:
         """XEN_DMOP_set_irq_level (Arm): set the level of SPI ``irq``; x86 Xen says EOPNOTSUPP."""
-        self._set_irq_level(domid, irq, level)
+        self._calls.set_irq_level(domid, irq, level)
 
     def set_pci_link_route(self, domid: int, link: int, irq: int) -> None:
         """XEN_DMOP_set_pci_link_route: route PCI link 0-3 to ISA IRQ ``irq`` (0 disables)."""
-        self._set_pci_link_route(domid, link, irq)
+        self._calls.set_pci_link_route(domid, link, irq)
 
-    @_entry("inject_msi", "msi_addr=addr", "msi_data=data")
+    @_entry("inject_msi")
     def inject_msi(self, domid: int, msi_addr: int, msi_data: int) -> None:
         """XEN_DMOP_inject_msi."""
-        self._inject_msi(domid, msi_addr, msi_data)
+        self._calls.inject_msi(domid, msi_addr, msi_data)
 
     def inject_event(
         self, domid: int, vcpu: int, vector: int, type: EventType | int, error_code: int, insn_len: int, extra: int
     ) -> None:
         """XEN_DMOP_inject_event: latch an event for ``vcpu`` (``extra`` is %cr2 for #PF)."""
         kind = check_int_or_enum("inject_event", "type", type, EventType)
-        self._inject_event(domid, vcpu, vector, kind, error_code, insn_len, extra)
+        self._calls.inject_event(domid, vcpu, vector, kind, error_code, insn_len, extra)
 
     # --- memory --------------------------------------------------------------------
 
@@ -342,7 +306,7 @@ class DeviceModel:
     @overload
     def track_dirty_vram(self, domid: int, first_pfn: int, nr: int, out: _Buffer) -> _Buffer: ...
 
-    @_entry("track_dirty_vram", "first_pfn", "nr", slot="out")
+    @_entry("track_dirty_vram")
     def track_dirty_vram(self, domid: int, first_pfn: int, nr: int, out: Any = None) -> Any:
         """XEN_DMOP_track_dirty_vram: the dirty bitmap of ``nr`` pages from ``first_pfn``
         (bit ``i & 7`` of byte ``i >> 3`` is pfn ``first_pfn + i``), as new ``bytes``.
@@ -360,7 +324,7 @@ class DeviceModel:
         ``VRAM_MAX_PAGES`` (1 GiB of frames, Xen's own per-call limit) is an ``ArgumentError``
         before any DMOP.
         """
-        call = self._track_dirty_vram  # ClosedHandleError on a closed handle
+        call = self._calls.track_dirty_vram  # ClosedHandleError on a closed handle
         per_call = self._pages_per_call
         if nr <= per_call:
             _, (bitmap,) = call(domid, first_pfn, nr, out)
@@ -409,7 +373,7 @@ class DeviceModel:
         """XEN_DMOP_modified_memory with one extent."""
         self.modified_memory_bulk(domid, [(first_pfn, nr)])
 
-    @_entry("modified_memory", slot="extents")
+    @_entry("modified_memory")
     def modified_memory_bulk(self, domid: int, extents: Iterable[tuple[int, int]] | Buffer) -> None:
         """XEN_DMOP_modified_memory: mark extents dirty for log-dirty.
 
@@ -422,7 +386,7 @@ class DeviceModel:
         where they are, as libxendevicemodel does; read-only ones (``bytes``), split ones
         and the HYPERCALL path go through the hypercall buffer.
         """
-        call = self._modified_memory  # ClosedHandleError on a closed handle
+        call = self._calls.modified_memory  # ClosedHandleError on a closed handle
         op = "modified_memory"
         data: Any = extents
         ctypes_memory = isinstance(data, CTYPES_MEMORY)
@@ -476,26 +440,26 @@ class DeviceModel:
     def set_mem_type(self, domid: int, mem_type: HvmMemType | int, first_pfn: int, nr: int) -> None:
         """XEN_DMOP_set_mem_type: change the p2m type of ``nr`` pages from ``first_pfn``."""
         kind = check_int_or_enum("set_mem_type", "mem_type", mem_type, HvmMemType)
-        self._set_mem_type(domid, kind, first_pfn, nr)
+        self._calls.set_mem_type(domid, kind, first_pfn, nr)
 
     def relocate_memory(self, domid: int, size: int, src_gfn: int, dst_gfn: int) -> None:
         """XEN_DMOP_relocate_memory: move ``size`` pages from ``src_gfn`` to ``dst_gfn``."""
-        self._relocate_memory(domid, size, src_gfn, dst_gfn)
+        self._calls.relocate_memory(domid, size, src_gfn, dst_gfn)
 
     def pin_memory_cacheattr(self, domid: int, start: int, end: int, type: CacheAttr | int) -> None:
         """XEN_DMOP_pin_memory_cacheattr: pin gfns [start, end] to a cache type (CacheAttr)."""
         kind = check_int_or_enum("pin_memory_cacheattr", "type", type, CacheAttr)
-        self._pin_memory_cacheattr(domid, start, end, kind)
+        self._calls.pin_memory_cacheattr(domid, start, end, kind)
 
     # --- domain --------------------------------------------------------------------
 
     def shutdown(self, domid: int, reason: ShutdownReason | int) -> None:
         """XEN_DMOP_remote_shutdown with a ShutdownReason."""
-        self._remote_shutdown(domid, check_int_or_enum("shutdown", "reason", reason, ShutdownReason))
+        self._calls.remote_shutdown(domid, check_int_or_enum("shutdown", "reason", reason, ShutdownReason))
 
     def nr_vcpus(self, domid: int) -> int:
         """XEN_DMOP_nr_vcpus: the domain's maximum vCPU count."""
-        out, _ = self._nr_vcpus(domid)
+        out, _ = self._calls.nr_vcpus(domid)
         return int(out.vcpus)
 
     def restrict(self, domid: int) -> None:

@@ -9,8 +9,9 @@ gives it a logger that keeps quiet (failures come back as exceptions instead), a
 use of ``libxenctrl``: a read-only domain query (HVM, PVH or PV; dying; shut down;
 vCPUs) for ``xendmop info DOMID`` and ``refuse_unless_hvm``.
 
-Each DMOP declaration is mapped to its C function (``_DISPATCH``), the C arguments
-rebuilt from the op struct's fields: the io-range ``type`` becomes ``is_mmio`` or a
+Each DMOP declaration names its C function and the fields it takes in C's order
+(``function``, ``params``); most ops are that call (``_simple``), the others have a
+handler (``_HANDLERS``) that rebuilds the C arguments: the io-range ``type`` becomes ``is_mmio`` or a
 PCI SBDF is split into segment/bus/device/function, the ``extents`` slot becomes a
 pointer.  A field the C function cannot carry (a nonzero pad, a PCI range wider
 than one function, ``opaque``) is refused with ``UnsupportedError`` rather than
@@ -319,14 +320,15 @@ class LibxenBackend(Backend):
     ) -> tuple[Any, list[bytes]]:
         if self.restricted_to is not None and domid != self.restricted_to:
             raise xen_error(errno.EPERM, decl.name, domid, fields, layer="privcmd")
-        entry = _DISPATCH.get(decl.name)
-        if entry is None:
+        handler = _HANDLERS.get(decl.name)
+        if handler is None and decl.function not in PROTOTYPES:
             raise UnsupportedError(errno.EOPNOTSUPP, decl.name, domid, fields, layer="libxen")
-        handler, carried = entry
         for name, value in fields.items():
-            if name not in carried and value != 0:
+            if name not in decl.params and value != 0:
                 raise UnsupportedError(errno.EOPNOTSUPP, decl.name, domid, {name: value}, layer="libxen")
         out = decl.struct(**fields)
+        if handler is None:
+            return out, _simple(self, decl, domid, fields)
         return out, handler(self, decl.name, domid, fields, out, slot_data)
 
     def restrict(self, domid: int) -> None:
@@ -424,17 +426,13 @@ def _io_range(function: str) -> _Handler:
     return handler
 
 
-def _simple(function: str, *names: str) -> _Handler:
-    """A call whose C arguments are op fields in order, nothing read back.
+def _simple(b: LibxenBackend, decl: OpDecl, domid: int, f: Mapping[str, int]) -> _Outs:
+    """The op's C function (``decl.function``) with its ``params`` in order, nothing read back.
 
     ctypes passes the low bits of each value, so ``inject_event``'s ``int vcpu``
     carries the uint32 ``vcpuid`` bit for bit, as C's conversion would."""
-
-    def handler(b: LibxenBackend, op: str, domid: int, f: Mapping[str, int], out: Any, _: Any) -> _Outs:
-        b.c_call(function, op, domid, f, *(f.get(name, 0) for name in names))
-        return []
-
-    return handler
+    b.c_call(decl.function, decl.name, domid, f, *(f.get(name, 0) for name in decl.params))
+    return []
 
 
 def not_a_page_start(pair: Any) -> Any:
@@ -480,55 +478,16 @@ def _nr_vcpus(b: LibxenBackend, op: str, domid: int, f: Mapping[str, int], out: 
     return []
 
 
-#: DMOP name -> (handler, the op fields its C function carries)
-_DISPATCH: dict[str, tuple[_Handler, frozenset[str]]] = {
-    name: (handler, frozenset(carried))
-    for name, handler, carried in (
-        ("create_ioreq_server", _create_ioreq_server, ("handle_bufioreq",)),
-        ("get_ioreq_server_info", _get_ioreq_server_info, ("id", "flags")),
-        ("map_io_range_to_ioreq_server", _io_range("map"), ("id", "type", "start", "end")),
-        ("unmap_io_range_from_ioreq_server", _io_range("unmap"), ("id", "type", "start", "end")),
-        ("set_ioreq_server_state", _simple("set_ioreq_server_state", "id", "enabled"), ("id", "enabled")),
-        ("destroy_ioreq_server", _simple("destroy_ioreq_server", "id"), ("id",)),
-        ("track_dirty_vram", _track_dirty_vram, ("first_pfn", "nr")),
-        (
-            "set_pci_intx_level",
-            _simple("set_pci_intx_level", "domain", "bus", "device", "intx", "level"),
-            ("domain", "bus", "device", "intx", "level"),
-        ),
-        ("set_isa_irq_level", _simple("set_isa_irq_level", "isa_irq", "level"), ("isa_irq", "level")),
-        ("set_pci_link_route", _simple("set_pci_link_route", "link", "isa_irq"), ("link", "isa_irq")),
-        ("modified_memory", _modified_memory, ("nr_extents",)),
-        (
-            "set_mem_type",
-            _simple("set_mem_type", "mem_type", "first_pfn", "nr"),
-            ("mem_type", "first_pfn", "nr"),
-        ),
-        (
-            "inject_event",
-            _simple("inject_event", "vcpuid", "vector", "type", "error_code", "insn_len", "cr2"),
-            ("vcpuid", "vector", "type", "error_code", "insn_len", "cr2"),
-        ),
-        ("inject_msi", _simple("inject_msi", "addr", "data"), ("addr", "data")),
-        (
-            "map_mem_type_to_ioreq_server",
-            _simple("map_mem_type_to_ioreq_server", "id", "type", "flags"),
-            ("id", "type", "flags"),
-        ),
-        ("remote_shutdown", _simple("shutdown", "reason"), ("reason",)),
-        (
-            "relocate_memory",
-            _simple("relocate_memory", "size", "src_gfn", "dst_gfn"),
-            ("size", "src_gfn", "dst_gfn"),
-        ),
-        (
-            "pin_memory_cacheattr",
-            _simple("pin_memory_cacheattr", "start", "end", "type"),
-            ("start", "end", "type"),
-        ),
-        ("set_irq_level", _simple("set_irq_level", "irq", "level"), ("irq", "level")),
-        ("nr_vcpus", _nr_vcpus, ()),
-    )
+#: DMOP name -> handler, for the ops whose C call is not their ``params`` in order (``_simple``):
+#: a pointer to read back, an io-range type that picks the function, a slot
+_HANDLERS: dict[str, _Handler] = {
+    "create_ioreq_server": _create_ioreq_server,
+    "get_ioreq_server_info": _get_ioreq_server_info,
+    "map_io_range_to_ioreq_server": _io_range("map"),
+    "unmap_io_range_from_ioreq_server": _io_range("unmap"),
+    "track_dirty_vram": _track_dirty_vram,
+    "modified_memory": _modified_memory,
+    "nr_vcpus": _nr_vcpus,
 }
 
 

@@ -263,10 +263,12 @@ class OpDecl(_Frozen):
         "continuation",
         "copy_back",
         "doc",
+        "function",
         "limits",
         "name",
         "number",
         "out",
+        "params",
         "since",
         "slots",
         "struct",
@@ -283,6 +285,8 @@ class OpDecl(_Frozen):
         "continuation",
         "limits",
         "arg_names",
+        "params",
+        "function",
         "doc",
     )
     number: int
@@ -296,9 +300,15 @@ class OpDecl(_Frozen):
     continuation: bool  # Xen may preempt and rewrite the request
     #: API-side limits narrower than the field type (name -> max inclusive)
     limits: Mapping[str, int]
-    #: field -> the argument libxendevicemodel's function (and ``DeviceModel``'s method) names
-    #: it, where the two differ (``isa_irq`` is ``irq``): what errors call it
+    #: field (or slot) -> the argument libxendevicemodel's function (and ``DeviceModel``'s method)
+    #: names it, where the two differ (``isa_irq`` is ``irq``): what errors call it
     arg_names: Mapping[str, str]
+    #: the fields libxendevicemodel's function takes after the domid, in its argument order:
+    #: what ``DeviceModel``'s call of the op, the libxen backend and the CLI pass
+    params: tuple[str, ...]
+    #: libxendevicemodel's function for the op, without ``xendevicemodel_`` (and the
+    #: ``DeviceModel`` method): the op's name unless they differ (``remote_shutdown``: ``shutdown``)
+    function: str
     doc: str
     _types: dict[str, Any]
     _tops: dict[str, int | None]
@@ -319,12 +329,15 @@ class OpDecl(_Frozen):
         continuation: bool = False,
         limits: Mapping[str, int] | None = None,
         arg_names: Mapping[str, str] | None = None,
+        params: tuple[str, ...] = (),
+        function: str = "",
         doc: str = "",
     ) -> None:
         self._set(number=number, name=name, struct=struct, out=out, copy_back=copy_back, since=since, arch=arch)
         self._set(slots=slots, continuation=continuation, limits={} if limits is None else limits, doc=doc)
-        self._set(arg_names={} if arg_names is None else arg_names)
+        self._set(arg_names={} if arg_names is None else arg_names, params=params, function=function or name)
         self._derive()
+        self.guard_source(params)  # every parameter is a scalar field of the op
 
     @property
     def size(self) -> int:
@@ -334,6 +347,11 @@ class OpDecl(_Frozen):
     @property
     def field_types(self) -> dict[str, Any]:
         return self._types
+
+    @property
+    def slot_args(self) -> tuple[str, ...]:
+        """Each slot's argument as the caller knows it (``arg_names``, else the slot's name)."""
+        return tuple(self.arg_names.get(slot.name, slot.name) for slot in self.slots)
 
     def _derive(self) -> None:
         # Per-call work is done here once: field types, range limits, whether
