@@ -2,7 +2,7 @@
 
 From the bottom; a module may import its own layer and the layers below it, never one above:
 
-0. ``abi`` (C-named mirrors, ioreq slot layout), ``errors``, ``types``, ``checks``
+0. ``abi`` (C-named mirrors, ioreq slot layout), ``errors``, ``types``, ``checks``, ``handle``
 1. ``ops`` (one declaration per DMOP)
 2. ``mock`` (the simulated host: devices, hypervisor rules, domains, simulated guest, host process)
 3. ``backends`` (device interface, privcmd, libxen, backend selection), ``depriv``
@@ -27,7 +27,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "xendmop"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("abi", "errors", "types", "checks"),
+    ("abi", "errors", "types", "checks", "handle"),
     ("ops",),
     ("mock",),
     ("backends", "depriv"),

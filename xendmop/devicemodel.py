@@ -16,7 +16,6 @@ import io
 import logging
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .abi.dm_op import (
@@ -31,6 +30,7 @@ from .backends.base import Backend, Limits
 from .backends.selection import BACKENDS, auto_backend, make_backend
 from .checks import check_domid, check_int_or_enum, check_sbdf
 from .errors import ArgumentError, ClosedHandleError
+from .handle import OwnedHandle
 from .ops import BY_NAME, CTYPES_MEMORY, OpDecl, caller_memory
 from .types import BufIoreq, CacheAttr, EventType, HvmMemType, IoreqServerInfo, MemAccess, ShutdownReason
 
@@ -108,11 +108,13 @@ def _bool(op: str, name: str, value: object) -> int:
     return int(value)
 
 
-class DeviceModel:
-    """A handle for issuing DMOPs; context-managed, closes its backend on exit."""
+class DeviceModel(OwnedHandle[Backend]):
+    """A handle for issuing DMOPs; owns its backend; context-managed, closes it on exit."""
+
+    what = "the DeviceModel"
 
     def __init__(self, backend: Backend) -> None:
-        self._backend: Backend | None = backend
+        super().__init__(backend)
         self._max_buf_size = backend.limits.max_buf_size  # what one kernel-sized call carries
         self._pages_per_call = 8 * self._max_buf_size  # track_dirty_vram: one bit per page
         self._extent_bytes_per_call = self._max_buf_size // _EXTENT_SIZE * _EXTENT_SIZE
@@ -165,26 +167,17 @@ class DeviceModel:
         return self._open_backend("backend")
 
     def _open_backend(self, op: str) -> Backend:
-        if self._backend is None:
-            raise ClosedHandleError("the DeviceModel is closed", op)
-        return self._backend
+        return self._use(op)
 
-    def close(self) -> None:
-        self._calls = _Calls(None)  # the calls hold the backend
+    def _release(self, backend: Backend) -> None:
+        """Drop the calls and entries (they hold the backend), then close the backend (``close``)."""
+        self._calls = _Calls(None)
         for method in _ENTRIES:
             self.__dict__.pop(method, None)
-        backend, self._backend = self._backend, None
-        if backend is not None:
-            backend.close()
-
-    def __enter__(self) -> DeviceModel:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+        backend.close()
 
     def __repr__(self) -> str:
-        return f"<DeviceModel backend={self._backend.name if self._backend else 'closed'}>"
+        return f"<DeviceModel backend={self._resource.name if self._resource else 'closed'}>"
 
     # --- the funnel --------------------------------------------------------------
 

@@ -40,14 +40,14 @@ import weakref
 from collections.abc import Callable, Sequence
 from ctypes import POINTER, byref, c_int, c_size_t, c_uint, c_uint32, c_ulong, c_void_p
 from functools import lru_cache
-from types import TracebackType
 from typing import Any
 
 from ..abi.evtchn import IOCTL_EVTCHN_RESET
 from ..abi.memory import XENMEM_resource_ioreq_server
 from ..abi.xen import DOMID_FIRST_RESERVED, domid_t, evtchn_port_t, xen_pfn_t
 from ..checks import MAX_PENDING_PORTS, check_domid, check_int, check_port
-from ..errors import ArgumentError, ClosedHandleError, NotXenHostError, XenError, xen_error
+from ..errors import ArgumentError, NotXenHostError, XenError, xen_error
+from ..handle import OwnedHandle
 from .device import EVTCHN_PATH, NOT_XEN, PAGE_SIZE, PRIVCMD_PATH, FrameViews
 from .libxen import SONAMES, MissingFunctionError, QuietLogger, _describe_library, declare, load_library
 
@@ -141,7 +141,7 @@ class _Library:
 # --- event channels -------------------------------------------------------------------------
 
 
-class LibxenEventChannel:
+class LibxenEventChannel(OwnedHandle[_Library]):
     """A ``xenevtchn_handle``: the methods of ``runtime.EventChannel`` through libxenevtchn.
 
     The handle's fd is switched to non-blocking so ``pending`` never blocks (the loop
@@ -149,7 +149,7 @@ class LibxenEventChannel:
 
     def __init__(self, libdir: str | os.PathLike[str] | None = None) -> None:
         self.libdir = None if libdir is None else os.fspath(libdir)
-        self._lib: _Library | None = _Library("evtchn", "xenevtchn_", EVTCHN_PROTOTYPES, self.libdir, EVTCHN_PATH)
+        super().__init__(_Library("evtchn", "xenevtchn_", EVTCHN_PROTOTYPES, self.libdir, EVTCHN_PATH))
         self.restricted_to: int | None = None
         try:
             fd = self.fileno()
@@ -160,14 +160,10 @@ class LibxenEventChannel:
 
     @property
     def _open(self) -> _Library:
-        if self._lib is None or self._lib.handle is None:
-            raise ClosedHandleError("LibxenEventChannel is closed")
-        return self._lib
+        return self._use()
 
     def _call(self, short: str, op: str, domid: int | None, *args: Any, **shown: int) -> int:
-        if self._lib is None or self._lib.handle is None:
-            raise ClosedHandleError("LibxenEventChannel is closed", op)
-        lib = self._lib
+        lib = self._use(op)
         function = lib.function(short, op, domid)
         ctypes.set_errno(0)
         result = int(function(lib.handle, *args))
@@ -180,24 +176,11 @@ class LibxenEventChannel:
         lib = self._open
         return int(lib.function("fd", "fileno", None)(lib.handle))
 
-    def close(self) -> None:
-        """``xenevtchn_close``: the kernel unbinds every port this handle bound."""
-        lib, self._lib = self._lib, None
-        if lib is not None:
-            lib.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._lib is None
-
-    def __enter__(self) -> LibxenEventChannel:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+    # close (``xenevtchn_close``: the kernel unbinds every port this handle bound), closed,
+    # with: OwnedHandle's
 
     def __repr__(self) -> str:
-        return f"<LibxenEventChannel {'closed' if self._lib is None else f'fd={self.fileno()}'}>"
+        return f"<LibxenEventChannel {'closed' if self._resource is None else f'fd={self.fileno()}'}>"
 
     def describe(self) -> dict[str, Any]:
         return self._open.describe()
@@ -273,9 +256,7 @@ class LibxenEventChannel:
     def unmask(self, port: int) -> None:
         """``xenevtchn_unmask``: write ``port`` back so it can fire again."""
         check_port("unmask", port)
-        if self._lib is None or self._lib.handle is None:
-            raise ClosedHandleError("LibxenEventChannel is closed", "unmask")
-        lib = self._lib
+        lib = self._use("unmask")
         function = lib.function("unmask", "unmask", None)
         ctypes.set_errno(0)
         if function(lib.handle, port) != 0:
@@ -371,23 +352,26 @@ class _Owner:
         if self.closing and self.mappings == 0:
             self.lib.close()
 
+    def close(self) -> None:
+        """Close the C handle now, or when the last mapping goes."""
+        self.closing = True
+        self.maybe_close()
 
-class LibxenForeignMemory:
+
+class LibxenForeignMemory(OwnedHandle[_Owner]):
     """A ``xenforeignmemory_handle``: the methods of ``runtime.ForeignMemory`` through
     libxenforeignmemory; mappings are ``LibxenMapping`` objects."""
 
     def __init__(self, libdir: str | os.PathLike[str] | None = None) -> None:
         self.libdir = None if libdir is None else os.fspath(libdir)
         lib = _Library("foreignmemory", "xenforeignmemory_", FOREIGNMEMORY_PROTOTYPES, self.libdir, PRIVCMD_PATH)
-        self._owner: _Owner | None = _Owner(lib)
+        super().__init__(_Owner(lib))
         self._maps: list[LibxenMapping] = []
         self.restricted_to: int | None = None
 
     @property
     def _open(self) -> _Owner:
-        if self._owner is None:
-            raise ClosedHandleError("LibxenForeignMemory is closed")
-        return self._owner
+        return self._use()
 
     def _failed(self, op: str, domid: int, shown: dict[str, int]) -> XenError:
         return xen_error(ctypes.get_errno() or errno.EIO, op, domid, shown, layer="privcmd")
@@ -476,26 +460,13 @@ class LibxenForeignMemory:
     def describe(self) -> dict[str, Any]:
         return self._open.lib.describe()
 
-    def close(self) -> None:
-        """Unmap what this handle mapped, then close the library handle; a mapping whose
-        views are still alive is unmapped (and the handle closed) when they are released."""
-        owner, self._owner = self._owner, None
-        if owner is None:
-            return
+    def _release(self, owner: _Owner) -> None:
+        """Unmap what this handle mapped, then close the library handle (``close``); a mapping
+        whose views are still alive is unmapped (and the handle closed) when they are released."""
         maps, self._maps = self._maps, []
         owner.closing = True
         try:
             for m in maps:
                 m.close_when_released()
         finally:
-            owner.maybe_close()
-
-    @property
-    def closed(self) -> bool:
-        return self._owner is None
-
-    def __enter__(self) -> LibxenForeignMemory:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+            owner.close()

@@ -14,7 +14,6 @@ import fcntl
 import os
 from collections.abc import Callable
 from struct import Struct
-from types import TracebackType
 from typing import Any, Protocol
 
 from ..abi.evtchn import (
@@ -33,6 +32,7 @@ from ..abi.evtchn import (
 from ..backends.device import EVTCHN_PATH, NOT_XEN, OsDevice
 from ..checks import MAX_PENDING_PORTS, check_domid, check_int, check_port
 from ..errors import ArgumentError, ClosedHandleError, NotXenHostError, XenError, xen_error
+from ..handle import OwnedHandle
 
 __all__ = ["EVTCHN_PATH", "EventChannel", "EvtchnDevice", "EvtchnDeviceFile", "open_evtchn_device"]
 
@@ -98,7 +98,7 @@ _PORT = Struct("<I")
 _CACHED_PORTS = 1024  # bounds the per-port caches (a DM binds one port per vCPU, plus one)
 
 
-class EventChannel:
+class EventChannel(OwnedHandle[EvtchnDevice]):
     """An open ``/dev/xen/evtchn``; owns its fd; a context manager.
 
     ``opener(path)`` gives the device (``open_evtchn_device`` for the real one, the
@@ -107,14 +107,14 @@ class EventChannel:
     """
 
     def __init__(self, opener: Callable[[str], Any] = open_evtchn_device, path: str = EVTCHN_PATH) -> None:
-        self._dev: EvtchnDevice | None = opener(path)
+        super().__init__(opener(path))
         self.restricted_to: int | None = None
         # per port, made once: the NOTIFY argument (the kernel only reads it) and the
         # 4 bytes that unmask it; the per-access path builds neither
         self._notify_args: dict[int, ioctl_evtchn_notify] = {}
         self._port_bytes: dict[int, bytes] = {}
         try:
-            _set_nonblocking(self._dev)
+            _set_nonblocking(self.device)
         except BaseException:
             self.close()
             raise
@@ -123,9 +123,7 @@ class EventChannel:
 
     @property
     def device(self) -> EvtchnDevice:
-        if self._dev is None:
-            raise ClosedHandleError("EventChannel is closed")
-        return self._dev
+        return self._use()
 
     def _ioctl(self, name: str, request: int, arg: Any, domid: int | None = None, **shown: int) -> int:
         try:
@@ -139,24 +137,10 @@ class EventChannel:
         """The fd to poll: readable while a bound port is pending."""
         return self.device.fileno()
 
-    def close(self) -> None:
-        """Close the fd; the kernel unbinds every port this handle bound."""
-        dev, self._dev = self._dev, None
-        if dev is not None:
-            dev.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._dev is None
-
-    def __enter__(self) -> EventChannel:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+    # close (the kernel unbinds every port this handle bound), closed, with: OwnedHandle's
 
     def __repr__(self) -> str:
-        return f"<EventChannel {'closed' if self._dev is None else f'fd={self._dev.fileno()}'}>"
+        return f"<EventChannel {'closed' if self._resource is None else f'fd={self._resource.fileno()}'}>"
 
     # --- ioctls -------------------------------------------------------------------------
 
@@ -187,7 +171,7 @@ class EventChannel:
             arg = ioctl_evtchn_notify(port=check_port("notify", port))
             if len(self._notify_args) < _CACHED_PORTS:
                 self._notify_args[port] = arg
-        dev = self._dev
+        dev = self._resource
         if dev is None:
             raise ClosedHandleError("EventChannel is closed", "notify")
         try:
@@ -217,7 +201,7 @@ class EventChannel:
         ``pending`` gives one by one, without a failing read to learn that the ring is empty.
         Each port stays masked until ``unmask``; EFBIG means the ring overflowed."""
         check_int("pending_ports", "limit", limit, 1, MAX_PENDING_PORTS)
-        dev = self._dev
+        dev = self._resource
         if dev is None:
             raise ClosedHandleError("EventChannel is closed", "pending_ports")
         try:
@@ -253,7 +237,7 @@ class EventChannel:
             raw = check_port("unmask", port).to_bytes(4, "little")
             if len(self._port_bytes) < _CACHED_PORTS:
                 self._port_bytes[port] = raw
-        dev = self._dev
+        dev = self._resource
         if dev is None:
             raise ClosedHandleError("EventChannel is closed", "unmask")
         try:

@@ -18,7 +18,6 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 from ..abi.memory import XENMEM_resource_ioreq_server
@@ -32,7 +31,8 @@ from ..abi.privcmd import (
 from ..abi.xen import DOMID_FIRST_RESERVED, domid_t
 from ..backends.device import PAGE_SIZE, PRIVCMD_PATH, Device, FrameViews, open_device
 from ..checks import check_domid, check_int
-from ..errors import ArgumentError, ClosedHandleError, XenError, xen_error
+from ..errors import ArgumentError, XenError, xen_error
+from ..handle import OwnedHandle
 from .dispatch import GuestMemoryError
 
 __all__ = ["ForeignMemory", "GuestRam", "ForeignMapping"]
@@ -77,7 +77,7 @@ class ForeignMapping(FrameViews):
         self.mm.close()
 
 
-class ForeignMemory:
+class ForeignMemory(OwnedHandle[Device]):
     """An open ``/dev/xen/privcmd`` used for mapping; owns its device; a context manager.
 
     ``opener(path)`` gives the device (``backends.device.open_device`` on a dom0, the
@@ -86,15 +86,13 @@ class ForeignMemory:
     """
 
     def __init__(self, opener: Callable[[str], Any] = open_device, path: str = PRIVCMD_PATH) -> None:
-        self._dev: Device | None = opener(path)
+        super().__init__(opener(path))
         self._maps: list[ForeignMapping] = []
         self.restricted_to: int | None = None
 
     @property
     def device(self) -> Device:
-        if self._dev is None:
-            raise ClosedHandleError("ForeignMemory is closed")
-        return self._dev
+        return self._use()
 
     def _ioctl(self, name: str, request: int, arg: Any, domid: int, **shown: int) -> int:
         try:
@@ -184,11 +182,8 @@ class ForeignMemory:
     def fileno(self) -> int:
         return self.device.fileno()
 
-    def close(self) -> None:
-        """Unmap what this handle mapped, then close the device."""
-        dev, self._dev = self._dev, None
-        if dev is None:
-            return
+    def _release(self, dev: Device) -> None:
+        """Unmap what this handle mapped, then close the device (``close``)."""
         maps, self._maps = self._maps, []
         try:
             for m in maps:
@@ -198,12 +193,6 @@ class ForeignMemory:
                     pass
         finally:
             dev.close()
-
-    def __enter__(self) -> ForeignMemory:
-        return self
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
 
 class GuestRam:
