@@ -30,7 +30,7 @@ from ..abi.hvm import (
 )
 from ..abi.memory import XENMEM_resource_ioreq_server, XENMEM_resource_ioreq_server_frame_bufioreq
 from ..abi.xen import xen_ulong_t
-from ..ops import NR_OPS, OPS, CopyBack, GuestArgs, GuestMemory
+from ..ops import NR_OPS, OPS, CallerMemory, CopyBack, GuestArgs
 from ..ops.decl import DM_OP_HEADER
 from .pages import PageRef, PageStore
 from .state import (
@@ -147,7 +147,7 @@ class Hypervisor:
     # --- the hypercall -------------------------------------------------------------
 
     def do_dm_op(
-        self, caller: int, domid: int, nr_bufs: int, bufs: Sequence[tuple[int, int]] | int, memory: GuestMemory
+        self, caller: int, domid: int, nr_bufs: int, bufs: Sequence[tuple[int, int]] | int, memory: CallerMemory
     ) -> int:
         """``do_dm_op`` (xen/common/dm.c) with its continuation loop.
 
@@ -164,7 +164,7 @@ class Hypervisor:
                 self.on_continuation(self.continuations)
 
     def _do_dm_op_once(
-        self, caller: int, domid: int, nr_bufs: int, bufs: Sequence[tuple[int, int]] | int, memory: GuestMemory
+        self, caller: int, domid: int, nr_bufs: int, bufs: Sequence[tuple[int, int]] | int, memory: CallerMemory
     ) -> int:
         if nr_bufs == 0:  # do_dm_op: XSA-506
             return -errno.ENODATA
@@ -179,7 +179,7 @@ class Hypervisor:
             bufs = [(b.h, b.size) for b in array]
         return self.dm_op(caller, domid, list(bufs)[:nr_bufs], memory)
 
-    def dm_op(self, caller: int, domid: int, bufs: list[tuple[int, int]], memory: GuestMemory) -> int:
+    def dm_op(self, caller: int, domid: int, bufs: list[tuple[int, int]], memory: CallerMemory) -> int:
         """``dm_op`` (xen/arch/x86/hvm/dm.c, xen/arch/arm/dm.c): common checks, rule, copy-back."""
         d = self.lock_remote_domain(caller, domid)
         if isinstance(d, int):

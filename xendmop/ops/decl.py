@@ -444,13 +444,15 @@ class OpDecl(_Frozen):
 
     # --- hypervisor side -----------------------------------------------------
 
-    def guest_args(self, op_struct: Any, bufs: Sequence[tuple[int, int]], memory: GuestMemory) -> GuestArgs:
+    def guest_args(self, op_struct: Any, bufs: Sequence[tuple[int, int]], memory: CallerMemory) -> GuestArgs:
         """The hypervisor's view of one call: the op struct and checked slot accessors."""
         return GuestArgs(self, op_struct, bufs, memory)
 
 
-class GuestMemory(Protocol):
-    """copy_{from,to}_guest on the caller's memory; raise ``OSError(EFAULT)`` on a bad address."""
+class CallerMemory(Protocol):
+    """The memory of a DMOP's caller as Xen reaches it (``copy_{from,to}_guest`` on the
+    calling domain's buffers); raise ``OSError(EFAULT)`` on a bad address.  Not the guest's
+    RAM a device model reaches (``runtime.GuestMemory``)."""
 
     def read(self, addr: int, nbytes: int) -> bytes: ...
 
@@ -471,7 +473,7 @@ class SlotAccess:
     index beyond ``nr_bufs`` or a range past the buffer's size is ``-EFAULT``.
     """
 
-    def __init__(self, slot: Slot, index: int, bufs: Sequence[tuple[int, int]], memory: GuestMemory) -> None:
+    def __init__(self, slot: Slot, index: int, bufs: Sequence[tuple[int, int]], memory: CallerMemory) -> None:
         self.slot = slot
         self.index = index  # index in bufs[]
         self._memory = memory
@@ -508,7 +510,7 @@ class SlotAccess:
 class GuestArgs:
     """One DMOP call as the hypervisor sees it: ``op`` and its slots by name."""
 
-    def __init__(self, decl: OpDecl, op: Any, bufs: Sequence[tuple[int, int]], memory: GuestMemory) -> None:
+    def __init__(self, decl: OpDecl, op: Any, bufs: Sequence[tuple[int, int]], memory: CallerMemory) -> None:
         self.decl = decl
         self.op = op
         self.nr_bufs = len(bufs)
