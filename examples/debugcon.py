@@ -33,7 +33,7 @@ import argparse
 import sys
 from typing import TextIO
 
-from xendmop.runtime import ServeLoop, app
+from xendmop.runtime import ServeLoop, dm_program
 
 DEFAULT_PORT = 0x402
 XEN_DEBUG_PORT = 0xE9  # Xen's own (XEN_HVM_DEBUGCONS_IOPORT): never forwarded to an ioreq server
@@ -78,7 +78,7 @@ def run_on_mock(banner: bytes, out: TextIO, port: int = DEFAULT_PORT) -> bytes:
     from xendmop.mock.simguest import SimGuest
 
     console = DebugConsole(out)
-    with app.open_mock() as mock:
+    with dm_program.open_mock() as mock:
         server = mock.ioreq_server()
         server.add_port_range(port, port, console, "debugcon")
 
@@ -89,12 +89,12 @@ def run_on_mock(banner: bytes, out: TextIO, port: int = DEFAULT_PORT) -> bytes:
             vcpu.write_ram(0x1000, banner)
             vcpu.rep_outsb(port, 0x1000, len(banner))  # rep outsb, as a guest's puts does
 
-        app.run_guest_while_serving(ServeLoop(server), guest)
+        dm_program.run_guest_while_serving(ServeLoop(server), guest)
         mock.check_no_server_left()
     return bytes(console.received)
 
 
-def serve(connection: app.Connection, port: int = DEFAULT_PORT) -> int:
+def serve(connection: dm_program.Connection, port: int = DEFAULT_PORT) -> int:
     """Serve the console to a real domain (or a mock host's) until SIGINT/SIGTERM; 0 once the server is destroyed."""
     server = connection.ioreq_server()
     server.add_port_range(port, port, DebugConsole(sys.stdout), "debugcon")
@@ -109,8 +109,8 @@ def serve(connection: app.Connection, port: int = DEFAULT_PORT) -> int:
             flush=True,
         )
 
-    signum = app.serve_until_signal(ServeLoop(server), on_ready=ready)  # tears the server down on the way out
-    print(app.stopped_line("debugcon", signum), file=sys.stderr)
+    signum = dm_program.serve_until_signal(ServeLoop(server), on_ready=ready)  # tears the server down on the way out
+    print(dm_program.stopped_line("debugcon", signum), file=sys.stderr)
     return 0
 
 
@@ -122,15 +122,15 @@ XEN_PORT_NOTE = (
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog=XEN_PORT_NOTE + "\n\n" + app.EXIT_STATUS_HELP
+        description=__doc__.splitlines()[0], epilog=XEN_PORT_NOTE + "\n\n" + dm_program.EXIT_STATUS_HELP
     )
-    app.add_arguments(p)
+    dm_program.add_arguments(p)
     p.add_argument("--port", type=parse_port, default=DEFAULT_PORT, help="the I/O port to serve (default: 0x402)")
-    args, target = app.parse(p, argv)
-    if target.where is app.Where.MOCK:
+    args, target = dm_program.parse(p, argv)
+    if target.where is dm_program.Where.MOCK:
         run_on_mock(f"Hello from the guest, through port {args.port:#x}!\n".encode(), sys.stdout, args.port)
         return 0
-    return app.run_target(target, lambda connection: serve(connection, args.port), name="debugcon")
+    return dm_program.run_target(target, lambda connection: serve(connection, args.port), name="debugcon")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ from typing import Any
 
 from xendmop import DeviceModel
 from xendmop.errors import ArgumentError, XenError
-from xendmop.runtime import ForeignMapping, ForeignMemory, ServeLoop, app
+from xendmop.runtime import ForeignMapping, ForeignMemory, ServeLoop, dm_program
 from xendmop.runtime.dispatch import RateLimitedLog
 
 log = logging.getLogger("framebuffer")
@@ -366,7 +366,7 @@ class Framebuffer:
             try:
                 self.dm.track_dirty_vram(self.domid, 0, 0)  # nr == 0: stop tracking
             except XenError as e:
-                if not app.means_gone(e):  # a domain gone tracks nothing: nothing to say then
+                if not dm_program.means_gone(e):  # a domain gone tracks nothing: nothing to say then
                     log.warning("stopping dirty tracking failed: %s", e)
             mapping, self._map = self._map, None
             if mapping is not None:
@@ -384,7 +384,7 @@ class Framebuffer:
             try:
                 bitmap = self.dm.track_dirty_vram(self.domid, self.gfn, self.nr_pages)
             except XenError as e:
-                if app.means_gone(e):
+                if dm_program.means_gone(e):
                     raise  # the serve loop asks whether the domain (or the host) is gone, and ends quietly if so
                 self._warn(logging.WARNING, "track failed", "track_dirty_vram: %s", e)
                 return Poll(0, False)
@@ -528,7 +528,7 @@ def run_on_mock(
     """
     from xendmop.mock.simguest import SimGuest
 
-    with app.open_mock() as mock, mock.foreign_memory() as fmem:
+    with dm_program.open_mock() as mock, mock.foreign_memory() as fmem:
         fmem.restrict(mock.domid)
         fb = Framebuffer(mock.dm, mock.domid, fmem, output)
         server = mock.ioreq_server()
@@ -539,7 +539,7 @@ def run_on_mock(
             return guest_script(SimGuest(xen, mock.domid, timeout=5), xen.domain(mock.domid).snapshot)
 
         try:
-            return app.run_guest_script(
+            return dm_program.run_guest_script(
                 mock, ServeLoop(server), guest, lines=lambda report: report.lines, hold=hold, out=out
             )
         finally:
@@ -549,7 +549,7 @@ def run_on_mock(
 # --- a real dom0 -----------------------------------------------------------------------------------
 
 
-def serve_domain(connection: app.Connection, png: PngFile, interval: float) -> int:
+def serve_domain(connection: dm_program.Connection, png: PngFile, interval: float) -> int:
     """Serve the display until SIGINT/SIGTERM; then destroy the server and stop tracking.
 
     On a real dom0 or a mock host process (``connection``).  ``interval`` 0: render on FLUSH only."""
@@ -581,10 +581,10 @@ def serve_domain(connection: app.Connection, png: PngFile, interval: float) -> i
                 )
 
             try:
-                signum = app.serve_until_signal(loop, on_ready=ready)
+                signum = dm_program.serve_until_signal(loop, on_ready=ready)
             finally:
                 fb.close()
-            print(app.stopped_line("framebuffer", signum), file=sys.stderr)
+            print(dm_program.stopped_line("framebuffer", signum), file=sys.stderr)
     finally:
         if timer is not None:
             timer.close()
@@ -592,11 +592,11 @@ def serve_domain(connection: app.Connection, png: PngFile, interval: float) -> i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], epilog=app.EXIT_STATUS_HELP)
-    app.add_arguments(p, hold=True)
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], epilog=dm_program.EXIT_STATUS_HELP)
+    dm_program.add_arguments(p, hold=True)
     p.add_argument("--output", default="framebuffer.png", help="the PNG snapshot (default: %(default)s)")
     p.add_argument("--interval", type=float, default=0.2, help="with --domid: seconds between polls (0: FLUSH only)")
-    args, target = app.parse(p, argv)
+    args, target = dm_program.parse(p, argv)
     if args.interval != 0 and not 0.001 <= args.interval <= 3600:
         p.error(f"--interval {args.interval}: must be 0 (FLUSH only) or 0.001..3600 seconds")
     try:
@@ -604,12 +604,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         p.error(f"--output {args.output!r}: {e.strerror}")
     with contextlib.closing(png):
-        if target.where is app.Where.MOCK:
+        if target.where is dm_program.Where.MOCK:
             if run_on_mock(png, hold=args.hold) is not None:
                 print(f"snapshot: {args.output}")
             return 0
         # No interrupt DMOPs here: any domain the DMOPs accept may be served.
-        return app.run_target(
+        return dm_program.run_target(
             target, lambda connection: serve_domain(connection, png, args.interval), name="framebuffer"
         )
 

@@ -50,7 +50,7 @@ IRQ level change crashed the hypervisor.  Xen's DMOP checks cannot tell PVH from
 HVM (both are "HVM" to ``dm_op``), so before serving this example asks the
 hypervisor (libxenctrl), else libxl's record (``xenstore-read /libxl/<domid>/type``),
 and refuses any domain that is not "hvm"; when neither can tell it refuses too,
-unless ``--assume-hvm`` is given (``xendmop.runtime.app.require_hvm``).  On a mock
+unless ``--assume-hvm`` is given (``xendmop.runtime.dm_program.require_hvm``).  On a mock
 host process a PV domain is refused by the EINVAL its first DMOP gets.
 """
 
@@ -63,7 +63,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from xendmop.runtime import Bar, PciFunction, ServeLoop, app
+from xendmop.runtime import Bar, PciFunction, ServeLoop, dm_program
 from xendmop.runtime.dispatch import GuestMemory, GuestMemoryError, RateLimitedLog
 
 log = logging.getLogger("pci_edu")
@@ -354,7 +354,7 @@ def run_on_mock(*, slot: int = 4, hold: bool = False, out: Callable[[str], None]
     """
     from xendmop.mock.simguest import SimGuest
 
-    with app.open_mock() as mock:
+    with dm_program.open_mock() as mock:
         server = mock.ioreq_server()
         edu = Edu(lambda: server.dispatcher.memory)
         server.add_pci(edu.pci, slot=slot, name="edu")
@@ -363,7 +363,7 @@ def run_on_mock(*, slot: int = 4, hold: bool = False, out: Callable[[str], None]
             xen = mock.mock_xen
             return guest_script(SimGuest(xen, mock.domid, timeout=5), xen.domain(mock.domid).snapshot)
 
-        return app.run_guest_script(
+        return dm_program.run_guest_script(
             mock, ServeLoop(server), guest, lines=lambda report: report.lines, hold=hold, out=out
         )
 
@@ -371,7 +371,7 @@ def run_on_mock(*, slot: int = 4, hold: bool = False, out: Callable[[str], None]
 # --- a real dom0 -----------------------------------------------------------------------------
 
 
-def serve_domain(connection: app.Connection, slot: int = 4) -> int:
+def serve_domain(connection: dm_program.Connection, slot: int = 4) -> int:
     """Serve the edu device at ``slot`` of the connection's domain (a real dom0's, or a mock
     host process's) until SIGINT/SIGTERM; the server is destroyed on the way out."""
     server = connection.ioreq_server()
@@ -387,21 +387,21 @@ def serve_domain(connection: app.Connection, slot: int = 4) -> int:
             flush=True,
         )
 
-    signum = app.serve_until_signal(ServeLoop(server), on_ready=ready)
-    print(app.stopped_line("pci_edu", signum), file=sys.stderr)
+    signum = dm_program.serve_until_signal(ServeLoop(server), on_ready=ready)
+    print(dm_program.stopped_line("pci_edu", signum), file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], epilog=app.EXIT_STATUS_HELP)
-    app.add_arguments(p, hold=True, assume_hvm=True)
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], epilog=dm_program.EXIT_STATUS_HELP)
+    dm_program.add_arguments(p, hold=True, assume_hvm=True)
     p.add_argument("--slot", type=int, default=4, choices=range(1, 32), metavar="1..31", help="PCI slot on bus 0")
-    args, target = app.parse(p, argv)
-    if target.where is app.Where.MOCK:
+    args, target = dm_program.parse(p, argv)
+    if target.where is dm_program.Where.MOCK:
         run_on_mock(slot=args.slot, hold=args.hold)
         return 0
     # Interrupts go out (INTx, MSI): a domain that is not HVM is refused before anything is opened.
-    return app.run_target(
+    return dm_program.run_target(
         target, lambda connection: serve_domain(connection, args.slot), name="pci_edu", parser=p, hvm_only=True
     )
 

@@ -36,7 +36,7 @@ Interrupts: ISA IRQ ``--irq`` (default 5) through ``set_isa_irq_level``, only fo
 HVM guest.  On real Xen the domain type comes from the hypervisor (libxenctrl), else
 Xenstore (``/libxl/<domid>/type``, read by ``xenstore-read``); a PVH or PV domain is
 refused, and one whose type nothing can tell unless ``--assume-hvm`` is given
-(``xendmop.runtime.app.require_hvm``, as the other examples): interrupt DMOPs are never
+(``xendmop.runtime.dm_program.require_hvm``, as the other examples): interrupt DMOPs are never
 sent to a PVH guest (an accepted ISA IRQ level change on one crashed Xen 4.17.7); use
 ``--no-irq`` there (the guest then polls ISR).  A mock host process's PV domain is
 refused by the EINVAL its first DMOP gets.
@@ -84,7 +84,7 @@ from typing import Any, TextIO
 from pyroute2 import IPRoute, NetlinkError, netns  # type: ignore[import-untyped]
 
 from xendmop import DeviceModel
-from xendmop.runtime import GuestMemory, GuestMemoryError, IoreqServer, ServeLoop, app
+from xendmop.runtime import GuestMemory, GuestMemoryError, IoreqServer, ServeLoop, dm_program
 
 # --- the card -------------------------------------------------------------------------------
 
@@ -106,7 +106,7 @@ RX_QUEUE = 64
 #: frames taken from the tap per wake-up, so that ioreqs are not starved by a flood
 RX_BATCH = 32
 #: names a mock host process (``xendmop mock-host --socket PATH``) that ``--domid`` then serves
-ENV_SOCKET = app.ENV_SOCKET
+ENV_SOCKET = dm_program.ENV_SOCKET
 _U32 = 0xFFFFFFFF
 
 
@@ -540,7 +540,7 @@ class MockNetwork:
     """An HVM domain on a mock Xen with the card at ``PORT_BASE`` served by ``loop``.
 
     ``create(fd, irq=5)``: a new mock host with a 4 MiB domain (``hvm=False`` makes it
-    PV, for which interrupts are refused: ``app.NotHvmError``), the card on ``fd``,
+    PV, for which interrupts are refused: ``dm_program.NotHvmError``), the card on ``fd``,
     raising ``irq`` (None: no interrupt, the guest polls).  Used as a context manager:
     the loop runs in a thread (or call ``loop.run()`` yourself and leave ``threaded``
     False); leaving tears everything down and checks that no ioreq server was left in Xen.
@@ -564,7 +564,7 @@ class MockNetwork:
         try:
             domid = xen.create_domain(vcpus=1, hvm=hvm, memory_mb=4)
             if irq is not None:  # ISA IRQ level changes for an HVM guest only
-                app.check_hvm(domid, "hvm" if xen.domain(domid).hvm else "pv")
+                dm_program.check_hvm(domid, "hvm" if xen.domain(domid).hvm else "pv")
             dm = DeviceModel.open("mock", xen=xen)
         except BaseException:
             xen.close()
@@ -597,7 +597,7 @@ class MockNetwork:
 
     def __enter__(self) -> MockNetwork:
         if self.threaded:
-            self._thread = app.start_daemon_thread(lambda: self.loop.run(handle_signals=False), "tapnet-serve")
+            self._thread = dm_program.start_daemon_thread(lambda: self.loop.run(handle_signals=False), "tapnet-serve")
         return self
 
     def close(self) -> None:
@@ -652,14 +652,15 @@ def serve_mock(tap: Tap, out: TextIO, *, irq: int | None, ip: str, host_ip: str,
     with MockNetwork.create(tap.fd, irq=irq, threaded=False) as net:
         out.write(f"tapnet: serving dom{net.domid} (mock) on tap {tap.name}; guest {ip}; Ctrl-C to stop\n")
         out.flush()
-        run = app.run_guest_while_serving(
+        run = dm_program.run_guest_while_serving(
             net.loop,
             lambda: run_guest(net, stop, out, mac=mac, ip=ip, host_ip=host_ip),
             hold=True,  # the guest answers until the loop has ended (``stop``)
             stopping=stop,
         )
     out.write(
-        f"{app.stopped_line('tapnet', run.signal)}; {net.nic.tx_frames} frames sent, {net.nic.rx_frames} received, "
+        f"{dm_program.stopped_line('tapnet', run.signal)}; "
+        f"{net.nic.tx_frames} frames sent, {net.nic.rx_frames} received, "
         f"{run.result or 0} answered\n"
     )
     return 0
@@ -710,8 +711,8 @@ def _megabytes(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], epilog=app.EXIT_STATUS_HELP)
-    app.add_arguments(p, assume_hvm=True)
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], epilog=dm_program.EXIT_STATUS_HELP)
+    dm_program.add_arguments(p, assume_hvm=True)
     p.add_argument("--tap", type=_ifname, default="xdmtap0", help="tap interface (created if missing)")
     p.add_argument("--netns", help="network namespace to run in (must exist)")
     p.add_argument("--host-addr", type=_ip_interface, default="10.0.9.1/24", help="address of a created tap")
@@ -725,7 +726,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
-    args, target = app.parse(p, argv)
+    args, target = dm_program.parse(p, argv)
     try:
         mac = _mac(args.mac)
         if len(mac) != 6:
@@ -733,11 +734,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         p.error(f"--mac {args.mac!r}: not a MAC address (six hex bytes)")
     irq = None if args.no_irq else args.irq
-    if target.where is app.Where.XEN and irq is not None:  # refused before anything is opened, the tap too
+    if target.where is dm_program.Where.XEN and irq is not None:  # refused before anything is opened, the tap too
         try:
-            app.require_hvm(args.domid, assume_hvm=args.assume_hvm)
-        except app.NotHvmError as e:
-            said = app.not_xen_host(e) if e.kind is None else e
+            dm_program.require_hvm(args.domid, assume_hvm=args.assume_hvm)
+        except dm_program.NotHvmError as e:
+            said = dm_program.not_xen_host(e) if e.kind is None else e
             p.error(str(said) if said is not e else f"{e}; or use --no-irq")
     if args.netns:
         try:
@@ -749,11 +750,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         p.exit(1, f"tapnet: cannot open tap {args.tap!r}: {e} (needs root and {TUN_PATH})\n")
     with tap:
-        if target.where is app.Where.MOCK:
+        if target.where is dm_program.Where.MOCK:
             host_ip = args.host_addr.split("/")[0]
             code = serve_mock(tap, sys.stdout, irq=irq, ip=args.guest_addr, host_ip=host_ip, mac=mac)
         else:
-            code = app.run_target(
+            code = dm_program.run_target(
                 target,
                 lambda connection: serve_domain(connection, tap, irq=irq, ram_mb=args.guest_ram_mb, where=target),
                 name="tapnet",
@@ -765,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve_domain(
-    connection: app.Connection, tap: Tap, *, irq: int | None, ram_mb: int | None, where: app.Target
+    connection: dm_program.Connection, tap: Tap, *, irq: int | None, ram_mb: int | None, where: dm_program.Target
 ) -> int:
     """Serve the connection's domain until SIGINT/SIGTERM; the server is destroyed on the way out.
 
@@ -789,8 +790,8 @@ def serve_domain(
             flush=True,
         )
 
-    signum = app.serve_until_signal(loop, on_ready=ready)  # until SIGINT/SIGTERM; closes the server
-    print(f"{app.stopped_line('tapnet', signum)}; {nic.tx_frames} frames sent, {nic.rx_frames} received")
+    signum = dm_program.serve_until_signal(loop, on_ready=ready)  # until SIGINT/SIGTERM; closes the server
+    print(f"{dm_program.stopped_line('tapnet', signum)}; {nic.tx_frames} frames sent, {nic.rx_frames} received")
     return 0
 
 

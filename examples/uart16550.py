@@ -31,7 +31,7 @@ cannot tell PVH from HVM.  Before serving, the guest's kind is read from the
 hypervisor's emulation flags (libxenctrl), else from libxl's record
 (``xenstore-read /libxl/<domid>/type``), and any domain that is not "hvm" is
 refused; an unknown kind is refused too unless ``--assume-hvm`` is given
-(``xendmop.runtime.app.require_hvm``).  On the mock the domain view says whether
+(``xendmop.runtime.dm_program.require_hvm``).  On the mock the domain view says whether
 it is HVM.
 
 ``--depriv UID:GID`` drops privileges after bring-up (``IoreqServer(deprivilege=)``).
@@ -90,7 +90,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 from xendmop import DeviceModel
-from xendmop.runtime import ServeLoop, app
+from xendmop.runtime import ServeLoop, dm_program
 
 if TYPE_CHECKING:
     from xendmop.mock import MockXen
@@ -775,7 +775,7 @@ def run_on_mock(
     from xendmop.mock.simguest import SimGuest
 
     view = MockConsole(out)
-    with app.open_mock(xen, domid) as mock:
+    with dm_program.open_mock(xen, domid) as mock:
         mock.require_hvm()  # ISA IRQ level changes for an HVM guest only
         host, domid = mock.mock_xen, mock.domid
         uart = Uart16550(view.console, isa_irq_setter(mock.dm, domid, view.irq_edge))
@@ -799,7 +799,7 @@ def run_on_mock(
 
         try:
             # After a signal the firmware may wait on the host's keyboard forever: no grace.
-            run = app.run_guest_while_serving(loop, firmware, signal_grace=0)
+            run = dm_program.run_guest_while_serving(loop, firmware, signal_grace=0)
         finally:
             uart.release_irq()
             close_input()
@@ -844,7 +844,7 @@ def fd_writer(fd: int) -> Callable[[bytes], None]:
 
 
 def serve_domain(
-    connection: app.Connection,
+    connection: dm_program.Connection,
     *,
     input_fd: int | None,
     output_fd: int,
@@ -898,9 +898,9 @@ def serve_domain(
                 on_ready()
 
         try:
-            return app.serve_until_signal(loop, on_ready=ready)  # up (and deprivileged) before on_ready
+            return dm_program.serve_until_signal(loop, on_ready=ready)  # up (and deprivileged) before on_ready
         finally:
-            with app.unless_gone():  # a domain gone has no IRQ to lower
+            with dm_program.unless_gone():  # a domain gone has no IRQ to lower
                 uart.release_irq()
             close_input()
             if restart is not None and (started or server.takeover is None):
@@ -927,8 +927,8 @@ def _mock_line(args: argparse.Namespace) -> bytes | Callable[[], bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], epilog=app.EXIT_STATUS_HELP)
-    app.add_arguments(p, assume_hvm=True)
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0], epilog=dm_program.EXIT_STATUS_HELP)
+    dm_program.add_arguments(p, assume_hvm=True)
     p.add_argument("--line", help="on the mock: what the host types to the guest ('-': read it from stdin)")
     p.add_argument("--pty", action="store_true", help="on a real dom0: a new pty instead of this terminal")
     p.add_argument(
@@ -942,15 +942,15 @@ def main(argv: list[str] | None = None) -> int:
             "server over and carry on where the guest was; a clean stop removes them"
         ),
     )
-    args, target = app.parse(p, argv)
-    if target.where is app.Where.MOCK:
+    args, target = dm_program.parse(p, argv)
+    if target.where is dm_program.Where.MOCK:
         if args.pty:
             p.error("--pty is for a real dom0 (--domid N); on the mock the host types --line")
         if args.state_dir:
             p.error("--state-dir is for --domid N: the in-process mock's servers end with this process")
         return _main_mock(args)
     # ISA IRQ 4 goes out: a domain that is not HVM is refused (exit 2) before anything is opened.
-    return app.run_target(
+    return dm_program.run_target(
         target, lambda connection: _main_domain(args, connection), name="uart16550", parser=p, hvm_only=True
     )
 
@@ -966,7 +966,7 @@ def _main_mock(args: argparse.Namespace) -> int:
     return 0
 
 
-def _main_domain(args: argparse.Namespace, connection: app.Connection) -> int:
+def _main_domain(args: argparse.Namespace, connection: dm_program.Connection) -> int:
     """Serve the connection's domain (a real dom0's, or a mock host process's) on a terminal or pty."""
     domid = connection.domid
     with contextlib.ExitStack() as stack:
@@ -992,7 +992,7 @@ def _main_domain(args: argparse.Namespace, connection: app.Connection) -> int:
             print(f"uart16550: serving dom{domid}'s COM1{dropped}; Ctrl-C to stop", file=sys.stderr, flush=True)
 
         signum = serve_domain(connection, input_fd=in_fd, output_fd=out_fd, on_ready=ready, state_dir=args.state_dir)
-    print("\r\n" + app.stopped_line("uart16550", signum), file=sys.stderr)  # \r: the terminal may have been raw
+    print("\r\n" + dm_program.stopped_line("uart16550", signum), file=sys.stderr)  # \r: the terminal may have been raw
     return 0
 
 

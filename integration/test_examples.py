@@ -1,7 +1,7 @@
 """The examples' HVM guard on real Xen: a device model that raises interrupts refuses a PVH
 or PV domain before it creates anything (an accepted ISA IRQ change against a PVH guest
 crashed Xen 4.17.7: see scenarios.py).  The guard reads the kind through libxenctrl, so
-this also proves `xendmop.runtime.app.guest_kind` and `xendmop info DOMID` against the
+this also proves `xendmop.runtime.dm_program.guest_kind` and `xendmop info DOMID` against the
 real hypervisor."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import xenlab
 
 xendmop = pytest.importorskip("xendmop", reason="xendmop is not importable (PYTHONPATH should be the checkout)")
-from xendmop.runtime import app  # noqa: E402
+from xendmop.runtime import dm_program  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 #: the examples that raise interrupts, hence refuse anything but HVM
@@ -32,9 +32,9 @@ def test_guest_kind_reads_pvh_and_pv_from_the_hypervisor(
     make_guest: Callable[..., xenlab.Guest], pv_domid: int | None
 ) -> None:
     guest = make_guest()
-    assert app.guest_kind(guest.domid) == "pvh"
+    assert dm_program.guest_kind(guest.domid) == "pvh"
     if pv_domid is not None:
-        assert app.guest_kind(pv_domid) == "pv"
+        assert dm_program.guest_kind(pv_domid) == "pv"
     info = _run("-m", "xendmop", "info", str(guest.domid))
     assert info.returncode == 0, info.stderr
     assert f"dom{guest.domid}: PVH" in info.stdout, info.stdout

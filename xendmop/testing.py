@@ -125,7 +125,7 @@ class ServeThread:
 
     def start(self) -> ServeThread:
         if self._thread is None:
-            from .runtime.app import start_daemon_thread
+            from .runtime.dm_program import start_daemon_thread
 
             # Signals (a Ctrl-C of pytest) stay with the test's thread.
             self._thread = start_daemon_thread(self._run, "xendmop-serve")

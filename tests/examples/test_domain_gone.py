@@ -3,7 +3,7 @@ off) — every example says so in one line, tears down without failure lines and
 ``--help`` states; and when the mock host process itself dies, it says the host is gone and exits 1.
 
 Xen sends no event for either: ``ServeLoop`` asks about its server every ``WATCH_INTERVAL``.
-Each example is driven in-process (its serving function over ``app.run_connection`` on the
+Each example is driven in-process (its serving function over ``dm_program.run_connection`` on the
 in-process mock) and as a program serving a mock host process's domain."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from example_cli import example_env, read_until
 
-from xendmop.runtime import app
+from xendmop.runtime import dm_program
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ["debugcon", "uart16550", "pci_edu", "framebuffer", "tapnet"]
@@ -38,8 +38,8 @@ def gone_line(name: str, domid: int) -> str:
 
 
 def test_help_states_the_status_of_a_domain_gone_and_of_a_host_gone() -> None:
-    assert "0 when done" in app.EXIT_STATUS_HELP and "when the domain is gone" in app.EXIT_STATUS_HELP
-    assert "or the mock host process is gone" in app.EXIT_STATUS_HELP.split("1 when")[1]
+    assert "0 when done" in dm_program.EXIT_STATUS_HELP and "when the domain is gone" in dm_program.EXIT_STATUS_HELP
+    assert "or the mock host process is gone" in dm_program.EXIT_STATUS_HELP.split("1 when")[1]
 
 
 # --- in-process: the example's serving function on the in-process mock ------------------------------
@@ -58,7 +58,7 @@ class StandInTap:
         self.theirs.close()
 
 
-def serving_function(name: str, tmp_path: Path) -> tuple[Callable[[app.Connection], int], Callable[[], None]]:
+def serving_function(name: str, tmp_path: Path) -> tuple[Callable[[dm_program.Connection], int], Callable[[], None]]:
     """The example's function that serves a connection's domain until a signal, and what to close after."""
     module: dict[str, Any] = runpy.run_path(str(ROOT / "examples" / f"{name}.py"))
     if name == "debugcon":
@@ -72,11 +72,11 @@ def serving_function(name: str, tmp_path: Path) -> tuple[Callable[[app.Connectio
         png = module["PngFile"](str(tmp_path / "fb.png"))
         return (lambda c: module["serve_domain"](c, png, 0.05)), png.close
     tap = StandInTap()
-    target = app.Target(app.Where.MOCK)
+    target = dm_program.Target(dm_program.Where.MOCK)
     return (lambda c: module["serve_domain"](c, tap, irq=5, ram_mb=None, where=target)), tap.close
 
 
-def destroy_once_served(connection: app.Connection, done: threading.Event) -> threading.Thread:
+def destroy_once_served(connection: dm_program.Connection, done: threading.Event) -> threading.Thread:
     """A thread that destroys the connection's domain once an ioreq server is up in it."""
     xen = connection.mock_xen
 
@@ -102,10 +102,10 @@ def test_in_process_a_domain_destroyed_while_served_ends_in_one_line_and_0(
     lines: list[str] = []
     done = threading.Event()
     try:
-        with app.open_mock() as connection:
+        with dm_program.open_mock() as connection:
             destroyer = destroy_once_served(connection, done)
             started = time.monotonic()
-            status = app.run_connection(connection, serve, name=name, report=lines.append)
+            status = dm_program.run_connection(connection, serve, name=name, report=lines.append)
             took = time.monotonic() - started
             done.set()
             destroyer.join()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from example_cli import example_env, read_until
 
-from xendmop.runtime import app
+from xendmop.runtime import dm_program
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ["debugcon", "uart16550", "pci_edu", "framebuffer", "tapnet"]
@@ -34,8 +34,8 @@ def test_help_states_the_shared_exit_statuses(name: str) -> None:
         env=example_env(),
     )
     assert done.returncode == 0, done.stderr
-    assert squeeze(app.EXIT_STATUS_HELP) in squeeze(done.stdout)
-    assert "0 when done, also when stopped by SIGINT (Ctrl-C) or SIGTERM" in app.EXIT_STATUS_HELP
+    assert squeeze(dm_program.EXIT_STATUS_HELP) in squeeze(done.stdout)
+    assert "0 when done, also when stopped by SIGINT (Ctrl-C) or SIGTERM" in dm_program.EXIT_STATUS_HELP
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -76,7 +76,7 @@ def test_serving_a_domain_until_a_signal_exits_0_and_leaves_no_server(
             assert proc.returncode == 0, seen + out
             assert remote.servers(1) == {}
         last = out.strip().splitlines()[-1]
-        assert last == app.stopped_line(name, signum) and "Traceback" not in out
+        assert last == dm_program.stopped_line(name, signum) and "Traceback" not in out
     finally:
         proc.kill()
         proc.wait()

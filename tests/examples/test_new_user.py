@@ -16,7 +16,7 @@ import pytest
 from example_cli import example_env
 
 from xendmop.backends.device import xen_host_signs
-from xendmop.runtime import ServeLoop, app
+from xendmop.runtime import ServeLoop, dm_program
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_DIR = ROOT / "examples"
@@ -49,7 +49,7 @@ def handlers() -> Iterator[None]:
 def test_a_signal_during_bring_up_or_teardown_stops_cleanly(handlers: None, when: str) -> None:
     """A second SIGINT while the server is torn down (tapnet's 4 in 32 ``timeout -s INT`` runs),
     or one while it comes up, is only noted: no KeyboardInterrupt, the server destroyed."""
-    with app.open_mock() as mock:
+    with dm_program.open_mock() as mock:
         server = mock.ioreq_server()
         server.add_port_range(0x510, 0x511, _Nothing(), "nothing")
         loop = ServeLoop(server)
@@ -71,7 +71,7 @@ def test_a_signal_during_bring_up_or_teardown_stops_cleanly(handlers: None, when
             go = os.eventfd(1, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             loop.add_reader(go, lambda: os.kill(os.getpid(), signal.SIGINT))
         try:
-            assert app.serve_until_signal(loop) == signal.SIGINT
+            assert dm_program.serve_until_signal(loop) == signal.SIGINT
         finally:
             if when == "teardown":
                 os.close(go)
@@ -152,7 +152,7 @@ def test_trace_is_the_runtimes_logging_at_debug(caplog: pytest.LogCaptureFixture
     from xendmop.mock.simguest import SimGuest
 
     caplog.set_level(logging.DEBUG, logger="xendmop.ioreq")
-    with app.open_mock() as mock:
+    with dm_program.open_mock() as mock:
         server = mock.ioreq_server()
         server.add_port_range(0x510, 0x511, _Nothing(), "nothing")
         with server:
@@ -199,7 +199,7 @@ def test_the_asyncio_form_also_notices_the_domain_gone() -> None:
 
     from xendmop.runtime.server import DomainGone, serve_forever_async
 
-    with app.open_mock() as mock:
+    with dm_program.open_mock() as mock:
         server = mock.ioreq_server()
         server.add_port_range(0x510, 0x511, _Nothing(), "nothing")
 
@@ -229,7 +229,7 @@ def test_a_watch_xen_refuses_for_another_reason_is_dropped_not_fatal(caplog: pyt
 
     from xendmop.errors import XenError
 
-    with app.open_mock() as mock:
+    with dm_program.open_mock() as mock:
         server = mock.ioreq_server()
         server.add_port_range(0x510, 0x511, _Nothing(), "nothing")
         with server:

@@ -33,7 +33,7 @@ from example_cli import example_env, read_until, stand_in_tool
 from pyroute2 import NetNS, netns  # type: ignore[import-untyped]
 
 from xendmop.backends.device import xen_host_signs
-from xendmop.runtime import app
+from xendmop.runtime import dm_program
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "tapnet.py"
@@ -246,7 +246,7 @@ def test_a_card_without_interrupt_is_polled_and_never_touches_the_line(wire: Any
 
 
 def test_interrupts_are_refused_for_a_guest_that_is_not_hvm(wire: Any) -> None:
-    with pytest.raises(app.NotHvmError, match=r"dom1 is pv, not HVM.*crash Xen \(4\.17\.7\)"):
+    with pytest.raises(dm_program.NotHvmError, match=r"dom1 is pv, not HVM.*crash Xen \(4\.17\.7\)"):
         tapnet.MockNetwork.create(wire[0].fileno(), irq=5, hvm=False)
 
 
@@ -306,7 +306,7 @@ def test_depriv_on_the_in_process_mock_exits_with_a_reason() -> None:
 def test_interrupts_for_a_domain_that_is_not_hvm_are_refused_before_anything_is_opened(
     tmp_path: Path, kind: str
 ) -> None:
-    """The type as the other examples get it (app.require_hvm): libxenctrl, else Xenstore (a stand-in here).
+    """The type as the other examples get it (dm_program.require_hvm): libxenctrl, else Xenstore (a stand-in here).
     --assume-hvm is only for a type nothing can tell: it does not override what Xenstore says."""
     stand_in_tool(tmp_path, "xenstore-read", f"echo {kind}")
     for extra in ([], ["--assume-hvm"]):

@@ -23,7 +23,7 @@ from xendmop import DeviceModel
 from xendmop.backends.device import xen_host_signs
 from xendmop.mock import MockXen
 from xendmop.mock.simguest import SimGuest
-from xendmop.runtime import ServeLoop, app
+from xendmop.runtime import ServeLoop, dm_program
 from xendmop.testing import DomainFactory, ServeFactory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -278,7 +278,7 @@ def test_run_on_mock_end_to_end(xen_host: MockXen, hvm_domain: int) -> None:
 
 def test_run_on_mock_refuses_a_pv_domain(xen_host: MockXen, make_domain: DomainFactory) -> None:
     pv = make_domain(hvm=False)
-    with pytest.raises(app.NotHvmError, match=f"dom{pv} is pv, not HVM"):
+    with pytest.raises(dm_program.NotHvmError, match=f"dom{pv} is pv, not HVM"):
         uart_mod["run_on_mock"](b"x", io.StringIO(), xen=xen_host, domid=pv)
     assert xen_host.domain(pv).snapshot()["irq"][0] == 0  # no ISA IRQ touched
 
@@ -311,7 +311,8 @@ def test_serve_domain_on_a_pty_until_sigterm(
 
     thread = threading.Thread(target=firmware)
     try:
-        connection = app.Connection(app.Where.MOCK, device_model, hvm_domain, xen_host.open_device, xen_host)
+        where = dm_program.Where.MOCK
+        connection = dm_program.Connection(where, device_model, hvm_domain, xen_host.open_device, xen_host)
         signum = uart_mod["serve_domain"](connection, input_fd=master, output_fd=master, on_ready=thread.start)
         thread.join(5)
         assert signum == signal.SIGTERM

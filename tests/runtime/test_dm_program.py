@@ -1,4 +1,4 @@
-"""xendmop.runtime.app: the command line, targets, the HVM guard and serving, as the examples use them."""
+"""xendmop.runtime.dm_program: the command line, targets, the HVM guard and serving, as the examples use them."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 
 from xendmop.backends.libxen import DomainKind, LibxenCtrl
 from xendmop.mock import MockXen
-from xendmop.runtime import ServeLoop, app
-from xendmop.runtime.app import NotHvmError, Target, UsageError, Where
+from xendmop.runtime import ServeLoop, dm_program
+from xendmop.runtime.dm_program import NotHvmError, Target, UsageError, Where
 
 
 class Answer:
@@ -34,7 +34,7 @@ class Answer:
 
 def parser(**kw: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dm")
-    app.add_arguments(p, **kw)
+    dm_program.add_arguments(p, **kw)
     return p
 
 
@@ -134,10 +134,10 @@ def test_values_built_without_the_parser_are_checked_too(namespace: argparse.Nam
 
 
 def test_parse_exits_on_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    args, where = app.parse(parser(), ["--domid", "8"], {"XENDMOP_MOCK_SOCKET": "/run/m.sock"})
+    args, where = dm_program.parse(parser(), ["--domid", "8"], {"XENDMOP_MOCK_SOCKET": "/run/m.sock"})
     assert args.domid == 8 and where == Target(Where.MOCK_HOST, 8, "/run/m.sock")
     with pytest.raises(SystemExit) as exit_:
-        app.parse(parser(), ["--chroot", "/var/empty"], {})
+        dm_program.parse(parser(), ["--chroot", "/var/empty"], {})
     assert exit_.value.code == 2 and "dm: error: --chroot needs --depriv UID:GID" in capsys.readouterr().err
 
 
@@ -208,7 +208,7 @@ def absent_libxenctrl(tmp_path: Path) -> Any:
 def test_libxenctrl_is_asked_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: DomainKind) -> None:
     calls = stand_in_xenstore(tmp_path, monkeypatch, "echo hvm")
     closed = StubCtrl.closed
-    assert app.guest_kind(5, libxenctrl=lambda: StubCtrl(kind)) == kind.value.lower()
+    assert dm_program.guest_kind(5, libxenctrl=lambda: StubCtrl(kind)) == kind.value.lower()
     assert not calls.exists(), "Xenstore asked although libxenctrl answered"
     assert StubCtrl.closed == closed + 1  # the handle is not kept open
 
@@ -228,33 +228,33 @@ def test_without_libxenctrl_xenstore_read_answers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str, expected: str | None
 ) -> None:
     calls = stand_in_xenstore(tmp_path, monkeypatch, script)
-    assert app.guest_kind(12, libxenctrl=absent_libxenctrl(tmp_path)) == expected
+    assert dm_program.guest_kind(12, libxenctrl=absent_libxenctrl(tmp_path)) == expected
     assert calls.read_text() == "/libxl/12/type\n"  # one child process, asked for libxl's record
 
 
 def test_no_tool_and_no_library_is_unknown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stand_in_xenstore(tmp_path, monkeypatch, None)
-    assert app.guest_kind(3, libxenctrl=absent_libxenctrl(tmp_path)) is None
+    assert dm_program.guest_kind(3, libxenctrl=absent_libxenctrl(tmp_path)) is None
 
 
 def test_the_installed_libxenctrl_off_xen_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if os.path.exists("/dev/xen/privcmd"):
         pytest.skip("a Xen dom0: libxenctrl answers for itself")
     calls = stand_in_xenstore(tmp_path, monkeypatch, "echo pvh")
-    assert app.guest_kind(4) == "pvh"  # no libxenctrl, or one that cannot reach Xen here
+    assert dm_program.guest_kind(4) == "pvh"  # no libxenctrl, or one that cannot reach Xen here
     assert calls.read_text() == "/libxl/4/type\n"
 
 
 def test_a_hung_xenstore_read_is_unknown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     stand_in_xenstore(tmp_path, monkeypatch, "exec sleep 30")
-    monkeypatch.setattr(app, "XENSTORE_TIMEOUT", 0.2)
-    assert app.guest_kind(6, libxenctrl=absent_libxenctrl(tmp_path)) is None
+    monkeypatch.setattr(dm_program, "XENSTORE_TIMEOUT", 0.2)
+    assert dm_program.guest_kind(6, libxenctrl=absent_libxenctrl(tmp_path)) is None
 
 
 @pytest.mark.parametrize("domid", [-1, 0x7FF0, True, "5"])
 def test_guest_kind_refuses_a_bad_domid(domid: Any) -> None:
     with pytest.raises(UsageError, match=repr(domid)):
-        app.guest_kind(domid)
+        dm_program.guest_kind(domid)
 
 
 @pytest.mark.parametrize("kind", ["hvm", "pvh", "pv", None])
@@ -265,10 +265,10 @@ def test_require_hvm_matrix(
     stand_in_xenstore(tmp_path, monkeypatch, f"echo {kind}" if kind else "exit 1")
     allowed = kind == "hvm" or (kind is None and assume_hvm)
     if allowed:
-        assert app.require_hvm(9, assume_hvm=assume_hvm, libxenctrl=absent_libxenctrl(tmp_path)) == kind
+        assert dm_program.require_hvm(9, assume_hvm=assume_hvm, libxenctrl=absent_libxenctrl(tmp_path)) == kind
         return
     with pytest.raises(NotHvmError) as refused:
-        app.require_hvm(9, assume_hvm=assume_hvm, libxenctrl=absent_libxenctrl(tmp_path))
+        dm_program.require_hvm(9, assume_hvm=assume_hvm, libxenctrl=absent_libxenctrl(tmp_path))
     message = str(refused.value)
     assert f"dom9 is {kind or 'of unknown type'}, not HVM" in message and "crash Xen (4.17.7)" in message
     assert ("--assume-hvm" in message) == (kind is None) and refused.value.kind == kind
@@ -277,9 +277,9 @@ def test_require_hvm_matrix(
 def test_connection_require_hvm_on_the_in_process_mock() -> None:
     with MockXen() as xen:
         pv = xen.create_domain(vcpus=1, hvm=False, memory_mb=4)
-        with app.open_mock(xen, pv) as conn, pytest.raises(NotHvmError, match=f"dom{pv} is pv, not HVM"):
+        with dm_program.open_mock(xen, pv) as conn, pytest.raises(NotHvmError, match=f"dom{pv} is pv, not HVM"):
             conn.require_hvm()
-        with app.open_mock(xen) as conn:
+        with dm_program.open_mock(xen) as conn:
             conn.require_hvm()
             assert conn.domid != pv and conn.mock_xen is xen
 
@@ -301,7 +301,7 @@ def test_connection_require_hvm_on_a_mock_host_process(mock_host_process: str) -
 def test_run_target_reports_an_unreachable_host_in_one_line(tmp_path: Path) -> None:
     lines: list[str] = []
     gone = Target(Where.MOCK_HOST, 1, str(tmp_path / "no-such.sock"))
-    assert app.run_target(gone, lambda conn: 0, name="dm", report=lines.append) == 1
+    assert dm_program.run_target(gone, lambda conn: 0, name="dm", report=lines.append) == 1
     assert len(lines) == 1 and lines[0].startswith("dm: dom1: ") and "No such file or directory" in lines[0]
 
 
@@ -309,16 +309,16 @@ def test_run_target_refuses_a_pv_domain_before_the_body_runs(mock_host_process: 
     ran: list[int] = []
     pv = Target(Where.MOCK_HOST, 2, mock_host_process)
 
-    def body(conn: app.Connection) -> int:
+    def body(conn: dm_program.Connection) -> int:
         ran.append(conn.domid)
         return 7
 
     with pytest.raises(NotHvmError):
-        app.run_target(pv, body, name="dm", hvm_only=True)
+        dm_program.run_target(pv, body, name="dm", hvm_only=True)
     with pytest.raises(SystemExit) as exit_:
-        app.run_target(pv, body, name="dm", hvm_only=True, parser=parser())
+        dm_program.run_target(pv, body, name="dm", hvm_only=True, parser=parser())
     assert exit_.value.code == 2 and ran == []
-    assert app.run_target(pv, body, name="dm") == 7  # no interrupts: served
+    assert dm_program.run_target(pv, body, name="dm") == 7  # no interrupts: served
     assert ran == [2]
 
 
@@ -327,7 +327,7 @@ def test_run_target_checks_a_real_domain_before_opening_anything(
 ) -> None:
     stand_in_xenstore(tmp_path, monkeypatch, "echo pvh")
     with pytest.raises(NotHvmError, match="dom5 is pvh"):
-        app.run_target(Target(Where.XEN, 5, assume_hvm=True), lambda conn: 0, name="dm", hvm_only=True)
+        dm_program.run_target(Target(Where.XEN, 5, assume_hvm=True), lambda conn: 0, name="dm", hvm_only=True)
 
 
 # --- serving ----------------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def test_serve_until_signal_serves_then_tears_down_on_sigterm() -> None:
     from xendmop.mock.simguest import SimGuest
 
     seen: list[int] = []
-    with app.open_mock() as conn:
+    with dm_program.open_mock() as conn:
         assert conn.xen is not None and isinstance(conn.xen, MockXen)
         xen = conn.xen
         server = conn.ioreq_server()
@@ -347,14 +347,15 @@ def test_serve_until_signal_serves_then_tears_down_on_sigterm() -> None:
             seen.append(SimGuest(xen, conn.domid, timeout=5).inb(0x510))
             os.kill(os.getpid(), signal.SIGTERM)
 
-        signum = app.serve_until_signal(ServeLoop(server), on_ready=lambda: app.start_daemon_thread(guest, "g"))
+        start_guest = lambda: dm_program.start_daemon_thread(guest, "g")  # noqa: E731
+        signum = dm_program.serve_until_signal(ServeLoop(server), on_ready=start_guest)
         assert signum == signal.SIGTERM and seen == [0x5A]
         assert conn.servers_left() == []
         conn.check_no_server_left()
 
 
 def test_serve_until_signal_tears_down_when_on_ready_fails() -> None:
-    with app.open_mock() as conn:
+    with dm_program.open_mock() as conn:
         server = conn.ioreq_server()
         server.add_port_range(0x510, 0x510, Answer(1), "answer")
 
@@ -363,12 +364,12 @@ def test_serve_until_signal_tears_down_when_on_ready_fails() -> None:
             raise OSError(5, "cannot announce")
 
         with pytest.raises(OSError, match="cannot announce"):
-            app.serve_until_signal(ServeLoop(server), on_ready=fail)
+            dm_program.serve_until_signal(ServeLoop(server), on_ready=fail)
         assert conn.servers_left() == []
 
 
 def test_check_no_server_left_names_them() -> None:
-    with app.open_mock() as conn:
+    with dm_program.open_mock() as conn:
         server = conn.ioreq_server().start()
         try:
             with pytest.raises(RuntimeError, match=rf"ioreq server\(s\) \[0\] left behind in dom{conn.domid}"):
@@ -380,7 +381,9 @@ def test_check_no_server_left_names_them() -> None:
 def test_the_guest_thread_leaves_signals_to_the_caller() -> None:
     masks: list[set[int]] = []
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    thread = app.start_daemon_thread(lambda: masks.append(set(signal.pthread_sigmask(signal.SIG_BLOCK, []))), "t")
+    thread = dm_program.start_daemon_thread(
+        lambda: masks.append(set(signal.pthread_sigmask(signal.SIG_BLOCK, []))), "t"
+    )
     thread.join(5)
     assert thread.daemon and masks and {signal.SIGINT, signal.SIGTERM} <= masks[0]
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
@@ -390,15 +393,15 @@ def test_run_guest_while_serving_returns_what_the_guest_found() -> None:
     from xendmop.mock.simguest import SimGuest
 
     stopping = threading.Event()
-    with app.open_mock() as conn:
+    with dm_program.open_mock() as conn:
         assert isinstance(conn.xen, MockXen)
         xen = conn.xen
         server = conn.ioreq_server()
         server.add_port_range(0x510, 0x510, Answer(0x33), "answer")
-        run = app.run_guest_while_serving(
+        run = dm_program.run_guest_while_serving(
             ServeLoop(server), lambda: SimGuest(xen, conn.domid, timeout=5).inb(0x510), stopping=stopping
         )
-        assert run == app.GuestRun(0x33, None) and stopping.is_set()
+        assert run == dm_program.GuestRun(0x33, None) and stopping.is_set()
         conn.check_no_server_left()
 
 
@@ -406,10 +409,10 @@ def test_run_guest_while_serving_raises_what_the_guest_raised() -> None:
     def guest() -> int:
         raise LookupError("no device where the guest looked")
 
-    with app.open_mock() as conn:
+    with dm_program.open_mock() as conn:
         server = conn.ioreq_server()
         with pytest.raises(LookupError, match="no device"):
-            app.run_guest_while_serving(ServeLoop(server), guest)
+            dm_program.run_guest_while_serving(ServeLoop(server), guest)
         conn.check_no_server_left()
 
 
@@ -419,27 +422,27 @@ def test_hold_serves_until_a_signal(signum: int) -> None:
         os.kill(os.getpid(), signum)  # the guest's thread blocks it: the serving main thread takes it
         return "done"
 
-    with app.open_mock() as conn:
-        run = app.run_guest_while_serving(ServeLoop(conn.ioreq_server()), guest, hold=True)
-        assert run == app.GuestRun("done", signum)
+    with dm_program.open_mock() as conn:
+        run = dm_program.run_guest_while_serving(ServeLoop(conn.ioreq_server()), guest, hold=True)
+        assert run == dm_program.GuestRun("done", signum)
         conn.check_no_server_left()
 
 
 def test_a_guest_that_never_ends_is_reported() -> None:
     never = threading.Event()
-    with app.open_mock() as conn:
+    with dm_program.open_mock() as conn:
         loop = ServeLoop(conn.ioreq_server())
         threading.Timer(0.1, loop.stop).start()
         with pytest.raises(RuntimeError, match=r"did not finish in 0\.2s"):
-            app.run_guest_while_serving(loop, lambda: never.wait(30), hold=True, join_timeout=0.2)
+            dm_program.run_guest_while_serving(loop, lambda: never.wait(30), hold=True, join_timeout=0.2)
         never.set()
         conn.check_no_server_left()
 
 
 def test_run_guest_script_shows_the_lines_at_the_end() -> None:
     shown: list[str] = []
-    with app.open_mock() as conn:
-        result = app.run_guest_script(
+    with dm_program.open_mock() as conn:
+        result = dm_program.run_guest_script(
             conn, ServeLoop(conn.ioreq_server()), lambda: ["a", "b"], lines=lambda r: r, out=shown.append
         )
     assert result == ["a", "b"] and shown == ["a", "b"]
@@ -453,8 +456,8 @@ def test_run_guest_script_held_until_a_signal(signum: int) -> None:
         threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
         return ["found it"]
 
-    with app.open_mock() as conn:
-        result = app.run_guest_script(
+    with dm_program.open_mock() as conn:
+        result = dm_program.run_guest_script(
             conn, ServeLoop(conn.ioreq_server()), script, lines=lambda r: r, hold=True, out=shown.append
         )
     assert result == ["found it"]
@@ -466,11 +469,11 @@ def test_run_guest_script_held_until_a_signal(signum: int) -> None:
 
 
 def test_run_guest_script_names_a_server_left_behind() -> None:
-    with app.open_mock() as conn:
+    with dm_program.open_mock() as conn:
         stray = conn.ioreq_server().start()  # not served by the loop, so not torn down by it
         try:
             with pytest.raises(RuntimeError, match=rf"ioreq server\(s\) \[{stray.id}\] left behind"):
-                app.run_guest_script(conn, ServeLoop(conn.ioreq_server()), lambda: 0, lines=lambda r: [])
+                dm_program.run_guest_script(conn, ServeLoop(conn.ioreq_server()), lambda: 0, lines=lambda r: [])
         finally:
             stray.close()
 
@@ -484,20 +487,20 @@ def test_after_a_signal_the_guest_gets_its_grace_and_no_more() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         never.wait(30)  # blocked on something else than the device: a keyboard
 
-    with app.open_mock() as conn:
+    with dm_program.open_mock() as conn:
         started = time.monotonic()
-        run = app.run_guest_while_serving(ServeLoop(conn.ioreq_server()), guest, signal_grace=0.3)
+        run = dm_program.run_guest_while_serving(ServeLoop(conn.ioreq_server()), guest, signal_grace=0.3)
         waited = time.monotonic() - started
         never.set()
-    assert run == app.GuestRun(None, signal.SIGTERM) and 0.3 <= waited < 5
+    assert run == dm_program.GuestRun(None, signal.SIGTERM) and 0.3 <= waited < 5
 
 
 def test_the_socket_variable_is_the_mock_hosts() -> None:
     from xendmop.mock import remote
 
-    assert app.ENV_SOCKET == remote.ENV_SOCKET  # spelled here so that real Xen never imports the mock
+    assert dm_program.ENV_SOCKET == remote.ENV_SOCKET  # spelled here so that real Xen never imports the mock
 
 
 def test_stopped_line_names_the_signal() -> None:
-    assert app.stopped_line("dm", signal.SIGINT) == "dm: stopped (SIGINT); the ioreq server was destroyed"
-    assert app.stopped_line("dm", None) == "dm: stopped (done); the ioreq server was destroyed"
+    assert dm_program.stopped_line("dm", signal.SIGINT) == "dm: stopped (SIGINT); the ioreq server was destroyed"
+    assert dm_program.stopped_line("dm", None) == "dm: stopped (done); the ioreq server was destroyed"

@@ -1,8 +1,8 @@
 """Run a device model: ioreq servers, event channels, foreign memory and the dispatch loop."""
 
 from ..abi.ioreq_slot import Ioreq
-from .app import Connection, GuestRun, NotHvmError, Target, UsageError
 from .dispatch import Dispatcher, GuestMemory, GuestMemoryError, IoDevice, RateLimitedLog
+from .dm_program import Connection, GuestRun, NotHvmError, Target, UsageError
 from .evtchn import EventChannel
 from .foreignmemory import ForeignMapping, ForeignMemory, GuestRam
 from .pci import Bar, PciFunction

@@ -87,7 +87,7 @@ __all__ = [
     "unless_gone",
 ]
 
-log = logging.getLogger("xendmop.app")
+log = logging.getLogger("xendmop.dm_program")
 
 #: names a mock host process (``xendmop mock-host --socket PATH``) whose domain ``--domid`` serves;
 #: the same name as ``xendmop.mock.remote.ENV_SOCKET`` (not imported: the mock stays unloaded on Xen)

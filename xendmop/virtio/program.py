@@ -1,5 +1,5 @@
 """What every ``examples/virtio_*.py`` shares around its device: the command line
-(``runtime.app``'s ``--domid/--depriv/--chroot``, ``--hold``, ``--assume-hvm``, ``--slot``),
+(``runtime.dm_program``'s ``--domid/--depriv/--chroot``, ``--hold``, ``--assume-hvm``, ``--slot``),
 serving a real dom0 or a mock host process until SIGINT/SIGTERM, and on the in-process mock
 a simulated guest whose virtio driver (``driver.VirtioPciDriver``) uses the device."""
 
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..runtime import ServeLoop, app
+from ..runtime import ServeLoop, dm_program
 from .device import VirtioDevice
 from .driver import VirtioPciDriver, find_virtio
 from .pci import VirtioPci
@@ -70,10 +70,10 @@ class Example:
         self.name = name
         self.parser = argparse.ArgumentParser(
             description=(doc or name).splitlines()[0],
-            epilog=app.EXIT_STATUS_HELP,
+            epilog=dm_program.EXIT_STATUS_HELP,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        app.add_arguments(self.parser, hold=True, assume_hvm=True)
+        dm_program.add_arguments(self.parser, hold=True, assume_hvm=True)
         self.parser.add_argument(
             "--slot", type=int, default=default_slot, choices=range(1, 32), metavar="1..31", help="PCI slot on bus 0"
         )
@@ -108,7 +108,7 @@ class Example:
     ) -> tuple[list[str], VirtioPci] | None:
         from ..mock.simguest import SimGuest
 
-        with app.open_mock(memory_mb=MOCK_MEMORY_MB) as mock:
+        with dm_program.open_mock(memory_mb=MOCK_MEMORY_MB) as mock:
             server = mock.ioreq_server()
             transport = VirtioPci(device, lambda: server.dispatcher.memory, ram_limit=MOCK_MEMORY_MB << 20)
             server.add_pci(transport.pci, slot=args.slot, name=self.name)
@@ -121,15 +121,15 @@ class Example:
                 driver = VirtioPciDriver(sim, find_virtio(sim, device.device_type))
                 return self.guest_script(driver, device, args)
 
-            lines = app.run_guest_script(mock, loop, guest, lines=lambda lines: lines, hold=args.hold, out=out)
+            lines = dm_program.run_guest_script(mock, loop, guest, lines=lambda lines: lines, hold=args.hold, out=out)
         return None if lines is None else (lines, transport)
 
     def main(self, argv: list[str] | None = None) -> int:
-        args, target = app.parse(self.parser, argv)
+        args, target = dm_program.parse(self.parser, argv)
         problem = self.validate(args) if self.validate is not None else None
         if problem is not None:
             self.parser.error(problem)
-        if target.where is app.Where.MOCK:
+        if target.where is dm_program.Where.MOCK:
             try:
                 self.run_on_mock(args)
             except DeviceSetupError as e:  # the device's host side (a tap, a file) could not be opened
@@ -137,7 +137,7 @@ class Example:
                 return 1
             return 0
 
-        def serve(connection: app.Connection) -> int:
+        def serve(connection: dm_program.Connection) -> int:
             """Serve the device until SIGINT/SIGTERM; the server is destroyed on the way out."""
             device = self._make_device(args)
             try:
@@ -158,12 +158,12 @@ class Example:
                         flush=True,
                     )
 
-                signum = app.serve_until_signal(loop, on_ready=ready)
+                signum = dm_program.serve_until_signal(loop, on_ready=ready)
             finally:
                 if self.close is not None:
                     self.close(device)
-            print(app.stopped_line(self.name, signum), file=sys.stderr)
+            print(dm_program.stopped_line(self.name, signum), file=sys.stderr)
             return 0
 
         # MSI-X and INTx go out: a domain that is not HVM is refused before anything is opened.
-        return app.run_target(target, serve, name=self.name, parser=self.parser, hvm_only=True)
+        return dm_program.run_target(target, serve, name=self.name, parser=self.parser, hvm_only=True)
