@@ -118,7 +118,7 @@ def test_generated_call_sends_the_generic_bytes(method: tuple[Any, ...], generic
     dm = _open(device)
     name, *args = method
     op, fields, slots = generic
-    getattr(dm, name)(*args)  # compiled at first use
+    getattr(dm, name)(*args)  # the op's call, made when the handle opened
     dm._call(BY_NAME[op], args[0], fields, slots)  # the generic funnel, same arena pool
     getattr(dm, name)(*args)  # compiled, after the generic path has used the arena
     assert len(device.requests) == 3

@@ -111,7 +111,7 @@ def test_ints_and_the_ops_own_enums_are_accepted(dm: DeviceModel, host: MockXen,
 def test_errors_name_the_python_argument_not_the_c_field(
     dm: DeviceModel, domid: int, method: str, args: tuple[Any, ...], name: str
 ) -> None:
-    for _ in range(2):  # the generated call's first use, then the cached one
+    for _ in range(2):  # twice: the call holds no state from the first refusal
         with pytest.raises(ArgumentError) as raised:
             getattr(dm, method)(domid, *args)
         assert raised.value.name == name
