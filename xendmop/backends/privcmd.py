@@ -120,9 +120,11 @@ class PrivcmdBackend:
         self._ioctl: Callable[..., Any] = fcntl.ioctl if os_device else _device_ioctl
         self.ioctl_target: Any = self._device.fileno() if os_device else self._device
         try:
-            self._buffers = HypercallBuffers(opener, limits.max_buf_size)
             self.restricted_to: int | None = None
             self.uses_hypercall = not self._probe()
+            # DM_OP's buffers are pinned by the kernel; only the HYPERCALL path needs
+            # hypercall-safe pages (buffers.py says why the device's are wrong for DM_OP)
+            self._buffers = HypercallBuffers(opener, limits.max_buf_size, hypercall=self.uses_hypercall)
         except BaseException:
             with contextlib.suppress(OSError):  # never mask the original error
                 self._device.close()
