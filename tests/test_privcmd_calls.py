@@ -58,6 +58,22 @@ def test_nothing_in_the_package_runs_source_it_builds() -> None:
     assert found == []
 
 
+def test_nothing_probes_a_backend_for_what_the_protocol_does_not_name() -> None:
+    """What a DeviceModel or the runtime asks of a backend is in ``Backend``: no getattr probing."""
+    found = []
+    for path in sorted((ROOT / "xendmop").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr")
+                and node.args
+                and "backend" in ast.unparse(node.args[0])
+            ):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
+    assert found == []
+
+
 class RefusingPrivcmd:
     """Answers the open-time probe, refuses every DMOP with EINVAL."""
 

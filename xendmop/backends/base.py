@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from ..checks import check_domid
 from ..errors import ArgumentError
 from ..ops import OpDecl, caller_memory
+from .device import Opener
 
 #: an extent of modified_memory_bulk (``struct xen_dm_op_modified_memory_extent``): the
 #: smallest piece a split call carries, so a buffer must hold at least one
@@ -65,6 +66,12 @@ class Backend(Protocol):
 
     name: str
     limits: Limits
+    #: how the host the backend reaches opens its devices, when that is not the real
+    #: ``/dev/xen`` (a mock host's): an ``IoreqServer`` on the same handle opens there too
+    host_opener: Opener | None = None
+    #: the directory the backend loaded Xen's C libraries from (libxen), for the runtime's
+    #: libxen handles; None for the loader's own search, and on a backend without libraries
+    libdir: str | None = None
 
     def dm_op(
         self, decl: OpDecl, domid: int, fields: Mapping[str, int], slot_data: Sequence[Any] = ()

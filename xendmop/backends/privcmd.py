@@ -106,6 +106,7 @@ class PrivcmdBackend:
     #: set on a simulated host's backend (``make_backend("mock")``): how that host opens its
     #: devices, so that an IoreqServer on the same DeviceModel opens privcmd and evtchn there too
     host_opener: Opener | None = None
+    libdir: str | None = None  # no C libraries
 
     def __init__(
         self, opener: Opener = open_device, limits: Limits = Limits(), *, on_close: Callable[[], None] | None = None

@@ -221,7 +221,7 @@ class IoreqServer:
         if opener is None and handles == "device":
             # Reach Xen the way the DeviceModel does: a DeviceModel opened on a mock (in this
             # process or a mock host's) hands its opener on, so privcmd and evtchn are the mock's.
-            opener = getattr(dm.backend, "host_opener", None)
+            opener = dm.backend.host_opener
         if deprivilege is not None:
             deprivilege.validate()  # DeprivConfigError now, before anything exists in Xen
         self.dm = dm
@@ -295,7 +295,7 @@ class IoreqServer:
             from ..backends.libxen_handles import LibxenEventChannel, LibxenForeignMemory
 
             # Same methods and errors as ForeignMemory/EventChannel; duck-typed, as backends/ cannot import runtime/.
-            libdir = getattr(self.dm.backend, "libdir", None)  # the DeviceModel's library directory, if libxen
+            libdir = self.dm.backend.libdir  # the DeviceModel's library directory, if libxen
             self._fmem = cast(ForeignMemory, LibxenForeignMemory(libdir))
             self._evtchn = cast(EventChannel, LibxenEventChannel(libdir))
         else:
