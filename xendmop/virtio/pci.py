@@ -23,8 +23,9 @@ and never unmasks: it is always sent, as QEMU sends it) — else through the ISR
 
 A queue notification (a write to the notify region) is served during the guest's access
 unless the transport was given a ``ServeLoop`` (``attach``): then the access is answered at
-once and the queue served from the loop right after, as QEMU's ioeventfd and its
-virtio-net transmit bottom half do (``hw/net/virtio-net.c``, ``virtio_net_handle_tx_bh``).
+once and the queue served from the loop right after, as QEMU's devices work after the
+access: virtio-net transmits from a bottom half (``hw/net/virtio-net.c``,
+``virtio_net_handle_tx_bh``), virtio-blk submits asynchronous I/O (``hw/block/virtio-blk.c``).
 The guest's vCPU runs on meanwhile, and the chains it makes available while the device
 works need no notification of their own: with VIRTIO_F_EVENT_IDX the device writes
 ``avail_event`` only once it has drained the queue (``Virtqueue.chains``).
