@@ -40,8 +40,10 @@ lint: $(VENV)/.installed
 check: lint test
 
 ## integration: boot real Xen under QEMU and run integration/ in dom0
+##   RELEASE=trixie for Xen 4.20 / Linux 6.12 (default bookworm: Xen 4.17 / Linux 6.1)
+RELEASE ?= $(or $(XENDMOP_LAB_RELEASE),bookworm)
 integration: $(VENV)/.installed
-	$(PY) integration/lab/run.py -- python3 integration/run_tests.py -p no:cacheprovider -q integration
+	$(PY) integration/lab/run.py --release $(RELEASE) -- python3 integration/run_tests.py -p no:cacheprovider -q integration
 
 bench: $(VENV)/.installed
 	$(PY) -m bench

@@ -91,6 +91,13 @@ def pack_cpio(files: dict[str, tuple[int, bytes]], nodes: dict[str, tuple[int, i
     return gzip.compress(buf.getvalue(), compresslevel=6)
 
 
+def builtin_module(relpath: str) -> bool:
+    """Is this module (a path under ``kernel/``, no suffix) built into dom0's kernel?  Then the
+    guest has it without insmod (``modules.builtin``: e.g. virtio_ring on 6.12, a module on 6.1)."""
+    listing = Path("/lib/modules") / kernel_release() / "modules.builtin"
+    return f"kernel/{relpath}.ko" in listing.read_text().split() if listing.is_file() else False
+
+
 def kernel_module(relpath: str) -> bytes:
     """A module of dom0's (= the guest's) kernel, uncompressed for busybox's insmod."""
     base = Path("/lib/modules") / kernel_release() / "kernel" / relpath
@@ -126,7 +133,8 @@ def build_edu_module(workdir: Path) -> bytes:
 def build_initramfs(workdir: Path, modules: Sequence[str] = ()) -> Path:
     """The guest's initramfs (about 1.5 MB gzip'd); built once per test session.  ``modules``:
     more of the kernel's modules, as paths under ``kernel/`` without the suffix (e.g.
-    ``drivers/virtio/virtio``), each put in ``/mods/`` under its own name for ``insmod``."""
+    ``drivers/virtio/virtio``), each put in ``/mods/`` under its own name for ``insmod``
+    unless the kernel has it built in (``builtin_module``)."""
     d, x = 0o040755, 0o100755
     files: dict[str, tuple[int, bytes]] = {p: (d, b"") for p in ("bin", "dev", "proc", "sys", "tmp", "lib", "mods")}
     files["init"] = (x, (HVM_SRC / "init").read_bytes())
@@ -136,7 +144,8 @@ def build_initramfs(workdir: Path, modules: Sequence[str] = ()) -> Path:
     files["mods/uio_pci_generic.ko"] = (0o100644, kernel_module("drivers/uio/uio_pci_generic"))
     files["mods/xendmop_edu.ko"] = (0o100644, build_edu_module(workdir))
     for relpath in modules:
-        files[f"mods/{Path(relpath).name}.ko"] = (0o100644, kernel_module(relpath))
+        if not builtin_module(relpath):
+            files[f"mods/{Path(relpath).name}.ko"] = (0o100644, kernel_module(relpath))
     image = workdir / "initramfs.gz"
     image.write_bytes(pack_cpio(files, {"dev/console": (5, 1)}))
     return image

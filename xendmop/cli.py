@@ -34,7 +34,9 @@ from typing import Any
 
 from . import __version__
 from .abi.xen import DOMID_FIRST_RESERVED
+from .backends import eventfd
 from .backends.libxen import LIBDIR_ENV, LibxenCtrl, library_report
+from .backends.privcmd import PrivcmdBackend
 from .backends.selection import BACKENDS, MockFallbackWarning, make_backend
 from .devicemodel import DeviceModel
 from .errors import ArgumentError, UnsupportedError, XenError
@@ -185,6 +187,8 @@ def _info(args: argparse.Namespace) -> dict[str, Any]:
             continue
         try:
             found[name] = {"available": True, **backend.describe()}
+            if isinstance(backend, PrivcmdBackend):  # what this privcmd offers beyond DMOPs
+                found[name]["eventfd"] = {k: v.value for k, v in eventfd.probe(backend.device).items()}
         finally:
             backend.close()
     with DeviceModel.open(args.backend) as dm:
@@ -193,6 +197,7 @@ def _info(args: argparse.Namespace) -> dict[str, Any]:
     info = {
         "xendmop": __version__,
         "kernel": platform.release(),
+        "xen": xen_version(),
         "chosen": chosen,
         "mock_host": os.environ.get(ENV_SOCKET) or None if chosen == "mock" else None,
         "backends": found,
@@ -201,6 +206,17 @@ def _info(args: argparse.Namespace) -> dict[str, Any]:
     if args.domid is not None:
         info["domain"] = _domain(args.domid, libdir)
     return info
+
+
+def xen_version(root: str = "/") -> str | None:
+    """The hypervisor's version from sysfs (``/sys/hypervisor/version``: Linux
+    ``drivers/xen/sys-hypervisor.c``, e.g. "4.20.5-pre"), or None off Xen."""
+    base = os.path.join(root, "sys/hypervisor/version")
+    try:
+        parts = [open(os.path.join(base, name)).read().strip() for name in ("major", "minor", "extra")]
+    except OSError:
+        return None
+    return f"{parts[0]}.{parts[1]}{parts[2]}"
 
 
 def _domain(domid: int, libdir: str | None) -> dict[str, Any]:
@@ -217,7 +233,8 @@ def _domain(domid: int, libdir: str | None) -> dict[str, Any]:
 
 def _print_info(info: dict[str, Any]) -> None:
     where = f" (the mock host at {info['mock_host']}, from {ENV_SOCKET})" if info.get("mock_host") else ""
-    print(f"xendmop {info['xendmop']} on Linux {info['kernel']}: backend in use: {info['chosen']}{where}")
+    xen = f"Xen {info['xen']}, " if info.get("xen") else ""
+    print(f"xendmop {info['xendmop']} on {xen}Linux {info['kernel']}: backend in use: {info['chosen']}{where}")
     for name, found in info["backends"].items():
         if found["available"]:
             detail = ", ".join(f"{k}={v}" for k, v in found.items() if k not in ("available", "backend"))

@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""Build (once) the Xen lab's dom0: a Debian 12 root filesystem image plus the boot files.
+"""Build (once) the Xen lab's dom0: a Debian root filesystem image plus the boot files.
+
+The Debian release is a choice (``RELEASES``; ``--release`` or ``$XENDMOP_LAB_RELEASE``, default
+bookworm): bookworm gives Xen 4.17 and Linux 6.1, trixie Xen 4.20 and Linux 6.12.
 
 The image is made with ``mmdebstrap --variant=minbase`` from the mirrors this machine's apt
 already uses (read at run time, never written into the repository), packed with
 ``mkfs.ext4 -d``, and cached under ``${XDG_CACHE_HOME:-~/.cache}/xendmop-lab/<recipe hash>``
 together with ``xen`` (gunzipped, QEMU's multiboot loader wants an ELF), ``vmlinuz`` and
-``initrd.img``.  The hash covers this file and ``packages.txt``: editing either rebuilds,
-anything else reuses the cache.
+``initrd.img``, one folder per release (``<release>-<recipe hash>``).  The hash covers the
+release, this file and ``packages.txt``: editing either rebuilds, anything else reuses the cache.
 
-Usage: ``python3 integration/lab/image.py [--rebuild]`` prints the cache directory.
+Usage: ``python3 integration/lab/image.py [--release R] [--rebuild]`` prints the cache directory.
 Exit status 0, or 77 when the lab cannot be had here (no tools, no Debian mirror).
 """
 
@@ -32,8 +35,12 @@ from pathlib import Path
 LAB = Path(__file__).resolve().parent
 PACKAGES = LAB / "packages.txt"
 RECIPE = (Path(__file__).resolve(), PACKAGES)
-SUITE = "bookworm"
-SUITES = (SUITE, f"{SUITE}-updates", f"{SUITE}-security")
+#: the Debian releases the lab boots, and what each gives (packages.txt names no version).
+RELEASES = {
+    "bookworm": "Debian 12: Xen 4.17, Linux 6.1",
+    "trixie": "Debian 13: Xen 4.20, Linux 6.12",
+}
+DEFAULT_RELEASE = "bookworm"
 EXIT_UNAVAILABLE = 77  # automake's "skipped": the lab cannot run on this host
 
 # PID 1 of dom0.  It only reaches the runner's writable 9p share and hands over to the init
@@ -53,6 +60,15 @@ echo "xendmop-lab: cannot mount the results share" >&2
 echo o > /proc/sysrq-trigger
 sleep 60
 """
+
+
+def lab_release(name: str | None = None) -> str:
+    """``name``, else ``$XENDMOP_LAB_RELEASE``, else bookworm; a release the lab does not know
+    is a ValueError naming it and the known ones."""
+    release = name or os.environ.get("XENDMOP_LAB_RELEASE") or DEFAULT_RELEASE
+    if release not in RELEASES:
+        raise ValueError(f"XENDMOP_LAB_RELEASE / --release: {release!r} is not one of {', '.join(RELEASES)}")
+    return release
 
 
 class Unavailable(RuntimeError):
@@ -101,8 +117,8 @@ def packages() -> list[str]:
     return names
 
 
-def recipe_hash() -> str:
-    h = hashlib.sha256()
+def recipe_hash(release: str) -> str:
+    h = hashlib.sha256(release.encode() + b"\0")
     for path in RECIPE:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
@@ -188,23 +204,30 @@ def apt_sources() -> list[tuple[str, str, str]]:
     return found
 
 
-def mirror_lines() -> list[str]:
-    """One-line sources for bookworm, -updates and -security, taken from the host's apt config."""
+def mirror_lines(release: str) -> list[str]:
+    """One-line sources for ``release``, -updates and -security, from the host's apt config.
+
+    A host names its own release's suites; another release comes from the same mirrors (the
+    URI of each suite kind, e.g. bookworm-security's for trixie-security), checked to answer."""
     sources = apt_sources()
-    lines = [f"deb {uri} {suite} main" for uri, suite, _ in sources if suite in SUITES]
-    have = {s for _, s, _ in sources if s in SUITES}
-    if SUITE not in have:
-        raise Unavailable(f"this machine's apt sources name no '{SUITE}' suite to build the Debian 12 dom0 from")
-    if f"{SUITE}-security" not in have:
-        log(f"warning: no {SUITE}-security in apt sources; building without it")
-    lines = list(dict.fromkeys(lines))
-    _check_reachable(next(uri for uri, suite, _ in sources if suite == SUITE))
+    kinds = ("", "-updates", "-security")
+    debian = [(uri, suite) for uri, suite, _ in sources if suite in RELEASES or suite.endswith(kinds[1:])]
+    lines = []
+    for kind in kinds:
+        uris = [uri for uri, suite in debian if suite.removeprefix(suite.split("-")[0]) == kind]
+        if not uris:
+            if kind == "":
+                raise Unavailable(f"this machine's apt sources name no Debian release to find a {release} mirror from")
+            log(f"warning: no {release}{kind} mirror in apt sources; building without it")
+            continue
+        lines.append(f"deb {uris[0]} {release}{kind} main")
+    _check_reachable(lines[0].split()[1], release)
     return lines
 
 
-def _check_reachable(uri: str) -> None:
+def _check_reachable(uri: str, release: str) -> None:
     """Tell "no mirror here" (the lab is unavailable) apart from a failing build."""
-    url = f"{uri.rstrip('/')}/dists/{SUITE}/InRelease"
+    url = f"{uri.rstrip('/')}/dists/{release}/InRelease"
     try:
         with urllib.request.urlopen(url, timeout=30) as reply:
             reply.read(1)
@@ -222,9 +245,9 @@ def _newest(root: Path, pattern: str) -> Path:
     return hits[-1]
 
 
-def build(dest: Path) -> None:
+def build(dest: Path, release: str) -> None:
     ensure_tools({"mmdebstrap": "mmdebstrap", "mkfs.ext4": "e2fsprogs"})
-    sources = mirror_lines()
+    sources = mirror_lines(release)
     with tempfile.TemporaryDirectory(prefix="build-", dir=dest.parent) as tmp:
         root = Path(tmp) / "root"
         cmd = [
@@ -238,11 +261,11 @@ def build(dest: Path) -> None:
             "--dpkgopt=path-exclude=/usr/share/man/*",
             "--dpkgopt=path-exclude=/usr/share/locale/*",
             f"--include={','.join(packages())}",
-            SUITE,
+            release,
             str(root),
             *sources,
         ]
-        log("building the dom0 root filesystem (mmdebstrap, about a minute)")
+        log(f"building the {release} dom0 root filesystem ({RELEASES[release]}; mmdebstrap, a few minutes)")
         t0 = time.monotonic()
         if subprocess.run(cmd, check=False).returncode != 0:
             raise BuildError("mmdebstrap failed (see its output above)")
@@ -253,23 +276,24 @@ def build(dest: Path) -> None:
         boot = root / "boot"
         out = Path(tmp) / "out"
         out.mkdir()
-        with gzip.open(_newest(boot, "xen-4.17-amd64.gz")) as src, open(out / "xen", "wb") as dst:
+        with gzip.open(_newest(boot, "xen-4.*-amd64.gz")) as src, open(out / "xen", "wb") as dst:
             shutil.copyfileobj(src, dst)
         shutil.copy(_newest(boot, "vmlinuz-*"), out / "vmlinuz")
         shutil.copy(_newest(boot, "initrd.img-*"), out / "initrd.img")
         # 2 GiB sparse: room for the tests' temporary files; QEMU's snapshot=on keeps writes away anyway.
         mkfs = ["mkfs.ext4", "-q", "-F", "-L", "xendmop-dom0", "-d", str(root), str(out / "dom0.ext4"), "2G"]
         subprocess.run(mkfs, check=True, stdout=sys.stderr)
-        (out / "recipe").write_text(f"{recipe_hash()}\n" + "\n".join(sources) + "\n")
+        (out / "recipe").write_text(f"{release} {recipe_hash(release)}\n" + "\n".join(sources) + "\n")
         os.rename(out, dest)
         log(f"dom0 image built in {time.monotonic() - t0:.0f} s: {dest}")
 
 
-def ensure_image(rebuild: bool = False) -> Artifacts:
-    """The cached artifacts for the current recipe, building them first if needed."""
+def ensure_image(rebuild: bool = False, release: str | None = None) -> Artifacts:
+    """The cached artifacts of ``release``'s current recipe, building them first if needed."""
+    release = lab_release(release)
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    art = Artifacts(root / recipe_hash())
+    art = Artifacts(root / f"{release}-{recipe_hash(release)}")
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others then reuse its result
         if rebuild and art.dir.exists():
@@ -277,24 +301,28 @@ def ensure_image(rebuild: bool = False) -> Artifacts:
         if not art.complete():
             if art.dir.exists():
                 shutil.rmtree(art.dir)
-            build(art.dir)
-            _prune(root, keep=art.dir)
+            build(art.dir, release)
+            _prune(root, keep=art.dir, release=release)
     return art
 
 
-def _prune(root: Path, keep: Path) -> None:
-    """Drop images of older recipes (about 1 GB each); run results stay."""
-    for old in root.iterdir():
-        if old.is_dir() and old != keep and len(old.name) == 16 and not old.name.startswith("build-"):
+def _prune(root: Path, keep: Path, release: str) -> None:
+    """Drop the release's images of older recipes (about 1 GB each); other releases and run
+    results stay."""
+    for old in root.glob(f"{release}-*"):
+        if old.is_dir() and old != keep and len(old.name) == len(release) + 17:
             shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rebuild", action="store_true", help="rebuild even when the cache is current")
+    ap.add_argument(
+        "--release", choices=sorted(RELEASES), help="Debian release (default: $XENDMOP_LAB_RELEASE, else bookworm)"
+    )
     args = ap.parse_args(argv)
     try:
-        art = ensure_image(args.rebuild)
+        art = ensure_image(args.rebuild, args.release)
     except Unavailable as e:
         log(f"lab unavailable: {e}")
         return EXIT_UNAVAILABLE

@@ -134,10 +134,18 @@ def timings(results: Path) -> dict[str, float]:
 
 
 def boot(
-    command: list[str], results: Path, timeout: float, show_console: bool, boot_timeout: float = 240
+    command: list[str],
+    results: Path,
+    timeout: float,
+    show_console: bool,
+    boot_timeout: float = 240,
+    release: str | None = None,
 ) -> Outcome:
-    art = image.ensure_image()
+    release = image.lab_release(release)
+    art = image.ensure_image(release=release)
     results.mkdir(parents=True, exist_ok=True)
+    (results / "release").write_text(f"{release}\n")
+    image.log(f"booting the {release} lab ({image.RELEASES[release]})")
     for stale in ("status", "stdout", "stderr", "timings", "console.log"):
         (results / stale).unlink(missing_ok=True)
     shutil.copy(LAB / "dom0-init.sh", results / "init.sh")
@@ -228,12 +236,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds for dom0's init to start before the boot counts as hung (default 240)")
     ap.add_argument("--results", type=Path, help="results folder (default: a new one under the lab cache)")
     ap.add_argument("--console", action="store_true", help="also stream the serial console to stderr")
+    ap.add_argument("--release", choices=sorted(image.RELEASES),
+                    help="the dom0's Debian release (default $XENDMOP_LAB_RELEASE or bookworm)")  # fmt: skip
     ap.add_argument("command", nargs="+", help="the command to run in dom0 (after --)")
     args = ap.parse_args(argv)
+    try:
+        image.lab_release(args.release)
+    except ValueError as e:
+        ap.error(str(e))
     results = (args.results or default_results()).resolve()
     try:
         image.ensure_tools({"qemu-system-x86_64": "qemu-system-x86"})
-        outcome = boot(args.command, results, args.timeout, args.console, args.boot_timeout)
+        outcome = boot(args.command, results, args.timeout, args.console, args.boot_timeout, args.release)
     except image.Unavailable as e:
         image.log(f"lab unavailable: {e}")
         return EXIT_UNAVAILABLE

@@ -1,10 +1,17 @@
-"""Hypercall-safe request memory, pooled: the Xen buffer allocator.
+"""Request memory, pooled: one arena per call in flight, no mmap per call.
 
-Pages come from ``/dev/xen/hypercall`` (kernel pages that page migration cannot
-move, so Xen never faults on them: Linux ``drivers/xen/privcmd-buf.c``); where that
-device is missing, from locked anonymous memory with ``MADV_DONTFORK``, as
-libxencall's ``osdep_alloc_pages`` does (``tools/libs/call/linux.c``).  A call takes
-one arena from the pool and gives it back afterwards; no mmap per call.
+Which memory depends on who reads it:
+
+- ``IOCTL_PRIVCMD_DM_OP`` (every kernel since 4.11): the kernel pins the buffers itself
+  (``lock_pages`` in Linux ``drivers/xen/privcmd.c``) and Xen copies through the kernel's
+  mapping, so ordinary anonymous memory is right, as libxendevicemodel hands the ioctl its
+  caller's own buffers.  Hypercall-device pages are *not*: they are a ``VM_IO`` mapping, and
+  pinning them failed with EFAULT on Linux 6.12 (Debian 13 in the lab), although 6.1 let it by.
+- ``IOCTL_PRIVCMD_HYPERCALL`` (the fallback): Xen reads user memory directly, so pages come
+  from ``/dev/xen/hypercall`` (kernel pages that page migration cannot move: Linux
+  ``drivers/xen/privcmd-buf.c``); where that device is missing, from locked anonymous memory
+  with ``MADV_DONTFORK``, as libxencall's ``osdep_alloc_pages`` does
+  (``tools/libs/call/linux.c``).
 
 Arena layout (offsets in bytes):
 
@@ -105,15 +112,20 @@ class Arena:
 
 
 class HypercallBuffers:
-    """A pool of arenas from the hypercall device or locked anonymous memory."""
+    """A pool of arenas: for the HYPERCALL path (``hypercall=True``) from the hypercall
+    device or locked anonymous memory; for the DM_OP path from anonymous memory."""
 
-    def __init__(self, opener: Opener, max_buf_size: int) -> None:
+    def __init__(self, opener: Opener, max_buf_size: int, *, hypercall: bool = True) -> None:
         self.slot_room = -(-max_buf_size // PAGE_SIZE) * PAGE_SIZE
         self._size = PAGE_SIZE + self.slot_room
         self._free: list[Arena] = []
         self._all: list[Arena] = []
         self._lock = threading.Lock()
-        self._device: Device | None
+        self._device: Device | None = None
+        self._locked = hypercall
+        if not hypercall:
+            self.source = "anonymous memory (pinned by the kernel per call)"
+            return
         try:
             self._device = opener(HYPERCALL_PATH)
             self.source = HYPERCALL_PATH
@@ -130,7 +142,7 @@ class HypercallBuffers:
         else:
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
             try:
-                memory = mmap.mmap(-1, self._size, flags | _MAP_LOCKED)
+                memory = mmap.mmap(-1, self._size, flags | (_MAP_LOCKED if self._locked else 0))
             except OSError as e:  # RLIMIT_MEMLOCK without CAP_IPC_LOCK
                 if e.errno not in (errno.EAGAIN, errno.EPERM, errno.ENOMEM):
                     raise

@@ -392,9 +392,11 @@ class PrivcmdBackend:
         self._on_close = on_close  # e.g. closing a mock host this backend owns
         self._device: Device | None = opener(PRIVCMD_PATH)
         try:
-            self._buffers = HypercallBuffers(opener, limits.max_buf_size)
             self.restricted_to: int | None = None
             self.uses_hypercall = not self._probe()
+            # DM_OP's buffers are pinned by the kernel; only the HYPERCALL path needs
+            # hypercall-safe pages (buffers.py says why the device's are wrong for DM_OP)
+            self._buffers = HypercallBuffers(opener, limits.max_buf_size, hypercall=self.uses_hypercall)
         except BaseException:
             with contextlib.suppress(OSError):  # never mask the original error
                 self._device.close()

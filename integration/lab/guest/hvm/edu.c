@@ -14,6 +14,11 @@
 #include <linux/module.h>
 #include <linux/pci.h>
 
+/* INTx: PCI_IRQ_INTX in newer kernels (6.12 has only that name), PCI_IRQ_LEGACY before. */
+#ifndef PCI_IRQ_INTX
+#define PCI_IRQ_INTX PCI_IRQ_LEGACY
+#endif
+
 #define EDU_IRQ_STATUS 0x24
 #define EDU_IRQ_ACK 0x64
 
@@ -51,7 +56,7 @@ static int edu_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	edu->bar0 = devm_ioremap(&pdev->dev, pci_resource_start(pdev, 0), pci_resource_len(pdev, 0));
 	if (!edu->bar0)
 		return -ENOMEM;
-	err = pci_alloc_irq_vectors(pdev, 1, 1, msi ? PCI_IRQ_MSI : PCI_IRQ_LEGACY);
+	err = pci_alloc_irq_vectors(pdev, 1, 1, msi ? PCI_IRQ_MSI : PCI_IRQ_INTX);
 	if (err < 0)
 		return err;
 	edu->irq = pci_irq_vector(pdev, 0);
