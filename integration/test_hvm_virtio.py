@@ -13,8 +13,9 @@ tests use them as a user would: ``/dev/hwrng``, ``hvcN``, ``mke2fs`` and ``mount
 
 Then a second boot of the same guest gets QEMU's ``virtio-blk-pci`` and ``virtio-net-pci``
 (``device_model_args_hvm``; its console is QEMU's COM1 on a pty) and the same measurements:
-sequential ``dd`` with O_DIRECT on the disk, ``ping`` and a TCP stream to dom0, with the
-device model process's CPU time beside the wall time.  The ratios go to ``out/timing.json``.
+sequential ``dd`` with O_DIRECT on the disk, ``ping``, a TCP stream and a UDP stream
+(``guestio udpsend``) to dom0, with the device model process's CPU time beside the wall
+time.  The ratios go to ``out/timing.json``.
 Both boots have ``xen_emul_unplug=never``: otherwise Linux asks QEMU to unplug its
 emulated NICs, and QEMU takes virtio-net-pci for one.
 """
@@ -67,7 +68,11 @@ GUEST_MAC, QEMU_MAC = "02:58:56:00:00:01", "02:58:56:00:00:02"
 TCP_PORT = 5001
 BENCH_MB = 16  # sequential dd, each direction
 TCP_BYTES = 4 << 20
-PINGS = 5
+UDP_PORT = 5002
+UDP_BYTES = 4 << 20
+UDP_SIZE = 1472  # a datagram's payload that fills a 1500-byte MTU: no IP fragments
+UDP_IDLE = 3.0  # the listener's window ends this long after the last datagram
+PINGS = 10
 
 
 def _netns(name: str) -> str:
@@ -361,6 +366,12 @@ def _ping_avg_ms(out: str) -> float:
     return float(m.group(1))
 
 
+def _ping_times_ms(out: str) -> list[float]:
+    """Each reply's round trip from busybox ping's "seq=N ttl=T time=1.234 ms" lines, once per
+    sequence number (the console may show a line twice)."""
+    return list({int(seq): float(t) for seq, t in re.findall(r"seq=(\d+) ttl=\d+ time=([0-9.]+) ms", out)}.values())
+
+
 def test_net_guest_pings_dom0_and_dom0_pings_back(vguest: VirtioGuest) -> None:
     vguest.extra["ifname"] = _guest_ifup(vguest.sh, GUEST_MAC)
     out = vguest.sh(f"ping -c 3 -W 10 {HOST_IP}", timeout=180)
@@ -399,6 +410,30 @@ print(n, time.monotonic() - (t0 or time.monotonic()), flush=True)
 """
 
 
+UDP_LISTENER = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 8 << 20)  # root: past rmem_max
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(float(sys.argv[3]))
+print("listening", flush=True)
+buf = bytearray(1 << 16)
+n, datagrams, t0, t1 = 0, 0, None, None
+try:
+    while True:
+        k = s.recv_into(buf)
+        t1 = time.monotonic()
+        if t0 is None:
+            t0 = t1
+            s.settimeout(float(sys.argv[4]))  # from now on the window ends when the datagrams stop
+        n += k
+        datagrams += 1
+except socket.timeout:
+    pass
+print(datagrams, n, (t1 or 0.0) - (t0 or 0.0), flush=True)
+"""
+
+
 class CpuClock:
     """Wall time and a process's CPU time (user + system) over a block."""
 
@@ -430,9 +465,47 @@ def _time_real(out: str) -> float:
     return int(m.group(1)) * 60 + float(m.group(2))
 
 
+def measure_udp(sh: Callable[..., str], netns: str, net_pid: int) -> dict[str, float]:
+    """``UDP_BYTES`` as ``UDP_SIZE``-byte datagrams from the guest (``guestio udpsend``, as fast
+    as its socket takes them) to a listener in dom0's namespace.  Measured: the payload bytes
+    the listener received over its window (first datagram to last) per second, and the loss
+    (1 - received / what the guest's send() accepted: dropped by the guest's stack, either
+    device model or dom0's stack; none is retransmitted)."""
+    listener = subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", UDP_LISTENER, HOST_IP, str(UDP_PORT), "300",
+         str(UDP_IDLE)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert listener.stdout is not None
+        assert listener.stdout.readline().strip() == "listening"
+        with CpuClock(net_pid) as clock:
+            sent_datagrams, sent, _ns = (
+                int(x) for x in sh(f"guestio udpsend {HOST_IP} {UDP_PORT} {UDP_BYTES} {UDP_SIZE}", timeout=900).split()
+            )
+            datagrams, got, secs = listener.stdout.readline().split()
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+        listener.wait()
+    assert sent == UDP_BYTES, sent
+    received = int(got)
+    return {
+        "udp_bytes_sent": sent,
+        "udp_datagrams_sent": sent_datagrams,
+        "udp_bytes_received": received,
+        "udp_datagrams_received": int(datagrams),
+        "udp_MBps": round(received / float(secs) / 1e6, 3) if float(secs) > 0 else 0.0,
+        "udp_loss": round(1 - received / sent, 4),
+        "udp_dm_cpu_share": clock.share,
+    }
+
+
 def measure(sh: Callable[..., str], disk: str, netns: str, blk_pid: int, net_pid: int) -> dict[str, float]:
     """Sequential O_DIRECT dd on ``disk`` (write, then read, ``BENCH_MB`` MiB in 1 MiB blocks,
-    best of two), ping round trip and a TCP stream guest -> dom0, with the device model's CPU share."""
+    best of two), ping round trip (``PINGS`` of them: average and median), a TCP stream and a
+    UDP stream guest -> dom0, with the device model's CPU share."""
     result: dict[str, float] = {"bench_mib": BENCH_MB, "tcp_bytes": TCP_BYTES}
     for kind, cmd in (
         ("write", f"dd if=/dev/zero of=/dev/{disk} bs=1M count={BENCH_MB} oflag=direct"),
@@ -448,7 +521,13 @@ def measure(sh: Callable[..., str], disk: str, netns: str, blk_pid: int, net_pid
         result[f"blk_{kind}_MBps"] = round(best, 2)
         result[f"blk_{kind}_dm_cpu_share"] = share
     with CpuClock(net_pid) as clock:
-        result["ping_avg_ms"] = _ping_avg_ms(sh(f"ping -c {PINGS} -q {HOST_IP}", timeout=300))
+        out = sh(f"ping -c {PINGS} {HOST_IP}", timeout=300)
+    times = sorted(_ping_times_ms(out))
+    assert times, out
+    result["ping_avg_ms"] = _ping_avg_ms(out)
+    result["ping_median_ms"] = round((times[(len(times) - 1) // 2] + times[len(times) // 2]) / 2, 3)
+    result["ping_min_ms"] = times[0]
+    result["ping_replies"] = len(times)
     result["ping_dm_cpu_share"] = clock.share
     listener = subprocess.Popen(
         ["ip", "netns", "exec", netns, sys.executable, "-c", LISTENER, HOST_IP, str(TCP_PORT), "600"],
@@ -468,6 +547,10 @@ def measure(sh: Callable[..., str], disk: str, netns: str, blk_pid: int, net_pid
         if listener.poll() is None:
             listener.kill()
         listener.wait()
+    try:
+        result.update(measure_udp(sh, netns, net_pid))
+    except (AssertionError, OSError, ValueError, subprocess.SubprocessError) as e:  # the rest is still recorded
+        result["udp_error"] = f"{type(e).__name__}: {e}"  # type: ignore[assignment]
     return result
 
 
@@ -480,6 +563,7 @@ def test_blk_and_net_are_measured(vguest: VirtioGuest) -> None:
     hvmguest.record_timing("hvm_virtio_xendmop", measured)
     print("xendmop:", measured)
     assert measured["blk_write_MBps"] > 0 and measured["blk_read_MBps"] > 0 and measured["tcp_MBps"] > 0
+    assert "udp_error" not in measured and measured["udp_bytes_received"] > 0, measured
 
 
 def test_every_device_interrupted_through_msix(vguest: VirtioGuest) -> None:
@@ -590,10 +674,14 @@ def test_qemu_peer_is_measured_and_the_ratios_recorded(qemu_guest: QemuGuest) ->
     ours = json.loads((Path(out) / "timing.json").read_text()).get("hvm_virtio_xendmop") if out else None
     if ours:
         ratio: dict[str, float | str] = {
-            key: round(ours[key] / peer[key], 3) for key in ("blk_write_MBps", "blk_read_MBps", "tcp_MBps")
+            key: round(ours[key] / peer[key], 3) if peer.get(key) else 0.0
+            for key in ("blk_write_MBps", "blk_read_MBps", "tcp_MBps", "udp_MBps")
         }
         ratio["ping_rtt"] = round(peer["ping_avg_ms"] / ours["ping_avg_ms"], 3)  # a speed ratio, as the others
+        if ours.get("ping_median_ms"):
+            ratio["ping_rtt_median"] = round(peer["ping_median_ms"] / ours["ping_median_ms"], 3)
         ratio["note"] = "xendmop's Python virtio / QEMU's C virtio, same guest, same lab run (TCG); >1 is faster"
         hvmguest.record_timing("hvm_virtio_ratio_xendmop_to_qemu", ratio)
         print("xendmop / QEMU:", ratio)
     assert peer["blk_write_MBps"] > 0 and peer["tcp_MBps"] > 0
+    assert "udp_error" not in peer and peer["udp_bytes_received"] > 0, peer

@@ -264,3 +264,36 @@ def test_a_deprivileged_writable_disk_gets_an_fsize_limit_reaching_its_end(tmp_p
             assert done.returncode == status, fsize
     finally:
         os.close(fd)
+
+
+def test_queue_and_segments_as_qemu_offers_them(blk: Setup) -> None:
+    """A 256-entry queue and seg_max = 254 (QEMU's virtio-blk): Linux splits a 1 MiB transfer of
+    scattered pages into two requests, not three as with 126 segments."""
+    assert blk.transport.queues[0].max_size == 256
+    assert blk.driver.config_read(12, 4) == 254  # seg_max
+    assert blk.driver.config_read(8, 4) == 1 << 20  # size_max: one segment's bytes
+
+
+def test_a_request_of_many_segments_straddling_pages_moves_whole(blk: Setup, disk: tuple[Path, int]) -> None:
+    q = blk.driver.queues[0]
+    pieces = [os.urandom(1000 + 8 * i) for i in range(64)]  # 16-byte aligned, so most cross a page
+    data = b"".join(pieces)
+    data += bytes(-len(data) % 512)
+    pieces[-1] += bytes(len(data) - sum(map(len, pieces)))
+    n, out = q.request([hdr(VIRTIO_BLK_T_OUT, 16), *pieces], [1], indirect=True)
+    assert (n, out) == (1, bytes([VIRTIO_BLK_S_OK]))
+    assert disk[0].read_bytes()[16 * 512 : 16 * 512 + len(data)] == data
+    lengths = [len(p) for p in pieces]
+    n, out = q.request([hdr(VIRTIO_BLK_T_IN, 16)], [*lengths, 1], indirect=True)
+    assert n == len(data) + 1 and out == data + bytes([VIRTIO_BLK_S_OK])
+
+
+def test_a_read_past_the_files_end_gives_zeroes_over_what_the_guest_had(
+    virtio: VirtioFactory, disk: tuple[Path, int]
+) -> None:
+    os.pwrite(disk[1], b"\xaa" * 2048, DISK - 2048)
+    s = virtio(VirtioBlk(disk[1], size=2 * DISK))  # a sparse disk bigger than its file so far
+    s.driver.bring_up(ALL)
+    s.guest.write_ram(s.driver.arena.next, b"\xff" * 16384)  # where the request's buffers will go
+    status, data = blk_request(s.driver.queues[0], VIRTIO_BLK_T_IN, DISK // 512 - 4, read=8192)
+    assert status == VIRTIO_BLK_S_OK and data == b"\xaa" * 2048 + bytes(6144)

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from typing import Any
 
 import pytest
 
-from xendmop.virtio import VirtioPci
+from xendmop.devicemodel import DeviceModel
+from xendmop.mock import MockXen
+from xendmop.mock.simguest import SimGuest
+from xendmop.runtime import IoreqServer, ServeLoop
+from xendmop.testing import ServeThread
+from xendmop.virtio import Chain, VirtioPci, Virtqueue
 from xendmop.virtio.console import VirtioConsole
+from xendmop.virtio.driver import VirtioPciDriver, find_virtio
 from xendmop.virtio.net import VirtioNet
 from xendmop.virtio.pci import MSIX_BAR, VIRTIO_BAR
 from xendmop.virtio.rng import VirtioRng
@@ -345,3 +353,67 @@ def test_the_drivers_buffers_never_wrap_over_its_rings(virtio: VirtioFactory) ->
         assert q.request([], [0x1000])[0] == 0x1000
     assert s.driver.arena.floor >= q.used + 6 + 8 * q.size
     assert not s.transport.errors and not s.driver.needs_reset
+
+
+class GatedRng(VirtioRng):
+    """virtio-rng whose requests wait for ``release``: what the guest can do meanwhile shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def handle(self, vq: Virtqueue, chain: Chain) -> int:
+        self.started.set()
+        assert self.release.wait(10), "the test never released the device"
+        return super().handle(vq, chain)
+
+
+def test_an_attached_transport_answers_the_notify_first_and_serves_the_queue_after(
+    xen_host: MockXen, hvm_domain: int, device_model: DeviceModel, guest: SimGuest
+) -> None:
+    """As QEMU's devices (virtio-net's transmit bottom half, virtio-blk's asynchronous I/O): the
+    guest's notifying write completes before the device works, and the chains it adds while
+    the device works need no notification (avail_event is written once the queue is drained).
+    Served during the access, the first kick would not return until the device finished."""
+    device = GatedRng()
+    server = IoreqServer(device_model, hvm_domain, opener=xen_host.open_device)
+    transport = VirtioPci(device, lambda: server.dispatcher.memory)
+    server.add_pci(transport.pci, slot=5)
+    thread = ServeThread(server)
+    transport.attach(thread.loop)
+    thread.start()
+    try:
+        d = VirtioPciDriver(guest, find_virtio(guest, device.device_type))
+        d.bring_up()
+        q = d.queues[0]
+        q.add([], [8])
+        assert q.kick()  # returned while the device has yet to serve it
+        assert device.started.wait(5)
+        q.add([], [8])
+        q.add([], [8])
+        assert not q.kick()  # the device is at work: avail_event still asks for the first only
+        device.release.set()
+        used: list[tuple[int, int]] = []
+        deadline = time.monotonic() + 5
+        while len(used) < 3 and time.monotonic() < deadline:
+            used += q.get_used()
+            time.sleep(0.005)
+        assert [n for _, n in used] == [8, 8, 8] and q.kicks == 1
+        assert not d.needs_reset
+    finally:
+        device.release.set()
+        thread.stop()
+        transport.close()
+    assert transport.close() is None  # idempotent
+
+
+def test_attach_twice_is_refused(virtio: VirtioFactory) -> None:
+    s = virtio(VirtioRng())
+    loop = ServeLoop()
+    s.transport.attach(loop)
+    try:
+        with pytest.raises(RuntimeError, match="already attached"):
+            s.transport.attach(loop)
+    finally:
+        s.transport.close()

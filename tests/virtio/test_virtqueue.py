@@ -5,7 +5,7 @@ from __future__ import annotations
 from runtime.helpers import FakeRam
 
 from xendmop.virtio import Virtqueue
-from xendmop.virtio.spec import VIRTQ_DESC, VIRTQ_DESC_F_WRITE
+from xendmop.virtio.spec import VIRTQ_DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 
 DESC, AVAIL, USED, BUF = 0x0000, 0x1000, 0x2000, 0x3000
 SIZE = 8
@@ -62,3 +62,66 @@ def test_used_ring_wraps_and_the_index_runs_modulo_2_16() -> None:
     slot = (start + 9) % SIZE
     assert ram.mem[USED + 4 + 8 * slot : USED + 12 + 8 * slot] == (0).to_bytes(4, "little") + (4).to_bytes(4, "little")
     assert vq.needs_interrupt(ram) and not vq.needs_interrupt(ram)  # once per batch of used chains
+
+
+class CountingRam(FakeRam):
+    """Guest RAM that counts the device's writes of the used index and its reads per address."""
+
+    def __init__(self) -> None:
+        super().__init__(0x8000)
+        self.used_idx_writes = 0
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, gpa: int, size: int) -> bytes:
+        self.reads.append((gpa, size))
+        return super().read(gpa, size)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        if gpa == USED + 2:
+            self.used_idx_writes += 1
+        super().write(gpa, data)
+
+
+def test_a_batch_of_chains_moves_the_used_index_once() -> None:
+    ram = CountingRam()
+    for i in range(SIZE):
+        ram.mem[DESC + 16 * i : DESC + 16 * i + 16] = VIRTQ_DESC.pack(BUF + 64 * i, 64, VIRTQ_DESC_F_WRITE, 0)
+    for i in range(5):
+        publish(ram, i)
+    vq = queue(event_idx=False)
+    assert vq.process(ram, lambda chain: chain.write(b"x")) == 5
+    # Linux reads the used index, then the elements below it: all five are there when it moves.
+    assert ram.used_idx_writes == 1
+    assert int.from_bytes(ram.mem[USED + 2 : USED + 4], "little") == 5
+    assert vq.needs_interrupt(ram)  # one interrupt for the batch
+
+
+def test_an_indirect_table_is_read_in_one_access() -> None:
+    ram = CountingRam()
+    table = 0x6000
+    entries = 64
+    for i in range(entries):
+        flags = VIRTQ_DESC_F_WRITE | (VIRTQ_DESC_F_NEXT if i + 1 < entries else 0)
+        ram.mem[table + 16 * i : table + 16 * i + 16] = VIRTQ_DESC.pack(BUF + 64 * i, 64, flags, i + 1)
+    ram.mem[DESC : DESC + 16] = VIRTQ_DESC.pack(table, 16 * entries, VIRTQ_DESC_F_INDIRECT, 0)
+    publish(ram, 0)
+    vq = queue(event_idx=False)
+    vq.indirect = True
+    (chain,) = list(vq.chains(ram))
+    assert chain.writable == [(BUF + 64 * i, 64) for i in range(entries)]
+    assert [r for r in ram.reads if table <= r[0] < table + 16 * entries] == [(table, 16 * entries)]
+
+
+def test_a_limit_leaves_chains_for_later_and_asks_for_no_notification() -> None:
+    ram = FakeRam(0x4000)
+    for i in range(4):
+        ram.mem[DESC + 16 * i : DESC + 16 * i + 16] = VIRTQ_DESC.pack(BUF + 64 * i, 64, VIRTQ_DESC_F_WRITE, 0)
+        publish(ram, i)
+    vq = queue(event_idx=True)
+    ram.mem[USED + 4 + 8 * SIZE : USED + 6 + 8 * SIZE] = (0xBEEF).to_bytes(2, "little")
+    assert [c.head for c in vq.chains(ram, limit=3)] == [0, 1, 2] and vq.more
+    # avail_event untouched: the device comes back by itself, the driver need not notify.
+    assert int.from_bytes(ram.mem[USED + 4 + 8 * SIZE : USED + 6 + 8 * SIZE], "little") == 0xBEEF
+    vq.more = False
+    assert [c.head for c in vq.chains(ram, limit=3)] == [3] and not vq.more
+    assert int.from_bytes(ram.mem[USED + 4 + 8 * SIZE : USED + 6 + 8 * SIZE], "little") == 4

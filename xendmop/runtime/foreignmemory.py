@@ -293,6 +293,15 @@ class GuestRam:
             view[off : off + n] = data[done : done + n]
             done += n
 
+    def iter_views(self, gpa: int, size: int) -> Iterator[memoryview]:
+        """Writable views of guest RAM covering ``size`` bytes at ``gpa``, page by page (each
+        within one page), mapped as they are taken: a device hands them to ``preadv``/``pwritev``
+        with no copy.  A page that is not RAM raises ``GuestMemoryError`` when reached (the range
+        past ``limit``, or whose last page Xen will not map, before the first view)."""
+        self._check_range(gpa, size)
+        for gfn, off, n in self._chunks(gpa, size):
+            yield self._page(gfn)[off : off + n]
+
     def invalidate(self) -> None:
         """Unmap every cached page (IOREQ_TYPE_INVALIDATE)."""
         while self._pages:

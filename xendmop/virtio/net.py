@@ -20,7 +20,7 @@ import os
 import struct
 
 from ..runtime import ServeLoop
-from ..runtime.dispatch import RateLimitedLog
+from ..runtime.dispatch import GuestMemory, RateLimitedLog
 from .device import VirtioDevice, check_count
 from .spec import VIRTIO_ID_NET
 from .virtqueue import Chain, Virtqueue
@@ -110,6 +110,12 @@ class VirtioNet(VirtioDevice):
         if vq.index == TRANSMITQ:
             vq.process(memory, self._transmit)
             return
+        try:
+            self._receive(vq, memory)
+        finally:
+            vq.publish_used(memory)  # the frames delivered move the used index once
+
+    def _receive(self, vq: Virtqueue, memory: GuestMemory) -> None:
         while True:
             while self.rx_frames:
                 chain, self._held = self._held or vq.pop(memory), None
@@ -125,7 +131,7 @@ class VirtioNet(VirtioDevice):
                 if not chain.written:
                     self._held = chain  # kept for the next frame, not given back empty
                     break
-                vq.push(memory, chain.head, chain.written)
+                vq.push(memory, chain.head, chain.written, publish=False)
             if not vq.arm(memory) or not self.rx_frames:
                 return
 

@@ -21,6 +21,15 @@ through ``inject_msi`` when the driver enabled MSI-X — a masked vector's messa
 in the PBA until it is unmasked (except a Xen PIRQ message, which Linux on Xen programs
 and never unmasks: it is always sent, as QEMU sends it) — else through the ISR and INTA#.
 
+A queue notification (a write to the notify region) is served during the guest's access
+unless the transport was given a ``ServeLoop`` (``attach``): then the access is answered at
+once and the queue served from the loop right after, as QEMU's devices work after the
+access: virtio-net transmits from a bottom half (``hw/net/virtio-net.c``,
+``virtio_net_handle_tx_bh``), virtio-blk submits asynchronous I/O (``hw/block/virtio-blk.c``).
+The guest's vCPU runs on meanwhile, and the chains it makes available while the device
+works need no notification of their own: with VIRTIO_F_EVENT_IDX the device writes
+``avail_event`` only once it has drained the queue (``Virtqueue.chains``).
+
 The driver is untrusted: an access of the wrong width, a queue programmed with a size
 that is not a power of two, misaligned rings, a broken ring or chain (``VirtqueueError``)
 never raises into the dispatcher.  Each is a rate-limited log line; a broken ring or queue
@@ -31,7 +40,9 @@ setup also sets DEVICE_NEEDS_RESET and sends a configuration-change interrupt (s
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..runtime.dispatch import GuestMemory, RateLimitedLog
 from ..runtime.pci import PCI_CAPABILITY_LIST, PCI_STATUS, PCI_STATUS_CAP_LIST, Bar, PciFunction
@@ -86,6 +97,9 @@ from .spec import (
     used_size,
 )
 from .virtqueue import Virtqueue, VirtqueueError
+
+if TYPE_CHECKING:
+    from ..runtime import ServeLoop
 
 __all__ = ["MSIX_BAR", "VIRTIO_BAR", "VirtioPci"]
 
@@ -270,8 +284,55 @@ class VirtioPci:
         self.needs_reset_reason: str | None = None  # why the device last went NEEDS_RESET
         self.errors: list[str] = []  # the driver's errors (newest last, at most 16)
         self.config_generation = 0
+        self._loop: ServeLoop | None = None
+        self._wake = -1  # an eventfd in the loop while attached: queues to serve after the access
+        self._deferred: list[int] = []  # those queues, each once, in the order notified
         self._reset_state()
         device.transport = self
+
+    # --- serving notifications after the access --------------------------------------------------
+
+    def attach(self, loop: ServeLoop) -> None:
+        """Serve queue notifications from ``loop`` after the notifying access is answered (see
+        the module docstring); call before ``loop.run``.  ``close`` undoes it."""
+        if self._loop is not None:
+            raise RuntimeError("this transport is already attached to a loop")
+        wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            loop.add_reader(wake, self.run_deferred)
+        except BaseException:
+            os.close(wake)
+            raise
+        self._loop, self._wake = loop, wake
+
+    def close(self) -> None:
+        """Leave the loop ``attach`` joined (its eventfd closed); notifications are served
+        during their access again.  Idempotent."""
+        loop, wake = self._loop, self._wake
+        self._loop, self._wake, self._deferred = None, -1, []
+        if wake >= 0:
+            try:
+                if loop is not None:
+                    loop.remove_reader(wake)
+            finally:
+                os.close(wake)
+
+    def _defer(self, index: int) -> None:
+        if index in self._deferred:
+            return
+        if not self._deferred:
+            os.eventfd_write(self._wake, 1)  # once per batch: the loop runs run_deferred next
+        self._deferred.append(index)
+
+    def run_deferred(self) -> None:
+        """Serve the queues notified since the last call (the loop's callback on the eventfd)."""
+        try:
+            os.eventfd_read(self._wake)
+        except (BlockingIOError, OSError):
+            pass
+        pending, self._deferred = self._deferred, []
+        for index in pending:
+            self.kick(index)
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -403,12 +464,20 @@ class VirtioPci:
         if self.memory() is None:
             self._ignored("no-memory", "no guest memory mapping yet")
             return
-        try:
-            self.device.queue_notify(vq)
-        except VirtqueueError as e:
-            self.driver_error(e)
-            return
-        self.interrupt(vq)
+        while True:
+            try:
+                self.device.queue_notify(vq)
+            except VirtqueueError as e:
+                self.driver_error(e)
+                return
+            self.interrupt(vq)
+            if not vq.more:
+                return
+            # Stopped at its limit with chains left: again, after what else waits when attached.
+            vq.more = False
+            if self._wake >= 0:
+                self._defer(index)
+                return
 
     # --- BAR 4: the virtio structures ----------------------------------------------------------------
 
@@ -438,7 +507,11 @@ class VirtioPci:
             if off % NOTIFY_MULTIPLIER:
                 self._ignored("bad-notify", f"{size}-byte write at notify+{off:#x}")
                 return
-            self.kick(off // NOTIFY_MULTIPLIER)
+            index = off // NOTIFY_MULTIPLIER
+            if self._wake >= 0 and 0 <= index < len(self.queues):
+                self._defer(index)  # answered now, served from the loop next
+            else:
+                self.kick(index)
         else:
             self._ignored("bad-isr-access", f"{size}-byte write at ISR+{addr - ISR_OFF:#x}")
 

@@ -113,6 +113,7 @@ class Example:
             transport = VirtioPci(device, lambda: server.dispatcher.memory, ram_limit=MOCK_MEMORY_MB << 20)
             server.add_pci(transport.pci, slot=args.slot, name=self.name)
             loop = ServeLoop(server)
+            transport.attach(loop)  # notifications answered at once, queues served right after
             if self.attach is not None:
                 self.attach(device, loop)
 
@@ -121,7 +122,12 @@ class Example:
                 driver = VirtioPciDriver(sim, find_virtio(sim, device.device_type))
                 return self.guest_script(driver, device, args)
 
-            lines = dm_program.run_guest_script(mock, loop, guest, lines=lambda lines: lines, hold=args.hold, out=out)
+            try:
+                lines = dm_program.run_guest_script(
+                    mock, loop, guest, lines=lambda lines: lines, hold=args.hold, out=out
+                )
+            finally:
+                transport.close()
         return None if lines is None else (lines, transport)
 
     def main(self, argv: list[str] | None = None) -> int:
@@ -140,11 +146,13 @@ class Example:
         def serve(connection: dm_program.Connection) -> int:
             """Serve the device until SIGINT/SIGTERM; the server is destroyed on the way out."""
             device = self._make_device(args)
+            transport: VirtioPci | None = None
             try:
                 server = connection.ioreq_server(deprivilege=drop_for(device, connection.drop))
                 transport = VirtioPci(device, lambda: server.dispatcher.memory)
                 server.add_pci(transport.pci, slot=args.slot, name=self.name)
                 loop = ServeLoop(server)
+                transport.attach(loop)  # notifications answered at once, queues served right after
                 if self.attach is not None:
                     self.attach(device, loop)
 
@@ -160,6 +168,8 @@ class Example:
 
                 signum = dm_program.serve_until_signal(loop, on_ready=ready)
             finally:
+                if transport is not None:
+                    transport.close()
                 if self.close is not None:
                     self.close(device)
             print(dm_program.stopped_line(self.name, signum), file=sys.stderr)

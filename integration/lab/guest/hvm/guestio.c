@@ -13,18 +13,26 @@
  *   guestio txbench N                     write N bytes of text to stdout in 64-byte
  *                                         writes, wait until a tty sent them (tcdrain),
  *                                         then print "N ns" on a line of its own
+ *   guestio udpsend IPV4 PORT N SIZE      send N bytes to IPV4:PORT as SIZE-byte UDP datagrams
+ *                                         (the last shorter) as fast as the socket takes
+ *                                         them (blocking: the NIC's transmit ring and the
+ *                                         socket's send buffer pace it), then print
+ *                                         "DATAGRAMS BYTES ns" (what send() accepted)
  *
  * pattern(SEED): the xorshift32 stream seeded with SEED (0 is taken as 1), one 32-bit
  * little-endian word per 4 bytes; the tests compute the same words on the host.
  */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/io.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
@@ -72,7 +80,7 @@ static volatile uint8_t *map_phys(uint64_t phys, size_t len, void **base, size_t
 int main(int argc, char **argv)
 {
     if (argc < 3) {
-        fprintf(stderr, "usage: guestio in[bwl]|out[bwl]|inbench|memfill|memsum|cfgr|cfgw|txbench ...\n");
+        fprintf(stderr, "usage: guestio in[bwl]|out[bwl]|inbench|memfill|memsum|cfgr|cfgw|txbench|udpsend ...\n");
         return 2;
     }
     const char *cmd = argv[1];
@@ -165,6 +173,33 @@ int main(int argc, char **argv)
         }
         tcdrain(1); /* on a tty: until the UART took the last byte, not just the tty buffer */
         printf("\n%llu %lld\n", n, now_ns() - t0);
+    } else if (!strcmp(cmd, "udpsend") && argc == 6) {
+        struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons((uint16_t)num(argv[3]))};
+        unsigned long long n = num(argv[4]), size = num(argv[5]);
+        static char buf[65507];
+        if (inet_pton(AF_INET, argv[2], &to.sin_addr) != 1 || size == 0 || size > sizeof(buf)) {
+            fprintf(stderr, "guestio: udpsend IPV4 PORT N SIZE (SIZE 1..%zu)\n", sizeof(buf));
+            return 2;
+        }
+        memset(buf, 'u', sizeof(buf));
+        int fd = socket(AF_INET, SOCK_DGRAM, 0);
+        if (fd < 0 || connect(fd, (struct sockaddr *)&to, sizeof(to)))
+            die("udp socket");
+        unsigned long long datagrams = 0, done = 0;
+        long long t0 = now_ns();
+        while (done < n) {
+            size_t k = n - done < size ? (size_t)(n - done) : (size_t)size;
+            ssize_t w = send(fd, buf, k, 0);
+            if (w < 0) {
+                if (errno == EINTR || errno == ENOBUFS)
+                    continue; /* ENOBUFS: the qdisc was full; the datagram was not taken */
+                die("send");
+            }
+            datagrams++;
+            done += (unsigned long long)w;
+        }
+        printf("%llu %llu %lld\n", datagrams, done, now_ns() - t0);
+        close(fd);
     } else {
         fprintf(stderr, "guestio: unknown command or arguments: %s\n", cmd);
         return 2;
