@@ -341,6 +341,15 @@ class Console:
     def run(self, command: str, timeout: float = 120, check: bool = True) -> str:
         """Run ``command`` in the guest's shell; its output (stdout and stderr), once it ended.
         With ``check``, a nonzero status fails naming the command and its output."""
+        if self._seq == 0:
+            # The first command first waits for a marker of its own, so that what the shell
+            # printed on starting (busybox's banner) is not taken for any command's output,
+            # whichever test comes first (a test run again alone on a new boot, too).
+            self._seq += 1
+            with self._cond:
+                start = len(self.data)
+            self.send(b"printf '\\n@@%s@@\\n' settled\n")
+            self.wait_for(re.compile(rb"\n@@settled@@"), timeout, start)
         self._seq += 1
         tag = f"@@{self._seq}:"
         with self._cond:
