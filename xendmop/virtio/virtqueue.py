@@ -80,12 +80,18 @@ def _pwritev_all(fd: int, views: list[memoryview], pos: int) -> int:
         if n <= 0:
             raise OSError(errno.EIO, f"pwritev wrote nothing at offset {pos + done}")
         done += n
-        while i < len(views) and n >= len(views[i]):
-            n -= len(views[i])
-            i += 1
-        if n:
-            views[i] = views[i][n:]
+        i = _consume(views, i, n)
     return total
+
+
+def _consume(views: list[memoryview], i: int, n: int) -> int:
+    """Drop ``n`` transferred bytes from ``views[i:]``; the index of the first view left."""
+    while i < len(views) and n >= len(views[i]):
+        n -= len(views[i])
+        i += 1
+    if n:
+        views[i] = views[i][n:]
+    return i
 
 
 def _preadv_all(fd: int, views: list[memoryview], pos: int) -> int:
@@ -99,11 +105,7 @@ def _preadv_all(fd: int, views: list[memoryview], pos: int) -> int:
                 view[:] = bytes(len(view))
             break
         done += n
-        while i < len(views) and n >= len(views[i]):
-            n -= len(views[i])
-            i += 1
-        if n:
-            views[i] = views[i][n:]
+        i = _consume(views, i, n)
     return total
 
 
