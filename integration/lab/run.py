@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accel
 import image
 
 LAB = Path(__file__).resolve().parent
@@ -71,13 +72,11 @@ def _virtfs_path(path: Path) -> str:
     return str(path).replace(",", ",,")  # a literal comma in a QEMU option value
 
 
-def qemu_command(art: image.Artifacts, results: Path) -> list[str]:
+def qemu_command(art: image.Artifacts, results: Path, how: accel.Accel) -> list[str]:
     dom0 = f"{_virtfs_path(art.vmlinuz)} {DOM0_ARGS},{_virtfs_path(art.initrd)}"
     return [
         "qemu-system-x86_64",
-        "-accel", "tcg,thread=multi",
-        # -cpu max crashes dom0 under TCG; this model gives Xen SVM + HAP (nested paging).
-        "-cpu", "qemu64,+svm,+npt,+nrip-save",
+        *how.qemu_args,
         "-m", "2048", "-smp", "2",
         "-no-reboot",  # a Xen panic or dom0 crash reboots: end the run instead
         "-nodefaults", "-display", "none", "-monitor", "none",
@@ -142,10 +141,12 @@ def boot(
     release: str | None = None,
 ) -> Outcome:
     release = image.lab_release(release)
+    how = accel.choose()
     art = image.ensure_image(release=release)
     results.mkdir(parents=True, exist_ok=True)
     (results / "release").write_text(f"{release}\n")
-    image.log(f"booting the {release} lab ({image.RELEASES[release]})")
+    (results / "accel").write_text(f"{how}\n")
+    image.log(f"booting the {release} lab ({image.RELEASES[release]}) under {how}")
     for stale in ("status", "stdout", "stderr", "timings", "console.log"):
         (results / stale).unlink(missing_ok=True)
     shutil.copy(LAB / "dom0-init.sh", results / "init.sh")
@@ -155,7 +156,7 @@ def boot(
         tails.append(Tail(results / "console.log", sys.stderr))
     t0 = time.monotonic()
     with open(results / "qemu.log", "w") as qlog:
-        qemu = subprocess.Popen(qemu_command(art, results), stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog)
+        qemu = subprocess.Popen(qemu_command(art, results, how), stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog)
         timed_out = hung = False
         try:
             while qemu.poll() is None:
@@ -242,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         image.lab_release(args.release)
-    except ValueError as e:
+        accel.choose()
+    except ValueError as e:  # a bad --release, $XENDMOP_LAB_RELEASE or $XENDMOP_LAB_ACCEL
         ap.error(str(e))
     results = (args.results or default_results()).resolve()
     try:
