@@ -704,10 +704,10 @@ class MockLab:
     """A MockXen host shaped like the lab: a PV guest, and one HVM guest per scenario with
     the lab guest's vCPUs and memory (the mock has no PVH flavour; see KNOWN_DIFFERENCES)."""
 
-    def __init__(self) -> None:
+    def __init__(self, xen_version: tuple[int, int] | str = (4, 17)) -> None:
         from xendmop.mock import MockXen
 
-        self.host = MockXen()
+        self.host = MockXen(xen_version=xen_version)
         self.pv = self.host.create_domain(vcpus=1, hvm=False, memory_mb=GUEST_MEMORY_MB)
         self.domids = {DOM0: 0, PV: self.pv, MISSING: 30000}
 

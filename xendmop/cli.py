@@ -282,7 +282,12 @@ def _mock_host(args: argparse.Namespace) -> int:
     from .mock import MockXen, default_host
     from .mock.remote import ENV_SOCKET, MockHostServer
 
-    xen = default_host() if args.domains == "default" else MockXen()
+    options = {} if args.xen_version is None else {"xen_version": args.xen_version}
+    try:
+        xen = default_host(**options) if args.domains == "default" else MockXen(**options)
+    except ValueError as e:  # a version the mock does not simulate
+        print(f"xendmop mock-host: {e}", file=sys.stderr)
+        return 2
     try:
         server = MockHostServer(xen, args.socket, mode=args.mode)
     except OSError as e:
@@ -361,6 +366,10 @@ def _parser() -> argparse.ArgumentParser:
     mh.add_argument("--socket", required=True, help="where to listen (clients read $XENDMOP_MOCK_SOCKET)")
     mh.add_argument("--domains", choices=("default", "none"), default="default", help="default: dom1 HVM, dom2 PV")
     mh.add_argument("--mode", type=_mode, default=0o600, help="socket permissions, octal (default 0600)")
+    mh.add_argument(
+        "--xen-version",
+        help="the Xen release to simulate, MAJOR.MINOR from 4.9 (default: MockXen's, the newest the lab checks)",
+    )
     for command, (method, params) in COMMANDS.items():
         doc = _summary(getattr(DeviceModel, method).__doc__ or "")
         sp = sub.add_parser(command, help=doc.replace("%", "%%"), description=doc, parents=[common])

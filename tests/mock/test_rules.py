@@ -425,12 +425,12 @@ CASES = [
         lambda r: r.call(HVM, "pin_memory_cacheattr", start=1, end=2, type=0xFFFFFFFF),
         E.ENOENT,
     ),
-    Case("2.17 UC without IOMMU: accepted (4.17.7)", lambda r: r.call(HVM, "pin_memory_cacheattr", end=2, type=0), 0),
+    Case("2.17 UC without IOMMU: 0 (4.17-4.20)", lambda r: r.call(HVM, "pin_memory_cacheattr", end=2, type=0), 0),
     Case(
-        "2.17 UC without IOMMU: EPERM (newer Xen)",
+        "2.17 UC without IOMMU: EPERM (4.21 on)",
         lambda r: r.call(HVM, "pin_memory_cacheattr", end=2, type=0),
         E.EPERM,
-        host_options={"pinned_uc_needs_iommu": True},
+        host_options={"xen_version": (4, 21)},
     ),
     Case("2.17 type 2: EINVAL", lambda r: r.call(HVM, "pin_memory_cacheattr", end=2, type=2), E.EINVAL),
     Case(

@@ -52,7 +52,7 @@ from ..abi.hvm import HVMMEM_ram_ro
 from ..abi.privcmd import HYPERCALL_PATH, PRIVCMD_PATH
 from ..ops import OPS
 from .evtchn import MockEvtchnDevice
-from .hypervisor import Hypervisor, destroy_server
+from .hypervisor import DEFAULT_XEN_VERSION, Hypervisor, destroy_server
 from .pages import PageStore
 from .privcmd import HypercallDevice, PrivcmdDevice
 from .state import Domain, IoreqServerState, P2m, Vcpu
@@ -181,8 +181,9 @@ class MockXen:
     without IOCTL_PRIVCMD_DM_OP (callers fall back to IOCTL_PRIVCMD_HYPERCALL),
     ``hypercall_device=False`` for a kernel without ``/dev/xen/hypercall``,
     ``paddr_bits``, ``vgic_num_irqs`` (Arm), ``ioreq_server_pages``,
-    ``pinned_uc_needs_iommu=True`` for newer Xen's refusal of UC/WC cache-attribute pins
-    without an IOMMU (4.17 accepts them).
+    ``xen_version`` (``(4, 17)`` or ``"4.17"``; default ``DEFAULT_XEN_VERSION``, 4.20): the
+    release simulated, from 4.9 (Arm: 4.15); what differs between releases is listed in
+    ``xendmop.mock.hypervisor``.
 
     The host owns real resources (a memfd and a mapping per guest's RAM and per
     ioreq server's pages, an fd per opened device, an eventfd per evtchn open):
@@ -200,7 +201,7 @@ class MockXen:
         paddr_bits: int = 46,
         vgic_num_irqs: int = 256,
         ioreq_server_pages: int = 8,
-        pinned_uc_needs_iommu: bool = False,
+        xen_version: tuple[int, int] | str = DEFAULT_XEN_VERSION,
     ) -> None:
         if arch not in ("x86", "arm"):
             raise ValueError(f"arch must be 'x86' or 'arm', not {arch!r}")
@@ -211,7 +212,7 @@ class MockXen:
         self.dm_op_ioctl = dm_op_ioctl
         self.hypercall_device = hypercall_device
         self.ioreq_server_pages = ioreq_server_pages
-        self.hypervisor = Hypervisor(arch, paddr_bits, vgic_num_irqs, pinned_uc_needs_iommu)
+        self.hypervisor = Hypervisor(arch, paddr_bits, vgic_num_irqs, xen_version)
         self.memory = UserMemory()
         # the newest events only: a long-running mock must not grow without bound
         self.events = EventLog(EVENT_LOG_SIZE)
@@ -491,9 +492,10 @@ class MockXen:
         self.events.log(device, request, args, result)
 
 
-def default_host() -> MockXen:
-    """The documented default host: dom0, HVM dom1 (2 vCPUs, 128 MiB), PV dom2 (1 vCPU, 64 MiB)."""
-    host = MockXen()
+def default_host(**options: Any) -> MockXen:
+    """The documented default host: dom0, HVM dom1 (2 vCPUs, 128 MiB), PV dom2 (1 vCPU, 64 MiB);
+    ``options`` go to ``MockXen`` (e.g. ``xen_version="4.17"``)."""
+    host = MockXen(**options)
     host.create_domain(vcpus=2, hvm=True, memory_mb=128)
     host.create_domain(vcpus=1, hvm=False, memory_mb=64)
     return host

@@ -9,17 +9,26 @@ Linux does.  Extra guest buffers are reached only through the op declaration's
 
 Rules are registered in ``RULES`` by the declaration's name (``@rule("nr_vcpus")``):
 adding a DMOP means one declaration in ``ops/table.py`` and one rule here.
+
+The hypervisor simulates one Xen release, ``xen_version`` (major, minor; 4.9, DMOP's first, or
+later). What differs between releases is decided by comparing it, each where Xen's code changed
+(``Hypervisor.at_least``): which ops exist (the table's ``since``), 4.9/4.10's whole-struct
+copy-in, PV targets before 4.15, ``get_ioreq_server_info``'s ``flags`` before 4.11, the resource
+hypercall before 4.11 and its size query before 4.15, UC pins from 4.21 and overlapping
+``relocate_memory`` from 4.22.  Patch releases are not told apart: the XSA-506 checks apply at every
+version (an unfixed release read uninitialised stack there, which no simulation can specify).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..abi.dm_op import XEN_DMOP_DELETE_MEM_CACHEATTR, XEN_DMOP_IOREQ_MEM_ACCESS_WRITE, XEN_DMOP_no_gfns
+from ..abi.dm_op import XEN_DMOP_DELETE_MEM_CACHEATTR, XEN_DMOP_IOREQ_MEM_ACCESS_WRITE, XEN_DMOP_no_gfns, xen_dm_op
 from ..abi.hvm import (
     HVM_IOREQSRV_BUFIOREQ_ATOMIC,
     HVMMEM_ioreq_server,
@@ -30,8 +39,8 @@ from ..abi.hvm import (
 )
 from ..abi.memory import XENMEM_resource_ioreq_server, XENMEM_resource_ioreq_server_frame_bufioreq
 from ..abi.xen import xen_ulong_t
-from ..ops import NR_OPS, OPS, CallerMemory, CopyBack, GuestArgs
-from ..ops.decl import DM_OP_HEADER
+from ..ops import OPS, CallerMemory, CopyBack, GuestArgs
+from ..ops.decl import DM_OP_HEADER, OpDecl
 from .pages import PageRef, PageStore
 from .state import (
     MAX_NR_IOREQ_SERVERS,
@@ -61,6 +70,27 @@ _MSI_DATA_DELIVERY_MODE_SHIFT = 8
 _DEST_FIXED, _DEST_LOWEST_PRIO = 0, 1
 #: the mock's ``d->nr_pirqs`` for HVM guests (map_domain_emuirq_pirq bound)
 NR_PIRQS = 256
+#: the first release with XEN_DMOP (x86: 524a98c2ac), and the first with it on Arm
+#: (xen/arch/arm/dm.c, RELEASE-4.15.0)
+OLDEST_XEN_VERSION = {"x86": (4, 9), "arm": (4, 15)}
+#: the release simulated unless told otherwise: the newest the lab checks the mock against
+#: (integration/test_mock_vs_xen.py on Debian 13's Xen 4.20)
+DEFAULT_XEN_VERSION = (4, 20)
+#: ``mfn_list[32]`` in 4.11-4.14's acquire_resource (xen/common/memory.c): its per-call limit,
+#: which a size query answered
+OLD_ACQUIRE_RESOURCE_FRAMES = 32
+
+
+def parse_xen_version(value: object) -> tuple[int, int]:
+    """(major, minor) from a tuple or a string such as ``"4.17"`` or ``"4.20.5-pre"``."""
+    if isinstance(value, str):
+        found = re.match(r"(\d+)\.(\d+)", value)
+        if found is None:
+            raise ValueError(f"xen_version={value!r}: expected MAJOR.MINOR, e.g. '4.17'")
+        return int(found[1]), int(found[2])
+    if isinstance(value, tuple) and len(value) >= 2 and all(isinstance(v, int) for v in value[:2]):
+        return value[0], value[1]
+    raise ValueError(f"xen_version={value!r}: expected (major, minor) or 'MAJOR.MINOR'")
 
 
 @dataclass
@@ -97,10 +127,26 @@ class Hypervisor:
     """Domains plus the hypercalls a device model reaches (dm_op, acquire_resource, evtchn)."""
 
     def __init__(
-        self, arch: str = "x86", paddr_bits: int = 46, vgic_num_irqs: int = 256, pinned_uc_needs_iommu: bool = False
+        self,
+        arch: str = "x86",
+        paddr_bits: int = 46,
+        vgic_num_irqs: int = 256,
+        xen_version: tuple[int, int] | str = DEFAULT_XEN_VERSION,
     ) -> None:
         self.arch = arch
-        self.pinned_uc_needs_iommu = pinned_uc_needs_iommu
+        self.xen_version = parse_xen_version(xen_version)
+        oldest = OLDEST_XEN_VERSION[arch]
+        if self.xen_version < oldest:
+            raise ValueError(
+                f"xen_version={'.'.join(map(str, self.xen_version))}: Xen on {arch} has DMOP from "
+                f"{'.'.join(map(str, oldest))} on"
+            )
+        #: the ops this release's ``dm_op`` has a case for on this architecture (``since``, ``arch``)
+        self.ops: dict[int, OpDecl] = {
+            n: decl for n, decl in OPS.items() if arch in decl.arch and self.at_least(*decl.since)
+        }
+        #: ``ARRAY_SIZE(op_size)`` in this release's ``dm_op`` (4.11 on): its highest op + 1
+        self.nr_ops = 1 + max(decl.number for decl in OPS.values() if self.at_least(*decl.since))
         self.paddr_bits = paddr_bits
         self.vgic_num_irqs = vgic_num_irqs
         self.domains: dict[int, Domain] = {}
@@ -112,6 +158,10 @@ class Hypervisor:
         self.continuations = 0
 
     # --- helpers shared by rules ---------------------------------------------------
+
+    def at_least(self, major: int, minor: int) -> bool:
+        """Whether the simulated release is ``major.minor`` or newer (where Xen's code changed)."""
+        return self.xen_version >= (major, minor)
 
     def preempt_check(self) -> bool:
         """``hypercall_preempt_check()``: True while the test-set budget lasts."""
@@ -185,30 +235,35 @@ class Hypervisor:
         if isinstance(d, int):
             return d
         if self.arch == "x86" and not d.hvm:  # x86 dm_op: !is_hvm_domain(d)
-            return -errno.EINVAL
+            # -EINVAL since 4.15 (615367b527); before, rc still held the domain lookup's 0
+            return -errno.EINVAL if self.at_least(4, 15) else 0
         rc = self.xsm_dm_priv(caller, d)
         if rc:
             return rc
         addr, size = bufs[0]
-        if size < DM_OP_HEADER:
+        # 4.9/4.10 copied all of struct xen_dm_op in and switched on the op; 4.11 (85cb15dfe4)
+        # copies the header, bounds the op by ARRAY_SIZE(op_size), then copies op_size[op] bytes.
+        whole = not self.at_least(4, 11)
+        if size < (ctypes.sizeof(xen_dm_op) if whole else DM_OP_HEADER):
             return -errno.EFAULT
         try:
             op_no, pad = _header.from_buffer_copy(memory.read(addr, DM_OP_HEADER)).fields()
         except OSError:
             return -errno.EFAULT
-        if op_no >= NR_OPS:
+        if not whole and op_no >= self.nr_ops:
             return -errno.EOPNOTSUPP
-        decl = OPS.get(op_no)
-        op_size = decl.size if decl is not None and self.arch in decl.arch else 0  # sparse op_size[]
-        if size < DM_OP_HEADER + op_size:
+        decl = self.ops.get(op_no)
+        op_size = decl.size if decl is not None else 0  # sparse op_size[]
+        if not whole and size < DM_OP_HEADER + op_size:
             return -errno.EFAULT
         try:
-            raw = memory.read(addr + DM_OP_HEADER, op_size)
+            copied = ctypes.sizeof(xen_dm_op) - DM_OP_HEADER if whole else op_size
+            raw = memory.read(addr + DM_OP_HEADER, copied)[:op_size]
         except OSError:
             return -errno.EFAULT
         if pad:
             return -errno.EINVAL
-        if decl is None or op_size == 0:  # no case for it: ioreq_server_dm_op's default
+        if decl is None:  # no case for it: ioreq_server_dm_op's default
             return -errno.EOPNOTSUPP
         op = decl.struct.from_buffer_copy(raw)
         call = Call(self, d, caller, decl.guest_args(op, bufs, memory))
@@ -368,6 +423,13 @@ class Hypervisor:
 
         Returns the frames, the size for a query (as a non-negative int), or ``-errno``.
         """
+        if not self.at_least(4, 11):  # XENMEM_acquire_resource came in 4.11 (3f8f12281d): do_memory_op's default
+            return -errno.ENOSYS
+        if not self.at_least(4, 15):  # 4.11-4.14: a query answers the per-call limit, checked before the domain
+            if query:
+                return -errno.EINVAL if nr_frames else OLD_ACQUIRE_RESOURCE_FRAMES
+            if nr_frames > OLD_ACQUIRE_RESOURCE_FRAMES:
+                return -errno.E2BIG
         if frame >> 32 or (frame + nr_frames) >> 32:
             return -errno.EINVAL
         d = self.lock_remote_domain(caller, domid)
@@ -499,7 +561,7 @@ def _remove_vcpus(hv: Hypervisor, d: Domain, s: IoreqServerState) -> None:
 def get_ioreq_server_info(call: Call) -> int:
     """``ioreq_server_dm_op`` → ``ioreq_server_get_info``."""
     data = call.op
-    if data.flags & ~XEN_DMOP_no_gfns:
+    if data.flags & ~(XEN_DMOP_no_gfns if call.hv.at_least(4, 11) else 0):  # a pad before 4.11 (3fefa0f15d)
         return -errno.EINVAL
     s = _server(call, data.id)
     if isinstance(s, int):
@@ -942,7 +1004,9 @@ def relocate_memory(call: Call) -> int:
     if gpfn + size > INVALID_GFN + 1 or idx + size > INVALID_GFN + 1:
         return -errno.EOVERFLOW
     adjust = 1
-    if idx < gpfn < idx + size:  # overlap with dst above src: backwards (since 4.22)
+    # overlap with dst above src: backwards since 4.22 (7acc7dd36b); before, forwards, moving a
+    # page twice
+    if idx < gpfn < idx + size and call.hv.at_least(4, 22):
         adjust, idx, gpfn = -1, idx + size - 1, gpfn + size - 1
     done, rc = 0, 0
     while size > done:
@@ -993,10 +1057,10 @@ def pin_memory_cacheattr(call: Call) -> int:
                 return 0
         return -errno.ENOENT
     if mtype in _MT_UNCACHED:
-        # Newer Xen refuses UC/UCM/WC for a domain without an IOMMU or cache-flush permission
-        # (!is_iommu_enabled(d) && !cache_flush_permitted(d): reference §2.17); 4.17.7 accepts
-        # them (measured in the lab), so the check is an option of the host.
-        if call.hv.pinned_uc_needs_iommu and not d.iommu:
+        # From 4.21 (d63b2c60f7) Xen refuses UC/UCM/WC for a domain without an IOMMU or
+        # cache-flush permission (!is_iommu_enabled(d) && !cache_flush_permitted(d)); 4.17 and
+        # 4.20 accept them (measured in the lab).
+        if call.hv.at_least(4, 21) and not d.iommu:
             return -errno.EPERM
     elif mtype not in _MT_CACHED:
         return -errno.EINVAL
