@@ -38,7 +38,8 @@ def header_only(ioctl: Ioctl, domid: int, number: int) -> str:
     try:
         ioctl(IOCTL_PRIVCMD_DM_OP, req)
     except OSError as e:
-        return errno.errorcode.get(e.errno or 0, str(e.errno))
+        # 95 is both ENOTSUP and EOPNOTSUPP in Linux; Xen's name for it is the latter
+        return "EOPNOTSUPP" if e.errno == errno.EOPNOTSUPP else errno.errorcode.get(e.errno or 0, str(e.errno))
     return "0"
 
 
