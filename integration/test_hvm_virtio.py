@@ -466,6 +466,15 @@ class CpuClock:
         return round(self.cpu_s / self.wall, 3) if self.wall > 0 else 0.0
 
 
+def _settle() -> None:
+    """Write dom0's dirty pages back now (the disk images both boots wrote, the files of the
+    tests before), so that no writeback runs in dom0 during the step that follows: one boot
+    has run more disk tests than the other before its measurements, and under TCG a flush of
+    megabytes takes dom0's vCPUs for seconds."""
+    os.sync()
+    time.sleep(1)
+
+
 def _time_real(out: str) -> float:
     """busybox time's "real 0m 1.23s"."""
     m = re.search(r"real\s+(\d+)m ([0-9.]+)s", out)
@@ -489,6 +498,7 @@ def measure_udp(sh: Callable[..., str], netns: str, net_pid: int, mac: str) -> d
         assert listener.stdout is not None
         assert listener.stdout.readline().strip() == "listening"
         irqs = _nic_interrupts(sh, mac)
+        _settle()
         with CpuClock(net_pid) as clock:
             sent_datagrams, sent, _ns = (
                 int(x) for x in sh(f"guestio udpsend {HOST_IP} {UDP_PORT} {UDP_BYTES} {UDP_SIZE}", timeout=900).split()
@@ -533,14 +543,15 @@ def measure(sh: Callable[..., str], disk: str, netns: str, blk_pid: int, net_pid
                 best, share = rate, clock.share
         result[f"blk_{kind}_MBps"] = round(best, 2)
         result[f"blk_{kind}_dm_cpu_share"] = share
-    # ping's output goes to a file while it runs, and is shown after: each reply's line on the
-    # console would otherwise be typed out through the boot's serial port (our Python 16550 in
-    # one boot, QEMU's in the other) during the next round trips, and the console's own ioreqs
-    # measured with the NIC's.  The same pings printed live are kept beside them (ping_console_*).
+    # ping's output goes to a file while it runs, and is shown after: each reply's line is
+    # otherwise typed out through the boot's serial port (our Python 16550 in one boot, QEMU's
+    # in the other) between the round trips.  The same pings printed live are kept beside them
+    # (ping_console_*).  Before each network step dom0 writes its dirty pages back (_settle).
     for key, cmd in (
         ("ping", f"ping -c {PINGS} {HOST_IP} > /ping.out 2>&1; cat /ping.out"),
         ("ping_console", f"ping -c {PINGS} {HOST_IP}"),
     ):
+        _settle()
         with CpuClock(net_pid) as clock:
             out = sh(cmd, timeout=300)
         times = _ping_times_ms(out)
@@ -560,6 +571,7 @@ def measure(sh: Callable[..., str], disk: str, netns: str, blk_pid: int, net_pid
     try:
         assert listener.stdout is not None
         assert listener.stdout.readline().strip() == "listening"
+        _settle()
         with CpuClock(net_pid) as clock:
             sh(f"dd if=/dev/zero bs=64k count={TCP_BYTES >> 16} 2>/dev/null | nc {HOST_IP} {TCP_PORT}", timeout=900)
         got, secs = listener.stdout.readline().split()
