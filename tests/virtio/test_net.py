@@ -17,7 +17,6 @@ from xendmop.testing import ServeThread
 from xendmop.virtio import VirtioPci
 from xendmop.virtio.driver import GuestQueue, VirtioPciDriver, find_virtio
 from xendmop.virtio.net import NET_HDR, RECEIVEQ, TRANSMITQ, VirtioNet
-from xendmop.virtio.virtqueue import Chain
 
 MAC = bytes.fromhex("025856000007")
 PEER = bytes.fromhex("02585600000f")
@@ -83,41 +82,6 @@ def test_guest_frames_reach_the_peer_whole(nic: Make) -> None:
     tx.request([HDR + sent], [], indirect=True)
     assert peer.recv(65536) == sent
     assert device.stats["tx"] == 2
-
-
-def test_each_sent_frame_goes_back_at_once_and_the_interrupt_waits_for_used_event(
-    nic: Make, xen_host: MockXen, hvm_domain: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Three frames made available with one notification: the used index has moved past each
-    frame before the next is sent (Linux frees a sent skb, and its socket's send buffer, only
-    once it sees it used), and the one interrupt comes as soon as the used index passes the
-    driver's used_event (1 here: after the second frame), not when the batch ends."""
-    device, driver, peer = nic()
-    tx = driver.queues[TRANSMITQ]
-
-    def msis() -> int:
-        return len(xen_host.domain(hvm_domain).snapshot()["msis"])
-
-    seen: list[tuple[int, int]] = []  # (used idx in guest RAM, MSIs so far) as each frame is sent
-    real = device._transmit
-
-    def transmit(chain: Chain) -> int:
-        seen.append((tx.used_idx(), msis()))
-        return real(chain)
-
-    monkeypatch.setattr(device, "_transmit", transmit)
-    tx._w16(tx.avail + 4 + 2 * tx.size, 1)  # used_event: interrupt once the used index passes 1
-    before = msis()
-    sent = [frame(bytes([i]) * 46, dst=PEER) for i in range(3)]
-    for f in sent:
-        tx.add([HDR + f], [])
-    assert tx.kick()
-    assert [peer.recv(65536) for _ in sent] == sent
-    deadline = time.monotonic() + 5
-    while tx.used_idx() != 3 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert [used for used, _ in seen] == [0, 1, 2]
-    assert [n - before for _, n in seen] == [0, 0, 1] and msis() - before == 1
 
 
 def test_peer_frames_reach_the_guest_with_a_header(nic: Make) -> None:

@@ -53,7 +53,7 @@ def test_a_chain_made_available_while_avail_event_is_written_is_not_left_behind(
 
 
 def test_a_drained_queue_publishes_and_interrupts_before_avail_event_asks_for_a_notification() -> None:
-    """``on_used`` (the transport's used index and interrupt) runs when the queue is found
+    """``on_drained`` (the transport's used index and interrupt) runs when the queue is found
     empty and before avail_event is written, so a notification the driver sends meanwhile does
     not find the device still busy with the interrupt; a chain found after arming is served and
     the hook runs again for it."""
@@ -65,12 +65,12 @@ def test_a_drained_queue_publishes_and_interrupts_before_avail_event_asks_for_a_
     vq = queue(event_idx=True)
     seen: list[tuple[int, int]] = []
 
-    def on_used(memory: object) -> None:
+    def on_drained(memory: object) -> None:
         assert memory is ram
         vq.publish_used(ram)
         seen.append((u16(ram, USED + 2), u16(ram, USED + 4 + 8 * SIZE)))  # used idx, avail_event
 
-    vq.on_used = on_used
+    vq.on_drained = on_drained
     assert vq.process(ram, lambda chain: 0) == 3
     assert seen == [(2, 0), (3, 2)]  # published before each arming; avail_event still the old one
     assert u16(ram, USED + 4 + 8 * SIZE) == 3

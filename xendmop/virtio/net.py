@@ -108,12 +108,7 @@ class VirtioNet(VirtioDevice):
         if memory is None:
             return
         if vq.index == TRANSMITQ:
-            # Each sent frame goes back at once, as QEMU's virtio_net_flush_tx pushes and
-            # notifies per packet: Linux's virtio_net (napi_tx) keeps a sent skb charged to its
-            # socket until start_xmit's free_old_xmit_skbs or the TX interrupt finds it used,
-            # so a used index held for a whole batch fills a UDP sender's send buffer and
-            # blocks it until the batch ends.  The interrupt still waits for used_event (2.7.10).
-            vq.process(memory, self._transmit, each=True)
+            vq.process(memory, self._transmit)
             return
         try:
             self._receive(vq, memory)

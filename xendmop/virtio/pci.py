@@ -274,7 +274,7 @@ class VirtioPci:
         self.queues = [Virtqueue(i, n) for i, n in enumerate(sizes)]
         for vq in self.queues:
             vq.ram_limit = ram_limit
-            vq.on_used = functools.partial(self._used, vq)
+            vq.on_drained = functools.partial(self._used, vq)
         self.nr_vectors = len(sizes) + 1
         self.msix_table = bytearray(PCI_MSIX_ENTRY_SIZE * self.nr_vectors)
         self.msix_pba = bytearray((self.nr_vectors + 63) // 64 * 8)
@@ -422,7 +422,7 @@ class VirtioPci:
             self._interrupt(vq, memory)
 
     def _used(self, vq: Virtqueue, memory: GuestMemory) -> None:
-        """``Virtqueue.on_used``: publish ``vq``'s used index, interrupt if the driver asked."""
+        """``vq`` drained (``Virtqueue.on_drained``): publish its used index, interrupt if the driver asked."""
         try:
             vq.publish_used(memory)
         except VirtqueueError as e:

@@ -291,10 +291,9 @@ class Virtqueue:
         self.index = index
         self.max_size = max_size
         self.ram_limit: int | None = None  # when known, buffers must end below it
-        #: the transport's "publish the used index, interrupt if the driver asked": called by
-        #: ``chains`` once the queue is drained, before it writes ``avail_event``, and by
-        #: ``process(..., each=True)`` after every chain
-        self.on_used: Callable[[GuestMemory], None] | None = None
+        #: what ``chains`` calls once the queue is drained, before it writes ``avail_event``:
+        #: the transport publishes the used index and sends the interrupt the driver asked for
+        self.on_drained: Callable[[GuestMemory], None] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -364,8 +363,8 @@ class Virtqueue:
             # sending the interrupt (a hypercall), and the driver keeps adding without one
             # until then.  A chain made available after the last look but before avail_event
             # was written got no notification: look once more after writing it (as vhost does).
-            if self.on_used is not None:
-                self.on_used(memory)
+            if self.on_drained is not None:
+                self.on_drained(memory)
             if not self.arm(memory):
                 return
 
@@ -474,20 +473,15 @@ class Virtqueue:
             return need_event(used_event, new, old)
         return not self._u16(memory, self.avail, "avail flags") & VIRTQ_AVAIL_F_NO_INTERRUPT
 
-    def process(self, memory: GuestMemory, handle: Callable[[Chain], int], *, each: bool = False) -> int:
+    def process(self, memory: GuestMemory, handle: Callable[[Chain], int]) -> int:
         """Run ``handle(chain)`` on each available chain, at most a queue's worth (``chains``'
         ``limit``: see ``more``), and push it with what it returns (bytes written); the used
-        index moves once, after the last, or with ``each`` after every chain (through
-        ``on_used``, so the driver is also interrupted as soon as its ``used_event`` is
-        passed); returns how many chains were used."""
+        index moves once, after the last; returns how many chains were used."""
         n = 0
-        on_used = self.on_used if each else None
         try:
             for chain in self.chains(memory, self.size):
                 self.push(memory, chain.head, handle(chain), publish=False)
                 n += 1
-                if on_used is not None:
-                    on_used(memory)
         finally:
             self.publish_used(memory)  # what was used before a broken chain is the driver's too
         return n
