@@ -372,6 +372,14 @@ def _ping_times_ms(out: str) -> list[float]:
     return list({int(seq): float(t) for seq, t in re.findall(r"seq=(\d+) ttl=\d+ time=([0-9.]+) ms", out)}.values())
 
 
+def _nic_interrupts(sh: Callable[..., str], mac: str) -> dict[str, int]:
+    """The guest's interrupt count per vector of the virtio NIC with address ``mac`` (its
+    ``virtioN-input.0``, ``-output.0``, ``-config`` lines in /proc/interrupts; one vCPU)."""
+    dev = sh(f"basename $(readlink $(dirname $(grep -l {mac} /sys/class/net/*/address))/device)").strip()
+    out = sh(f"awk '/ {dev}-/ {{print $2, $NF}}' /proc/interrupts")
+    return {name.split("-", 1)[1]: int(count) for count, name in (line.split() for line in out.splitlines())}
+
+
 def test_net_guest_pings_dom0_and_dom0_pings_back(vguest: VirtioGuest) -> None:
     vguest.extra["ifname"] = _guest_ifup(vguest.sh, GUEST_MAC)
     out = vguest.sh(f"ping -c 3 -W 10 {HOST_IP}", timeout=180)
@@ -458,6 +466,15 @@ class CpuClock:
         return round(self.cpu_s / self.wall, 3) if self.wall > 0 else 0.0
 
 
+def _settle() -> None:
+    """Write dom0's dirty pages back now (the disk images both boots wrote, the files of the
+    tests before), so that no writeback runs in dom0 during the step that follows: one boot
+    has run more disk tests than the other before its measurements, and under TCG a flush of
+    megabytes takes dom0's vCPUs for seconds."""
+    os.sync()
+    time.sleep(1)
+
+
 def _time_real(out: str) -> float:
     """busybox time's "real 0m 1.23s"."""
     m = re.search(r"real\s+(\d+)m ([0-9.]+)s", out)
@@ -465,7 +482,7 @@ def _time_real(out: str) -> float:
     return int(m.group(1)) * 60 + float(m.group(2))
 
 
-def measure_udp(sh: Callable[..., str], netns: str, net_pid: int) -> dict[str, float]:
+def measure_udp(sh: Callable[..., str], netns: str, net_pid: int, mac: str) -> dict[str, float]:
     """``UDP_BYTES`` as ``UDP_SIZE``-byte datagrams from the guest (``guestio udpsend``, as fast
     as its socket takes them) to a listener in dom0's namespace.  Measured: the payload bytes
     the listener received over its window (first datagram to last) per second, and the loss
@@ -480,11 +497,14 @@ def measure_udp(sh: Callable[..., str], netns: str, net_pid: int) -> dict[str, f
     try:
         assert listener.stdout is not None
         assert listener.stdout.readline().strip() == "listening"
+        irqs = _nic_interrupts(sh, mac)
+        _settle()
         with CpuClock(net_pid) as clock:
             sent_datagrams, sent, _ns = (
                 int(x) for x in sh(f"guestio udpsend {HOST_IP} {UDP_PORT} {UDP_BYTES} {UDP_SIZE}", timeout=900).split()
             )
             datagrams, got, secs = listener.stdout.readline().split()
+        irqs = {name: n - irqs.get(name, 0) for name, n in _nic_interrupts(sh, mac).items()}
     finally:
         if listener.poll() is None:
             listener.kill()
@@ -499,10 +519,13 @@ def measure_udp(sh: Callable[..., str], netns: str, net_pid: int) -> dict[str, f
         "udp_MBps": round(received / float(secs) / 1e6, 3) if float(secs) > 0 else 0.0,
         "udp_loss": round(1 - received / sent, 4),
         "udp_dm_cpu_share": clock.share,
+        # the NIC's interrupts in the guest over the same step (and the shell's commands around it)
+        "udp_tx_interrupts": irqs.get("output.0", 0),
+        "udp_rx_interrupts": irqs.get("input.0", 0),
     }
 
 
-def measure(sh: Callable[..., str], disk: str, netns: str, blk_pid: int, net_pid: int) -> dict[str, float]:
+def measure(sh: Callable[..., str], disk: str, netns: str, blk_pid: int, net_pid: int, mac: str) -> dict[str, float]:
     """Sequential O_DIRECT dd on ``disk`` (write, then read, ``BENCH_MB`` MiB in 1 MiB blocks,
     best of two), ping round trip (``PINGS`` of them: average and median), a TCP stream and a
     UDP stream guest -> dom0, with the device model's CPU share."""
@@ -520,15 +543,26 @@ def measure(sh: Callable[..., str], disk: str, netns: str, blk_pid: int, net_pid
                 best, share = rate, clock.share
         result[f"blk_{kind}_MBps"] = round(best, 2)
         result[f"blk_{kind}_dm_cpu_share"] = share
-    with CpuClock(net_pid) as clock:
-        out = sh(f"ping -c {PINGS} {HOST_IP}", timeout=300)
-    times = sorted(_ping_times_ms(out))
-    assert times, out
-    result["ping_avg_ms"] = _ping_avg_ms(out)
-    result["ping_median_ms"] = round((times[(len(times) - 1) // 2] + times[len(times) // 2]) / 2, 3)
-    result["ping_min_ms"] = times[0]
-    result["ping_replies"] = len(times)
-    result["ping_dm_cpu_share"] = clock.share
+    # ping's output goes to a file while it runs, and is shown after: each reply's line is
+    # otherwise typed out through the boot's serial port (our Python 16550 in one boot, QEMU's
+    # in the other) between the round trips.  The same pings printed live are kept beside them
+    # (ping_console_*).  Before each network step dom0 writes its dirty pages back (_settle).
+    for key, cmd in (
+        ("ping", f"ping -c {PINGS} {HOST_IP} > /ping.out 2>&1; cat /ping.out"),
+        ("ping_console", f"ping -c {PINGS} {HOST_IP}"),
+    ):
+        _settle()
+        with CpuClock(net_pid) as clock:
+            out = sh(cmd, timeout=300)
+        times = _ping_times_ms(out)
+        assert times, out
+        ordered = sorted(times)
+        result[f"{key}_avg_ms"] = _ping_avg_ms(out)
+        result[f"{key}_median_ms"] = round((ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2, 3)
+        result[f"{key}_min_ms"] = ordered[0]
+        result[f"{key}_replies"] = len(ordered)
+        result[f"{key}_times_ms"] = times  # type: ignore[assignment]  # in sequence order
+        result[f"{key}_dm_cpu_share"] = clock.share
     listener = subprocess.Popen(
         ["ip", "netns", "exec", netns, sys.executable, "-c", LISTENER, HOST_IP, str(TCP_PORT), "600"],
         stdout=subprocess.PIPE,
@@ -537,6 +571,7 @@ def measure(sh: Callable[..., str], disk: str, netns: str, blk_pid: int, net_pid
     try:
         assert listener.stdout is not None
         assert listener.stdout.readline().strip() == "listening"
+        _settle()
         with CpuClock(net_pid) as clock:
             sh(f"dd if=/dev/zero bs=64k count={TCP_BYTES >> 16} 2>/dev/null | nc {HOST_IP} {TCP_PORT}", timeout=900)
         got, secs = listener.stdout.readline().split()
@@ -548,7 +583,7 @@ def measure(sh: Callable[..., str], disk: str, netns: str, blk_pid: int, net_pid
             listener.kill()
         listener.wait()
     try:
-        result.update(measure_udp(sh, netns, net_pid))
+        result.update(measure_udp(sh, netns, net_pid, mac))
     except (AssertionError, OSError, ValueError, subprocess.SubprocessError) as e:  # the rest is still recorded
         result["udp_error"] = f"{type(e).__name__}: {e}"  # type: ignore[assignment]
     return result
@@ -558,7 +593,9 @@ def test_blk_and_net_are_measured(vguest: VirtioGuest) -> None:
     rw = vguest.extra.get("rw") or _disk_named(vguest.sh, RW_SERIAL)
     if "ifname" not in vguest.extra:
         vguest.extra["ifname"] = _guest_ifup(vguest.sh, GUEST_MAC)
-    measured = measure(vguest.console.run, str(rw), vguest.netns, vguest.dm_pids["blk"], vguest.dm_pids["net"])
+    measured = measure(
+        vguest.console.run, str(rw), vguest.netns, vguest.dm_pids["blk"], vguest.dm_pids["net"], GUEST_MAC
+    )
     measured["boot_to_shell_s"] = round(vguest.boot_seconds, 1)
     hvmguest.record_timing("hvm_virtio_xendmop", measured)
     print("xendmop:", measured)
@@ -677,7 +714,7 @@ def test_qemu_peer_is_measured_and_the_ratios_recorded(qemu_guest: QemuGuest) ->
     disk = _disk_named(sh, RW_SERIAL)
     _guest_ifup(sh, QEMU_MAC)
     assert "3 packets received" in sh(f"ping -c 3 -W 10 {HOST_IP}", timeout=180)
-    peer = measure(sh, disk, qemu_guest.netns, qemu_guest.pid, qemu_guest.pid)
+    peer = measure(sh, disk, qemu_guest.netns, qemu_guest.pid, qemu_guest.pid, QEMU_MAC)
     peer["boot_to_shell_s"] = round(qemu_guest.boot_seconds, 1)
     hvmguest.record_timing("hvm_virtio_qemu", peer)
     print("QEMU:", peer)
@@ -691,6 +728,9 @@ def test_qemu_peer_is_measured_and_the_ratios_recorded(qemu_guest: QemuGuest) ->
         ratio["ping_rtt"] = round(peer["ping_avg_ms"] / ours["ping_avg_ms"], 3)  # a speed ratio, as the others
         if ours.get("ping_median_ms"):
             ratio["ping_rtt_median"] = round(peer["ping_median_ms"] / ours["ping_median_ms"], 3)
+        if ours.get("ping_console_avg_ms"):
+            ratio["ping_console_rtt"] = round(peer["ping_console_avg_ms"] / ours["ping_console_avg_ms"], 3)
+            ratio["ping_console_rtt_median"] = round(peer["ping_console_median_ms"] / ours["ping_console_median_ms"], 3)
         ratio["note"] = "xendmop's Python virtio / QEMU's C virtio, same guest, same lab run (TCG); >1 is faster"
         hvmguest.record_timing("hvm_virtio_ratio_xendmop_to_qemu", ratio)
         print("xendmop / QEMU:", ratio)

@@ -97,3 +97,38 @@ def test_max_rep_is_bounded(host: MockXen, max_rep: int) -> None:
     with pytest.raises(TypeError, match="max_rep must be an int"):
         Dispatcher(max_rep=2.5)  # type: ignore[arg-type]
     assert Dispatcher(max_rep=MAX_REP_LIMIT).max_rep == MAX_REP_LIMIT
+
+
+def test_guest_ram_accesses_within_one_page_keep_every_check(host: MockXen) -> None:
+    """Reads and writes that fit one page take a shorter path; they still refuse what the
+    checked path refuses (a bool, a negative address, past ``limit``, a frame that is not RAM)
+    and move the same bytes."""
+    domid = host.create_domain(vcpus=1, hvm=True, memory_mb=8)
+    with ForeignMemory(host.open_device) as fmem:
+        ram = GuestRam(fmem, domid, limit=0x2FFE)
+        try:
+            ram.write(0x1000, bytes(range(256)) * 16)  # one whole page
+            ram.write(0x0FFE, b"ab")  # the last two bytes of the page before
+            ram.write(0x2FFA, b"wxyz")  # up to the limit exactly
+            assert b"".join(bytes(v) for v in ram.iter_views(0x0FFE, 0x102)) == b"ab" + bytes(range(256))
+            assert ram.read(0x0FFE, 2) == b"ab" and ram.read(0x1000, 0x1000) == bytes(range(256)) * 16
+            assert ram.read(0x10FF, 1) == b"\xff" and ram.read(0x2FFA, 4) == b"wxyz"
+            for bad in (lambda: ram.read(0x2FFB, 4), lambda: ram.write(0x2FFB, b"1234")):
+                with pytest.raises(GuestMemoryError, match="outside guest RAM"):
+                    bad()  # one byte past the limit, within the page
+            for bad in (lambda: ram.read(-2, 2), lambda: ram.write(-2, b"12")):
+                with pytest.raises(GuestMemoryError):
+                    bad()
+            with pytest.raises(TypeError, match="gpa must be an int"):
+                ram.read(True, 1)
+            with pytest.raises(TypeError, match="gpa must be an int"):
+                ram.write(True, b"1")
+            assert ram.read(0x1000, 0) == b""
+        finally:
+            ram.close()
+        unbacked = GuestRam(fmem, domid)
+        try:
+            with pytest.raises(GuestMemoryError):
+                unbacked.read((64 << 20) + 8, 2)  # no frame there
+        finally:
+            unbacked.close()

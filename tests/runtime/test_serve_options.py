@@ -1,4 +1,4 @@
-"""IoreqServer's ``deprivilege=`` option and ServeLoop's ``add_reader``.
+"""IoreqServer's ``deprivilege=`` option and ServeLoop's ``add_reader`` and ``call_soon``.
 
 The deprivileging test runs in a real child process (it drops that process's root for
 good); the mock host lives in the child too, and since ``no_new_privs`` refuses a
@@ -202,5 +202,43 @@ def test_a_callback_can_remove_its_own_reader_while_running() -> None:
     try:
         assert not thread.is_alive() and calls == [b"x"]
     finally:
+        os.close(rfd)
+        os.close(wfd)
+
+
+def test_call_soon_runs_after_the_rounds_events_and_again_without_waiting_a_tick() -> None:
+    """What a reader schedules runs once the round's events are handled, in the loop's thread;
+    what that callback schedules in turn runs in the next round, which polls without waiting:
+    with a 30-second tick, a loop that waited would not finish in time."""
+    loop = ServeLoop(tick=30)
+    rfd, wfd = os.pipe()
+    order: list[str] = []
+
+    def on_readable() -> None:
+        os.read(rfd, 16)
+        order.append("reader")
+        loop.call_soon(first)
+        order.append("reader done")
+
+    def first() -> None:
+        order.append(f"first in {threading.current_thread().name}")
+        loop.call_soon(second)
+
+    def second() -> None:
+        order.append("second")
+        loop.stop()
+
+    loop.add_reader(rfd, on_readable)
+    os.write(wfd, b"x")
+    thread = threading.Thread(target=loop.run, kwargs={"handle_signals": False}, name="serve")
+    thread.start()
+    thread.join(5)
+    try:
+        assert not thread.is_alive(), "the callback scheduled by a callback waited for the tick"
+        assert order == ["reader", "reader done", "first in serve", "second"]
+    finally:
+        if thread.is_alive():
+            loop.stop()
+            thread.join(5)
         os.close(rfd)
         os.close(wfd)

@@ -281,6 +281,32 @@ def test_event_idx_suppresses_interrupts_until_used_event(virtio: VirtioFactory)
     assert q._u16(q.used + 4 + 8 * q.size) == 3  # avail_event: the device asks for the next kick
 
 
+def test_the_interrupt_goes_out_before_avail_event_asks_for_the_next_notification(
+    virtio: VirtioFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The MSI for a drained queue is sent while avail_event still holds its old value: the
+    driver can keep adding without notifying until the device is done with the hypercall."""
+    s = virtio(VirtioRng())
+    d = s.driver
+    d.bring_up()
+    q = d.queues[0]
+    host = s.transport.pci.host
+    assert host is not None
+    seen: list[tuple[int, int]] = []  # (used idx, avail_event) as each MSI is sent
+    real = host.inject_msi
+
+    def inject_msi(fn: Any, addr: int, data: int) -> None:
+        seen.append((q.used_idx(), q._u16(q.used + 4 + 8 * q.size)))
+        real(fn, addr, data)
+
+    monkeypatch.setattr(host, "inject_msi", inject_msi)
+    for expect in (1, 2):
+        assert q.request([], [1])[0] == 1
+        assert seen[-1] == (expect, expect - 1)  # the chain published, avail_event not yet past it
+        assert q._u16(q.used + 4 + 8 * q.size) == expect  # then armed for the next
+    assert len(seen) == 2
+
+
 def test_no_interrupt_flag_without_event_idx(virtio: VirtioFactory) -> None:
     s = virtio(VirtioRng(), event_idx=False)
     d = s.driver

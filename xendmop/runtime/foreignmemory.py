@@ -278,6 +278,12 @@ class GuestRam:
     def read(self, gpa: int, size: int) -> bytes:
         """``size`` bytes of guest RAM at ``gpa``: ``GuestMemoryError`` when any of it is not RAM
         (a range past the guest's last page before anything is read or allocated)."""
+        if type(gpa) is int and type(size) is int:  # a bool or an int subclass: the checked path
+            off = gpa & (PAGE_SIZE - 1)
+            if 0 < size <= PAGE_SIZE - off and gpa >= 0 and (self.limit is None or gpa + size <= self.limit):
+                # Within one page (a ring's index, a descriptor): what _check_range and
+                # _chunks would find, without them.
+                return bytes(self._page(gpa >> _PAGE_SHIFT)[off : off + size])
         self._check_range(gpa, size)
         out = bytearray()  # grows with what was read: a hole midway costs what came before it
         for gfn, off, n in self._chunks(gpa, size):
@@ -285,8 +291,14 @@ class GuestRam:
         return bytes(out)
 
     def write(self, gpa: int, data: bytes) -> None:
-        self._check_range(gpa, len(data))
-        chunks = list(self._chunks(gpa, len(data)))
+        size = len(data)
+        if type(gpa) is int:
+            off = gpa & (PAGE_SIZE - 1)
+            if 0 < size <= PAGE_SIZE - off and gpa >= 0 and (self.limit is None or gpa + size <= self.limit):
+                self._page(gpa >> _PAGE_SHIFT)[off : off + size] = data  # within one page, as in read
+                return
+        self._check_range(gpa, size)
+        chunks = list(self._chunks(gpa, size))
         views = [self._page(gfn) for gfn, _, _ in chunks]  # map every page first: all or nothing
         done = 0
         for view, (_, off, n) in zip(views, chunks):

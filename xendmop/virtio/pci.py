@@ -39,8 +39,8 @@ setup also sets DEVICE_NEEDS_RESET and sends a configuration-change interrupt (s
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -274,6 +274,7 @@ class VirtioPci:
         self.queues = [Virtqueue(i, n) for i, n in enumerate(sizes)]
         for vq in self.queues:
             vq.ram_limit = ram_limit
+            vq.on_drained = functools.partial(self._used, vq)
         self.nr_vectors = len(sizes) + 1
         self.msix_table = bytearray(PCI_MSIX_ENTRY_SIZE * self.nr_vectors)
         self.msix_pba = bytearray((self.nr_vectors + 63) // 64 * 8)
@@ -284,8 +285,7 @@ class VirtioPci:
         self.needs_reset_reason: str | None = None  # why the device last went NEEDS_RESET
         self.errors: list[str] = []  # the driver's errors (newest last, at most 16)
         self.config_generation = 0
-        self._loop: ServeLoop | None = None
-        self._wake = -1  # an eventfd in the loop while attached: queues to serve after the access
+        self._loop: ServeLoop | None = None  # while attached: queues are served after the access
         self._deferred: list[int] = []  # those queues, each once, in the order notified
         self._reset_state()
         device.transport = self
@@ -297,39 +297,22 @@ class VirtioPci:
         the module docstring); call before ``loop.run``.  ``close`` undoes it."""
         if self._loop is not None:
             raise RuntimeError("this transport is already attached to a loop")
-        wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        try:
-            loop.add_reader(wake, self.run_deferred)
-        except BaseException:
-            os.close(wake)
-            raise
-        self._loop, self._wake = loop, wake
+        self._loop = loop
 
     def close(self) -> None:
-        """Leave the loop ``attach`` joined (its eventfd closed); notifications are served
-        during their access again.  Idempotent."""
-        loop, wake = self._loop, self._wake
-        self._loop, self._wake, self._deferred = None, -1, []
-        if wake >= 0:
-            try:
-                if loop is not None:
-                    loop.remove_reader(wake)
-            finally:
-                os.close(wake)
+        """Leave the loop ``attach`` joined; notifications are served during their access
+        again.  Idempotent."""
+        self._loop, self._deferred = None, []
 
-    def _defer(self, index: int) -> None:
+    def _defer(self, loop: ServeLoop, index: int) -> None:
         if index in self._deferred:
             return
         if not self._deferred:
-            os.eventfd_write(self._wake, 1)  # once per batch: the loop runs run_deferred next
+            loop.call_soon(self.run_deferred)  # once per batch, after this round's ioreqs are answered
         self._deferred.append(index)
 
     def run_deferred(self) -> None:
-        """Serve the queues notified since the last call (the loop's callback on the eventfd)."""
-        try:
-            os.eventfd_read(self._wake)
-        except (BlockingIOError, OSError):
-            pass
+        """Serve the queues notified since the last call (``call_soon``'d on the loop)."""
         pending, self._deferred = self._deferred, []
         for index in pending:
             self.kick(index)
@@ -435,8 +418,19 @@ class VirtioPci:
     def interrupt(self, vq: Virtqueue) -> None:
         """Tell the driver about ``vq``'s used buffers, if it wants to hear (its flags or used_event)."""
         memory = self.memory()
-        if memory is None:
+        if memory is not None:
+            self._interrupt(vq, memory)
+
+    def _used(self, vq: Virtqueue, memory: GuestMemory) -> None:
+        """``vq`` drained (``Virtqueue.on_drained``): publish its used index, interrupt if the driver asked."""
+        try:
+            vq.publish_used(memory)
+        except VirtqueueError as e:
+            self.driver_error(e)
             return
+        self._interrupt(vq, memory)
+
+    def _interrupt(self, vq: Virtqueue, memory: GuestMemory) -> None:
         try:
             if vq.needs_interrupt(memory):
                 self._signal(vq.msix_vector, ISR_QUEUE)
@@ -475,8 +469,8 @@ class VirtioPci:
                 return
             # Stopped at its limit with chains left: again, after what else waits when attached.
             vq.more = False
-            if self._wake >= 0:
-                self._defer(index)
+            if self._loop is not None:
+                self._defer(self._loop, index)
                 return
 
     # --- BAR 4: the virtio structures ----------------------------------------------------------------
@@ -508,8 +502,8 @@ class VirtioPci:
                 self._ignored("bad-notify", f"{size}-byte write at notify+{off:#x}")
                 return
             index = off // NOTIFY_MULTIPLIER
-            if self._wake >= 0 and 0 <= index < len(self.queues):
-                self._defer(index)  # answered now, served from the loop next
+            if self._loop is not None and 0 <= index < len(self.queues):
+                self._defer(self._loop, index)  # answered now, served from the loop next
             else:
                 self.kick(index)
         else:

@@ -239,6 +239,20 @@ class Chain:
         self._read_pos += done
         return done
 
+    def send_to(self, fd: int, skip: int) -> int:
+        """The readable bytes past the first ``skip`` to ``fd`` as one packet: one ``writev``
+        straight from guest RAM when the memory offers views and they fit ``IOV_BATCH``, else
+        one ``write`` of a copy (a tap or a packet socket takes one frame per call).  Returns
+        what the call wrote; ``OSError`` from ``fd``, as it comes."""
+        nbytes = self.readable_len - skip
+        iter_views: _IterViews | None = getattr(self.memory, "iter_views", None)
+        if iter_views is not None:
+            views = list(self._views(iter_views, self.readable, skip, nbytes))
+            if len(views) <= IOV_BATCH:
+                return os.writev(fd, views)
+        self._read_pos = skip
+        return os.write(fd, self.read(nbytes))
+
     def read_from_fd(self, fd: int, pos: int, nbytes: int) -> int:
         """Fill the next ``nbytes`` of device-writable room from ``fd`` at file offset ``pos``
         (``preadv`` straight into guest RAM when the memory offers views); past the file's end
@@ -277,6 +291,9 @@ class Virtqueue:
         self.index = index
         self.max_size = max_size
         self.ram_limit: int | None = None  # when known, buffers must end below it
+        #: what ``chains`` calls once the queue is drained, before it writes ``avail_event``:
+        #: the transport publishes the used index and sends the interrupt the driver asked for
+        self.on_drained: Callable[[GuestMemory], None] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -341,8 +358,13 @@ class Virtqueue:
             if limit is not None and taken >= limit and self.pending(memory):
                 self.more = True
                 return
-            # A chain made available after the last look but before avail_event was written
-            # got no notification: look once more after writing it (as vhost does).
+            # The driver hears about what was used before the device asks to be notified again:
+            # a notification that comes meanwhile finds the device idle, not in the middle of
+            # sending the interrupt (a hypercall), and the driver keeps adding without one
+            # until then.  A chain made available after the last look but before avail_event
+            # was written got no notification: look once more after writing it (as vhost does).
+            if self.on_drained is not None:
+                self.on_drained(memory)
             if not self.arm(memory):
                 return
 
