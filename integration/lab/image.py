@@ -36,12 +36,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import xen_source
-
 LAB = Path(__file__).resolve().parent
 PACKAGES = LAB / "packages.txt"
 RECIPE = (Path(__file__).resolve(), PACKAGES)
+#: what else makes a foreign architecture's image: its hypervisor's build (imported only to build)
+FOREIGN_RECIPE = (LAB / "xen_source.py",)
 #: the Debian releases the lab boots, and what each gives (packages.txt names no version).
 RELEASES = {
     "bookworm": "Debian 12: Xen 4.17, Linux 6.1",
@@ -172,7 +171,7 @@ def recipe_hash(release: str, arch: str = DEFAULT_ARCH) -> str:
     # amd64's hash is what it was before the lab had a second architecture; arm64's also covers
     # the hypervisor's build (xen_source.py)
     h = hashlib.sha256(release.encode() + b"\0" + (b"" if arch == DEFAULT_ARCH else arch.encode() + b"\0"))
-    for path in RECIPE if arch == DEFAULT_ARCH else (*RECIPE, Path(xen_source.__file__).resolve()):
+    for path in RECIPE if arch == DEFAULT_ARCH else (*RECIPE, *FOREIGN_RECIPE):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
@@ -352,6 +351,9 @@ def _copy_boot_files(boot: Path, arch: str, out: Path, sources: list[str], tmp: 
             shutil.copyfileobj(src, dst)
         said = []
     else:  # Debian's Xen/Arm has no DMOPs: the same source built with ioreq servers (xen_source.py)
+        sys.path.insert(0, str(LAB))
+        import xen_source
+
         ensure_tools(xen_source.HOST_TOOLS)
         log("building Xen/Arm with CONFIG_IOREQ_SERVER from Debian's source (Debian's binary has no dm_op)")
         shutil.copy(_newest(boot, f"xen-4.*-{arch}"), out / "xen-debian")  # kept, unbooted, for comparison
