@@ -33,6 +33,7 @@ from xendmop.runtime import IoreqServer, ServeLoop  # noqa: E402
 
 pytestmark = pytest.mark.skipif(xenlab.X86, reason="Arm only: XEN_DMOP_set_irq_level and the Arm64 guest")
 
+
 def _save(name: str, data: object) -> None:
     out = os.environ.get("XENDMOP_LAB_RESULTS")
     if out:
