@@ -166,3 +166,13 @@ def test_the_arm64_recipe_covers_the_hypervisor_build_and_amd64s_does_not(monkey
 @pytest.mark.parametrize("alias, arch", [("x86_64", "amd64"), ("aarch64", "arm64")])
 def test_the_kernels_names_are_taken_as_jobs_py_writes_them(alias, arch):
     assert image.lab_arch(alias) == arch
+
+
+def test_a_hypervisor_source_the_mirror_will_not_serve_is_a_failed_build(monkeypatch, capsys, tmp_path):
+    def no_source(**kw):
+        raise xen_source.SourceError("no xen source package downloads from the mirror (versions indexed: ['4.20.4'])")
+
+    monkeypatch.setattr(image, "ensure_tools", lambda tools: None)
+    monkeypatch.setattr(run, "boot", lambda *a, **kw: no_source())
+    assert run.main(["--arch", "arm64", "--results", str(tmp_path), "true"]) == run.EXIT_BOOT_FAILED
+    assert "no xen source package downloads" in capsys.readouterr().err

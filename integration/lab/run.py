@@ -38,6 +38,7 @@ from typing import IO
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accel
 import image
+import xen_source
 
 LAB = Path(__file__).resolve().parent
 REPO = LAB.parent.parent
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     except image.Unavailable as e:
         image.log(f"lab unavailable: {e}")
         return EXIT_UNAVAILABLE
-    except (image.BuildError, subprocess.CalledProcessError) as e:
+    except (image.BuildError, xen_source.SourceError, subprocess.CalledProcessError) as e:
         image.log(f"dom0 image build failed: {e} [exit {EXIT_BOOT_FAILED}]")
         return EXIT_BOOT_FAILED
     for line in outcome.crash_lines[:20]:

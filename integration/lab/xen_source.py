@@ -35,6 +35,11 @@ EXTRA_CONFIG = ("CONFIG_EXPERT=y", "CONFIG_IOREQ_SERVER=y")
 MAKE_ARGS = ("XEN_TARGET_ARCH=arm64", "CROSS_COMPILE=aarch64-linux-gnu-")
 
 
+class SourceError(RuntimeError):
+    """The hypervisor could not be built: no source package downloads, or Kconfig dropped an
+    option.  run.py reports it as a failed image build (exit 125)."""
+
+
 def source_lines(binary_lines: list[str]) -> list[str]:
     """The ``deb-src`` twins of one-line ``deb`` sources."""
     lines = []
@@ -86,7 +91,7 @@ def fetch_source(work: Path, binary_lines: list[str]) -> Path:
             return work / "src"
         for partial in work.glob("xen_*"):
             partial.unlink()
-    raise RuntimeError(f"no xen source package downloads from the mirror (versions indexed: {versions})")
+    raise SourceError(f"no xen source package downloads from the mirror (versions indexed: {versions})")
 
 
 def build(work: Path, binary_lines: list[str], debian_config: Path, out: Path) -> str:
@@ -100,7 +105,7 @@ def build(work: Path, binary_lines: list[str], debian_config: Path, out: Path) -
     built = (tree / ".config").read_text()
     missing = [line for line in EXTRA_CONFIG if line not in built.splitlines()]
     if missing:
-        raise RuntimeError(f"Xen's Kconfig dropped {missing} (see {tree / '.config'})")
+        raise SourceError(f"Xen's Kconfig dropped {missing} (see {tree / '.config'})")
     subprocess.run([*make, f"-j{os.cpu_count() or 1}"], check=True, stdout=subprocess.DEVNULL)
     shutil.copy(tree / "xen", out)
     shutil.copy(tree / ".config", out.with_name(out.name + ".config"))
