@@ -101,14 +101,18 @@ def _s(label: str, call: str, *args: Any, expect: object = OK, **kw: Any) -> Ste
 ID = Ref("id")
 
 # fmt: off
+# How the devicemodel scenarios begin, on either architecture: the guest's vCPUs, then a server.
+SERVER_START = (
+    _s("nr_vcpus", "nr_vcpus", expect=GUEST_VCPUS),
+    _s("create_ioreq_server (bufioreq off)", "create_ioreq_server", 0, expect=0, save="id"),
+    _s("get_ioreq_server_info (no gfns)", "get_ioreq_server_info", ID, expect=0, field="bufioreq_port"),
+)
 # The 25 steps integration/test_devicemodel.py checks against libxendevicemodel: only
 # methods xenlab.LibXDM also has, with C's argument order.
 DEVICEMODEL = Scenario(
     "devicemodel",
     (
-        _s("nr_vcpus", "nr_vcpus", expect=GUEST_VCPUS),
-        _s("create_ioreq_server (bufioreq off)", "create_ioreq_server", 0, expect=0, save="id"),
-        _s("get_ioreq_server_info (no gfns)", "get_ioreq_server_info", ID, expect=0, field="bufioreq_port"),
+        *SERVER_START,
         _s("map ports", "map_io_range_to_ioreq_server", ID, False, PORT, PORT + 7),
         _s("map mmio", "map_io_range_to_ioreq_server", ID, True, MMIO, MMIO + 0xFFF),
         _s("map overlapping ports", "map_io_range_to_ioreq_server", ID, False, PORT + 4, PORT + 11,
@@ -391,9 +395,7 @@ ARM_MMIO = 0x02000000  # in GUEST_VIRTIO_MMIO_BASE's window, free without virtio
 ARM = Scenario(
     "arm devicemodel",
     (
-        _s("nr_vcpus", "nr_vcpus", expect=GUEST_VCPUS),
-        _s("create_ioreq_server (bufioreq off)", "create_ioreq_server", 0, expect=0, save="id"),
-        _s("get_ioreq_server_info (no gfns)", "get_ioreq_server_info", ID, expect=0, field="bufioreq_port"),
+        *SERVER_START,
         _s("map mmio", "map_io_range_to_ioreq_server", ID, True, ARM_MMIO, ARM_MMIO + 0xFFF),
         _s("map overlapping mmio", "map_io_range_to_ioreq_server", ID, True, ARM_MMIO + 0x800,
            ARM_MMIO + 0x17FF, expect="EEXIST"),
