@@ -41,9 +41,12 @@ check: lint test
 
 ## integration: boot real Xen under QEMU and run integration/ in dom0
 ##   RELEASE=trixie for Xen 4.20 / Linux 6.12 (default bookworm: Xen 4.17 / Linux 6.1)
+##   ARCH=arm64 for Xen/Arm on QEMU's virt board (default amd64); only ARCH given on the make
+##   command line counts (an ARCH in the environment is often a kernel build's), else $XENDMOP_LAB_ARCH
 RELEASE ?= $(or $(XENDMOP_LAB_RELEASE),bookworm)
+LAB_ARCH := $(if $(filter command line,$(origin ARCH)),$(ARCH),$(or $(XENDMOP_LAB_ARCH),amd64))
 integration: $(VENV)/.installed
-	$(PY) integration/lab/run.py --release $(RELEASE) -- python3 integration/run_tests.py -p no:cacheprovider -q integration
+	$(PY) integration/lab/run.py --release $(RELEASE) --arch $(LAB_ARCH) -- python3 integration/run_tests.py -p no:cacheprovider -q integration
 
 bench: $(VENV)/.installed
 	$(PY) -m bench

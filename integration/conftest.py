@@ -16,17 +16,29 @@ import pytest
 import xenlab
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "x86_only(what): the test needs x86 (says what); skipped on Arm")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if xenlab.have_xen():
+    if not xenlab.have_xen():
+        skip = pytest.mark.skip(reason=xenlab.skip_reason())
+        for item in items:
+            item.add_marker(skip)
         return
-    skip = pytest.mark.skip(reason=xenlab.skip_reason())
+    if xenlab.X86:
+        return
     for item in items:
-        item.add_marker(skip)
+        marker = item.get_closest_marker("x86_only")
+        if marker is not None:
+            item.add_marker(pytest.mark.skip(reason=xenlab.x86_only_reason(*marker.args)))
 
 
 @pytest.fixture(scope="session")
 def hvm_initramfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The Linux HVM test guest's initramfs (hvmguest.build_initramfs), built once per session."""
+    if not xenlab.X86:
+        pytest.skip(xenlab.x86_only_reason("HVM Linux guests with QEMU, SeaBIOS and PCI: Xen/Arm has no HVM guests"))
     import hvmguest
 
     return hvmguest.build_initramfs(tmp_path_factory.mktemp("initramfs"))
@@ -49,9 +61,9 @@ def libxdm() -> Iterator[xenlab.LibXDM]:
 
 @pytest.fixture
 def make_guest() -> Iterator[Callable[..., xenlab.Guest]]:
-    """Factory: make_guest(script=None, vcpus=1) creates a paused tiny PVH guest running
-    `script` once unpaused (``on_poweroff="preserve"`` keeps its domain when it is done);
-    every guest made is destroyed after the test."""
+    """Factory: make_guest(script=None, vcpus=1) creates a paused tiny guest running `script`
+    once unpaused (``on_poweroff="preserve"`` keeps its domain when it is done): PVH on x86, the
+    Arm64 guest (MMIO records only) on Arm.  Every guest made is destroyed after the test."""
     made: list[xenlab.Guest] = []
 
     def make(
@@ -68,13 +80,18 @@ def make_guest() -> Iterator[Callable[..., xenlab.Guest]]:
 
 @pytest.fixture
 def guest(make_guest: Callable[..., xenlab.Guest]) -> xenlab.Guest:
-    """A paused 2-vCPU PVH guest with an empty script (it powers off when unpaused)."""
+    """A paused 2-vCPU tiny guest (PVH on x86) with an empty script (it powers off when unpaused)."""
     return make_guest(vcpus=2)
 
 
 @pytest.fixture
 def pv_domid() -> Iterator[int | None]:
-    """A paused PV domain's domid, or None (saying why) if this Xen cannot build one."""
+    """A paused PV domain's domid, or None (saying why) if this Xen cannot build one (x86 PV:
+    Xen/Arm has no PV guests)."""
+    if not xenlab.X86:
+        print(xenlab.x86_only_reason("PV guests"))
+        yield None
+        return
     try:
         guest = xenlab.create_pv_guest()
     except (RuntimeError, subprocess.CalledProcessError) as e:

@@ -22,6 +22,9 @@ import xendmop
 if not hasattr(xendmop, "DeviceModel"):
     pytest.skip("this xendmop has no DeviceModel yet", allow_module_level=True)
 
+pytestmark = pytest.mark.x86_only(
+    "scenarios.DEVICEMODEL's x86 ops on a PVH guest; Arm's are scenarios.ARM in test_arm.py"
+)
 
 def test_scenario_matches_libxendevicemodel(make_guest, libxdm: xenlab.LibXDM) -> None:  # type: ignore[no-untyped-def]
     """The step list is scenarios.DEVICEMODEL, shared with the mock-vs-Xen and libxen-backend tests."""

@@ -18,6 +18,8 @@ import xenlab
 xendmop = pytest.importorskip("xendmop", reason="xendmop is not importable (PYTHONPATH should be the checkout)")
 from xendmop.runtime import dm_program  # noqa: E402
 
+pytestmark = pytest.mark.x86_only("the examples' guard reads PVH and PV guests, x86's kinds")
+
 REPO = Path(__file__).resolve().parent.parent
 #: the examples that raise interrupts, hence refuse anything but HVM
 GUARDED = ("uart16550.py", "pci_edu.py", "tapnet.py")

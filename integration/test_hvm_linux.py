@@ -30,6 +30,8 @@ import pytest
 import xenlab
 from hvmguest import Console, Example, HvmGuest
 
+pytestmark = pytest.mark.x86_only("HVM Linux guests with QEMU, SeaBIOS and PCI; Xen/Arm has no HVM guests")
+
 DEPRIV_IDS = "990:990"
 EDU_SLOT = 4
 EDU_BDF = f"00:{EDU_SLOT:02x}.0"

@@ -26,6 +26,8 @@ import hvmguest
 import pytest
 from hvmguest import Console, Example, HvmGuest
 
+pytestmark = pytest.mark.x86_only("HVM Linux guests with QEMU and the 8259 PIC; Xen/Arm has no HVM guests")
+
 BOOT_TIMEOUT = 1800  # xen_nopv noapic boots far slower than the PV-on-HVM default under TCG
 _RESULTS = os.environ.get("XENDMOP_LAB_RESULTS")
 PROFILE = Path(_RESULTS) / "uart16550-pic.prof" if _RESULTS else None

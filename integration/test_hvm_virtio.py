@@ -38,6 +38,8 @@ import hvmguest
 import pytest
 from hvmguest import Console, Example, HvmGuest
 
+pytestmark = pytest.mark.x86_only("HVM Linux guests with virtio on PCI; Xen/Arm has no HVM guests")
+
 DEPRIV_IDS = "990:990"
 BOOT_TIMEOUT = 900
 CMDLINE = "xen_emul_unplug=never"
@@ -420,6 +422,7 @@ print(n, time.monotonic() - (t0 or time.monotonic()), flush=True)
 
 UDP_LISTENER = r"""
 import socket, sys, time
+
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 8 << 20)  # root: past rmem_max
 s.bind((sys.argv[1], int(sys.argv[2])))

@@ -12,6 +12,10 @@ from typing import Any
 import pytest
 import xenlab
 
+pytestmark = pytest.mark.x86_only(
+    "the tiny PVH guest's port IO and PCI config through 0xcf8; Arm's ioreq test is test_arm.py"
+)
+
 PORT, MMIO, PCI_DEV = 0x5600, 0xFE000000, 3
 VENDOR_DEVICE = 0xCAFE1AF4  # config dword 0 of the fake PCI function 00:03.0
 

@@ -22,6 +22,9 @@ import xenlab
 
 xendmop = pytest.importorskip("xendmop", reason="xendmop is not importable (PYTHONPATH should be the checkout)")
 
+pytestmark = pytest.mark.x86_only(
+    "scenarios.SCENARIOS are x86 ops on PVH and PV guests; Arm's comparison is test_arm.py"
+)
 
 def _trace(line: str) -> None:
     # Straight to the results share: if a step takes dom0 down, the last line says which.

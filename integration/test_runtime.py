@@ -18,25 +18,13 @@ import xenlab
 xendmop = pytest.importorskip("xendmop", reason="xendmop is not importable (PYTHONPATH should be the checkout)")
 from xendmop.runtime import IoreqServer, ServeLoop  # noqa: E402
 
+pytestmark = pytest.mark.x86_only(
+    "port IO, rep outs/ins and PCI config from the tiny PVH guest; Arm's ioreq test is test_arm.py"
+)
+
 PORT, FIFO_PORT, MMIO, PCI_SLOT = 0x5600, 0x5610, 0xFE000000, 3
 VENDOR_DEVICE = 0xCAFE1AF4
 SLOTS = 8  # MAX_NR_IOREQ_SERVERS (xen/include/xen/sched.h)
-
-
-class RegisterFile:
-    """Bytes that read back what was written; records every access."""
-
-    def __init__(self, size: int) -> None:
-        self.mem = bytearray(size)
-        self.seen: list[tuple[str, int, int]] = []
-
-    def read(self, addr: int, size: int) -> int:
-        self.seen.append(("r", addr, size))
-        return int.from_bytes(self.mem[addr : addr + size], "little")
-
-    def write(self, addr: int, size: int, value: int) -> None:
-        self.seen.append(("w", addr, size))
-        self.mem[addr : addr + size] = value.to_bytes(8, "little")[:size]
 
 
 class Fifo:
@@ -79,7 +67,7 @@ def test_ioreq_server_serves_a_real_guest_and_leaves_no_server(make_guest: Calla
     ins = s.ins(FIFO_PORT, 1, len(answer), expect=answer)
     p = s.pci_read(0, PCI_SLOT, 0, 0, 4, expect=VENDOR_DEVICE)
     guest = make_guest(s, vcpus=2, on_poweroff="preserve")  # its domain outlives the script
-    ports, mmio, fifo = RegisterFile(8), RegisterFile(4096), Fifo(answer)
+    ports, mmio, fifo = xenlab.RegisterFile(8), xenlab.RegisterFile(4096), Fifo(answer)
     with xendmop.DeviceModel.open("privcmd") as dm:
         server = IoreqServer(dm, guest.domid)
         server.add_port_range(PORT, PORT + 7, ports, "regs")

@@ -97,6 +97,7 @@ class Counter:
         self.count += 1
 
 
+@pytest.mark.x86_only("the tiny PVH guest's port writes; on Arm test_arm.py times MMIO round trips")
 def test_ioreq_round_trips_per_second(make_guest: Callable[..., xenlab.Guest]) -> None:
     s = xenlab.Script()
     body = s.out(PORT, 1, 1)

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -36,6 +37,15 @@ DM_OP_SIZE = 32  # struct xen_dm_op: op, pad, 24-byte union
 
 def have_xen() -> bool:
     return os.path.exists(PRIVCMD)
+
+
+#: this dom0's CPU architecture, by the kernel's name (x86_64 or aarch64)
+MACHINE = platform.machine()
+X86 = MACHINE == "x86_64"
+
+
+def x86_only_reason(what: str) -> str:
+    return f"x86 only ({what}); this dom0 is {MACHINE}"
 
 
 def skip_reason() -> str:
@@ -262,6 +272,27 @@ class Script:
         return "\n".join(lines) + "\n"
 
 
+#: the Arm64 guest's results, echoed by it with MMIO writes (integration/lab/guest/arm64/interp.s):
+#: REPORT holds the failure count at the end, REPORT + 4 + 4*i the value record i read.  In the
+#: guest's virtio-mmio window (GUEST_VIRTIO_MMIO_BASE, Xen's public/arch-arm.h), free in a guest
+#: with no virtio devices, beside the device page the tests serve (scenarios.ARM_MMIO).
+ARM_REPORT = 0x02010000
+ARM_REPORT_SIZE = 0x1000
+
+
+def build_arm64_guest(script: Script, workdir: Path, report: int = ARM_REPORT) -> Path:
+    """Assemble and link the Arm64 interpreter with `script`; returns the flat arm64 Image."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "script.s").write_text(f"        .equ REPORT, {report:#x}\n" + script.assembly())
+    src = GUEST_SRC / "arm64"
+    obj, elf, image = workdir / "guest.o", workdir / "guest.elf", workdir / "guest.img"
+    subprocess.run(["as", "-I", str(workdir), "-o", str(obj), str(src / "interp.s")], check=True)
+    subprocess.run(["ld", "-T", str(src / "guest.ld"), "--no-warn-rwx-segments", "--build-id=none",
+                    "-o", str(elf), str(obj)], check=True)  # fmt: skip
+    subprocess.run(["objcopy", "-O", "binary", str(elf), str(image)], check=True)
+    return image
+
+
 def build_guest(script: Script, workdir: Path) -> Path:
     """Assemble and link the interpreter with `script`; returns the ELF kernel's path."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -274,14 +305,23 @@ def build_guest(script: Script, workdir: Path) -> Path:
 
 
 def xl_config(
-    name: str, kernel: Path, memory_mb: int = 16, vcpus: int = 1, on_poweroff: str = "destroy", type: str = "pvh"
+    name: str, kernel: Path, memory_mb: int = 16, vcpus: int = 1, on_poweroff: str = "destroy", type: str | None = "pvh"
 ) -> str:
     # on_crash=preserve: a guest that faults stays listed (state 'c') for the test to see.
     # on_poweroff=preserve keeps a finished guest's domain (shut down, not dying) for DMOPs after it.
+    # type=None: an Arm guest, which has one kind only (no type line).
+    kind = f'type = "{type}"\n' if type else ""
     return (
-        f'name = "{name}"\ntype = "{type}"\nkernel = "{kernel}"\nmemory = {memory_mb}\n'
+        f'name = "{name}"\n{kind}kernel = "{kernel}"\nmemory = {memory_mb}\n'
         f'vcpus = {vcpus}\non_poweroff = "{on_poweroff}"\non_crash = "preserve"\n'
     )
+
+
+#: the Arm guest's emulated SBSA UART (Xen's vpl011) takes SPI 32 (GUEST_VPL011_SPI), so libxl
+#: gives the guest SPIs (tools/libs/light/libxl_arm.c, libxl__arch_domain_prepare_config), which
+#: Xen rounds up to a rank of 32 (xen/arch/arm/vgic.c, domain_vgic_init): SPIs 32..63, 32 taken
+#: (scenarios.ARM_NR_IRQS and the ARM scenario's steps).
+ARM_VUART = 'vuart = "sbsa_uart"\n'
 
 
 def xl(*args: str, check: bool = True) -> str:
@@ -341,11 +381,21 @@ def _new_name() -> tuple[str, Path]:
 def create_guest(
     script: Script | None = None, vcpus: int = 1, memory_mb: int = 16, on_poweroff: str = "destroy"
 ) -> Guest:
+    """A paused tiny guest of this dom0's architecture running `script`: x86 PVH (interp.s), or
+    on Arm the Arm64 guest (arm64/interp.s: MMIO records only) with an SBSA UART for its SPIs."""
     name, workdir = _new_name()
-    kernel = build_guest(script or Script(), workdir)
     cfg = workdir / "guest.cfg"
-    cfg.write_text(xl_config(name, kernel, memory_mb, vcpus, on_poweroff))
-    xl("create", "-p", str(cfg))
+    if X86:
+        kernel = build_guest(script or Script(), workdir)
+        cfg.write_text(xl_config(name, kernel, memory_mb, vcpus, on_poweroff))
+    else:
+        kernel = build_arm64_guest(script or Script(), workdir)
+        cfg.write_text(xl_config(name, kernel, memory_mb, vcpus, on_poweroff, type=None) + ARM_VUART)
+    try:
+        xl("create", "-p", str(cfg))
+    except RuntimeError:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     domid = int(xl("domid", name).strip())
     return Guest(name, domid, vcpus, workdir)
 
@@ -365,6 +415,23 @@ def create_pv_guest(memory_mb: int = 16) -> Guest:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     return Guest(name, int(xl("domid", name).strip()), 1, workdir)
+
+
+class RegisterFile:
+    """A device for the tests' ioreq servers: bytes that read back what was written; records every
+    access (("r" or "w", offset, size))."""
+
+    def __init__(self, size: int) -> None:
+        self.mem = bytearray(size)
+        self.seen: list[tuple[str, int, int]] = []
+
+    def read(self, addr: int, size: int) -> int:
+        self.seen.append(("r", addr, size))
+        return int.from_bytes(self.mem[addr : addr + size], "little")
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        self.seen.append(("w", addr, size))
+        self.mem[addr : addr + size] = value.to_bytes(8, "little")[:size]
 
 
 @dataclass(frozen=True)

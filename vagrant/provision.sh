@@ -9,7 +9,9 @@ export DEBIAN_FRONTEND=noninteractive
 
 install_xen() {
     # The same package list as the QEMU lab's dom0 image: the two labs cannot drift.
-    pkgs=$(sed -e 's/#.*//' "$SRC/integration/lab/packages.txt" | tr -s ' \t\n' ' ')
+    # (this VM is amd64: lines for other architectures only are left out)
+    pkgs=$(sed -e 's/#.*//' -e '/\[/{/\[[^]]*amd64[^]]*\]/!d}' -e 's/\[[^]]*\]//' \
+        "$SRC/integration/lab/packages.txt" | tr -s ' \t\n' ' ')
     apt-get update -q
     # shellcheck disable=SC2086  # one word per package
     apt-get install -y -q $pkgs python3-venv python3-pip grub-pc-bin

@@ -2,16 +2,20 @@
 """Build (once) the Xen lab's dom0: a Debian root filesystem image plus the boot files.
 
 The Debian release is a choice (``RELEASES``; ``--release`` or ``$XENDMOP_LAB_RELEASE``, default
-bookworm): bookworm gives Xen 4.17 and Linux 6.1, trixie Xen 4.20 and Linux 6.12.
+bookworm): bookworm gives Xen 4.17 and Linux 6.1, trixie Xen 4.20 and Linux 6.12.  So is the
+architecture (``ARCHES``; ``--arch`` or ``$XENDMOP_LAB_ARCH``, default amd64): arm64 builds an
+arm64 root filesystem on this (x86-64) host through ``qemu-user-static`` and binfmt_misc.
 
 The image is made with ``mmdebstrap --variant=minbase`` from the mirrors this machine's apt
 already uses (read at run time, never written into the repository), packed with
 ``mkfs.ext4 -d``, and cached under ``${XDG_CACHE_HOME:-~/.cache}/xendmop-lab/<recipe hash>``
-together with ``xen`` (gunzipped, QEMU's multiboot loader wants an ELF), ``vmlinuz`` and
-``initrd.img``, one folder per release (``<release>-<recipe hash>``).  The hash covers the
-release, this file and ``packages.txt``: editing either rebuilds, anything else reuses the cache.
+together with ``xen`` (on amd64 gunzipped: QEMU's multiboot loader wants an ELF), ``vmlinuz`` and
+``initrd.img``, one folder per release and architecture (``<release>-<recipe hash>`` for amd64,
+``<release>-arm64-<recipe hash>``).  The hash covers the release, the architecture, this file
+and ``packages.txt``: editing either rebuilds, anything else reuses the cache.
 
-Usage: ``python3 integration/lab/image.py [--release R] [--rebuild]`` prints the cache directory.
+Usage: ``python3 integration/lab/image.py [--release R] [--arch A] [--rebuild]`` prints the cache
+directory.
 Exit status 0, or 77 when the lab cannot be had here (no tools, no Debian mirror).
 """
 
@@ -35,12 +39,22 @@ from pathlib import Path
 LAB = Path(__file__).resolve().parent
 PACKAGES = LAB / "packages.txt"
 RECIPE = (Path(__file__).resolve(), PACKAGES)
+#: what else makes a foreign architecture's image: its hypervisor's build (imported only to build)
+FOREIGN_RECIPE = (LAB / "xen_source.py",)
 #: the Debian releases the lab boots, and what each gives (packages.txt names no version).
 RELEASES = {
     "bookworm": "Debian 12: Xen 4.17, Linux 6.1",
     "trixie": "Debian 13: Xen 4.20, Linux 6.12",
 }
 DEFAULT_RELEASE = "bookworm"
+#: the CPU architectures the lab boots (Debian's names), and what runs them.
+ARCHES = {
+    "amd64": "x86-64: qemu-system-x86_64, Xen as a multiboot kernel",
+    "arm64": "Arm64: qemu-system-aarch64 -M virt (GICv3, EL2), Xen as the kernel, dom0 by guest-loader",
+}
+DEFAULT_ARCH = "amd64"
+#: the kernel's names for them (``uname -m``, jobs.py's RELEASE/ARCH), accepted as well
+ARCH_ALIASES = {"x86_64": "amd64", "aarch64": "arm64"}
 EXIT_UNAVAILABLE = 77  # automake's "skipped": the lab cannot run on this host
 
 # PID 1 of dom0.  It only reaches the runner's writable 9p share and hands over to the init
@@ -69,6 +83,23 @@ def lab_release(name: str | None = None) -> str:
     if release not in RELEASES:
         raise ValueError(f"XENDMOP_LAB_RELEASE / --release: {release!r} is not one of {', '.join(RELEASES)}")
     return release
+
+
+def lab_arch(name: str | None = None) -> str:
+    """``name``, else ``$XENDMOP_LAB_ARCH``, else amd64, by Debian's name (``x86_64``/``aarch64``
+    are taken for amd64/arm64); an architecture the lab does not know is a ValueError naming it
+    and the known ones."""
+    arch = name or os.environ.get("XENDMOP_LAB_ARCH") or DEFAULT_ARCH
+    arch = ARCH_ALIASES.get(arch, arch)
+    if arch not in ARCHES:
+        raise ValueError(f"XENDMOP_LAB_ARCH / --arch: {arch!r} is not one of {', '.join(ARCHES)}")
+    return arch
+
+
+def host_arch() -> str:
+    """This machine's architecture by Debian's name (the lab is built and run on amd64)."""
+    machine = os.uname().machine
+    return ARCH_ALIASES.get(machine, machine)
 
 
 class Unavailable(RuntimeError):
@@ -107,19 +138,40 @@ def log(msg: str) -> None:
     print(f"xendmop-lab: {msg}", file=sys.stderr, flush=True)
 
 
-def packages() -> list[str]:
-    """The package list, shared with vagrant/provision.sh."""
+def packages(arch: str = DEFAULT_ARCH, text: str | None = None) -> list[str]:
+    """The package list for ``arch``, shared with vagrant/provision.sh: a line ``name [a b]``
+    is for those architectures only (Debian's build-dependency notation), any other line for all.
+    An architecture qualifier naming no known architecture is a ValueError naming the line."""
     names = []
-    for line in PACKAGES.read_text().splitlines():
+    for number, line in enumerate((PACKAGES.read_text() if text is None else text).splitlines(), 1):
         line = line.split("#", 1)[0].strip()
-        if line:
-            names.append(line)
+        if not line:
+            continue
+        name, _, qualifier = line.partition("[")
+        if qualifier:
+            only = qualifier.rstrip("]").split()
+            unknown = [a for a in only if a not in ARCHES]
+            if not qualifier.endswith("]") or not only or unknown:
+                known = ", ".join(ARCHES)
+                raise ValueError(f"packages.txt line {number}: {line!r}: qualifier must be [arch ...] of {known}")
+            if arch not in only:
+                continue
+        names.append(name.strip())
     return names
 
 
-def recipe_hash(release: str) -> str:
-    h = hashlib.sha256(release.encode() + b"\0")
-    for path in RECIPE:
+def image_name(release: str, arch: str = DEFAULT_ARCH) -> str:
+    """The cache folder's name: ``<release>-<hash>`` (amd64, as before arm64 came), else
+    ``<release>-<arch>-<hash>``."""
+    prefix = release if arch == DEFAULT_ARCH else f"{release}-{arch}"
+    return f"{prefix}-{recipe_hash(release, arch)}"
+
+
+def recipe_hash(release: str, arch: str = DEFAULT_ARCH) -> str:
+    # amd64's hash is what it was before the lab had a second architecture; arm64's also covers
+    # the hypervisor's build (xen_source.py)
+    h = hashlib.sha256(release.encode() + b"\0" + (b"" if arch == DEFAULT_ARCH else arch.encode() + b"\0"))
+    for path in RECIPE if arch == DEFAULT_ARCH else (*RECIPE, *FOREIGN_RECIPE):
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
@@ -245,8 +297,75 @@ def _newest(root: Path, pattern: str) -> Path:
     return hits[-1]
 
 
-def build(dest: Path, release: str) -> None:
+# A foreign architecture's dom0 initrd is made under qemu-user, where initramfs-tools' default
+# (MODULES=most: every storage and filesystem driver) takes many minutes; that dom0 needs only what
+# mounts its root, virtio on PCI and ext4 (udev in the initrd loads them; 9p comes from the root).
+INITRD_CONF = "MODULES=list\n"
+INITRD_HOOK = """#!/bin/sh
+[ "$1" = prereqs ] && exit 0
+. /usr/share/initramfs-tools/hook-functions
+manual_add_modules virtio_pci virtio_blk ext4
+"""
+
+
+def _initrd_hooks(tmp: Path) -> list[str]:
+    """mmdebstrap options that put INITRD_CONF and INITRD_HOOK in place before the kernel's
+    package makes the initrd."""
+    conf, hook = tmp / "initrd.conf", tmp / "initrd.hook"
+    conf.write_text(INITRD_CONF)
+    hook.write_text(INITRD_HOOK)
+    where = "/etc/initramfs-tools"
+    return [
+        f'--essential-hook=mkdir -p "$1{where}/conf.d" "$1{where}/hooks"',
+        f"--essential-hook=upload {conf} {where}/conf.d/xendmop-lab",
+        f"--essential-hook=upload {hook} {where}/hooks/xendmop-lab",
+        f'--essential-hook=chmod 755 "$1{where}/hooks/xendmop-lab"',
+    ]
+
+
+#: binfmt_misc's name for each foreign architecture's qemu-user interpreter
+QEMU_USER = {"arm64": "aarch64"}
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+
+
+def ensure_foreign(arch: str) -> None:
+    """Let this host run ``arch``'s programs (mmdebstrap runs the image's maintainer scripts):
+    qemu-user-static registered with binfmt_misc, mounting binfmt_misc first if need be."""
+    if arch == host_arch():
+        return
+    ensure_tools({f"qemu-{QEMU_USER[arch]}-static": "qemu-user-static", "update-binfmts": "binfmt-support"})
+    if not (BINFMT / "register").exists():
+        subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)], check=False)
+    entry = BINFMT / f"qemu-{QEMU_USER[arch]}"
+    if not entry.exists():
+        subprocess.run(["update-binfmts", "--enable", entry.name], check=False)
+    if not entry.exists():
+        raise Unavailable(f"cannot register qemu-user-static for {arch} with binfmt_misc ({entry} missing)")
+
+
+def _copy_boot_files(boot: Path, arch: str, out: Path, sources: list[str], tmp: Path) -> list[str]:
+    """Xen, the dom0 kernel and its initrd out of the image's /boot, as QEMU loads them; lines
+    for the recipe file saying where Xen came from."""
+    if arch == "amd64":
+        with gzip.open(_newest(boot, "xen-4.*-amd64.gz")) as src, open(out / "xen", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        said = []
+    else:  # Debian's Xen/Arm has no DMOPs: the same source built with ioreq servers (xen_source.py)
+        sys.path.insert(0, str(LAB))
+        import xen_source
+
+        ensure_tools(xen_source.HOST_TOOLS)
+        log("building Xen/Arm with CONFIG_IOREQ_SERVER from Debian's source (Debian's binary has no dm_op)")
+        shutil.copy(_newest(boot, f"xen-4.*-{arch}"), out / "xen-debian")  # kept, unbooted, for comparison
+        said = [xen_source.build(tmp / "xen-source", sources, _newest(boot, f"xen-4.*-{arch}.config"), out / "xen")]
+    shutil.copy(_newest(boot, "vmlinuz-*"), out / "vmlinuz")
+    shutil.copy(_newest(boot, "initrd.img-*"), out / "initrd.img")
+    return said
+
+
+def build(dest: Path, release: str, arch: str = DEFAULT_ARCH) -> None:
     ensure_tools({"mmdebstrap": "mmdebstrap", "mkfs.ext4": "e2fsprogs"})
+    ensure_foreign(arch)
     sources = mirror_lines(release)
     with tempfile.TemporaryDirectory(prefix="build-", dir=dest.parent) as tmp:
         root = Path(tmp) / "root"
@@ -260,12 +379,14 @@ def build(dest: Path, release: str) -> None:
             "--dpkgopt=path-exclude=/usr/share/doc/*",
             "--dpkgopt=path-exclude=/usr/share/man/*",
             "--dpkgopt=path-exclude=/usr/share/locale/*",
-            f"--include={','.join(packages())}",
+            # a foreign architecture (the amd64 command is as it was)
+            *([] if arch == host_arch() else [f"--architectures={arch}", *_initrd_hooks(Path(tmp))]),
+            f"--include={','.join(packages(arch))}",
             release,
             str(root),
             *sources,
         ]
-        log(f"building the {release} dom0 root filesystem ({RELEASES[release]}; mmdebstrap, a few minutes)")
+        log(f"building the {release} {arch} dom0 root filesystem ({RELEASES[release]}; mmdebstrap, a few minutes)")
         t0 = time.monotonic()
         if subprocess.run(cmd, check=False).returncode != 0:
             raise BuildError("mmdebstrap failed (see its output above)")
@@ -276,24 +397,23 @@ def build(dest: Path, release: str) -> None:
         boot = root / "boot"
         out = Path(tmp) / "out"
         out.mkdir()
-        with gzip.open(_newest(boot, "xen-4.*-amd64.gz")) as src, open(out / "xen", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        shutil.copy(_newest(boot, "vmlinuz-*"), out / "vmlinuz")
-        shutil.copy(_newest(boot, "initrd.img-*"), out / "initrd.img")
+        xen_said = _copy_boot_files(boot, arch, out, sources, Path(tmp))
         # 2 GiB sparse: room for the tests' temporary files; QEMU's snapshot=on keeps writes away anyway.
         mkfs = ["mkfs.ext4", "-q", "-F", "-L", "xendmop-dom0", "-d", str(root), str(out / "dom0.ext4"), "2G"]
         subprocess.run(mkfs, check=True, stdout=sys.stderr)
-        (out / "recipe").write_text(f"{release} {recipe_hash(release)}\n" + "\n".join(sources) + "\n")
+        recipe = [f"{release} {arch} {recipe_hash(release, arch)}", *sources, *xen_said]
+        (out / "recipe").write_text("\n".join(recipe) + "\n")
         os.rename(out, dest)
         log(f"dom0 image built in {time.monotonic() - t0:.0f} s: {dest}")
 
 
-def ensure_image(rebuild: bool = False, release: str | None = None) -> Artifacts:
-    """The cached artifacts of ``release``'s current recipe, building them first if needed."""
-    release = lab_release(release)
+def ensure_image(rebuild: bool = False, release: str | None = None, arch: str | None = None) -> Artifacts:
+    """The cached artifacts of ``release``'s current recipe for ``arch``, building them first if
+    needed."""
+    release, arch = lab_release(release), lab_arch(arch)
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    art = Artifacts(root / f"{release}-{recipe_hash(release)}")
+    art = Artifacts(root / image_name(release, arch))
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others then reuse its result
         if rebuild and art.dir.exists():
@@ -301,16 +421,17 @@ def ensure_image(rebuild: bool = False, release: str | None = None) -> Artifacts
         if not art.complete():
             if art.dir.exists():
                 shutil.rmtree(art.dir)
-            build(art.dir, release)
-            _prune(root, keep=art.dir, release=release)
+            build(art.dir, release, arch)
+            _prune(root, keep=art.dir, release=release, arch=arch)
     return art
 
 
-def _prune(root: Path, keep: Path, release: str) -> None:
-    """Drop the release's images of older recipes (about 1 GB each); other releases and run
-    results stay."""
-    for old in root.glob(f"{release}-*"):
-        if old.is_dir() and old != keep and len(old.name) == len(release) + 17:
+def _prune(root: Path, keep: Path, release: str, arch: str = DEFAULT_ARCH) -> None:
+    """Drop the release's images of older recipes for ``arch`` (about 1 GB each); other
+    releases, other architectures and run results stay."""
+    prefix = keep.name[: -len(recipe_hash(release, arch))]
+    for old in root.glob(f"{prefix}*"):
+        if old.is_dir() and old != keep and len(old.name) == len(keep.name):
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -320,9 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--release", choices=sorted(RELEASES), help="Debian release (default: $XENDMOP_LAB_RELEASE, else bookworm)"
     )
+    ap.add_argument("--arch", choices=sorted([*ARCHES, *ARCH_ALIASES]),
+                    help="architecture (default: $XENDMOP_LAB_ARCH, else amd64)")  # fmt: skip
     args = ap.parse_args(argv)
     try:
-        art = ensure_image(args.rebuild, args.release)
+        art = ensure_image(args.rebuild, args.release, lab_arch(args.arch))
     except Unavailable as e:
         log(f"lab unavailable: {e}")
         return EXIT_UNAVAILABLE

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Boot real Xen + a Debian dom0 under QEMU (TCG) and run ONE command in dom0.
 
-    python3 integration/lab/run.py [--timeout S] [--results DIR] -- COMMAND...
+    python3 integration/lab/run.py [--arch amd64|arm64] [--timeout S] [--results DIR] -- COMMAND...
 
 The repository checkout is shared read-only (cwd and PYTHONPATH of the command), a results
 folder writable.  The command's stdout/stderr are streamed while it runs.  Exit status:
@@ -38,6 +38,7 @@ from typing import IO
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accel
 import image
+import xen_source
 
 LAB = Path(__file__).resolve().parent
 REPO = LAB.parent.parent
@@ -47,12 +48,29 @@ EXIT_CRASH = 123
 EXIT_TIMEOUT = 124
 EXIT_BOOT_FAILED = 125
 
-XEN_ARGS = (
-    "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 "
+# Xen's and dom0's command lines after their console arguments, the same on every architecture.
+XEN_COMMON_ARGS = (
+    "dom0_mem=1024M,max:1024M dom0_max_vcpus=2 "
     # a big console ring so `xl dmesg` still holds every guest line a test looks for
     "loglvl=all guest_loglvl=all conring_size=4M"
 )
-DOM0_ARGS = "root=/dev/vda rw console=hvc0 earlyprintk=xen init=/sbin/xendmop-lab-init quiet"
+DOM0_COMMON_ARGS = "init=/sbin/xendmop-lab-init quiet"
+XEN_ARGS = f"console=com1 com1=115200,8n1 {XEN_COMMON_ARGS}"
+DOM0_ARGS = f"root=/dev/vda rw console=hvc0 earlyprintk=xen {DOM0_COMMON_ARGS}"
+# Arm64: Xen's console is the UART the device tree's stdout-path names (QEMU virt's PL011);
+# earlyprintk=xen is x86's (Linux arch/x86/kernel/early_printk.c).
+XEN_ARGS_ARM64 = f"console=dtuart {XEN_COMMON_ARGS}"
+DOM0_ARGS_ARM64 = f"root=/dev/vda rw console=hvc0 {DOM0_COMMON_ARGS}"
+# QEMU virt's RAM starts at 1 GiB (hw/arm/virt.c, VIRT_MEM).  Xen is loaded near its start; dom0's
+# kernel and initrd are put above it by guest-loader devices (QEMU docs/system/guest-loader.rst),
+# which tell Xen where they are in the device tree's /chosen (multiboot,module nodes).  Not below
+# RAM + 256 MiB: with no -initrd QEMU puts the device tree at RAM + 128 MiB (hw/arm/boot.c), and a
+# 32 MiB dom0 kernel at 0x47000000 reached over it (Xen then hit "Xen BUG at
+# common/page_alloc.c:1423" freeing the module's pages).
+ARM64_DOM0_KERNEL_ADDR = 0x50000000
+ARM64_MODULE_ALIGN = 2 << 20
+# Under TCG: QEMU's model of a core with EL2 that Xen/Arm supports (Xen's own test scripts use it).
+ARM64_TCG_ARGS = ("-accel", "tcg,thread=multi", "-cpu", "cortex-a57")
 
 # What a crash looks like on the serial console or in dom0's kernel log.
 CRASH = re.compile(
@@ -72,21 +90,69 @@ def _virtfs_path(path: Path) -> str:
     return str(path).replace(",", ",,")  # a literal comma in a QEMU option value
 
 
-def qemu_command(art: image.Artifacts, results: Path, how: accel.Accel) -> list[str]:
-    dom0 = f"{_virtfs_path(art.vmlinuz)} {DOM0_ARGS},{_virtfs_path(art.initrd)}"
+def _shared_devices(art: image.Artifacts, results: Path) -> list[str]:
+    """The dom0 disk, the two 9p shares and an entropy source: the same on every architecture."""
     return [
-        "qemu-system-x86_64",
-        *how.qemu_args,
-        "-m", "2048", "-smp", "2",
-        "-no-reboot",  # a Xen panic or dom0 crash reboots: end the run instead
-        "-nodefaults", "-display", "none", "-monitor", "none",
-        "-serial", f"file:{results / 'console.log'}",
-        "-kernel", str(art.xen), "-append", XEN_ARGS, "-initrd", dom0,
         "-drive", f"file={_virtfs_path(art.image)},format=raw,if=virtio,snapshot=on",
         "-virtfs", f"local,path={_virtfs_path(REPO)},mount_tag=repo,security_model=none,readonly=on",
         "-virtfs", f"local,path={_virtfs_path(results)},mount_tag=results,security_model=none",
         "-device", "virtio-rng-pci",
     ]  # fmt: skip
+
+
+def _machine_common(results: Path) -> list[str]:
+    return [
+        "-m", "2048", "-smp", "2",
+        "-no-reboot",  # a Xen panic or dom0 crash reboots: end the run instead
+        "-nodefaults", "-display", "none", "-monitor", "none",
+        "-serial", f"file:{results / 'console.log'}",
+    ]  # fmt: skip
+
+
+def arm64_module_addrs(kernel_size: int) -> tuple[int, int]:
+    """Where guest-loader puts dom0's kernel and, after it on the next 2 MiB boundary, its initrd."""
+    if kernel_size <= 0:
+        raise ValueError(f"kernel_size: {kernel_size} is not a positive size")
+    end = ARM64_DOM0_KERNEL_ADDR + kernel_size
+    return ARM64_DOM0_KERNEL_ADDR, -(-end // ARM64_MODULE_ALIGN) * ARM64_MODULE_ALIGN
+
+
+def qemu_command(art: image.Artifacts, results: Path, how: accel.Accel, arch: str = image.DEFAULT_ARCH) -> list[str]:
+    if arch == "arm64":
+        return qemu_command_arm64(art, results, how)
+    dom0 = f"{_virtfs_path(art.vmlinuz)} {DOM0_ARGS},{_virtfs_path(art.initrd)}"
+    return [
+        "qemu-system-x86_64",
+        *how.qemu_args,
+        *_machine_common(results),
+        "-kernel", str(art.xen), "-append", XEN_ARGS, "-initrd", dom0,
+        *_shared_devices(art, results),
+    ]  # fmt: skip
+
+
+def qemu_command_arm64(art: image.Artifacts, results: Path, how: accel.Accel) -> list[str]:
+    """QEMU's virt board with EL2 (``virtualization=on``) and a GICv3, Xen as its kernel, dom0's
+    kernel and initrd as two guest-loader modules; always TCG (an x86-64 host's KVM cannot run Arm)."""
+    if how.name != "tcg":
+        raise accel.AccelError(f"an arm64 lab runs under TCG only, not {how}")
+    kernel_addr, initrd_addr = arm64_module_addrs(art.vmlinuz.stat().st_size)
+    return [
+        "qemu-system-aarch64",
+        "-M", "virt,virtualization=on,gic-version=3",
+        *ARM64_TCG_ARGS,
+        *_machine_common(results),
+        "-kernel", str(art.xen), "-append", XEN_ARGS_ARM64,
+        "-device", f"guest-loader,addr={kernel_addr:#x},kernel={_virtfs_path(art.vmlinuz)},"
+                   f"bootargs={DOM0_ARGS_ARM64}",
+        "-device", f"guest-loader,addr={initrd_addr:#x},initrd={_virtfs_path(art.initrd)}",
+        *_shared_devices(art, results),
+    ]  # fmt: skip
+
+
+#: QEMU's accelerator probe takes the uname name; the lab names architectures as Debian does.
+UNAME_MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}
+#: the host package with each architecture's QEMU
+QEMU_PACKAGE = {"amd64": ("qemu-system-x86_64", "qemu-system-x86"), "arm64": ("qemu-system-aarch64", "qemu-system-arm")}
 
 
 class Tail:
@@ -139,14 +205,17 @@ def boot(
     show_console: bool,
     boot_timeout: float = 240,
     release: str | None = None,
+    arch: str | None = None,
 ) -> Outcome:
-    release = image.lab_release(release)
-    how = accel.choose()
-    art = image.ensure_image(release=release)
+    release, arch = image.lab_release(release), image.lab_arch(arch)
+    how = accel.choose(UNAME_MACHINE[arch])
+    art = image.ensure_image(release=release, arch=arch)
     results.mkdir(parents=True, exist_ok=True)
     (results / "release").write_text(f"{release}\n")
+    (results / "arch").write_text(f"{arch}\n")
     (results / "accel").write_text(f"{how}\n")
-    image.log(f"booting the {release} lab ({image.RELEASES[release]}) under {how}")
+    lab = release if arch == image.DEFAULT_ARCH else f"{release} {arch}"
+    image.log(f"booting the {lab} lab ({image.RELEASES[release]}) under {how}")
     for stale in ("status", "stdout", "stderr", "timings", "console.log"):
         (results / stale).unlink(missing_ok=True)
     shutil.copy(LAB / "dom0-init.sh", results / "init.sh")
@@ -156,7 +225,8 @@ def boot(
         tails.append(Tail(results / "console.log", sys.stderr))
     t0 = time.monotonic()
     with open(results / "qemu.log", "w") as qlog:
-        qemu = subprocess.Popen(qemu_command(art, results, how), stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog)
+        cmd = qemu_command(art, results, how, arch)
+        qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog)
         timed_out = hung = False
         try:
             while qemu.poll() is None:
@@ -239,21 +309,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--console", action="store_true", help="also stream the serial console to stderr")
     ap.add_argument("--release", choices=sorted(image.RELEASES),
                     help="the dom0's Debian release (default $XENDMOP_LAB_RELEASE or bookworm)")  # fmt: skip
+    ap.add_argument("--arch", choices=sorted([*image.ARCHES, *image.ARCH_ALIASES]),
+                    help="the lab's architecture (default $XENDMOP_LAB_ARCH or amd64)")  # fmt: skip
     ap.add_argument("command", nargs="+", help="the command to run in dom0 (after --)")
     args = ap.parse_args(argv)
     try:
         image.lab_release(args.release)
-        accel.choose()
-    except ValueError as e:  # a bad --release, $XENDMOP_LAB_RELEASE or $XENDMOP_LAB_ACCEL
+        arch = image.lab_arch(args.arch)
+        accel.choose(UNAME_MACHINE[arch])
+    except ValueError as e:  # a bad --release/--arch, $XENDMOP_LAB_RELEASE/_ARCH or $XENDMOP_LAB_ACCEL
         ap.error(str(e))
     results = (args.results or default_results()).resolve()
     try:
-        image.ensure_tools({"qemu-system-x86_64": "qemu-system-x86"})
-        outcome = boot(args.command, results, args.timeout, args.console, args.boot_timeout, args.release)
+        image.ensure_tools(dict([QEMU_PACKAGE[arch]]))
+        outcome = boot(args.command, results, args.timeout, args.console, args.boot_timeout, args.release, arch)
     except image.Unavailable as e:
         image.log(f"lab unavailable: {e}")
         return EXIT_UNAVAILABLE
-    except (image.BuildError, subprocess.CalledProcessError) as e:
+    except (image.BuildError, xen_source.SourceError, subprocess.CalledProcessError) as e:
         image.log(f"dom0 image build failed: {e} [exit {EXIT_BOOT_FAILED}]")
         return EXIT_BOOT_FAILED
     for line in outcome.crash_lines[:20]:

@@ -52,7 +52,7 @@ from ..abi.hvm import HVMMEM_ram_ro
 from ..abi.privcmd import HYPERCALL_PATH, PRIVCMD_PATH
 from ..ops import OPS
 from .evtchn import MockEvtchnDevice
-from .hypervisor import DEFAULT_XEN_VERSION, Hypervisor, destroy_server
+from .hypervisor import DEFAULT_XEN_VERSION, GUEST_VPL011_SPI, Hypervisor, destroy_server
 from .pages import PageStore
 from .privcmd import HypercallDevice, PrivcmdDevice
 from .state import Domain, IoreqServerState, P2m, Vcpu
@@ -273,10 +273,17 @@ class MockXen:
         iommu: bool = False,
         target: int | None = None,
         domid: int | None = None,
+        vuart: bool = False,
     ) -> int:
-        """Create a running domain; return its domid (the lowest free one unless given)."""
+        """Create a running domain; return its domid (the lowest free one unless given).
+
+        ``vuart`` (Arm only): the guest has Xen's emulated SBSA UART, as xl's ``vuart =
+        "sbsa_uart"`` gives it, whose interrupt, SPI ``GUEST_VPL011_SPI`` (32), Xen reserves
+        (xen/arch/arm/vpl011.c, ``domain_vpl011_init``: ``vgic_reserve_virq``)."""
         with self.lock:
             self._check_open()
+            if vuart and self.arch != "arm":
+                raise ValueError(f"vuart: an SBSA UART is an Arm guest's; this mock is {self.arch}")
             domains = self.hypervisor.domains
             if domid is None:
                 domid = next(i for i in range(1, 0x7FF0) if i not in domains)
@@ -303,6 +310,8 @@ class MockXen:
                 d.legacy_gfns = (nr_pages, nr_pages + 1)
                 d.ioreq_gfn_legacy_free = list(d.legacy_gfns)
                 d.ioreq_gfn_free = list(range(nr_pages + 2, nr_pages + special))
+            if vuart:
+                d.vgic_allocated.add(GUEST_VPL011_SPI)
             domains[domid] = d
             return domid
 

@@ -61,6 +61,8 @@ MAX_VRAM_PAGES = (1 << 30) // PAGE_SIZE
 INVALID_GFN = (1 << 64) - 1
 #: ``NR_LOCAL_IRQS`` on Arm (SGIs + PPIs)
 NR_LOCAL_IRQS = 32
+#: the SPI of an Arm guest's emulated SBSA UART (Xen's public/arch-arm.h)
+GUEST_VPL011_SPI = 32
 #: x86 cache types ``pin_memory_cacheattr`` accepts (X86_MT_*), and those needing an IOMMU
 _MT_UNCACHED = {0, 1, 7}  # UC, WC, UCM
 _MT_CACHED = {4, 5, 6}  # WT, WP, WB
@@ -808,6 +810,8 @@ def set_irq_level(call: Call) -> int:
     if data.level not in (0, 1):
         return -errno.EINVAL
     if any(data.pad):
+        return -errno.EINVAL
+    if data.irq in d.vgic_allocated:  # "only for non-allocated interrupts"
         return -errno.EINVAL
     d.irq_levels[data.irq] = data.level
     return 0

@@ -463,6 +463,9 @@ class Domain:
     p2m_ioreq_flags: int = 0
     cacheattr: list[tuple[int, int, int]] = field(default_factory=list)
     irq_levels: dict[int, int] = field(default_factory=dict)  # Arm SPIs
+    #: Arm: SPIs Xen emulates a device on itself (``d->arch.vgic.allocated_irqs``, set by
+    #: ``vgic_reserve_virq``, xen/arch/arm/vgic.c), which ``set_irq_level`` refuses
+    vgic_allocated: set[int] = field(default_factory=set)
     ports: dict[int, EvtchnPort] = field(default_factory=dict)
     #: (range type, first, last) -> the server ``select_ioreq_server`` chose, for ``_routes_epoch``
     _routes: dict[tuple[int, int, int], IoreqServerState | None] = field(

@@ -18,11 +18,15 @@ import ctypes.util
 import errno
 import mmap
 import os
+import platform
 from collections.abc import Sequence
 
 PAGE_SIZE = mmap.PAGESIZE
-#: x86_64 ``TASK_SIZE_MAX`` (4-level paging): ``access_ok`` refuses anything above it
-TASK_SIZE = (1 << 47) - PAGE_SIZE
+#: ``TASK_SIZE_MAX`` of the kernel the mock stands for, the host's: ``access_ok`` refuses anything
+#: above it.  x86_64 (4-level paging): ``(1 << 47) - PAGE_SIZE`` (arch/x86/include/asm/page_64_types.h);
+#: arm64: ``1 << VA_BITS`` (arch/arm64/include/asm/processor.h), 48 in Debian's arm64 kernels, whose
+#: processes are mapped near the top (a Python heap at 0xffff_b6xx_xxxx, seen in the Arm lab).
+TASK_SIZE = (1 << 48) if platform.machine() == "aarch64" else (1 << 47) - PAGE_SIZE
 
 _CHUNK = 1 << 16
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
