@@ -18,10 +18,18 @@ import jobs  # noqa: E402
 
 def test_every_release_is_a_job_and_every_job_parses():
     assert {jobs.parse(job)[0] for job in jobs.JOBS} == set(image.RELEASES)
+    assert {jobs.parse(job)[1] for job in jobs.JOBS} == set(image.ARCHES)
     assert len(set(jobs.JOBS)) == len(jobs.JOBS)
 
 
-@pytest.mark.parametrize("job, parsed", [("bookworm", ("bookworm", "x86_64")), ("trixie/x86_64", ("trixie", "x86_64"))])
+@pytest.mark.parametrize(
+    "job, parsed",
+    [
+        ("bookworm", ("bookworm", "amd64")),
+        ("trixie/x86_64", ("trixie", "amd64")),
+        ("bookworm/aarch64", ("bookworm", "arm64")),
+    ],
+)
 def test_a_job_is_release_slash_arch(job, parsed):
     assert jobs.parse(job) == parsed
 
@@ -39,7 +47,7 @@ def _jobs_cli(*args):
 def test_the_cli_prints_the_list_the_matrix_and_a_split():
     assert _jobs_cli().stdout.split() == list(jobs.JOBS)
     assert json.loads(_jobs_cli("--json").stdout) == {"job": list(jobs.JOBS)}
-    assert _jobs_cli("--split", "trixie").stdout == "trixie x86_64\n"
+    assert _jobs_cli("--split", "trixie").stdout == "trixie amd64\n"
     bad = _jobs_cli("--split", "sid")
     assert bad.returncode == 2 and "release 'sid'" in bad.stderr
     assert _jobs_cli("--yaml").returncode == 2
@@ -47,17 +55,17 @@ def test_the_cli_prints_the_list_the_matrix_and_a_split():
 
 FAKE_RUN = """#!/usr/bin/env python3
 import os, sys
-release = sys.argv[sys.argv.index("--release") + 1]
+job = sys.argv[sys.argv.index("--release") + 1] + "/" + sys.argv[sys.argv.index("--arch") + 1]
 with open(os.environ["FAKE_LOG"], "a") as f:
-    f.write(release + "\\n")
-codes = os.environ.get("FAKE_CODES_" + release, "0").split()
-n = sum(1 for line in open(os.environ["FAKE_LOG"]) if line.strip() == release)
+    f.write(job + "\\n")
+codes = os.environ.get("FAKE_CODES_" + job.replace("/", "_"), "0").split()
+n = sum(1 for line in open(os.environ["FAKE_LOG"]) if line.strip() == job)
 sys.exit(int(codes[min(n, len(codes)) - 1]))
 """
 
 
 def _ci(tmp_path, env):
-    """ci.sh in a tree of its own whose run.py records each release it is given and exits as told."""
+    """ci.sh in a tree of its own whose run.py records each RELEASE/ARCH it is given and exits as told."""
     tree = tmp_path / "tree" / "integration" / "lab"
     tree.mkdir(parents=True)
     for name in ("ci.sh", "jobs.py", "image.py"):
@@ -74,28 +82,28 @@ def _ci(tmp_path, env):
 def test_ci_runs_every_job_in_order(tmp_path):
     done, ran = _ci(tmp_path, {})
     assert done.returncode == 0, done.stdout + done.stderr
-    assert ran == [jobs.parse(job)[0] for job in jobs.JOBS]
+    assert ran == ["/".join(jobs.parse(job)) for job in jobs.JOBS]
     assert "exit status per job: " + " ".join(f"{job}=0" for job in jobs.JOBS) in done.stdout
 
 
 def test_ci_retries_a_failed_boot_once_and_reports_the_first_failure(tmp_path):
-    done, ran = _ci(tmp_path, {"FAKE_CODES_bookworm": "125 1", "FAKE_CODES_trixie": "124"})
-    assert ran == ["bookworm", "bookworm", "trixie"]
+    done, ran = _ci(tmp_path, {"FAKE_CODES_bookworm_amd64": "125 1", "FAKE_CODES_trixie_amd64": "124"})
+    assert ran[:3] == ["bookworm/amd64", "bookworm/amd64", "trixie/amd64"]
     assert done.returncode == 1
-    assert "bookworm/x86_64=1 trixie/x86_64=124" in done.stdout
+    assert "bookworm/amd64=1 trixie/amd64=124" in done.stdout
 
 
 def test_ci_runs_only_the_jobs_asked_for(tmp_path):
-    done, ran = _ci(tmp_path, {"XENDMOP_LAB_JOBS": "trixie/x86_64"})
-    assert (done.returncode, ran) == (0, ["trixie"])
-    done, ran = _ci(tmp_path / "bad", {"XENDMOP_LAB_JOBS": "sid/x86_64"})
+    done, ran = _ci(tmp_path, {"XENDMOP_LAB_JOBS": "trixie/aarch64 bookworm"})
+    assert (done.returncode, ran) == (0, ["trixie/arm64", "bookworm/amd64"])
+    done, ran = _ci(tmp_path / "bad", {"XENDMOP_LAB_JOBS": "sid/amd64"})
     assert done.returncode == 2 and ran == [] and "release 'sid'" in done.stderr
 
 
 def test_an_unavailable_lab_passes_unless_required(tmp_path):
-    done, _ = _ci(tmp_path, {"FAKE_CODES_bookworm": "77"})
+    done, _ = _ci(tmp_path, {"FAKE_CODES_bookworm_amd64": "77"})
     assert done.returncode == 0 and "LAB UNAVAILABLE" in done.stdout
-    done, _ = _ci(tmp_path / "required", {"FAKE_CODES_bookworm": "77", "XENDMOP_LAB_REQUIRED": "1"})
+    done, _ = _ci(tmp_path / "required", {"FAKE_CODES_bookworm_amd64": "77", "XENDMOP_LAB_REQUIRED": "1"})
     assert done.returncode == 77 and "XENDMOP_LAB_REQUIRED=1: failing" in done.stdout
 
 

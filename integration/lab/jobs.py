@@ -5,7 +5,8 @@
     python3 integration/lab/jobs.py --json   # {"job": [...]}: the GitHub Actions matrix
     python3 integration/lab/jobs.py --split JOB   # "RELEASE ARCH", or exit 2 naming what is wrong
 
-A job is written RELEASE/ARCH (``bookworm/x86_64``).  ``ci.sh`` runs every job one after the
+A job is written RELEASE/ARCH (``bookworm/amd64``; Debian's architecture names, the kernel's
+``x86_64``/``aarch64`` taken too).  ``ci.sh`` runs every job one after the
 other (or those in ``$XENDMOP_LAB_JOBS``); ``.github/workflows/ci.yml`` runs each on a runner of
 its own, in parallel.  Both read this list, so a new release or architecture is added here once.
 """
@@ -19,9 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import image
 
-#: the architectures the lab boots (the Xen and dom0 it runs are Debian's for that architecture)
-ARCHES = ("x86_64",)
-JOBS = tuple(f"{release}/x86_64" for release in image.RELEASES)
+#: every release on x86-64; Arm64 on bookworm only: the Arm lab builds Xen/Arm from the release's
+#: source package (xen_source.py), and the mirror this list was made with serves no trixie xen
+#: source (404) -- where yours does, XENDMOP_LAB_JOBS=trixie/arm64 runs it
+JOBS = (*(f"{release}/amd64" for release in image.RELEASES), "bookworm/arm64")
 
 
 class JobError(ValueError):
@@ -29,13 +31,13 @@ class JobError(ValueError):
 
 
 def parse(job: str) -> tuple[str, str]:
-    """``RELEASE/ARCH`` (ARCH defaults to x86_64) → (release, arch), or JobError naming the job."""
-    release, _, arch = job.partition("/")
-    arch = arch or "x86_64"
+    """``RELEASE/ARCH`` (ARCH defaults to amd64) → (release, Debian's arch), or JobError naming the job."""
+    release, _, given = job.partition("/")
+    arch = image.ARCH_ALIASES.get(given, given) or image.DEFAULT_ARCH
     if release not in image.RELEASES:
         raise JobError(f"lab job {job!r}: release {release!r} is not one of {', '.join(image.RELEASES)}")
-    if arch not in ARCHES:
-        raise JobError(f"lab job {job!r}: architecture {arch!r} is not one of {', '.join(ARCHES)}")
+    if arch not in image.ARCHES:
+        raise JobError(f"lab job {job!r}: architecture {given!r} is not one of {', '.join(image.ARCHES)}")
     return release, arch
 
 
