@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, ClassVar
 from .virtqueue import Chain, Virtqueue
 
 if TYPE_CHECKING:
-    from .pci import VirtioPci
+    from .transport import VirtioTransport
 
 __all__ = ["VirtioDevice", "check_count"]
 
@@ -25,7 +25,7 @@ class VirtioDevice:
     request in, its answer written: what most devices do) or override ``queue_notify``.
 
     The transport calls everything here in the serving loop's thread; ``transport`` is
-    the ``VirtioPci`` it was given to (None before).
+    the ``VirtioTransport`` (PCI or MMIO) it was given to (None before).
     """
 
     device_type: ClassVar[int] = 0
@@ -36,7 +36,7 @@ class VirtioDevice:
     host_write_extent: int = 0
 
     def __init__(self) -> None:
-        self.transport: VirtioPci | None = None
+        self.transport: VirtioTransport | None = None
 
     @property
     def negotiated(self) -> int:

@@ -39,16 +39,14 @@ setup also sets DEVICE_NEEDS_RESET and sends a configuration-change interrupt (s
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..runtime.dispatch import GuestMemory, RateLimitedLog
+from ..runtime.dispatch import GuestMemory
 from ..runtime.pci import PCI_CAPABILITY_LIST, PCI_STATUS, PCI_STATUS_CAP_LIST, Bar, PciFunction
 from .device import VirtioDevice
 from .spec import (
-    AVAIL_ALIGN,
     COMMON_CFG_SIZE,
     COMMON_CFGGENERATION,
     COMMON_DF,
@@ -68,10 +66,6 @@ from .spec import (
     COMMON_Q_SIZE,
     COMMON_Q_USEDLO,
     COMMON_STATUS,
-    DESC_ALIGN,
-    ISR_CONFIG,
-    ISR_QUEUE,
-    MAX_QUEUE_SIZE,
     PCI_CAP_ID_MSIX,
     PCI_CAP_ID_VNDR,
     PCI_DEVICE_ID_MODERN_BASE,
@@ -80,10 +74,6 @@ from .spec import (
     PCI_MSIX_FLAGS_ENABLE,
     PCI_MSIX_FLAGS_MASKALL,
     PCI_VENDOR_ID_REDHAT_QUMRANET,
-    USED_ALIGN,
-    VIRTIO_F_RING_EVENT_IDX,
-    VIRTIO_F_RING_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1,
     VIRTIO_MSI_NO_VECTOR,
     VIRTIO_PCI_CAP,
     VIRTIO_PCI_CAP_COMMON_CFG,
@@ -91,15 +81,12 @@ from .spec import (
     VIRTIO_PCI_CAP_ISR_CFG,
     VIRTIO_PCI_CAP_NOTIFY_CFG,
     VIRTIO_PCI_CAP_PCI_CFG,
-    Status,
-    avail_size,
-    desc_table_size,
-    used_size,
 )
-from .virtqueue import Virtqueue, VirtqueueError
+from .transport import VirtioTransport
+from .virtqueue import Virtqueue
 
 if TYPE_CHECKING:
-    from ..runtime import ServeLoop
+    pass
 
 __all__ = ["MSIX_BAR", "VIRTIO_BAR", "VirtioPci"]
 
@@ -236,14 +223,9 @@ class VirtioPciFunction(PciFunction):
             self.transport.msix_changed()
 
 
-class VirtioPci:
+class VirtioPci(VirtioTransport):
     """The PCI transport for one ``VirtioDevice``; add ``.pci`` to an ``IoreqServer``
-    (``server.add_pci(transport.pci, slot=...)``).
-
-    ``memory()``: the guest RAM the rings live in (``server.dispatcher.memory``), None
-    before the server is up.  ``ram_limit``: when given, buffers must end below it.
-    ``indirect``/``event_idx``: offer VIRTIO_F_RING_INDIRECT_DESC / VIRTIO_F_RING_EVENT_IDX.
-    """
+    (``server.add_pci(transport.pci, slot=...)``).  Arguments as ``VirtioTransport``'s."""
 
     def __init__(
         self,
@@ -255,109 +237,24 @@ class VirtioPci:
         ram_limit: int | None = None,
         logger: logging.Logger = log,
     ) -> None:
-        sizes = device.queue_sizes
-        if not 1 <= len(sizes) <= 0x400:
-            raise ValueError(f"queue_sizes={sizes!r}: a device has 1..1024 queues")
-        for i, n in enumerate(sizes):
-            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_QUEUE_SIZE or n & (n - 1):
-                raise ValueError(f"queue_sizes[{i}]={n!r}: must be a power of two in 1..{MAX_QUEUE_SIZE}")
-        if device.features >> 64 or device.features < 0:
-            raise ValueError(f"features={device.features:#x}: must fit 64 bits")
-        self.device = device
-        self.memory = memory
-        self.offered = (
-            device.features
-            | 1 << VIRTIO_F_VERSION_1
-            | (1 << VIRTIO_F_RING_INDIRECT_DESC if indirect else 0)
-            | (1 << VIRTIO_F_RING_EVENT_IDX if event_idx else 0)
-        )
-        self.queues = [Virtqueue(i, n) for i, n in enumerate(sizes)]
-        for vq in self.queues:
-            vq.ram_limit = ram_limit
-            vq.on_drained = functools.partial(self._used, vq)
-        self.nr_vectors = len(sizes) + 1
+        super().__init__(device, memory, indirect=indirect, event_idx=event_idx, ram_limit=ram_limit, logger=logger)
+        self.nr_vectors = len(self.queues) + 1
         self.msix_table = bytearray(PCI_MSIX_ENTRY_SIZE * self.nr_vectors)
         self.msix_pba = bytearray((self.nr_vectors + 63) // 64 * 8)
         for v in range(self.nr_vectors):  # entries come up masked (PCI 3.0 6.8.2.9)
             self.msix_table[v * PCI_MSIX_ENTRY_SIZE + 12] = PCI_MSIX_ENTRY_CTRL_MASKBIT
-        self.warn = RateLimitedLog(logger)
         self.pci = VirtioPciFunction(self, device.device_type, self.nr_vectors)
-        self.needs_reset_reason: str | None = None  # why the device last went NEEDS_RESET
-        self.errors: list[str] = []  # the driver's errors (newest last, at most 16)
-        self.config_generation = 0
-        self._loop: ServeLoop | None = None  # while attached: queues are served after the access
-        self._deferred: list[int] = []  # those queues, each once, in the order notified
-        self._reset_state()
-        device.transport = self
-
-    # --- serving notifications after the access --------------------------------------------------
-
-    def attach(self, loop: ServeLoop) -> None:
-        """Serve queue notifications from ``loop`` after the notifying access is answered (see
-        the module docstring); call before ``loop.run``.  ``close`` undoes it."""
-        if self._loop is not None:
-            raise RuntimeError("this transport is already attached to a loop")
-        self._loop = loop
-
-    def close(self) -> None:
-        """Leave the loop ``attach`` joined; notifications are served during their access
-        again.  Idempotent."""
-        self._loop, self._deferred = None, []
-
-    def _defer(self, loop: ServeLoop, index: int) -> None:
-        if index in self._deferred:
-            return
-        if not self._deferred:
-            loop.call_soon(self.run_deferred)  # once per batch, after this round's ioreqs are answered
-        self._deferred.append(index)
-
-    def run_deferred(self) -> None:
-        """Serve the queues notified since the last call (``call_soon``'d on the loop)."""
-        pending, self._deferred = self._deferred, []
-        for index in pending:
-            self.kick(index)
+        self._bind()
 
     # --- state ---------------------------------------------------------------------------------
 
     def _reset_state(self) -> None:
-        self.status = 0
-        self.negotiated = 0
-        self.driver_features = 0
-        self.device_feature_select = self.driver_feature_select = 0
-        self.queue_select = 0
+        super()._reset_state()
         self.config_msix_vector = VIRTIO_MSI_NO_VECTOR
         self.isr = 0
-        self.needs_reset_reason = None
-        for vq in self.queues:
-            vq.reset()
 
-    def reset(self) -> None:
-        """The driver wrote 0 to device_status (2.4): back to the initial state, INTx low."""
-        self._reset_state()
+    def _lower(self) -> None:
         self.pci.set_irq(False)
-        self.device.reset()
-
-    @property
-    def live(self) -> bool:
-        """DRIVER_OK set and no NEEDS_RESET: the device may use its queues."""
-        return self.status & (Status.DRIVER_OK | Status.NEEDS_RESET) == Status.DRIVER_OK
-
-    def driver_error(self, e: VirtqueueError | str, key: str = "") -> None:
-        """The driver broke a rule: log it (rate-limited by its key), remember it, set
-        DEVICE_NEEDS_RESET and tell the driver with a configuration-change interrupt."""
-        key = e.key if isinstance(e, VirtqueueError) else key
-        self.errors = [*self.errors[-15:], str(e)]
-        self.warn(logging.WARNING, key, "virtio %s: %s; device needs reset", type(self.device).__name__, e)
-        if self.status & Status.NEEDS_RESET:
-            return
-        self.status |= Status.NEEDS_RESET
-        self.needs_reset_reason = str(e)
-        self.config_changed(bump=False)
-
-    def _ignored(self, key: str, detail: str) -> None:
-        """An access the transport ignores (log only: the spec leaves the device's answer open)."""
-        self.errors = [*self.errors[-15:], f"{key}: {detail}"]
-        self.warn(logging.WARNING, key, "virtio %s: %s: %s", type(self.device).__name__, key, detail)
 
     # --- interrupts ------------------------------------------------------------------------------
 
@@ -406,6 +303,10 @@ class VirtioPci:
             self.isr |= isr_bit
             self.pci.set_irq(True)
 
+    @property
+    def config_vector(self) -> int:
+        return self.config_msix_vector
+
     def msix_changed(self) -> None:
         """MSI-X was enabled, unmasked or masked: send what waits in the PBA and is now unmasked."""
         if not self.msix_enabled:
@@ -414,64 +315,6 @@ class VirtioPci:
             if self.msix_pba[vector // 8] >> (vector % 8) & 1 and not self._masked(vector):
                 self.msix_pba[vector // 8] &= ~(1 << (vector % 8))
                 self._send_msix(vector)
-
-    def interrupt(self, vq: Virtqueue) -> None:
-        """Tell the driver about ``vq``'s used buffers, if it wants to hear (its flags or used_event)."""
-        memory = self.memory()
-        if memory is not None:
-            self._interrupt(vq, memory)
-
-    def _used(self, vq: Virtqueue, memory: GuestMemory) -> None:
-        """``vq`` drained (``Virtqueue.on_drained``): publish its used index, interrupt if the driver asked."""
-        try:
-            vq.publish_used(memory)
-        except VirtqueueError as e:
-            self.driver_error(e)
-            return
-        self._interrupt(vq, memory)
-
-    def _interrupt(self, vq: Virtqueue, memory: GuestMemory) -> None:
-        try:
-            if vq.needs_interrupt(memory):
-                self._signal(vq.msix_vector, ISR_QUEUE)
-        except VirtqueueError as e:
-            self.driver_error(e)
-
-    def config_changed(self, *, bump: bool = True) -> None:
-        """The device configuration changed (or NEEDS_RESET was set): new generation, config interrupt."""
-        if bump:
-            self.config_generation = (self.config_generation + 1) & 0xFF
-        if self.status & Status.DRIVER_OK or self.status & Status.NEEDS_RESET:
-            self._signal(self.config_msix_vector, ISR_CONFIG)
-
-    # --- running queues ------------------------------------------------------------------------------
-
-    def kick(self, index: int) -> None:
-        """Serve queue ``index`` now (its notification, or host-side data for it), then interrupt
-        as the driver asked.  Nothing happens before DRIVER_OK, after NEEDS_RESET or on a disabled queue."""
-        if not 0 <= index < len(self.queues):
-            self._ignored("notify-bad-queue", f"queue {index} of {len(self.queues)}")
-            return
-        vq = self.queues[index]
-        if not self.live or not vq.enabled:
-            return
-        if self.memory() is None:
-            self._ignored("no-memory", "no guest memory mapping yet")
-            return
-        while True:
-            try:
-                self.device.queue_notify(vq)
-            except VirtqueueError as e:
-                self.driver_error(e)
-                return
-            self.interrupt(vq)
-            if not vq.more:
-                return
-            # Stopped at its limit with chains left: again, after what else waits when attached.
-            vq.more = False
-            if self._loop is not None:
-                self._defer(self._loop, index)
-                return
 
     # --- BAR 4: the virtio structures ----------------------------------------------------------------
 
@@ -501,30 +344,20 @@ class VirtioPci:
             if off % NOTIFY_MULTIPLIER:
                 self._ignored("bad-notify", f"{size}-byte write at notify+{off:#x}")
                 return
-            index = off // NOTIFY_MULTIPLIER
-            if self._loop is not None and 0 <= index < len(self.queues):
-                self._defer(self._loop, index)  # answered now, served from the loop next
-            else:
-                self.kick(index)
+            self.notified(off // NOTIFY_MULTIPLIER)
         else:
             self._ignored("bad-isr-access", f"{size}-byte write at ISR+{addr - ISR_OFF:#x}")
 
-    @property
-    def _vq(self) -> Virtqueue | None:
-        return self.queues[self.queue_select] if self.queue_select < len(self.queues) else None
-
     def _common_read(self, off: int, size: int) -> int:
-        vq = self._vq
+        vq = self.selected_queue
         if size == 4 and off in (COMMON_DFSELECT, COMMON_DF, COMMON_GFSELECT, COMMON_GF):
             if off == COMMON_DFSELECT:
                 return self.device_feature_select
             if off == COMMON_DF:
-                sel = self.device_feature_select
-                return self.offered >> (32 * sel) & _U32 if sel < 2 else 0
+                return self.device_features_word()
             if off == COMMON_GFSELECT:
                 return self.driver_feature_select
-            sel = self.driver_feature_select
-            return self.driver_features >> (32 * sel) & _U32 if sel < 2 else 0
+            return self.driver_features_word()
         if size == 1 and off == COMMON_STATUS:
             return self.status
         if size == 1 and off == COMMON_CFGGENERATION:
@@ -554,20 +387,15 @@ class VirtioPci:
         return 0
 
     def _common_write(self, off: int, size: int, value: int) -> None:
-        vq = self._vq
+        vq = self.selected_queue
         if size == 4 and off == COMMON_DFSELECT:
             self.device_feature_select = value
         elif size == 4 and off == COMMON_GFSELECT:
             self.driver_feature_select = value
         elif size == 4 and off == COMMON_GF:
-            sel = self.driver_feature_select
-            if self.status & Status.FEATURES_OK:
-                self._ignored("features-after-ok", f"driver_feature[{sel}]={value:#x} after FEATURES_OK")
-            elif sel < 2:
-                mask = _U32 << (32 * sel)
-                self.driver_features = self.driver_features & ~mask | (value & _U32) << (32 * sel)
+            self.write_driver_features_word(value)
         elif size == 1 and off == COMMON_STATUS:
-            self._write_status(value)
+            self.write_status(value)
         elif size == 2 and off == COMMON_MSIX:
             self.config_msix_vector = value if value < self.nr_vectors else VIRTIO_MSI_NO_VECTOR
         elif size == 2 and off == COMMON_Q_SELECT:
@@ -580,17 +408,7 @@ class VirtioPci:
             (size == 8 and off == lo) or (size == 4 and off in (lo, lo + 4)) for lo in _QUEUE_ADDRS
         ):
             lo = off & ~7
-            name = _QUEUE_ADDRS[lo]
-            if vq.enabled:
-                self._ignored("queue-enabled", f"queue {vq.index} {name} written while enabled")
-                return
-            old: int = getattr(vq, name)
-            if size == 8:
-                new = value
-            else:
-                shift = 8 * (off - lo)
-                new = old & ~(_U32 << shift) | (value & _U32) << shift
-            setattr(vq, name, new)
+            self.set_queue_address(vq, _QUEUE_ADDRS[lo], off - lo, size, value)
         else:
             self._ignored("bad-common-access", f"{size}-byte write of {value:#x} at common+{off:#x}")
 
@@ -604,53 +422,9 @@ class VirtioPci:
         if off == COMMON_Q_SIZE:
             vq.size = value  # checked when the queue is enabled
         elif value == 1:
-            self._enable_queue(vq)
+            self.enable_queue(vq)
         else:
             self._ignored("queue-disable", f"queue {vq.index}: queue_enable={value} (only 1 may be written)")
-
-    def _enable_queue(self, vq: Virtqueue) -> None:
-        n = vq.size
-        if not 1 <= n <= vq.max_size or n & (n - 1):
-            self.driver_error(f"queue {vq.index}: size {n} is not a power of two in 1..{vq.max_size}", "bad-queue-size")
-            return
-        for name, align, length in (
-            ("desc", DESC_ALIGN, desc_table_size(n)),
-            ("avail", AVAIL_ALIGN, avail_size(n)),
-            ("used", USED_ALIGN, used_size(n)),
-        ):
-            addr: int = getattr(vq, name)
-            if addr % align or addr + length > 1 << 64 or (vq.ram_limit is not None and addr + length > vq.ram_limit):
-                self.driver_error(
-                    f"queue {vq.index}: {name} area at {addr:#x} (+{length:#x}, align {align})", "bad-ring"
-                )
-                return
-        vq.indirect = bool(self.negotiated >> VIRTIO_F_RING_INDIRECT_DESC & 1)
-        vq.event_idx = bool(self.negotiated >> VIRTIO_F_RING_EVENT_IDX & 1)
-        vq.enabled = True
-
-    def _write_status(self, value: int) -> None:
-        value &= 0xFF
-        if value == 0:
-            self.reset()
-            return
-        old = self.status
-        new = value & ~Status.NEEDS_RESET | old & Status.NEEDS_RESET  # NEEDS_RESET is the device's bit
-        if new & Status.FEATURES_OK and not old & Status.FEATURES_OK:
-            unknown = self.driver_features & ~self.offered
-            if unknown or not self.driver_features >> VIRTIO_F_VERSION_1 & 1:
-                why = f"unoffered {unknown:#x}" if unknown else "no VIRTIO_F_VERSION_1"
-                self._ignored("features-refused", f"driver features {self.driver_features:#x}: {why}")
-                new &= ~Status.FEATURES_OK  # 3.1.1: the driver reads FEATURES_OK back and fails
-            else:
-                self.negotiated = self.driver_features
-        if new & Status.DRIVER_OK and not new & Status.FEATURES_OK:
-            self._ignored("driver-ok-early", f"status {value:#x}: DRIVER_OK without FEATURES_OK")
-            new &= ~Status.DRIVER_OK
-        self.status = new
-        if new & Status.DRIVER_OK and not old & Status.DRIVER_OK:
-            self.device.activate()
-            for vq in self.queues:  # buffers made available before DRIVER_OK are served now
-                self.kick(vq.index)
 
     # --- BAR 1: MSI-X table and PBA -----------------------------------------------------------------
 
