@@ -814,6 +814,8 @@ def set_irq_level(call: Call) -> int:
     if data.irq in d.vgic_allocated:  # "only for non-allocated interrupts"
         return -errno.EINVAL
     d.irq_levels[data.irq] = data.level
+    if data.level:  # vgic_inject_irq: "we always ignore a falling edge"; a rising one is injected
+        d.spi_injections[data.irq] = d.spi_injections.get(data.irq, 0) + 1
     return 0
 
 

@@ -463,6 +463,9 @@ class Domain:
     p2m_ioreq_flags: int = 0
     cacheattr: list[tuple[int, int, int]] = field(default_factory=list)
     irq_levels: dict[int, int] = field(default_factory=dict)  # Arm SPIs
+    #: Arm: level-1 calls per SPI, each an injection: Xen's vGIC takes every one as an edge
+    #: and ignores level 0 (xen/arch/arm/vgic.c, ``vgic_inject_irq``)
+    spi_injections: dict[int, int] = field(default_factory=dict)
     #: Arm: SPIs Xen emulates a device on itself (``d->arch.vgic.allocated_irqs``, set by
     #: ``vgic_reserve_virq``, xen/arch/arm/vgic.c), which ``set_irq_level`` refuses
     vgic_allocated: set[int] = field(default_factory=set)
@@ -545,5 +548,6 @@ class Domain:
             "p2m_ioreq": (self.p2m_ioreq_server, self.p2m_ioreq_flags),
             "cacheattr": tuple(self.cacheattr),
             "irq_levels": tuple(sorted(self.irq_levels.items())),
+            "spi_injections": tuple(sorted(self.spi_injections.items())),
             "ports": tuple(p.snapshot() for _, p in sorted(self.ports.items())),
         }

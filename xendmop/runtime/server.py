@@ -138,6 +138,7 @@ class HostGone(ConnectionError):
         self.domid = domid
         self.cause = cause
 
+
 #: errno of MMAP_RESOURCE meaning "no resource mapping here" (QEMU falls back on EOPNOTSUPP;
 #: a kernel without the ioctl says ENOTTY, libxenforeignmemory turns that into EOPNOTSUPP).
 _NO_RESOURCE = {errno.EOPNOTSUPP, errno.ENOTTY}
@@ -707,6 +708,10 @@ class IoreqServer:
 
     def inject_msi(self, fn: PciFunction, addr: int, data: int) -> None:
         self.dm.inject_msi(self.domid, addr, data)
+
+    def set_irq_level(self, irq: int, level: int) -> None:
+        """Drive the guest's interrupt line ``irq`` (an Arm SPI: ``XEN_DMOP_set_irq_level``)."""
+        self.dm.set_irq_level(self.domid, irq, level)
 
     def __repr__(self) -> str:
         return f"<IoreqServer dom{self.domid} id={self.id} {'running' if self.running else 'stopped'}>"

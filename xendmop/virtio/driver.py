@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import mmio
 from .spec import (
     COMMON_CFGGENERATION,
     COMMON_DF,
@@ -69,7 +70,7 @@ from .spec import (
     used_size,
 )
 
-__all__ = ["DriverError", "GuestQueue", "VirtioPciDriver", "find_virtio"]
+__all__ = ["DriverError", "GuestQueue", "VirtioDriver", "VirtioMmioDriver", "VirtioPciDriver", "find_virtio"]
 
 PCI_COMMAND_MEMORY, PCI_COMMAND_MASTER = 0x2, 0x4
 MSI_ADDRESS = 0xFEE00000  # the local APIC's window, destination 0, fixed delivery
@@ -149,7 +150,7 @@ class Request:
 class GuestQueue:
     """The driver's half of one split virtqueue."""
 
-    def __init__(self, driver: VirtioPciDriver, index: int, size: int, desc: int, avail: int, used: int) -> None:
+    def __init__(self, driver: VirtioDriver, index: int, size: int, desc: int, avail: int, used: int) -> None:
         self.driver, self.index, self.size = driver, index, size
         self.desc, self.avail, self.used = desc, avail, used
         self.notify_off = 0
@@ -251,8 +252,7 @@ class GuestQueue:
 
     def notify(self) -> None:
         """Write the queue's index to its notification address."""
-        d = self.driver
-        d.bar_write(d.notify.bar, d.notify.offset + self.notify_off * d.notify_multiplier, 2, self.index)
+        self.driver.notify_queue(self)
         self.kicks += 1
 
     # --- taking them back -------------------------------------------------------------------------------
@@ -322,7 +322,105 @@ class GuestQueue:
                     return n, self.read_writable(h, sum(w for w in writable), req)[: max(n, 0)]
 
 
-class VirtioPciDriver:
+class VirtioDriver:
+    """What a guest's virtio driver does whatever the transport (``virtio_dev_probe``): reset,
+    negotiate, queues, DRIVER_OK.  A transport's driver supplies the register accesses."""
+
+    guest: Any
+    arena: Arena
+    queues: dict[int, GuestQueue]
+    features: int
+
+    # --- the transport's part ----------------------------------------------------------------------
+
+    def _get_status(self) -> int:
+        raise NotImplementedError
+
+    def _put_status(self, value: int) -> None:
+        raise NotImplementedError
+
+    def device_features(self) -> int:
+        raise NotImplementedError
+
+    def write_features(self, features: int) -> None:
+        raise NotImplementedError
+
+    def config_read(self, off: int, size: int) -> int:
+        raise NotImplementedError
+
+    def setup_queues(self, sizes: dict[int, int | None] | None = None) -> list[GuestQueue]:
+        raise NotImplementedError
+
+    def notify_queue(self, q: GuestQueue) -> None:
+        raise NotImplementedError
+
+    # --- shared ------------------------------------------------------------------------------------
+
+    def config_bytes(self, off: int, n: int) -> bytes:
+        return b"".join(self.config_read(off + i, 1).to_bytes(1, "little") for i in range(n))
+
+    @property
+    def status(self) -> int:
+        return self._get_status()
+
+    def set_status(self, bits: int) -> None:
+        self._put_status(self.status | bits)
+
+    @property
+    def event_idx(self) -> bool:
+        return bool(self.features >> VIRTIO_F_RING_EVENT_IDX & 1)
+
+    def reset(self) -> None:
+        """Write 0 to the device status and wait for it to read 0 (``vp_reset``, ``vm_reset``)."""
+        self._put_status(0)
+        for _ in range(1000):
+            if self.status == 0:
+                break
+        else:
+            raise DriverError("device_status did not read 0 after reset")
+        self.queues.clear()
+        self.arena.release()  # the device has forgotten every ring and buffer
+
+    def negotiate(self, wanted: int) -> int:
+        """ACKNOWLEDGE, DRIVER, the features both want (plus VERSION_1), FEATURES_OK read back."""
+        self.reset()
+        self.set_status(Status.ACKNOWLEDGE)
+        self.set_status(Status.DRIVER)
+        offered = self.device_features()
+        if not offered >> VIRTIO_F_VERSION_1 & 1:
+            raise DriverError("device does not offer VIRTIO_F_VERSION_1")
+        self.features = offered & (wanted | 1 << VIRTIO_F_VERSION_1)
+        self.write_features(self.features)
+        self.set_status(Status.FEATURES_OK)
+        if not self.status & Status.FEATURES_OK:
+            raise DriverError(f"device refused features {self.features:#x}")
+        return self.features
+
+    def driver_ok(self) -> None:
+        self.set_status(Status.DRIVER_OK)
+
+    def bring_up(self, wanted: int = 1 << VIRTIO_F_RING_INDIRECT_DESC | 1 << VIRTIO_F_RING_EVENT_IDX) -> int:
+        """negotiate + setup_queues + driver_ok; returns the negotiated features."""
+        features = self.negotiate(wanted)
+        self.setup_queues()
+        self.driver_ok()
+        return features
+
+    @property
+    def needs_reset(self) -> bool:
+        return bool(self.status & Status.NEEDS_RESET)
+
+    def _rings(self, size: int) -> tuple[int, int, int]:
+        """Allocate and zero a queue's descriptor table, driver and device areas."""
+        desc = self.arena.alloc(desc_table_size(size), PAGE, keep=True)
+        avail = self.arena.alloc(avail_size(size), 2, keep=True)
+        used = self.arena.alloc(used_size(size), 4, keep=True)
+        for gpa, n in ((desc, desc_table_size(size)), (avail, avail_size(size)), (used, used_size(size))):
+            self.guest.write_ram(gpa, bytes(n))
+        return desc, avail, used
+
+
+class VirtioPciDriver(VirtioDriver):
     """Probe and drive the virtio PCI function at ``sbdf`` (see the module docstring).
 
     ``bar_base``: where its BARs go (in the guest's MMIO hole); ``ram``: (base, size) of the
@@ -424,53 +522,24 @@ class VirtioPciDriver:
             if self.common_read(COMMON_CFGGENERATION, 1) == gen:
                 return value
 
-    def config_bytes(self, off: int, n: int) -> bytes:
-        return b"".join(self.config_read(off + i, 1).to_bytes(1, "little") for i in range(n))
-
     def read_isr(self) -> int:
         return self.bar_read(self.isr_cap.bar, self.isr_cap.offset, 1)
 
-    @property
-    def status(self) -> int:
+    def _get_status(self) -> int:
         return self.common_read(COMMON_STATUS, 1)
 
-    def set_status(self, bits: int) -> None:
-        self.common_write(COMMON_STATUS, 1, self.status | bits)
+    def _put_status(self, value: int) -> None:
+        self.common_write(COMMON_STATUS, 1, value)
 
-    @property
-    def event_idx(self) -> bool:
-        return bool(self.features >> VIRTIO_F_RING_EVENT_IDX & 1)
-
-    # --- bring-up (virtio_dev_probe + vp_modern_find_vqs) ---------------------------------------------
-
-    def reset(self) -> None:
-        """Write 0 to device_status and wait for it to read 0 (``vp_modern_set_status`` + ``vp_reset``)."""
-        self.common_write(COMMON_STATUS, 1, 0)
-        for _ in range(1000):
-            if self.status == 0:
-                break
-        else:
-            raise DriverError("device_status did not read 0 after reset")
-        self.queues.clear()
-        self.arena.release()  # the device has forgotten every ring and buffer
-
-    def negotiate(self, wanted: int) -> int:
-        """ACKNOWLEDGE, DRIVER, the features both want (plus VERSION_1), FEATURES_OK read back."""
-        self.reset()
-        self.set_status(Status.ACKNOWLEDGE)
-        self.set_status(Status.DRIVER)
+    def device_features(self) -> int:
         offered = 0
         for sel in (0, 1):
             self.common_write(COMMON_DFSELECT, 4, sel)
             offered |= self.common_read(COMMON_DF, 4) << (32 * sel)
-        if not offered >> VIRTIO_F_VERSION_1 & 1:
-            raise DriverError("device does not offer VIRTIO_F_VERSION_1")
-        self.features = offered & (wanted | 1 << VIRTIO_F_VERSION_1)
-        self.write_features(self.features)
-        self.set_status(Status.FEATURES_OK)
-        if not self.status & Status.FEATURES_OK:
-            raise DriverError(f"device refused features {self.features:#x}")
-        return self.features
+        return offered
+
+    def notify_queue(self, q: GuestQueue) -> None:
+        self.bar_write(self.notify.bar, self.notify.offset + q.notify_off * self.notify_multiplier, 2, q.index)
 
     def write_features(self, features: int) -> None:
         for sel in (0, 1):
@@ -521,11 +590,7 @@ class VirtioPciDriver:
         size = max_size if size is None else size
         if size != max_size:
             self.common_write(COMMON_Q_SIZE, 2, size)
-        desc = self.arena.alloc(desc_table_size(size), PAGE, keep=True)
-        avail = self.arena.alloc(avail_size(size), 2, keep=True)
-        used = self.arena.alloc(used_size(size), 4, keep=True)
-        for gpa, n in ((desc, desc_table_size(size)), (avail, avail_size(size)), (used, used_size(size))):
-            self.guest.write_ram(gpa, bytes(n))
+        desc, avail, used = self._rings(size)
         for lo, hi, gpa in (
             (COMMON_Q_DESCLO, COMMON_Q_DESCHI, desc),
             (COMMON_Q_AVAILLO, COMMON_Q_AVAILHI, avail),
@@ -544,20 +609,99 @@ class VirtioPciDriver:
         self.queues[index] = q
         return q
 
-    def driver_ok(self) -> None:
-        self.set_status(Status.DRIVER_OK)
-
-    def bring_up(self, wanted: int = 1 << VIRTIO_F_RING_INDIRECT_DESC | 1 << VIRTIO_F_RING_EVENT_IDX) -> int:
-        """negotiate + setup_queues + driver_ok; returns the negotiated features."""
-        features = self.negotiate(wanted)
-        self.setup_queues()
-        self.driver_ok()
-        return features
-
-    @property
-    def needs_reset(self) -> bool:
-        return bool(self.status & Status.NEEDS_RESET)
-
     def msi_vector_data(self, vector: int) -> int:
         """The MSI data a vector was programmed with (what ``inject_msi`` delivers for it)."""
         return FIRST_VECTOR + vector
+
+
+class VirtioMmioDriver(VirtioDriver):
+    """Drive the virtio-mmio device at guest physical ``base`` as Linux's ``virtio_mmio``
+    does (``vm_probe``, ``vm_setup_vq``, ``vm_interrupt``), for the simulated guest:
+    32-bit register accesses, queues through QueueSel/QueueNum/QueueReady, and the
+    interrupt read from InterruptStatus and acknowledged.  ``ram``: as ``VirtioPciDriver``'s."""
+
+    def __init__(self, guest: Any, base: int, *, ram: tuple[int, int] = (0x100000, 0x200000)) -> None:
+        self.guest, self.base = guest, base
+        self.arena = Arena(*ram)
+        self.queues = {}
+        self.features = 0
+        magic, version = self.reg(mmio.MAGIC_VALUE), self.reg(mmio.VERSION)
+        if magic != mmio.MAGIC:
+            raise DriverError(f"magic {magic:#x} at {base:#x}: no virtio-mmio device")
+        if version != 2:
+            raise DriverError(f"version {version}: not a modern (1.x) virtio-mmio device")
+        self.device_id = self.reg(mmio.DEVICE_ID)
+        if self.device_id == 0:
+            raise DriverError("device id 0: a placeholder, no device")  # vm_probe: -ENODEV
+
+    def reg(self, off: int) -> int:
+        return int(self.guest.mmio_read(self.base + off, 4))
+
+    def set_reg(self, off: int, value: int) -> None:
+        self.guest.mmio_write(self.base + off, 4, value)
+
+    def _get_status(self) -> int:
+        return self.reg(mmio.STATUS) & 0xFF
+
+    def _put_status(self, value: int) -> None:
+        self.set_reg(mmio.STATUS, value)
+
+    def device_features(self) -> int:
+        offered = 0
+        for sel in (1, 0):
+            self.set_reg(mmio.DEVICE_FEATURES_SEL, sel)
+            offered |= self.reg(mmio.DEVICE_FEATURES) << (32 * sel)
+        return offered
+
+    def write_features(self, features: int) -> None:
+        for sel in (1, 0):
+            self.set_reg(mmio.DRIVER_FEATURES_SEL, sel)
+            self.set_reg(mmio.DRIVER_FEATURES, features >> (32 * sel) & 0xFFFFFFFF)
+
+    def config_read(self, off: int, size: int) -> int:
+        """The device configuration, read around ConfigGeneration (``vm_generation``)."""
+        while True:
+            gen = self.reg(mmio.CONFIG_GENERATION)
+            value = int(self.guest.mmio_read(self.base + mmio.CONFIG + off, size))
+            if self.reg(mmio.CONFIG_GENERATION) == gen:
+                return value
+
+    def setup_queues(self, sizes: dict[int, int | None] | None = None) -> list[GuestQueue]:
+        """Program queues (``{index: size or None}``, default every queue until QueueNumMax reads 0)."""
+        if sizes is None:
+            sizes = {}
+            while len(sizes) < 1024:
+                self.set_reg(mmio.QUEUE_SEL, len(sizes))
+                if not self.reg(mmio.QUEUE_NUM_MAX):
+                    break
+                sizes[len(sizes)] = None
+        return [self.setup_queue(index, size) for index, size in sorted(sizes.items())]
+
+    def setup_queue(self, index: int, size: int | None = None) -> GuestQueue:
+        m = mmio
+        self.set_reg(m.QUEUE_SEL, index)
+        if self.reg(m.QUEUE_READY):
+            raise DriverError(f"queue {index} already ready")
+        max_size = self.reg(m.QUEUE_NUM_MAX)
+        if max_size == 0:
+            raise DriverError(f"queue {index} does not exist")
+        size = max_size if size is None else size
+        self.set_reg(m.QUEUE_NUM, size)
+        desc, avail, used = self._rings(size)
+        for lo, gpa in ((m.QUEUE_DESC_LOW, desc), (m.QUEUE_AVAIL_LOW, avail), (m.QUEUE_USED_LOW, used)):
+            self.set_reg(lo, gpa & 0xFFFFFFFF)
+            self.set_reg(lo + 4, gpa >> 32)
+        self.set_reg(m.QUEUE_READY, 1)
+        q = GuestQueue(self, index, size, desc, avail, used)
+        self.queues[index] = q
+        return q
+
+    def notify_queue(self, q: GuestQueue) -> None:
+        self.set_reg(mmio.QUEUE_NOTIFY, q.index)
+
+    def interrupt(self) -> int:
+        """What Linux's ``vm_interrupt`` does first: read InterruptStatus and acknowledge it."""
+        status = self.reg(mmio.INTERRUPT_STATUS)
+        if status:
+            self.set_reg(mmio.INTERRUPT_ACK, status)
+        return status
