@@ -42,7 +42,7 @@ from xendmop.virtio.blk import (
     VIRTIO_BLK_T_OUT,
     VirtioBlk,
 )
-from xendmop.virtio.driver import GuestQueue, VirtioPciDriver
+from xendmop.virtio.driver import GuestQueue, VirtioDriver
 from xendmop.virtio.program import Example
 
 SCRATCH_SIZE = 1 << 20
@@ -89,7 +89,7 @@ def _request(q: GuestQueue, kind: int, sector: int, data: bytes = b"", read: int
     return out[-1], out[:-1]
 
 
-def guest_script(driver: VirtioPciDriver, device: VirtioDevice, args: argparse.Namespace) -> list[str]:
+def guest_script(driver: VirtioDriver, device: VirtioDevice, args: argparse.Namespace) -> list[str]:
     """What a guest does with a disk: read the capacity, write a block, flush, read it back, discard."""
     assert isinstance(device, VirtioBlk)
     fd = device.fd

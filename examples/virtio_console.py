@@ -30,7 +30,7 @@ import tty
 from xendmop.runtime import ServeLoop
 from xendmop.virtio import VirtioDevice
 from xendmop.virtio.console import RECEIVEQ, TRANSMITQ, VirtioConsole
-from xendmop.virtio.driver import VirtioPciDriver
+from xendmop.virtio.driver import VirtioDriver
 from xendmop.virtio.program import Example
 
 HOST_LINE = b"hello hvc0, from the host\n"
@@ -74,7 +74,7 @@ def close(device: VirtioDevice) -> None:
             os.close(fd)
 
 
-def guest_script(driver: VirtioPciDriver, device: VirtioDevice, args: argparse.Namespace) -> list[str]:
+def guest_script(driver: VirtioDriver, device: VirtioDevice, args: argparse.Namespace) -> list[str]:
     """What Linux's virtio_console does for hvc0: receive buffers posted, then write and read."""
     features = driver.bring_up(0xFFFFFFFF)
     rx, tx = driver.queues[RECEIVEQ], driver.queues[TRANSMITQ]

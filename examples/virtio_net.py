@@ -33,7 +33,7 @@ from types import ModuleType
 
 from xendmop.runtime import ServeLoop
 from xendmop.virtio import VirtioDevice
-from xendmop.virtio.driver import GuestQueue, VirtioPciDriver
+from xendmop.virtio.driver import GuestQueue, VirtioDriver
 from xendmop.virtio.net import NET_HDR, RECEIVEQ, TRANSMITQ, VirtioNet
 from xendmop.virtio.program import Example
 
@@ -139,7 +139,7 @@ def icmp_echo(kind: int, src_mac: bytes, dst_mac: bytes, src_ip: bytes, dst_ip: 
 class GuestNet:
     """The guest's NIC through its virtio driver: post receive buffers, send, receive, answer."""
 
-    def __init__(self, driver: VirtioPciDriver, ip: str) -> None:
+    def __init__(self, driver: VirtioDriver, ip: str) -> None:
         self.driver = driver
         self.mac = driver.config_bytes(0, 6)
         self.ip = ipaddress.IPv4Address(ip).packed
@@ -192,7 +192,7 @@ class GuestNet:
         return None
 
 
-def guest_script(driver: VirtioPciDriver, device: VirtioDevice, args: argparse.Namespace) -> list[str]:
+def guest_script(driver: VirtioDriver, device: VirtioDevice, args: argparse.Namespace) -> list[str]:
     """The guest pings the host (ARP, then ICMP echo), then answers for ``--answer`` seconds."""
     host_ip, guest_ip, answer = args.host_addr.split("/")[0], args.guest_addr, args.answer
     features = driver.bring_up(0xFFFFFFFF)

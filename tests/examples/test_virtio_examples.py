@@ -86,6 +86,48 @@ def test_console_guest_writes_hvc0_and_reads_the_hosts_line() -> None:
     assert "the guest read b'hello hvc0, from the host\\n' from hvc0" in done.stdout
 
 
+def test_rng_over_virtio_mmio_on_an_arm_mock_interrupts_on_the_slots_spi() -> None:
+    from xendmop.virtio.mmio import VirtioMmio
+
+    example = load("virtio_rng")["EXAMPLE"]
+    result = example.run_on_mock(example.parser.parse_args(["--mmio", "3"]), out=lambda line: None)
+    assert result is not None
+    lines, transport = result
+    assert lines[0] == "virtio-rng: features 0x130000000, queue 0 of 64 entries, interrupts on its SPI"
+    assert lines[-1] == "two reads differ"
+    assert isinstance(transport, VirtioMmio)
+    assert (transport.base, transport.irq) == (0x02000600, 36)  # libxl's fourth slot
+    assert transport.raised >= 2 and transport.errors == []
+
+
+def test_blk_over_virtio_mmio_writes_the_file(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\xee" * (1 << 20))
+    done = run("virtio_blk", "--mmio", "0", "--file", str(disk))
+    assert done.returncode == 0, done.stderr
+    assert "the file holds the data at that offset" in done.stdout
+    assert "read past the end: status 1 (1 = I/O error), device still up: True" in done.stdout
+    assert disk.read_bytes()[64 * 512 : 72 * 512] != b"\xee" * (8 * 512)
+
+
+def test_console_over_virtio_mmio_both_ways() -> None:
+    done = run("virtio_console", "--mmio", "1")
+    assert done.returncode == 0, done.stderr
+    assert "the guest read b'hello hvc0, from the host\\n' from hvc0" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mmio", "11"], "argument --mmio: invalid choice: 11"),
+        (["--mmio", "1", "--slot", "3"], "argument --slot: not allowed with argument --mmio"),
+    ],
+)
+def test_mmio_usage_errors_name_the_argument(args: list[str], message: str) -> None:
+    done = run("virtio_rng", *args)
+    assert done.returncode == 2 and message in done.stderr
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another uid needs root")
 def test_console_on_a_pty_both_ways_deprivileged(mock_host_process: str) -> None:
     """hvc0 on a new pty, the device model dropped to nobody: what the guest writes is read from

@@ -1,11 +1,19 @@
 """What every ``examples/virtio_*.py`` shares around its device: the command line
-(``runtime.dm_program``'s ``--domid/--depriv/--chroot``, ``--hold``, ``--assume-hvm``, ``--slot``),
-serving a real dom0 or a mock host process until SIGINT/SIGTERM, and on the in-process mock
-a simulated guest whose virtio driver (``driver.VirtioPciDriver``) uses the device."""
+(``runtime.dm_program``'s ``--domid/--depriv/--chroot``, ``--hold``, ``--assume-hvm``, ``--slot``
+or ``--mmio``), serving a real dom0 or a mock host process until SIGINT/SIGTERM, and on the
+in-process mock a simulated guest whose virtio driver (``driver.VirtioPciDriver``, or
+``driver.VirtioMmioDriver`` on an Arm mock with ``--mmio``) uses the device.
+
+``--slot N``: a PCI function at 0000:00:N.0 of an x86 HVM guest (MSI-X or INTx).
+``--mmio N``: the virtio-mmio transport in libxl's N-th slot of an Arm guest (base
+0x0200_0000 + N * 0x200, SPI 33 + N; ``mmio.slot_address``), where xl put a ``virtio,mmio``
+node in the guest's device tree (xl's ``virtio = [...]`` from 4.18, a disk with
+``specification=virtio`` in 4.17; see README)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import sys
@@ -14,11 +22,15 @@ from typing import TYPE_CHECKING
 
 from ..runtime import ServeLoop, dm_program
 from .device import VirtioDevice
-from .driver import VirtioPciDriver, find_virtio
+from .driver import VirtioDriver, VirtioMmioDriver, VirtioPciDriver, find_virtio
+from .mmio import VirtioMmio, slot_address
 from .pci import VirtioPci
+from .transport import VirtioTransport
 
 if TYPE_CHECKING:
     from ..depriv import DropConfig
+    from ..runtime import IoreqServer
+    from ..runtime.dispatch import GuestMemory
 
 __all__ = ["DeviceSetupError", "Example", "drop_for"]
 
@@ -59,7 +71,7 @@ class Example:
         name: str,
         doc: str | None,
         make_device: Callable[[argparse.Namespace], VirtioDevice],
-        guest_script: Callable[[VirtioPciDriver, VirtioDevice, argparse.Namespace], list[str]],
+        guest_script: Callable[[VirtioDriver, VirtioDevice, argparse.Namespace], list[str]],
         *,
         add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
         validate: Callable[[argparse.Namespace], str | None] | None = None,
@@ -74,8 +86,16 @@ class Example:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         dm_program.add_arguments(self.parser, hold=True, assume_hvm=True)
-        self.parser.add_argument(
+        where = self.parser.add_mutually_exclusive_group()
+        where.add_argument(
             "--slot", type=int, default=default_slot, choices=range(1, 32), metavar="1..31", help="PCI slot on bus 0"
+        )
+        where.add_argument(
+            "--mmio",
+            type=int,
+            choices=range(0, 11),
+            metavar="0..10",
+            help="virtio-mmio in libxl's Nth slot of an Arm guest (base 0x2000000 + N*0x200, SPI 33 + N), not PCI",
         )
         if add_arguments is not None:
             add_arguments(self.parser)
@@ -85,6 +105,25 @@ class Example:
         self.attach = attach
         self.close = close
 
+    @staticmethod
+    def place(
+        device: VirtioDevice, server: IoreqServer, args: argparse.Namespace, name: str, *, ram_limit: int | None = None
+    ) -> tuple[VirtioTransport, str]:
+        """``device`` on ``server`` where ``args`` say (``--slot`` or ``--mmio``); returns the
+        transport and where the guest finds it, for the log line."""
+
+        def memory() -> GuestMemory | None:  # read at each access: None until the server is up
+            return server.dispatcher.memory
+
+        if args.mmio is not None:
+            base, irq = slot_address(args.mmio)
+            mmio = VirtioMmio(device, memory, base=base, irq=irq, ram_limit=ram_limit)
+            mmio.add_to(server, name)
+            return mmio, f"virtio-mmio {base:#x} (SPI {irq})"
+        pci = VirtioPci(device, memory, ram_limit=ram_limit)
+        server.add_pci(pci.pci, slot=args.slot, name=name)
+        return pci, f"0000:00:{args.slot:02x}.0"
+
     def _make_device(self, args: argparse.Namespace) -> VirtioDevice:
         try:
             return self.make_device(args)
@@ -93,9 +132,10 @@ class Example:
 
     def run_on_mock(
         self, args: argparse.Namespace, *, out: Callable[[str], None] = print
-    ) -> tuple[list[str], VirtioPci] | None:
-        """Serve the device to a simulated guest on the in-process mock and run the guest's
-        script; returns its lines and the transport, or None when a signal ended the run first."""
+    ) -> tuple[list[str], VirtioTransport] | None:
+        """Serve the device to a simulated guest on the in-process mock (an Arm one with
+        ``--mmio``) and run the guest's script; returns its lines and the transport, or None
+        when a signal ended the run first."""
         device = self._make_device(args)
         try:
             return self._run_on_mock(args, device, out)
@@ -105,13 +145,15 @@ class Example:
 
     def _run_on_mock(
         self, args: argparse.Namespace, device: VirtioDevice, out: Callable[[str], None]
-    ) -> tuple[list[str], VirtioPci] | None:
+    ) -> tuple[list[str], VirtioTransport] | None:
+        from ..mock import MockXen
         from ..mock.simguest import SimGuest
 
-        with dm_program.open_mock(memory_mb=MOCK_MEMORY_MB) as mock:
+        with contextlib.ExitStack() as stack:
+            xen = stack.enter_context(MockXen(arch="arm" if args.mmio is not None else "x86"))
+            mock = stack.enter_context(dm_program.open_mock(xen, memory_mb=MOCK_MEMORY_MB))
             server = mock.ioreq_server()
-            transport = VirtioPci(device, lambda: server.dispatcher.memory, ram_limit=MOCK_MEMORY_MB << 20)
-            server.add_pci(transport.pci, slot=args.slot, name=self.name)
+            transport, _ = self.place(device, server, args, self.name, ram_limit=MOCK_MEMORY_MB << 20)
             loop = ServeLoop(server)
             transport.attach(loop)  # notifications answered at once, queues served right after
             if self.attach is not None:
@@ -119,7 +161,11 @@ class Example:
 
             def guest() -> list[str]:
                 sim = SimGuest(mock.mock_xen, mock.domid, timeout=5)
-                driver = VirtioPciDriver(sim, find_virtio(sim, device.device_type))
+                driver: VirtioDriver
+                if isinstance(transport, VirtioMmio):
+                    driver = VirtioMmioDriver(sim, transport.base)
+                else:
+                    driver = VirtioPciDriver(sim, find_virtio(sim, device.device_type))
                 return self.guest_script(driver, device, args)
 
             try:
@@ -146,11 +192,10 @@ class Example:
         def serve(connection: dm_program.Connection) -> int:
             """Serve the device until SIGINT/SIGTERM; the server is destroyed on the way out."""
             device = self._make_device(args)
-            transport: VirtioPci | None = None
+            transport: VirtioTransport | None = None
             try:
                 server = connection.ioreq_server(deprivilege=drop_for(device, connection.drop))
-                transport = VirtioPci(device, lambda: server.dispatcher.memory)
-                server.add_pci(transport.pci, slot=args.slot, name=self.name)
+                transport, where = self.place(device, server, args, self.name)
                 loop = ServeLoop(server)
                 transport.attach(loop)  # notifications answered at once, queues served right after
                 if self.attach is not None:
@@ -160,8 +205,7 @@ class Example:
                     drop = connection.drop
                     dropped = f"; deprivileged to uid {drop.uid} gid {drop.gid}" if drop else ""
                     print(
-                        f"{self.name}: serving dom{connection.domid}'s {self.name} at 0000:00:{args.slot:02x}.0"
-                        f"{dropped}; Ctrl-C to stop",
+                        f"{self.name}: serving dom{connection.domid}'s {self.name} at {where}{dropped}; Ctrl-C to stop",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -176,4 +220,6 @@ class Example:
             return 0
 
         # MSI-X and INTx go out: a domain that is not HVM is refused before anything is opened.
-        return dm_program.run_target(target, serve, name=self.name, parser=self.parser, hvm_only=True)
+        # (An Arm guest's SPI needs no such check: Xen/Arm's dm_op serves any domain.)
+        hvm_only = args.mmio is None
+        return dm_program.run_target(target, serve, name=self.name, parser=self.parser, hvm_only=hvm_only)
