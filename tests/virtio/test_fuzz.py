@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from runtime.helpers import FakeRam, RecordingPciHost
 
 from xendmop.virtio import VirtioPci, Virtqueue, VirtqueueError
+from xendmop.virtio.mmio import VirtioMmio
 from xendmop.virtio.rng import VirtioRng
 from xendmop.virtio.spec import VIRTQ_DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from xendmop.virtio.virtqueue import MAX_INDIRECT
@@ -162,3 +163,45 @@ def test_any_register_traffic_leaves_the_transport_answering(seq: list[tuple[str
     assert len(t.errors) <= 16
     assert t.status & 0xFF == t.status
     assert all(vq.size & (vq.size - 1) == 0 and 1 <= vq.size <= 16 for vq in t.queues if vq.enabled)
+
+
+class RecordingIrqServer:
+    """What ``VirtioMmio`` asks of its server: interrupt levels (an Xen refusal now and then)."""
+
+    def __init__(self) -> None:
+        self.levels: list[int] = []
+
+    def set_irq_level(self, irq: int, level: int) -> None:
+        self.levels.append(level)
+        if len(self.levels) % 7 == 0:
+            raise OSError(22, "Invalid argument")
+
+
+mmio_ops = st.one_of(
+    st.tuples(st.just("reg"), st.integers(0, 0xFF).map(lambda o: o & ~3), st.just(4), st.integers(0, 0xFFFFFFFF)),
+    st.tuples(st.just("reg"), st.integers(0, 0x1FF), st.sampled_from([1, 2, 4, 8]), st.integers(0, (1 << 64) - 1)),
+    st.tuples(st.just("reg"), st.sampled_from([0x44, 0x50, 0x64, 0x70, 0x38, 0x30]), st.just(4), st.integers(0, 20)),
+    st.tuples(st.just("ring"), st.integers(0, RAM - 2), st.just(2), st.integers(0, 0xFFFF)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(mmio_ops, max_size=60))
+def test_any_mmio_register_traffic_leaves_the_transport_answering(seq: list[tuple[str, int, int, int]]) -> None:
+    ram = CountingRam()
+    t = VirtioMmio(VirtioRng(queue_size=16), lambda: ram, base=0x02000000, irq=33, ram_limit=RAM)
+    server = RecordingIrqServer()
+    t.server = server  # type: ignore[assignment]
+    for kind, off, size, value in seq:
+        value &= (1 << (8 * size)) - 1
+        if kind == "reg":
+            t.write(off, size, value)
+            t.read(off, size)
+        else:
+            ram.write(off, value.to_bytes(2, "little"))
+            t.write(0x50, 4, 0)  # QueueNotify: queue 0
+    assert len(t.errors) <= 16
+    assert t.status & 0xFF == t.status and t.interrupt_status & ~3 == 0
+    assert all(vq.size & (vq.size - 1) == 0 and 1 <= vq.size <= 16 for vq in t.queues if vq.enabled)
+    assert set(server.levels) <= {0, 1}
+    assert t.line == bool(t.interrupt_status)  # raised while a status bit is set, lowered once none is
