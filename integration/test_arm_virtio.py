@@ -8,8 +8,8 @@ nodes in the guest's device tree from disks with ``specification=virtio`` (xl's 
 no ``iommus`` (the backend is dom0, so no grants), and the device type is whatever our
 register block says.  For such a disk libxl waits up to 10 s in ``xl create`` for the
 backend's Xenstore ``state`` to reach InitWait (``libxl__wait_device_connection``: a
-standalone disk is no QEMU backend); ``_StandaloneBackends`` answers it, and Closed at
-teardown, as a real standalone backend does.
+standalone disk is no QEMU backend); ``xendmop virtio-disk-backends`` answers it, and Closed
+at teardown, as a real standalone backend does.
 
 The examples start while the guest is paused, each deprivileged (``--depriv``/``--chroot``)
 with its own ioreq server and ``--mmio i``; the guest then loads ``virtio_mmio`` and the
@@ -22,11 +22,13 @@ Skipped on x86, saying so.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -72,37 +74,23 @@ def _xs(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, check=False)
 
 
-class _StandaloneBackends:
-    """The backend's side of Xen 4.17's virtio disks in Xenstore, polled in a thread:
-    Initialising (1) → InitWait (2) when libxl adds one, Closing (5) → Closed (6) when it
-    removes it (xen/include/public/io/xenbus.h's states)."""
-
-    ROOT = "/local/domain/0/backend/virtio_disk"
-
-    def __init__(self) -> None:
-        self.answered: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="virtio-disk-backend", daemon=True)
-
-    def __enter__(self) -> _StandaloneBackends:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            listing = _xs("xenstore-ls", "-f", self.ROOT)
-            for line in listing.stdout.splitlines():
-                m = re.match(r"(\S+)/state = \"([0-9])\"", line)
-                if m is None:
-                    continue
-                path, state = m.group(1), m.group(2)
-                answer = {"1": "2", "5": "6"}.get(state)
-                if answer is not None and _xs("xenstore-write", f"{path}/state", answer).returncode == 0:
-                    self.answered.append(f"{path}: {state} -> {answer}")
+@contextlib.contextmanager
+def _virtio_disk_backends() -> Iterator[list[str]]:
+    """``xendmop virtio-disk-backends`` as a process for the block: the lines it printed, one per
+    state it answered."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xendmop", "virtio-disk-backends"], stdout=subprocess.PIPE, text=True, bufsize=1
+    )
+    lines: list[str] = []
+    assert proc.stdout is not None
+    assert "answering libxl under" in proc.stdout.readline()
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        yield lines
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
 
 
 def _initramfs(workdir: Path) -> Path:
@@ -192,7 +180,7 @@ def aguest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArmGuest]:
     ns = _netns(f"xdma{os.getpid()}")
     examples: dict[str, Example] = {}
     closer = None
-    with _StandaloneBackends() as backends:
+    with _virtio_disk_backends() as answered:
         try:
             xenlab.xl("create", "-p", str(cfg))
             domid = int(xenlab.xl("domid", name).strip())
@@ -227,7 +215,7 @@ def aguest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArmGuest]:
             boot = time.monotonic() - t0
             names = " ".join(Path(m).name for m in MODULES if not hvmguest.builtin_module(m))
             loaded = console.run(f'for m in {names}; do insmod /mods/$m.ko || echo "insmod $m failed"; done', 400)
-            yield ArmGuest(name, domid, console, examples, disk, ns, boot, loaded, backends.answered)
+            yield ArmGuest(name, domid, console, examples, disk, ns, boot, loaded, answered)
         finally:
             xenlab.xl("destroy", name, check=False)
             for example in examples.values():
@@ -239,7 +227,8 @@ def aguest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArmGuest]:
 
 
 def test_libxl_waited_for_each_standalone_backend_and_got_it(aguest: ArmGuest) -> None:
-    assert len([h for h in aguest.handshakes if h.endswith(": 1 -> 2")]) == 4, aguest.handshakes
+    """``xendmop virtio-disk-backends`` answered libxl's wait for each of the four slots' disks."""
+    assert len([h for h in aguest.handshakes if h.strip().endswith(": 1 -> 2")]) == 4, aguest.handshakes
 
 
 def test_the_guests_virtio_mmio_binds_every_device(aguest: ArmGuest) -> None:

@@ -274,6 +274,36 @@ def _mode(text: str) -> int:
     return mode
 
 
+def _virtio_disk_backends(args: argparse.Namespace) -> int:
+    """Answer libxl's handshake for Xen 4.17's standalone virtio disks until SIGTERM/SIGINT."""
+    import shutil
+    import signal
+    import threading
+
+    from .virtio.standalone import StandaloneBackends
+
+    missing = [tool for tool in ("xenstore-ls", "xenstore-write") if shutil.which(tool) is None]
+    if missing:
+        tools = " and ".join(missing)
+        print(f"xendmop virtio-disk-backends: {tools} not found (Debian: xenstore-utils)", file=sys.stderr)
+        return 1
+    done = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: done.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    watcher = StandaloneBackends(args.root)
+    print(f"xendmop virtio-disk-backends: answering libxl under {watcher.root}; Ctrl-C to stop", flush=True)
+    seen = 0
+    try:
+        while not done.wait(watcher.interval):
+            watcher.poll()
+            for line in watcher.answered[seen:]:
+                print(line, flush=True)
+            seen = len(watcher.answered)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
 def _mock_host(args: argparse.Namespace) -> int:
     """Serve a mock Xen on a unix socket until SIGTERM/SIGINT; remove the socket on the way out."""
     import os
@@ -355,6 +385,16 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     sub.add_parser("depriv-check", help="inspect a device-model process's deprivileging (own --help)")
+    vd = sub.add_parser(
+        "virtio-disk-backends",
+        help="answer xl 4.17's wait for standalone virtio disks (Arm virtio-mmio slots)",
+        description="Xen 4.17's xl makes an Arm guest's virtio-mmio slots from disks with specification=virtio, "
+        "backendtype=standalone, and waits up to 10 s in 'xl create' for each disk's backend state to reach "
+        "InitWait (2); at teardown it writes Closing (5) and waits for Closed (6). Run this beside 'xl create' to "
+        "answer both, until SIGTERM/SIGINT; the device models (examples' --mmio N) start after 'xl create -p'.",
+        parents=[common],
+    )
+    vd.add_argument("--root", default="/local/domain/0/backend/virtio_disk", help="the backend directory to watch")
     mh = sub.add_parser(
         "mock-host",
         help="serve the mock Xen to other processes on a unix socket",
@@ -484,6 +524,8 @@ def _main(argv: list[str]) -> int:
         warnings.simplefilter("ignore", MockFallbackWarning)
     if args.command == "mock-host":
         return _mock_host(args)
+    if args.command == "virtio-disk-backends":
+        return _virtio_disk_backends(args)
     out: Callable[[Any], None]
     try:
         if args.command == "info":
