@@ -348,3 +348,17 @@ def test_guest_and_host_ping_each_other_through_a_real_tap(namespace: str) -> No
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_mmio_on_a_real_x86_dom0_is_refused_before_anything_opens() -> None:
+    """x86 Xen has no set_irq_level: a virtio-mmio device there could never interrupt."""
+    from xendmop.runtime.dm_program import Where
+    from xendmop.virtio.program import mmio_problem
+
+    example = load("virtio_rng")["EXAMPLE"]
+    args = example.parser.parse_args(["--mmio", "2"])
+    problem = mmio_problem(args, Where.XEN, "x86_64")
+    assert problem == "--mmio 2: virtio-mmio interrupts need Xen/Arm's set_irq_level; this dom0 is x86_64 (use --slot)"
+    assert mmio_problem(args, Where.XEN, "aarch64") is None
+    assert mmio_problem(args, Where.MOCK, "x86_64") is None  # the mock's Arm guest takes it
+    assert mmio_problem(example.parser.parse_args([]), Where.XEN, "x86_64") is None

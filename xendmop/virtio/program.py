@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -55,6 +56,18 @@ def drop_for(device: VirtioDevice, drop: DropConfig | None) -> DropConfig | None
         return drop
     log.info("RLIMIT_FSIZE %d -> %d: the device writes that far into its file", drop.rlimits.fsize, need)
     return dataclasses.replace(drop, rlimits=dataclasses.replace(drop.rlimits, fsize=need))
+
+
+def mmio_problem(args: argparse.Namespace, where: dm_program.Where, machine: str) -> str | None:
+    """``--mmio`` on a real x86 dom0: its interrupt would be ``XEN_DMOP_set_irq_level``, which
+    only Xen/Arm has (x86 answers EOPNOTSUPP), so the device would never interrupt: refused."""
+    if getattr(args, "mmio", None) is None or where is not dm_program.Where.XEN:
+        return None
+    if machine.startswith(("aarch64", "arm")):
+        return None
+    return (
+        f"--mmio {args.mmio}: virtio-mmio interrupts need Xen/Arm's set_irq_level; this dom0 is {machine} (use --slot)"
+    )
 
 
 class Example:
@@ -179,6 +192,8 @@ class Example:
     def main(self, argv: list[str] | None = None) -> int:
         args, target = dm_program.parse(self.parser, argv)
         problem = self.validate(args) if self.validate is not None else None
+        if problem is None:
+            problem = mmio_problem(args, target.where, os.uname().machine)
         if problem is not None:
             self.parser.error(problem)
         if target.where is dm_program.Where.MOCK:
