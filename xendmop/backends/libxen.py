@@ -413,16 +413,8 @@ def _io_range(function: str) -> _Handler:
     def handler(b: LibxenBackend, op: str, domid: int, f: Mapping[str, int], out: Any, _: Any) -> _Outs:
         id, kind, start, end = f.get("id", 0), f.get("type", 0), f.get("start", 0), f.get("end", 0)
         if kind in (XEN_DMOP_IO_RANGE_PORT, XEN_DMOP_IO_RANGE_MEMORY):
-            b.c_call(
-                f"{function}_io_range_{'to' if function == 'map' else 'from'}_ioreq_server",
-                op,
-                domid,
-                f,
-                id,
-                int(kind == XEN_DMOP_IO_RANGE_MEMORY),
-                start,
-                end,
-            )
+            b.c_call(f"{function}_io_range_{'to' if function == 'map' else 'from'}_ioreq_server", op, domid, f,
+                 id, int(kind == XEN_DMOP_IO_RANGE_MEMORY), start, end)
             return []
         sbdf = (start >> 16 & 0xFFFF, start >> 8 & 0xFF, start >> 3 & 0x1F, start & 7)
         if kind != XEN_DMOP_IO_RANGE_PCI or start != end or XEN_DMOP_PCI_SBDF(*sbdf) != start:
@@ -615,7 +607,9 @@ class LibxenCtrl:
         self._lib = load_library(path, None)
         self._open = declare(self._lib, "xc_interface_open", c_void_p, [c_void_p, c_void_p, c_uint])
         self._close = declare(self._lib, "xc_interface_close", c_int, [c_void_p])
-        self._getinfolist = declare(self._lib, "xc_domain_getinfolist", c_int, [c_void_p, c_uint32, c_uint, c_void_p])
+        self._getinfolist = declare(
+            self._lib, "xc_domain_getinfolist", c_int, [c_void_p, c_uint32, c_uint, c_void_p]
+        )
         for name, function in (("xc_interface_open", self._open), ("xc_interface_close", self._close)):
             if function is None:
                 raise MissingFunctionError(name, os.path.basename(path), "open")

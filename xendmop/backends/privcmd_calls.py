@@ -50,20 +50,16 @@ def dm_op_create_ioreq_server(b: Binding) -> Callable[..., Any]:
 
     def create_ioreq_server(domid, handle_bufioreq):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and handle_bufioreq.__class__ is int
-            and 0 <= handle_bufioreq <= 0x2
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and handle_bufioreq.__class__ is int and 0 <= handle_bufioreq <= 0x2
         ):
-            _check(domid, {"handle_bufioreq": handle_bufioreq})
+            _check(domid, {'handle_bufioreq': handle_bufioreq})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM, "create_ioreq_server", domid, {"handle_bufioreq": handle_bufioreq}, layer="privcmd"
-            )
+            raise _xen_error(_EPERM, 'create_ioreq_server', domid, {'handle_bufioreq': handle_bufioreq}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "create_ioreq_server")
+            raise _ClosedHandleError("the privcmd handle is closed", 'create_ioreq_server')
         try:
             _arena = _pop()
         except IndexError:
@@ -77,9 +73,7 @@ def dm_op_create_ioreq_server(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO, "create_ioreq_server", domid, {"handle_bufioreq": handle_bufioreq}
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'create_ioreq_server', domid, {'handle_bufioreq': handle_bufioreq}) from None
         finally:
             _push(_arena)
 
@@ -99,20 +93,16 @@ def hypercall_create_ioreq_server(b: Binding) -> Callable[..., Any]:
 
     def create_ioreq_server(domid, handle_bufioreq):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and handle_bufioreq.__class__ is int
-            and 0 <= handle_bufioreq <= 0x2
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and handle_bufioreq.__class__ is int and 0 <= handle_bufioreq <= 0x2
         ):
-            _check(domid, {"handle_bufioreq": handle_bufioreq})
+            _check(domid, {'handle_bufioreq': handle_bufioreq})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM, "create_ioreq_server", domid, {"handle_bufioreq": handle_bufioreq}, layer="privcmd"
-            )
+            raise _xen_error(_EPERM, 'create_ioreq_server', domid, {'handle_bufioreq': handle_bufioreq}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "create_ioreq_server")
+            raise _ClosedHandleError("the privcmd handle is closed", 'create_ioreq_server')
         try:
             _arena = _pop()
         except IndexError:
@@ -127,9 +117,7 @@ def hypercall_create_ioreq_server(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO, "create_ioreq_server", domid, {"handle_bufioreq": handle_bufioreq}
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'create_ioreq_server', domid, {'handle_bufioreq': handle_bufioreq}) from None
         finally:
             _push(_arena)
 
@@ -147,14 +135,17 @@ def dm_op_destroy_ioreq_server(b: Binding) -> Callable[..., Any]:
     _pack_request = b.pack_request
 
     def destroy_ioreq_server(domid, id):
-        if not (domid.__class__ is int and 0 <= domid <= 0xFFFF and id.__class__ is int and 0 <= id <= 0xFFFF):
-            _check(domid, {"id": id})
+        if not (
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and id.__class__ is int and 0 <= id <= 0xffff
+        ):
+            _check(domid, {'id': id})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "destroy_ioreq_server", domid, {"id": id}, layer="privcmd")
+            raise _xen_error(_EPERM, 'destroy_ioreq_server', domid, {'id': id}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "destroy_ioreq_server")
+            raise _ClosedHandleError("the privcmd handle is closed", 'destroy_ioreq_server')
         try:
             _arena = _pop()
         except IndexError:
@@ -168,7 +159,7 @@ def dm_op_destroy_ioreq_server(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "destroy_ioreq_server", domid, {"id": id}) from None
+            raise _xen_error(_e.errno or _EIO, 'destroy_ioreq_server', domid, {'id': id}) from None
         finally:
             _push(_arena)
 
@@ -186,14 +177,17 @@ def hypercall_destroy_ioreq_server(b: Binding) -> Callable[..., Any]:
     _pack_op = b.pack_op
 
     def destroy_ioreq_server(domid, id):
-        if not (domid.__class__ is int and 0 <= domid <= 0xFFFF and id.__class__ is int and 0 <= id <= 0xFFFF):
-            _check(domid, {"id": id})
+        if not (
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and id.__class__ is int and 0 <= id <= 0xffff
+        ):
+            _check(domid, {'id': id})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "destroy_ioreq_server", domid, {"id": id}, layer="privcmd")
+            raise _xen_error(_EPERM, 'destroy_ioreq_server', domid, {'id': id}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "destroy_ioreq_server")
+            raise _ClosedHandleError("the privcmd handle is closed", 'destroy_ioreq_server')
         try:
             _arena = _pop()
         except IndexError:
@@ -208,7 +202,7 @@ def hypercall_destroy_ioreq_server(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "destroy_ioreq_server", domid, {"id": id}) from None
+            raise _xen_error(_e.errno or _EIO, 'destroy_ioreq_server', domid, {'id': id}) from None
         finally:
             _push(_arena)
 
@@ -228,20 +222,17 @@ def dm_op_get_ioreq_server_info(b: Binding) -> Callable[..., Any]:
 
     def get_ioreq_server_info(domid, id, flags):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and id.__class__ is int
-            and 0 <= id <= 0xFFFF
-            and flags.__class__ is int
-            and 0 <= flags <= 0xFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and id.__class__ is int and 0 <= id <= 0xffff
+            and flags.__class__ is int and 0 <= flags <= 0xffff
         ):
-            _check(domid, {"id": id, "flags": flags})
+            _check(domid, {'id': id, 'flags': flags})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "get_ioreq_server_info", domid, {"id": id, "flags": flags}, layer="privcmd")
+            raise _xen_error(_EPERM, 'get_ioreq_server_info', domid, {'id': id, 'flags': flags}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "get_ioreq_server_info")
+            raise _ClosedHandleError("the privcmd handle is closed", 'get_ioreq_server_info')
         try:
             _arena = _pop()
         except IndexError:
@@ -255,7 +246,7 @@ def dm_op_get_ioreq_server_info(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "get_ioreq_server_info", domid, {"id": id, "flags": flags}) from None
+            raise _xen_error(_e.errno or _EIO, 'get_ioreq_server_info', domid, {'id': id, 'flags': flags}) from None
         finally:
             _push(_arena)
 
@@ -275,20 +266,17 @@ def hypercall_get_ioreq_server_info(b: Binding) -> Callable[..., Any]:
 
     def get_ioreq_server_info(domid, id, flags):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and id.__class__ is int
-            and 0 <= id <= 0xFFFF
-            and flags.__class__ is int
-            and 0 <= flags <= 0xFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and id.__class__ is int and 0 <= id <= 0xffff
+            and flags.__class__ is int and 0 <= flags <= 0xffff
         ):
-            _check(domid, {"id": id, "flags": flags})
+            _check(domid, {'id': id, 'flags': flags})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "get_ioreq_server_info", domid, {"id": id, "flags": flags}, layer="privcmd")
+            raise _xen_error(_EPERM, 'get_ioreq_server_info', domid, {'id': id, 'flags': flags}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "get_ioreq_server_info")
+            raise _ClosedHandleError("the privcmd handle is closed", 'get_ioreq_server_info')
         try:
             _arena = _pop()
         except IndexError:
@@ -303,7 +291,7 @@ def hypercall_get_ioreq_server_info(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "get_ioreq_server_info", domid, {"id": id, "flags": flags}) from None
+            raise _xen_error(_e.errno or _EIO, 'get_ioreq_server_info', domid, {'id': id, 'flags': flags}) from None
         finally:
             _push(_arena)
 
@@ -322,51 +310,21 @@ def dm_op_inject_event(b: Binding) -> Callable[..., Any]:
 
     def inject_event(domid, vcpuid, vector, type, error_code, insn_len, cr2):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and vcpuid.__class__ is int
-            and 0 <= vcpuid <= 0xFFFFFFFF
-            and vector.__class__ is int
-            and 0 <= vector <= 0xFF
-            and type.__class__ is int
-            and 0 <= type <= 0xFF
-            and error_code.__class__ is int
-            and 0 <= error_code <= 0xFFFFFFFF
-            and insn_len.__class__ is int
-            and 0 <= insn_len <= 0xFF
-            and cr2.__class__ is int
-            and 0 <= cr2 <= 0xFFFFFFFFFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and vcpuid.__class__ is int and 0 <= vcpuid <= 0xffffffff
+            and vector.__class__ is int and 0 <= vector <= 0xff
+            and type.__class__ is int and 0 <= type <= 0xff
+            and error_code.__class__ is int and 0 <= error_code <= 0xffffffff
+            and insn_len.__class__ is int and 0 <= insn_len <= 0xff
+            and cr2.__class__ is int and 0 <= cr2 <= 0xffffffffffffffff
         ):
-            _check(
-                domid,
-                {
-                    "vcpuid": vcpuid,
-                    "vector": vector,
-                    "type": type,
-                    "error_code": error_code,
-                    "insn_len": insn_len,
-                    "cr2": cr2,
-                },
-            )
+            _check(domid, {'vcpuid': vcpuid, 'vector': vector, 'type': type, 'error_code': error_code, 'insn_len': insn_len, 'cr2': cr2})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM,
-                "inject_event",
-                domid,
-                {
-                    "vcpuid": vcpuid,
-                    "vector": vector,
-                    "type": type,
-                    "error_code": error_code,
-                    "insn_len": insn_len,
-                    "cr2": cr2,
-                },
-                layer="privcmd",
-            )
+            raise _xen_error(_EPERM, 'inject_event', domid, {'vcpuid': vcpuid, 'vector': vector, 'type': type, 'error_code': error_code, 'insn_len': insn_len, 'cr2': cr2}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "inject_event")
+            raise _ClosedHandleError("the privcmd handle is closed", 'inject_event')
         try:
             _arena = _pop()
         except IndexError:
@@ -374,44 +332,13 @@ def dm_op_inject_event(b: Binding) -> Callable[..., Any]:
         _view = _arena.view
         try:
             # request (dom, num, ubufs), bufs[0] (the op), bufs[1]; op 13 (XEN_DMOP_inject_event): vcpuid, vector, type, insn_len, pad0, error_code, pad1, cr2
-            _pack_request(
-                _view,
-                0,
-                domid,
-                1,
-                _arena.bufs_addr,
-                _arena.op_addr,
-                32,
-                0,
-                0,
-                13,
-                vcpuid,
-                vector,
-                type,
-                insn_len,
-                0,
-                error_code,
-                0,
-                cr2,
-            )
+            _pack_request(_view, 0, domid, 1, _arena.bufs_addr, _arena.op_addr, 32, 0, 0, 13, vcpuid, vector, type, insn_len, 0, error_code, 0, cr2)
             _ioctl(_target, IOCTL_PRIVCMD_DM_OP, _arena.dm_op, True)
             return None, []
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO,
-                "inject_event",
-                domid,
-                {
-                    "vcpuid": vcpuid,
-                    "vector": vector,
-                    "type": type,
-                    "error_code": error_code,
-                    "insn_len": insn_len,
-                    "cr2": cr2,
-                },
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'inject_event', domid, {'vcpuid': vcpuid, 'vector': vector, 'type': type, 'error_code': error_code, 'insn_len': insn_len, 'cr2': cr2}) from None
         finally:
             _push(_arena)
 
@@ -430,51 +357,21 @@ def hypercall_inject_event(b: Binding) -> Callable[..., Any]:
 
     def inject_event(domid, vcpuid, vector, type, error_code, insn_len, cr2):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and vcpuid.__class__ is int
-            and 0 <= vcpuid <= 0xFFFFFFFF
-            and vector.__class__ is int
-            and 0 <= vector <= 0xFF
-            and type.__class__ is int
-            and 0 <= type <= 0xFF
-            and error_code.__class__ is int
-            and 0 <= error_code <= 0xFFFFFFFF
-            and insn_len.__class__ is int
-            and 0 <= insn_len <= 0xFF
-            and cr2.__class__ is int
-            and 0 <= cr2 <= 0xFFFFFFFFFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and vcpuid.__class__ is int and 0 <= vcpuid <= 0xffffffff
+            and vector.__class__ is int and 0 <= vector <= 0xff
+            and type.__class__ is int and 0 <= type <= 0xff
+            and error_code.__class__ is int and 0 <= error_code <= 0xffffffff
+            and insn_len.__class__ is int and 0 <= insn_len <= 0xff
+            and cr2.__class__ is int and 0 <= cr2 <= 0xffffffffffffffff
         ):
-            _check(
-                domid,
-                {
-                    "vcpuid": vcpuid,
-                    "vector": vector,
-                    "type": type,
-                    "error_code": error_code,
-                    "insn_len": insn_len,
-                    "cr2": cr2,
-                },
-            )
+            _check(domid, {'vcpuid': vcpuid, 'vector': vector, 'type': type, 'error_code': error_code, 'insn_len': insn_len, 'cr2': cr2})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM,
-                "inject_event",
-                domid,
-                {
-                    "vcpuid": vcpuid,
-                    "vector": vector,
-                    "type": type,
-                    "error_code": error_code,
-                    "insn_len": insn_len,
-                    "cr2": cr2,
-                },
-                layer="privcmd",
-            )
+            raise _xen_error(_EPERM, 'inject_event', domid, {'vcpuid': vcpuid, 'vector': vector, 'type': type, 'error_code': error_code, 'insn_len': insn_len, 'cr2': cr2}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "inject_event")
+            raise _ClosedHandleError("the privcmd handle is closed", 'inject_event')
         try:
             _arena = _pop()
         except IndexError:
@@ -489,19 +386,7 @@ def hypercall_inject_event(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO,
-                "inject_event",
-                domid,
-                {
-                    "vcpuid": vcpuid,
-                    "vector": vector,
-                    "type": type,
-                    "error_code": error_code,
-                    "insn_len": insn_len,
-                    "cr2": cr2,
-                },
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'inject_event', domid, {'vcpuid': vcpuid, 'vector': vector, 'type': type, 'error_code': error_code, 'insn_len': insn_len, 'cr2': cr2}) from None
         finally:
             _push(_arena)
 
@@ -520,20 +405,17 @@ def dm_op_inject_msi(b: Binding) -> Callable[..., Any]:
 
     def inject_msi(domid, addr, data):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and addr.__class__ is int
-            and 0 <= addr <= 0xFFFFFFFFFFFFFFFF
-            and data.__class__ is int
-            and 0 <= data <= 0xFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and addr.__class__ is int and 0 <= addr <= 0xffffffffffffffff
+            and data.__class__ is int and 0 <= data <= 0xffffffff
         ):
-            _check(domid, {"addr": addr, "data": data})
+            _check(domid, {'addr': addr, 'data': data})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "inject_msi", domid, {"addr": addr, "data": data}, layer="privcmd")
+            raise _xen_error(_EPERM, 'inject_msi', domid, {'addr': addr, 'data': data}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "inject_msi")
+            raise _ClosedHandleError("the privcmd handle is closed", 'inject_msi')
         try:
             _arena = _pop()
         except IndexError:
@@ -547,7 +429,7 @@ def dm_op_inject_msi(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "inject_msi", domid, {"addr": addr, "data": data}) from None
+            raise _xen_error(_e.errno or _EIO, 'inject_msi', domid, {'addr': addr, 'data': data}) from None
         finally:
             _push(_arena)
 
@@ -566,20 +448,17 @@ def hypercall_inject_msi(b: Binding) -> Callable[..., Any]:
 
     def inject_msi(domid, addr, data):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and addr.__class__ is int
-            and 0 <= addr <= 0xFFFFFFFFFFFFFFFF
-            and data.__class__ is int
-            and 0 <= data <= 0xFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and addr.__class__ is int and 0 <= addr <= 0xffffffffffffffff
+            and data.__class__ is int and 0 <= data <= 0xffffffff
         ):
-            _check(domid, {"addr": addr, "data": data})
+            _check(domid, {'addr': addr, 'data': data})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "inject_msi", domid, {"addr": addr, "data": data}, layer="privcmd")
+            raise _xen_error(_EPERM, 'inject_msi', domid, {'addr': addr, 'data': data}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "inject_msi")
+            raise _ClosedHandleError("the privcmd handle is closed", 'inject_msi')
         try:
             _arena = _pop()
         except IndexError:
@@ -594,7 +473,7 @@ def hypercall_inject_msi(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "inject_msi", domid, {"addr": addr, "data": data}) from None
+            raise _xen_error(_e.errno or _EIO, 'inject_msi', domid, {'addr': addr, 'data': data}) from None
         finally:
             _push(_arena)
 
@@ -613,30 +492,19 @@ def dm_op_map_io_range_to_ioreq_server(b: Binding) -> Callable[..., Any]:
 
     def map_io_range_to_ioreq_server(domid, id, type, start, end):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and id.__class__ is int
-            and 0 <= id <= 0xFFFF
-            and type.__class__ is int
-            and 0 <= type <= 0xFFFFFFFF
-            and start.__class__ is int
-            and 0 <= start <= 0xFFFFFFFFFFFFFFFF
-            and end.__class__ is int
-            and 0 <= end <= 0xFFFFFFFFFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and id.__class__ is int and 0 <= id <= 0xffff
+            and type.__class__ is int and 0 <= type <= 0xffffffff
+            and start.__class__ is int and 0 <= start <= 0xffffffffffffffff
+            and end.__class__ is int and 0 <= end <= 0xffffffffffffffff
         ):
-            _check(domid, {"id": id, "type": type, "start": start, "end": end})
+            _check(domid, {'id': id, 'type': type, 'start': start, 'end': end})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM,
-                "map_io_range_to_ioreq_server",
-                domid,
-                {"id": id, "type": type, "start": start, "end": end},
-                layer="privcmd",
-            )
+            raise _xen_error(_EPERM, 'map_io_range_to_ioreq_server', domid, {'id': id, 'type': type, 'start': start, 'end': end}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "map_io_range_to_ioreq_server")
+            raise _ClosedHandleError("the privcmd handle is closed", 'map_io_range_to_ioreq_server')
         try:
             _arena = _pop()
         except IndexError:
@@ -650,12 +518,7 @@ def dm_op_map_io_range_to_ioreq_server(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO,
-                "map_io_range_to_ioreq_server",
-                domid,
-                {"id": id, "type": type, "start": start, "end": end},
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'map_io_range_to_ioreq_server', domid, {'id': id, 'type': type, 'start': start, 'end': end}) from None
         finally:
             _push(_arena)
 
@@ -674,30 +537,19 @@ def hypercall_map_io_range_to_ioreq_server(b: Binding) -> Callable[..., Any]:
 
     def map_io_range_to_ioreq_server(domid, id, type, start, end):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and id.__class__ is int
-            and 0 <= id <= 0xFFFF
-            and type.__class__ is int
-            and 0 <= type <= 0xFFFFFFFF
-            and start.__class__ is int
-            and 0 <= start <= 0xFFFFFFFFFFFFFFFF
-            and end.__class__ is int
-            and 0 <= end <= 0xFFFFFFFFFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and id.__class__ is int and 0 <= id <= 0xffff
+            and type.__class__ is int and 0 <= type <= 0xffffffff
+            and start.__class__ is int and 0 <= start <= 0xffffffffffffffff
+            and end.__class__ is int and 0 <= end <= 0xffffffffffffffff
         ):
-            _check(domid, {"id": id, "type": type, "start": start, "end": end})
+            _check(domid, {'id': id, 'type': type, 'start': start, 'end': end})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM,
-                "map_io_range_to_ioreq_server",
-                domid,
-                {"id": id, "type": type, "start": start, "end": end},
-                layer="privcmd",
-            )
+            raise _xen_error(_EPERM, 'map_io_range_to_ioreq_server', domid, {'id': id, 'type': type, 'start': start, 'end': end}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "map_io_range_to_ioreq_server")
+            raise _ClosedHandleError("the privcmd handle is closed", 'map_io_range_to_ioreq_server')
         try:
             _arena = _pop()
         except IndexError:
@@ -712,12 +564,7 @@ def hypercall_map_io_range_to_ioreq_server(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO,
-                "map_io_range_to_ioreq_server",
-                domid,
-                {"id": id, "type": type, "start": start, "end": end},
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'map_io_range_to_ioreq_server', domid, {'id': id, 'type': type, 'start': start, 'end': end}) from None
         finally:
             _push(_arena)
 
@@ -737,24 +584,18 @@ def dm_op_map_mem_type_to_ioreq_server(b: Binding) -> Callable[..., Any]:
 
     def map_mem_type_to_ioreq_server(domid, id, type, flags):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and id.__class__ is int
-            and 0 <= id <= 0xFFFF
-            and type.__class__ is int
-            and 0 <= type <= 0xFFFF
-            and flags.__class__ is int
-            and 0 <= flags <= 0xFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and id.__class__ is int and 0 <= id <= 0xffff
+            and type.__class__ is int and 0 <= type <= 0xffff
+            and flags.__class__ is int and 0 <= flags <= 0xffffffff
         ):
-            _check(domid, {"id": id, "type": type, "flags": flags})
+            _check(domid, {'id': id, 'type': type, 'flags': flags})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM, "map_mem_type_to_ioreq_server", domid, {"id": id, "type": type, "flags": flags}, layer="privcmd"
-            )
+            raise _xen_error(_EPERM, 'map_mem_type_to_ioreq_server', domid, {'id': id, 'type': type, 'flags': flags}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "map_mem_type_to_ioreq_server")
+            raise _ClosedHandleError("the privcmd handle is closed", 'map_mem_type_to_ioreq_server')
         try:
             _arena = _pop()
         except IndexError:
@@ -768,9 +609,7 @@ def dm_op_map_mem_type_to_ioreq_server(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO, "map_mem_type_to_ioreq_server", domid, {"id": id, "type": type, "flags": flags}
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'map_mem_type_to_ioreq_server', domid, {'id': id, 'type': type, 'flags': flags}) from None
         finally:
             _push(_arena)
 
@@ -790,24 +629,18 @@ def hypercall_map_mem_type_to_ioreq_server(b: Binding) -> Callable[..., Any]:
 
     def map_mem_type_to_ioreq_server(domid, id, type, flags):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and id.__class__ is int
-            and 0 <= id <= 0xFFFF
-            and type.__class__ is int
-            and 0 <= type <= 0xFFFF
-            and flags.__class__ is int
-            and 0 <= flags <= 0xFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and id.__class__ is int and 0 <= id <= 0xffff
+            and type.__class__ is int and 0 <= type <= 0xffff
+            and flags.__class__ is int and 0 <= flags <= 0xffffffff
         ):
-            _check(domid, {"id": id, "type": type, "flags": flags})
+            _check(domid, {'id': id, 'type': type, 'flags': flags})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM, "map_mem_type_to_ioreq_server", domid, {"id": id, "type": type, "flags": flags}, layer="privcmd"
-            )
+            raise _xen_error(_EPERM, 'map_mem_type_to_ioreq_server', domid, {'id': id, 'type': type, 'flags': flags}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "map_mem_type_to_ioreq_server")
+            raise _ClosedHandleError("the privcmd handle is closed", 'map_mem_type_to_ioreq_server')
         try:
             _arena = _pop()
         except IndexError:
@@ -822,9 +655,7 @@ def hypercall_map_mem_type_to_ioreq_server(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO, "map_mem_type_to_ioreq_server", domid, {"id": id, "type": type, "flags": flags}
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'map_mem_type_to_ioreq_server', domid, {'id': id, 'type': type, 'flags': flags}) from None
         finally:
             _push(_arena)
 
@@ -844,18 +675,16 @@ def dm_op_modified_memory(b: Binding) -> Callable[..., Any]:
 
     def modified_memory(domid, nr_extents, extents):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and nr_extents.__class__ is int
-            and 0 <= nr_extents <= 0xFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and nr_extents.__class__ is int and 0 <= nr_extents <= 0xffffffff
         ):
-            _check(domid, {"nr_extents": nr_extents})
+            _check(domid, {'nr_extents': nr_extents})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "modified_memory", domid, {"nr_extents": nr_extents}, layer="privcmd")
+            raise _xen_error(_EPERM, 'modified_memory', domid, {'nr_extents': nr_extents}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "modified_memory")
+            raise _ClosedHandleError("the privcmd handle is closed", 'modified_memory')
         try:
             _arena = _pop()
         except IndexError:
@@ -866,16 +695,16 @@ def dm_op_modified_memory(b: Binding) -> Callable[..., Any]:
             if extents.__class__ in _CTYPES_MEMORY_CLASSES:  # a ctypes class met before (caller_memory adds it)
                 _addr, _size = _addressof(extents), _sizeof(extents)
             else:
-                _addr, _size, _keep = _caller_memory("modified_memory", "extents", extents, False)
+                _addr, _size, _keep = _caller_memory('modified_memory', 'extents', extents, False)
             if _size != _nbytes:
-                raise _ArgumentError("modified_memory", "extents", _size, f"must be {_nbytes} bytes")
+                raise _ArgumentError('modified_memory', 'extents', _size, f'must be {_nbytes} bytes')
             if _nbytes > _room:
                 _arena.slot_offset(0, _nbytes)  # raises, naming the sizes
             if _addr and _nbytes:
                 _uptr, _usize = _addr, _nbytes
             else:
                 if _nbytes:
-                    _view[4096 : 4096 + _nbytes] = memoryview(_keep).cast("B")
+                    _view[4096:4096 + _nbytes] = memoryview(_keep).cast('B')
                 _uptr, _usize = _arena.slot_addr if _nbytes else _arena.slot_addr + 16, _nbytes
             # request (dom, num, ubufs), bufs[0] (the op), bufs[1]; op 11 (XEN_DMOP_modified_memory): nr_extents, opaque
             _pack_request(_view, 0, domid, 2, _arena.bufs_addr, _arena.op_addr, 32, _uptr, _usize, 11, nr_extents, 0)
@@ -884,7 +713,7 @@ def dm_op_modified_memory(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "modified_memory", domid, {"nr_extents": nr_extents}) from None
+            raise _xen_error(_e.errno or _EIO, 'modified_memory', domid, {'nr_extents': nr_extents}) from None
         finally:
             _push(_arena)
 
@@ -904,18 +733,16 @@ def hypercall_modified_memory(b: Binding) -> Callable[..., Any]:
 
     def modified_memory(domid, nr_extents, extents):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and nr_extents.__class__ is int
-            and 0 <= nr_extents <= 0xFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and nr_extents.__class__ is int and 0 <= nr_extents <= 0xffffffff
         ):
-            _check(domid, {"nr_extents": nr_extents})
+            _check(domid, {'nr_extents': nr_extents})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "modified_memory", domid, {"nr_extents": nr_extents}, layer="privcmd")
+            raise _xen_error(_EPERM, 'modified_memory', domid, {'nr_extents': nr_extents}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "modified_memory")
+            raise _ClosedHandleError("the privcmd handle is closed", 'modified_memory')
         try:
             _arena = _pop()
         except IndexError:
@@ -924,14 +751,14 @@ def hypercall_modified_memory(b: Binding) -> Callable[..., Any]:
         try:
             _nbytes = (nr_extents) * 16
             _raw = extents
-            if _raw.__class__ is not memoryview or _raw.format != "B":
-                _raw = memoryview(extents).cast("B")
+            if _raw.__class__ is not memoryview or _raw.format != 'B':
+                _raw = memoryview(extents).cast('B')
             _size = _raw.nbytes
             if _size != _nbytes:
-                raise _ArgumentError("modified_memory", "extents", _size, f"must be {_nbytes} bytes")
+                raise _ArgumentError('modified_memory', 'extents', _size, f'must be {_nbytes} bytes')
             if _nbytes > _room:
                 _arena.slot_offset(0, _nbytes)  # raises, naming the sizes
-            _view[4096 : 4096 + _nbytes] = _raw
+            _view[4096:4096 + _nbytes] = _raw
             _pack_buf(_view, 32, _arena.slot_addr if _nbytes else _arena.slot_addr + 16, _nbytes)
             # op 11 (XEN_DMOP_modified_memory): nr_extents, opaque; then the hypercall's domid and buffer count
             _pack_op(_view, 48, 11, nr_extents, 0)
@@ -941,7 +768,7 @@ def hypercall_modified_memory(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "modified_memory", domid, {"nr_extents": nr_extents}) from None
+            raise _xen_error(_e.errno or _EIO, 'modified_memory', domid, {'nr_extents': nr_extents}) from None
         finally:
             _push(_arena)
 
@@ -960,14 +787,16 @@ def dm_op_nr_vcpus(b: Binding) -> Callable[..., Any]:
     _from_copy = b.from_copy
 
     def nr_vcpus(domid):
-        if not (domid.__class__ is int and 0 <= domid <= 0xFFFF):
+        if not (
+            domid.__class__ is int and 0 <= domid <= 0xffff
+        ):
             _check(domid, {})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "nr_vcpus", domid, {}, layer="privcmd")
+            raise _xen_error(_EPERM, 'nr_vcpus', domid, {}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "nr_vcpus")
+            raise _ClosedHandleError("the privcmd handle is closed", 'nr_vcpus')
         try:
             _arena = _pop()
         except IndexError:
@@ -981,7 +810,7 @@ def dm_op_nr_vcpus(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "nr_vcpus", domid, {}) from None
+            raise _xen_error(_e.errno or _EIO, 'nr_vcpus', domid, {}) from None
         finally:
             _push(_arena)
 
@@ -1000,14 +829,16 @@ def hypercall_nr_vcpus(b: Binding) -> Callable[..., Any]:
     _from_copy = b.from_copy
 
     def nr_vcpus(domid):
-        if not (domid.__class__ is int and 0 <= domid <= 0xFFFF):
+        if not (
+            domid.__class__ is int and 0 <= domid <= 0xffff
+        ):
             _check(domid, {})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "nr_vcpus", domid, {}, layer="privcmd")
+            raise _xen_error(_EPERM, 'nr_vcpus', domid, {}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "nr_vcpus")
+            raise _ClosedHandleError("the privcmd handle is closed", 'nr_vcpus')
         try:
             _arena = _pop()
         except IndexError:
@@ -1022,7 +853,7 @@ def hypercall_nr_vcpus(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "nr_vcpus", domid, {}) from None
+            raise _xen_error(_e.errno or _EIO, 'nr_vcpus', domid, {}) from None
         finally:
             _push(_arena)
 
@@ -1041,24 +872,18 @@ def dm_op_pin_memory_cacheattr(b: Binding) -> Callable[..., Any]:
 
     def pin_memory_cacheattr(domid, start, end, type):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and start.__class__ is int
-            and 0 <= start <= 0xFFFFFFFFFFFFFFFF
-            and end.__class__ is int
-            and 0 <= end <= 0xFFFFFFFFFFFFFFFF
-            and type.__class__ is int
-            and 0 <= type <= 0xFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and start.__class__ is int and 0 <= start <= 0xffffffffffffffff
+            and end.__class__ is int and 0 <= end <= 0xffffffffffffffff
+            and type.__class__ is int and 0 <= type <= 0xffffffff
         ):
-            _check(domid, {"start": start, "end": end, "type": type})
+            _check(domid, {'start': start, 'end': end, 'type': type})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM, "pin_memory_cacheattr", domid, {"start": start, "end": end, "type": type}, layer="privcmd"
-            )
+            raise _xen_error(_EPERM, 'pin_memory_cacheattr', domid, {'start': start, 'end': end, 'type': type}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "pin_memory_cacheattr")
+            raise _ClosedHandleError("the privcmd handle is closed", 'pin_memory_cacheattr')
         try:
             _arena = _pop()
         except IndexError:
@@ -1072,9 +897,7 @@ def dm_op_pin_memory_cacheattr(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO, "pin_memory_cacheattr", domid, {"start": start, "end": end, "type": type}
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'pin_memory_cacheattr', domid, {'start': start, 'end': end, 'type': type}) from None
         finally:
             _push(_arena)
 
@@ -1093,24 +916,18 @@ def hypercall_pin_memory_cacheattr(b: Binding) -> Callable[..., Any]:
 
     def pin_memory_cacheattr(domid, start, end, type):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and start.__class__ is int
-            and 0 <= start <= 0xFFFFFFFFFFFFFFFF
-            and end.__class__ is int
-            and 0 <= end <= 0xFFFFFFFFFFFFFFFF
-            and type.__class__ is int
-            and 0 <= type <= 0xFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and start.__class__ is int and 0 <= start <= 0xffffffffffffffff
+            and end.__class__ is int and 0 <= end <= 0xffffffffffffffff
+            and type.__class__ is int and 0 <= type <= 0xffffffff
         ):
-            _check(domid, {"start": start, "end": end, "type": type})
+            _check(domid, {'start': start, 'end': end, 'type': type})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM, "pin_memory_cacheattr", domid, {"start": start, "end": end, "type": type}, layer="privcmd"
-            )
+            raise _xen_error(_EPERM, 'pin_memory_cacheattr', domid, {'start': start, 'end': end, 'type': type}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "pin_memory_cacheattr")
+            raise _ClosedHandleError("the privcmd handle is closed", 'pin_memory_cacheattr')
         try:
             _arena = _pop()
         except IndexError:
@@ -1125,9 +942,7 @@ def hypercall_pin_memory_cacheattr(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO, "pin_memory_cacheattr", domid, {"start": start, "end": end, "type": type}
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'pin_memory_cacheattr', domid, {'start': start, 'end': end, 'type': type}) from None
         finally:
             _push(_arena)
 
@@ -1146,28 +961,18 @@ def dm_op_relocate_memory(b: Binding) -> Callable[..., Any]:
 
     def relocate_memory(domid, size, src_gfn, dst_gfn):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and size.__class__ is int
-            and 0 <= size <= 0xFFFFFFFF
-            and src_gfn.__class__ is int
-            and 0 <= src_gfn <= 0xFFFFFFFFFFFFFFFF
-            and dst_gfn.__class__ is int
-            and 0 <= dst_gfn <= 0xFFFFFFFFFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and size.__class__ is int and 0 <= size <= 0xffffffff
+            and src_gfn.__class__ is int and 0 <= src_gfn <= 0xffffffffffffffff
+            and dst_gfn.__class__ is int and 0 <= dst_gfn <= 0xffffffffffffffff
         ):
-            _check(domid, {"size": size, "src_gfn": src_gfn, "dst_gfn": dst_gfn})
+            _check(domid, {'size': size, 'src_gfn': src_gfn, 'dst_gfn': dst_gfn})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM,
-                "relocate_memory",
-                domid,
-                {"size": size, "src_gfn": src_gfn, "dst_gfn": dst_gfn},
-                layer="privcmd",
-            )
+            raise _xen_error(_EPERM, 'relocate_memory', domid, {'size': size, 'src_gfn': src_gfn, 'dst_gfn': dst_gfn}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "relocate_memory")
+            raise _ClosedHandleError("the privcmd handle is closed", 'relocate_memory')
         try:
             _arena = _pop()
         except IndexError:
@@ -1181,9 +986,7 @@ def dm_op_relocate_memory(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO, "relocate_memory", domid, {"size": size, "src_gfn": src_gfn, "dst_gfn": dst_gfn}
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'relocate_memory', domid, {'size': size, 'src_gfn': src_gfn, 'dst_gfn': dst_gfn}) from None
         finally:
             _push(_arena)
 
@@ -1202,28 +1005,18 @@ def hypercall_relocate_memory(b: Binding) -> Callable[..., Any]:
 
     def relocate_memory(domid, size, src_gfn, dst_gfn):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and size.__class__ is int
-            and 0 <= size <= 0xFFFFFFFF
-            and src_gfn.__class__ is int
-            and 0 <= src_gfn <= 0xFFFFFFFFFFFFFFFF
-            and dst_gfn.__class__ is int
-            and 0 <= dst_gfn <= 0xFFFFFFFFFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and size.__class__ is int and 0 <= size <= 0xffffffff
+            and src_gfn.__class__ is int and 0 <= src_gfn <= 0xffffffffffffffff
+            and dst_gfn.__class__ is int and 0 <= dst_gfn <= 0xffffffffffffffff
         ):
-            _check(domid, {"size": size, "src_gfn": src_gfn, "dst_gfn": dst_gfn})
+            _check(domid, {'size': size, 'src_gfn': src_gfn, 'dst_gfn': dst_gfn})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM,
-                "relocate_memory",
-                domid,
-                {"size": size, "src_gfn": src_gfn, "dst_gfn": dst_gfn},
-                layer="privcmd",
-            )
+            raise _xen_error(_EPERM, 'relocate_memory', domid, {'size': size, 'src_gfn': src_gfn, 'dst_gfn': dst_gfn}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "relocate_memory")
+            raise _ClosedHandleError("the privcmd handle is closed", 'relocate_memory')
         try:
             _arena = _pop()
         except IndexError:
@@ -1238,9 +1031,7 @@ def hypercall_relocate_memory(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO, "relocate_memory", domid, {"size": size, "src_gfn": src_gfn, "dst_gfn": dst_gfn}
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'relocate_memory', domid, {'size': size, 'src_gfn': src_gfn, 'dst_gfn': dst_gfn}) from None
         finally:
             _push(_arena)
 
@@ -1259,15 +1050,16 @@ def dm_op_remote_shutdown(b: Binding) -> Callable[..., Any]:
 
     def remote_shutdown(domid, reason):
         if not (
-            domid.__class__ is int and 0 <= domid <= 0xFFFF and reason.__class__ is int and 0 <= reason <= 0xFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and reason.__class__ is int and 0 <= reason <= 0xffffffff
         ):
-            _check(domid, {"reason": reason})
+            _check(domid, {'reason': reason})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "remote_shutdown", domid, {"reason": reason}, layer="privcmd")
+            raise _xen_error(_EPERM, 'remote_shutdown', domid, {'reason': reason}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "remote_shutdown")
+            raise _ClosedHandleError("the privcmd handle is closed", 'remote_shutdown')
         try:
             _arena = _pop()
         except IndexError:
@@ -1281,7 +1073,7 @@ def dm_op_remote_shutdown(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "remote_shutdown", domid, {"reason": reason}) from None
+            raise _xen_error(_e.errno or _EIO, 'remote_shutdown', domid, {'reason': reason}) from None
         finally:
             _push(_arena)
 
@@ -1300,15 +1092,16 @@ def hypercall_remote_shutdown(b: Binding) -> Callable[..., Any]:
 
     def remote_shutdown(domid, reason):
         if not (
-            domid.__class__ is int and 0 <= domid <= 0xFFFF and reason.__class__ is int and 0 <= reason <= 0xFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and reason.__class__ is int and 0 <= reason <= 0xffffffff
         ):
-            _check(domid, {"reason": reason})
+            _check(domid, {'reason': reason})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "remote_shutdown", domid, {"reason": reason}, layer="privcmd")
+            raise _xen_error(_EPERM, 'remote_shutdown', domid, {'reason': reason}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "remote_shutdown")
+            raise _ClosedHandleError("the privcmd handle is closed", 'remote_shutdown')
         try:
             _arena = _pop()
         except IndexError:
@@ -1323,7 +1116,7 @@ def hypercall_remote_shutdown(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "remote_shutdown", domid, {"reason": reason}) from None
+            raise _xen_error(_e.errno or _EIO, 'remote_shutdown', domid, {'reason': reason}) from None
         finally:
             _push(_arena)
 
@@ -1342,20 +1135,17 @@ def dm_op_set_ioreq_server_state(b: Binding) -> Callable[..., Any]:
 
     def set_ioreq_server_state(domid, id, enabled):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and id.__class__ is int
-            and 0 <= id <= 0xFFFF
-            and enabled.__class__ is int
-            and 0 <= enabled <= 0x1
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and id.__class__ is int and 0 <= id <= 0xffff
+            and enabled.__class__ is int and 0 <= enabled <= 0x1
         ):
-            _check(domid, {"id": id, "enabled": enabled})
+            _check(domid, {'id': id, 'enabled': enabled})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "set_ioreq_server_state", domid, {"id": id, "enabled": enabled}, layer="privcmd")
+            raise _xen_error(_EPERM, 'set_ioreq_server_state', domid, {'id': id, 'enabled': enabled}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "set_ioreq_server_state")
+            raise _ClosedHandleError("the privcmd handle is closed", 'set_ioreq_server_state')
         try:
             _arena = _pop()
         except IndexError:
@@ -1369,9 +1159,7 @@ def dm_op_set_ioreq_server_state(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO, "set_ioreq_server_state", domid, {"id": id, "enabled": enabled}
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'set_ioreq_server_state', domid, {'id': id, 'enabled': enabled}) from None
         finally:
             _push(_arena)
 
@@ -1390,20 +1178,17 @@ def hypercall_set_ioreq_server_state(b: Binding) -> Callable[..., Any]:
 
     def set_ioreq_server_state(domid, id, enabled):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and id.__class__ is int
-            and 0 <= id <= 0xFFFF
-            and enabled.__class__ is int
-            and 0 <= enabled <= 0x1
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and id.__class__ is int and 0 <= id <= 0xffff
+            and enabled.__class__ is int and 0 <= enabled <= 0x1
         ):
-            _check(domid, {"id": id, "enabled": enabled})
+            _check(domid, {'id': id, 'enabled': enabled})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "set_ioreq_server_state", domid, {"id": id, "enabled": enabled}, layer="privcmd")
+            raise _xen_error(_EPERM, 'set_ioreq_server_state', domid, {'id': id, 'enabled': enabled}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "set_ioreq_server_state")
+            raise _ClosedHandleError("the privcmd handle is closed", 'set_ioreq_server_state')
         try:
             _arena = _pop()
         except IndexError:
@@ -1418,9 +1203,7 @@ def hypercall_set_ioreq_server_state(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO, "set_ioreq_server_state", domid, {"id": id, "enabled": enabled}
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'set_ioreq_server_state', domid, {'id': id, 'enabled': enabled}) from None
         finally:
             _push(_arena)
 
@@ -1439,20 +1222,17 @@ def dm_op_set_irq_level(b: Binding) -> Callable[..., Any]:
 
     def set_irq_level(domid, irq, level):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and irq.__class__ is int
-            and 0 <= irq <= 0xFFFFFFFF
-            and level.__class__ is int
-            and 0 <= level <= 0x1
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and irq.__class__ is int and 0 <= irq <= 0xffffffff
+            and level.__class__ is int and 0 <= level <= 0x1
         ):
-            _check(domid, {"irq": irq, "level": level})
+            _check(domid, {'irq': irq, 'level': level})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "set_irq_level", domid, {"irq": irq, "level": level}, layer="privcmd")
+            raise _xen_error(_EPERM, 'set_irq_level', domid, {'irq': irq, 'level': level}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "set_irq_level")
+            raise _ClosedHandleError("the privcmd handle is closed", 'set_irq_level')
         try:
             _arena = _pop()
         except IndexError:
@@ -1466,7 +1246,7 @@ def dm_op_set_irq_level(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "set_irq_level", domid, {"irq": irq, "level": level}) from None
+            raise _xen_error(_e.errno or _EIO, 'set_irq_level', domid, {'irq': irq, 'level': level}) from None
         finally:
             _push(_arena)
 
@@ -1485,20 +1265,17 @@ def hypercall_set_irq_level(b: Binding) -> Callable[..., Any]:
 
     def set_irq_level(domid, irq, level):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and irq.__class__ is int
-            and 0 <= irq <= 0xFFFFFFFF
-            and level.__class__ is int
-            and 0 <= level <= 0x1
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and irq.__class__ is int and 0 <= irq <= 0xffffffff
+            and level.__class__ is int and 0 <= level <= 0x1
         ):
-            _check(domid, {"irq": irq, "level": level})
+            _check(domid, {'irq': irq, 'level': level})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "set_irq_level", domid, {"irq": irq, "level": level}, layer="privcmd")
+            raise _xen_error(_EPERM, 'set_irq_level', domid, {'irq': irq, 'level': level}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "set_irq_level")
+            raise _ClosedHandleError("the privcmd handle is closed", 'set_irq_level')
         try:
             _arena = _pop()
         except IndexError:
@@ -1513,7 +1290,7 @@ def hypercall_set_irq_level(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "set_irq_level", domid, {"irq": irq, "level": level}) from None
+            raise _xen_error(_e.errno or _EIO, 'set_irq_level', domid, {'irq': irq, 'level': level}) from None
         finally:
             _push(_arena)
 
@@ -1532,20 +1309,17 @@ def dm_op_set_isa_irq_level(b: Binding) -> Callable[..., Any]:
 
     def set_isa_irq_level(domid, isa_irq, level):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and isa_irq.__class__ is int
-            and 0 <= isa_irq <= 0xFF
-            and level.__class__ is int
-            and 0 <= level <= 0x1
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and isa_irq.__class__ is int and 0 <= isa_irq <= 0xff
+            and level.__class__ is int and 0 <= level <= 0x1
         ):
-            _check(domid, {"isa_irq": isa_irq, "level": level})
+            _check(domid, {'isa_irq': isa_irq, 'level': level})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "set_isa_irq_level", domid, {"isa_irq": isa_irq, "level": level}, layer="privcmd")
+            raise _xen_error(_EPERM, 'set_isa_irq_level', domid, {'isa_irq': isa_irq, 'level': level}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "set_isa_irq_level")
+            raise _ClosedHandleError("the privcmd handle is closed", 'set_isa_irq_level')
         try:
             _arena = _pop()
         except IndexError:
@@ -1559,9 +1333,7 @@ def dm_op_set_isa_irq_level(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO, "set_isa_irq_level", domid, {"isa_irq": isa_irq, "level": level}
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'set_isa_irq_level', domid, {'isa_irq': isa_irq, 'level': level}) from None
         finally:
             _push(_arena)
 
@@ -1580,20 +1352,17 @@ def hypercall_set_isa_irq_level(b: Binding) -> Callable[..., Any]:
 
     def set_isa_irq_level(domid, isa_irq, level):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and isa_irq.__class__ is int
-            and 0 <= isa_irq <= 0xFF
-            and level.__class__ is int
-            and 0 <= level <= 0x1
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and isa_irq.__class__ is int and 0 <= isa_irq <= 0xff
+            and level.__class__ is int and 0 <= level <= 0x1
         ):
-            _check(domid, {"isa_irq": isa_irq, "level": level})
+            _check(domid, {'isa_irq': isa_irq, 'level': level})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "set_isa_irq_level", domid, {"isa_irq": isa_irq, "level": level}, layer="privcmd")
+            raise _xen_error(_EPERM, 'set_isa_irq_level', domid, {'isa_irq': isa_irq, 'level': level}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "set_isa_irq_level")
+            raise _ClosedHandleError("the privcmd handle is closed", 'set_isa_irq_level')
         try:
             _arena = _pop()
         except IndexError:
@@ -1608,9 +1377,7 @@ def hypercall_set_isa_irq_level(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO, "set_isa_irq_level", domid, {"isa_irq": isa_irq, "level": level}
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'set_isa_irq_level', domid, {'isa_irq': isa_irq, 'level': level}) from None
         finally:
             _push(_arena)
 
@@ -1630,24 +1397,18 @@ def dm_op_set_mem_type(b: Binding) -> Callable[..., Any]:
 
     def set_mem_type(domid, mem_type, first_pfn, nr):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and mem_type.__class__ is int
-            and 0 <= mem_type <= 0xFFFF
-            and first_pfn.__class__ is int
-            and 0 <= first_pfn <= 0xFFFFFFFFFFFFFFFF
-            and nr.__class__ is int
-            and 0 <= nr <= 0xFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and mem_type.__class__ is int and 0 <= mem_type <= 0xffff
+            and first_pfn.__class__ is int and 0 <= first_pfn <= 0xffffffffffffffff
+            and nr.__class__ is int and 0 <= nr <= 0xffffffff
         ):
-            _check(domid, {"mem_type": mem_type, "first_pfn": first_pfn, "nr": nr})
+            _check(domid, {'mem_type': mem_type, 'first_pfn': first_pfn, 'nr': nr})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM, "set_mem_type", domid, {"mem_type": mem_type, "first_pfn": first_pfn, "nr": nr}, layer="privcmd"
-            )
+            raise _xen_error(_EPERM, 'set_mem_type', domid, {'mem_type': mem_type, 'first_pfn': first_pfn, 'nr': nr}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "set_mem_type")
+            raise _ClosedHandleError("the privcmd handle is closed", 'set_mem_type')
         try:
             _arena = _pop()
         except IndexError:
@@ -1655,17 +1416,13 @@ def dm_op_set_mem_type(b: Binding) -> Callable[..., Any]:
         _view = _arena.view
         try:
             # request (dom, num, ubufs), bufs[0] (the op), bufs[1]; op 12 (XEN_DMOP_set_mem_type): nr, mem_type, pad, first_pfn
-            _pack_request(
-                _view, 0, domid, 1, _arena.bufs_addr, _arena.op_addr, 32, 0, 0, 12, nr, mem_type, 0, first_pfn
-            )
+            _pack_request(_view, 0, domid, 1, _arena.bufs_addr, _arena.op_addr, 32, 0, 0, 12, nr, mem_type, 0, first_pfn)
             _ioctl(_target, IOCTL_PRIVCMD_DM_OP, _arena.dm_op, True)
             return _from_copy(_view, 56), []
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO, "set_mem_type", domid, {"mem_type": mem_type, "first_pfn": first_pfn, "nr": nr}
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'set_mem_type', domid, {'mem_type': mem_type, 'first_pfn': first_pfn, 'nr': nr}) from None
         finally:
             _push(_arena)
 
@@ -1685,24 +1442,18 @@ def hypercall_set_mem_type(b: Binding) -> Callable[..., Any]:
 
     def set_mem_type(domid, mem_type, first_pfn, nr):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and mem_type.__class__ is int
-            and 0 <= mem_type <= 0xFFFF
-            and first_pfn.__class__ is int
-            and 0 <= first_pfn <= 0xFFFFFFFFFFFFFFFF
-            and nr.__class__ is int
-            and 0 <= nr <= 0xFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and mem_type.__class__ is int and 0 <= mem_type <= 0xffff
+            and first_pfn.__class__ is int and 0 <= first_pfn <= 0xffffffffffffffff
+            and nr.__class__ is int and 0 <= nr <= 0xffffffff
         ):
-            _check(domid, {"mem_type": mem_type, "first_pfn": first_pfn, "nr": nr})
+            _check(domid, {'mem_type': mem_type, 'first_pfn': first_pfn, 'nr': nr})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM, "set_mem_type", domid, {"mem_type": mem_type, "first_pfn": first_pfn, "nr": nr}, layer="privcmd"
-            )
+            raise _xen_error(_EPERM, 'set_mem_type', domid, {'mem_type': mem_type, 'first_pfn': first_pfn, 'nr': nr}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "set_mem_type")
+            raise _ClosedHandleError("the privcmd handle is closed", 'set_mem_type')
         try:
             _arena = _pop()
         except IndexError:
@@ -1717,9 +1468,7 @@ def hypercall_set_mem_type(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO, "set_mem_type", domid, {"mem_type": mem_type, "first_pfn": first_pfn, "nr": nr}
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'set_mem_type', domid, {'mem_type': mem_type, 'first_pfn': first_pfn, 'nr': nr}) from None
         finally:
             _push(_arena)
 
@@ -1738,32 +1487,20 @@ def dm_op_set_pci_intx_level(b: Binding) -> Callable[..., Any]:
 
     def set_pci_intx_level(domid, domain, bus, device, intx, level):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and domain.__class__ is int
-            and 0 <= domain <= 0xFFFF
-            and bus.__class__ is int
-            and 0 <= bus <= 0xFF
-            and device.__class__ is int
-            and 0 <= device <= 0x1F
-            and intx.__class__ is int
-            and 0 <= intx <= 0x3
-            and level.__class__ is int
-            and 0 <= level <= 0x1
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and domain.__class__ is int and 0 <= domain <= 0xffff
+            and bus.__class__ is int and 0 <= bus <= 0xff
+            and device.__class__ is int and 0 <= device <= 0x1f
+            and intx.__class__ is int and 0 <= intx <= 0x3
+            and level.__class__ is int and 0 <= level <= 0x1
         ):
-            _check(domid, {"domain": domain, "bus": bus, "device": device, "intx": intx, "level": level})
+            _check(domid, {'domain': domain, 'bus': bus, 'device': device, 'intx': intx, 'level': level})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM,
-                "set_pci_intx_level",
-                domid,
-                {"domain": domain, "bus": bus, "device": device, "intx": intx, "level": level},
-                layer="privcmd",
-            )
+            raise _xen_error(_EPERM, 'set_pci_intx_level', domid, {'domain': domain, 'bus': bus, 'device': device, 'intx': intx, 'level': level}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "set_pci_intx_level")
+            raise _ClosedHandleError("the privcmd handle is closed", 'set_pci_intx_level')
         try:
             _arena = _pop()
         except IndexError:
@@ -1771,20 +1508,13 @@ def dm_op_set_pci_intx_level(b: Binding) -> Callable[..., Any]:
         _view = _arena.view
         try:
             # request (dom, num, ubufs), bufs[0] (the op), bufs[1]; op 8 (XEN_DMOP_set_pci_intx_level): domain, bus, device, intx, level
-            _pack_request(
-                _view, 0, domid, 1, _arena.bufs_addr, _arena.op_addr, 32, 0, 0, 8, domain, bus, device, intx, level
-            )
+            _pack_request(_view, 0, domid, 1, _arena.bufs_addr, _arena.op_addr, 32, 0, 0, 8, domain, bus, device, intx, level)
             _ioctl(_target, IOCTL_PRIVCMD_DM_OP, _arena.dm_op, True)
             return None, []
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO,
-                "set_pci_intx_level",
-                domid,
-                {"domain": domain, "bus": bus, "device": device, "intx": intx, "level": level},
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'set_pci_intx_level', domid, {'domain': domain, 'bus': bus, 'device': device, 'intx': intx, 'level': level}) from None
         finally:
             _push(_arena)
 
@@ -1803,32 +1533,20 @@ def hypercall_set_pci_intx_level(b: Binding) -> Callable[..., Any]:
 
     def set_pci_intx_level(domid, domain, bus, device, intx, level):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and domain.__class__ is int
-            and 0 <= domain <= 0xFFFF
-            and bus.__class__ is int
-            and 0 <= bus <= 0xFF
-            and device.__class__ is int
-            and 0 <= device <= 0x1F
-            and intx.__class__ is int
-            and 0 <= intx <= 0x3
-            and level.__class__ is int
-            and 0 <= level <= 0x1
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and domain.__class__ is int and 0 <= domain <= 0xffff
+            and bus.__class__ is int and 0 <= bus <= 0xff
+            and device.__class__ is int and 0 <= device <= 0x1f
+            and intx.__class__ is int and 0 <= intx <= 0x3
+            and level.__class__ is int and 0 <= level <= 0x1
         ):
-            _check(domid, {"domain": domain, "bus": bus, "device": device, "intx": intx, "level": level})
+            _check(domid, {'domain': domain, 'bus': bus, 'device': device, 'intx': intx, 'level': level})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM,
-                "set_pci_intx_level",
-                domid,
-                {"domain": domain, "bus": bus, "device": device, "intx": intx, "level": level},
-                layer="privcmd",
-            )
+            raise _xen_error(_EPERM, 'set_pci_intx_level', domid, {'domain': domain, 'bus': bus, 'device': device, 'intx': intx, 'level': level}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "set_pci_intx_level")
+            raise _ClosedHandleError("the privcmd handle is closed", 'set_pci_intx_level')
         try:
             _arena = _pop()
         except IndexError:
@@ -1843,12 +1561,7 @@ def hypercall_set_pci_intx_level(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO,
-                "set_pci_intx_level",
-                domid,
-                {"domain": domain, "bus": bus, "device": device, "intx": intx, "level": level},
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'set_pci_intx_level', domid, {'domain': domain, 'bus': bus, 'device': device, 'intx': intx, 'level': level}) from None
         finally:
             _push(_arena)
 
@@ -1867,20 +1580,17 @@ def dm_op_set_pci_link_route(b: Binding) -> Callable[..., Any]:
 
     def set_pci_link_route(domid, link, isa_irq):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and link.__class__ is int
-            and 0 <= link <= 0x3
-            and isa_irq.__class__ is int
-            and 0 <= isa_irq <= 0xFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and link.__class__ is int and 0 <= link <= 0x3
+            and isa_irq.__class__ is int and 0 <= isa_irq <= 0xff
         ):
-            _check(domid, {"link": link, "isa_irq": isa_irq})
+            _check(domid, {'link': link, 'isa_irq': isa_irq})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "set_pci_link_route", domid, {"link": link, "isa_irq": isa_irq}, layer="privcmd")
+            raise _xen_error(_EPERM, 'set_pci_link_route', domid, {'link': link, 'isa_irq': isa_irq}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "set_pci_link_route")
+            raise _ClosedHandleError("the privcmd handle is closed", 'set_pci_link_route')
         try:
             _arena = _pop()
         except IndexError:
@@ -1894,9 +1604,7 @@ def dm_op_set_pci_link_route(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO, "set_pci_link_route", domid, {"link": link, "isa_irq": isa_irq}
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'set_pci_link_route', domid, {'link': link, 'isa_irq': isa_irq}) from None
         finally:
             _push(_arena)
 
@@ -1915,20 +1623,17 @@ def hypercall_set_pci_link_route(b: Binding) -> Callable[..., Any]:
 
     def set_pci_link_route(domid, link, isa_irq):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and link.__class__ is int
-            and 0 <= link <= 0x3
-            and isa_irq.__class__ is int
-            and 0 <= isa_irq <= 0xFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and link.__class__ is int and 0 <= link <= 0x3
+            and isa_irq.__class__ is int and 0 <= isa_irq <= 0xff
         ):
-            _check(domid, {"link": link, "isa_irq": isa_irq})
+            _check(domid, {'link': link, 'isa_irq': isa_irq})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "set_pci_link_route", domid, {"link": link, "isa_irq": isa_irq}, layer="privcmd")
+            raise _xen_error(_EPERM, 'set_pci_link_route', domid, {'link': link, 'isa_irq': isa_irq}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "set_pci_link_route")
+            raise _ClosedHandleError("the privcmd handle is closed", 'set_pci_link_route')
         try:
             _arena = _pop()
         except IndexError:
@@ -1943,9 +1648,7 @@ def hypercall_set_pci_link_route(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO, "set_pci_link_route", domid, {"link": link, "isa_irq": isa_irq}
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'set_pci_link_route', domid, {'link': link, 'isa_irq': isa_irq}) from None
         finally:
             _push(_arena)
 
@@ -1965,20 +1668,17 @@ def dm_op_track_dirty_vram(b: Binding) -> Callable[..., Any]:
 
     def track_dirty_vram(domid, first_pfn, nr, out):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and first_pfn.__class__ is int
-            and 0 <= first_pfn <= 0xFFFFFFFFFFFFFFFF
-            and nr.__class__ is int
-            and 0 <= nr <= 0xFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and first_pfn.__class__ is int and 0 <= first_pfn <= 0xffffffffffffffff
+            and nr.__class__ is int and 0 <= nr <= 0xffffffff
         ):
-            _check(domid, {"first_pfn": first_pfn, "nr": nr})
+            _check(domid, {'first_pfn': first_pfn, 'nr': nr})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "track_dirty_vram", domid, {"first_pfn": first_pfn, "nr": nr}, layer="privcmd")
+            raise _xen_error(_EPERM, 'track_dirty_vram', domid, {'first_pfn': first_pfn, 'nr': nr}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "track_dirty_vram")
+            raise _ClosedHandleError("the privcmd handle is closed", 'track_dirty_vram')
         try:
             _arena = _pop()
         except IndexError:
@@ -1989,25 +1689,25 @@ def dm_op_track_dirty_vram(b: Binding) -> Callable[..., Any]:
             if _nbytes > _room:
                 _arena.slot_offset(0, _nbytes)  # raises, naming sizes
             if out is None:  # never hand Xen a buffer holding the last call's answer
-                _view[4096 : 4096 + _nbytes] = _ZEROS[:_nbytes]
+                _view[4096:4096 + _nbytes] = _ZEROS[:_nbytes]
                 _uptr, _usize = _arena.slot_addr if _nbytes else _arena.slot_addr + 16, _nbytes
             else:
                 if out.__class__ in _CTYPES_MEMORY_CLASSES:  # a ctypes class met before (caller_memory adds it)
                     _addr, _size = _addressof(out), _sizeof(out)
                 else:
-                    _addr, _size, _keep = _caller_memory("track_dirty_vram", "out", out, True)
+                    _addr, _size, _keep = _caller_memory('track_dirty_vram', 'out', out, True)
                 if _size < _nbytes:
-                    raise _ArgumentError("track_dirty_vram", "out", _size, f"must hold at least {_nbytes} bytes")
+                    raise _ArgumentError('track_dirty_vram', 'out', _size, f'must hold at least {_nbytes} bytes')
                 _uptr, _usize = _addr if _nbytes else _arena.slot_addr + 16, _nbytes
             # request (dom, num, ubufs), bufs[0] (the op), bufs[1]; op 7 (XEN_DMOP_track_dirty_vram): nr, pad, first_pfn
             _pack_request(_view, 0, domid, 2, _arena.bufs_addr, _arena.op_addr, 32, _uptr, _usize, 7, nr, 0, first_pfn)
             _ioctl(_target, IOCTL_PRIVCMD_DM_OP, _arena.dm_op, True)
-            _outs = [_view[4096 : 4096 + _nbytes].tobytes() if out is None else out]
+            _outs = [_view[4096:4096 + _nbytes].tobytes() if out is None else out]
             return None, _outs
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "track_dirty_vram", domid, {"first_pfn": first_pfn, "nr": nr}) from None
+            raise _xen_error(_e.errno or _EIO, 'track_dirty_vram', domid, {'first_pfn': first_pfn, 'nr': nr}) from None
         finally:
             _push(_arena)
 
@@ -2027,20 +1727,17 @@ def hypercall_track_dirty_vram(b: Binding) -> Callable[..., Any]:
 
     def track_dirty_vram(domid, first_pfn, nr, out):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and first_pfn.__class__ is int
-            and 0 <= first_pfn <= 0xFFFFFFFFFFFFFFFF
-            and nr.__class__ is int
-            and 0 <= nr <= 0xFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and first_pfn.__class__ is int and 0 <= first_pfn <= 0xffffffffffffffff
+            and nr.__class__ is int and 0 <= nr <= 0xffffffff
         ):
-            _check(domid, {"first_pfn": first_pfn, "nr": nr})
+            _check(domid, {'first_pfn': first_pfn, 'nr': nr})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "track_dirty_vram", domid, {"first_pfn": first_pfn, "nr": nr}, layer="privcmd")
+            raise _xen_error(_EPERM, 'track_dirty_vram', domid, {'first_pfn': first_pfn, 'nr': nr}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "track_dirty_vram")
+            raise _ClosedHandleError("the privcmd handle is closed", 'track_dirty_vram')
         try:
             _arena = _pop()
         except IndexError:
@@ -2051,15 +1748,15 @@ def hypercall_track_dirty_vram(b: Binding) -> Callable[..., Any]:
             if _nbytes > _room:
                 _arena.slot_offset(0, _nbytes)  # raises, naming sizes
             if out is None:  # never hand Xen a buffer holding the last call's answer
-                _view[4096 : 4096 + _nbytes] = _ZEROS[:_nbytes]
+                _view[4096:4096 + _nbytes] = _ZEROS[:_nbytes]
                 _pack_buf(_view, 32, _arena.slot_addr if _nbytes else _arena.slot_addr + 16, _nbytes)
             else:
                 if out.__class__ in _CTYPES_MEMORY_CLASSES:  # a ctypes class met before (caller_memory adds it)
                     _addr, _size = _addressof(out), _sizeof(out)
                 else:
-                    _addr, _size, _keep = _caller_memory("track_dirty_vram", "out", out, True)
+                    _addr, _size, _keep = _caller_memory('track_dirty_vram', 'out', out, True)
                 if _size < _nbytes:
-                    raise _ArgumentError("track_dirty_vram", "out", _size, f"must hold at least {_nbytes} bytes")
+                    raise _ArgumentError('track_dirty_vram', 'out', _size, f'must hold at least {_nbytes} bytes')
                 if _nbytes:
                     _memmove(_arena.slot_addr, _addr, _nbytes)
                 _pack_buf(_view, 32, _arena.slot_addr if _nbytes else _arena.slot_addr + 16, _nbytes)
@@ -2069,12 +1766,12 @@ def hypercall_track_dirty_vram(b: Binding) -> Callable[..., Any]:
             _ioctl(_target, IOCTL_PRIVCMD_HYPERCALL, _arena.hypercall, True)
             if out is not None and _nbytes:
                 _memmove(_addr, _arena.slot_addr, _nbytes)
-            _outs = [_view[4096 : 4096 + _nbytes].tobytes() if out is None else out]
+            _outs = [_view[4096:4096 + _nbytes].tobytes() if out is None else out]
             return None, _outs
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "track_dirty_vram", domid, {"first_pfn": first_pfn, "nr": nr}) from None
+            raise _xen_error(_e.errno or _EIO, 'track_dirty_vram', domid, {'first_pfn': first_pfn, 'nr': nr}) from None
         finally:
             _push(_arena)
 
@@ -2093,30 +1790,19 @@ def dm_op_unmap_io_range_from_ioreq_server(b: Binding) -> Callable[..., Any]:
 
     def unmap_io_range_from_ioreq_server(domid, id, type, start, end):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and id.__class__ is int
-            and 0 <= id <= 0xFFFF
-            and type.__class__ is int
-            and 0 <= type <= 0xFFFFFFFF
-            and start.__class__ is int
-            and 0 <= start <= 0xFFFFFFFFFFFFFFFF
-            and end.__class__ is int
-            and 0 <= end <= 0xFFFFFFFFFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and id.__class__ is int and 0 <= id <= 0xffff
+            and type.__class__ is int and 0 <= type <= 0xffffffff
+            and start.__class__ is int and 0 <= start <= 0xffffffffffffffff
+            and end.__class__ is int and 0 <= end <= 0xffffffffffffffff
         ):
-            _check(domid, {"id": id, "type": type, "start": start, "end": end})
+            _check(domid, {'id': id, 'type': type, 'start': start, 'end': end})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM,
-                "unmap_io_range_from_ioreq_server",
-                domid,
-                {"id": id, "type": type, "start": start, "end": end},
-                layer="privcmd",
-            )
+            raise _xen_error(_EPERM, 'unmap_io_range_from_ioreq_server', domid, {'id': id, 'type': type, 'start': start, 'end': end}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "unmap_io_range_from_ioreq_server")
+            raise _ClosedHandleError("the privcmd handle is closed", 'unmap_io_range_from_ioreq_server')
         try:
             _arena = _pop()
         except IndexError:
@@ -2130,12 +1816,7 @@ def dm_op_unmap_io_range_from_ioreq_server(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO,
-                "unmap_io_range_from_ioreq_server",
-                domid,
-                {"id": id, "type": type, "start": start, "end": end},
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'unmap_io_range_from_ioreq_server', domid, {'id': id, 'type': type, 'start': start, 'end': end}) from None
         finally:
             _push(_arena)
 
@@ -2154,30 +1835,19 @@ def hypercall_unmap_io_range_from_ioreq_server(b: Binding) -> Callable[..., Any]
 
     def unmap_io_range_from_ioreq_server(domid, id, type, start, end):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and id.__class__ is int
-            and 0 <= id <= 0xFFFF
-            and type.__class__ is int
-            and 0 <= type <= 0xFFFFFFFF
-            and start.__class__ is int
-            and 0 <= start <= 0xFFFFFFFFFFFFFFFF
-            and end.__class__ is int
-            and 0 <= end <= 0xFFFFFFFFFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and id.__class__ is int and 0 <= id <= 0xffff
+            and type.__class__ is int and 0 <= type <= 0xffffffff
+            and start.__class__ is int and 0 <= start <= 0xffffffffffffffff
+            and end.__class__ is int and 0 <= end <= 0xffffffffffffffff
         ):
-            _check(domid, {"id": id, "type": type, "start": start, "end": end})
+            _check(domid, {'id': id, 'type': type, 'start': start, 'end': end})
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM,
-                "unmap_io_range_from_ioreq_server",
-                domid,
-                {"id": id, "type": type, "start": start, "end": end},
-                layer="privcmd",
-            )
+            raise _xen_error(_EPERM, 'unmap_io_range_from_ioreq_server', domid, {'id': id, 'type': type, 'start': start, 'end': end}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "unmap_io_range_from_ioreq_server")
+            raise _ClosedHandleError("the privcmd handle is closed", 'unmap_io_range_from_ioreq_server')
         try:
             _arena = _pop()
         except IndexError:
@@ -2192,12 +1862,7 @@ def hypercall_unmap_io_range_from_ioreq_server(b: Binding) -> Callable[..., Any]
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO,
-                "unmap_io_range_from_ioreq_server",
-                domid,
-                {"id": id, "type": type, "start": start, "end": end},
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'unmap_io_range_from_ioreq_server', domid, {'id': id, 'type': type, 'start': start, 'end': end}) from None
         finally:
             _push(_arena)
 
@@ -2216,20 +1881,17 @@ def entry_inject_msi(b: Binding) -> Callable[..., Any]:
 
     def inject_msi(domid, msi_addr, msi_data):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and msi_addr.__class__ is int
-            and 0 <= msi_addr <= 0xFFFFFFFFFFFFFFFF
-            and msi_data.__class__ is int
-            and 0 <= msi_data <= 0xFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and msi_addr.__class__ is int and 0 <= msi_addr <= 0xffffffffffffffff
+            and msi_data.__class__ is int and 0 <= msi_data <= 0xffffffff
         ):
             return _general(domid, msi_addr, msi_data)
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "inject_msi", domid, {"addr": msi_addr, "data": msi_data}, layer="privcmd")
+            raise _xen_error(_EPERM, 'inject_msi', domid, {'addr': msi_addr, 'data': msi_data}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "inject_msi")
+            raise _ClosedHandleError("the privcmd handle is closed", 'inject_msi')
         try:
             _arena = _pop()
         except IndexError:
@@ -2243,7 +1905,7 @@ def entry_inject_msi(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "inject_msi", domid, {"addr": msi_addr, "data": msi_data}) from None
+            raise _xen_error(_e.errno or _EIO, 'inject_msi', domid, {'addr': msi_addr, 'data': msi_data}) from None
         finally:
             _push(_arena)
 
@@ -2262,7 +1924,10 @@ def entry_modified_memory_bulk(b: Binding) -> Callable[..., Any]:
     _general = b.general
 
     def modified_memory_bulk(domid, extents):
-        if not (domid.__class__ is int and 0 <= domid <= 0xFFFF and extents.__class__ in _CTYPES_MEMORY_CLASSES):
+        if not (
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and extents.__class__ in _CTYPES_MEMORY_CLASSES
+        ):
             return _general(domid, extents)
         _nbytes = _sizeof(extents)
         if _nbytes % 16 or not _nbytes:
@@ -2272,10 +1937,10 @@ def entry_modified_memory_bulk(b: Binding) -> Callable[..., Any]:
         nr_extents = _nbytes // 16
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "modified_memory", domid, {}, layer="privcmd")
+            raise _xen_error(_EPERM, 'modified_memory', domid, {}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "modified_memory_bulk")
+            raise _ClosedHandleError("the privcmd handle is closed", 'modified_memory_bulk')
         try:
             _arena = _pop()
         except IndexError:
@@ -2290,7 +1955,7 @@ def entry_modified_memory_bulk(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "modified_memory", domid, {}) from None
+            raise _xen_error(_e.errno or _EIO, 'modified_memory', domid, {}) from None
         finally:
             _push(_arena)
 
@@ -2309,20 +1974,17 @@ def entry_set_irq_level(b: Binding) -> Callable[..., Any]:
 
     def set_irq_level(domid, irq, level):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and irq.__class__ is int
-            and 0 <= irq <= 0xFFFFFFFF
-            and level.__class__ is int
-            and 0 <= level <= 0x1
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and irq.__class__ is int and 0 <= irq <= 0xffffffff
+            and level.__class__ is int and 0 <= level <= 0x1
         ):
             return _general(domid, irq, level)
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "set_irq_level", domid, {"irq": irq, "level": level}, layer="privcmd")
+            raise _xen_error(_EPERM, 'set_irq_level', domid, {'irq': irq, 'level': level}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "set_irq_level")
+            raise _ClosedHandleError("the privcmd handle is closed", 'set_irq_level')
         try:
             _arena = _pop()
         except IndexError:
@@ -2336,7 +1998,7 @@ def entry_set_irq_level(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "set_irq_level", domid, {"irq": irq, "level": level}) from None
+            raise _xen_error(_e.errno or _EIO, 'set_irq_level', domid, {'irq': irq, 'level': level}) from None
         finally:
             _push(_arena)
 
@@ -2355,20 +2017,17 @@ def entry_set_isa_irq_level(b: Binding) -> Callable[..., Any]:
 
     def set_isa_irq_level(domid, irq, level):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and irq.__class__ is int
-            and 0 <= irq <= 0xFF
-            and level.__class__ is int
-            and 0 <= level <= 0x1
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and irq.__class__ is int and 0 <= irq <= 0xff
+            and level.__class__ is int and 0 <= level <= 0x1
         ):
             return _general(domid, irq, level)
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "set_isa_irq_level", domid, {"isa_irq": irq, "level": level}, layer="privcmd")
+            raise _xen_error(_EPERM, 'set_isa_irq_level', domid, {'isa_irq': irq, 'level': level}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "set_isa_irq_level")
+            raise _ClosedHandleError("the privcmd handle is closed", 'set_isa_irq_level')
         try:
             _arena = _pop()
         except IndexError:
@@ -2382,7 +2041,7 @@ def entry_set_isa_irq_level(b: Binding) -> Callable[..., Any]:
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "set_isa_irq_level", domid, {"isa_irq": irq, "level": level}) from None
+            raise _xen_error(_e.errno or _EIO, 'set_isa_irq_level', domid, {'isa_irq': irq, 'level': level}) from None
         finally:
             _push(_arena)
 
@@ -2401,32 +2060,20 @@ def entry_set_pci_intx_level(b: Binding) -> Callable[..., Any]:
 
     def set_pci_intx_level(domid, segment, bus, device, intx, level):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and segment.__class__ is int
-            and 0 <= segment <= 0xFFFF
-            and bus.__class__ is int
-            and 0 <= bus <= 0xFF
-            and device.__class__ is int
-            and 0 <= device <= 0x1F
-            and intx.__class__ is int
-            and 0 <= intx <= 0x3
-            and level.__class__ is int
-            and 0 <= level <= 0x1
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and segment.__class__ is int and 0 <= segment <= 0xffff
+            and bus.__class__ is int and 0 <= bus <= 0xff
+            and device.__class__ is int and 0 <= device <= 0x1f
+            and intx.__class__ is int and 0 <= intx <= 0x3
+            and level.__class__ is int and 0 <= level <= 0x1
         ):
             return _general(domid, segment, bus, device, intx, level)
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(
-                _EPERM,
-                "set_pci_intx_level",
-                domid,
-                {"domain": segment, "bus": bus, "device": device, "intx": intx, "level": level},
-                layer="privcmd",
-            )
+            raise _xen_error(_EPERM, 'set_pci_intx_level', domid, {'domain': segment, 'bus': bus, 'device': device, 'intx': intx, 'level': level}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "set_pci_intx_level")
+            raise _ClosedHandleError("the privcmd handle is closed", 'set_pci_intx_level')
         try:
             _arena = _pop()
         except IndexError:
@@ -2434,20 +2081,13 @@ def entry_set_pci_intx_level(b: Binding) -> Callable[..., Any]:
         _view = _arena.view
         try:
             # request (dom, num, ubufs), bufs[0] (the op), bufs[1]; op 8 (XEN_DMOP_set_pci_intx_level): domain, bus, device, intx, level
-            _pack_request(
-                _view, 0, domid, 1, _arena.bufs_addr, _arena.op_addr, 32, 0, 0, 8, segment, bus, device, intx, level
-            )
+            _pack_request(_view, 0, domid, 1, _arena.bufs_addr, _arena.op_addr, 32, 0, 0, 8, segment, bus, device, intx, level)
             _ioctl(_target, IOCTL_PRIVCMD_DM_OP, _arena.dm_op, True)
             return None
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(
-                _e.errno or _EIO,
-                "set_pci_intx_level",
-                domid,
-                {"domain": segment, "bus": bus, "device": device, "intx": intx, "level": level},
-            ) from None
+            raise _xen_error(_e.errno or _EIO, 'set_pci_intx_level', domid, {'domain': segment, 'bus': bus, 'device': device, 'intx': intx, 'level': level}) from None
         finally:
             _push(_arena)
 
@@ -2467,12 +2107,9 @@ def entry_track_dirty_vram(b: Binding) -> Callable[..., Any]:
 
     def track_dirty_vram(domid, first_pfn, nr, out=None):
         if not (
-            domid.__class__ is int
-            and 0 <= domid <= 0xFFFF
-            and first_pfn.__class__ is int
-            and 0 <= first_pfn <= 0xFFFFFFFFFFFFFFFF
-            and nr.__class__ is int
-            and 0 <= nr <= 0xFFFFFFFF
+            domid.__class__ is int and 0 <= domid <= 0xffff
+            and first_pfn.__class__ is int and 0 <= first_pfn <= 0xffffffffffffffff
+            and nr.__class__ is int and 0 <= nr <= 0xffffffff
         ):
             return _general(domid, first_pfn, nr, out)
         _nbytes = ((nr + 7) // 8) * 1
@@ -2480,10 +2117,10 @@ def entry_track_dirty_vram(b: Binding) -> Callable[..., Any]:
             return _general(domid, first_pfn, nr, out)
         _restricted = _backend.restricted_to
         if _restricted is not None and domid != _restricted:
-            raise _xen_error(_EPERM, "track_dirty_vram", domid, {"first_pfn": first_pfn, "nr": nr}, layer="privcmd")
+            raise _xen_error(_EPERM, 'track_dirty_vram', domid, {'first_pfn': first_pfn, 'nr': nr}, layer="privcmd")
         _target = _backend.ioctl_target
         if _target is None:
-            raise _ClosedHandleError("the privcmd handle is closed", "track_dirty_vram")
+            raise _ClosedHandleError("the privcmd handle is closed", 'track_dirty_vram')
         try:
             _arena = _pop()
         except IndexError:
@@ -2491,24 +2128,24 @@ def entry_track_dirty_vram(b: Binding) -> Callable[..., Any]:
         _view = _arena.view
         try:
             if out is None:  # never hand Xen a buffer holding the last call's answer
-                _view[4096 : 4096 + _nbytes] = _ZEROS[:_nbytes]
+                _view[4096:4096 + _nbytes] = _ZEROS[:_nbytes]
                 _uptr, _usize = _arena.slot_addr if _nbytes else _arena.slot_addr + 16, _nbytes
             else:
                 if out.__class__ in _CTYPES_MEMORY_CLASSES:  # a ctypes class met before (caller_memory adds it)
                     _addr, _size = _addressof(out), _sizeof(out)
                 else:
-                    _addr, _size, _keep = _caller_memory("track_dirty_vram", "out", out, True)
+                    _addr, _size, _keep = _caller_memory('track_dirty_vram', 'out', out, True)
                 if _size < _nbytes:
-                    raise _ArgumentError("track_dirty_vram", "out", _size, f"must hold at least {_nbytes} bytes")
+                    raise _ArgumentError('track_dirty_vram', 'out', _size, f'must hold at least {_nbytes} bytes')
                 _uptr, _usize = _addr if _nbytes else _arena.slot_addr + 16, _nbytes
             # request (dom, num, ubufs), bufs[0] (the op), bufs[1]; op 7 (XEN_DMOP_track_dirty_vram): nr, pad, first_pfn
             _pack_request(_view, 0, domid, 2, _arena.bufs_addr, _arena.op_addr, 32, _uptr, _usize, 7, nr, 0, first_pfn)
             _ioctl(_target, IOCTL_PRIVCMD_DM_OP, _arena.dm_op, True)
-            return _view[4096 : 4096 + _nbytes].tobytes() if out is None else out
+            return _view[4096:4096 + _nbytes].tobytes() if out is None else out
         except _XenError:
             raise
         except OSError as _e:
-            raise _xen_error(_e.errno or _EIO, "track_dirty_vram", domid, {"first_pfn": first_pfn, "nr": nr}) from None
+            raise _xen_error(_e.errno or _EIO, 'track_dirty_vram', domid, {'first_pfn': first_pfn, 'nr': nr}) from None
         finally:
             _push(_arena)
 
@@ -2517,68 +2154,53 @@ def entry_track_dirty_vram(b: Binding) -> Callable[..., Any]:
 
 #: (op, fields, slot arguments, HYPERCALL?) -> factory of ``PrivcmdBackend.compile_call``
 CALLS: dict[tuple[str, tuple[str, ...], tuple[str, ...], bool], Callable[[Binding], Callable[..., Any]]] = {
-    ("create_ioreq_server", ("handle_bufioreq",), (), False): dm_op_create_ioreq_server,
-    ("create_ioreq_server", ("handle_bufioreq",), (), True): hypercall_create_ioreq_server,
-    ("destroy_ioreq_server", ("id",), (), False): dm_op_destroy_ioreq_server,
-    ("destroy_ioreq_server", ("id",), (), True): hypercall_destroy_ioreq_server,
-    ("get_ioreq_server_info", ("id", "flags"), (), False): dm_op_get_ioreq_server_info,
-    ("get_ioreq_server_info", ("id", "flags"), (), True): hypercall_get_ioreq_server_info,
-    ("inject_event", ("vcpuid", "vector", "type", "error_code", "insn_len", "cr2"), (), False): dm_op_inject_event,
-    ("inject_event", ("vcpuid", "vector", "type", "error_code", "insn_len", "cr2"), (), True): hypercall_inject_event,
-    ("inject_msi", ("addr", "data"), (), False): dm_op_inject_msi,
-    ("inject_msi", ("addr", "data"), (), True): hypercall_inject_msi,
-    ("map_io_range_to_ioreq_server", ("id", "type", "start", "end"), (), False): dm_op_map_io_range_to_ioreq_server,
-    ("map_io_range_to_ioreq_server", ("id", "type", "start", "end"), (), True): hypercall_map_io_range_to_ioreq_server,
-    ("map_mem_type_to_ioreq_server", ("id", "type", "flags"), (), False): dm_op_map_mem_type_to_ioreq_server,
-    ("map_mem_type_to_ioreq_server", ("id", "type", "flags"), (), True): hypercall_map_mem_type_to_ioreq_server,
-    ("modified_memory", ("nr_extents",), ("extents",), False): dm_op_modified_memory,
-    ("modified_memory", ("nr_extents",), ("extents",), True): hypercall_modified_memory,
-    ("nr_vcpus", (), (), False): dm_op_nr_vcpus,
-    ("nr_vcpus", (), (), True): hypercall_nr_vcpus,
-    ("pin_memory_cacheattr", ("start", "end", "type"), (), False): dm_op_pin_memory_cacheattr,
-    ("pin_memory_cacheattr", ("start", "end", "type"), (), True): hypercall_pin_memory_cacheattr,
-    ("relocate_memory", ("size", "src_gfn", "dst_gfn"), (), False): dm_op_relocate_memory,
-    ("relocate_memory", ("size", "src_gfn", "dst_gfn"), (), True): hypercall_relocate_memory,
-    ("remote_shutdown", ("reason",), (), False): dm_op_remote_shutdown,
-    ("remote_shutdown", ("reason",), (), True): hypercall_remote_shutdown,
-    ("set_ioreq_server_state", ("id", "enabled"), (), False): dm_op_set_ioreq_server_state,
-    ("set_ioreq_server_state", ("id", "enabled"), (), True): hypercall_set_ioreq_server_state,
-    ("set_irq_level", ("irq", "level"), (), False): dm_op_set_irq_level,
-    ("set_irq_level", ("irq", "level"), (), True): hypercall_set_irq_level,
-    ("set_isa_irq_level", ("isa_irq", "level"), (), False): dm_op_set_isa_irq_level,
-    ("set_isa_irq_level", ("isa_irq", "level"), (), True): hypercall_set_isa_irq_level,
-    ("set_mem_type", ("mem_type", "first_pfn", "nr"), (), False): dm_op_set_mem_type,
-    ("set_mem_type", ("mem_type", "first_pfn", "nr"), (), True): hypercall_set_mem_type,
-    ("set_pci_intx_level", ("domain", "bus", "device", "intx", "level"), (), False): dm_op_set_pci_intx_level,
-    ("set_pci_intx_level", ("domain", "bus", "device", "intx", "level"), (), True): hypercall_set_pci_intx_level,
-    ("set_pci_link_route", ("link", "isa_irq"), (), False): dm_op_set_pci_link_route,
-    ("set_pci_link_route", ("link", "isa_irq"), (), True): hypercall_set_pci_link_route,
-    ("track_dirty_vram", ("first_pfn", "nr"), ("out",), False): dm_op_track_dirty_vram,
-    ("track_dirty_vram", ("first_pfn", "nr"), ("out",), True): hypercall_track_dirty_vram,
-    (
-        "unmap_io_range_from_ioreq_server",
-        ("id", "type", "start", "end"),
-        (),
-        False,
-    ): dm_op_unmap_io_range_from_ioreq_server,
-    (
-        "unmap_io_range_from_ioreq_server",
-        ("id", "type", "start", "end"),
-        (),
-        True,
-    ): hypercall_unmap_io_range_from_ioreq_server,
+    ('create_ioreq_server', ('handle_bufioreq',), (), False): dm_op_create_ioreq_server,
+    ('create_ioreq_server', ('handle_bufioreq',), (), True): hypercall_create_ioreq_server,
+    ('destroy_ioreq_server', ('id',), (), False): dm_op_destroy_ioreq_server,
+    ('destroy_ioreq_server', ('id',), (), True): hypercall_destroy_ioreq_server,
+    ('get_ioreq_server_info', ('id', 'flags'), (), False): dm_op_get_ioreq_server_info,
+    ('get_ioreq_server_info', ('id', 'flags'), (), True): hypercall_get_ioreq_server_info,
+    ('inject_event', ('vcpuid', 'vector', 'type', 'error_code', 'insn_len', 'cr2'), (), False): dm_op_inject_event,
+    ('inject_event', ('vcpuid', 'vector', 'type', 'error_code', 'insn_len', 'cr2'), (), True): hypercall_inject_event,
+    ('inject_msi', ('addr', 'data'), (), False): dm_op_inject_msi,
+    ('inject_msi', ('addr', 'data'), (), True): hypercall_inject_msi,
+    ('map_io_range_to_ioreq_server', ('id', 'type', 'start', 'end'), (), False): dm_op_map_io_range_to_ioreq_server,
+    ('map_io_range_to_ioreq_server', ('id', 'type', 'start', 'end'), (), True): hypercall_map_io_range_to_ioreq_server,
+    ('map_mem_type_to_ioreq_server', ('id', 'type', 'flags'), (), False): dm_op_map_mem_type_to_ioreq_server,
+    ('map_mem_type_to_ioreq_server', ('id', 'type', 'flags'), (), True): hypercall_map_mem_type_to_ioreq_server,
+    ('modified_memory', ('nr_extents',), ('extents',), False): dm_op_modified_memory,
+    ('modified_memory', ('nr_extents',), ('extents',), True): hypercall_modified_memory,
+    ('nr_vcpus', (), (), False): dm_op_nr_vcpus,
+    ('nr_vcpus', (), (), True): hypercall_nr_vcpus,
+    ('pin_memory_cacheattr', ('start', 'end', 'type'), (), False): dm_op_pin_memory_cacheattr,
+    ('pin_memory_cacheattr', ('start', 'end', 'type'), (), True): hypercall_pin_memory_cacheattr,
+    ('relocate_memory', ('size', 'src_gfn', 'dst_gfn'), (), False): dm_op_relocate_memory,
+    ('relocate_memory', ('size', 'src_gfn', 'dst_gfn'), (), True): hypercall_relocate_memory,
+    ('remote_shutdown', ('reason',), (), False): dm_op_remote_shutdown,
+    ('remote_shutdown', ('reason',), (), True): hypercall_remote_shutdown,
+    ('set_ioreq_server_state', ('id', 'enabled'), (), False): dm_op_set_ioreq_server_state,
+    ('set_ioreq_server_state', ('id', 'enabled'), (), True): hypercall_set_ioreq_server_state,
+    ('set_irq_level', ('irq', 'level'), (), False): dm_op_set_irq_level,
+    ('set_irq_level', ('irq', 'level'), (), True): hypercall_set_irq_level,
+    ('set_isa_irq_level', ('isa_irq', 'level'), (), False): dm_op_set_isa_irq_level,
+    ('set_isa_irq_level', ('isa_irq', 'level'), (), True): hypercall_set_isa_irq_level,
+    ('set_mem_type', ('mem_type', 'first_pfn', 'nr'), (), False): dm_op_set_mem_type,
+    ('set_mem_type', ('mem_type', 'first_pfn', 'nr'), (), True): hypercall_set_mem_type,
+    ('set_pci_intx_level', ('domain', 'bus', 'device', 'intx', 'level'), (), False): dm_op_set_pci_intx_level,
+    ('set_pci_intx_level', ('domain', 'bus', 'device', 'intx', 'level'), (), True): hypercall_set_pci_intx_level,
+    ('set_pci_link_route', ('link', 'isa_irq'), (), False): dm_op_set_pci_link_route,
+    ('set_pci_link_route', ('link', 'isa_irq'), (), True): hypercall_set_pci_link_route,
+    ('track_dirty_vram', ('first_pfn', 'nr'), ('out',), False): dm_op_track_dirty_vram,
+    ('track_dirty_vram', ('first_pfn', 'nr'), ('out',), True): hypercall_track_dirty_vram,
+    ('unmap_io_range_from_ioreq_server', ('id', 'type', 'start', 'end'), (), False): dm_op_unmap_io_range_from_ioreq_server,
+    ('unmap_io_range_from_ioreq_server', ('id', 'type', 'start', 'end'), (), True): hypercall_unmap_io_range_from_ioreq_server,
 }
 #: (op, (argument, field) pairs, slot argument, method) -> factory of ``PrivcmdBackend.compile_entry``
 ENTRIES: dict[tuple[str, tuple[tuple[str, str], ...], str | None, str], Callable[[Binding], Callable[..., Any]]] = {
-    ("inject_msi", (("msi_addr", "addr"), ("msi_data", "data")), None, "inject_msi"): entry_inject_msi,
-    ("modified_memory", (), "extents", "modified_memory_bulk"): entry_modified_memory_bulk,
-    ("set_irq_level", (("irq", "irq"), ("level", "level")), None, "set_irq_level"): entry_set_irq_level,
-    ("set_isa_irq_level", (("irq", "isa_irq"), ("level", "level")), None, "set_isa_irq_level"): entry_set_isa_irq_level,
-    (
-        "set_pci_intx_level",
-        (("segment", "domain"), ("bus", "bus"), ("device", "device"), ("intx", "intx"), ("level", "level")),
-        None,
-        "set_pci_intx_level",
-    ): entry_set_pci_intx_level,
-    ("track_dirty_vram", (("first_pfn", "first_pfn"), ("nr", "nr")), "out", "track_dirty_vram"): entry_track_dirty_vram,
+    ('inject_msi', (('msi_addr', 'addr'), ('msi_data', 'data')), None, 'inject_msi'): entry_inject_msi,
+    ('modified_memory', (), 'extents', 'modified_memory_bulk'): entry_modified_memory_bulk,
+    ('set_irq_level', (('irq', 'irq'), ('level', 'level')), None, 'set_irq_level'): entry_set_irq_level,
+    ('set_isa_irq_level', (('irq', 'isa_irq'), ('level', 'level')), None, 'set_isa_irq_level'): entry_set_isa_irq_level,
+    ('set_pci_intx_level', (('segment', 'domain'), ('bus', 'bus'), ('device', 'device'), ('intx', 'intx'), ('level', 'level')), None, 'set_pci_intx_level'): entry_set_pci_intx_level,
+    ('track_dirty_vram', (('first_pfn', 'first_pfn'), ('nr', 'nr')), 'out', 'track_dirty_vram'): entry_track_dirty_vram,
 }
