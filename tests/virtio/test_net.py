@@ -127,6 +127,35 @@ def test_an_answer_made_within_the_write_reaches_the_guest_before_the_transmit_i
     assert data.index(rx_msi) < data.index(tx_msi), data
 
 
+def test_a_look_after_a_transmit_that_finds_nothing_stops_the_looking_until_the_host_sends(
+    nic: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-way stream (UDP to a listener) would pay a read that says EAGAIN per batch."""
+    device, driver, peer = nic()
+    rx, tx = driver.queues[RECEIVEQ], driver.queues[TRANSMITQ]
+    rx.add([], [NET_HDR.size + 1514])
+    rx.kick()
+    reads: list[int] = []
+    read_tap = device._read_tap
+
+    def counting() -> int:
+        reads.append(read_tap())
+        return reads[-1]
+
+    monkeypatch.setattr(device, "_read_tap", counting)
+    sent = frame(b"ping" * 12, dst=PEER)
+    tx.request([HDR + sent], [])  # looked: nothing there
+    assert reads == [0]
+    tx.request([HDR + sent], [])  # not looked
+    assert reads == [0]
+    peer.send(frame(b"host" * 12))  # the host sends: read by the loop, and the looking is back
+    assert len(receive(rx, 1)) == 1
+    assert reads == [0, 1]
+    tx.request([HDR + sent], [])
+    assert reads == [0, 1, 0]
+    assert [peer.recv(65536) for _ in range(3)] == [sent] * 3
+
+
 def test_frames_wait_for_buffers_in_a_bounded_queue(nic: Make) -> None:
     device, driver, peer = nic(max_frames=8)
     for i in range(20):
