@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import threading
 from pathlib import Path
 
@@ -242,3 +243,62 @@ def test_call_soon_runs_after_the_rounds_events_and_again_without_waiting_a_tick
             thread.join(5)
         os.close(rfd)
         os.close(wfd)
+
+
+
+_REAL_EPOLL = select.epoll
+_TIMEOUTS: list[float | None] = []
+
+
+class _RecordingEpoll:
+    """``select.epoll`` that records the timeout of every ``poll`` in ``_TIMEOUTS``."""
+
+    def __init__(self, *args: object) -> None:
+        self._epoll = _REAL_EPOLL(*args)
+
+    def poll(self, timeout: float | None = None, maxevents: int = -1) -> list[tuple[int, int]]:
+        _TIMEOUTS.append(timeout)
+        return self._epoll.poll(timeout, maxevents)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._epoll, name)
+
+
+@pytest.mark.parametrize("watch", [None, 0.2])
+def test_a_loop_without_a_buffered_ring_sleeps_until_an_event_or_the_watch(
+    monkeypatch: pytest.MonkeyPatch, watch: float | None
+) -> None:
+    """The tick is for draining buffered rings only: with none, the loop wakes for an event, a
+    reader, the wake-up or the next ``watch``, never ten times a second (in a PV dom0 each
+    wake-up is a scheduling trip through Xen, taken from the other device models and the guest)."""
+    from xendmop.runtime import server as server_module
+
+    _TIMEOUTS.clear()
+    monkeypatch.setattr(server_module.select, "epoll", _RecordingEpoll)
+    loop = ServeLoop(tick=0.01, watch=watch)
+    rfd, wfd = os.pipe()
+    seen: list[bytes] = []
+    loop.add_reader(rfd, lambda: seen.append(os.read(rfd, 16)))
+    thread = threading.Thread(target=loop.run, kwargs={"handle_signals": False})
+    thread.start()
+    try:
+        threading.Event().wait(0.3)
+        os.write(wfd, b"x")  # a reader still wakes it at once
+        for _ in range(500):
+            if seen:
+                break
+            threading.Event().wait(0.01)
+        assert seen == [b"x"]
+    finally:
+        loop.stop()
+        thread.join(5)
+        os.close(rfd)
+        os.close(wfd)
+    assert not thread.is_alive()
+    timeouts = list(_TIMEOUTS)
+    if watch is None:
+        assert timeouts and all(t is None for t in timeouts), timeouts
+        assert len(timeouts) <= 4, timeouts  # the first wait, the reader's, the stop's
+    else:
+        assert all(t is not None and 0 <= t <= watch for t in timeouts), timeouts
+        assert len(timeouts) <= 8, timeouts  # a wait per watch (about two in 0.3 s), not per tick

@@ -17,6 +17,7 @@ from xendmop.testing import ServeThread
 from xendmop.virtio import VirtioPci
 from xendmop.virtio.driver import GuestQueue, VirtioPciDriver, find_virtio
 from xendmop.virtio.net import NET_HDR, RECEIVEQ, TRANSMITQ, VirtioNet
+from xendmop.virtio.virtqueue import Chain
 
 MAC = bytes.fromhex("025856000007")
 PEER = bytes.fromhex("02585600000f")
@@ -95,6 +96,64 @@ def test_peer_frames_reach_the_guest_with_a_header(nic: Make) -> None:
         peer.send(f)
     got = receive(rx, 3)
     assert got == [NET_HDR.pack(0, 0, 0, 0, 0, 0, 1) + f for f in frames]
+
+
+def test_an_answer_made_within_the_write_reaches_the_guest_before_the_transmit_interrupt(
+    nic: Make, xen_host: MockXen, hvm_domain: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tap's host stack answers a ping (or an ARP request) inside the write that carried it:
+    the device reads the tap right after the batch's last frame, so the answer is in the guest's
+    receive queue, with its interrupt, before the transmit queue's completion interrupt."""
+    _, driver, peer = nic()
+    rx, tx = driver.queues[RECEIVEQ], driver.queues[TRANSMITQ]
+    rx.add([], [NET_HDR.size + 1514])
+    rx.kick()
+    answer = frame(b"pong" * 12)
+    send_to = Chain.send_to
+
+    def and_answer(chain: Chain, fd: int, skip: int) -> int:
+        n = send_to(chain, fd, skip)
+        peer.send(answer)  # before the write returns, as the stack behind a tap answers
+        return n
+
+    monkeypatch.setattr(Chain, "send_to", and_answer)
+    sent = frame(b"ping" * 12, dst=PEER)
+    tx.request([HDR + sent], [])
+    assert peer.recv(65536) == sent
+    assert receive(rx, 1) == [NET_HDR.pack(0, 0, 0, 0, 0, 0, 1) + answer]
+    data = [d for _, d in xen_host.domain(hvm_domain).snapshot()["msis"]]
+    rx_msi, tx_msi = driver.msi_vector_data(rx.vector), driver.msi_vector_data(tx.vector)
+    assert rx_msi in data and tx_msi in data, data
+    assert data.index(rx_msi) < data.index(tx_msi), data
+
+
+def test_a_look_after_a_transmit_that_finds_nothing_stops_the_looking_until_the_host_sends(
+    nic: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-way stream (UDP to a listener) would pay a read that says EAGAIN per batch."""
+    device, driver, peer = nic()
+    rx, tx = driver.queues[RECEIVEQ], driver.queues[TRANSMITQ]
+    rx.add([], [NET_HDR.size + 1514])
+    rx.kick()
+    reads: list[int] = []
+    read_tap = device._read_tap
+
+    def counting() -> int:
+        reads.append(read_tap())
+        return reads[-1]
+
+    monkeypatch.setattr(device, "_read_tap", counting)
+    sent = frame(b"ping" * 12, dst=PEER)
+    tx.request([HDR + sent], [])  # looked: nothing there
+    assert reads == [0]
+    tx.request([HDR + sent], [])  # not looked
+    assert reads == [0]
+    peer.send(frame(b"host" * 12))  # the host sends: read by the loop, and the looking is back
+    assert len(receive(rx, 1)) == 1
+    assert reads == [0, 1]
+    tx.request([HDR + sent], [])
+    assert reads == [0, 1, 0]
+    assert [peer.recv(65536) for _ in range(3)] == [sent] * 3
 
 
 def test_frames_wait_for_buffers_in_a_bounded_queue(nic: Make) -> None:

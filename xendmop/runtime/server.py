@@ -1,5 +1,5 @@
 """``IoreqServer``: one ioreq server of one domain, brought up and torn down as Xen
-requires, and the loops (selectors and asyncio) that serve one or several of them.
+requires, and the loops (epoll and asyncio) that serve one or several of them.
 
 Bring-up (the order of QEMU's ``xen_register_ioreq``/``xen_map_ioreq_server`` and of
 varstored; reference §6): ``create_ioreq_server`` → map the pages by resource
@@ -57,7 +57,6 @@ import logging
 import os
 import platform
 import select
-import selectors
 import signal
 import threading
 import time
@@ -539,7 +538,7 @@ class IoreqServer:
             loop.remove_reader(self._evtchn.fileno())
         self.close()
 
-    # --- the loop core (shared by selectors and asyncio) ----------------------------------------
+    # --- the loop core (shared by ServeLoop and asyncio) ----------------------------------------
 
     def fileno(self) -> int:
         """The evtchn fd: readable when a vCPU or the buffered ring needs us."""
@@ -718,10 +717,14 @@ class IoreqServer:
 
 
 class ServeLoop:
-    """A selectors loop over several servers (one process, several domains).
+    """An epoll loop over several servers (one process, several domains).
 
     ``stop()`` is safe from any thread and from signal handlers.  When ``run``
     returns — stopped, signalled or by an exception — every server is closed.
+
+    The loop sleeps until an event channel, a reader or the wake-up fires; it wakes by
+    itself only for the next ``watch`` and, when a server has a buffered ring, every
+    ``tick`` seconds (default 0.1) to drain it, as QEMU's buffered-io timer does.
 
     Xen tells a device model nothing when its domain is destroyed, so every ``watch``
     seconds (default ``WATCH_INTERVAL``; None: never) the loop asks Xen whether each
@@ -742,7 +745,8 @@ class ServeLoop:
         self._wake_lock = threading.Lock()
         self._readers: dict[int, Callable[[], object]] = {}
         self._soon: list[Callable[[], object]] = []  # call_soon's callbacks for the end of this round
-        self._sel: selectors.BaseSelector | None = None  # while run() runs
+        self._poller: select.epoll | None = None  # while run() runs
+        self._handlers: dict[int, Callable[[], object]] = {}  # while run() runs: every watched fd's callback
 
     def add_reader(self, fd: int, callback: Callable[[], object]) -> None:
         """Also watch ``fd`` (a device's backend: a tap, a pty, a socket): ``callback()``
@@ -758,8 +762,9 @@ class ServeLoop:
         finally:
             probe.close()
         self._readers[fd] = callback
-        if self._sel is not None:
-            self._sel.register(fd, selectors.EVENT_READ, callback)
+        if self._poller is not None:
+            self._poller.register(fd, select.EPOLLIN)
+            self._handlers[fd] = callback
 
     def call_soon(self, callback: Callable[[], object]) -> None:
         """Run ``callback()`` in the loop's thread once the events that woke the loop are
@@ -773,8 +778,9 @@ class ServeLoop:
         """Stop watching ``fd`` (before ``run``, or from a callback in the loop's thread)."""
         if self._readers.pop(fd, None) is None:
             raise ValueError(f"fd {fd} is not watched by this loop")
-        if self._sel is not None:
-            self._sel.unregister(fd)
+        if self._poller is not None:
+            self._poller.unregister(fd)
+            del self._handlers[fd]
 
     def stop(self) -> None:
         self._stop = True
@@ -810,18 +816,17 @@ class ServeLoop:
         None), close every server.  Raises ``DomainGone``/``HostGone`` when a server's domain or
         its host went away (see the class), and what a server or callback raised."""
         previous: dict[signal.Signals, Any] = {}
-        # Two epolls: the loop waits on its own for the servers and the wake-up, and
-        # ``sel`` (where add_reader/remove_reader register the readers) sits inside it as
-        # one more fd, readable while any reader is.  A wake-up for an ioreq is then one
-        # epoll.poll and a dict lookup, without the selectors layer's key objects (0.7 us).
-        sel = selectors.EpollSelector()
+        # One epoll for everything: each server's event channel, the wake-up and the readers.
+        # A wake-up is one epoll.poll and a dict lookup, a reader's too (no second epoll to
+        # ask which reader: in a PV dom0 every syscall is a trip through Xen).
         poller = select.epoll()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        handlers = self._handlers
+        handlers.clear()
         try:
             if handle_signals and threading.current_thread() is threading.main_thread():
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     previous[sig] = signal.signal(sig, self._on_signal)
-            handlers: dict[int, Callable[[], object]] = {}
             for s in self.servers:
                 s.start()
                 poller.register(s.fileno(), select.EPOLLIN)
@@ -829,32 +834,42 @@ class ServeLoop:
             wake = self._wake
             poller.register(wake, select.EPOLLIN)
             for fd, callback in self._readers.items():
-                sel.register(fd, selectors.EVENT_READ, callback)
-            poller.register(sel.fileno(), select.EPOLLIN)
-            self._sel = sel
-            poll, tick, handler_for = poller.poll, self.tick, handlers.get
+                poller.register(fd, select.EPOLLIN)
+                handlers[fd] = callback
+            self._poller = poller
+            # Only a buffered ring needs the loop to wake by itself (QEMU's 100 ms timer); else
+            # it sleeps until an event, a reader or the next watch: an idle device model costs
+            # its dom0 nothing, where ten wake-ups a second, each a scheduling trip through Xen,
+            # took dom0 time from every other device model and from the guest's own vCPUs.
+            buffered = any(s.bufpage is not None for s in self.servers)
+            poll, tick, handler_for = poller.poll, self.tick if buffered else None, handlers.get
             watch, monotonic = self.watch, time.monotonic
             next_check = monotonic() + watch if watch is not None else None
             while not self._stop:
-                ready = poll(0 if self._soon else tick)
+                if self._soon:
+                    timeout: float | None = 0
+                elif next_check is None:
+                    timeout = tick
+                else:
+                    timeout = max(0.0, next_check - monotonic())
+                    if tick is not None and tick < timeout:
+                        timeout = tick
+                ready = poll(timeout)
                 try:
                     for fd, _events in ready:
                         handle = handler_for(fd)
-                        if handle is not None:
-                            handle()
-                        elif fd == wake:
+                        if fd == wake:
                             try:
                                 os.eventfd_read(wake)
                             except BlockingIOError:
                                 pass
-                        else:  # sel's epoll: some readers are readable
-                            for key, _ in sel.select(0):
-                                key.data()
+                        elif handle is not None:  # None: a reader removed by a callback this round
+                            handle()
                     if self._soon:  # those of this round; what they add waits for the next
                         soon, self._soon = self._soon, []
                         for callback in soon:
                             callback()
-                    if not ready:
+                    if not ready and buffered:
                         for s in self.servers:
                             s.drain_buffered()
                 except OSError as e:
@@ -866,8 +881,8 @@ class ServeLoop:
                     next_check = monotonic() + (watch or 0.0)
             return self.signal
         finally:
-            self._sel = None
-            sel.close()
+            self._poller = None
+            handlers.clear()
             poller.close()
             for s in reversed(self.servers):
                 s.close()  # before the previous handlers are back: a second signal cannot break the teardown

@@ -18,6 +18,7 @@ import collections
 import logging
 import os
 import struct
+from functools import partial
 
 from ..runtime import ServeLoop
 from ..runtime.dispatch import GuestMemory, RateLimitedLog
@@ -59,6 +60,8 @@ class VirtioNet(VirtioDevice):
         self.loop: ServeLoop | None = None
         self._reading = False
         self._held: Chain | None = None  # a receive buffer taken from the ring, waiting for a frame that fits
+        self._looked = 0  # stats["tx"] when the tap was last read after a transmit
+        self._answering = True  # whether to read the tap after a transmit (see _transmit_and_look)
         self._warn = RateLimitedLog(log)
 
     def config(self) -> bytes:
@@ -81,25 +84,31 @@ class VirtioNet(VirtioDevice):
 
     def on_readable(self) -> None:
         """Frames from the tap: queue what fits (at most 64 per call), then fill the guest's buffers."""
-        for _ in range(64):
+        if self._read_tap():
+            self._answering = True  # the host talks: worth a look after the next transmit too
+        if self.transport is not None and self.rx_frames:
+            self.transport.kick(RECEIVEQ)
+
+    def _read_tap(self) -> int:
+        """Read up to 64 frames into ``rx_frames``; how many were read (dropped ones included)."""
+        for n in range(64):  # n: how many were read before this try
             try:
                 frame = os.read(self.fd, MAX_FRAME)
             except BlockingIOError:
-                break
+                return n
             except OSError as e:  # the tap went away (EBADFD) or broke: stop reading it, keep serving
                 self._warn(logging.WARNING, "rx error", "virtio-net: reading the tap: %s; no more input", e)
                 self._watch(False)
-                break
+                return n
             if not frame:  # the other end closed (a packet socket's peer; a tap never reads 0)
                 self._warn(logging.WARNING, "rx end", "virtio-net: the host side closed; no more input")
                 self._watch(False)
-                break
+                return n
             if len(self.rx_frames) >= self.max_frames:
                 self.stats["rx dropped: queue full"] += 1
                 continue
             self.rx_frames.append(frame)
-        if self.transport is not None:
-            self.transport.kick(RECEIVEQ)
+        return 64
 
     # --- queues -----------------------------------------------------------------------------------------
 
@@ -108,7 +117,7 @@ class VirtioNet(VirtioDevice):
         if memory is None:
             return
         if vq.index == TRANSMITQ:
-            vq.process(memory, self._transmit)
+            vq.process(memory, self._transmit if not self._reading else partial(self._transmit_and_look, vq, memory))
             return
         try:
             self._receive(vq, memory)
@@ -134,6 +143,21 @@ class VirtioNet(VirtioDevice):
                 vq.push(memory, chain.head, chain.written, publish=False)
             if not vq.arm(memory) or not self.rx_frames:
                 return
+
+    def _transmit_and_look(self, vq: Virtqueue, memory: GuestMemory, chain: Chain) -> int:
+        """``_transmit``, and after the batch's last frame, the tap read at once: a host that
+        answers within the write (the stack answers a ping or an ARP request inside it) has
+        its answer in the receive queue, and its interrupt sent, before the transmit queue's
+        completion interrupt, and without a round of the loop.  A look that finds nothing
+        stops the looking (a one-way stream would pay a read per batch) until the host sends
+        a frame again."""
+        written = self._transmit(chain)
+        if self._answering and self.stats["tx"] != self._looked and not vq.pending(memory):
+            self._looked = self.stats["tx"]
+            self._answering = self._read_tap() > 0
+            if self.rx_frames and self.transport is not None:
+                self.transport.kick(RECEIVEQ)
+        return written
 
     def _transmit(self, chain: Chain) -> int:
         size = chain.readable_len
