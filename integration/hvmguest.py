@@ -130,19 +130,22 @@ def build_edu_module(workdir: Path) -> bytes:
     return (src / "edu.ko").read_bytes()
 
 
-def build_initramfs(workdir: Path, modules: Sequence[str] = ()) -> Path:
+def build_initramfs(workdir: Path, modules: Sequence[str] = (), *, x86_tools: bool = True) -> Path:
     """The guest's initramfs (about 1.5 MB gzip'd); built once per test session.  ``modules``:
     more of the kernel's modules, as paths under ``kernel/`` without the suffix (e.g.
     ``drivers/virtio/virtio``), each put in ``/mods/`` under its own name for ``insmod``
-    unless the kernel has it built in (``builtin_module``)."""
+    unless the kernel has it built in (``builtin_module``).  ``x86_tools=False`` (an Arm
+    guest): busybox, ``/init`` and ``modules`` only, without ``guestio`` (port IO), ``uio``
+    and the edu driver."""
     d, x = 0o040755, 0o100755
     files: dict[str, tuple[int, bytes]] = {p: (d, b"") for p in ("bin", "dev", "proc", "sys", "tmp", "lib", "mods")}
     files["init"] = (x, (HVM_SRC / "init").read_bytes())
     files["bin/busybox"] = (x, Path("/bin/busybox").read_bytes())
-    files["bin/guestio"] = (x, build_guestio(workdir))
-    files["mods/uio.ko"] = (0o100644, kernel_module("drivers/uio/uio"))
-    files["mods/uio_pci_generic.ko"] = (0o100644, kernel_module("drivers/uio/uio_pci_generic"))
-    files["mods/xendmop_edu.ko"] = (0o100644, build_edu_module(workdir))
+    if x86_tools:
+        files["bin/guestio"] = (x, build_guestio(workdir))
+        files["mods/uio.ko"] = (0o100644, kernel_module("drivers/uio/uio"))
+        files["mods/uio_pci_generic.ko"] = (0o100644, kernel_module("drivers/uio/uio_pci_generic"))
+        files["mods/xendmop_edu.ko"] = (0o100644, build_edu_module(workdir))
     for relpath in modules:
         if not builtin_module(relpath):
             files[f"mods/{Path(relpath).name}.ko"] = (0o100644, kernel_module(relpath))
@@ -226,13 +229,37 @@ class HvmGuest:
 
     def qemu_pty(self) -> str:
         """The pty QEMU gave the guest's COM1 (``serial="pty"``), from Xenstore."""
-        path = f"/local/domain/{self.domid}/serial/0/tty"
-        for _ in range(100):
-            done = subprocess.run(["xenstore-read", path], capture_output=True, text=True, check=False)
-            if done.returncode == 0 and done.stdout.strip():
-                return done.stdout.strip()
-            time.sleep(0.1)
-        raise RuntimeError(f"QEMU published no pty at {path}")
+        return xenstore_wait(f"/local/domain/{self.domid}/serial/0/tty", "QEMU")
+
+
+def xenstore_wait(path: str, who: str, tries: int = 100) -> str:
+    """The value at Xenstore ``path`` once ``who`` (QEMU, xenconsoled) has written it."""
+    for _ in range(tries):
+        done = subprocess.run(["xenstore-read", path], capture_output=True, text=True, check=False)
+        if done.returncode == 0 and done.stdout.strip():
+            return done.stdout.strip()
+        time.sleep(0.1)
+    raise RuntimeError(f"{who} published nothing at {path}")
+
+
+# --- a dom0 network namespace for a guest's NIC -----------------------------------------------------
+
+
+def netns_create(name: str) -> str:
+    """A fresh network namespace ``name`` (an old one of that name is removed first)."""
+    from pyroute2 import netns  # type: ignore[import-untyped]
+
+    if name in netns.listnetns():
+        netns.remove(name)
+    netns.create(name)
+    return name
+
+
+def netns_remove(name: str) -> None:
+    from pyroute2 import netns
+
+    if name in netns.listnetns():
+        netns.remove(name)
 
 
 _serial = 0

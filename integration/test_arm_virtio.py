@@ -67,11 +67,6 @@ DISK_SIZE = 16 << 20
 HOST_IP, GUEST_IP, PREFIX = "10.0.19.1", "10.0.19.2", 24
 GUEST_MAC = "02:58:56:00:01:01"
 CMDLINE = "console=hvc0 loglevel=4 rdinit=/init panic=-1"
-INIT = Path(__file__).resolve().parent / "lab" / "guest" / "hvm" / "init"  # the HVM guest's: no x86 in it
-
-
-def _xs(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, check=False)
 
 
 @contextlib.contextmanager
@@ -91,19 +86,6 @@ def _virtio_disk_backends() -> Iterator[list[str]]:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-
-
-def _initramfs(workdir: Path) -> Path:
-    d, x = 0o040755, 0o100755
-    files: dict[str, tuple[int, bytes]] = {p: (d, b"") for p in ("bin", "dev", "proc", "sys", "tmp", "mods")}
-    files["init"] = (x, INIT.read_bytes())
-    files["bin/busybox"] = (x, Path("/bin/busybox").read_bytes())
-    for relpath in MODULES:
-        if not hvmguest.builtin_module(relpath):
-            files[f"mods/{Path(relpath).name}.ko"] = (0o100644, hvmguest.kernel_module(relpath))
-    image = workdir / "initramfs.gz"
-    image.write_bytes(hvmguest.pack_cpio(files, {"dev/console": (5, 1)}))
-    return image
 
 
 def _config(name: str, ramdisk: Path, targets: list[Path]) -> str:
@@ -129,22 +111,6 @@ def _config(name: str, ramdisk: Path, targets: list[Path]) -> str:
         )
         + "\n"
     )
-
-
-def _netns(name: str) -> str:
-    from pyroute2 import netns  # type: ignore[import-untyped]
-
-    if name in netns.listnetns():
-        netns.remove(name)
-    netns.create(name)
-    return name
-
-
-def _netns_remove(name: str) -> None:
-    from pyroute2 import netns
-
-    if name in netns.listnetns():
-        netns.remove(name)
 
 
 @dataclass
@@ -175,9 +141,9 @@ def aguest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArmGuest]:
             t.write_bytes(bytes(4096))  # libxl stats a standalone disk's target: a file must be there
     name = f"xendmop-armv{os.getpid()}"
     cfg = work / "guest.cfg"
-    cfg.write_text(_config(name, _initramfs(work), targets))
+    cfg.write_text(_config(name, hvmguest.build_initramfs(work, MODULES, x86_tools=False), targets))
     subprocess.run(["modprobe", "tun"], check=False, capture_output=True)
-    ns = _netns(f"xdma{os.getpid()}")
+    ns = hvmguest.netns_create(f"xdma{os.getpid()}")
     examples: dict[str, Example] = {}
     closer = None
     with _virtio_disk_backends() as answered:
@@ -201,13 +167,7 @@ def aguest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArmGuest]:
             )  # fmt: skip
             for example in examples.values():
                 example.wait_line(r"Ctrl-C to stop", timeout=180)
-            tty = ""
-            for _ in range(100):
-                tty = _xs("xenstore-read", f"/local/domain/{domid}/console/tty").stdout.strip()
-                if tty:
-                    break
-                time.sleep(0.1)
-            assert tty, f"xenconsoled published no pty for dom{domid}"
+            tty = hvmguest.xenstore_wait(f"/local/domain/{domid}/console/tty", "xenconsoled")
             console, closer = hvmguest.pty_console(tty)
             t0 = time.monotonic()
             xenlab.xl("unpause", name)
@@ -223,7 +183,7 @@ def aguest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArmGuest]:
                     example.stop(signal.SIGKILL, timeout=10)
             if closer is not None:
                 closer()
-            _netns_remove(ns)
+            hvmguest.netns_remove(ns)
 
 
 def test_libxl_waited_for_each_standalone_backend_and_got_it(aguest: ArmGuest) -> None:

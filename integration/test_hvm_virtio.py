@@ -77,22 +77,6 @@ UDP_IDLE = 3.0  # the listener's window ends this long after the last datagram
 PINGS = 10
 
 
-def _netns(name: str) -> str:
-    from pyroute2 import netns  # type: ignore[import-untyped]
-
-    if name in netns.listnetns():
-        netns.remove(name)
-    netns.create(name)
-    return name
-
-
-def _netns_remove(name: str) -> None:
-    from pyroute2 import netns
-
-    if name in netns.listnetns():
-        netns.remove(name)
-
-
 def _modprobe_tun() -> None:
     subprocess.run(["modprobe", "tun"], check=False, capture_output=True)
 
@@ -135,7 +119,7 @@ def vguest(tmp_path_factory: pytest.TempPathFactory, virtio_initramfs: Path) -> 
         f.truncate(DISK_SIZE)
     ro_disk.write_bytes(os.urandom(RO_SIZE))
     _modprobe_tun()
-    ns = _netns(f"xdmv{os.getpid()}")
+    ns = hvmguest.netns_create(f"xdmv{os.getpid()}")
     guest = hvmguest.create(virtio_initramfs, extra_cmdline=CMDLINE)
     domid = str(guest.domid)
     depriv = ["--depriv", DEPRIV_IDS, "--chroot", str(hvmguest.empty_chroot())]
@@ -184,7 +168,7 @@ def vguest(tmp_path_factory: pytest.TempPathFactory, virtio_initramfs: Path) -> 
         for example in examples.values():
             if example.proc.poll() is None:
                 example.stop(signal.SIGKILL, timeout=10)
-        _netns_remove(ns)
+        hvmguest.netns_remove(ns)
 
 
 def _virtio_functions(sh: Callable[[str], str]) -> dict[str, tuple[str, str]]:
@@ -688,7 +672,7 @@ def qemu_guest(tmp_path_factory: pytest.TempPathFactory, virtio_initramfs: Path)
     with open(disk, "wb") as f:
         f.truncate(DISK_SIZE)
     _modprobe_tun()
-    ns = _netns(f"xdmq{os.getpid()}")
+    ns = hvmguest.netns_create(f"xdmq{os.getpid()}")
     tap = "xdmvq0"
     args = [
         "-drive", f"file={disk},if=none,id=xdmblk,format=raw",
@@ -718,7 +702,7 @@ def qemu_guest(tmp_path_factory: pytest.TempPathFactory, virtio_initramfs: Path)
     finally:
         guest.destroy()
         close()
-        _netns_remove(ns)
+        hvmguest.netns_remove(ns)
 
 
 def test_qemu_peer_is_measured_and_the_ratios_recorded(qemu_guest: QemuGuest) -> None:
