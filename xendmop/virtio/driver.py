@@ -18,6 +18,7 @@ tests use the same class to build hostile rings (``GuestQueue.add_raw``).
 
 from __future__ import annotations
 
+import abc
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -322,7 +323,7 @@ class GuestQueue:
                     return n, self.read_writable(h, sum(w for w in writable), req)[: max(n, 0)]
 
 
-class VirtioDriver:
+class VirtioDriver(abc.ABC):
     """What a guest's virtio driver does whatever the transport (``virtio_dev_probe``): reset,
     negotiate, queues, DRIVER_OK.  A transport's driver supplies the register accesses."""
 
@@ -333,26 +334,26 @@ class VirtioDriver:
 
     # --- the transport's part ----------------------------------------------------------------------
 
-    def _get_status(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _get_status(self) -> int: ...
 
-    def _put_status(self, value: int) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _put_status(self, value: int) -> None: ...
 
-    def device_features(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def device_features(self) -> int: ...
 
-    def write_features(self, features: int) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def write_features(self, features: int) -> None: ...
 
-    def config_read(self, off: int, size: int) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def config_read(self, off: int, size: int) -> int: ...
 
-    def setup_queues(self, sizes: dict[int, int | None] | None = None) -> list[GuestQueue]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def setup_queues(self, sizes: dict[int, int | None] | None = None) -> list[GuestQueue]: ...
 
-    def notify_queue(self, q: GuestQueue) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def notify_queue(self, q: GuestQueue) -> None: ...
 
     # --- shared ------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ interrupt line) and says how an interrupt goes out (``_signal``).
 
 from __future__ import annotations
 
+import abc
 import functools
 import logging
 from collections.abc import Callable
@@ -46,7 +47,7 @@ log = logging.getLogger("xendmop.virtio")
 _U32 = 0xFFFFFFFF
 
 
-class VirtioTransport:
+class VirtioTransport(abc.ABC):
     """The transport-independent half of a virtio device (see the module docstring).
 
     ``memory()``: the guest RAM the rings live in (``server.dispatcher.memory``), None
@@ -142,6 +143,7 @@ class VirtioTransport:
         for vq in self.queues:
             vq.reset()
 
+    @abc.abstractmethod
     def _lower(self) -> None:
         """Reset: take back any interrupt the transport still asserts."""
 
@@ -193,9 +195,9 @@ class VirtioTransport:
 
     # --- interrupts ------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _signal(self, vector: int, isr_bit: int) -> None:
         """Interrupt the driver: ``vector`` (MSI-X transports) or ``isr_bit`` (ISR_QUEUE/ISR_CONFIG)."""
-        raise NotImplementedError
 
     def interrupt(self, vq: Virtqueue) -> None:
         """Tell the driver about ``vq``'s used buffers, if it wants to hear (its flags or used_event)."""
