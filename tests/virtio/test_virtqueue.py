@@ -10,6 +10,7 @@ from runtime.helpers import FakeRam
 
 from xendmop.virtio import Chain, Virtqueue
 from xendmop.virtio.spec import VIRTQ_DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from xendmop.virtio.virtqueue import USED_BATCH
 
 DESC, AVAIL, USED, BUF = 0x0000, 0x1000, 0x2000, 0x3000
 SIZE = 8
@@ -53,7 +54,7 @@ def test_a_chain_made_available_while_avail_event_is_written_is_not_left_behind(
 
 
 def test_a_drained_queue_publishes_and_interrupts_before_avail_event_asks_for_a_notification() -> None:
-    """``on_drained`` (the transport's used index and interrupt) runs when the queue is found
+    """``on_used`` (the transport's used index and interrupt) runs when the queue is found
     empty and before avail_event is written, so a notification the driver sends meanwhile does
     not find the device still busy with the interrupt; a chain found after arming is served and
     the hook runs again for it."""
@@ -65,15 +66,45 @@ def test_a_drained_queue_publishes_and_interrupts_before_avail_event_asks_for_a_
     vq = queue(event_idx=True)
     seen: list[tuple[int, int]] = []
 
-    def on_drained(memory: object) -> None:
+    def on_used(memory: object) -> None:
         assert memory is ram
         vq.publish_used(ram)
         seen.append((u16(ram, USED + 2), u16(ram, USED + 4 + 8 * SIZE)))  # used idx, avail_event
 
-    vq.on_drained = on_drained
+    vq.on_used = on_used
     assert vq.process(ram, lambda chain: 0) == 3
     assert seen == [(2, 0), (3, 2)]  # published before each arming; avail_event still the old one
     assert u16(ram, USED + 4 + 8 * SIZE) == 3
+
+
+def test_a_long_batch_hands_back_what_it_used_every_used_batch_chains() -> None:
+    """40 chains in one batch: the used index is published after chains 16 and 32, while the
+    rest are still being served, and once more when drained; a driver whose used_event asks
+    at 20 (as Linux's TX does at 3/4 of what it queued) is interrupted after chain 32, not 40."""
+    size, n = 64, 40
+    ram = FakeRam(0x4000)
+    for i in range(n):
+        ram.mem[DESC + 16 * i : DESC + 16 * i + 16] = VIRTQ_DESC.pack(BUF + 64 * i, 64, VIRTQ_DESC_F_WRITE, 0)
+        ram.mem[AVAIL + 4 + 2 * i : AVAIL + 6 + 2 * i] = i.to_bytes(2, "little")
+    ram.mem[AVAIL + 2 : AVAIL + 4] = n.to_bytes(2, "little")
+    ram.mem[AVAIL + 4 + 2 * size : AVAIL + 6 + 2 * size] = (20).to_bytes(2, "little")  # used_event
+    vq = Virtqueue(0, size)
+    vq.desc, vq.avail, vq.used, vq.enabled, vq.event_idx = DESC, AVAIL, USED, True, True
+    handled: list[int] = []
+    published: list[tuple[int, int]] = []  # (chains handled so far, used idx the driver sees)
+    interrupted_after: list[int] = []
+
+    def on_used(memory: object) -> None:
+        vq.publish_used(ram)
+        published.append((len(handled), u16(ram, USED + 2)))
+        if vq.needs_interrupt(ram):
+            interrupted_after.append(len(handled))
+
+    vq.on_used = on_used
+    assert vq.process(ram, lambda chain: handled.append(chain.head) or 0) == n
+    assert USED_BATCH == 16
+    assert published == [(16, 16), (32, 32), (40, 40)]
+    assert interrupted_after == [32]
 
 
 def u16(ram: FakeRam, gpa: int) -> int:

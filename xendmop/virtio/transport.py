@@ -84,7 +84,7 @@ class VirtioTransport(abc.ABC):
         self.queues = [Virtqueue(i, n) for i, n in enumerate(sizes)]
         for vq in self.queues:
             vq.ram_limit = ram_limit
-            vq.on_drained = functools.partial(self._used, vq)
+            vq.on_used = functools.partial(self._used, vq)
         self.warn = RateLimitedLog(logger)
         self.needs_reset_reason: str | None = None  # why the device last went NEEDS_RESET
         self.errors: list[str] = []  # the driver's errors (newest last, at most 16)
@@ -206,7 +206,7 @@ class VirtioTransport(abc.ABC):
             self._interrupt(vq, memory)
 
     def _used(self, vq: Virtqueue, memory: GuestMemory) -> None:
-        """``vq`` drained (``Virtqueue.on_drained``): publish its used index, interrupt if the driver asked."""
+        """``vq``'s chains were used (``Virtqueue.on_used``): publish its used index, interrupt if the driver asked."""
         try:
             vq.publish_used(memory)
         except VirtqueueError as e:
