@@ -475,14 +475,14 @@ def _time_real(out: str) -> float:
     return int(m.group(1)) * 60 + float(m.group(2))
 
 
-def measure_udp(sh: Callable[..., str], netns: str, net_pid: int, mac: str) -> dict[str, float]:
+def measure_udp(s: Subject) -> dict[str, Any]:
     """``UDP_BYTES`` as ``UDP_SIZE``-byte datagrams from the guest (``guestio udpsend``, as fast
     as its socket takes them) to a listener in dom0's namespace.  Measured: the payload bytes
     the listener received over its window (first datagram to last) per second, and the loss
     (1 - received / what the guest's send() accepted: dropped by the guest's stack, either
     device model or dom0's stack; none is retransmitted)."""
     listener = subprocess.Popen(
-        ["ip", "netns", "exec", netns, sys.executable, "-c", UDP_LISTENER, HOST_IP, str(UDP_PORT), "300",
+        ["ip", "netns", "exec", s.netns, sys.executable, "-c", UDP_LISTENER, HOST_IP, str(UDP_PORT), "300",
          str(UDP_IDLE)],
         stdout=subprocess.PIPE,
         text=True,
@@ -490,14 +490,12 @@ def measure_udp(sh: Callable[..., str], netns: str, net_pid: int, mac: str) -> d
     try:
         assert listener.stdout is not None
         assert listener.stdout.readline().strip() == "listening"
-        irqs = _nic_interrupts(sh, mac)
-        _settle()
-        with CpuClock(net_pid) as clock:
-            sent_datagrams, sent, _ns = (
-                int(x) for x in sh(f"guestio udpsend {HOST_IP} {UDP_PORT} {UDP_BYTES} {UDP_SIZE}", timeout=900).split()
-            )
+        irqs = _nic_interrupts(s.sh, s.mac)
+        with CpuClock(s.net_pid) as clock:
+            out = s.sh(f"guestio udpsend {HOST_IP} {UDP_PORT} {UDP_BYTES} {UDP_SIZE}", timeout=900)
+            sent_datagrams, sent, _ns = (int(x) for x in out.split())
             datagrams, got, secs = listener.stdout.readline().split()
-        irqs = {name: n - irqs.get(name, 0) for name, n in _nic_interrupts(sh, mac).items()}
+        irqs = {name: n - irqs.get(name, 0) for name, n in _nic_interrupts(s.sh, s.mac).items()}
     finally:
         if listener.poll() is None:
             listener.kill()
@@ -636,16 +634,12 @@ def _tcp_step(s: Subject) -> dict[str, Any]:
         listener.wait()
 
 
-def _udp_step(s: Subject) -> dict[str, Any]:
-    return measure_udp(s.sh, s.netns, s.net_pid, s.mac)
-
-
 #: each step, and the figure that ranks its repetitions
 STEPS: tuple[tuple[str, Callable[[Subject], dict[str, Any]]], ...] = (
     ("blk_write_MBps", _blk_step("write")),
     ("blk_read_MBps", _blk_step("read")),
     ("tcp_MBps", _tcp_step),
-    ("udp_MBps", _udp_step),
+    ("udp_MBps", measure_udp),
 )
 
 
